@@ -1,0 +1,197 @@
+//! The run record: one JSON document per send run, rewritten atomically as the run progresses.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::model::{Decision, Reason};
+use crate::runner::{RunStats, StageStats};
+use crate::store::write_atomic;
+
+/// Where a run stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RunStatus {
+    /// Started and not finished (or killed: resume it with the same run id).
+    Running,
+    /// Every recipient decided and every output committed.
+    Done,
+    /// Stopped by an error (see `error`); resumable once the cause is fixed.
+    Failed,
+}
+
+/// A file (input or suppression list) as it was when the run first started.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileFingerprint {
+    /// Path or description.
+    pub path: String,
+    /// Size in bytes (files only).
+    pub bytes: Option<u64>,
+    /// Modification time, nanoseconds since the epoch (files only).
+    pub modified_ns: Option<i128>,
+}
+
+impl FileFingerprint {
+    /// Fingerprints a file on disk, or just names a non-file source.
+    pub fn of(path: &Path) -> Self {
+        let meta = std::fs::metadata(path).ok();
+        FileFingerprint {
+            path: path.display().to_string(),
+            bytes: meta.as_ref().map(|m| m.len()),
+            modified_ns: meta
+                .and_then(|m| m.modified().ok())
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map(|d| d.as_nanos() as i128),
+        }
+    }
+
+    /// A non-file input (synthetic, ERP): only its description.
+    pub fn described(desc: impl Into<String>) -> Self {
+        FileFingerprint {
+            path: desc.into(),
+            bytes: None,
+            modified_ns: None,
+        }
+    }
+}
+
+/// Count of one (decision, reason) pair.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReasonCount {
+    /// Decision name.
+    pub decision: String,
+    /// Reason code (empty for sent).
+    pub reason: String,
+    /// Rows.
+    pub count: u64,
+}
+
+/// Per-variant outcome.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VariantCount {
+    /// Variant name.
+    pub name: String,
+    /// Template.
+    pub template: String,
+    /// Recipients sent.
+    pub sent: u64,
+}
+
+/// One IFUR file delivered by the run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeliveredFile {
+    /// File name in the hot folder.
+    pub file: String,
+    /// Variant.
+    pub variant: String,
+    /// Detail lines.
+    pub rows: u64,
+    /// Checksum from the trailer (xxh3-64 of the detail lines, hex).
+    pub checksum: String,
+}
+
+/// The record of one send run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunRecord {
+    /// Run id.
+    pub run_id: String,
+    /// Campaign.
+    pub campaign_id: String,
+    /// Tenant.
+    pub workspace_id: String,
+    /// Status.
+    pub status: RunStatus,
+    /// How many times the run was started (1 + resumes).
+    pub attempts: u32,
+    /// First start.
+    pub started_at: DateTime<Utc>,
+    /// Successful end.
+    pub finished_at: Option<DateTime<Utc>>,
+    /// xxh3-64 of the spec text: a resume must use the same spec.
+    pub spec_hash: String,
+    /// The recipient source as first seen.
+    pub input: FileFingerprint,
+    /// Suppression lists as first seen.
+    pub suppression_lists: Vec<FileFingerprint>,
+    /// Input rows.
+    pub rows: u64,
+    /// Rows per decision.
+    pub decisions: BTreeMap<String, u64>,
+    /// Rows per decision and reason.
+    pub reasons: Vec<ReasonCount>,
+    /// Sent rows per variant.
+    pub variants: Vec<VariantCount>,
+    /// Holdout rows.
+    pub holdout: u64,
+    /// IFUR files delivered.
+    pub files: Vec<DeliveredFile>,
+    /// Per-stage throughput and back-pressure of the last attempt.
+    pub stages: Vec<StageStats>,
+    /// Wall-clock seconds of the last attempt.
+    pub elapsed_secs: f64,
+    /// Input rows per wall-clock second of the last attempt.
+    pub rows_per_sec: f64,
+    /// Why the run failed.
+    pub error: Option<String>,
+}
+
+impl RunRecord {
+    /// Reads a run record.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        serde_json::from_str(&text).map_err(|e| Error::Resume {
+            run_id: path.display().to_string(),
+            message: format!("run record is not readable: {e}"),
+        })
+    }
+
+    /// Writes the record atomically (one line of JSON, so the folder reads as NDJSON).
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let mut text = serde_json::to_string(self).expect("run record serialises");
+        text.push('\n');
+        write_atomic(path, text.as_bytes())
+    }
+
+    /// Fills the counts from a finished run.
+    pub fn apply_stats(&mut self, stats: &RunStats, variant_names: &[(String, String)]) {
+        self.rows = stats.rows;
+        self.decisions = Decision::ALL
+            .into_iter()
+            .filter(|d| *d != Decision::Pending)
+            .map(|d| (d.as_str().to_string(), stats.decided(d)))
+            .collect();
+        self.reasons = stats
+            .counts
+            .iter()
+            .map(|((d, r), n)| ReasonCount {
+                decision: d.as_str().into(),
+                reason: r.as_str().into(),
+                count: *n,
+            })
+            .collect();
+        self.variants = variant_names
+            .iter()
+            .zip(&stats.sent_per_variant)
+            .map(|((name, template), sent)| VariantCount {
+                name: name.clone(),
+                template: template.clone(),
+                sent: *sent,
+            })
+            .collect();
+        self.holdout = stats.holdout;
+        self.stages = stats.stages.clone();
+        self.elapsed_secs = stats.elapsed_secs;
+        self.rows_per_sec = stats.rows as f64 / stats.elapsed_secs.max(1e-9);
+    }
+
+    /// The count for one (decision, reason).
+    pub fn count(&self, d: Decision, r: Reason) -> u64 {
+        self.reasons
+            .iter()
+            .find(|c| c.decision == d.as_str() && c.reason == r.as_str())
+            .map_or(0, |c| c.count)
+    }
+}

@@ -1,0 +1,499 @@
+//! The back-pressured runner: source → parallel stages → ordered stages → sinks.
+//!
+//! ```text
+//!  source thread ──bounded──► N worker threads ──bounded──► sequencer ──bounded──► sink threads
+//!  (reads batches)            (validate, suppress,          (reorders by seq,       (ledger, events:
+//!                              split, encode: stateless)     cap, assign, IFUR)      one thread each)
+//! ```
+//!
+//! A fixed number of batch permits bounds everything between the source and the sequencer, so
+//! the reorder buffer and memory stay flat whatever the campaign size: a slow sink fills its
+//! channel, which stalls the sequencer, which stops returning permits, which stalls the source.
+//! Any error stops every thread; sinks are then aborted rather than finished, so nothing
+//! partial is committed.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{bounded, Receiver, Sender};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::model::{Decision, Reason, RecipientBatch, HOLDOUT_VARIANT};
+use crate::stages::Stage;
+
+/// Produces recipient batches in input order.
+pub trait Source: Send {
+    /// File name or server, for messages.
+    fn describe(&self) -> String;
+    /// Total rows if known up front (for the progress ETA).
+    fn total_rows(&self) -> Option<u64> {
+        None
+    }
+    /// The next batch (its `seq` is set by the runner), or `None` at the end.
+    fn next_batch(&mut self) -> Result<Option<RecipientBatch>>;
+}
+
+/// Consumes decided batches in order, on its own thread.
+pub trait Sink: Send {
+    /// Sink name for stats.
+    fn name(&self) -> &'static str;
+    /// Writes one batch.
+    fn write(&mut self, batch: &RecipientBatch) -> Result<()>;
+    /// Commits everything after the last batch.
+    fn finish(&mut self) -> Result<()>;
+    /// Called instead of `finish` when the run failed: drop uncommitted work.
+    fn abort(&mut self) {}
+}
+
+/// A stage that must see batches in order and may need a final flush (cap, IFUR writer).
+pub trait OrderedStage: Stage {
+    /// Called once after the last batch, on success only.
+    fn finish(&mut self) -> Result<()> {
+        Ok(())
+    }
+    /// Called instead of `finish` when the run failed.
+    fn abort(&mut self) {}
+}
+
+/// Makes the per-worker parallel stages (each worker gets its own instances).
+pub type StageFactory = Box<dyn Fn() -> Vec<Box<dyn Stage>> + Send + Sync>;
+
+/// Timing of one stage over the run.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct StageStats {
+    /// Stage name.
+    pub name: String,
+    /// Rows the stage processed.
+    pub rows: u64,
+    /// Seconds spent inside the stage (summed over workers).
+    pub busy_secs: f64,
+    /// Rows per busy second.
+    pub rows_per_sec: f64,
+    /// Seconds the stage's thread waited for downstream capacity (back-pressure).
+    pub blocked_secs: f64,
+}
+
+/// What a run decided.
+#[derive(Debug, Clone, Default)]
+pub struct RunStats {
+    /// Input rows.
+    pub rows: u64,
+    /// Rows per (decision, reason).
+    pub counts: BTreeMap<(Decision, Reason), u64>,
+    /// Sent rows per variant index.
+    pub sent_per_variant: Vec<u64>,
+    /// Holdout rows.
+    pub holdout: u64,
+    /// Per-stage timings, in pipeline order.
+    pub stages: Vec<StageStats>,
+    /// Wall-clock seconds.
+    pub elapsed_secs: f64,
+}
+
+impl RunStats {
+    /// Rows with a given decision.
+    pub fn decided(&self, d: Decision) -> u64 {
+        self.counts
+            .iter()
+            .filter(|((dd, _), _)| *dd == d)
+            .map(|(_, n)| n)
+            .sum()
+    }
+}
+
+/// Everything a run needs.
+pub struct Pipeline {
+    /// The recipients.
+    pub source: Box<dyn Source>,
+    /// Stateless stages run on worker threads.
+    pub parallel: StageFactory,
+    /// Stages run in sequence order on one thread (cap, assignment, IFUR writer).
+    pub ordered: Vec<Box<dyn OrderedStage>>,
+    /// Sinks, each on its own thread.
+    pub sinks: Vec<Box<dyn Sink>>,
+    /// Worker threads for the parallel stages.
+    pub workers: usize,
+    /// Batches allowed between the source and the sequencer (the memory bound).
+    pub in_flight: usize,
+    /// Incremented by the rows the sequencer has finished (for progress reporting).
+    pub progress: Arc<AtomicU64>,
+    /// Number of variants (for per-variant counts).
+    pub variants: usize,
+}
+
+/// Turns pending rows into their final decision: holdout, or sent to their variant.
+#[derive(Debug, Default, Clone)]
+pub struct Assigner;
+
+impl Stage for Assigner {
+    fn name(&self) -> &'static str {
+        "assign"
+    }
+
+    fn process(&mut self, batch: &mut RecipientBatch) -> Result<()> {
+        for i in 0..batch.len() {
+            if batch.decisions[i] != Decision::Pending {
+                continue;
+            }
+            match batch.variants[i] {
+                HOLDOUT_VARIANT => batch.decide(i, Decision::Holdout, Reason::Holdout),
+                v if (v as usize) < 254 => batch.decide(i, Decision::Sent, Reason::None),
+                _ => batch.decide(i, Decision::Errored, Reason::MissingKey),
+            };
+        }
+        Ok(())
+    }
+}
+
+impl OrderedStage for Assigner {}
+
+/// The first error of a run. Recording it also closes the cancel channel, which wakes the
+/// sequencer even when the batch it waits for will never come.
+struct Failure {
+    failed: AtomicBool,
+    first: Mutex<Option<Error>>,
+    cancel: Mutex<Option<Sender<()>>>,
+}
+
+impl Failure {
+    fn new() -> (Self, Receiver<()>) {
+        let (tx, rx) = bounded(1);
+        let f = Failure {
+            failed: AtomicBool::new(false),
+            first: Mutex::new(None),
+            cancel: Mutex::new(Some(tx)),
+        };
+        (f, rx)
+    }
+
+    fn set(&self, e: Error) {
+        let mut g = self.first.lock().unwrap_or_else(|p| p.into_inner());
+        if g.is_none() {
+            *g = Some(e);
+        }
+        self.failed.store(true, Ordering::SeqCst);
+        self.cancel.lock().unwrap_or_else(|p| p.into_inner()).take();
+    }
+
+    fn is_set(&self) -> bool {
+        self.failed.load(Ordering::SeqCst)
+    }
+}
+
+#[derive(Default)]
+struct Timer {
+    by_stage: HashMap<&'static str, (u64, Duration)>,
+    order: Vec<&'static str>,
+    blocked: Duration,
+}
+
+impl Timer {
+    fn add(&mut self, name: &'static str, rows: usize, d: Duration) {
+        let e = self.by_stage.entry(name).or_insert_with(|| {
+            self.order.push(name);
+            (0, Duration::ZERO)
+        });
+        e.0 += rows as u64;
+        e.1 += d;
+    }
+
+    fn into_stats(self, blocked_name: &'static str) -> Vec<StageStats> {
+        let mut out: Vec<StageStats> = self
+            .order
+            .iter()
+            .map(|n| {
+                let (rows, d) = self.by_stage[n];
+                StageStats {
+                    name: n.to_string(),
+                    rows,
+                    busy_secs: d.as_secs_f64(),
+                    rows_per_sec: rows as f64 / d.as_secs_f64().max(1e-9),
+                    blocked_secs: 0.0,
+                }
+            })
+            .collect();
+        if let Some(s) = out.iter_mut().find(|s| s.name == blocked_name) {
+            s.blocked_secs = self.blocked.as_secs_f64();
+        } else if let Some(last) = out.last_mut() {
+            last.blocked_secs = self.blocked.as_secs_f64();
+        }
+        out
+    }
+}
+
+fn merge_stats(all: Vec<Vec<StageStats>>) -> Vec<StageStats> {
+    let mut out: Vec<StageStats> = Vec::new();
+    for stats in all {
+        for s in stats {
+            match out.iter_mut().find(|o| o.name == s.name) {
+                Some(o) => {
+                    o.rows += s.rows;
+                    o.busy_secs += s.busy_secs;
+                    o.blocked_secs += s.blocked_secs;
+                }
+                None => out.push(s),
+            }
+        }
+    }
+    for o in &mut out {
+        o.rows_per_sec = o.rows as f64 / o.busy_secs.max(1e-9);
+    }
+    out
+}
+
+fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "panic".into())
+}
+
+/// Runs a pipeline to the end (or the first error).
+pub fn run(p: Pipeline) -> Result<RunStats> {
+    let started = Instant::now();
+    let Pipeline {
+        mut source,
+        parallel,
+        mut ordered,
+        sinks,
+        workers,
+        in_flight,
+        progress,
+        variants,
+    } = p;
+    let workers = workers.max(1);
+    let in_flight = in_flight.max(workers + 2);
+    let (failure, cancel_rx) = Failure::new();
+    let failure = Arc::new(failure);
+
+    let (permit_tx, permit_rx) = bounded::<()>(in_flight);
+    for _ in 0..in_flight {
+        permit_tx.send(()).expect("fresh channel");
+    }
+    let (work_tx, work_rx) = bounded::<RecipientBatch>(workers * 2);
+    let (done_tx, done_rx) = bounded::<RecipientBatch>(workers * 2);
+    let mut sink_txs: Vec<Sender<Arc<RecipientBatch>>> = Vec::new();
+    let mut sink_rxs: Vec<Receiver<Arc<RecipientBatch>>> = Vec::new();
+    for _ in &sinks {
+        let (tx, rx) = bounded(4);
+        sink_txs.push(tx);
+        sink_rxs.push(rx);
+    }
+
+    let stats = std::thread::scope(|scope| {
+        // Source.
+        let src_failure = failure.clone();
+        let source_handle = scope.spawn(move || {
+            let mut t = Timer::default();
+            let mut seq = 0u64;
+            loop {
+                if src_failure.is_set() {
+                    break;
+                }
+                let w = Instant::now();
+                if permit_rx.recv().is_err() {
+                    break;
+                }
+                t.blocked += w.elapsed();
+                let s = Instant::now();
+                let next = source.next_batch();
+                match next {
+                    Ok(Some(mut b)) => {
+                        t.add("read", b.len(), s.elapsed());
+                        b.seq = seq;
+                        seq += 1;
+                        let w = Instant::now();
+                        if work_tx.send(b).is_err() {
+                            break;
+                        }
+                        t.blocked += w.elapsed();
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        src_failure.set(e);
+                        break;
+                    }
+                }
+            }
+            t.into_stats("read")
+        });
+
+        // Workers.
+        let mut worker_handles = Vec::new();
+        for _ in 0..workers {
+            let rx = work_rx.clone();
+            let tx = done_tx.clone();
+            let f = failure.clone();
+            let mut stages = parallel();
+            worker_handles.push(scope.spawn(move || {
+                let mut t = Timer::default();
+                for mut b in rx.iter() {
+                    if f.is_set() {
+                        break;
+                    }
+                    for st in stages.iter_mut() {
+                        let s = Instant::now();
+                        if let Err(e) = st.process(&mut b) {
+                            f.set(e);
+                            return t.into_stats("");
+                        }
+                        t.add(st.name(), b.len(), s.elapsed());
+                    }
+                    let w = Instant::now();
+                    if tx.send(b).is_err() {
+                        break;
+                    }
+                    t.blocked += w.elapsed();
+                }
+                t.into_stats("")
+            }));
+        }
+        drop(work_rx);
+        drop(done_tx);
+
+        // Sinks.
+        let mut sink_handles = Vec::new();
+        for (mut sink, rx) in sinks.into_iter().zip(sink_rxs) {
+            let f = failure.clone();
+            sink_handles.push(scope.spawn(move || {
+                let mut t = Timer::default();
+                let name = sink.name();
+                for b in rx.iter() {
+                    let s = Instant::now();
+                    if let Err(e) = sink.write(&b) {
+                        f.set(e);
+                        sink.abort();
+                        return t.into_stats(name);
+                    }
+                    t.add(name, b.len(), s.elapsed());
+                }
+                if f.is_set() {
+                    sink.abort();
+                } else {
+                    let s = Instant::now();
+                    match sink.finish() {
+                        Ok(()) => t.add(name, 0, s.elapsed()),
+                        Err(e) => f.set(e),
+                    }
+                }
+                t.into_stats(name)
+            }));
+        }
+
+        // Sequencer (this thread).
+        let mut t = Timer::default();
+        let mut pending: BTreeMap<u64, RecipientBatch> = BTreeMap::new();
+        let mut next = 0u64;
+        let mut rs = RunStats {
+            sent_per_variant: vec![0; variants],
+            ..RunStats::default()
+        };
+        'outer: loop {
+            let b = crossbeam_channel::select! {
+                recv(done_rx) -> b => match b {
+                    Ok(b) => b,
+                    Err(_) => break 'outer,
+                },
+                recv(cancel_rx) -> _ => break 'outer,
+            };
+            pending.insert(b.seq, b);
+            while let Some(mut b) = pending.remove(&next) {
+                next += 1;
+                if failure.is_set() {
+                    break 'outer;
+                }
+                for st in ordered.iter_mut() {
+                    let s = Instant::now();
+                    if let Err(e) = st.process(&mut b) {
+                        failure.set(e);
+                        break 'outer;
+                    }
+                    t.add(st.name(), b.len(), s.elapsed());
+                }
+                rs.rows += b.len() as u64;
+                for i in 0..b.len() {
+                    *rs.counts.entry((b.decisions[i], b.reasons[i])).or_default() += 1;
+                    match b.decisions[i] {
+                        Decision::Sent => {
+                            if let Some(c) = rs.sent_per_variant.get_mut(b.variants[i] as usize) {
+                                *c += 1;
+                            }
+                        }
+                        Decision::Holdout => rs.holdout += 1,
+                        _ => {}
+                    }
+                }
+                progress.fetch_add(b.len() as u64, Ordering::Relaxed);
+                let shared = Arc::new(b);
+                for tx in &sink_txs {
+                    let w = Instant::now();
+                    if tx.send(shared.clone()).is_err() {
+                        break 'outer;
+                    }
+                    t.blocked += w.elapsed();
+                }
+                // The batch is out of the reorder window: let the source read another.
+                let _ = permit_tx.send(());
+            }
+        }
+        drop(done_rx);
+        drop(permit_tx);
+        if !failure.is_set() && !pending.is_empty() {
+            failure.set(Error::Stage {
+                stage: "sequencer".into(),
+                message: format!("{} batches never became contiguous", pending.len()),
+            });
+        }
+        if !failure.is_set() {
+            for st in ordered.iter_mut() {
+                let s = Instant::now();
+                if let Err(e) = st.finish() {
+                    failure.set(e);
+                    break;
+                }
+                t.add(st.name(), 0, s.elapsed());
+            }
+        }
+        if failure.is_set() {
+            for st in ordered.iter_mut() {
+                st.abort();
+            }
+        }
+        drop(sink_txs);
+
+        let mut all = Vec::new();
+        let join = |h: std::thread::ScopedJoinHandle<'_, Vec<StageStats>>, what: &str| match h
+            .join()
+        {
+            Ok(s) => s,
+            Err(p) => {
+                failure.set(Error::Stage {
+                    stage: what.to_string(),
+                    message: panic_message(p),
+                });
+                Vec::new()
+            }
+        };
+        all.push(join(source_handle, "read"));
+        for h in worker_handles {
+            all.push(join(h, "worker"));
+        }
+        all.push(t.into_stats(""));
+        for h in sink_handles {
+            all.push(join(h, "sink"));
+        }
+        rs.stages = merge_stats(all);
+        rs
+    });
+
+    if let Some(e) = failure.first.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        return Err(e);
+    }
+    let mut stats = stats;
+    stats.elapsed_secs = started.elapsed().as_secs_f64();
+    Ok(stats)
+}

@@ -1,0 +1,268 @@
+//! Normalize + validate: trims every field, derives the recipient key and skips rows that cannot be sent.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use arrow_array::builder::StringBuilder;
+use arrow_array::{Array, ArrayRef, RecordBatch, StringArray};
+
+use super::Stage;
+use crate::error::{Error, Result};
+use crate::model::{Decision, Reason, RecipientBatch, RecipientLayout, StdField};
+use crate::spec::{CampaignSpec, Channel};
+
+/// Trims all strings (empty → null), lowercases the key and applies the channel's validation rules.
+#[derive(Debug, Clone)]
+pub struct Validator {
+    layout: Arc<RecipientLayout>,
+    channel: Channel,
+    key: StdField,
+    /// Upper-cased allowed countries (mail).
+    countries: Arc<HashSet<String>>,
+}
+
+impl Validator {
+    /// Builds the stage for a campaign.
+    pub fn new(spec: &CampaignSpec, layout: Arc<RecipientLayout>) -> Self {
+        Validator {
+            layout,
+            channel: spec.channel,
+            key: spec.key_field(),
+            countries: Arc::new(
+                spec.mail
+                    .countries
+                    .iter()
+                    .map(|c| c.trim().to_uppercase())
+                    .collect(),
+            ),
+        }
+    }
+
+    fn get<'a>(&self, cols: &'a [StringArray], f: StdField) -> Option<&'a StringArray> {
+        self.layout.index(f).map(|i| &cols[i])
+    }
+}
+
+/// Returns the array with every value trimmed and empty values turned into nulls.
+/// Already-clean arrays are returned without copying.
+pub fn trim_column(a: &StringArray) -> StringArray {
+    let needs_work = (0..a.len()).any(|i| {
+        a.is_valid(i) && {
+            let v = a.value(i).as_bytes();
+            v.is_empty()
+                || v[0].is_ascii_whitespace()
+                || v[v.len() - 1].is_ascii_whitespace()
+                || !v.is_ascii() && a.value(i).trim() != a.value(i)
+        }
+    });
+    if !needs_work {
+        return a.clone();
+    }
+    let mut b = StringBuilder::with_capacity(a.len(), a.value_data().len());
+    for i in 0..a.len() {
+        if a.is_null(i) {
+            b.append_null();
+            continue;
+        }
+        let t = a.value(i).trim();
+        if t.is_empty() {
+            b.append_null();
+        } else {
+            b.append_value(t);
+        }
+    }
+    b.finish()
+}
+
+fn lowercase_keys(a: &StringArray) -> StringArray {
+    let mut b = StringBuilder::with_capacity(a.len(), a.value_data().len());
+    let mut buf = String::new();
+    for i in 0..a.len() {
+        if a.is_null(i) {
+            b.append_null();
+            continue;
+        }
+        let v = a.value(i);
+        if v.is_ascii() {
+            buf.clear();
+            buf.push_str(v);
+            buf.make_ascii_lowercase();
+            b.append_value(&buf);
+        } else {
+            b.append_value(v.to_lowercase());
+        }
+    }
+    b.finish()
+}
+
+/// Syntactic email check: one `@`, a dot-atom local part of at most 64 bytes, and a domain of
+/// at least two labels (letters, digits, hyphens; no leading or trailing hyphen), 254 bytes in all.
+/// Non-ASCII characters are allowed (internationalised addresses).
+pub fn is_valid_email(s: &str) -> bool {
+    if s.len() > 254 {
+        return false;
+    }
+    let Some((local, domain)) = s.split_once('@') else {
+        return false;
+    };
+    if local.is_empty() || local.len() > 64 || domain.contains('@') {
+        return false;
+    }
+    let local_ok = local.split('.').all(|atom| {
+        !atom.is_empty()
+            && atom.bytes().all(|b| {
+                b.is_ascii_alphanumeric() || b"!#$%&'*+/=?^_`{|}~-".contains(&b) || b >= 0x80
+            })
+    });
+    if !local_ok {
+        return false;
+    }
+    let labels: Vec<&str> = domain.split('.').collect();
+    labels.len() >= 2
+        && labels.iter().all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b >= 0x80)
+        })
+        && labels
+            .last()
+            .is_some_and(|tld| tld.len() >= 2 && !tld.bytes().all(|b| b.is_ascii_digit()))
+}
+
+impl Stage for Validator {
+    fn name(&self) -> &'static str {
+        "validate"
+    }
+
+    fn process(&mut self, batch: &mut RecipientBatch) -> Result<()> {
+        let trimmed: Vec<StringArray> = (0..batch.columns.num_columns())
+            .map(|i| trim_column(batch.column(i)))
+            .collect();
+        let key_col = self
+            .get(&trimmed, self.key)
+            .ok_or_else(|| Error::Stage {
+                stage: "validate".into(),
+                message: format!("key field {} is not in the batch", self.key.name()),
+            })?;
+        batch.keys = Some(match self.key {
+            StdField::Email => lowercase_keys(key_col),
+            _ => key_col.clone(),
+        });
+
+        let email = self.get(&trimmed, StdField::Email);
+        let first = self.get(&trimmed, StdField::FirstName);
+        let last = self.get(&trimmed, StdField::LastName);
+        let addr = self.get(&trimmed, StdField::Address1);
+        let zip = self.get(&trimmed, StdField::Zip);
+        let country = self.get(&trimmed, StdField::Country);
+        let present = |a: Option<&StringArray>, i: usize| a.is_some_and(|a| a.is_valid(i));
+
+        for i in 0..batch.len() {
+            if batch.decisions[i] != Decision::Pending {
+                continue;
+            }
+            let reason = if self.channel == Channel::Email && !present(email, i) {
+                Some(Reason::MissingEmail)
+            } else if present(email, i) && self.channel == Channel::Email
+                && !is_valid_email(email.unwrap().value(i))
+            {
+                Some(Reason::InvalidEmail)
+            } else if !present(first, i) && !present(last, i) {
+                Some(Reason::MissingName)
+            } else if [first, last]
+                .into_iter()
+                .any(|a| present(a, i) && a.unwrap().value(i).contains('*'))
+            {
+                Some(Reason::InvalidName)
+            } else if self.channel == Channel::Mail {
+                if !present(addr, i) {
+                    Some(Reason::NoAddress)
+                } else if !present(zip, i) {
+                    Some(Reason::MissingZip)
+                } else if !present(country, i) {
+                    Some(Reason::MissingCountry)
+                } else if !self
+                    .countries
+                    .contains(&country.unwrap().value(i).to_uppercase())
+                {
+                    Some(Reason::International)
+                } else {
+                    None
+                }
+            } else {
+                None
+            };
+            let reason = reason.or_else(|| {
+                batch
+                    .keys
+                    .as_ref()
+                    .is_some_and(|k| k.is_null(i))
+                    .then_some(Reason::MissingKey)
+            });
+            if let Some(r) = reason {
+                batch.decide(i, Decision::Skipped, r);
+            }
+        }
+        let arrays: Vec<ArrayRef> = trimmed
+            .into_iter()
+            .map(|a| Arc::new(a) as ArrayRef)
+            .collect();
+        batch.columns = RecordBatch::try_new(batch.columns.schema(), arrays).map_err(|e| {
+            Error::Stage {
+                stage: "validate".into(),
+                message: e.to_string(),
+            }
+        })?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn email_syntax() {
+        for ok in [
+            "a@b.co",
+            "first.last+tag@sub.example.org",
+            "o'brien@example.ie",
+            "jörg@bücher.de",
+        ] {
+            assert!(is_valid_email(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "a",
+            "a@",
+            "@b.co",
+            "a@b",
+            "a@@b.co",
+            "a b@c.co",
+            ".a@b.co",
+            "a..b@c.co",
+            "a@-b.co",
+            "a@b.c",
+            "a@b.123",
+            "a@b..co",
+        ] {
+            assert!(!is_valid_email(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn trim_turns_blank_into_null_and_keeps_clean_arrays() {
+        let a = StringArray::from(vec![Some(" x "), Some("   "), None, Some("y")]);
+        let t = trim_column(&a);
+        assert_eq!(t.value(0), "x");
+        assert!(t.is_null(1));
+        assert!(t.is_null(2));
+        assert_eq!(t.value(3), "y");
+        let clean = StringArray::from(vec!["a", "b"]);
+        let t = trim_column(&clean);
+        assert_eq!(t.values().as_ptr(), clean.values().as_ptr());
+    }
+}

@@ -1,0 +1,112 @@
+//! Where things live under a store root, and the atomic-write primitive every commit uses.
+//!
+//! ```text
+//! <store>/campaign_runs/workspace_id=<w>/<run_id>.json                       run records
+//! <store>/recipient_logs/workspace_id=<w>/campaign_id=<c>/run_id=<r>/part-NNNNN.parquet
+//! <store>/events/workspace_id=<w>/date=<YYYY-MM-DD>/*.parquet                events
+//! <store>/staging/run_id=<r>/                                                IFUR files being written
+//! ```
+
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+
+/// Paths under a store root.
+#[derive(Debug, Clone)]
+pub struct StoreLayout {
+    root: PathBuf,
+}
+
+impl StoreLayout {
+    /// A layout rooted at `root`.
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        StoreLayout { root: root.into() }
+    }
+
+    /// The store root.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Folder of a workspace's run records.
+    pub fn runs_dir(&self, workspace: &str) -> PathBuf {
+        self.root
+            .join("campaign_runs")
+            .join(format!("workspace_id={workspace}"))
+    }
+
+    /// A run record file.
+    pub fn run_record(&self, workspace: &str, run_id: &str) -> PathBuf {
+        self.runs_dir(workspace).join(format!("{run_id}.json"))
+    }
+
+    /// Folder of one run's recipient-log parts.
+    pub fn recipient_log_dir(&self, workspace: &str, campaign: &str, run_id: &str) -> PathBuf {
+        self.root
+            .join("recipient_logs")
+            .join(format!("workspace_id={workspace}"))
+            .join(format!("campaign_id={campaign}"))
+            .join(format!("run_id={run_id}"))
+    }
+
+    /// Folder where a run's IFUR files are written before delivery.
+    pub fn staging_dir(&self, run_id: &str) -> PathBuf {
+        self.root.join("staging").join(format!("run_id={run_id}"))
+    }
+}
+
+/// Creates a folder and its parents, naming it on failure.
+pub fn create_dir_all(p: &Path) -> Result<()> {
+    fs::create_dir_all(p).map_err(|e| Error::io(p, e))
+}
+
+/// fsyncs a folder so a rename inside it is durable.
+pub fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| Error::io(dir, e))
+}
+
+/// The temporary name a file is written under before its atomic rename.
+pub fn temp_name(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".tmp");
+    path.with_file_name(name)
+}
+
+/// Writes `bytes` to `path` atomically: temp file, fsync, rename, fsync of the folder.
+/// A reader sees the old file or the whole new one, never a torn one.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    create_dir_all(dir)?;
+    let tmp = temp_name(path);
+    let mut f = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    f.write_all(bytes)
+        .and_then(|_| f.sync_all())
+        .map_err(|e| Error::io(&tmp, e))?;
+    drop(f);
+    commit_file(&tmp, path)
+}
+
+/// Renames a finished, fsynced temp file to its final name and makes the rename durable.
+pub fn commit_file(tmp: &Path, path: &Path) -> Result<()> {
+    fs::rename(tmp, path).map_err(|e| Error::io(path, e))?;
+    sync_dir(path.parent().unwrap_or(Path::new(".")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn write_atomic_replaces_and_leaves_no_temp() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("a/b/run.json");
+        write_atomic(&p, b"one").unwrap();
+        write_atomic(&p, b"two").unwrap();
+        assert_eq!(fs::read(&p).unwrap(), b"two");
+        assert!(!temp_name(&p).exists());
+    }
+}
