@@ -1,3 +1,25 @@
-//! Event store, ingest and analytics over Parquet (see DESIGN.md). The event schema lives in `broadside_pipeline::event`.
+//! Event store, ingest and analytics over Parquet (see DESIGN.md and docs/events.md).
+//!
+//! - [`decode`]: JSON events (DESIGN.md shape and provider callbacks) to validated rows;
+//! - [`kafka`]: Kafka → Parquet ingest as a consumer-group member, exactly once;
+//! - [`file`]: the same store fed from an NDJSON file (embedded default);
+//! - [`commit`]: the commit protocol both use;
+//! - [`webhook`]: the HTTP intake for provider callbacks and JSON batches;
+//! - [`suppression`]: suppression lists built from bounces, complaints and unsubscribes.
+//!
+//! The event schema lives in `broadside_pipeline::event`.
 #![warn(missing_docs)]
+
+pub mod buffer;
+pub mod commit;
+pub mod decode;
+pub mod error;
+pub mod file;
+pub mod kafka;
+pub mod suppression;
+pub mod webhook;
+
 pub use broadside_pipeline::event;
+pub use error::{Error, Result};
+pub use file::{ingest_file, FileIngestConfig};
+pub use kafka::{run_kafka_ingest, CommitInfo, FlushPolicy, IngestHooks, IngestStats, KafkaIngestConfig};

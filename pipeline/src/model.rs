@@ -312,6 +312,16 @@ pub struct RecipientBatch {
     pub variants: Vec<u8>,
     /// For suppressed rows: index of the suppression list that matched.
     pub lists: Vec<u16>,
+    /// Encoded output lines (IFUR detail records) of the rows that will be sent, back to back.
+    pub payload: Vec<u8>,
+    /// End offset in `payload` of each row's line (a row without a line has an empty range).
+    pub payload_ends: Vec<u32>,
+    /// Where each sent row went: index into `placement_files`, or `u32::MAX`.
+    pub placement_file: Vec<u32>,
+    /// 1-based line within that file.
+    pub placement_line: Vec<u32>,
+    /// File names referenced by `placement_file`.
+    pub placement_files: Vec<Arc<str>>,
 }
 
 impl RecipientBatch {
@@ -329,6 +339,11 @@ impl RecipientBatch {
             buckets: Vec::new(),
             variants: vec![NO_VARIANT; n],
             lists: Vec::new(),
+            payload: Vec::new(),
+            payload_ends: Vec::new(),
+            placement_file: Vec::new(),
+            placement_line: Vec::new(),
+            placement_files: Vec::new(),
         }
     }
 
@@ -369,6 +384,21 @@ impl RecipientBatch {
             .binary_search_by_key(&(row as u32), |d| d.row)
             .ok()
             .map(|i| self.details[i].text.as_str())
+    }
+
+    /// The encoded output line of a row (empty when it has none).
+    pub fn payload_line(&self, row: usize) -> &[u8] {
+        if self.payload_ends.is_empty() {
+            return &[];
+        }
+        let start = if row == 0 { 0 } else { self.payload_ends[row - 1] as usize };
+        &self.payload[start..self.payload_ends[row] as usize]
+    }
+
+    /// Where a sent row went: file name and 1-based line.
+    pub fn placement(&self, row: usize) -> Option<(&str, u32)> {
+        let f = *self.placement_file.get(row)?;
+        (f != u32::MAX).then(|| (&*self.placement_files[f as usize], self.placement_line[row]))
     }
 
     /// The normalised key of a row, if present.

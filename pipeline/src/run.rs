@@ -126,6 +126,10 @@ pub struct RunRecord {
     pub variants: Vec<VariantCount>,
     /// Holdout rows.
     pub holdout: u64,
+    /// Distinct keys in the suppression index.
+    pub suppression_keys: u64,
+    /// Seconds spent loading the lists and building the suppression index.
+    pub suppression_build_secs: f64,
     /// IFUR files delivered.
     pub files: Vec<DeliveredFile>,
     /// Per-stage throughput and back-pressure of the last attempt.

@@ -1,0 +1,84 @@
+//! A Kafka ingest process for the end-to-end tests (which SIGKILL it at random points)
+//! and for trying the ingest by hand; the `broadside ingest` subcommand is the real CLI.
+//!
+//! ```text
+//! cargo run -p broadside-analytics --bin ingest_worker -- \
+//!     --brokers 127.0.0.1:9092 --group g --topic events --store /tmp/store
+//! ```
+//!
+//! Prints `COMMIT <start> <end> <rows> <dead_letters> <stream>` after every commit and
+//! `DONE <records> <rows> <dead_letters>` on a clean exit. SIGINT/SIGTERM stop it cleanly
+//! (everything buffered is committed first).
+
+use std::io::Write;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use broadside_analytics::{run_kafka_ingest, IngestHooks, KafkaIngestConfig};
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+fn parse_args() -> Result<KafkaIngestConfig, String> {
+    let mut cfg = KafkaIngestConfig::new("", "", &[], "");
+    let mut args = std::env::args().skip(1);
+    while let Some(flag) = args.next() {
+        let value = args.next().ok_or_else(|| format!("{flag} needs a value"))?;
+        let num = |v: &str| v.parse::<u64>().map_err(|e| format!("{flag} {v}: {e}"));
+        match flag.as_str() {
+            "--brokers" => cfg.brokers = value,
+            "--group" => cfg.group_id = value,
+            "--topic" => cfg.topics.push(value),
+            "--store" => cfg.store = value.into(),
+            "--max-records" => cfg.flush.max_records = num(&value)? as usize,
+            "--max-latency-ms" => cfg.flush.max_latency_ms = num(&value)?,
+            "--idle-ms" => cfg.flush.idle_ms = num(&value)?,
+            "--exit-when-idle-ms" => cfg.exit_when_idle_ms = Some(num(&value)?),
+            "-X" => {
+                let (k, v) = value.split_once('=').ok_or("-X takes key=value")?;
+                cfg.kafka_options.insert(k.into(), v.into());
+            }
+            other => return Err(format!("unknown argument {other}")),
+        }
+    }
+    Ok(cfg)
+}
+
+fn main() -> ExitCode {
+    let cfg = match parse_args() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("ingest_worker: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
+    let hooks = IngestHooks {
+        on_commit: Some(Box::new(|c| {
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(
+                out,
+                "COMMIT {} {} {} {} {}",
+                c.start, c.end, c.rows, c.dead_letters, c.stream
+            );
+            let _ = out.flush();
+        })),
+    };
+    match run_kafka_ingest(&cfg, hooks, &STOP) {
+        Ok(stats) => {
+            println!("DONE {} {} {}", stats.records, stats.rows, stats.dead_letters);
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("ingest_worker: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,400 @@
+//! Test setup: a real Kafka-protocol broker (`noida-db`), topic/producer helpers, the
+//! ingest worker process and independent readers of the store.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use arrow_array::{Array, StringArray};
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::file::reader::{FileReader, SerializedFileReader};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+
+/// A Kafka-protocol broker for one test: `noida-db` on a free port with its own data dir.
+pub struct Broker {
+    pub brokers: String,
+    child: Option<Child>,
+    _dir: tempfile::TempDir,
+}
+
+impl Broker {
+    /// Starts `noida-db --only kafka`. Fails (does not skip) when it is not installed:
+    /// CI installs it with `analytics/ci-setup.sh`.
+    pub fn start() -> Result<Broker> {
+        let dir = tempfile::tempdir()?;
+        let port = free_port()?;
+        let log = std::fs::File::create(dir.path().join("noida.log"))?;
+        let child = Command::new("noida-db")
+            .args(["start", "--only", "kafka", "--kafka-port", &port.to_string()])
+            .args(["--host", "127.0.0.1", "--data-dir"])
+            .arg(dir.path().join("data"))
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .stdin(Stdio::null())
+            .spawn();
+        let mut child = match child {
+            Ok(c) => c,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!(
+                "`noida-db` is not on PATH; these tests need a real Kafka-protocol broker. \
+                 Install it with `bash analytics/ci-setup.sh` (or `pip install noida-db`)"
+            ),
+            Err(e) => return Err(e).context("starting noida-db"),
+        };
+        let addr = format!("127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if TcpStream::connect(&addr).is_ok() {
+                break;
+            }
+            if let Some(status) = child.try_wait()? {
+                let log = std::fs::read_to_string(dir.path().join("noida.log")).unwrap_or_default();
+                bail!("noida-db exited with {status} before listening on {addr}:\n{log}");
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                bail!("noida-db did not listen on {addr} within 60 s");
+            }
+            // Back-off between connection attempts, not a synchronisation sleep.
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(Broker {
+            brokers: addr,
+            child: Some(child),
+            _dir: dir,
+        })
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SIGINT is noida-db's clean stop.
+            unsafe { libc::kill(c.id() as i32, libc::SIGINT) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Creates a topic with `partitions` partitions and waits until it is usable.
+pub fn create_topic(brokers: &str, topic: &str, partitions: i32) -> Result<()> {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let res = rt.block_on(admin.create_topics(
+        &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
+        &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+    ))?;
+    for r in res {
+        if let Err((t, e)) = r {
+            bail!("creating topic {t}: {e}");
+        }
+    }
+    Ok(())
+}
+
+/// Produces `records` (partition, payload) and waits until every one is acknowledged.
+pub fn produce(brokers: &str, topic: &str, records: &[(i32, Vec<u8>)]) -> Result<()> {
+    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("linger.ms", "5")
+        .set("enable.idempotence", "false")
+        .create()?;
+    for (p, payload) in records {
+        let mut rec = BaseRecord::<(), [u8]>::to(topic).partition(*p).payload(payload.as_slice());
+        loop {
+            match producer.send(rec) {
+                Ok(()) => break,
+                Err((e, r)) => {
+                    if matches!(e.rdkafka_error_code(), Some(rdkafka::types::RDKafkaErrorCode::QueueFull)) {
+                        producer.poll(Duration::from_millis(10));
+                        rec = r;
+                    } else {
+                        bail!("producing to {topic}: {e}");
+                    }
+                }
+            }
+        }
+    }
+    producer.flush(Duration::from_secs(60))?;
+    Ok(())
+}
+
+/// One valid event in the DESIGN.md shape.
+pub fn event_json(i: usize) -> Vec<u8> {
+    let ws = ["acme", "globex"][i % 2];
+    let day = 1 + (i / 7) % 3;
+    let types = ["delivered", "opened", "clicked", "bounced", "unsubscribed", "complained"];
+    let t = types[i % types.len()];
+    let extra = match t {
+        "bounced" => r#","bounce_type":"hard""#.to_string(),
+        "clicked" => format!(r#","url":"https://example.com/p/{i}""#),
+        _ => String::new(),
+    };
+    format!(
+        r#"{{"event_id":"ev-{i:08}","workspace_id":"{ws}","campaign_id":"c{}","variant":"A","run_id":"r1","email":"user{i}@example.com","event_type":"{t}"{extra},"ts":"2026-03-0{day}T12:00:00Z","extra_field":{{"ignored":true}}}}"#,
+        i % 5
+    )
+    .into_bytes()
+}
+
+/// Event rows in the store, read with the parquet crate's generic reader, with the
+/// documented schema checked for every file.
+pub fn read_event_ids(store: &Path) -> Result<Vec<String>> {
+    let mut ids = Vec::new();
+    for f in parquet_files(&store.join("events"))? {
+        let file = std::fs::File::open(&f)?;
+        let builder = ParquetRecordBatchReaderBuilder::try_new(file)?;
+        let schema = builder.schema().clone();
+        let expected = broadside_pipeline::event::file_schema();
+        if schema.fields() != expected.fields() {
+            bail!("{}: schema {schema:?} differs from the documented {expected:?}", f.display());
+        }
+        for batch in builder.build()? {
+            let batch = batch?;
+            let col = batch
+                .column(0)
+                .as_any()
+                .downcast_ref::<StringArray>()
+                .context("event_id is not utf8")?;
+            for i in 0..col.len() {
+                ids.push(col.value(i).to_string());
+            }
+        }
+    }
+    Ok(ids)
+}
+
+/// Rows committed so far (from Parquet footers only, cheap enough to poll).
+pub fn committed_rows(store: &Path) -> Result<u64> {
+    let mut n = 0;
+    for f in parquet_files(&store.join("events"))? {
+        let r = SerializedFileReader::new(std::fs::File::open(&f)?)?;
+        n += r.metadata().file_metadata().num_rows() as u64;
+    }
+    Ok(n)
+}
+
+/// Every `*.parquet` under `dir` (temp and staged files are not `.parquet`).
+pub fn parquet_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let rd = match std::fs::read_dir(&d) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e.into()),
+        };
+        for e in rd {
+            let p = e?.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension().is_some_and(|x| x == "parquet") {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Dead-letter records (parsed NDJSON) under `<store>/dead_letters`.
+pub fn dead_letters(store: &Path) -> Result<Vec<serde_json::Value>> {
+    let mut out = Vec::new();
+    let mut stack = vec![store.join("dead_letters")];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else { continue };
+        for e in rd {
+            let p = e?.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension().is_some_and(|x| x == "ndjson") {
+                for line in std::fs::read_to_string(&p)?.lines() {
+                    out.push(serde_json::from_str(line)?);
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Polls `cond` until it holds or `timeout` passes (condition wait, with a short back-off).
+pub fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> Result<bool>) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond()? {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// An `ingest_worker` process with its stdout lines delivered on a channel.
+pub struct Worker {
+    pub child: Child,
+    pub lines: mpsc::Receiver<String>,
+    pub commits_seen: usize,
+}
+
+impl Worker {
+    pub fn spawn(brokers: &str, group: &str, topic: &str, store: &Path, extra: &[&str]) -> Result<Worker> {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ingest_worker"))
+            .args(["--brokers", brokers, "--group", group, "--topic", topic])
+            .arg("--store")
+            .arg(store)
+            .args(["--max-records", "500", "--idle-ms", "300", "--max-latency-ms", "1000"])
+            .args(["-X", "session.timeout.ms=6000", "-X", "heartbeat.interval.ms=500"])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("spawning ingest_worker")?;
+        let out = child.stdout.take().expect("piped");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Worker {
+            child,
+            lines: rx,
+            commits_seen: 0,
+        })
+    }
+
+    /// Blocks until the worker reported `n` more commits.
+    pub fn wait_commits(&mut self, n: usize, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        let target = self.commits_seen + n;
+        while self.commits_seen < target {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) if l.starts_with("COMMIT ") => self.commits_seen += 1,
+                Ok(_) => {}
+                Err(_) => bail!("worker reported {} of {target} commits in {timeout:?}", self.commits_seen),
+            }
+        }
+        Ok(())
+    }
+
+    pub fn sigkill(mut self) -> Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(())
+    }
+
+    /// SIGTERM and wait for the clean `DONE` exit.
+    pub fn stop(mut self) -> Result<()> {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let status = self.child.wait()?;
+        if !status.success() {
+            bail!("worker exited with {status}");
+        }
+        Ok(())
+    }
+}
+
+/// A small deterministic PRNG (seed printed by the tests for reproduction).
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn from_env() -> Rng {
+        let seed = std::env::var("BROADSIDE_TEST_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_nanos() as u64
+            });
+        eprintln!("BROADSIDE_TEST_SEED={seed}");
+        Rng(seed | 1)
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+/// Counts per event id; asserts count(*) = count(distinct) = n and every id present.
+pub fn assert_exactly_once(ids: &[String], expected: impl IntoIterator<Item = String>) {
+    let mut counts: HashMap<&str, usize> = HashMap::new();
+    for id in ids {
+        *counts.entry(id.as_str()).or_default() += 1;
+    }
+    let dups: Vec<_> = counts.iter().filter(|(_, c)| **c > 1).take(5).collect();
+    assert!(dups.is_empty(), "duplicated event ids, e.g. {dups:?}");
+    let mut missing = Vec::new();
+    let mut n = 0;
+    for id in expected {
+        n += 1;
+        if !counts.contains_key(id.as_str()) {
+            missing.push(id);
+        }
+    }
+    assert!(missing.is_empty(), "{} events missing, e.g. {:?}", missing.len(), &missing[..missing.len().min(5)]);
+    assert_eq!(ids.len(), n, "count(*) must equal the number of produced events");
+}
+
+/// Reads the store with pyarrow (an independent implementation) and returns
+/// (rows, distinct event ids, schema string).
+pub fn pyarrow_summary(store: &Path) -> Result<(u64, u64, String)> {
+    let script = r#"
+import sys
+import pyarrow.dataset as ds
+d = ds.dataset(sys.argv[1] + "/events", format="parquet", partitioning="hive")
+t = d.to_table()
+print(t.num_rows)
+print(len(set(t.column("event_id").to_pylist())))
+print(",".join(f"{f.name}:{f.type}:{'null' if f.nullable else 'notnull'}" for f in d.schema))
+"#;
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(store)
+        .output()
+        .context("running python3 (install pyarrow with analytics/ci-setup.sh)")?;
+    if !out.status.success() {
+        bail!(
+            "pyarrow could not read the store (install it with analytics/ci-setup.sh):\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let text = String::from_utf8(out.stdout)?;
+    let mut lines = text.lines();
+    let rows = lines.next().context("no row count")?.parse()?;
+    let distinct = lines.next().context("no distinct count")?.parse()?;
+    let schema = lines.next().context("no schema")?.to_string();
+    Ok((rows, distinct, schema))
+}

@@ -1,0 +1,282 @@
+//! The IFUR merge-file format (documented in `docs/ifur.md`), its encoder and its reader.
+//!
+//! ```text
+//! H|IFUR|1|<campaign_id>|<variant>|<template>|<file_seq>|<field>|<field>|...\r\n
+//! D|<key>|<value>|<value>|...\r\n          one per recipient, values in header field order
+//! T|<detail_count>|<checksum>\r\n         checksum = xxh3-64 (hex) of every D line, CRLF included
+//! ```
+//!
+//! Escaping makes any value round-trip and guarantees that `|`, CR and LF never occur inside a
+//! value: `\` → `\\`, `|` → `\p`, CR → `\r`, LF → `\n`. Absent values are empty.
+
+use std::sync::Arc;
+
+use arrow_array::Array;
+use broadside_pipeline::model::{Decision, RecipientBatch, RecipientLayout, HOLDOUT_VARIANT};
+use broadside_pipeline::stages::Stage;
+use broadside_pipeline::Result;
+use xxhash_rust::xxh3::Xxh3;
+
+use crate::SinkError;
+
+/// The format version written in headers.
+pub const VERSION: u32 = 1;
+
+/// Appends `value` escaped.
+#[inline]
+pub fn escape_into(out: &mut Vec<u8>, value: &str) {
+    let b = value.as_bytes();
+    if !b.iter().any(|c| matches!(c, b'\\' | b'|' | b'\r' | b'\n')) {
+        out.extend_from_slice(b);
+        return;
+    }
+    for &c in b {
+        match c {
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            b'|' => out.extend_from_slice(b"\\p"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            _ => out.push(c),
+        }
+    }
+}
+
+/// Reverses [`escape_into`]; `None` for a dangling or unknown escape.
+pub fn unescape(field: &str) -> Option<String> {
+    let mut out = String::with_capacity(field.len());
+    let mut chars = field.chars();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            out.push(c);
+            continue;
+        }
+        out.push(match chars.next()? {
+            '\\' => '\\',
+            'p' => '|',
+            'r' => '\r',
+            'n' => '\n',
+            _ => return None,
+        });
+    }
+    Some(out)
+}
+
+/// The header line of a file (CRLF included).
+pub fn header_line(
+    campaign: &str,
+    variant: &str,
+    template: &str,
+    seq: u32,
+    fields: &[String],
+) -> Vec<u8> {
+    let mut out = Vec::new();
+    out.extend_from_slice(b"H|IFUR|");
+    out.extend_from_slice(VERSION.to_string().as_bytes());
+    for v in [campaign, variant, template, &seq.to_string()] {
+        out.push(b'|');
+        escape_into(&mut out, v);
+    }
+    for f in fields {
+        out.push(b'|');
+        escape_into(&mut out, f);
+    }
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+/// The trailer line (CRLF included).
+pub fn trailer_line(count: u64, checksum: u64) -> Vec<u8> {
+    format!("T|{count}|{checksum:016x}\r\n").into_bytes()
+}
+
+/// Encodes the detail line of every row that will be sent (pending, with a variant).
+/// Runs on the worker threads, so the ordered writer only copies bytes.
+#[derive(Debug, Clone)]
+pub struct IfurEncoder {
+    layout: Arc<RecipientLayout>,
+}
+
+impl IfurEncoder {
+    /// An encoder for batches of this layout.
+    pub fn new(layout: Arc<RecipientLayout>) -> Self {
+        IfurEncoder { layout }
+    }
+}
+
+impl Stage for IfurEncoder {
+    fn name(&self) -> &'static str {
+        "ifur-encode"
+    }
+
+    fn process(&mut self, batch: &mut RecipientBatch) -> Result<()> {
+        let ncols = self.layout.names().len();
+        let cols: Vec<_> = (0..ncols).map(|c| batch.column(c).clone()).collect();
+        let mut payload = std::mem::take(&mut batch.payload);
+        payload.clear();
+        payload.reserve(batch.len() * 96);
+        let mut ends = std::mem::take(&mut batch.payload_ends);
+        ends.clear();
+        let keys = batch.keys.clone();
+        for i in 0..batch.len() {
+            let sendable =
+                batch.decisions[i] == Decision::Pending && batch.variants[i] < HOLDOUT_VARIANT;
+            if sendable {
+                payload.extend_from_slice(b"D|");
+                if let Some(k) = keys.as_ref().filter(|k| k.is_valid(i)) {
+                    escape_into(&mut payload, k.value(i));
+                }
+                for col in &cols {
+                    payload.push(b'|');
+                    if col.is_valid(i) {
+                        escape_into(&mut payload, col.value(i));
+                    }
+                }
+                payload.extend_from_slice(b"\r\n");
+            }
+            ends.push(payload.len() as u32);
+        }
+        batch.payload = payload;
+        batch.payload_ends = ends;
+        Ok(())
+    }
+}
+
+/// A parsed IFUR file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IfurFile {
+    /// Campaign id from the header.
+    pub campaign: String,
+    /// Variant name.
+    pub variant: String,
+    /// Template name.
+    pub template: String,
+    /// File sequence number within the variant.
+    pub seq: u32,
+    /// Field names (after the key).
+    pub fields: Vec<String>,
+    /// Detail records: key, then values.
+    pub details: Vec<(String, Vec<String>)>,
+    /// Checksum from the trailer.
+    pub checksum: u64,
+}
+
+fn bad(msg: impl Into<String>) -> SinkError {
+    SinkError::Format(msg.into())
+}
+
+/// Parses and verifies a whole IFUR file: header, details, count and checksum.
+pub fn parse(bytes: &[u8]) -> std::result::Result<IfurFile, SinkError> {
+    let text = std::str::from_utf8(bytes).map_err(|e| bad(format!("not UTF-8: {e}")))?;
+    if !text.ends_with("\r\n") {
+        return Err(bad("the file does not end with CRLF (truncated?)"));
+    }
+    let lines: Vec<&str> = text[..text.len() - 2].split("\r\n").collect();
+    if lines.len() < 2 {
+        return Err(bad("a file needs at least a header and a trailer"));
+    }
+    let head: Vec<&str> = lines[0].split('|').collect();
+    if head.len() < 7 || head[0] != "H" || head[1] != "IFUR" {
+        return Err(bad("line 1 is not an IFUR header"));
+    }
+    if head[2] != VERSION.to_string() {
+        return Err(bad(format!("unsupported IFUR version {}", head[2])));
+    }
+    let un = |s: &str, line: usize| unescape(s).ok_or_else(|| bad(format!("line {line}: bad escape")));
+    let fields: Vec<String> = head[7..]
+        .iter()
+        .map(|f| un(f, 1))
+        .collect::<std::result::Result<_, _>>()?;
+    let mut hasher = Xxh3::new();
+    let mut details = Vec::with_capacity(lines.len() - 2);
+    for (n, line) in lines[1..lines.len() - 1].iter().enumerate() {
+        let lineno = n + 2;
+        let parts: Vec<&str> = line.split('|').collect();
+        if parts[0] != "D" || parts.len() != fields.len() + 2 {
+            return Err(bad(format!(
+                "line {lineno}: expected a detail record with {} values",
+                fields.len()
+            )));
+        }
+        hasher.update(line.as_bytes());
+        hasher.update(b"\r\n");
+        let key = un(parts[1], lineno)?;
+        let values = parts[2..]
+            .iter()
+            .map(|v| un(v, lineno))
+            .collect::<std::result::Result<_, _>>()?;
+        details.push((key, values));
+    }
+    let tail: Vec<&str> = lines[lines.len() - 1].split('|').collect();
+    if tail.len() != 3 || tail[0] != "T" {
+        return Err(bad("the last line is not a trailer (truncated?)"));
+    }
+    let count: usize = tail[1].parse().map_err(|_| bad("trailer count is not a number"))?;
+    let checksum =
+        u64::from_str_radix(tail[2], 16).map_err(|_| bad("trailer checksum is not hex"))?;
+    if count != details.len() {
+        return Err(bad(format!(
+            "trailer says {count} records, the file has {}",
+            details.len()
+        )));
+    }
+    if checksum != hasher.digest() {
+        return Err(bad("checksum mismatch"));
+    }
+    Ok(IfurFile {
+        campaign: un(head[3], 1)?,
+        variant: un(head[4], 1)?,
+        template: un(head[5], 1)?,
+        seq: head[6].parse().map_err(|_| bad("header file sequence is not a number"))?,
+        fields,
+        details,
+        checksum,
+    })
+}
+
+/// Reads just the trailer (count, checksum) of a file on disk, for resume checks.
+pub fn read_trailer(path: &std::path::Path) -> std::result::Result<(u64, u64), SinkError> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(path).map_err(|e| bad(format!("{}: {e}", path.display())))?;
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let take = len.min(64);
+    f.seek(SeekFrom::Start(len - take))
+        .map_err(|e| bad(e.to_string()))?;
+    let mut tail = Vec::new();
+    f.read_to_end(&mut tail).map_err(|e| bad(e.to_string()))?;
+    let text = String::from_utf8_lossy(&tail);
+    let line = text
+        .trim_end_matches("\r\n")
+        .rsplit("\r\n")
+        .next()
+        .unwrap_or_default();
+    let parts: Vec<&str> = line.split('|').collect();
+    if parts.len() != 3 || parts[0] != "T" {
+        return Err(bad(format!("{}: no trailer", path.display())));
+    }
+    let count = parts[1].parse().map_err(|_| bad("trailer count"))?;
+    let sum = u64::from_str_radix(parts[2], 16).map_err(|_| bad("trailer checksum"))?;
+    Ok((count, sum))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn escaping_round_trips_anything(s in "\\PC*|[\\\\|\r\n]{0,8}") {
+            let mut out = Vec::new();
+            escape_into(&mut out, &s);
+            let enc = String::from_utf8(out).unwrap();
+            prop_assert!(!enc.contains('|') && !enc.contains('\r') && !enc.contains('\n'));
+            prop_assert_eq!(unescape(&enc).unwrap(), s);
+        }
+    }
+
+    #[test]
+    fn unescape_rejects_dangling_escape() {
+        assert_eq!(unescape("abc\\"), None);
+        assert_eq!(unescape("\\x"), None);
+    }
+}

@@ -1,0 +1,196 @@
+//! The recipient log: one Parquet row per input recipient with its decision and where it went.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use arrow_array::types::Int32Type;
+use arrow_array::{ArrayRef, DictionaryArray, Int32Array, RecordBatch, StringArray, UInt32Array, UInt64Array};
+use arrow_schema::{DataType, Field, Schema, SchemaRef};
+use broadside_pipeline::model::{Decision, RecipientBatch, Reason, NO_VARIANT, HOLDOUT_VARIANT};
+use broadside_pipeline::runner::Sink;
+use broadside_pipeline::{Error, Result};
+use parquet::basic::{Compression, ZstdLevel};
+use parquet::file::properties::WriterProperties;
+use parquet::schema::types::ColumnPath;
+
+use crate::parts::{segments, PartWriter};
+
+fn dict() -> DataType {
+    DataType::Dictionary(Box::new(DataType::Int32), Box::new(DataType::Utf8))
+}
+
+/// Arrow schema of recipient-log files.
+pub fn schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("run_id", dict(), false),
+        Field::new("campaign_id", dict(), false),
+        Field::new("row", DataType::UInt64, false),
+        Field::new("key", DataType::Utf8, true),
+        Field::new("variant", dict(), true),
+        Field::new("decision", dict(), false),
+        Field::new("reason", dict(), true),
+        Field::new("detail", DataType::Utf8, true),
+        Field::new("suppression_list", dict(), true),
+        Field::new("ifur_file", dict(), true),
+        Field::new("ifur_line", DataType::UInt32, true),
+    ]))
+}
+
+/// Writer properties shared by the ledger and event parts: zstd, bounded row groups, no
+/// dictionary for high-cardinality strings.
+pub fn writer_properties(no_dictionary: &[&str]) -> WriterProperties {
+    let mut b = WriterProperties::builder()
+        .set_compression(Compression::ZSTD(ZstdLevel::try_new(1).expect("valid level")))
+        .set_max_row_group_row_count(Some(256 * 1024));
+    for c in no_dictionary {
+        b = b.set_column_dictionary_enabled(ColumnPath::from(*c), false);
+    }
+    b.build()
+}
+
+fn constant(value: &str, n: usize) -> ArrayRef {
+    let keys = Int32Array::from(vec![0; n]);
+    Arc::new(DictionaryArray::<Int32Type>::new(
+        keys,
+        Arc::new(StringArray::from(vec![value])),
+    ))
+}
+
+fn coded(keys: Vec<Option<i32>>, values: Vec<&str>) -> ArrayRef {
+    Arc::new(DictionaryArray::<Int32Type>::new(
+        Int32Array::from(keys),
+        Arc::new(StringArray::from(values)),
+    ))
+}
+
+/// Writes a run's recipient log under `<store>/recipient_logs/.../run_id=<r>/part-NNNNN.parquet`.
+pub struct RecipientLogSink {
+    parts: PartWriter,
+    part_rows: u64,
+    run_id: String,
+    campaign_id: String,
+    variants: Vec<String>,
+    lists: Vec<String>,
+}
+
+impl RecipientLogSink {
+    /// A sink for one run; `lists` names the suppression lists by id.
+    pub fn new(
+        dir: &Path,
+        part_rows: u64,
+        run_id: &str,
+        campaign_id: &str,
+        variants: Vec<String>,
+        lists: Vec<String>,
+    ) -> Result<Self> {
+        Ok(RecipientLogSink {
+            parts: PartWriter::new(dir, "part", schema(), writer_properties(&["key", "detail"]))?,
+            part_rows,
+            run_id: run_id.into(),
+            campaign_id: campaign_id.into(),
+            variants,
+            lists,
+        })
+    }
+
+    /// Builds the log rows of one whole batch.
+    pub fn log_batch(&self, b: &RecipientBatch) -> Result<RecordBatch> {
+        let n = b.len();
+        let rows = UInt64Array::from_iter_values((0..n as u64).map(|i| b.first_row + i));
+        let keys: ArrayRef = match &b.keys {
+            Some(k) => Arc::new(k.clone()),
+            None => Arc::new(StringArray::new_null(n)),
+        };
+        let variant = coded(
+            b.variants
+                .iter()
+                .zip(&b.decisions)
+                .map(|(v, d)| {
+                    (*d == Decision::Sent && *v != NO_VARIANT && *v != HOLDOUT_VARIANT)
+                        .then_some(*v as i32)
+                })
+                .collect(),
+            self.variants.iter().map(String::as_str).collect(),
+        );
+        let decision = coded(
+            b.decisions.iter().map(|d| Some(*d as i32)).collect(),
+            Decision::ALL.iter().map(|d| d.as_str()).collect(),
+        );
+        let reason = coded(
+            b.reasons
+                .iter()
+                .map(|r| (*r != Reason::None).then_some(*r as i32))
+                .collect(),
+            Reason::ALL.iter().map(|r| r.as_str()).collect(),
+        );
+        let detail: StringArray = (0..n).map(|i| b.detail(i)).collect();
+        let list = coded(
+            (0..n)
+                .map(|i| {
+                    (b.decisions[i] == Decision::Suppressed)
+                        .then(|| b.lists.get(i).copied())
+                        .flatten()
+                        .filter(|l| (*l as usize) < self.lists.len())
+                        .map(|l| l as i32)
+                })
+                .collect(),
+            self.lists.iter().map(String::as_str).collect(),
+        );
+        let file = coded(
+            (0..n)
+                .map(|i| {
+                    b.placement_file
+                        .get(i)
+                        .filter(|f| **f != u32::MAX)
+                        .map(|f| *f as i32)
+                })
+                .collect(),
+            b.placement_files.iter().map(|s| &**s).collect(),
+        );
+        let line: UInt32Array = (0..n)
+            .map(|i| b.placement(i).map(|(_, l)| l))
+            .collect();
+        RecordBatch::try_new(
+            schema(),
+            vec![
+                constant(&self.run_id, n),
+                constant(&self.campaign_id, n),
+                Arc::new(rows),
+                keys,
+                variant,
+                decision,
+                reason,
+                Arc::new(detail),
+                list,
+                file,
+                Arc::new(line),
+            ],
+        )
+        .map_err(|e| Error::sink("recipient log", e.to_string()))
+    }
+}
+
+impl Sink for RecipientLogSink {
+    fn name(&self) -> &'static str {
+        "ledger"
+    }
+
+    fn write(&mut self, b: &RecipientBatch) -> Result<()> {
+        let log = self.log_batch(b)?;
+        for s in segments(b.first_row, b.len(), self.part_rows) {
+            self.parts.write(s.part, &log.slice(s.start, s.end - s.start))?;
+            if s.completes {
+                self.parts.close_part()?;
+            }
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self) -> Result<()> {
+        self.parts.close_part()
+    }
+
+    fn abort(&mut self) {
+        self.parts.abort();
+    }
+}

@@ -1,0 +1,313 @@
+//! Writes IFUR files per variant, rolls them every N lines and delivers each finished file
+//! atomically into the MegaSys hot folder; the manifest, written last, is the ready signal.
+//!
+//! Commit protocol (what makes resume exactly-once): a file is written under a temporary name
+//! in the staging folder, fsynced, then renamed into the hot folder. File names and contents
+//! are a pure function of the input and the spec, so a resumed run regenerates the same files:
+//! a file already in the hot folder is not rewritten, only verified (its trailer count and
+//! checksum must equal the regenerated ones, otherwise the input changed and we refuse).
+
+use std::fs::{self, File};
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use broadside_pipeline::model::{Decision, RecipientBatch};
+use broadside_pipeline::run::DeliveredFile;
+use broadside_pipeline::runner::OrderedStage;
+use broadside_pipeline::stages::Stage;
+use broadside_pipeline::store::{create_dir_all, sync_dir, write_atomic};
+use broadside_pipeline::{Error, Result};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use xxhash_rust::xxh3::Xxh3;
+
+use crate::ifur::{header_line, read_trailer, trailer_line};
+
+/// Settings of an [`IfurWriter`].
+#[derive(Debug, Clone)]
+pub struct IfurWriterConfig {
+    /// Campaign id.
+    pub campaign_id: String,
+    /// Run id (part of every file name).
+    pub run_id: String,
+    /// Workspace id (in the manifest).
+    pub workspace_id: String,
+    /// Variant (name, template), by variant index.
+    pub variants: Vec<(String, String)>,
+    /// Field names of the detail records, in batch column order.
+    pub fields: Vec<String>,
+    /// Detail lines per file.
+    pub roll_rows: u64,
+    /// Where files are written before delivery (ideally on the hot folder's file system).
+    pub staging: PathBuf,
+    /// The MegaSys hot folder.
+    pub hot_folder: PathBuf,
+}
+
+/// The manifest MegaSys waits for before picking a run's files up.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Campaign.
+    pub campaign_id: String,
+    /// Run.
+    pub run_id: String,
+    /// Tenant.
+    pub workspace_id: String,
+    /// When the manifest was written.
+    pub created_at: DateTime<Utc>,
+    /// Every file of the run, by variant then sequence.
+    pub files: Vec<DeliveredFile>,
+    /// Sum of the files' detail lines.
+    pub total_rows: u64,
+}
+
+/// The manifest's file name for a run.
+pub fn manifest_name(campaign: &str, run_id: &str) -> String {
+    format!("{campaign}_{run_id}.manifest.json")
+}
+
+/// A file name for (campaign, run, variant, seq).
+pub fn ifur_name(campaign: &str, run_id: &str, variant: &str, seq: u32) -> String {
+    format!("{campaign}_{run_id}_{variant}_{seq:05}.ifur")
+}
+
+struct OpenFile {
+    name: Arc<str>,
+    variant: usize,
+    seq: u32,
+    final_path: PathBuf,
+    tmp_path: PathBuf,
+    /// `None` when the file was already delivered by an earlier attempt: verify only.
+    writer: Option<BufWriter<File>>,
+    hasher: Xxh3,
+    rows: u64,
+}
+
+/// The ordered IFUR stage: assigns every sent row its file and line and writes it.
+pub struct IfurWriter {
+    cfg: IfurWriterConfig,
+    open: Vec<Option<OpenFile>>,
+    next_seq: Vec<u32>,
+    delivered: Arc<Mutex<Vec<DeliveredFile>>>,
+}
+
+impl IfurWriter {
+    /// Creates the staging and hot folders.
+    pub fn new(cfg: IfurWriterConfig) -> Result<Self> {
+        create_dir_all(&cfg.staging)?;
+        create_dir_all(&cfg.hot_folder)?;
+        let n = cfg.variants.len();
+        Ok(IfurWriter {
+            open: (0..n).map(|_| None).collect(),
+            next_seq: vec![1; n],
+            delivered: Arc::new(Mutex::new(Vec::new())),
+            cfg,
+        })
+    }
+
+    /// Handle to the list of delivered files, readable after the run.
+    pub fn delivered(&self) -> Arc<Mutex<Vec<DeliveredFile>>> {
+        self.delivered.clone()
+    }
+
+    fn open_file(&mut self, v: usize) -> Result<()> {
+        let seq = self.next_seq[v];
+        self.next_seq[v] += 1;
+        let (variant, template) = &self.cfg.variants[v];
+        let name = ifur_name(&self.cfg.campaign_id, &self.cfg.run_id, variant, seq);
+        let final_path = self.cfg.hot_folder.join(&name);
+        let tmp_path = self.cfg.staging.join(format!("{name}.tmp"));
+        let header = header_line(&self.cfg.campaign_id, variant, template, seq, &self.cfg.fields);
+        let writer = if final_path.exists() {
+            None
+        } else {
+            let f = File::create(&tmp_path).map_err(|e| Error::io(&tmp_path, e))?;
+            let mut w = BufWriter::with_capacity(1 << 20, f);
+            w.write_all(&header).map_err(|e| Error::io(&tmp_path, e))?;
+            Some(w)
+        };
+        self.open[v] = Some(OpenFile {
+            name: name.into(),
+            variant: v,
+            seq,
+            final_path,
+            tmp_path,
+            writer,
+            hasher: Xxh3::new(),
+            rows: 0,
+        });
+        Ok(())
+    }
+
+    fn close_file(&mut self, v: usize) -> Result<()> {
+        let Some(mut f) = self.open[v].take() else {
+            return Ok(());
+        };
+        let checksum = f.hasher.digest();
+        match f.writer.take() {
+            Some(mut w) => {
+                w.write_all(&trailer_line(f.rows, checksum))
+                    .and_then(|_| w.flush())
+                    .map_err(|e| Error::io(&f.tmp_path, e))?;
+                let file = w
+                    .into_inner()
+                    .map_err(|e| Error::io(&f.tmp_path, e.into_error()))?;
+                file.sync_all().map_err(|e| Error::io(&f.tmp_path, e))?;
+                drop(file);
+                deliver(&f.tmp_path, &f.final_path)?;
+            }
+            None => {
+                let (count, sum) = read_trailer(&f.final_path)
+                    .map_err(|e| Error::sink(f.final_path.display().to_string(), e.to_string()))?;
+                if (count, sum) != (f.rows, checksum) {
+                    return Err(Error::Resume {
+                        run_id: self.cfg.run_id.clone(),
+                        message: format!(
+                            "{} was delivered by an earlier attempt with {count} records (checksum {sum:016x}), \
+                             but the same input now gives {} records (checksum {checksum:016x}): \
+                             the input, the suppression lists or the spec changed since the run started",
+                            f.final_path.display(),
+                            f.rows
+                        ),
+                    });
+                }
+            }
+        }
+        self.delivered
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(DeliveredFile {
+                file: f.name.to_string(),
+                variant: self.cfg.variants[f.variant].0.clone(),
+                rows: f.rows,
+                checksum: format!("{checksum:016x}"),
+            });
+        tracing::info!(file = %f.name, seq = f.seq, rows = f.rows, "ifur file delivered");
+        Ok(())
+    }
+
+    fn write_manifest(&self) -> Result<()> {
+        let mut files = self
+            .delivered
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let order: std::collections::HashMap<&str, usize> = self
+            .cfg
+            .variants
+            .iter()
+            .enumerate()
+            .map(|(i, (n, _))| (n.as_str(), i))
+            .collect();
+        files.sort_by(|a, b| (order[a.variant.as_str()], &a.file).cmp(&(order[b.variant.as_str()], &b.file)));
+        let manifest = Manifest {
+            campaign_id: self.cfg.campaign_id.clone(),
+            run_id: self.cfg.run_id.clone(),
+            workspace_id: self.cfg.workspace_id.clone(),
+            created_at: Utc::now(),
+            total_rows: files.iter().map(|f| f.rows).sum(),
+            files,
+        };
+        let path = self
+            .cfg
+            .hot_folder
+            .join(manifest_name(&self.cfg.campaign_id, &self.cfg.run_id));
+        let text = serde_json::to_vec_pretty(&manifest).expect("manifest serialises");
+        write_atomic(&path, &text)
+    }
+}
+
+/// Moves a finished temp file into its final place atomically. Across file systems it copies
+/// to a temporary name inside the target folder first, so the final name never shows a torn file.
+fn deliver(tmp: &Path, final_path: &Path) -> Result<()> {
+    let dir = final_path.parent().unwrap_or(Path::new("."));
+    match fs::rename(tmp, final_path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::CrossesDevices => {
+            let landing = dir.join(format!(
+                "{}.tmp",
+                final_path.file_name().unwrap_or_default().to_string_lossy()
+            ));
+            fs::copy(tmp, &landing).map_err(|e| Error::io(&landing, e))?;
+            File::open(&landing)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| Error::io(&landing, e))?;
+            fs::rename(&landing, final_path).map_err(|e| Error::io(final_path, e))?;
+            fs::remove_file(tmp).map_err(|e| Error::io(tmp, e))?;
+        }
+        Err(e) => return Err(Error::io(final_path, e)),
+    }
+    sync_dir(dir)
+}
+
+impl Stage for IfurWriter {
+    fn name(&self) -> &'static str {
+        "ifur-write"
+    }
+
+    fn process(&mut self, batch: &mut RecipientBatch) -> Result<()> {
+        let n = batch.len();
+        batch.placement_file = vec![u32::MAX; n];
+        batch.placement_line = vec![0; n];
+        batch.placement_files.clear();
+        // Index into batch.placement_files of each variant's currently open file.
+        let mut file_idx: Vec<Option<u32>> = vec![None; self.open.len()];
+        for i in 0..n {
+            if batch.decisions[i] != Decision::Sent {
+                continue;
+            }
+            let v = batch.variants[i] as usize;
+            if self.open[v].is_none() {
+                self.open_file(v)?;
+                file_idx[v] = None;
+            }
+            let idx = match file_idx[v] {
+                Some(x) => x,
+                None => {
+                    let name = self.open[v].as_ref().expect("opened").name.clone();
+                    batch.placement_files.push(name);
+                    let x = (batch.placement_files.len() - 1) as u32;
+                    file_idx[v] = Some(x);
+                    x
+                }
+            };
+            let line = batch.payload_line(i);
+            if line.is_empty() {
+                return Err(Error::Stage {
+                    stage: "ifur-write".into(),
+                    message: format!("row {} is sent but was not encoded", batch.first_row + i as u64),
+                });
+            }
+            let f = self.open[v].as_mut().expect("opened");
+            if let Some(w) = f.writer.as_mut() {
+                w.write_all(line).map_err(|e| Error::io(&f.tmp_path, e))?;
+            }
+            f.hasher.update(line);
+            f.rows += 1;
+            batch.placement_file[i] = idx;
+            batch.placement_line[i] = f.rows as u32;
+            if f.rows >= self.cfg.roll_rows {
+                self.close_file(v)?;
+                file_idx[v] = None;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl OrderedStage for IfurWriter {
+    fn finish(&mut self) -> Result<()> {
+        for v in 0..self.open.len() {
+            self.close_file(v)?;
+        }
+        self.write_manifest()
+    }
+
+    fn abort(&mut self) {
+        for f in self.open.iter_mut().filter_map(Option::take) {
+            drop(f.writer);
+            let _ = fs::remove_file(&f.tmp_path);
+        }
+    }
+}
