@@ -1,1 +1,201 @@
-fn main() {}
+//! The `broadside` command line: sends, synthetic data, explanations and benchmarks.
+
+mod bench;
+mod generate;
+mod progress;
+mod send;
+mod why;
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Parser)]
+#[command(name = "broadside", version, about = "Very large campaign sends and their analytics")]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run (or resume) a send described by a campaign spec.
+    Send {
+        /// The campaign spec (TOML, see docs/campaign-spec.md).
+        spec: PathBuf,
+        /// Resume this run (or give a new run its id). Running a finished run again does nothing.
+        #[arg(long)]
+        run_id: Option<String>,
+        /// Decide every recipient and print the counts, but write and deliver nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Worker threads for the decision stages (default: all cores).
+        #[arg(long)]
+        workers: Option<usize>,
+        /// Never draw the progress bar.
+        #[arg(long)]
+        no_progress: bool,
+    },
+    /// Write deterministic synthetic recipients, suppression lists and a campaign spec.
+    Generate {
+        /// Output folder.
+        #[arg(long, default_value = "demo")]
+        out: PathBuf,
+        /// Number of recipients.
+        #[arg(long, default_value_t = 100_000)]
+        rows: u64,
+        /// Number of suppression entries (70 % hard bounce, 20 % unsubscribed, 10 % blocklist).
+        #[arg(long, default_value_t = 20_000)]
+        suppressions: u64,
+        /// Share of suppression entries that are recipients of the generated population.
+        #[arg(long, default_value_t = 0.5)]
+        overlap: f64,
+        /// Share of deliberately invalid recipient rows.
+        #[arg(long, default_value_t = 0.02)]
+        invalid_share: f64,
+        /// Seed: the same seed gives the same data.
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        /// Write recipients as Parquet instead of CSV.
+        #[arg(long)]
+        parquet: bool,
+    },
+    /// Explain why a recipient got its decision in a run.
+    Why {
+        /// The run id.
+        run_id: String,
+        /// The recipient key (email, or account number for mail campaigns).
+        key: String,
+        /// Store root of the run (default: the store of --spec, else ./store).
+        #[arg(long)]
+        store: Option<PathBuf>,
+        /// Take the store root from this campaign spec.
+        #[arg(long)]
+        spec: Option<PathBuf>,
+    },
+    /// End-to-end capacity benchmark: rows/s per stage and peak RSS per campaign size.
+    Bench {
+        /// Campaign sizes, comma separated.
+        #[arg(long, value_delimiter = ',', default_value = "1000000")]
+        rows: Vec<u64>,
+        /// Suppression entries.
+        #[arg(long, default_value_t = 200_000)]
+        suppressions: u64,
+        /// Where generated data sets are kept and reused.
+        #[arg(long, default_value = "target/bench-data")]
+        dir: PathBuf,
+        /// Use Parquet input instead of CSV.
+        #[arg(long)]
+        parquet: bool,
+        /// Keep each run's outputs.
+        #[arg(long)]
+        keep: bool,
+    },
+}
+
+fn init_logs(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("BROADSIDE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => b.init(),
+        LogFormat::Json => b.json().init(),
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Send {
+            spec,
+            run_id,
+            dry_run,
+            workers,
+            no_progress,
+        } => {
+            send::send(&send::SendOptions {
+                spec,
+                run_id,
+                dry_run,
+                workers,
+                progress: !no_progress && std::io::stderr().is_terminal(),
+            })?;
+        }
+        Command::Generate {
+            out,
+            rows,
+            suppressions,
+            overlap,
+            invalid_share,
+            seed,
+            parquet,
+        } => {
+            let spec = generate::generate(&generate::GenerateOptions {
+                out,
+                rows,
+                suppressions,
+                overlap,
+                invalid_share,
+                seed,
+                parquet,
+            })?;
+            println!("next: broadside send {}", spec.display());
+        }
+        Command::Why {
+            run_id,
+            key,
+            store,
+            spec,
+        } => {
+            let store = match (store, spec) {
+                (Some(s), _) => s,
+                (None, Some(spec)) => {
+                    let s = broadside_pipeline::spec::CampaignSpec::load(&spec)?;
+                    s.resolve(&s.output.store)
+                }
+                (None, None) => PathBuf::from("store"),
+            };
+            why::why(&store, &run_id, &key)?;
+        }
+        Command::Bench {
+            rows,
+            suppressions,
+            dir,
+            parquet,
+            keep,
+        } => {
+            bench::bench(&bench::BenchOptions {
+                sizes: rows,
+                suppressions,
+                dir,
+                parquet,
+                keep,
+            })?;
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logs(cli.log_format);
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

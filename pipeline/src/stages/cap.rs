@@ -73,3 +73,5 @@ mod tests {
         assert_eq!(b.reasons[2], Reason::CapExceeded);
     }
 }
+
+impl crate::runner::OrderedStage for BillingCap {}

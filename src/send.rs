@@ -1,0 +1,341 @@
+//! `broadside send`: wires a campaign spec into the pipeline, with run records and resume.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use broadside_pipeline::model::{RecipientLayout, StdField};
+use broadside_pipeline::run::{FileFingerprint, RunRecord, RunStatus};
+use broadside_pipeline::runner::{self, Assigner, OrderedStage, Pipeline, RunStats, Sink};
+use broadside_pipeline::spec::{CampaignSpec, SourceSpec};
+use broadside_pipeline::stages::{BillingCap, Stage, SuppressionIndex, Suppressor, Validator, VariantSplitter};
+use broadside_pipeline::store::StoreLayout;
+use broadside_sinks::events::SubmittedEventSink;
+use broadside_sinks::ifur::IfurEncoder;
+use broadside_sinks::ledger::RecipientLogSink;
+use broadside_sinks::megasys::{IfurWriter, IfurWriterConfig};
+use broadside_sources::suppression::{load_index, ListToLoad};
+use broadside_sources::{open_source, SizeHint};
+use chrono::Utc;
+use xxhash_rust::xxh3::xxh3_64;
+
+use crate::progress::Progress;
+
+/// Options of one send.
+#[derive(Debug, Clone, Default)]
+pub struct SendOptions {
+    /// The spec file.
+    pub spec: PathBuf,
+    /// Resume (or name) this run.
+    pub run_id: Option<String>,
+    /// Decide everything, write nothing.
+    pub dry_run: bool,
+    /// Worker threads (default: available cores).
+    pub workers: Option<usize>,
+    /// Show a progress bar (stderr is a terminal).
+    pub progress: bool,
+}
+
+/// A fresh run id: UTC time plus a random suffix.
+fn new_run_id() -> String {
+    let now = Utc::now();
+    let salt = xxh3_64(format!("{}-{}", now.timestamp_nanos_opt().unwrap_or(0), std::process::id()).as_bytes());
+    format!("{}-{:04x}", now.format("%Y%m%dT%H%M%S"), salt & 0xffff)
+}
+
+fn layout_of(spec: &CampaignSpec) -> RecipientLayout {
+    let std: Vec<StdField> = StdField::ALL
+        .into_iter()
+        .filter(|f| spec.columns.get(*f).is_some())
+        .collect();
+    let merge: Vec<String> = spec.columns.merge.keys().cloned().collect();
+    RecipientLayout::new(&std, &merge)
+}
+
+fn input_fingerprint(spec: &CampaignSpec) -> FileFingerprint {
+    match &spec.source {
+        SourceSpec::Csv(c) => FileFingerprint::of(&spec.resolve(&c.path)),
+        SourceSpec::Parquet(p) => FileFingerprint::of(&spec.resolve(&p.path)),
+        SourceSpec::Synthetic(s) => FileFingerprint::described(format!(
+            "synthetic rows={} seed={} invalid_share={}",
+            s.rows, s.seed, s.invalid_share
+        )),
+        SourceSpec::Erp(e) => FileFingerprint::described(format!("erp {}:{}/{}", e.host, e.port, e.database)),
+    }
+}
+
+fn load_suppression(spec: &CampaignSpec) -> Result<(SuppressionIndex, Vec<FileFingerprint>, f64)> {
+    let started = Instant::now();
+    let paths: Vec<PathBuf> = spec.suppression.iter().map(|l| spec.resolve(&l.path)).collect();
+    let lowercase = spec.key_field() == StdField::Email;
+    let lists: Vec<ListToLoad<'_>> = spec
+        .suppression
+        .iter()
+        .zip(&paths)
+        .map(|(l, p)| ListToLoad {
+            path: p,
+            column: &l.column,
+            reason: l.reason.reason(),
+            lowercase,
+        })
+        .collect();
+    let index = load_index(&lists).context("loading suppression lists")?;
+    let secs = started.elapsed().as_secs_f64();
+    tracing::info!(keys = index.len(), lists = lists.len(), secs, "suppression index built");
+    Ok((index, paths.iter().map(|p| FileFingerprint::of(p)).collect(), secs))
+}
+
+/// Runs (or resumes) a send and returns its run record (a dry run saves nothing).
+pub fn send(opts: &SendOptions) -> Result<RunRecord> {
+    let spec = CampaignSpec::load(&opts.spec)?;
+    let spec_text = std::fs::read(&opts.spec).with_context(|| format!("reading {}", opts.spec.display()))?;
+    let spec_hash = format!("{:016x}", xxh3_64(&spec_text));
+    let store = StoreLayout::new(spec.resolve(&spec.output.store));
+    let run_id = match &opts.run_id {
+        Some(r) => {
+            if r.is_empty() || !r.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+                bail!("--run-id {r:?} must be letters, digits, '-' or '_'");
+            }
+            r.clone()
+        }
+        None => new_run_id(),
+    };
+    let record_path = store.run_record(&spec.workspace_id, &run_id);
+    let input = input_fingerprint(&spec);
+
+    let (index, list_prints, index_secs) = load_suppression(&spec)?;
+    // Open the source before recording anything: a bad mapping or a missing file is a
+    // configuration error, not a failed run.
+    let layout = Arc::new(layout_of(&spec));
+    let (source, hint) = open_source(&spec, layout.clone())?;
+
+    let mut record = if !opts.dry_run && record_path.exists() {
+        let mut r = RunRecord::load(&record_path)?;
+        if r.status == RunStatus::Done {
+            println!("run {run_id} is already done ({} recipients); nothing to do", r.rows);
+            return Ok(r);
+        }
+        let mut problems = Vec::new();
+        if r.campaign_id != spec.campaign_id {
+            problems.push(format!("it belongs to campaign {}, not {}", r.campaign_id, spec.campaign_id));
+        }
+        if r.spec_hash != spec_hash {
+            problems.push("the campaign spec changed since the run started".to_string());
+        }
+        if r.input != input {
+            problems.push(format!("the input {} changed since the run started", input.path));
+        }
+        if r.suppression_lists != list_prints {
+            problems.push("a suppression list changed since the run started".to_string());
+        }
+        if !problems.is_empty() {
+            bail!(broadside_pipeline::Error::Resume { run_id, message: problems.join("; ") });
+        }
+        tracing::info!(run_id = %run_id, attempt = r.attempts + 1, "resuming run");
+        r.attempts += 1;
+        r.status = RunStatus::Running;
+        r.error = None;
+        r
+    } else {
+        RunRecord {
+            run_id: run_id.clone(),
+            campaign_id: spec.campaign_id.clone(),
+            workspace_id: spec.workspace_id.clone(),
+            status: RunStatus::Running,
+            attempts: 1,
+            started_at: Utc::now(),
+            finished_at: None,
+            spec_hash,
+            input,
+            suppression_lists: list_prints,
+            rows: 0,
+            decisions: Default::default(),
+            reasons: Vec::new(),
+            variants: Vec::new(),
+            holdout: 0,
+            suppression_keys: 0,
+            suppression_build_secs: 0.0,
+            files: Vec::new(),
+            stages: Vec::new(),
+            elapsed_secs: 0.0,
+            rows_per_sec: 0.0,
+            error: None,
+        }
+    };
+    record.suppression_keys = index.len() as u64;
+    record.suppression_build_secs = index_secs;
+    if !opts.dry_run {
+        record.save(&record_path)?;
+        eprintln!("run {run_id}: started (resume with --run-id {run_id})");
+    }
+
+    let index = Arc::new(index);
+    let variants: Vec<(String, String)> =
+        spec.variants.iter().map(|v| (v.name.clone(), v.template.clone())).collect();
+    let variant_names: Vec<String> = variants.iter().map(|v| v.0.clone()).collect();
+
+    let par_spec = spec.clone();
+    let par_layout = layout.clone();
+    let dry = opts.dry_run;
+    let parallel = Box::new(move || {
+        let mut stages: Vec<Box<dyn Stage>> = vec![
+            Box::new(Validator::new(&par_spec, par_layout.clone())),
+            Box::new(Suppressor::new(index.clone())),
+            Box::new(VariantSplitter::new(&par_spec)),
+        ];
+        if !dry {
+            stages.push(Box::new(IfurEncoder::new(par_layout.clone())));
+        }
+        stages
+    });
+    let mut ordered: Vec<Box<dyn OrderedStage>> =
+        vec![Box::new(BillingCap::new(spec.caps.billing_cap)), Box::new(Assigner)];
+    let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
+    let mut delivered = None;
+    if !opts.dry_run {
+        let hot = match &spec.megasys {
+            Some(m) => spec.resolve(&m.hot_folder),
+            None => store.root().join("outbox").join(format!("run_id={run_id}")),
+        };
+        let writer = IfurWriter::new(IfurWriterConfig {
+            campaign_id: spec.campaign_id.clone(),
+            run_id: run_id.clone(),
+            workspace_id: spec.workspace_id.clone(),
+            variants: variants.clone(),
+            fields: layout.names().to_vec(),
+            roll_rows: spec.output.ifur_roll_rows,
+            staging: store.staging_dir(&run_id),
+            hot_folder: hot,
+        })?;
+        delivered = Some(writer.delivered());
+        ordered.push(Box::new(writer));
+        let lists = index_list_names(&spec);
+        sinks.push(Box::new(RecipientLogSink::new(
+            &store.recipient_log_dir(&spec.workspace_id, &spec.campaign_id, &run_id),
+            spec.output.ledger_part_rows,
+            &run_id,
+            &spec.campaign_id,
+            variant_names.clone(),
+            lists,
+        )?));
+        sinks.push(Box::new(SubmittedEventSink::new(
+            store.root(),
+            &spec.workspace_id,
+            &spec.campaign_id,
+            &run_id,
+            variant_names.clone(),
+            record.started_at,
+            spec.output.ledger_part_rows,
+        )?));
+    }
+
+    let counter = Arc::new(AtomicU64::new(0));
+    let workers = opts
+        .workers
+        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2));
+    let pipeline = Pipeline {
+        source,
+        parallel,
+        ordered,
+        sinks,
+        workers,
+        in_flight: workers * 4 + 4,
+        progress: counter.clone(),
+        variants: spec.variants.len(),
+    };
+    let result = with_progress(opts.progress, counter, hint, || runner::run(pipeline));
+
+    match result {
+        Ok(stats) => {
+            record.apply_stats(&stats, &variants);
+            if let Some(d) = delivered {
+                record.files = d.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            }
+            record.status = RunStatus::Done;
+            record.finished_at = Some(Utc::now());
+            if !opts.dry_run {
+                record.save(&record_path)?;
+                let _ = std::fs::remove_dir(store.staging_dir(&run_id));
+            }
+            print_summary(&record, &stats, opts.dry_run);
+            Ok(record)
+        }
+        Err(e) => {
+            if !opts.dry_run {
+                record.status = RunStatus::Failed;
+                record.error = Some(e.to_string());
+                if let Err(save) = record.save(&record_path) {
+                    tracing::error!(error = %save, "could not record the failure");
+                }
+                eprintln!("run {run_id} failed; fix the cause and resume with --run-id {run_id}");
+            }
+            Err(e.into())
+        }
+    }
+}
+
+fn index_list_names(spec: &CampaignSpec) -> Vec<String> {
+    spec.suppression.iter().map(|l| spec.resolve(&l.path).display().to_string()).collect()
+}
+
+fn with_progress<T>(show: bool, counter: Arc<AtomicU64>, hint: SizeHint, f: impl FnOnce() -> T) -> T {
+    let stop = Arc::new(AtomicBool::new(false));
+    std::thread::scope(|s| {
+        let stop2 = stop.clone();
+        s.spawn(move || {
+            let mut p = Progress::new(show, hint);
+            let mut last_log = Instant::now();
+            while !stop2.load(Ordering::Relaxed) {
+                std::thread::park_timeout(Duration::from_millis(200));
+                let rows = counter.load(Ordering::Relaxed);
+                p.update(rows);
+                if !show && last_log.elapsed() >= Duration::from_secs(10) {
+                    tracing::info!(rows, "send progress");
+                    last_log = Instant::now();
+                }
+            }
+            p.finish(counter.load(Ordering::Relaxed));
+        });
+        let out = f();
+        stop.store(true, Ordering::Relaxed);
+        out
+    })
+}
+
+fn print_summary(r: &RunRecord, stats: &RunStats, dry: bool) {
+    let title = if dry { "dry run (nothing written)" } else { "run" };
+    println!(
+        "{title} {} of campaign {}: {} recipients in {:.2}s ({:.0} rows/s)",
+        r.run_id, r.campaign_id, r.rows, stats.elapsed_secs, r.rows_per_sec
+    );
+    for (d, n) in &r.decisions {
+        if *n == 0 {
+            continue;
+        }
+        println!("  {d:<11} {n:>12}");
+        for c in r.reasons.iter().filter(|c| &c.decision == d && !c.reason.is_empty()) {
+            println!("    {:<16} {:>10}", c.reason, c.count);
+        }
+    }
+    for v in &r.variants {
+        println!("  variant {:<8} {:>12} sent (template {})", v.name, v.sent, v.template);
+    }
+    if !r.files.is_empty() {
+        println!("  {} IFUR files delivered", r.files.len());
+    }
+    println!("  suppression index: {} keys built in {:.3}s", r.suppression_keys, r.suppression_build_secs);
+    for s in &stats.stages {
+        println!(
+            "  stage {:<12} {:>12.0} rows/s busy  {:>8.2}s busy  {:>8.2}s blocked",
+            s.name, s.rows_per_sec, s.busy_secs, s.blocked_secs
+        );
+    }
+}
+
+/// The path of a run record, for other commands.
+pub fn record_path(spec_path: &Path, run_id: &str) -> Result<PathBuf> {
+    let spec = CampaignSpec::load(spec_path)?;
+    Ok(StoreLayout::new(spec.resolve(&spec.output.store)).run_record(&spec.workspace_id, run_id))
+}

@@ -1,0 +1,128 @@
+//! `broadside why RUN KEY`: explains one recipient's decision from the ledger.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use arrow_array::{Array, RecordBatch, StringArray};
+use arrow_cast::cast;
+use arrow_schema::DataType;
+use broadside_pipeline::model::Reason;
+use broadside_pipeline::run::RunRecord;
+use broadside_pipeline::store::StoreLayout;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+
+/// One ledger row, as text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LedgerEntry {
+    /// Input row (0-based).
+    pub row: u64,
+    /// Decision.
+    pub decision: String,
+    /// Reason code (may be empty).
+    pub reason: String,
+    /// Variant (sent rows).
+    pub variant: Option<String>,
+    /// Detail text.
+    pub detail: Option<String>,
+    /// Suppression list that matched.
+    pub list: Option<String>,
+    /// IFUR file and detail line.
+    pub ifur: Option<(String, u32)>,
+}
+
+/// Finds a run's record anywhere in the store.
+pub fn find_run(store: &Path, run_id: &str) -> Result<(PathBuf, RunRecord)> {
+    let runs = store.join("campaign_runs");
+    let dirs = std::fs::read_dir(&runs).with_context(|| format!("no runs under {}", runs.display()))?;
+    for d in dirs.flatten() {
+        let p = d.path().join(format!("{run_id}.json"));
+        if p.exists() {
+            let r = RunRecord::load(&p)?;
+            return Ok((p, r));
+        }
+    }
+    bail!("run {run_id} not found under {}", runs.display())
+}
+
+fn text(batch: &RecordBatch, name: &str, row: usize) -> Result<Option<String>> {
+    let col = batch.column_by_name(name).with_context(|| format!("ledger has no column {name}"))?;
+    let one = cast(&col.slice(row, 1), &DataType::Utf8)?;
+    let s = one.as_any().downcast_ref::<StringArray>().expect("cast to Utf8");
+    Ok(s.is_valid(0).then(|| s.value(0).to_string()))
+}
+
+/// Every ledger row of `run` whose key equals `key` (normalised like the pipeline does).
+pub fn lookup(store: &Path, record: &RunRecord, key: &str) -> Result<Vec<LedgerEntry>> {
+    let key = if key.contains('@') { key.trim().to_lowercase() } else { key.trim().to_string() };
+    let dir = StoreLayout::new(store).recipient_log_dir(&record.workspace_id, &record.campaign_id, &record.run_id);
+    let mut parts: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .with_context(|| format!("no recipient log at {}", dir.display()))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "parquet"))
+        .collect();
+    parts.sort();
+    let mut out = Vec::new();
+    for part in parts {
+        let reader = ParquetRecordBatchReaderBuilder::try_new(File::open(&part)?)?.build()?;
+        for batch in reader {
+            let batch = batch?;
+            let keys = batch
+                .column_by_name("key")
+                .and_then(|c| c.as_any().downcast_ref::<StringArray>())
+                .context("ledger key column")?;
+            for i in (0..keys.len()).filter(|i| keys.is_valid(*i) && keys.value(*i) == key) {
+                let file = text(&batch, "ifur_file", i)?;
+                let line = text(&batch, "ifur_line", i)?.and_then(|l| l.parse().ok());
+                out.push(LedgerEntry {
+                    row: text(&batch, "row", i)?.and_then(|r| r.parse().ok()).unwrap_or(0),
+                    decision: text(&batch, "decision", i)?.unwrap_or_default(),
+                    reason: text(&batch, "reason", i)?.unwrap_or_default(),
+                    variant: text(&batch, "variant", i)?,
+                    detail: text(&batch, "detail", i)?,
+                    list: text(&batch, "suppression_list", i)?,
+                    ifur: file.zip(line),
+                });
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Prints the explanation; errors when the key is not in the run.
+pub fn why(store: &Path, run_id: &str, key: &str) -> Result<()> {
+    let (_, record) = find_run(store, run_id)?;
+    let entries = lookup(store, &record, key)?;
+    if entries.is_empty() {
+        bail!(
+            "{key} is not in run {run_id} (campaign {}, {} input rows)",
+            record.campaign_id,
+            record.rows
+        );
+    }
+    println!("run {run_id} (campaign {}, workspace {})", record.campaign_id, record.workspace_id);
+    for e in entries {
+        let reason = Reason::parse(&e.reason).unwrap_or(Reason::None);
+        print!("{key}: input row {} -> {}", e.row + 1, e.decision.to_uppercase());
+        if !e.reason.is_empty() {
+            print!(" ({})", e.reason);
+        }
+        println!();
+        match e.decision.as_str() {
+            "sent" => {
+                if let (Some(v), Some((f, l))) = (&e.variant, &e.ifur) {
+                    println!("  variant {v}: detail record {l} of {f}");
+                }
+            }
+            _ => println!("  {}", reason.explain()),
+        }
+        if let Some(l) = e.list {
+            println!("  matched suppression list {l}");
+        }
+        if let Some(d) = e.detail {
+            println!("  {d}");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,198 @@
+//! Helpers shared by the end-to-end tests: run the real binary, read what it wrote.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use arrow_array::{Array, StringArray, UInt32Array, UInt64Array};
+use arrow_cast::cast;
+use arrow_schema::DataType;
+use broadside_pipeline::run::RunRecord;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+
+/// The binary under test.
+pub fn exe() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_broadside"));
+    c.env("BROADSIDE_LOG", "warn");
+    c
+}
+
+/// Runs the binary and returns its output; panics with stderr when `expect_ok` is not met.
+pub fn run(args: &[&str], expect_ok: bool) -> Output {
+    let out = exe().args(args).output().expect("binary runs");
+    if out.status.success() != expect_ok {
+        panic!(
+            "broadside {args:?} exited {:?}\nstdout:\n{}\nstderr:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    out
+}
+
+/// Generates a data set in `dir`; returns the spec path.
+pub fn generate(dir: &Path, rows: u64, suppressions: u64, extra: &[&str]) -> PathBuf {
+    let mut args = vec![
+        "generate".to_string(),
+        "--out".into(),
+        dir.display().to_string(),
+        "--rows".into(),
+        rows.to_string(),
+        "--suppressions".into(),
+        suppressions.to_string(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    run(&a, true);
+    dir.join("campaign.toml")
+}
+
+/// Replaces a `key = value` line in a spec file.
+pub fn set_spec(spec: &Path, key: &str, value: &str) {
+    let text = std::fs::read_to_string(spec).unwrap();
+    let mut found = false;
+    let out: Vec<String> = text
+        .lines()
+        .map(|l| {
+            if l.trim_start().starts_with(&format!("{key} =")) {
+                found = true;
+                format!("{key} = {value}")
+            } else {
+                l.to_string()
+            }
+        })
+        .collect();
+    assert!(found, "{key} not in spec");
+    std::fs::write(spec, out.join("\n") + "\n").unwrap();
+}
+
+/// One ledger row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LedgerRow {
+    pub row: u64,
+    pub key: Option<String>,
+    pub variant: Option<String>,
+    pub decision: String,
+    pub reason: Option<String>,
+    pub detail: Option<String>,
+    pub list: Option<String>,
+    pub file: Option<String>,
+    pub line: Option<u32>,
+}
+
+fn strings(col: &dyn Array) -> Vec<Option<String>> {
+    let c = cast(col, &DataType::Utf8).unwrap();
+    let s = c.as_any().downcast_ref::<StringArray>().unwrap();
+    (0..s.len())
+        .map(|i| s.is_valid(i).then(|| s.value(i).to_string()))
+        .collect()
+}
+
+/// Every ledger row of a run, in part order.
+pub fn read_ledger(store: &Path, workspace: &str, campaign: &str, run_id: &str) -> Vec<LedgerRow> {
+    let dir = store
+        .join("recipient_logs")
+        .join(format!("workspace_id={workspace}"))
+        .join(format!("campaign_id={campaign}"))
+        .join(format!("run_id={run_id}"));
+    let mut parts: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    parts.sort();
+    let mut out = Vec::new();
+    for p in parts {
+        assert_eq!(p.extension().unwrap(), "parquet", "stray file {}", p.display());
+        let r = ParquetRecordBatchReaderBuilder::try_new(File::open(&p).unwrap())
+            .unwrap()
+            .build()
+            .unwrap();
+        for b in r {
+            let b = b.unwrap();
+            let col = |n: &str| b.column_by_name(n).unwrap().clone();
+            let rows = col("row");
+            let rows = rows.as_any().downcast_ref::<UInt64Array>().unwrap();
+            let lines = col("ifur_line");
+            let lines = lines.as_any().downcast_ref::<UInt32Array>().unwrap();
+            let key = strings(&col("key"));
+            let variant = strings(&col("variant"));
+            let decision = strings(&col("decision"));
+            let reason = strings(&col("reason"));
+            let detail = strings(&col("detail"));
+            let list = strings(&col("suppression_list"));
+            let file = strings(&col("ifur_file"));
+            for i in 0..b.num_rows() {
+                out.push(LedgerRow {
+                    row: rows.value(i),
+                    key: key[i].clone(),
+                    variant: variant[i].clone(),
+                    decision: decision[i].clone().unwrap(),
+                    reason: reason[i].clone(),
+                    detail: detail[i].clone(),
+                    list: list[i].clone(),
+                    file: file[i].clone(),
+                    line: lines.is_valid(i).then(|| lines.value(i)),
+                });
+            }
+        }
+    }
+    out
+}
+
+/// Parses every `.ifur` file of a folder (verifying count and checksum): name → file.
+pub fn read_ifur_files(dir: &Path) -> HashMap<String, broadside_sinks::ifur::IfurFile> {
+    let mut out = HashMap::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        let name = p.file_name().unwrap().to_string_lossy().to_string();
+        assert!(!name.ends_with(".tmp"), "temp file left behind: {name}");
+        if name.ends_with(".ifur") {
+            let f = broadside_sinks::ifur::parse(&std::fs::read(&p).unwrap())
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            out.insert(name, f);
+        }
+    }
+    out
+}
+
+/// Loads a run record.
+pub fn record(store: &Path, workspace: &str, run_id: &str) -> RunRecord {
+    RunRecord::load(
+        &store
+            .join("campaign_runs")
+            .join(format!("workspace_id={workspace}"))
+            .join(format!("{run_id}.json")),
+    )
+    .unwrap()
+}
+
+/// Reads the normalised keys of a one-column suppression CSV.
+pub fn suppression_keys(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .skip(1)
+        .map(|l| l.trim_matches('"').trim().to_lowercase())
+        .filter(|l| !l.is_empty())
+        .collect()
+}
+
+/// Counts rows of the `submitted` event files of a run.
+pub fn submitted_events(store: &Path, workspace: &str, run_id: &str) -> u64 {
+    let root = store.join("events").join(format!("workspace_id={workspace}"));
+    let mut n = 0;
+    for day in std::fs::read_dir(root).unwrap() {
+        for f in std::fs::read_dir(day.unwrap().path()).unwrap() {
+            let p = f.unwrap().path();
+            let name = p.file_name().unwrap().to_string_lossy().to_string();
+            if name.starts_with(&format!("submitted-{run_id}-")) && name.ends_with(".parquet") {
+                let r = ParquetRecordBatchReaderBuilder::try_new(File::open(&p).unwrap()).unwrap();
+                n += r.metadata().file_metadata().num_rows() as u64;
+            }
+        }
+    }
+    n
+}
