@@ -215,8 +215,6 @@ pub fn send(opts: &SendOptions) -> Result<RunRecord> {
         sinks.push(Box::new(RecipientLogSink::new(
             &store.recipient_log_dir(&spec.workspace_id, &spec.campaign_id, &run_id),
             spec.output.ledger_part_rows,
-            &run_id,
-            &spec.campaign_id,
             variant_names.clone(),
             lists,
         )?));

@@ -75,6 +75,12 @@ impl BlockBloom {
         }
     }
 
+    /// Reads the block of `h` (to pull it into cache ahead of the real probe).
+    #[inline]
+    fn touch(&self, h: u128) -> u32 {
+        self.blocks[fast_range((h >> 64) as u64, self.blocks.len())][0]
+    }
+
     #[inline]
     fn may_contain(&self, h: u128) -> bool {
         let b = fast_range((h >> 64) as u64, self.blocks.len());
@@ -313,11 +319,25 @@ impl Stage for Suppressor {
             return Ok(());
         };
         batch.lists.resize(batch.len(), u16::MAX);
+        // Two passes: hash every key and touch its bloom block first, so the probes of the
+        // second pass find the blocks in cache instead of waiting on memory one at a time.
+        let mut fps = Vec::with_capacity(batch.len());
+        let mut acc = 0u32;
         for i in 0..batch.len() {
-            if batch.decisions[i] != Decision::Pending || keys.is_null(i) {
+            let fp = if batch.decisions[i] != Decision::Pending || keys.is_null(i) {
+                0
+            } else {
+                fingerprint(keys.value(i))
+            };
+            acc ^= self.index.bloom.touch(fp);
+            fps.push(fp);
+        }
+        std::hint::black_box(acc);
+        for (i, fp) in fps.into_iter().enumerate() {
+            if fp == 0 {
                 continue;
             }
-            if let Some((reason, list)) = self.index.lookup(keys.value(i)) {
+            if let Some((reason, list)) = self.index.lookup_fingerprint(fp) {
                 batch.decide(i, Decision::Suppressed, reason);
                 batch.lists[i] = list;
             }

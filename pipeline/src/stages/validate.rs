@@ -95,6 +95,10 @@ fn lowercase_keys(a: &StringArray) -> StringArray {
     b.finish()
 }
 
+fn memchr_at(s: &[u8]) -> Option<usize> {
+    s.iter().position(|b| *b == b'@')
+}
+
 /// Syntactic email check: one `@`, a dot-atom local part of at most 64 bytes, and a domain of
 /// at least two labels (letters, digits, hyphens; no leading or trailing hyphen), 254 bytes in all.
 /// Non-ASCII characters are allowed (internationalised addresses).
@@ -102,34 +106,50 @@ pub fn is_valid_email(s: &str) -> bool {
     if s.len() > 254 {
         return false;
     }
-    let Some((local, domain)) = s.split_once('@') else {
+    let Some(at) = memchr_at(s.as_bytes()) else {
         return false;
     };
-    if local.is_empty() || local.len() > 64 || domain.contains('@') {
+    let (local, domain) = (&s.as_bytes()[..at], &s[at + 1..]);
+    if local.is_empty() || local.len() > 64 || domain.as_bytes().contains(&b'@') {
         return false;
     }
-    let local_ok = local.split('.').all(|atom| {
-        !atom.is_empty()
-            && atom.bytes().all(|b| {
-                b.is_ascii_alphanumeric() || b"!#$%&'*+/=?^_`{|}~-".contains(&b) || b >= 0x80
-            })
+    // Dot-atom: no leading, trailing or doubled dots; atext characters (or non-ASCII).
+    if local[0] == b'.' || local[local.len() - 1] == b'.' || local.windows(2).any(|w| w == b"..") {
+        return false;
+    }
+    let local_ok = local.iter().all(|&b| {
+        b.is_ascii_alphanumeric() || b"!#$%&'*+/=?^_`{|}~-.".contains(&b) || b >= 0x80
     });
     if !local_ok {
         return false;
     }
-    let labels: Vec<&str> = domain.split('.').collect();
-    labels.len() >= 2
-        && labels.iter().all(|l| {
-            !l.is_empty()
-                && l.len() <= 63
-                && !l.starts_with('-')
-                && !l.ends_with('-')
-                && l.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b >= 0x80)
-        })
-        && labels
-            .last()
-            .is_some_and(|tld| tld.len() >= 2 && !tld.bytes().all(|b| b.is_ascii_digit()))
+    // Labels are checked in one pass over the bytes, without allocating.
+    let d = domain.as_bytes();
+    if d.is_empty() || d.len() > 253 {
+        return false;
+    }
+    let (mut labels, mut start, mut tld_digits) = (0usize, 0usize, true);
+    for i in 0..=d.len() {
+        if i == d.len() || d[i] == b'.' {
+            let label = &d[start..i];
+            if label.is_empty()
+                || label.len() > 63
+                || label[0] == b'-'
+                || label[label.len() - 1] == b'-'
+            {
+                return false;
+            }
+            tld_digits = label.iter().all(u8::is_ascii_digit);
+            if i == d.len() && label.len() < 2 {
+                return false;
+            }
+            labels += 1;
+            start = i + 1;
+        } else if !(d[i].is_ascii_alphanumeric() || d[i] == b'-' || d[i] >= 0x80) {
+            return false;
+        }
+    }
+    labels >= 2 && !tld_digits
 }
 
 impl Stage for Validator {
