@@ -125,7 +125,12 @@ pub fn bench(o: &BenchOptions) -> Result<Vec<BenchResult>> {
                 s.blocked_secs
             );
         }
-        results.push(BenchResult { rows, wall_secs, peak_rss, record });
+        results.push(BenchResult {
+            rows,
+            wall_secs,
+            peak_rss,
+            record,
+        });
     }
     println!("\n| recipients | wall s | M rows/s | peak RSS MB | index build s |");
     println!("|---:|---:|---:|---:|---:|");

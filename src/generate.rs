@@ -43,7 +43,10 @@ pub fn suppression_files(total: u64) -> Vec<(&'static str, &'static str, std::op
 }
 
 fn write_parquet(path: &Path, gen: Generator, rows: u64) -> Result<()> {
-    let mapping: Vec<(String, String)> = COLUMNS.iter().map(|c| (c.to_string(), c.to_string())).collect();
+    let mapping: Vec<(String, String)> = COLUMNS
+        .iter()
+        .map(|c| (c.to_string(), c.to_string()))
+        .collect();
     let std: Vec<StdField> = StdField::ALL.to_vec();
     let layout = Arc::new(RecipientLayout::new(&std, &["points".to_string()]));
     let mut src = SyntheticSource::new(gen, rows, &mapping, layout.clone())?;
@@ -61,7 +64,11 @@ pub fn generate(o: &GenerateOptions) -> Result<PathBuf> {
     std::fs::create_dir_all(&o.out).with_context(|| format!("creating {}", o.out.display()))?;
     let gen = Generator::new(o.seed, o.invalid_share);
     let started = std::time::Instant::now();
-    let source_file = if o.parquet { "recipients.parquet" } else { "recipients.csv" };
+    let source_file = if o.parquet {
+        "recipients.parquet"
+    } else {
+        "recipients.csv"
+    };
     let files = suppression_files(o.suppressions);
     std::thread::scope(|s| -> Result<()> {
         let lists = s.spawn(|| -> Result<()> {
@@ -126,7 +133,9 @@ hot_folder = "megasys/hot"
         kind = if o.parquet { "parquet" } else { "csv" },
     );
     for (name, reason, _) in &files {
-        spec.push_str(&format!("\n[[suppression]]\npath = \"{name}\"\nreason = \"{reason}\"\n"));
+        spec.push_str(&format!(
+            "\n[[suppression]]\npath = \"{name}\"\nreason = \"{reason}\"\n"
+        ));
     }
     let spec_path = o.out.join("campaign.toml");
     std::fs::write(&spec_path, spec).with_context(|| format!("writing {}", spec_path.display()))?;

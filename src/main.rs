@@ -13,7 +13,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Parser)]
-#[command(name = "broadside", version, about = "Very large campaign sends and their analytics")]
+#[command(
+    name = "broadside",
+    version,
+    about = "Very large campaign sends and their analytics"
+)]
 struct Cli {
     /// Log format on stderr.
     #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]

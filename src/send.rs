@@ -10,7 +10,9 @@ use broadside_pipeline::model::{RecipientLayout, StdField};
 use broadside_pipeline::run::{FileFingerprint, RunRecord, RunStatus};
 use broadside_pipeline::runner::{self, Assigner, OrderedStage, Pipeline, RunStats, Sink};
 use broadside_pipeline::spec::{CampaignSpec, SourceSpec};
-use broadside_pipeline::stages::{BillingCap, Stage, SuppressionIndex, Suppressor, Validator, VariantSplitter};
+use broadside_pipeline::stages::{
+    BillingCap, Stage, SuppressionIndex, Suppressor, Validator, VariantSplitter,
+};
 use broadside_pipeline::store::StoreLayout;
 use broadside_sinks::events::SubmittedEventSink;
 use broadside_sinks::ifur::IfurEncoder;
@@ -41,7 +43,14 @@ pub struct SendOptions {
 /// A fresh run id: UTC time plus a random suffix.
 fn new_run_id() -> String {
     let now = Utc::now();
-    let salt = xxh3_64(format!("{}-{}", now.timestamp_nanos_opt().unwrap_or(0), std::process::id()).as_bytes());
+    let salt = xxh3_64(
+        format!(
+            "{}-{}",
+            now.timestamp_nanos_opt().unwrap_or(0),
+            std::process::id()
+        )
+        .as_bytes(),
+    );
     format!("{}-{:04x}", now.format("%Y%m%dT%H%M%S"), salt & 0xffff)
 }
 
@@ -62,13 +71,19 @@ fn input_fingerprint(spec: &CampaignSpec) -> FileFingerprint {
             "synthetic rows={} seed={} invalid_share={}",
             s.rows, s.seed, s.invalid_share
         )),
-        SourceSpec::Erp(e) => FileFingerprint::described(format!("erp {}:{}/{}", e.host, e.port, e.database)),
+        SourceSpec::Erp(e) => {
+            FileFingerprint::described(format!("erp {}:{}/{}", e.host, e.port, e.database))
+        }
     }
 }
 
 fn load_suppression(spec: &CampaignSpec) -> Result<(SuppressionIndex, Vec<FileFingerprint>, f64)> {
     let started = Instant::now();
-    let paths: Vec<PathBuf> = spec.suppression.iter().map(|l| spec.resolve(&l.path)).collect();
+    let paths: Vec<PathBuf> = spec
+        .suppression
+        .iter()
+        .map(|l| spec.resolve(&l.path))
+        .collect();
     let lowercase = spec.key_field() == StdField::Email;
     let lists: Vec<ListToLoad<'_>> = spec
         .suppression
@@ -83,19 +98,33 @@ fn load_suppression(spec: &CampaignSpec) -> Result<(SuppressionIndex, Vec<FileFi
         .collect();
     let index = load_index(&lists).context("loading suppression lists")?;
     let secs = started.elapsed().as_secs_f64();
-    tracing::info!(keys = index.len(), lists = lists.len(), secs, "suppression index built");
-    Ok((index, paths.iter().map(|p| FileFingerprint::of(p)).collect(), secs))
+    tracing::info!(
+        keys = index.len(),
+        lists = lists.len(),
+        secs,
+        "suppression index built"
+    );
+    Ok((
+        index,
+        paths.iter().map(|p| FileFingerprint::of(p)).collect(),
+        secs,
+    ))
 }
 
 /// Runs (or resumes) a send and returns its run record (a dry run saves nothing).
 pub fn send(opts: &SendOptions) -> Result<RunRecord> {
     let spec = CampaignSpec::load(&opts.spec)?;
-    let spec_text = std::fs::read(&opts.spec).with_context(|| format!("reading {}", opts.spec.display()))?;
+    let spec_text =
+        std::fs::read(&opts.spec).with_context(|| format!("reading {}", opts.spec.display()))?;
     let spec_hash = format!("{:016x}", xxh3_64(&spec_text));
     let store = StoreLayout::new(spec.resolve(&spec.output.store));
     let run_id = match &opts.run_id {
         Some(r) => {
-            if r.is_empty() || !r.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+            if r.is_empty()
+                || !r
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            {
                 bail!("--run-id {r:?} must be letters, digits, '-' or '_'");
             }
             r.clone()
@@ -114,24 +143,36 @@ pub fn send(opts: &SendOptions) -> Result<RunRecord> {
     let mut record = if !opts.dry_run && record_path.exists() {
         let mut r = RunRecord::load(&record_path)?;
         if r.status == RunStatus::Done {
-            println!("run {run_id} is already done ({} recipients); nothing to do", r.rows);
+            println!(
+                "run {run_id} is already done ({} recipients); nothing to do",
+                r.rows
+            );
             return Ok(r);
         }
         let mut problems = Vec::new();
         if r.campaign_id != spec.campaign_id {
-            problems.push(format!("it belongs to campaign {}, not {}", r.campaign_id, spec.campaign_id));
+            problems.push(format!(
+                "it belongs to campaign {}, not {}",
+                r.campaign_id, spec.campaign_id
+            ));
         }
         if r.spec_hash != spec_hash {
             problems.push("the campaign spec changed since the run started".to_string());
         }
         if r.input != input {
-            problems.push(format!("the input {} changed since the run started", input.path));
+            problems.push(format!(
+                "the input {} changed since the run started",
+                input.path
+            ));
         }
         if r.suppression_lists != list_prints {
             problems.push("a suppression list changed since the run started".to_string());
         }
         if !problems.is_empty() {
-            bail!(broadside_pipeline::Error::Resume { run_id, message: problems.join("; ") });
+            bail!(broadside_pipeline::Error::Resume {
+                run_id,
+                message: problems.join("; ")
+            });
         }
         tracing::info!(run_id = %run_id, attempt = r.attempts + 1, "resuming run");
         r.attempts += 1;
@@ -172,8 +213,11 @@ pub fn send(opts: &SendOptions) -> Result<RunRecord> {
     }
 
     let index = Arc::new(index);
-    let variants: Vec<(String, String)> =
-        spec.variants.iter().map(|v| (v.name.clone(), v.template.clone())).collect();
+    let variants: Vec<(String, String)> = spec
+        .variants
+        .iter()
+        .map(|v| (v.name.clone(), v.template.clone()))
+        .collect();
     let variant_names: Vec<String> = variants.iter().map(|v| v.0.clone()).collect();
 
     let par_spec = spec.clone();
@@ -190,8 +234,10 @@ pub fn send(opts: &SendOptions) -> Result<RunRecord> {
         }
         stages
     });
-    let mut ordered: Vec<Box<dyn OrderedStage>> =
-        vec![Box::new(BillingCap::new(spec.caps.billing_cap)), Box::new(Assigner)];
+    let mut ordered: Vec<Box<dyn OrderedStage>> = vec![
+        Box::new(BillingCap::new(spec.caps.billing_cap)),
+        Box::new(Assigner),
+    ];
     let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
     let mut delivered = None;
     if !opts.dry_run {
@@ -230,9 +276,11 @@ pub fn send(opts: &SendOptions) -> Result<RunRecord> {
     }
 
     let counter = Arc::new(AtomicU64::new(0));
-    let workers = opts
-        .workers
-        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2));
+    let workers = opts.workers.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2)
+    });
     let pipeline = Pipeline {
         source,
         parallel,
@@ -275,10 +323,18 @@ pub fn send(opts: &SendOptions) -> Result<RunRecord> {
 }
 
 fn index_list_names(spec: &CampaignSpec) -> Vec<String> {
-    spec.suppression.iter().map(|l| spec.resolve(&l.path).display().to_string()).collect()
+    spec.suppression
+        .iter()
+        .map(|l| spec.resolve(&l.path).display().to_string())
+        .collect()
 }
 
-fn with_progress<T>(show: bool, counter: Arc<AtomicU64>, hint: SizeHint, f: impl FnOnce() -> T) -> T {
+fn with_progress<T>(
+    show: bool,
+    counter: Arc<AtomicU64>,
+    hint: SizeHint,
+    f: impl FnOnce() -> T,
+) -> T {
     let stop = Arc::new(AtomicBool::new(false));
     std::thread::scope(|s| {
         let stop2 = stop.clone();
@@ -303,7 +359,11 @@ fn with_progress<T>(show: bool, counter: Arc<AtomicU64>, hint: SizeHint, f: impl
 }
 
 fn print_summary(r: &RunRecord, stats: &RunStats, dry: bool) {
-    let title = if dry { "dry run (nothing written)" } else { "run" };
+    let title = if dry {
+        "dry run (nothing written)"
+    } else {
+        "run"
+    };
     println!(
         "{title} {} of campaign {}: {} recipients in {:.2}s ({:.0} rows/s)",
         r.run_id, r.campaign_id, r.rows, stats.elapsed_secs, r.rows_per_sec
@@ -313,17 +373,27 @@ fn print_summary(r: &RunRecord, stats: &RunStats, dry: bool) {
             continue;
         }
         println!("  {d:<11} {n:>12}");
-        for c in r.reasons.iter().filter(|c| &c.decision == d && !c.reason.is_empty()) {
+        for c in r
+            .reasons
+            .iter()
+            .filter(|c| &c.decision == d && !c.reason.is_empty())
+        {
             println!("    {:<16} {:>10}", c.reason, c.count);
         }
     }
     for v in &r.variants {
-        println!("  variant {:<8} {:>12} sent (template {})", v.name, v.sent, v.template);
+        println!(
+            "  variant {:<8} {:>12} sent (template {})",
+            v.name, v.sent, v.template
+        );
     }
     if !r.files.is_empty() {
         println!("  {} IFUR files delivered", r.files.len());
     }
-    println!("  suppression index: {} keys built in {:.3}s", r.suppression_keys, r.suppression_build_secs);
+    println!(
+        "  suppression index: {} keys built in {:.3}s",
+        r.suppression_keys, r.suppression_build_secs
+    );
     for s in &stats.stages {
         println!(
             "  stage {:<12} {:>12.0} rows/s busy  {:>8.2}s busy  {:>8.2}s blocked",

@@ -34,7 +34,8 @@ pub struct LedgerEntry {
 /// Finds a run's record anywhere in the store.
 pub fn find_run(store: &Path, run_id: &str) -> Result<(PathBuf, RunRecord)> {
     let runs = store.join("campaign_runs");
-    let dirs = std::fs::read_dir(&runs).with_context(|| format!("no runs under {}", runs.display()))?;
+    let dirs =
+        std::fs::read_dir(&runs).with_context(|| format!("no runs under {}", runs.display()))?;
     for d in dirs.flatten() {
         let p = d.path().join(format!("{run_id}.json"));
         if p.exists() {
@@ -46,16 +47,29 @@ pub fn find_run(store: &Path, run_id: &str) -> Result<(PathBuf, RunRecord)> {
 }
 
 fn text(batch: &RecordBatch, name: &str, row: usize) -> Result<Option<String>> {
-    let col = batch.column_by_name(name).with_context(|| format!("ledger has no column {name}"))?;
+    let col = batch
+        .column_by_name(name)
+        .with_context(|| format!("ledger has no column {name}"))?;
     let one = cast(&col.slice(row, 1), &DataType::Utf8)?;
-    let s = one.as_any().downcast_ref::<StringArray>().expect("cast to Utf8");
+    let s = one
+        .as_any()
+        .downcast_ref::<StringArray>()
+        .expect("cast to Utf8");
     Ok(s.is_valid(0).then(|| s.value(0).to_string()))
 }
 
 /// Every ledger row of `run` whose key equals `key` (normalised like the pipeline does).
 pub fn lookup(store: &Path, record: &RunRecord, key: &str) -> Result<Vec<LedgerEntry>> {
-    let key = if key.contains('@') { key.trim().to_lowercase() } else { key.trim().to_string() };
-    let dir = StoreLayout::new(store).recipient_log_dir(&record.workspace_id, &record.campaign_id, &record.run_id);
+    let key = if key.contains('@') {
+        key.trim().to_lowercase()
+    } else {
+        key.trim().to_string()
+    };
+    let dir = StoreLayout::new(store).recipient_log_dir(
+        &record.workspace_id,
+        &record.campaign_id,
+        &record.run_id,
+    );
     let mut parts: Vec<PathBuf> = std::fs::read_dir(&dir)
         .with_context(|| format!("no recipient log at {}", dir.display()))?
         .flatten()
@@ -76,7 +90,9 @@ pub fn lookup(store: &Path, record: &RunRecord, key: &str) -> Result<Vec<LedgerE
                 let file = text(&batch, "ifur_file", i)?;
                 let line = text(&batch, "ifur_line", i)?.and_then(|l| l.parse().ok());
                 out.push(LedgerEntry {
-                    row: text(&batch, "row", i)?.and_then(|r| r.parse().ok()).unwrap_or(0),
+                    row: text(&batch, "row", i)?
+                        .and_then(|r| r.parse().ok())
+                        .unwrap_or(0),
                     decision: text(&batch, "decision", i)?.unwrap_or_default(),
                     reason: text(&batch, "reason", i)?.unwrap_or_default(),
                     variant: text(&batch, "variant", i)?,
@@ -101,10 +117,17 @@ pub fn why(store: &Path, run_id: &str, key: &str) -> Result<()> {
             record.rows
         );
     }
-    println!("run {run_id} (campaign {}, workspace {})", record.campaign_id, record.workspace_id);
+    println!(
+        "run {run_id} (campaign {}, workspace {})",
+        record.campaign_id, record.workspace_id
+    );
     for e in entries {
         let reason = Reason::parse(&e.reason).unwrap_or(Reason::None);
-        print!("{key}: input row {} -> {}", e.row + 1, e.decision.to_uppercase());
+        print!(
+            "{key}: input row {} -> {}",
+            e.row + 1,
+            e.decision.to_uppercase()
+        );
         if !e.reason.is_empty() {
             print!(" ({})", e.reason);
         }

@@ -63,7 +63,9 @@ fn assert_reconciles(dir: &Path, run_id: &str, input_rows: u64) -> Vec<LedgerRow
     assert_eq!(sent.len(), seen.len(), "IFUR lines != sent rows");
     for r in &sent {
         let key = r.key.clone().unwrap();
-        let (file, line) = seen.get(&key).unwrap_or_else(|| panic!("sent {key} not in any file"));
+        let (file, line) = seen
+            .get(&key)
+            .unwrap_or_else(|| panic!("sent {key} not in any file"));
         assert_eq!(r.file.as_ref(), Some(file));
         assert_eq!(r.line, Some(*line));
         assert!(file.contains(&format!("_{}_", r.variant.clone().unwrap())));
@@ -85,12 +87,18 @@ fn assert_reconciles(dir: &Path, run_id: &str, input_rows: u64) -> Vec<LedgerRow
     )
     .unwrap();
     let listed_files = manifest["files"].as_array().unwrap();
-    let run_files: Vec<_> = files.keys().filter(|n| n.contains(&format!("_{run_id}_"))).collect();
+    let run_files: Vec<_> = files
+        .keys()
+        .filter(|n| n.contains(&format!("_{run_id}_")))
+        .collect();
     assert_eq!(listed_files.len(), run_files.len());
     for f in listed_files {
         let parsed = &files[f["file"].as_str().unwrap()];
         assert_eq!(f["rows"].as_u64().unwrap(), parsed.details.len() as u64);
-        assert_eq!(f["checksum"].as_str().unwrap(), format!("{:016x}", parsed.checksum));
+        assert_eq!(
+            f["checksum"].as_str().unwrap(),
+            format!("{:016x}", parsed.checksum)
+        );
     }
     ledger
 }
@@ -103,12 +111,25 @@ fn send_reconciles_on_generated_data() {
     let ledger = assert_reconciles(d.path(), "r1", 60_000);
 
     // Variant shares follow the weights (50/50 after a 5 % holdout).
-    let sent_a = ledger.iter().filter(|r| r.variant.as_deref() == Some("A")).count() as f64;
-    let sent_b = ledger.iter().filter(|r| r.variant.as_deref() == Some("B")).count() as f64;
+    let sent_a = ledger
+        .iter()
+        .filter(|r| r.variant.as_deref() == Some("A"))
+        .count() as f64;
+    let sent_b = ledger
+        .iter()
+        .filter(|r| r.variant.as_deref() == Some("B"))
+        .count() as f64;
     let holdout = ledger.iter().filter(|r| r.decision == "holdout").count() as f64;
     let eligible = sent_a + sent_b + holdout;
-    assert!((holdout / eligible - 0.05).abs() < 0.01, "holdout share {}", holdout / eligible);
-    assert!((sent_a / (sent_a + sent_b) - 0.5).abs() < 0.02, "variant A share");
+    assert!(
+        (holdout / eligible - 0.05).abs() < 0.01,
+        "holdout share {}",
+        holdout / eligible
+    );
+    assert!(
+        (sent_a / (sent_a + sent_b) - 0.5).abs() < 0.02,
+        "variant A share"
+    );
 
     // Invalid rows are skipped with their reasons.
     let reasons: HashSet<String> = ledger
@@ -116,7 +137,12 @@ fn send_reconciles_on_generated_data() {
         .filter(|r| r.decision == "skipped")
         .filter_map(|r| r.reason.clone())
         .collect();
-    for r in ["invalid_email", "missing_email", "missing_name", "invalid_name"] {
+    for r in [
+        "invalid_email",
+        "missing_email",
+        "missing_name",
+        "invalid_name",
+    ] {
         assert!(reasons.contains(r), "no row skipped as {r}: {reasons:?}");
     }
 
@@ -131,7 +157,17 @@ fn same_campaign_twice_gives_identical_files_and_variants() {
     let spec = generate(d.path(), 30_000, 3_000, &[]);
     set_spec(&spec, "ifur_roll_rows", "4000");
     run(&["send", spec.to_str().unwrap(), "--run-id", "one"], true);
-    run(&["send", spec.to_str().unwrap(), "--run-id", "two", "--workers", "1"], true);
+    run(
+        &[
+            "send",
+            spec.to_str().unwrap(),
+            "--run-id",
+            "two",
+            "--workers",
+            "1",
+        ],
+        true,
+    );
     let files = read_ifur_files(&d.path().join("megasys/hot"));
     let mut compared = 0;
     for (name, f) in &files {
@@ -139,12 +175,20 @@ fn same_campaign_twice_gives_identical_files_and_variants() {
             let twin = &files[&format!("{CAMPAIGN}_two_{rest}")];
             assert_eq!(f, twin, "{name} differs between runs");
             let a = std::fs::read(d.path().join("megasys/hot").join(name)).unwrap();
-            let b = std::fs::read(d.path().join("megasys/hot").join(format!("{CAMPAIGN}_two_{rest}"))).unwrap();
+            let b = std::fs::read(
+                d.path()
+                    .join("megasys/hot")
+                    .join(format!("{CAMPAIGN}_two_{rest}")),
+            )
+            .unwrap();
             assert_eq!(a, b, "{name} is not byte-identical");
             compared += 1;
         }
     }
-    assert!(compared >= 6, "expected several rolled files, compared {compared}");
+    assert!(
+        compared >= 6,
+        "expected several rolled files, compared {compared}"
+    );
     let store = d.path().join("store");
     let one = read_ledger(&store, WS, CAMPAIGN, "one");
     let two = read_ledger(&store, WS, CAMPAIGN, "two");
@@ -153,7 +197,10 @@ fn same_campaign_twice_gives_identical_files_and_variants() {
         .zip(&two)
         .filter(|(a, b)| (a.decision.as_str(), &a.variant) != (b.decision.as_str(), &b.variant))
         .count();
-    assert_eq!(changed, 0, "recipients changed decision or variant between runs");
+    assert_eq!(
+        changed, 0,
+        "recipients changed decision or variant between runs"
+    );
 }
 
 #[test]
@@ -164,13 +211,24 @@ fn killed_send_resumes_to_the_same_result() {
     set_spec(&spec, "ifur_roll_rows", "5000");
     std::fs::write(
         &spec,
-        std::fs::read_to_string(&spec).unwrap().replace("ifur_roll_rows = 5000", "ifur_roll_rows = 5000\nledger_part_rows = 16384"),
+        std::fs::read_to_string(&spec).unwrap().replace(
+            "ifur_roll_rows = 5000",
+            "ifur_roll_rows = 5000\nledger_part_rows = 16384",
+        ),
     )
     .unwrap();
 
     // Start a send, wait until it has delivered two files, then SIGKILL it.
     let mut child = exe()
-        .args(["--log-format", "json", "send", spec.to_str().unwrap(), "--run-id", "k1", "--no-progress"])
+        .args([
+            "--log-format",
+            "json",
+            "send",
+            spec.to_str().unwrap(),
+            "--run-id",
+            "k1",
+            "--no-progress",
+        ])
         .env("BROADSIDE_LOG", "info")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -204,23 +262,51 @@ fn killed_send_resumes_to_the_same_result() {
         .filter(|n| n.ends_with(".ifur"))
         .collect();
     assert!(before.len() >= 2);
-    assert!(!hot.join(format!("{CAMPAIGN}_k1.manifest.json")).exists(), "no manifest before the run is done");
+    assert!(
+        !hot.join(format!("{CAMPAIGN}_k1.manifest.json")).exists(),
+        "no manifest before the run is done"
+    );
 
     // Resume with the same run id.
-    run(&["send", spec.to_str().unwrap(), "--run-id", "k1", "--no-progress"], true);
+    run(
+        &[
+            "send",
+            spec.to_str().unwrap(),
+            "--run-id",
+            "k1",
+            "--no-progress",
+        ],
+        true,
+    );
     let rec = record(&store, WS, "k1");
     assert_eq!(rec.status, broadside_pipeline::run::RunStatus::Done);
     assert_eq!(rec.attempts, 2);
     assert_reconciles(d.path(), "k1", rows);
     let staging = store.join("staging/run_id=k1");
-    assert!(!staging.exists() || std::fs::read_dir(&staging).unwrap().next().is_none(), "staging not empty");
+    assert!(
+        !staging.exists() || std::fs::read_dir(&staging).unwrap().next().is_none(),
+        "staging not empty"
+    );
 
     // The resumed run produced exactly what an uninterrupted run produces.
-    run(&["send", spec.to_str().unwrap(), "--run-id", "clean", "--no-progress"], true);
+    run(
+        &[
+            "send",
+            spec.to_str().unwrap(),
+            "--run-id",
+            "clean",
+            "--no-progress",
+        ],
+        true,
+    );
     let files = read_ifur_files(&hot);
     for (name, f) in files.iter().filter(|(n, _)| n.contains("_k1_")) {
         let twin = name.replace("_k1_", "_clean_");
-        assert_eq!(Some(f), files.get(&twin), "{name} differs from the clean run");
+        assert_eq!(
+            Some(f),
+            files.get(&twin),
+            "{name} differs from the clean run"
+        );
     }
 }
 
@@ -241,7 +327,10 @@ fn resume_refuses_a_changed_input() {
     std::fs::write(&csv, text).unwrap();
     let out = run(&["send", spec.to_str().unwrap(), "--run-id", "x"], false);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("cannot resume run x") && err.contains("recipients.csv changed"), "{err}");
+    assert!(
+        err.contains("cannot resume run x") && err.contains("recipients.csv changed"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -273,10 +362,16 @@ fn why_explains_each_kind_of_decision() {
     };
     let sent = ledger.iter().find(|r| r.decision == "sent").unwrap();
     let out = ask(&sent.key.clone().unwrap().to_uppercase());
-    assert!(out.contains("SENT") && out.contains(&sent.file.clone().unwrap()), "{out}");
+    assert!(
+        out.contains("SENT") && out.contains(&sent.file.clone().unwrap()),
+        "{out}"
+    );
     let sup = ledger.iter().find(|r| r.decision == "suppressed").unwrap();
     let out = ask(sup.key.as_ref().unwrap());
-    assert!(out.contains("SUPPRESSED") && out.contains("suppress_"), "{out}");
+    assert!(
+        out.contains("SUPPRESSED") && out.contains("suppress_"),
+        "{out}"
+    );
     let skipped = ledger
         .iter()
         .find(|r| r.reason.as_deref() == Some("invalid_email"))
@@ -287,7 +382,13 @@ fn why_explains_each_kind_of_decision() {
     // The short row is errored with file, line and field count in the ledger.
     let bad = ledger.iter().find(|r| r.decision == "errored").unwrap();
     assert_eq!(bad.reason.as_deref(), Some("malformed_row"));
-    assert!(bad.detail.as_ref().unwrap().contains("recipients.csv:5002: expected 11 fields, found 2"), "{bad:?}");
+    assert!(
+        bad.detail
+            .as_ref()
+            .unwrap()
+            .contains("recipients.csv:5002: expected 11 fields, found 2"),
+        "{bad:?}"
+    );
 
     let out = run(&["why", "w", "nobody@example.com", "--spec", spec_s], false);
     assert!(String::from_utf8_lossy(&out.stderr).contains("is not in run w"));
@@ -303,24 +404,39 @@ fn bad_input_gets_clear_errors() {
     let text = std::fs::read_to_string(&spec).unwrap();
     std::fs::write(&spec, text.replace("[output]", "[output]\nroll_rows = 5")).unwrap();
     let err = String::from_utf8_lossy(&run(&["send", s], false).stderr).to_string();
-    assert!(err.contains("campaign.toml") && err.contains("unknown field `roll_rows`"), "{err}");
+    assert!(
+        err.contains("campaign.toml") && err.contains("unknown field `roll_rows`"),
+        "{err}"
+    );
     std::fs::write(&spec, &text).unwrap();
 
     // Missing suppression file: named.
-    std::fs::rename(d.path().join("suppress_blocklist.csv"), d.path().join("gone.csv")).unwrap();
+    std::fs::rename(
+        d.path().join("suppress_blocklist.csv"),
+        d.path().join("gone.csv"),
+    )
+    .unwrap();
     let err = String::from_utf8_lossy(&run(&["send", s], false).stderr).to_string();
     assert!(err.contains("suppress_blocklist.csv"), "{err}");
-    std::fs::rename(d.path().join("gone.csv"), d.path().join("suppress_blocklist.csv")).unwrap();
+    std::fs::rename(
+        d.path().join("gone.csv"),
+        d.path().join("suppress_blocklist.csv"),
+    )
+    .unwrap();
 
     // Mapped column missing from the CSV header: named with the header's columns.
     std::fs::write(&spec, text.replace("zip = \"zip\"", "zip = \"postcode\"")).unwrap();
     let err = String::from_utf8_lossy(&run(&["send", s], false).stderr).to_string();
-    assert!(err.contains("\"postcode\" (columns.zip)") && err.contains("the header has"), "{err}");
+    assert!(
+        err.contains("\"postcode\" (columns.zip)") && err.contains("the header has"),
+        "{err}"
+    );
     std::fs::write(&spec, &text).unwrap();
 
     // Header-only source: an error, and the run is recorded as failed, not done.
     std::fs::write(d.path().join("recipients.csv"), "email,first_name,last_name,account_number,address1,address2,city,state,zip,country,points\n").unwrap();
-    let err = String::from_utf8_lossy(&run(&["send", s, "--run-id", "empty"], false).stderr).to_string();
+    let err =
+        String::from_utf8_lossy(&run(&["send", s, "--run-id", "empty"], false).stderr).to_string();
     assert!(err.contains("no recipient rows"), "{err}");
     let rec = record(&d.path().join("store"), WS, "empty");
     assert_eq!(rec.status, broadside_pipeline::run::RunStatus::Failed);
@@ -338,9 +454,18 @@ fn non_utf8_field_is_an_errored_row_not_an_abort() {
     run(&["send", spec.to_str().unwrap(), "--run-id", "u"], true);
     let ledger = read_ledger(&d.path().join("store"), WS, CAMPAIGN, "u");
     assert_eq!(ledger.len(), 1_001);
-    let bad = ledger.iter().find(|r| r.reason.as_deref() == Some("invalid_utf8")).unwrap();
+    let bad = ledger
+        .iter()
+        .find(|r| r.reason.as_deref() == Some("invalid_utf8"))
+        .unwrap();
     assert_eq!(bad.decision, "errored");
-    assert!(bad.detail.as_ref().unwrap().contains(":1002: field \"first_name\" (column 2)"), "{bad:?}");
+    assert!(
+        bad.detail
+            .as_ref()
+            .unwrap()
+            .contains(":1002: field \"first_name\" (column 2)"),
+        "{bad:?}"
+    );
 }
 
 #[test]
@@ -355,6 +480,9 @@ fn parquet_source_gives_the_same_decisions_as_csv() {
     let lb = read_ledger(&b.path().join("store"), WS, CAMPAIGN, "p");
     assert_eq!(la.len(), lb.len());
     for (x, y) in la.iter().zip(&lb) {
-        assert_eq!((&x.key, &x.decision, &x.variant, &x.reason), (&y.key, &y.decision, &y.variant, &y.reason));
+        assert_eq!(
+            (&x.key, &x.decision, &x.variant, &x.reason),
+            (&y.key, &y.decision, &y.variant, &y.reason)
+        );
     }
 }

@@ -219,7 +219,8 @@ impl EventBatchBuilder {
         self.run_id.append_option(run_id);
         self.email.append_value(email);
         self.event_type.append_value(event_type.as_str());
-        self.bounce_type.append_option(bounce_type.map(BounceType::as_str));
+        self.bounce_type
+            .append_option(bounce_type.map(BounceType::as_str));
         self.url.append_option(url);
         self.ts.append_value(ts_micros);
         self.len += 1;
@@ -284,6 +285,9 @@ mod tests {
             "acme",
             NaiveDate::from_ymd_opt(2026, 1, 2).unwrap(),
         );
-        assert_eq!(d, PathBuf::from("/s/events/workspace_id=acme/date=2026-01-02"));
+        assert_eq!(
+            d,
+            PathBuf::from("/s/events/workspace_id=acme/date=2026-01-02")
+        );
     }
 }

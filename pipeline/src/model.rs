@@ -391,7 +391,11 @@ impl RecipientBatch {
         if self.payload_ends.is_empty() {
             return &[];
         }
-        let start = if row == 0 { 0 } else { self.payload_ends[row - 1] as usize };
+        let start = if row == 0 {
+            0
+        } else {
+            self.payload_ends[row - 1] as usize
+        };
         &self.payload[start..self.payload_ends[row] as usize]
     }
 

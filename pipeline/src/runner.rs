@@ -466,18 +466,17 @@ pub fn run(p: Pipeline) -> Result<RunStats> {
         drop(sink_txs);
 
         let mut all = Vec::new();
-        let join = |h: std::thread::ScopedJoinHandle<'_, Vec<StageStats>>, what: &str| match h
-            .join()
-        {
-            Ok(s) => s,
-            Err(p) => {
-                failure.set(Error::Stage {
-                    stage: what.to_string(),
-                    message: panic_message(p),
-                });
-                Vec::new()
-            }
-        };
+        let join =
+            |h: std::thread::ScopedJoinHandle<'_, Vec<StageStats>>, what: &str| match h.join() {
+                Ok(s) => s,
+                Err(p) => {
+                    failure.set(Error::Stage {
+                        stage: what.to_string(),
+                        message: panic_message(p),
+                    });
+                    Vec::new()
+                }
+            };
         all.push(join(source_handle, "read"));
         for h in worker_handles {
             all.push(join(h, "worker"));
@@ -490,7 +489,12 @@ pub fn run(p: Pipeline) -> Result<RunStats> {
         rs
     });
 
-    if let Some(e) = failure.first.lock().unwrap_or_else(|p| p.into_inner()).take() {
+    if let Some(e) = failure
+        .first
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take()
+    {
         return Err(e);
     }
     let mut stats = stats;

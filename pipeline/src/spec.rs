@@ -560,7 +560,10 @@ hot_folder = "hot"
     #[test]
     fn validate_reports_every_problem() {
         let text = MINIMAL
-            .replace("campaign_id = \"c1\"", "campaign_id = \"bad id\"\nholdout_percent = 100")
+            .replace(
+                "campaign_id = \"c1\"",
+                "campaign_id = \"bad id\"\nholdout_percent = 100",
+            )
             .replace("weight = 1", "weight = 0");
         let err = parse(&text).unwrap_err().to_string();
         assert!(err.contains("campaign_id"), "{err}");

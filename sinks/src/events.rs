@@ -74,7 +74,9 @@ impl Sink for SubmittedEventSink {
                 builder.push_parts(
                     &id,
                     &self.campaign_id,
-                    self.variants.get(b.variants[i] as usize).map(String::as_str),
+                    self.variants
+                        .get(b.variants[i] as usize)
+                        .map(String::as_str),
                     Some(&self.run_id),
                     email,
                     EventType::Submitted,

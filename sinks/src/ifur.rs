@@ -181,7 +181,8 @@ pub fn parse(bytes: &[u8]) -> std::result::Result<IfurFile, SinkError> {
     if head[2] != VERSION.to_string() {
         return Err(bad(format!("unsupported IFUR version {}", head[2])));
     }
-    let un = |s: &str, line: usize| unescape(s).ok_or_else(|| bad(format!("line {line}: bad escape")));
+    let un =
+        |s: &str, line: usize| unescape(s).ok_or_else(|| bad(format!("line {line}: bad escape")));
     let fields: Vec<String> = head[7..]
         .iter()
         .map(|f| un(f, 1))
@@ -210,7 +211,9 @@ pub fn parse(bytes: &[u8]) -> std::result::Result<IfurFile, SinkError> {
     if tail.len() != 3 || tail[0] != "T" {
         return Err(bad("the last line is not a trailer (truncated?)"));
     }
-    let count: usize = tail[1].parse().map_err(|_| bad("trailer count is not a number"))?;
+    let count: usize = tail[1]
+        .parse()
+        .map_err(|_| bad("trailer count is not a number"))?;
     let checksum =
         u64::from_str_radix(tail[2], 16).map_err(|_| bad("trailer checksum is not hex"))?;
     if count != details.len() {
@@ -226,7 +229,9 @@ pub fn parse(bytes: &[u8]) -> std::result::Result<IfurFile, SinkError> {
         campaign: un(head[3], 1)?,
         variant: un(head[4], 1)?,
         template: un(head[5], 1)?,
-        seq: head[6].parse().map_err(|_| bad("header file sequence is not a number"))?,
+        seq: head[6]
+            .parse()
+            .map_err(|_| bad("header file sequence is not a number"))?,
         fields,
         details,
         checksum,

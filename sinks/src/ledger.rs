@@ -4,9 +4,11 @@ use std::path::Path;
 use std::sync::Arc;
 
 use arrow_array::types::Int32Type;
-use arrow_array::{ArrayRef, DictionaryArray, Int32Array, RecordBatch, StringArray, UInt32Array, UInt64Array};
+use arrow_array::{
+    ArrayRef, DictionaryArray, Int32Array, RecordBatch, StringArray, UInt32Array, UInt64Array,
+};
 use arrow_schema::{DataType, Field, Schema, SchemaRef};
-use broadside_pipeline::model::{Decision, RecipientBatch, Reason, NO_VARIANT, HOLDOUT_VARIANT};
+use broadside_pipeline::model::{Decision, Reason, RecipientBatch, HOLDOUT_VARIANT, NO_VARIANT};
 use broadside_pipeline::runner::Sink;
 use broadside_pipeline::{Error, Result};
 use parquet::basic::Compression;
@@ -133,9 +135,7 @@ impl RecipientLogSink {
                 .collect(),
             b.placement_files.iter().map(|s| &**s).collect(),
         );
-        let line: UInt32Array = (0..n)
-            .map(|i| b.placement(i).map(|(_, l)| l))
-            .collect();
+        let line: UInt32Array = (0..n).map(|i| b.placement(i).map(|(_, l)| l)).collect();
         RecordBatch::try_new(
             schema(),
             vec![
@@ -162,7 +162,8 @@ impl Sink for RecipientLogSink {
     fn write(&mut self, b: &RecipientBatch) -> Result<()> {
         let log = self.log_batch(b)?;
         for s in segments(b.first_row, b.len(), self.part_rows) {
-            self.parts.write(s.part, &log.slice(s.start, s.end - s.start))?;
+            self.parts
+                .write(s.part, &log.slice(s.start, s.end - s.start))?;
             if s.completes {
                 self.parts.close_part()?;
             }

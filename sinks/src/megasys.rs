@@ -118,7 +118,13 @@ impl IfurWriter {
         let name = ifur_name(&self.cfg.campaign_id, &self.cfg.run_id, variant, seq);
         let final_path = self.cfg.hot_folder.join(&name);
         let tmp_path = self.cfg.staging.join(format!("{name}.tmp"));
-        let header = header_line(&self.cfg.campaign_id, variant, template, seq, &self.cfg.fields);
+        let header = header_line(
+            &self.cfg.campaign_id,
+            variant,
+            template,
+            seq,
+            &self.cfg.fields,
+        );
         let writer = if final_path.exists() {
             None
         } else {
@@ -200,7 +206,9 @@ impl IfurWriter {
             .enumerate()
             .map(|(i, (n, _))| (n.as_str(), i))
             .collect();
-        files.sort_by(|a, b| (order[a.variant.as_str()], &a.file).cmp(&(order[b.variant.as_str()], &b.file)));
+        files.sort_by(|a, b| {
+            (order[a.variant.as_str()], &a.file).cmp(&(order[b.variant.as_str()], &b.file))
+        });
         let manifest = Manifest {
             campaign_id: self.cfg.campaign_id.clone(),
             run_id: self.cfg.run_id.clone(),
@@ -276,7 +284,10 @@ impl Stage for IfurWriter {
             if line.is_empty() {
                 return Err(Error::Stage {
                     stage: "ifur-write".into(),
-                    message: format!("row {} is sent but was not encoded", batch.first_row + i as u64),
+                    message: format!(
+                        "row {} is sent but was not encoded",
+                        batch.first_row + i as u64
+                    ),
                 });
             }
             let f = self.open[v].as_mut().expect("opened");

@@ -202,13 +202,28 @@ mod tests {
         assert_eq!(
             segments(8, 10, 10),
             vec![
-                Segment { part: 0, start: 0, end: 2, completes: true },
-                Segment { part: 1, start: 2, end: 10, completes: false },
+                Segment {
+                    part: 0,
+                    start: 0,
+                    end: 2,
+                    completes: true
+                },
+                Segment {
+                    part: 1,
+                    start: 2,
+                    end: 10,
+                    completes: false
+                },
             ]
         );
         assert_eq!(
             segments(0, 10, 10),
-            vec![Segment { part: 0, start: 0, end: 10, completes: true }]
+            vec![Segment {
+                part: 0,
+                start: 0,
+                end: 10,
+                completes: true
+            }]
         );
         assert_eq!(segments(0, 25, 10).len(), 3);
     }

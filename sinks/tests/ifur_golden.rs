@@ -11,15 +11,40 @@ use broadside_pipeline::stages::Stage;
 use broadside_sinks::ifur::{parse, IfurEncoder};
 use broadside_sinks::megasys::{IfurWriter, IfurWriterConfig};
 
-type Row = (&'static str, Option<&'static str>, Option<&'static str>, Option<&'static str>);
+type Row = (
+    &'static str,
+    Option<&'static str>,
+    Option<&'static str>,
+    Option<&'static str>,
+);
 
 const ROWS: &[Row] = &[
     ("ann@example.com", Some("Ann"), Some("Lee"), Some("plain")),
-    ("pipe@example.com", Some("A|B"), Some("C:\\path\\"), Some("|leading and trailing|")),
-    ("nl@example.com", Some("Multi"), Some("Line"), Some("line1\r\nline2\nline3\r")),
-    ("quote@example.com", Some("He said \"hi\""), Some("O'Brien"), Some("\"\"")),
+    (
+        "pipe@example.com",
+        Some("A|B"),
+        Some("C:\\path\\"),
+        Some("|leading and trailing|"),
+    ),
+    (
+        "nl@example.com",
+        Some("Multi"),
+        Some("Line"),
+        Some("line1\r\nline2\nline3\r"),
+    ),
+    (
+        "quote@example.com",
+        Some("He said \"hi\""),
+        Some("O'Brien"),
+        Some("\"\""),
+    ),
     ("held@example.com", Some("Holdout"), None, None),
-    ("intl@example.com", Some("Zoë"), Some("東京"), Some("🚀 \\p is not an escape here")),
+    (
+        "intl@example.com",
+        Some("Zoë"),
+        Some("東京"),
+        Some("🚀 \\p is not an escape here"),
+    ),
     ("nulls@example.com", None, Some("OnlyLast"), None),
     ("supp@example.com", Some("Suppressed"), None, None),
 ];
@@ -34,7 +59,9 @@ fn batch(layout: &Arc<RecipientLayout>) -> RecipientBatch {
     )
     .unwrap();
     let mut b = RecipientBatch::new(0, 0, columns);
-    b.keys = Some(StringArray::from(ROWS.iter().map(|r| Some(r.0)).collect::<Vec<_>>()));
+    b.keys = Some(StringArray::from(
+        ROWS.iter().map(|r| Some(r.0)).collect::<Vec<_>>(),
+    ));
     for i in 0..ROWS.len() {
         b.variants[i] = (i % 2) as u8;
     }
@@ -44,7 +71,9 @@ fn batch(layout: &Arc<RecipientLayout>) -> RecipientBatch {
 }
 
 fn check_golden(name: &str, actual: &[u8]) {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden").join(name);
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden")
+        .join(name);
     if std::env::var_os("UPDATE_GOLDEN").is_some() {
         std::fs::write(&path, actual).unwrap();
     }
@@ -94,7 +123,12 @@ fn tricky_fields_match_golden_files_and_round_trip() {
     names.sort();
     assert_eq!(
         names,
-        ["golden_r1_A_00001.ifur", "golden_r1_A_00002.ifur", "golden_r1_B_00001.ifur", "golden_r1_B_00002.ifur"]
+        [
+            "golden_r1_A_00001.ifur",
+            "golden_r1_A_00002.ifur",
+            "golden_r1_B_00001.ifur",
+            "golden_r1_B_00002.ifur"
+        ]
     );
     let mut round_tripped = Vec::new();
     for n in &names {
@@ -114,7 +148,10 @@ fn tricky_fields_match_golden_files_and_round_trip() {
         .filter(|(i, _)| *i != 4 && *i != 7)
         .map(|(_, r)| {
             let v = |x: Option<&str>| x.unwrap_or("").to_string();
-            (r.0.to_string(), vec![r.0.to_string(), v(r.1), v(r.2), v(r.3)])
+            (
+                r.0.to_string(),
+                vec![r.0.to_string(), v(r.1), v(r.2), v(r.3)],
+            )
         })
         .collect();
     expected.sort();
@@ -133,5 +170,8 @@ fn parse_rejects_tampered_files() {
     let truncated = b"H|IFUR|1|c|A|t|1|email\r\nD|a@b.co|a@b.co\r\n";
     assert!(parse(truncated).is_err());
     let wrong_count = b"H|IFUR|1|c|A|t|1|email\r\nD|a@b.co|a@b.co\r\nT|2|0\r\n";
-    assert!(parse(wrong_count).unwrap_err().to_string().contains("trailer says 2"));
+    assert!(parse(wrong_count)
+        .unwrap_err()
+        .to_string()
+        .contains("trailer says 2"));
 }

@@ -28,7 +28,7 @@ pub struct CsvRecordReader<R> {
     input: R,
     buf: Vec<u8>,
     pos: usize,
-    len: usize,
+    filled: usize,
     eof: bool,
     out: Vec<u8>,
     ends: Vec<usize>,
@@ -46,7 +46,7 @@ impl<R: Read> CsvRecordReader<R> {
             input,
             buf: vec![0; READ_CHUNK],
             pos: 0,
-            len: 0,
+            filled: 0,
             eof: false,
             out: vec![0; 4096],
             ends: vec![0; 64],
@@ -63,19 +63,19 @@ impl<R: Read> CsvRecordReader<R> {
     }
 
     fn fill(&mut self) -> Result<()> {
-        if self.pos < self.len || self.eof {
+        if self.pos < self.filled || self.eof {
             return Ok(());
         }
         loop {
             match self.input.read(&mut self.buf) {
                 Ok(0) => {
                     self.eof = true;
-                    self.len = 0;
+                    self.filled = 0;
                     self.pos = 0;
                     return Ok(());
                 }
                 Ok(n) => {
-                    self.len = n;
+                    self.filled = n;
                     self.pos = 0;
                     self.bytes_read.fetch_add(n as u64, Ordering::Relaxed);
                     return Ok(());
@@ -98,12 +98,10 @@ impl<R: Read> CsvRecordReader<R> {
         let mut endlen = 0;
         loop {
             self.fill()?;
-            let input = &self.buf[self.pos..self.len];
-            let (res, nin, nout, nend) = self.rdr.read_record(
-                input,
-                &mut self.out[outlen..],
-                &mut self.ends[endlen..],
-            );
+            let input = &self.buf[self.pos..self.filled];
+            let (res, nin, nout, nend) =
+                self.rdr
+                    .read_record(input, &mut self.out[outlen..], &mut self.ends[endlen..]);
             self.pos += nin;
             outlen += nout;
             endlen += nend;
@@ -392,9 +390,15 @@ mod tests {
         assert_eq!(b.column(0).value(0), "A@B.CO");
         assert_eq!(b.decisions[1], Decision::Errored);
         assert_eq!(b.reasons[1], Reason::MalformedRow);
-        assert!(b.detail(1).unwrap().contains("r.csv:3: expected 2 fields, found 1"));
+        assert!(b
+            .detail(1)
+            .unwrap()
+            .contains("r.csv:3: expected 2 fields, found 1"));
         assert_eq!(b.reasons[2], Reason::InvalidUtf8);
-        assert!(b.detail(2).unwrap().contains(":4: field \"First\" (column 2)"));
+        assert!(b
+            .detail(2)
+            .unwrap()
+            .contains(":4: field \"First\" (column 2)"));
         assert!(b.column(0).is_null(2));
         assert_eq!(b.column(1).value(3), "Cy");
         assert!(src.next_batch().unwrap().is_none());
@@ -425,7 +429,9 @@ mod tests {
         let layout = Arc::new(RecipientLayout::new(&[], &[]));
         let p = d.path().join("empty.csv");
         std::fs::write(&p, "").unwrap();
-        let err = CsvSource::open(&p, b',', &[], layout.clone()).err().unwrap();
+        let err = CsvSource::open(&p, b',', &[], layout.clone())
+            .err()
+            .unwrap();
         assert!(err.to_string().contains("empty.csv"), "{err}");
         let p = d.path().join("header.csv");
         std::fs::write(&p, "Email\n").unwrap();

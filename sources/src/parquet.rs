@@ -86,7 +86,10 @@ impl Source for ParquetSource {
     fn next_batch(&mut self) -> Result<Option<RecipientBatch>> {
         let Some(batch) = self.reader.next() else {
             if self.next_row == 0 {
-                return Err(Error::source(&self.origin, "the file has no recipient rows"));
+                return Err(Error::source(
+                    &self.origin,
+                    "the file has no recipient rows",
+                ));
             }
             return Ok(None);
         };

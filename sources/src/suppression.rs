@@ -63,7 +63,11 @@ fn load_csv(list: &ListToLoad<'_>) -> Result<Vec<u128>> {
             }
             return Err(Error::source(
                 &origin,
-                format!("line {line}: expected {} fields, found {}", header.len(), rdr.len()),
+                format!(
+                    "line {line}: expected {} fields, found {}",
+                    header.len(),
+                    rdr.len()
+                ),
             ));
         }
         let raw = std::str::from_utf8(rdr.field(col)).map_err(|_| {

@@ -16,17 +16,18 @@ use broadside_pipeline::{Error, Result};
 use crate::{SizeHint, BATCH_ROWS};
 
 const FIRST: &[&str] = &[
-    "Ann", "Ben", "Cara", "Dev", "Elena", "Farid", "Grace", "Hiro", "Ines", "Jonas", "Kemi", "Luca",
-    "Maya", "Nils", "Olga", "Pedro", "Quinn", "Rosa", "Sami", "Tara", "Umar", "Vera", "Wen", "Xena",
-    "Yusuf", "Zoe", "Amir", "Bea", "Chloé", "Dmitri", "Eva", "Finn", "Gita", "Hugo", "Isla", "Jae",
-    "Kofi", "Lena", "Mateo", "Nora", "Omar", "Priya", "Rafael", "Sofia", "Tomás", "Uma", "Viktor",
-    "Willa", "Yara", "Zane",
+    "Ann", "Ben", "Cara", "Dev", "Elena", "Farid", "Grace", "Hiro", "Ines", "Jonas", "Kemi",
+    "Luca", "Maya", "Nils", "Olga", "Pedro", "Quinn", "Rosa", "Sami", "Tara", "Umar", "Vera",
+    "Wen", "Xena", "Yusuf", "Zoe", "Amir", "Bea", "Chloé", "Dmitri", "Eva", "Finn", "Gita", "Hugo",
+    "Isla", "Jae", "Kofi", "Lena", "Mateo", "Nora", "Omar", "Priya", "Rafael", "Sofia", "Tomás",
+    "Uma", "Viktor", "Willa", "Yara", "Zane",
 ];
 const LAST: &[&str] = &[
-    "Smith", "Garcia", "Nguyen", "Okafor", "Müller", "Rossi", "Kowalski", "Tanaka", "Silva", "Khan",
-    "Johnson", "Lee", "Brown", "Martin", "Dubois", "Ivanova", "O'Brien", "Haddad", "Larsen", "Costa",
-    "Novak", "Schmidt", "Patel", "Kim", "Lopez", "Wilson", "Moreau", "Fischer", "Andersen", "Sato",
-    "Mendes", "Popescu", "Yilmaz", "Cohen", "Jensen", "Walker", "Young", "Hall", "Allen", "King",
+    "Smith", "Garcia", "Nguyen", "Okafor", "Müller", "Rossi", "Kowalski", "Tanaka", "Silva",
+    "Khan", "Johnson", "Lee", "Brown", "Martin", "Dubois", "Ivanova", "O'Brien", "Haddad",
+    "Larsen", "Costa", "Novak", "Schmidt", "Patel", "Kim", "Lopez", "Wilson", "Moreau", "Fischer",
+    "Andersen", "Sato", "Mendes", "Popescu", "Yilmaz", "Cohen", "Jensen", "Walker", "Young",
+    "Hall", "Allen", "King",
 ];
 const DOMAINS: &[&str] = &[
     "example.com",
@@ -37,8 +38,18 @@ const DOMAINS: &[&str] = &[
     "corp.example.com",
 ];
 const STREETS: &[&str] = &[
-    "Main St", "Oak Ave", "Pine Rd", "Maple Dr", "Cedar Ln", "Elm St", "Lake View Blvd",
-    "Hillcrest Rd", "Sunset Ave", "River Rd", "Park Pl", "Washington St",
+    "Main St",
+    "Oak Ave",
+    "Pine Rd",
+    "Maple Dr",
+    "Cedar Ln",
+    "Elm St",
+    "Lake View Blvd",
+    "Hillcrest Rd",
+    "Sunset Ave",
+    "River Rd",
+    "Park Pl",
+    "Washington St",
 ];
 const CITIES: &[(&str, &str, &str)] = &[
     ("Springfield", "IL", "62701"),
@@ -220,7 +231,11 @@ impl Generator {
         }
         f[3].push_str(&format!("AC{:010}", i + 1));
         if d != Defect::NoAddress {
-            f[4].push_str(&format!("{} {}", 1 + (h >> 12) % 9_999, pick(STREETS, h >> 24)));
+            f[4].push_str(&format!(
+                "{} {}",
+                1 + (h >> 12) % 9_999,
+                pick(STREETS, h >> 24)
+            ));
         }
         if (h >> 30) % 7 == 0 {
             f[5].push_str(&format!("Apt {}", 1 + (h >> 34) % 400));
@@ -414,8 +429,7 @@ mod tests {
         g.row(123, &mut a);
         g.row(123, &mut b);
         assert_eq!(a.fields, b.fields);
-        let keys: std::collections::HashSet<String> =
-            (0..5_000).filter_map(|i| g.key(i)).collect();
+        let keys: std::collections::HashSet<String> = (0..5_000).filter_map(|i| g.key(i)).collect();
         let with_email = (0..5_000).filter(|i| g.key(*i).is_some()).count();
         assert_eq!(keys.len(), with_email);
     }
@@ -423,7 +437,9 @@ mod tests {
     #[test]
     fn invalid_share_is_roughly_respected() {
         let g = Generator::new(1, 0.05);
-        let bad = (0..100_000).filter(|i| g.defect(*i) != Defect::None).count();
+        let bad = (0..100_000)
+            .filter(|i| g.defect(*i) != Defect::None)
+            .count();
         assert!((4_000..6_000).contains(&bad), "{bad}");
         let g = Generator::new(1, 0.0);
         assert!((0..10_000).all(|i| g.defect(i) == Defect::None));
@@ -433,8 +449,7 @@ mod tests {
     fn suppression_overlap_hits_recipients() {
         let g = Generator::new(3, 0.0);
         let rows = 10_000;
-        let keys: std::collections::HashSet<String> =
-            (0..rows).filter_map(|i| g.key(i)).collect();
+        let keys: std::collections::HashSet<String> = (0..rows).filter_map(|i| g.key(i)).collect();
         let mut s = String::new();
         let hits = (0..2_000)
             .filter(|j| {

@@ -105,7 +105,12 @@ pub fn read_ledger(store: &Path, workspace: &str, campaign: &str, run_id: &str) 
     parts.sort();
     let mut out = Vec::new();
     for p in parts {
-        assert_eq!(p.extension().unwrap(), "parquet", "stray file {}", p.display());
+        assert_eq!(
+            p.extension().unwrap(),
+            "parquet",
+            "stray file {}",
+            p.display()
+        );
         let r = ParquetRecordBatchReaderBuilder::try_new(File::open(&p).unwrap())
             .unwrap()
             .build()
@@ -182,7 +187,9 @@ pub fn suppression_keys(path: &Path) -> Vec<String> {
 
 /// Counts rows of the `submitted` event files of a run.
 pub fn submitted_events(store: &Path, workspace: &str, run_id: &str) -> u64 {
-    let root = store.join("events").join(format!("workspace_id={workspace}"));
+    let root = store
+        .join("events")
+        .join(format!("workspace_id={workspace}"));
     let mut n = 0;
     for day in std::fs::read_dir(root).unwrap() {
         for f in std::fs::read_dir(day.unwrap().path()).unwrap() {

@@ -42,6 +42,8 @@ impl Stage for BillingCap {
     }
 }
 
+impl crate::runner::OrderedStage for BillingCap {}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -73,5 +75,3 @@ mod tests {
         assert_eq!(b.reasons[2], Reason::CapExceeded);
     }
 }
-
-impl crate::runner::OrderedStage for BillingCap {}

@@ -65,7 +65,10 @@ impl VariantSplitter {
         if bucket < self.holdout_buckets {
             return HOLDOUT_VARIANT;
         }
-        self.upper.iter().position(|u| bucket < *u).unwrap_or(self.upper.len() - 1) as u8
+        self.upper
+            .iter()
+            .position(|u| bucket < *u)
+            .unwrap_or(self.upper.len() - 1) as u8
     }
 }
 
@@ -112,7 +115,8 @@ mod tests {
     fn bucket_is_pinned() {
         // Pins the documented hash so a refactor cannot silently move recipients between variants.
         let s = VariantSplitter::from_parts("spring-2026", 0.0, &[1]);
-        let expected = (xxh3_64_with_seed(b"ann@example.com", xxh3_64(b"spring-2026")) % 10_000) as u16;
+        let expected =
+            (xxh3_64_with_seed(b"ann@example.com", xxh3_64(b"spring-2026")) % 10_000) as u16;
         assert_eq!(s.bucket("ann@example.com"), expected);
     }
 

@@ -23,7 +23,10 @@ const PRECEDENCE: [Reason; 4] = [
 ];
 
 fn rank(r: Reason) -> usize {
-    PRECEDENCE.iter().position(|p| *p == r).unwrap_or(usize::MAX)
+    PRECEDENCE
+        .iter()
+        .position(|p| *p == r)
+        .unwrap_or(usize::MAX)
 }
 
 /// The fingerprint of a normalised key.

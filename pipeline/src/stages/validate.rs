@@ -117,9 +117,9 @@ pub fn is_valid_email(s: &str) -> bool {
     if local[0] == b'.' || local[local.len() - 1] == b'.' || local.windows(2).any(|w| w == b"..") {
         return false;
     }
-    let local_ok = local.iter().all(|&b| {
-        b.is_ascii_alphanumeric() || b"!#$%&'*+/=?^_`{|}~-.".contains(&b) || b >= 0x80
-    });
+    let local_ok = local
+        .iter()
+        .all(|&b| b.is_ascii_alphanumeric() || b"!#$%&'*+/=?^_`{|}~-.".contains(&b) || b >= 0x80);
     if !local_ok {
         return false;
     }
@@ -161,12 +161,10 @@ impl Stage for Validator {
         let trimmed: Vec<StringArray> = (0..batch.columns.num_columns())
             .map(|i| trim_column(batch.column(i)))
             .collect();
-        let key_col = self
-            .get(&trimmed, self.key)
-            .ok_or_else(|| Error::Stage {
-                stage: "validate".into(),
-                message: format!("key field {} is not in the batch", self.key.name()),
-            })?;
+        let key_col = self.get(&trimmed, self.key).ok_or_else(|| Error::Stage {
+            stage: "validate".into(),
+            message: format!("key field {} is not in the batch", self.key.name()),
+        })?;
         batch.keys = Some(match self.key {
             StdField::Email => lowercase_keys(key_col),
             _ => key_col.clone(),
@@ -186,7 +184,8 @@ impl Stage for Validator {
             }
             let reason = if self.channel == Channel::Email && !present(email, i) {
                 Some(Reason::MissingEmail)
-            } else if present(email, i) && self.channel == Channel::Email
+            } else if present(email, i)
+                && self.channel == Channel::Email
                 && !is_valid_email(email.unwrap().value(i))
             {
                 Some(Reason::InvalidEmail)
@@ -230,12 +229,11 @@ impl Stage for Validator {
             .into_iter()
             .map(|a| Arc::new(a) as ArrayRef)
             .collect();
-        batch.columns = RecordBatch::try_new(batch.columns.schema(), arrays).map_err(|e| {
-            Error::Stage {
+        batch.columns =
+            RecordBatch::try_new(batch.columns.schema(), arrays).map_err(|e| Error::Stage {
                 stage: "validate".into(),
                 message: e.to_string(),
-            }
-        })?;
+            })?;
         Ok(())
     }
 }
