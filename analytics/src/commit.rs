@@ -346,14 +346,18 @@ impl Committer {
     fn write_parquet(&self, path: &Path, batches: &[arrow_array::RecordBatch]) -> Result<()> {
         let file = File::create(path).map_err(|e| Error::io(path, e))?;
         let sync_handle = file.try_clone().map_err(|e| Error::io(path, e))?;
-        let level = ZstdLevel::try_new(self.settings.zstd_level)
-            .map_err(|e| Error::parquet(path, e))?;
+        let level =
+            ZstdLevel::try_new(self.settings.zstd_level).map_err(|e| Error::parquet(path, e))?;
         let props = WriterProperties::builder()
             .set_compression(Compression::ZSTD(level))
             .set_max_row_group_row_count(Some(self.settings.row_group_rows))
             .build();
-        let mut w = ArrowWriter::try_new(BufWriter::with_capacity(1 << 20, file), file_schema(), Some(props))
-            .map_err(|e| Error::parquet(path, e))?;
+        let mut w = ArrowWriter::try_new(
+            BufWriter::with_capacity(1 << 20, file),
+            file_schema(),
+            Some(props),
+        )
+        .map_err(|e| Error::parquet(path, e))?;
         for b in batches {
             w.write(b).map_err(|e| Error::parquet(path, e))?;
         }
@@ -429,7 +433,8 @@ fn list_manifests(dir: &Path) -> Result<Vec<i64>> {
 
 fn read_manifest(path: &Path) -> Result<Manifest> {
     let bytes = fs::read(path).map_err(|e| Error::io(path, e))?;
-    serde_json::from_slice(&bytes).map_err(|e| Error::state(path, format!("unreadable manifest: {e}")))
+    serde_json::from_slice(&bytes)
+        .map_err(|e| Error::state(path, format!("unreadable manifest: {e}")))
 }
 
 /// Standard base64 (RFC 4648, padded), for dead letters that are not UTF-8.
@@ -476,7 +481,8 @@ mod tests {
             );
             b.push_record(o, json.as_bytes(), Instant::now()).unwrap();
         }
-        b.push_record(offsets_end_marker(), b"junk", Instant::now()).unwrap();
+        b.push_record(offsets_end_marker(), b"junk", Instant::now())
+            .unwrap();
         b.take().unwrap()
     }
 
@@ -497,11 +503,23 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let mut a = Committer::open(d.path(), id(0), 0, WriteSettings::default()).unwrap();
         let mut b = Committer::open(d.path(), id(0), 0, WriteSettings::default()).unwrap();
-        assert!(matches!(a.commit(9, pending(0..10)).unwrap(), CommitOutcome::Committed { rows: 10, dead_letters: 1, files: 1 }));
-        assert_eq!(b.commit(4, pending(0..5)).unwrap(), CommitOutcome::Conflict { next: 10 });
+        assert!(matches!(
+            a.commit(9, pending(0..10)).unwrap(),
+            CommitOutcome::Committed {
+                rows: 10,
+                dead_letters: 1,
+                files: 1
+            }
+        ));
+        assert_eq!(
+            b.commit(4, pending(0..5)).unwrap(),
+            CommitOutcome::Conflict { next: 10 }
+        );
         assert_eq!(b.next(), 10);
         // The loser left nothing behind.
-        let staged = fs::read_dir(d.path().join("_ingest/test/p=0/staging")).unwrap().count();
+        let staged = fs::read_dir(d.path().join("_ingest/test/p=0/staging"))
+            .unwrap()
+            .count();
         assert_eq!(staged, 0);
         let files: Vec<_> = fs::read_dir(d.path().join("events/workspace_id=w/date=2023-11-14"))
             .unwrap()
@@ -517,9 +535,16 @@ mod tests {
         a.commit(9, pending(0..10)).unwrap();
         // Simulate a crash between manifest link and rename: move the file back to staging.
         let m = read_manifest(&d.path().join("_ingest/test/p=1").join(manifest_name(0))).unwrap();
-        fs::rename(d.path().join(&m.files[0].path), d.path().join(&m.files[0].staged)).unwrap();
+        fs::rename(
+            d.path().join(&m.files[0].path),
+            d.path().join(&m.files[0].staged),
+        )
+        .unwrap();
         // And leave an orphan from an attempt that never got its manifest.
-        let orphan = d.path().join("_ingest/test/p=1/staging").join(format!("{:020}-x.parquet", 3));
+        let orphan = d
+            .path()
+            .join("_ingest/test/p=1/staging")
+            .join(format!("{:020}-x.parquet", 3));
         fs::write(&orphan, b"x").unwrap();
         let c = Committer::open(d.path(), id(1), 0, WriteSettings::default()).unwrap();
         assert_eq!(c.next(), 10);

@@ -230,6 +230,7 @@ impl<'de: 'a, 'a> Deserialize<'de> for Emails<'a> {
 }
 
 /// A string that borrows from the input when it has no escapes.
+#[derive(Debug)]
 struct BorrowedStr<'a>(Cow<'a, str>);
 
 impl<'de: 'a, 'a> Deserialize<'de> for BorrowedStr<'a> {
@@ -293,26 +294,26 @@ impl<'de: 'a, 'a> Deserialize<'de> for TimeValue<'a> {
 #[derive(Debug, Deserialize)]
 struct WireEvent<'a> {
     #[serde(borrow, default)]
-    event_id: Option<Cow<'a, str>>,
+    event_id: Option<BorrowedStr<'a>>,
     #[serde(borrow, default)]
-    workspace_id: Option<Cow<'a, str>>,
+    workspace_id: Option<BorrowedStr<'a>>,
     #[serde(borrow, default)]
-    campaign_id: Option<Cow<'a, str>>,
+    campaign_id: Option<BorrowedStr<'a>>,
     #[serde(borrow, default)]
-    variant: Option<Cow<'a, str>>,
+    variant: Option<BorrowedStr<'a>>,
     #[serde(borrow, default)]
-    run_id: Option<Cow<'a, str>>,
+    run_id: Option<BorrowedStr<'a>>,
     #[serde(borrow, default)]
     email: Option<Emails<'a>>,
     #[serde(borrow, default)]
-    event_type: Option<Cow<'a, str>>,
+    event_type: Option<BorrowedStr<'a>>,
     /// Callback shape's name for `event_type`.
     #[serde(borrow, default)]
-    event: Option<Cow<'a, str>>,
+    event: Option<BorrowedStr<'a>>,
     #[serde(borrow, default)]
-    bounce_type: Option<Cow<'a, str>>,
+    bounce_type: Option<BorrowedStr<'a>>,
     #[serde(borrow, default)]
-    url: Option<Cow<'a, str>>,
+    url: Option<BorrowedStr<'a>>,
     #[serde(borrow, default)]
     ts: Option<TimeValue<'a>>,
     /// Callback shape's name for `ts`.
@@ -320,6 +321,24 @@ struct WireEvent<'a> {
     when: Option<TimeValue<'a>>,
     /// Callback shape: SMS recipients (not stored; only noticed for the reason).
     #[serde(default)]
+    telephone: Option<IgnoredAny>,
+}
+
+/// [`WireEvent`] with plain `Cow`s. (serde's `borrow` does not reach a `Cow` inside an
+/// `Option`, hence [`BorrowedStr`] on the wire.)
+struct Wire<'a> {
+    event_id: Option<Cow<'a, str>>,
+    workspace_id: Option<Cow<'a, str>>,
+    campaign_id: Option<Cow<'a, str>>,
+    variant: Option<Cow<'a, str>>,
+    run_id: Option<Cow<'a, str>>,
+    email: Option<Emails<'a>>,
+    event_type: Option<Cow<'a, str>>,
+    event: Option<Cow<'a, str>>,
+    bounce_type: Option<Cow<'a, str>>,
+    url: Option<Cow<'a, str>>,
+    ts: Option<TimeValue<'a>>,
+    when: Option<TimeValue<'a>>,
     telephone: Option<IgnoredAny>,
 }
 
@@ -364,8 +383,7 @@ pub fn valid_workspace_id(w: &str) -> bool {
     !w.is_empty()
         && w.len() <= 128
         && !w.starts_with('.')
-        && w
-            .bytes()
+        && w.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
 }
 
@@ -384,7 +402,9 @@ fn check_email(e: Cow<'_, str>) -> Result<Cow<'_, str>, DeadLetterReason> {
             !local.is_empty()
                 && !domain.is_empty()
                 && !domain.contains('@')
-                && !e.bytes().any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
+                && !e
+                    .bytes()
+                    .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
         }
         None => false,
     };
@@ -437,6 +457,21 @@ fn parse_event_type(s: &str) -> Result<EventType, DeadLetterReason> {
 }
 
 fn validate(w: WireEvent<'_>) -> Result<Decoded<'_>, DeadLetterReason> {
+    let w = Wire {
+        event_id: w.event_id.map(|b| b.0),
+        workspace_id: w.workspace_id.map(|b| b.0),
+        campaign_id: w.campaign_id.map(|b| b.0),
+        variant: w.variant.map(|b| b.0),
+        run_id: w.run_id.map(|b| b.0),
+        email: w.email,
+        event_type: w.event_type.map(|b| b.0),
+        event: w.event.map(|b| b.0),
+        bounce_type: w.bounce_type.map(|b| b.0),
+        url: w.url.map(|b| b.0),
+        ts: w.ts,
+        when: w.when,
+        telephone: w.telephone,
+    };
     let callback = w.event_type.is_none() && w.event.is_some();
     let event_type = if callback {
         parse_event_type(w.event.as_deref().unwrap_or_default())?
@@ -607,13 +642,20 @@ mod tests {
         assert_eq!(r.bounce_type, Some(BounceType::Hard));
         assert_eq!(r.url, None);
         assert_eq!(r.date(), NaiveDate::from_ymd_opt(2026, 3, 1).unwrap());
-        assert!(matches!(r.event_id, Cow::Borrowed(_)), "no copy for plain strings");
+        assert!(
+            matches!(r.event_id, Cow::Borrowed(_)),
+            "no copy for plain strings"
+        );
     }
 
     #[test]
     fn unix_seconds_and_millis_agree() {
-        let s = one(r#"{"event_id":"e","workspace_id":"w","campaign_id":"c","email":"a@b.co","event_type":"opened","ts":1700000000}"#);
-        let ms = one(r#"{"event_id":"e","workspace_id":"w","campaign_id":"c","email":"a@b.co","event_type":"opened","ts":1700000000000}"#);
+        let s = one(
+            r#"{"event_id":"e","workspace_id":"w","campaign_id":"c","email":"a@b.co","event_type":"opened","ts":1700000000}"#,
+        );
+        let ms = one(
+            r#"{"event_id":"e","workspace_id":"w","campaign_id":"c","email":"a@b.co","event_type":"opened","ts":1700000000000}"#,
+        );
         assert_eq!(s.ts_micros, 1_700_000_000_000_000);
         assert_eq!(s.ts_micros, ms.ts_micros);
     }
@@ -627,7 +669,11 @@ mod tests {
         assert_eq!(rows[0].bounce_type, Some(BounceType::Hard));
         assert_ne!(rows[0].event_id, rows[1].event_id);
         let again = decode_event(json.as_bytes()).unwrap();
-        assert_eq!(again.rows()[1].event_id, rows[1].event_id, "redelivery keeps ids");
+        assert_eq!(
+            again.rows()[1].event_id,
+            rows[1].event_id,
+            "redelivery keeps ids"
+        );
     }
 
     #[test]
@@ -640,8 +686,12 @@ mod tests {
             "wrong_type"
         );
         assert_eq!(
-            reason(br#"{"event_id":"e","workspace_id":"w","campaign_id":"c","email":"a@b.co","ts":1}"#),
-            DeadLetterReason::MissingField { field: "event_type" }
+            reason(
+                br#"{"event_id":"e","workspace_id":"w","campaign_id":"c","email":"a@b.co","ts":1}"#
+            ),
+            DeadLetterReason::MissingField {
+                field: "event_type"
+            }
         );
         assert_eq!(
             reason(br#"{"event_id":"e","workspace_id":"w","campaign_id":"c","email":"a@b.co","event_type":"exploded","ts":1}"#),
@@ -671,7 +721,9 @@ mod tests {
 
     #[test]
     fn escaped_strings_are_unescaped() {
-        let r = one(r#"{"event_id":"e\u0031","workspace_id":"w","campaign_id":"c","email":"a@b.co","event_type":"clicked","url":"https://x/?a=1\u0026b=2","ts":1}"#);
+        let r = one(
+            r#"{"event_id":"e\u0031","workspace_id":"w","campaign_id":"c","email":"a@b.co","event_type":"clicked","url":"https://x/?a=1\u0026b=2","ts":1}"#,
+        );
         assert_eq!(r.event_id, "e1");
         assert_eq!(r.url.as_deref(), Some("https://x/?a=1&b=2"));
     }

@@ -53,7 +53,9 @@ impl FileIngestConfig {
         if let Some(id) = &self.source_id {
             let ok = !id.is_empty()
                 && id.len() <= 100
-                && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+                && id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
             if !ok {
                 return Err(Error::Config {
                     what: "file ingest",
@@ -71,7 +73,13 @@ impl FileIngestConfig {
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_default()
             .chars()
-            .map(|c| if c.is_ascii_alphanumeric() || c == '_' { c } else { '_' })
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '_' {
+                    c
+                } else {
+                    '_'
+                }
+            })
             .take(40)
             .collect();
         Ok(format!(
@@ -185,7 +193,10 @@ fn commit(
         }
         CommitOutcome::Conflict { next } => Err(Error::state(
             Path::new(committer.describe()),
-            format!("another process is ingesting this file concurrently (it committed up to line {})", next - 1),
+            format!(
+                "another process is ingesting this file concurrently (it committed up to line {})",
+                next - 1
+            ),
         )),
     }
 }

@@ -70,7 +70,10 @@ impl FlushPolicy {
             out.push("flush.max_latency_ms and flush.idle_ms must be positive".into());
         }
         if !(1..=22).contains(&self.zstd_level) {
-            out.push(format!("flush.zstd_level {} is not in 1..=22", self.zstd_level));
+            out.push(format!(
+                "flush.zstd_level {} is not in 1..=22",
+                self.zstd_level
+            ));
         }
         if self.row_group_rows == 0 {
             out.push("flush.row_group_rows must be at least 1".into());
@@ -148,14 +151,17 @@ impl KafkaIngestConfig {
         for t in &self.topics {
             let ok = !t.is_empty()
                 && t.len() <= 249
-                && t.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+                && t.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
             if !ok {
                 p.push(format!("topic `{t}` is not a valid Kafka topic name"));
             }
         }
         for k in self.kafka_options.keys() {
             if OWNED_OPTIONS.contains(&k.as_str()) {
-                p.push(format!("kafka option `{k}` is set by the ingest and cannot be overridden"));
+                p.push(format!(
+                    "kafka option `{k}` is set by the ingest and cannot be overridden"
+                ));
             }
         }
         self.flush.problems(&mut p);
@@ -204,11 +210,14 @@ pub struct CommitInfo {
     pub dead_letters: u64,
 }
 
+/// A function told about every commit.
+pub type CommitCallback = Box<dyn Fn(&CommitInfo) + Send + Sync>;
+
 /// Observation points for tools and tests (progress output, fault injection).
 #[derive(Default)]
 pub struct IngestHooks {
     /// Called after every successful commit.
-    pub on_commit: Option<Box<dyn Fn(&CommitInfo) + Send + Sync>>,
+    pub on_commit: Option<CommitCallback>,
 }
 
 struct PartitionState {
@@ -305,7 +314,21 @@ struct IngestContext {
     shared: Arc<Shared>,
 }
 
-impl ClientContext for IngestContext {}
+impl ClientContext for IngestContext {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, log_message: &str) {
+        use rdkafka::config::RDKafkaLogLevel as L;
+        match level {
+            L::Emerg | L::Alert | L::Critical | L::Error => {
+                tracing::error!(target: "librdkafka", facility = fac, "{log_message}")
+            }
+            L::Warning => tracing::warn!(target: "librdkafka", facility = fac, "{log_message}"),
+            L::Notice | L::Info => {
+                tracing::info!(target: "librdkafka", facility = fac, "{log_message}")
+            }
+            L::Debug => tracing::debug!(target: "librdkafka", facility = fac, "{log_message}"),
+        }
+    }
+}
 
 impl ConsumerContext for IngestContext {
     fn rebalance(
@@ -333,7 +356,12 @@ impl ConsumerContext for IngestContext {
                             {
                                 sh.fail(Error::kafka(format!("topic {topic} partition {partition}: positioning at offset {next}"), e));
                             }
-                            tracing::info!(topic, partition, next, "partition assigned; resuming from the store");
+                            tracing::info!(
+                                topic,
+                                partition,
+                                next,
+                                "partition assigned; resuming from the store"
+                            );
                             parts.insert(
                                 (topic, partition),
                                 PartitionState {
@@ -450,7 +478,12 @@ pub fn run_kafka_ingest(
             break Ok(());
         }
         let polled = consumer.poll(Duration::from_millis(100));
-        if let Some(e) = shared.failure.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        if let Some(e) = shared
+            .failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
             break Err(e);
         }
         let now = Instant::now();
@@ -460,9 +493,15 @@ pub fn run_kafka_ingest(
                 let key = (msg.topic().to_string(), msg.partition());
                 let mut parts = shared.lock();
                 // A message for a partition we no longer own is a leftover of a revoke.
-                let Some(st) = parts.get_mut(&key) else { continue };
+                let Some(st) = parts.get_mut(&key) else {
+                    continue;
+                };
                 if msg.offset() < st.expected {
-                    shared.stats.lock().unwrap_or_else(|p| p.into_inner()).skipped_committed += 1;
+                    shared
+                        .stats
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .skipped_committed += 1;
                     continue;
                 }
                 let payload = msg.payload().unwrap_or_default();
@@ -531,12 +570,24 @@ pub fn run_kafka_ingest(
             }
         }
         for (topic, partition, next) in seeks.drain(..) {
-            if let Err(e) = consumer.seek(&topic, partition, Offset::Offset(next), Duration::from_secs(10)) {
+            if let Err(e) = consumer.seek(
+                &topic,
+                partition,
+                Offset::Offset(next),
+                Duration::from_secs(10),
+            ) {
                 // Cannot reposition: stop rather than risk a gap; a restart resumes from the store.
-                return Err(Error::kafka(format!("topic {topic} partition {partition}: seeking to offset {next}"), e));
+                return Err(Error::kafka(
+                    format!("topic {topic} partition {partition}: seeking to offset {next}"),
+                    e,
+                ));
             }
         }
-        let commits = shared.stats.lock().unwrap_or_else(|p| p.into_inner()).commits;
+        let commits = shared
+            .stats
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .commits;
         if commits != mirrored_commits {
             mirrored_commits = commits;
             commit_group_offsets(&consumer, &shared);
@@ -550,7 +601,11 @@ pub fn run_kafka_ingest(
     commit_group_offsets(&consumer, &shared);
     result?;
     consumer.unsubscribe();
-    let stats = shared.stats.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let stats = shared
+        .stats
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
     Ok(stats)
 }
 
@@ -573,7 +628,8 @@ fn commit_group_offsets(consumer: &BaseConsumer<IngestContext>, shared: &Shared)
     let mut tpl = TopicPartitionList::new();
     for ((topic, partition), st) in parts.iter() {
         if st.committer.next() > 0 {
-            let _ = tpl.add_partition_offset(topic, *partition, Offset::Offset(st.committer.next()));
+            let _ =
+                tpl.add_partition_offset(topic, *partition, Offset::Offset(st.committer.next()));
         }
     }
     drop(parts);

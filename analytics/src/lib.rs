@@ -22,4 +22,6 @@ pub mod webhook;
 pub use broadside_pipeline::event;
 pub use error::{Error, Result};
 pub use file::{ingest_file, FileIngestConfig};
-pub use kafka::{run_kafka_ingest, CommitInfo, FlushPolicy, IngestHooks, IngestStats, KafkaIngestConfig};
+pub use kafka::{
+    run_kafka_ingest, CommitInfo, FlushPolicy, IngestHooks, IngestStats, KafkaIngestConfig,
+};

@@ -1,0 +1,468 @@
+//! Webhook intake: provider callbacks (seed 002's form) and JSON batches over HTTP.
+//!
+//! [`webhook_router`] returns an axum [`Router`] to mount in `broadside serve`:
+//!
+//! - `POST /webhooks/callback`: `application/x-www-form-urlencoded` with `event`, `when`,
+//!   `email[n]` (and/or `telephone[n]`); the callback URL's query string is forwarded by
+//!   the provider and carries `workspace_id`, `campaign_id`, `run_id`, `variant`.
+//! - `POST /webhooks/events`: a JSON array of events, one JSON object, or NDJSON, in either
+//!   accepted shape ([`crate::decode`]). All-or-nothing: one invalid item rejects the
+//!   request with `400` and the per-item reasons, so the sender can fix and retry.
+//!
+//! Authentication: `Authorization: Bearer <secret>` or, for providers that can only call
+//! a URL, `token=<secret>` in the query string. Duplicated deliveries are dropped by
+//! event id (callbacks get a content-derived id) within a bounded in-memory window; the
+//! store sink also names files after the ids they hold, so a redelivered request rewrites
+//! the same file rather than adding one.
+
+use std::collections::{HashSet, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{RawQuery, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use broadside_pipeline::event::{partition_dir, EventBatchBuilder};
+use broadside_pipeline::store::{commit_file, create_dir_all, temp_name};
+use chrono::NaiveDate;
+use parquet::arrow::ArrowWriter;
+use parquet::basic::{Compression, ZstdLevel};
+use parquet::file::properties::WriterProperties;
+use rdkafka::config::ClientConfig;
+use rdkafka::producer::{BaseRecord, DeliveryResult, ProducerContext, ThreadedProducer};
+use rdkafka::ClientContext;
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+use tokio::sync::oneshot;
+use xxhash_rust::xxh3::Xxh3;
+
+use crate::decode::{decode_event, EventRow};
+use crate::error::{Error, Result};
+
+/// Configuration of the webhook endpoints.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookConfig {
+    /// Shared secret expected as bearer token or `token=` query parameter
+    /// (CLI: `--webhook-secret`, env `BROADSIDE_WEBHOOK_SECRET`).
+    pub secret: String,
+    /// Event ids remembered for deduplication (oldest forgotten first).
+    #[serde(default = "default_dedup")]
+    pub dedup_window: usize,
+}
+
+fn default_dedup() -> usize {
+    1_000_000
+}
+
+impl WebhookConfig {
+    /// A config with the default dedup window.
+    pub fn new(secret: impl Into<String>) -> Self {
+        WebhookConfig {
+            secret: secret.into(),
+            dedup_window: default_dedup(),
+        }
+    }
+}
+
+/// Delivery context: each produced record carries a channel its acknowledgement goes to.
+pub struct AckContext;
+
+impl ClientContext for AckContext {}
+
+impl ProducerContext for AckContext {
+    type DeliveryOpaque = Box<oneshot::Sender<std::result::Result<(), String>>>;
+
+    fn delivery(&self, r: &DeliveryResult<'_>, ack: Self::DeliveryOpaque) {
+        let _ = ack.send(r.as_ref().map(|_| ()).map_err(|(e, _)| e.to_string()));
+    }
+}
+
+/// Where accepted events go.
+#[derive(Clone)]
+pub enum WebhookSink {
+    /// Embedded default: straight into `<store>/events/` as Parquet.
+    Store {
+        /// Store root.
+        store: PathBuf,
+    },
+    /// Produced to the events topic (JSON, DESIGN.md shape, keyed by event id), for
+    /// `broadside ingest` to pick up.
+    Kafka {
+        /// The producer.
+        producer: ThreadedProducer<AckContext>,
+        /// Topic.
+        topic: String,
+    },
+}
+
+impl WebhookSink {
+    /// A Kafka sink producing to `topic` on `brokers` (idempotent producer, acks=all).
+    pub fn kafka(brokers: &str, topic: &str) -> Result<WebhookSink> {
+        let producer = ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "5")
+            .create_with_context(AckContext)
+            .map_err(|e| Error::kafka(format!("creating producer for {brokers}"), e))?;
+        Ok(WebhookSink::Kafka {
+            producer,
+            topic: topic.to_string(),
+        })
+    }
+}
+
+/// Recently seen event ids, bounded.
+struct DedupWindow {
+    seen: HashSet<String>,
+    order: VecDeque<String>,
+    cap: usize,
+}
+
+impl DedupWindow {
+    /// Reserves the ids not seen yet and returns their positions in `ids`.
+    fn reserve(&mut self, ids: &[&str]) -> Vec<usize> {
+        let mut fresh = Vec::new();
+        for (i, id) in ids.iter().enumerate() {
+            if self.seen.insert(id.to_string()) {
+                self.order.push_back(id.to_string());
+                fresh.push(i);
+            }
+        }
+        while self.order.len() > self.cap {
+            if let Some(old) = self.order.pop_front() {
+                self.seen.remove(&old);
+            }
+        }
+        fresh
+    }
+
+    /// Forgets ids whose delivery failed, so the provider's retry is accepted.
+    fn release(&mut self, ids: &[String]) {
+        for id in ids {
+            self.seen.remove(id);
+        }
+        self.order.retain(|o| !ids.contains(o));
+    }
+}
+
+struct WebhookState {
+    secret: String,
+    sink: WebhookSink,
+    dedup: Mutex<DedupWindow>,
+}
+
+/// The webhook routes (`/webhooks/callback`, `/webhooks/events`); see the module docs.
+pub fn webhook_router(cfg: WebhookConfig, sink: WebhookSink) -> Result<Router> {
+    let mut problems = Vec::new();
+    if cfg.secret.len() < 16 {
+        problems.push("secret must be at least 16 characters".to_string());
+    }
+    if cfg.dedup_window == 0 {
+        problems.push("dedup_window must be at least 1".to_string());
+    }
+    if !problems.is_empty() {
+        return Err(Error::Config {
+            what: "webhook",
+            problems,
+        });
+    }
+    let state = Arc::new(WebhookState {
+        secret: cfg.secret,
+        sink,
+        dedup: Mutex::new(DedupWindow {
+            seen: HashSet::new(),
+            order: VecDeque::new(),
+            cap: cfg.dedup_window,
+        }),
+    });
+    Ok(Router::new()
+        .route("/webhooks/callback", post(callback))
+        .route("/webhooks/events", post(events))
+        .with_state(state))
+}
+
+fn query_pairs(q: Option<&str>) -> Vec<(String, String)> {
+    form_urlencoded::parse(q.unwrap_or("").as_bytes())
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect()
+}
+
+/// Constant-time comparison, so response timing does not reveal the secret.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn authorized(state: &WebhookState, headers: &HeaderMap, query: &[(String, String)]) -> bool {
+    let bearer = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let token = query
+        .iter()
+        .find(|(k, _)| k == "token")
+        .map(|(_, v)| v.as_str());
+    [bearer, token]
+        .into_iter()
+        .flatten()
+        .any(|t| same_secret(t.as_bytes(), state.secret.as_bytes()))
+}
+
+fn reject(status: StatusCode, body: Value) -> Response {
+    (status, Json(body)).into_response()
+}
+
+async fn callback(
+    State(state): State<Arc<WebhookState>>,
+    RawQuery(q): RawQuery,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let query = query_pairs(q.as_deref());
+    if !authorized(&state, &headers, &query) {
+        return reject(
+            StatusCode::UNAUTHORIZED,
+            json!({"error": "missing or wrong webhook secret"}),
+        );
+    }
+    // Rebuild the callback as the JSON callback shape so it goes through the one decoder.
+    let mut obj = Map::new();
+    let mut emails = Vec::new();
+    let mut phones = Vec::new();
+    let body_pairs = form_urlencoded::parse(&body).map(|(k, v)| (k.into_owned(), v.into_owned()));
+    // Body parameters first; the forwarded query string fills in what the body lacks.
+    for (k, v) in body_pairs.chain(query.iter().cloned()) {
+        if k == "token" {
+            continue;
+        }
+        if k == "email" || (k.starts_with("email[") && k.ends_with(']')) {
+            emails.push(Value::String(v));
+        } else if k == "telephone" || (k.starts_with("telephone[") && k.ends_with(']')) {
+            phones.push(Value::String(v));
+        } else if !obj.contains_key(&k) {
+            obj.insert(k, Value::String(v));
+        }
+    }
+    if !emails.is_empty() {
+        obj.insert("email".into(), Value::Array(emails));
+    }
+    if !phones.is_empty() {
+        obj.insert("telephone".into(), Value::Array(phones));
+    }
+    if !obj.contains_key("event") {
+        return reject(
+            StatusCode::BAD_REQUEST,
+            json!({"error": "missing field `event`", "reason": "missing_field"}),
+        );
+    }
+    let bytes = serde_json::to_vec(&obj).expect("map serializes");
+    match decode_event(&bytes) {
+        Ok(d) => {
+            let rows = d.rows().iter().cloned().map(EventRow::into_owned).collect();
+            deliver(&state, rows).await
+        }
+        Err(reason) => reject(
+            StatusCode::BAD_REQUEST,
+            json!({"error": reason.to_string(), "reason": reason.code()}),
+        ),
+    }
+}
+
+async fn events(
+    State(state): State<Arc<WebhookState>>,
+    RawQuery(q): RawQuery,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let query = query_pairs(q.as_deref());
+    if !authorized(&state, &headers, &query) {
+        return reject(
+            StatusCode::UNAUTHORIZED,
+            json!({"error": "missing or wrong webhook secret"}),
+        );
+    }
+    let trimmed = body.trim_ascii();
+    let items: Vec<Box<serde_json::value::RawValue>> = if trimmed.starts_with(b"[") {
+        match serde_json::from_slice(trimmed) {
+            Ok(v) => v,
+            Err(e) => {
+                return reject(
+                    StatusCode::BAD_REQUEST,
+                    json!({"error": format!("malformed JSON array: {e}"), "reason": "malformed_json"}),
+                )
+            }
+        }
+    } else {
+        let mut v = Vec::new();
+        for (i, line) in trimmed.split(|b| *b == b'\n').enumerate() {
+            if line.trim_ascii().is_empty() {
+                continue;
+            }
+            match serde_json::from_slice(line) {
+                Ok(r) => v.push(r),
+                Err(e) => {
+                    return reject(
+                        StatusCode::BAD_REQUEST,
+                        json!({"errors": [{"index": i, "reason": "malformed_json", "detail": e.to_string()}]}),
+                    )
+                }
+            }
+        }
+        v
+    };
+    let mut rows = Vec::new();
+    let mut errors = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        match decode_event(item.get().as_bytes()) {
+            Ok(d) => rows.extend(d.rows().iter().cloned().map(EventRow::into_owned)),
+            Err(r) => errors.push(json!({"index": i, "reason": r.code(), "detail": r.to_string()})),
+        }
+    }
+    if !errors.is_empty() {
+        return reject(StatusCode::BAD_REQUEST, json!({ "errors": errors }));
+    }
+    deliver(&state, rows).await
+}
+
+async fn deliver(state: &Arc<WebhookState>, rows: Vec<EventRow<'static>>) -> Response {
+    let fresh = {
+        let ids: Vec<&str> = rows.iter().map(|r| r.event_id.as_ref()).collect();
+        state
+            .dedup
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .reserve(&ids)
+    };
+    let duplicates = rows.len() - fresh.len();
+    let keep: Vec<EventRow<'static>> = {
+        let mut rows = rows.into_iter().map(Some).collect::<Vec<_>>();
+        fresh.iter().filter_map(|&i| rows[i].take()).collect()
+    };
+    let ids: Vec<String> = keep.iter().map(|r| r.event_id.to_string()).collect();
+    let accepted = keep.len();
+    let result = if keep.is_empty() {
+        Ok(())
+    } else {
+        match &state.sink {
+            WebhookSink::Store { store } => {
+                let store = store.clone();
+                tokio::task::spawn_blocking(move || write_rows(&store, &keep))
+                    .await
+                    .map_err(|e| e.to_string())
+                    .and_then(|r| r.map_err(|e| e.to_string()))
+            }
+            WebhookSink::Kafka { producer, topic } => produce_rows(producer, topic, &keep).await,
+        }
+    };
+    match result {
+        Ok(()) => (
+            StatusCode::OK,
+            Json(json!({"accepted": accepted, "duplicates": duplicates})),
+        )
+            .into_response(),
+        Err(e) => {
+            state
+                .dedup
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .release(&ids);
+            tracing::error!(error = %e, "webhook delivery failed");
+            reject(
+                StatusCode::SERVICE_UNAVAILABLE,
+                json!({"error": format!("could not store events: {e}")}),
+            )
+        }
+    }
+}
+
+async fn produce_rows(
+    producer: &ThreadedProducer<AckContext>,
+    topic: &str,
+    rows: &[EventRow<'static>],
+) -> std::result::Result<(), String> {
+    let mut acks = Vec::with_capacity(rows.len());
+    for r in rows {
+        let payload = serde_json::to_vec(&r.to_event()).expect("event serializes");
+        let (tx, rx) = oneshot::channel();
+        let rec = BaseRecord::with_opaque_to(topic, Box::new(tx))
+            .key(r.event_id.as_bytes())
+            .payload(&payload);
+        producer
+            .send(rec)
+            .map_err(|(e, _)| format!("producing to {topic}: {e}"))?;
+        acks.push(rx);
+    }
+    for rx in acks {
+        match tokio::time::timeout(Duration::from_secs(30), rx).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => return Err(format!("producing to {topic}: {e}")),
+            Ok(Err(_)) => return Err(format!("producing to {topic}: delivery report lost")),
+            Err(_) => {
+                return Err(format!(
+                    "producing to {topic}: no acknowledgement within 30 s"
+                ))
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Writes accepted rows as one Parquet file per partition, named after the ids it holds.
+fn write_rows(store: &Path, rows: &[EventRow<'static>]) -> Result<()> {
+    let mut groups: Vec<(&str, NaiveDate, Vec<&EventRow<'static>>)> = Vec::new();
+    for r in rows {
+        let d = r.date();
+        match groups
+            .iter_mut()
+            .find(|g| g.0 == r.workspace_id.as_ref() && g.1 == d)
+        {
+            Some(g) => g.2.push(r),
+            None => groups.push((r.workspace_id.as_ref(), d, vec![r])),
+        }
+    }
+    for (ws, date, rows) in groups {
+        let mut ids: Vec<&str> = rows.iter().map(|r| r.event_id.as_ref()).collect();
+        ids.sort_unstable();
+        let mut h = Xxh3::new();
+        for id in &ids {
+            h.update(id.as_bytes());
+            h.update(&[0x1f]);
+        }
+        let dir = partition_dir(store, ws, date);
+        create_dir_all(&dir)?;
+        let path = dir.join(format!("webhook-{:032x}.parquet", h.digest128()));
+        let mut b = EventBatchBuilder::new();
+        for r in &rows {
+            b.push_parts(
+                &r.event_id,
+                &r.campaign_id,
+                r.variant.as_deref(),
+                r.run_id.as_deref(),
+                &r.email,
+                r.event_type,
+                r.bounce_type,
+                r.url.as_deref(),
+                r.ts_micros,
+            );
+        }
+        let batch = b.finish()?;
+        let tmp = temp_name(&path);
+        let file = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        let sync = file.try_clone().map_err(|e| Error::io(&tmp, e))?;
+        let props = WriterProperties::builder()
+            .set_compression(Compression::ZSTD(ZstdLevel::default()))
+            .build();
+        let mut w = ArrowWriter::try_new(file, batch.schema(), Some(props))
+            .map_err(|e| Error::parquet(&tmp, e))?;
+        w.write(&batch).map_err(|e| Error::parquet(&tmp, e))?;
+        w.close().map_err(|e| Error::parquet(&tmp, e))?;
+        sync.sync_all().map_err(|e| Error::io(&tmp, e))?;
+        commit_file(&tmp, &path)?;
+    }
+    Ok(())
+}

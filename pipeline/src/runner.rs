@@ -35,6 +35,29 @@ pub trait Source: Send {
     }
     /// The next batch (its `seq` is set by the runner), or `None` at the end.
     fn next_batch(&mut self) -> Result<Option<RecipientBatch>>;
+
+    /// The next unit of work. Sources whose decoding is costly (CSV) return raw input here,
+    /// decoded by a worker thread, so the source thread only reads.
+    fn next_item(&mut self) -> Result<Option<SourceItem>> {
+        Ok(self.next_batch()?.map(SourceItem::Ready))
+    }
+}
+
+/// Decodes raw source input into a batch, on a worker thread.
+pub type DecodeFn = Box<dyn FnOnce() -> Result<RecipientBatch> + Send>;
+
+/// What a source hands the runner.
+pub enum SourceItem {
+    /// A decoded batch.
+    Ready(RecipientBatch),
+    /// Raw input and the function that decodes it. The decoded batch's `first_row` is
+    /// assigned by the runner in sequence order.
+    Raw(DecodeFn),
+}
+
+struct Work {
+    seq: u64,
+    item: SourceItem,
 }
 
 /// Consumes decided batches in order, on its own thread.
@@ -274,7 +297,7 @@ pub fn run(p: Pipeline) -> Result<RunStats> {
     for _ in 0..in_flight {
         permit_tx.send(()).expect("fresh channel");
     }
-    let (work_tx, work_rx) = bounded::<RecipientBatch>(workers * 2);
+    let (work_tx, work_rx) = bounded::<Work>(workers * 2);
     let (done_tx, done_rx) = bounded::<RecipientBatch>(workers * 2);
     let mut sink_txs: Vec<Sender<Arc<RecipientBatch>>> = Vec::new();
     let mut sink_rxs: Vec<Receiver<Arc<RecipientBatch>>> = Vec::new();
@@ -300,17 +323,20 @@ pub fn run(p: Pipeline) -> Result<RunStats> {
                 }
                 t.blocked += w.elapsed();
                 let s = Instant::now();
-                let next = source.next_batch();
+                let next = source.next_item();
                 match next {
-                    Ok(Some(mut b)) => {
-                        t.add("read", b.len(), s.elapsed());
-                        b.seq = seq;
-                        seq += 1;
+                    Ok(Some(item)) => {
+                        let rows = match &item {
+                            SourceItem::Ready(b) => b.len(),
+                            SourceItem::Raw(_) => 0,
+                        };
+                        t.add("read", rows, s.elapsed());
                         let w = Instant::now();
-                        if work_tx.send(b).is_err() {
+                        if work_tx.send(Work { seq, item }).is_err() {
                             break;
                         }
                         t.blocked += w.elapsed();
+                        seq += 1;
                     }
                     Ok(None) => break,
                     Err(e) => {
@@ -331,10 +357,27 @@ pub fn run(p: Pipeline) -> Result<RunStats> {
             let mut stages = parallel();
             worker_handles.push(scope.spawn(move || {
                 let mut t = Timer::default();
-                for mut b in rx.iter() {
+                for work in rx.iter() {
                     if f.is_set() {
                         break;
                     }
+                    let mut b = match work.item {
+                        SourceItem::Ready(b) => b,
+                        SourceItem::Raw(decode) => {
+                            let s = Instant::now();
+                            match decode() {
+                                Ok(b) => {
+                                    t.add("decode", b.len(), s.elapsed());
+                                    b
+                                }
+                                Err(e) => {
+                                    f.set(e);
+                                    return t.into_stats("");
+                                }
+                            }
+                        }
+                    };
+                    b.seq = work.seq;
                     for st in stages.iter_mut() {
                         let s = Instant::now();
                         if let Err(e) = st.process(&mut b) {
@@ -406,6 +449,7 @@ pub fn run(p: Pipeline) -> Result<RunStats> {
                 if failure.is_set() {
                     break 'outer;
                 }
+                b.first_row = rs.rows;
                 for st in ordered.iter_mut() {
                     let s = Instant::now();
                     if let Err(e) = st.process(&mut b) {

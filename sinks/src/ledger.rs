@@ -12,7 +12,7 @@ use broadside_pipeline::model::{Decision, Reason, RecipientBatch, HOLDOUT_VARIAN
 use broadside_pipeline::runner::Sink;
 use broadside_pipeline::{Error, Result};
 use parquet::basic::Compression;
-use parquet::file::properties::WriterProperties;
+use parquet::file::properties::{EnabledStatistics, WriterProperties};
 use parquet::schema::types::ColumnPath;
 
 use crate::parts::{segments, PartWriter};
@@ -44,7 +44,11 @@ pub fn writer_properties(no_dictionary: &[&str]) -> WriterProperties {
         .set_compression(Compression::LZ4_RAW)
         .set_max_row_group_row_count(Some(256 * 1024));
     for c in no_dictionary {
-        b = b.set_column_dictionary_enabled(ColumnPath::from(*c), false);
+        // Unique, unsorted strings: a dictionary never pays off and min/max statistics
+        // cannot prune anything, while both cost a hash or a compare per value.
+        b = b
+            .set_column_dictionary_enabled(ColumnPath::from(*c), false)
+            .set_column_statistics_enabled(ColumnPath::from(*c), EnabledStatistics::None);
     }
     b.build()
 }

@@ -73,7 +73,10 @@ fn main() -> ExitCode {
     };
     match run_kafka_ingest(&cfg, hooks, &STOP) {
         Ok(stats) => {
-            println!("DONE {} {} {}", stats.records, stats.rows, stats.dead_letters);
+            println!(
+                "DONE {} {} {}",
+                stats.records, stats.rows, stats.dead_letters
+            );
             ExitCode::SUCCESS
         }
         Err(e) => {

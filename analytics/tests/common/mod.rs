@@ -34,7 +34,13 @@ impl Broker {
         let port = free_port()?;
         let log = std::fs::File::create(dir.path().join("noida.log"))?;
         let child = Command::new("noida-db")
-            .args(["start", "--only", "kafka", "--kafka-port", &port.to_string()])
+            .args([
+                "start",
+                "--only",
+                "kafka",
+                "--kafka-port",
+                &port.to_string(),
+            ])
             .args(["--host", "127.0.0.1", "--data-dir"])
             .arg(dir.path().join("data"))
             .stdout(log.try_clone()?)
@@ -101,7 +107,9 @@ pub fn create_topic(brokers: &str, topic: &str, partitions: i32) -> Result<()> {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .create()?;
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let res = rt.block_on(admin.create_topics(
         &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
         &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
@@ -122,12 +130,17 @@ pub fn produce(brokers: &str, topic: &str, records: &[(i32, Vec<u8>)]) -> Result
         .set("enable.idempotence", "false")
         .create()?;
     for (p, payload) in records {
-        let mut rec = BaseRecord::<(), [u8]>::to(topic).partition(*p).payload(payload.as_slice());
+        let mut rec = BaseRecord::<(), [u8]>::to(topic)
+            .partition(*p)
+            .payload(payload.as_slice());
         loop {
             match producer.send(rec) {
                 Ok(()) => break,
                 Err((e, r)) => {
-                    if matches!(e.rdkafka_error_code(), Some(rdkafka::types::RDKafkaErrorCode::QueueFull)) {
+                    if matches!(
+                        e.rdkafka_error_code(),
+                        Some(rdkafka::types::RDKafkaErrorCode::QueueFull)
+                    ) {
                         producer.poll(Duration::from_millis(10));
                         rec = r;
                     } else {
@@ -145,7 +158,14 @@ pub fn produce(brokers: &str, topic: &str, records: &[(i32, Vec<u8>)]) -> Result
 pub fn event_json(i: usize) -> Vec<u8> {
     let ws = ["acme", "globex"][i % 2];
     let day = 1 + (i / 7) % 3;
-    let types = ["delivered", "opened", "clicked", "bounced", "unsubscribed", "complained"];
+    let types = [
+        "delivered",
+        "opened",
+        "clicked",
+        "bounced",
+        "unsubscribed",
+        "complained",
+    ];
     let t = types[i % types.len()];
     let extra = match t {
         "bounced" => r#","bounce_type":"hard""#.to_string(),
@@ -169,7 +189,10 @@ pub fn read_event_ids(store: &Path) -> Result<Vec<String>> {
         let schema = builder.schema().clone();
         let expected = broadside_pipeline::event::file_schema();
         if schema.fields() != expected.fields() {
-            bail!("{}: schema {schema:?} differs from the documented {expected:?}", f.display());
+            bail!(
+                "{}: schema {schema:?} differs from the documented {expected:?}",
+                f.display()
+            );
         }
         for batch in builder.build()? {
             let batch = batch?;
@@ -224,7 +247,9 @@ pub fn dead_letters(store: &Path) -> Result<Vec<serde_json::Value>> {
     let mut out = Vec::new();
     let mut stack = vec![store.join("dead_letters")];
     while let Some(d) = stack.pop() {
-        let Ok(rd) = std::fs::read_dir(&d) else { continue };
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
         for e in rd {
             let p = e?.path();
             if p.is_dir() {
@@ -240,7 +265,11 @@ pub fn dead_letters(store: &Path) -> Result<Vec<serde_json::Value>> {
 }
 
 /// Polls `cond` until it holds or `timeout` passes (condition wait, with a short back-off).
-pub fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> Result<bool>) -> Result<()> {
+pub fn wait_until(
+    timeout: Duration,
+    what: &str,
+    mut cond: impl FnMut() -> Result<bool>,
+) -> Result<()> {
     let deadline = Instant::now() + timeout;
     loop {
         if cond()? {
@@ -261,13 +290,33 @@ pub struct Worker {
 }
 
 impl Worker {
-    pub fn spawn(brokers: &str, group: &str, topic: &str, store: &Path, extra: &[&str]) -> Result<Worker> {
+    pub fn spawn(
+        brokers: &str,
+        group: &str,
+        topic: &str,
+        store: &Path,
+        extra: &[&str],
+    ) -> Result<Worker> {
         let mut child = Command::new(env!("CARGO_BIN_EXE_ingest_worker"))
             .args(["--brokers", brokers, "--group", group, "--topic", topic])
             .arg("--store")
             .arg(store)
-            .args(["--max-records", "500", "--idle-ms", "300", "--max-latency-ms", "1000"])
-            .args(["-X", "session.timeout.ms=6000", "-X", "heartbeat.interval.ms=500"])
+            .args([
+                "--max-records",
+                "500",
+                "--idle-ms",
+                "300",
+                "--max-latency-ms",
+                "1000",
+            ])
+            .args([
+                "-X",
+                "session.timeout.ms=6000",
+                "-X",
+                "heartbeat.interval.ms=500",
+                "-X",
+                "max.poll.interval.ms=8000",
+            ])
             .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -298,26 +347,37 @@ impl Worker {
             match self.lines.recv_timeout(left) {
                 Ok(l) if l.starts_with("COMMIT ") => self.commits_seen += 1,
                 Ok(_) => {}
-                Err(_) => bail!("worker reported {} of {target} commits in {timeout:?}", self.commits_seen),
+                Err(_) => bail!(
+                    "worker reported {} of {target} commits in {timeout:?}",
+                    self.commits_seen
+                ),
             }
         }
         Ok(())
     }
 
-    pub fn sigkill(mut self) -> Result<()> {
+    pub fn sigkill(&mut self) -> Result<()> {
         self.child.kill()?;
         self.child.wait()?;
         Ok(())
     }
 
     /// SIGTERM and wait for the clean `DONE` exit.
-    pub fn stop(mut self) -> Result<()> {
+    pub fn stop(&mut self) -> Result<()> {
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let status = self.child.wait()?;
         if !status.success() {
             bail!("worker exited with {status}");
         }
         Ok(())
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        // A failing test must not leave ingest processes behind.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -363,8 +423,17 @@ pub fn assert_exactly_once(ids: &[String], expected: impl IntoIterator<Item = St
             missing.push(id);
         }
     }
-    assert!(missing.is_empty(), "{} events missing, e.g. {:?}", missing.len(), &missing[..missing.len().min(5)]);
-    assert_eq!(ids.len(), n, "count(*) must equal the number of produced events");
+    assert!(
+        missing.is_empty(),
+        "{} events missing, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(5)]
+    );
+    assert_eq!(
+        ids.len(),
+        n,
+        "count(*) must equal the number of produced events"
+    );
 }
 
 /// Reads the store with pyarrow (an independent implementation) and returns
