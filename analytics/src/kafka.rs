@@ -15,7 +15,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
-use rdkafka::types::RDKafkaRespErr;
+use rdkafka::types::{RDKafkaErrorCode, RDKafkaRespErr};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use serde::Deserialize;
 
@@ -218,7 +218,12 @@ pub type CommitCallback = Box<dyn Fn(&CommitInfo) + Send + Sync>;
 pub struct IngestHooks {
     /// Called after every successful commit.
     pub on_commit: Option<CommitCallback>,
+    /// Called when a partition is assigned, with the offset it resumes at.
+    pub on_assign: Option<AssignCallback>,
 }
+
+/// A function told about every partition assignment: topic, partition, resume offset.
+pub type AssignCallback = Box<dyn Fn(&str, i32, i64) + Send + Sync>;
 
 struct PartitionState {
     committer: Committer,
@@ -524,6 +529,14 @@ pub fn run_kafka_ingest(
                     }
                     buffered_bytes = 0;
                 }
+            }
+            Some(Err(KafkaError::MessageConsumption(RDKafkaErrorCode::BadMessage))) => {
+                // librdkafka skips a message set it cannot parse; carrying on would leave
+                // a silent gap in the committed range, so stop before committing past it.
+                break Err(Error::kafka(
+                    format!("consuming {}", cfg.topics.join(",")),
+                    KafkaError::MessageConsumption(RDKafkaErrorCode::BadMessage),
+                ));
             }
             Some(Err(e)) => {
                 // Broker outages surface here; librdkafka reconnects by itself, and

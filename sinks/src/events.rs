@@ -43,7 +43,7 @@ impl SubmittedEventSink {
                 &dir,
                 format!("submitted-{run_id}"),
                 file_schema(),
-                writer_properties(&["event_id", "email"]),
+                writer_properties(&["event_id", "email"], &["ts"]),
             )?,
             part_rows,
             run_id: run_id.into(),

@@ -11,7 +11,7 @@
 
 use std::sync::Arc;
 
-use arrow_array::Array;
+use arrow_array::{Array, StringArray};
 use broadside_pipeline::model::{Decision, RecipientBatch, RecipientLayout, HOLDOUT_VARIANT};
 use broadside_pipeline::stages::Stage;
 use broadside_pipeline::Result;
@@ -22,11 +22,25 @@ use crate::SinkError;
 /// The format version written in headers.
 pub const VERSION: u32 = 1;
 
+/// Bytes that must be escaped.
+const NEEDS_ESCAPE: [bool; 256] = {
+    let mut t = [false; 256];
+    t[b'\\' as usize] = true;
+    t[b'|' as usize] = true;
+    t[b'\r' as usize] = true;
+    t[b'\n' as usize] = true;
+    t
+};
+
 /// Appends `value` escaped.
 #[inline]
 pub fn escape_into(out: &mut Vec<u8>, value: &str) {
-    let b = value.as_bytes();
-    if !b.iter().any(|c| matches!(c, b'\\' | b'|' | b'\r' | b'\n')) {
+    escape_bytes_into(out, value.as_bytes());
+}
+
+#[inline]
+fn escape_bytes_into(out: &mut Vec<u8>, b: &[u8]) {
+    if !b.iter().any(|c| NEEDS_ESCAPE[*c as usize]) {
         out.extend_from_slice(b);
         return;
     }
@@ -109,26 +123,35 @@ impl Stage for IfurEncoder {
     }
 
     fn process(&mut self, batch: &mut RecipientBatch) -> Result<()> {
+        // Raw views of the columns: offsets and bytes, so the per-row loop does no Arrow
+        // bookkeeping beyond a null-bit test.
         let ncols = self.layout.names().len();
-        let cols: Vec<_> = (0..ncols).map(|c| batch.column(c).clone()).collect();
+        let arrays: Vec<StringArray> = (0..ncols).map(|c| batch.column(c).clone()).collect();
+        let mut cols: Vec<RawStrings<'_>> = arrays.iter().map(RawStrings::new).collect();
+        let keys = batch.keys.clone();
+        if let Some(k) = keys.as_ref() {
+            cols.insert(0, RawStrings::new(k));
+        }
+        let has_key = keys.is_some();
         let mut payload = std::mem::take(&mut batch.payload);
         payload.clear();
-        payload.reserve(batch.len() * 96);
+        let bytes: usize = cols.iter().map(|c| c.data.len()).sum();
+        payload.reserve(bytes + batch.len() * (ncols + 4));
         let mut ends = std::mem::take(&mut batch.payload_ends);
         ends.clear();
-        let keys = batch.keys.clone();
+        ends.reserve(batch.len());
         for i in 0..batch.len() {
             let sendable =
                 batch.decisions[i] == Decision::Pending && batch.variants[i] < HOLDOUT_VARIANT;
             if sendable {
-                payload.extend_from_slice(b"D|");
-                if let Some(k) = keys.as_ref().filter(|k| k.is_valid(i)) {
-                    escape_into(&mut payload, k.value(i));
-                }
-                for col in &cols {
+                payload.push(b'D');
+                if !has_key {
                     payload.push(b'|');
-                    if col.is_valid(i) {
-                        escape_into(&mut payload, col.value(i));
+                }
+                for c in &cols {
+                    payload.push(b'|');
+                    if let Some(v) = c.get(i) {
+                        escape_bytes_into(&mut payload, v);
                     }
                 }
                 payload.extend_from_slice(b"\r\n");
@@ -138,6 +161,31 @@ impl Stage for IfurEncoder {
         batch.payload = payload;
         batch.payload_ends = ends;
         Ok(())
+    }
+}
+
+/// A string column as its offsets, bytes and null bits.
+struct RawStrings<'a> {
+    offsets: &'a [i32],
+    data: &'a [u8],
+    nulls: Option<&'a arrow_buffer::NullBuffer>,
+}
+
+impl<'a> RawStrings<'a> {
+    fn new(a: &'a StringArray) -> Self {
+        RawStrings {
+            offsets: a.value_offsets(),
+            data: a.value_data(),
+            nulls: a.nulls(),
+        }
+    }
+
+    #[inline]
+    fn get(&self, i: usize) -> Option<&'a [u8]> {
+        if self.nulls.is_some_and(|n| n.is_null(i)) {
+            return None;
+        }
+        Some(&self.data[self.offsets[i] as usize..self.offsets[i + 1] as usize])
     }
 }
 

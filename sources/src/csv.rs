@@ -220,28 +220,21 @@ pub fn last_record_end(data: &[u8], delimiter: u8) -> Option<usize> {
     if memchr::memchr(b'"', data).is_none() {
         return memchr::memrchr(b'\n', data).map(|p| p + 1);
     }
-    #[derive(Clone, Copy, PartialEq)]
-    enum St {
-        FieldStart,
-        Unquoted,
-        Quoted,
-        QuoteInQuoted,
-    }
-    let mut st = St::FieldStart;
+    // Table-driven: byte class (0 other, 1 quote, 2 newline, 3 delimiter) × state
+    // (0 field start, 1 unquoted, 2 quoted, 3 quote inside quoted) → next state.
+    const NEXT: [[u8; 4]; 4] = [[1, 2, 0, 0], [1, 1, 0, 0], [2, 3, 2, 2], [1, 2, 0, 0]];
+    let mut class = [0u8; 256];
+    class[b'"' as usize] = 1;
+    class[b'\n' as usize] = 2;
+    class[delimiter as usize] = 3;
+    let mut st = 0u8;
     let mut last = None;
     for (i, &b) in data.iter().enumerate() {
-        st = match (st, b) {
-            (St::Quoted, b'"') => St::QuoteInQuoted,
-            (St::Quoted, _) => St::Quoted,
-            (St::QuoteInQuoted, b'"') => St::Quoted,
-            (St::FieldStart, b'"') => St::Quoted,
-            (_, b'\n') => {
-                last = Some(i + 1);
-                St::FieldStart
-            }
-            (_, c) if c == delimiter => St::FieldStart,
-            _ => St::Unquoted,
-        };
+        let c = class[b as usize];
+        if c == 2 && st != 2 {
+            last = Some(i + 1);
+        }
+        st = NEXT[st as usize][c as usize];
     }
     last
 }

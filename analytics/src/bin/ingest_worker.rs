@@ -70,6 +70,7 @@ fn main() -> ExitCode {
             );
             let _ = out.flush();
         })),
+        on_assign: None,
     };
     match run_kafka_ingest(&cfg, hooks, &STOP) {
         Ok(stats) => {

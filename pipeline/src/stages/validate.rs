@@ -75,6 +75,17 @@ pub fn trim_column(a: &StringArray) -> StringArray {
 }
 
 fn lowercase_keys(a: &StringArray) -> StringArray {
+    let data = a.value_data();
+    if data.is_ascii() {
+        // One pass over the whole buffer; offsets and nulls are unchanged.
+        let mut lower = data.to_vec();
+        lower.make_ascii_lowercase();
+        return StringArray::new(
+            a.offsets().clone(),
+            arrow_buffer::Buffer::from_vec(lower),
+            a.nulls().cloned(),
+        );
+    }
     let mut b = StringBuilder::with_capacity(a.len(), a.value_data().len());
     let mut buf = String::new();
     for i in 0..a.len() {
