@@ -367,6 +367,9 @@ impl ConsumerContext for IngestContext {
                                 next,
                                 "partition assigned; resuming from the store"
                             );
+                            if let Some(h) = &sh.hooks.on_assign {
+                                h(&topic, partition, next);
+                            }
                             parts.insert(
                                 (topic, partition),
                                 PartitionState {

@@ -39,7 +39,7 @@ pub trait Source: Send {
     /// The next unit of work. Sources whose decoding is costly (CSV) return raw input here,
     /// decoded by a worker thread, so the source thread only reads.
     fn next_item(&mut self) -> Result<Option<SourceItem>> {
-        Ok(self.next_batch()?.map(SourceItem::Ready))
+        Ok(self.next_batch()?.map(|b| SourceItem::Ready(Box::new(b))))
     }
 }
 
@@ -49,7 +49,7 @@ pub type DecodeFn = Box<dyn FnOnce() -> Result<RecipientBatch> + Send>;
 /// What a source hands the runner.
 pub enum SourceItem {
     /// A decoded batch.
-    Ready(RecipientBatch),
+    Ready(Box<RecipientBatch>),
     /// Raw input and the function that decodes it. The decoded batch's `first_row` is
     /// assigned by the runner in sequence order.
     Raw(DecodeFn),
@@ -362,7 +362,7 @@ pub fn run(p: Pipeline) -> Result<RunStats> {
                         break;
                     }
                     let mut b = match work.item {
-                        SourceItem::Ready(b) => b,
+                        SourceItem::Ready(b) => *b,
                         SourceItem::Raw(decode) => {
                             let s = Instant::now();
                             match decode() {
