@@ -1,6 +1,7 @@
 //! The `broadside` command line: sends, synthetic data, explanations and benchmarks.
 
 mod bench;
+mod events_cmd;
 mod generate;
 mod progress;
 mod send;
@@ -88,6 +89,62 @@ enum Command {
         #[arg(long)]
         spec: Option<PathBuf>,
     },
+    /// Ingest events into the store, exactly once: from Kafka, or from an NDJSON file.
+    Ingest {
+        /// Store root; events land under `<store>/events/`.
+        #[arg(long, default_value = "store")]
+        store: PathBuf,
+        /// Ingest this NDJSON file (one event per line) instead of Kafka.
+        #[arg(long)]
+        from: Option<PathBuf>,
+        /// Identity of the file in the ingest state (default: derived from its path).
+        #[arg(long)]
+        source_id: Option<String>,
+        /// Kafka bootstrap servers.
+        #[arg(long, env = "BROADSIDE_KAFKA_BROKERS")]
+        brokers: Option<String>,
+        /// Consumer group: run one ingest process per group member.
+        #[arg(long, default_value = "broadside-ingest")]
+        group: String,
+        /// Topic to consume (repeatable).
+        #[arg(long = "topic")]
+        topics: Vec<String>,
+        /// Extra librdkafka property, `key=value` (repeatable).
+        #[arg(short = 'X', value_parser = parse_kv)]
+        kafka_options: Vec<(String, String)>,
+        /// Commit after this many records per partition.
+        #[arg(long)]
+        max_records: Option<usize>,
+        /// Commit at least this often, in milliseconds.
+        #[arg(long)]
+        max_latency_ms: Option<u64>,
+        /// Stop once no record arrived for this long (ms); default: run until SIGINT.
+        #[arg(long)]
+        exit_when_idle_ms: Option<u64>,
+    },
+    /// Suppression lists from the event store.
+    Suppression {
+        #[command(subcommand)]
+        command: SuppressionCommand,
+    },
+    /// Serve the webhook intake (provider callbacks and JSON batches).
+    Serve {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: String,
+        /// Store root (events are written here unless --brokers is given).
+        #[arg(long, default_value = "store")]
+        store: PathBuf,
+        /// Shared secret callers present as a bearer token or `token=` (16+ characters).
+        #[arg(long, env = "BROADSIDE_WEBHOOK_SECRET")]
+        webhook_secret: String,
+        /// Produce accepted events to Kafka instead of writing the store.
+        #[arg(long, env = "BROADSIDE_KAFKA_BROKERS")]
+        brokers: Option<String>,
+        /// Topic for produced events.
+        #[arg(long, default_value = "broadside.events")]
+        webhook_topic: String,
+    },
     /// End-to-end capacity benchmark: rows/s per stage and peak RSS per campaign size.
     Bench {
         /// Campaign sizes, comma separated.
@@ -106,6 +163,32 @@ enum Command {
         #[arg(long)]
         keep: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum SuppressionCommand {
+    /// Turn hard bounces, complaints and unsubscribes (events and bounce CSVs) into the
+    /// suppression lists a send uses, with a snapshot record.
+    Build {
+        /// Store root.
+        #[arg(long, default_value = "store")]
+        store: PathBuf,
+        /// Workspace whose events are scanned.
+        #[arg(long)]
+        workspace: String,
+        /// Output folder for the lists and snapshot.json.
+        #[arg(long)]
+        out: PathBuf,
+        /// Historical bounce export (CSV with an `email` column; repeatable).
+        #[arg(long = "bounces")]
+        bounces: Vec<PathBuf>,
+    },
+}
+
+fn parse_kv(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .ok_or_else(|| format!("expected key=value, got {s:?}"))
 }
 
 fn init_logs(format: LogFormat) {
@@ -173,6 +256,51 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             why::why(&store, &run_id, &key)?;
         }
+        Command::Ingest {
+            store,
+            from,
+            source_id,
+            brokers,
+            group,
+            topics,
+            kafka_options,
+            max_records,
+            max_latency_ms,
+            exit_when_idle_ms,
+        } => events_cmd::ingest(&events_cmd::IngestOptions {
+            store,
+            from,
+            source_id,
+            brokers,
+            group,
+            topics,
+            kafka_options,
+            max_records,
+            max_latency_ms,
+            exit_when_idle_ms,
+        })?,
+        Command::Suppression {
+            command:
+                SuppressionCommand::Build {
+                    store,
+                    workspace,
+                    out,
+                    bounces,
+                },
+        } => events_cmd::suppression_build(store, workspace, out, bounces)?,
+        Command::Serve {
+            listen,
+            store,
+            webhook_secret,
+            brokers,
+            webhook_topic,
+        } => events_cmd::serve(&events_cmd::ServeOptions {
+            listen,
+            store,
+            webhook_secret,
+            brokers,
+            webhook_topic,
+        })?,
         Command::Bench {
             rows,
             suppressions,

@@ -191,6 +191,7 @@ pub fn send(opts: &SendOptions) -> Result<RunRecord> {
             spec_hash,
             input,
             suppression_lists: list_prints,
+            suppression_snapshots: snapshot_ids(&spec),
             rows: 0,
             decisions: Default::default(),
             reasons: Vec::new(),
@@ -320,6 +321,22 @@ pub fn send(opts: &SendOptions) -> Result<RunRecord> {
             Err(e.into())
         }
     }
+}
+
+/// The snapshot ids of `snapshot.json` files beside the spec's suppression lists.
+fn snapshot_ids(spec: &CampaignSpec) -> Vec<String> {
+    let mut ids: Vec<String> = spec
+        .suppression
+        .iter()
+        .filter_map(|l| {
+            let p = spec.resolve(&l.path).parent()?.join("snapshot.json");
+            let v: serde_json::Value = serde_json::from_slice(&std::fs::read(p).ok()?).ok()?;
+            v.get("snapshot_id")?.as_str().map(String::from)
+        })
+        .collect();
+    ids.sort();
+    ids.dedup();
+    ids
 }
 
 fn index_list_names(spec: &CampaignSpec) -> Vec<String> {

@@ -116,6 +116,10 @@ pub struct RunRecord {
     pub input: FileFingerprint,
     /// Suppression lists as first seen.
     pub suppression_lists: Vec<FileFingerprint>,
+    /// Ids of the suppression snapshots (`snapshot.json` beside a list, written by
+    /// `broadside suppression build`) the lists came from.
+    #[serde(default)]
+    pub suppression_snapshots: Vec<String>,
     /// Input rows.
     pub rows: u64,
     /// Rows per decision.

@@ -1,0 +1,171 @@
+//! `broadside ingest`, `broadside suppression build` and `broadside serve`: the event side,
+//! wired to `broadside_analytics`.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::{bail, Context, Result};
+use broadside_analytics::suppression::{build_suppression, SuppressionBuildConfig};
+use broadside_analytics::webhook::{webhook_router, WebhookConfig, WebhookSink};
+use broadside_analytics::{
+    ingest_file, run_kafka_ingest, FileIngestConfig, IngestHooks, IngestStats, KafkaIngestConfig,
+};
+
+/// Set by SIGINT/SIGTERM: long-running commands commit what they hold and stop.
+static SHUTDOWN: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    SHUTDOWN.store(true, Ordering::SeqCst);
+}
+
+fn install_shutdown_handler() {
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
+}
+
+/// Options of `broadside ingest`.
+#[derive(Debug, Clone)]
+pub struct IngestOptions {
+    /// Store root.
+    pub store: PathBuf,
+    /// Ingest this NDJSON file instead of Kafka.
+    pub from: Option<PathBuf>,
+    /// Identity of the file in the ingest state.
+    pub source_id: Option<String>,
+    /// Kafka bootstrap servers.
+    pub brokers: Option<String>,
+    /// Consumer group.
+    pub group: String,
+    /// Topics.
+    pub topics: Vec<String>,
+    /// Extra librdkafka properties.
+    pub kafka_options: Vec<(String, String)>,
+    /// Commit after this many records per partition.
+    pub max_records: Option<usize>,
+    /// Commit at least this often (ms).
+    pub max_latency_ms: Option<u64>,
+    /// Stop after this long without records (ms).
+    pub exit_when_idle_ms: Option<u64>,
+}
+
+fn print_stats(what: &str, s: &IngestStats) {
+    println!(
+        "{what}: {} records, {} event rows, {} dead letters, {} files, {} commits ({} already committed, skipped)",
+        s.records, s.rows, s.dead_letters, s.files, s.commits, s.skipped_committed
+    );
+}
+
+/// Runs `broadside ingest`.
+pub fn ingest(o: &IngestOptions) -> Result<()> {
+    let hooks = IngestHooks {
+        on_commit: Some(Box::new(|c| {
+            tracing::info!(stream = %c.stream, start = c.start, end = c.end, rows = c.rows, dead_letters = c.dead_letters, "committed");
+        })),
+        on_assign: None,
+    };
+    if let Some(path) = &o.from {
+        let mut cfg = FileIngestConfig::new(path, &o.store);
+        cfg.source_id = o.source_id.clone();
+        if let Some(n) = o.max_records {
+            cfg.flush.max_records = n;
+        }
+        let stats =
+            ingest_file(&cfg, &hooks).with_context(|| format!("ingesting {}", path.display()))?;
+        print_stats(&format!("ingested {}", path.display()), &stats);
+        return Ok(());
+    }
+    let Some(brokers) = &o.brokers else {
+        bail!("give --from FILE.ndjson, or --brokers (or BROADSIDE_KAFKA_BROKERS) and --topic for Kafka");
+    };
+    if o.topics.is_empty() {
+        bail!("--topic is needed for Kafka ingest");
+    }
+    let topics: Vec<&str> = o.topics.iter().map(String::as_str).collect();
+    let mut cfg = KafkaIngestConfig::new(brokers, &o.group, &topics, &o.store);
+    cfg.kafka_options = o.kafka_options.iter().cloned().collect();
+    if let Some(n) = o.max_records {
+        cfg.flush.max_records = n;
+    }
+    if let Some(ms) = o.max_latency_ms {
+        cfg.flush.max_latency_ms = ms;
+    }
+    cfg.exit_when_idle_ms = o.exit_when_idle_ms;
+    install_shutdown_handler();
+    let stats = run_kafka_ingest(&cfg, hooks, &SHUTDOWN)?;
+    print_stats(&format!("ingested {}", o.topics.join(",")), &stats);
+    Ok(())
+}
+
+/// Runs `broadside suppression build`.
+pub fn suppression_build(
+    store: PathBuf,
+    workspace: String,
+    out: PathBuf,
+    bounces: Vec<PathBuf>,
+) -> Result<()> {
+    let snap = build_suppression(&SuppressionBuildConfig {
+        store,
+        workspace_id: workspace,
+        out_dir: out.clone(),
+        bounce_csvs: bounces,
+    })?;
+    println!(
+        "suppression snapshot {} in {}",
+        snap.snapshot_id,
+        out.display()
+    );
+    for (reason, list) in &snap.lists {
+        println!(
+            "  {:<14} {:>10} addresses  {}",
+            reason.as_str(),
+            list.count,
+            list.file
+        );
+    }
+    Ok(())
+}
+
+/// Options of `broadside serve`.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// Address to listen on.
+    pub listen: String,
+    /// Store root (embedded default sink).
+    pub store: PathBuf,
+    /// Shared secret callers present.
+    pub webhook_secret: String,
+    /// Produce to Kafka instead of writing the store.
+    pub brokers: Option<String>,
+    /// Topic for produced events.
+    pub webhook_topic: String,
+}
+
+/// Runs `broadside serve` (webhook intake) until SIGINT/SIGTERM.
+pub fn serve(o: &ServeOptions) -> Result<()> {
+    let sink = match &o.brokers {
+        Some(b) => WebhookSink::kafka(b, &o.webhook_topic)?,
+        None => WebhookSink::Store {
+            store: o.store.clone(),
+        },
+    };
+    let app = webhook_router(WebhookConfig::new(o.webhook_secret.clone()), sink)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the HTTP runtime")?;
+    rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind(&o.listen)
+            .await
+            .with_context(|| format!("listening on {}", o.listen))?;
+        eprintln!("serving webhooks on http://{}", listener.local_addr()?);
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async {
+                let _ = tokio::signal::ctrl_c().await;
+            })
+            .await
+            .context("serving HTTP")
+    })
+}
