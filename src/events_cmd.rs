@@ -27,28 +27,44 @@ fn install_shutdown_handler() {
 }
 
 /// Options of `broadside ingest`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct IngestOptions {
-    /// Store root.
+    /// Store root; events land under `<store>/events/`.
+    #[arg(long, default_value = "store")]
     pub store: PathBuf,
-    /// Ingest this NDJSON file instead of Kafka.
+    /// Ingest this NDJSON file (one event per line) instead of Kafka.
+    #[arg(long)]
     pub from: Option<PathBuf>,
-    /// Identity of the file in the ingest state.
+    /// Identity of the file in the ingest state (default: derived from its path).
+    #[arg(long)]
     pub source_id: Option<String>,
     /// Kafka bootstrap servers.
+    #[arg(long, env = "BROADSIDE_KAFKA_BROKERS")]
     pub brokers: Option<String>,
-    /// Consumer group.
+    /// Consumer group: run one ingest process per group member.
+    #[arg(long, default_value = "broadside-ingest")]
     pub group: String,
-    /// Topics.
+    /// Topic to consume (repeatable).
+    #[arg(long = "topic")]
     pub topics: Vec<String>,
-    /// Extra librdkafka properties.
+    /// Extra librdkafka property, `key=value` (repeatable).
+    #[arg(short = 'X', value_parser = parse_kv)]
     pub kafka_options: Vec<(String, String)>,
     /// Commit after this many records per partition.
+    #[arg(long)]
     pub max_records: Option<usize>,
-    /// Commit at least this often (ms).
+    /// Commit at least this often, in milliseconds.
+    #[arg(long)]
     pub max_latency_ms: Option<u64>,
-    /// Stop after this long without records (ms).
+    /// Stop once no record arrived for this long (ms); default: run until SIGINT.
+    #[arg(long)]
     pub exit_when_idle_ms: Option<u64>,
+}
+
+fn parse_kv(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .ok_or_else(|| format!("expected key=value, got {s:?}"))
 }
 
 fn print_stats(what: &str, s: &IngestStats) {
@@ -129,17 +145,22 @@ pub fn suppression_build(
 }
 
 /// Options of `broadside serve`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct ServeOptions {
     /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8080")]
     pub listen: String,
-    /// Store root (embedded default sink).
+    /// Store root (events are written here unless --brokers is given).
+    #[arg(long, default_value = "store")]
     pub store: PathBuf,
-    /// Shared secret callers present.
+    /// Shared secret callers present as a bearer token or `token=` (16+ characters).
+    #[arg(long, env = "BROADSIDE_WEBHOOK_SECRET")]
     pub webhook_secret: String,
-    /// Produce to Kafka instead of writing the store.
+    /// Produce accepted events to Kafka instead of writing the store.
+    #[arg(long, env = "BROADSIDE_KAFKA_BROKERS")]
     pub brokers: Option<String>,
     /// Topic for produced events.
+    #[arg(long, default_value = "broadside.events")]
     pub webhook_topic: String,
 }
 

@@ -90,61 +90,14 @@ enum Command {
         spec: Option<PathBuf>,
     },
     /// Ingest events into the store, exactly once: from Kafka, or from an NDJSON file.
-    Ingest {
-        /// Store root; events land under `<store>/events/`.
-        #[arg(long, default_value = "store")]
-        store: PathBuf,
-        /// Ingest this NDJSON file (one event per line) instead of Kafka.
-        #[arg(long)]
-        from: Option<PathBuf>,
-        /// Identity of the file in the ingest state (default: derived from its path).
-        #[arg(long)]
-        source_id: Option<String>,
-        /// Kafka bootstrap servers.
-        #[arg(long, env = "BROADSIDE_KAFKA_BROKERS")]
-        brokers: Option<String>,
-        /// Consumer group: run one ingest process per group member.
-        #[arg(long, default_value = "broadside-ingest")]
-        group: String,
-        /// Topic to consume (repeatable).
-        #[arg(long = "topic")]
-        topics: Vec<String>,
-        /// Extra librdkafka property, `key=value` (repeatable).
-        #[arg(short = 'X', value_parser = parse_kv)]
-        kafka_options: Vec<(String, String)>,
-        /// Commit after this many records per partition.
-        #[arg(long)]
-        max_records: Option<usize>,
-        /// Commit at least this often, in milliseconds.
-        #[arg(long)]
-        max_latency_ms: Option<u64>,
-        /// Stop once no record arrived for this long (ms); default: run until SIGINT.
-        #[arg(long)]
-        exit_when_idle_ms: Option<u64>,
-    },
+    Ingest(events_cmd::IngestOptions),
     /// Suppression lists from the event store.
     Suppression {
         #[command(subcommand)]
         command: SuppressionCommand,
     },
     /// Serve the webhook intake (provider callbacks and JSON batches).
-    Serve {
-        /// Address to listen on.
-        #[arg(long, default_value = "127.0.0.1:8080")]
-        listen: String,
-        /// Store root (events are written here unless --brokers is given).
-        #[arg(long, default_value = "store")]
-        store: PathBuf,
-        /// Shared secret callers present as a bearer token or `token=` (16+ characters).
-        #[arg(long, env = "BROADSIDE_WEBHOOK_SECRET")]
-        webhook_secret: String,
-        /// Produce accepted events to Kafka instead of writing the store.
-        #[arg(long, env = "BROADSIDE_KAFKA_BROKERS")]
-        brokers: Option<String>,
-        /// Topic for produced events.
-        #[arg(long, default_value = "broadside.events")]
-        webhook_topic: String,
-    },
+    Serve(events_cmd::ServeOptions),
     /// End-to-end capacity benchmark: rows/s per stage and peak RSS per campaign size.
     Bench {
         /// Campaign sizes, comma separated.
@@ -183,12 +136,6 @@ enum SuppressionCommand {
         #[arg(long = "bounces")]
         bounces: Vec<PathBuf>,
     },
-}
-
-fn parse_kv(s: &str) -> Result<(String, String), String> {
-    s.split_once('=')
-        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
-        .ok_or_else(|| format!("expected key=value, got {s:?}"))
 }
 
 fn init_logs(format: LogFormat) {
@@ -256,29 +203,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             why::why(&store, &run_id, &key)?;
         }
-        Command::Ingest {
-            store,
-            from,
-            source_id,
-            brokers,
-            group,
-            topics,
-            kafka_options,
-            max_records,
-            max_latency_ms,
-            exit_when_idle_ms,
-        } => events_cmd::ingest(&events_cmd::IngestOptions {
-            store,
-            from,
-            source_id,
-            brokers,
-            group,
-            topics,
-            kafka_options,
-            max_records,
-            max_latency_ms,
-            exit_when_idle_ms,
-        })?,
+        Command::Ingest(o) => events_cmd::ingest(&o)?,
         Command::Suppression {
             command:
                 SuppressionCommand::Build {
@@ -288,19 +213,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     bounces,
                 },
         } => events_cmd::suppression_build(store, workspace, out, bounces)?,
-        Command::Serve {
-            listen,
-            store,
-            webhook_secret,
-            brokers,
-            webhook_topic,
-        } => events_cmd::serve(&events_cmd::ServeOptions {
-            listen,
-            store,
-            webhook_secret,
-            brokers,
-            webhook_topic,
-        })?,
+        Command::Serve(o) => events_cmd::serve(&o)?,
         Command::Bench {
             rows,
             suppressions,

@@ -14,7 +14,7 @@ use broadside_pipeline::{Error, Result};
 use chrono::{DateTime, Utc};
 
 use crate::ledger::writer_properties;
-use crate::parts::{segments, PartWriter};
+use crate::parts::PartWriter;
 
 /// Writes the `submitted` events of one run.
 pub struct SubmittedEventSink {
@@ -60,40 +60,41 @@ impl Sink for SubmittedEventSink {
     }
 
     fn write(&mut self, b: &RecipientBatch) -> Result<()> {
+        let SubmittedEventSink {
+            parts,
+            part_rows,
+            run_id,
+            campaign_id,
+            variants,
+            ts_micros,
+        } = self;
         let mut builder = EventBatchBuilder::new();
         let mut id = String::new();
-        for s in segments(b.first_row, b.len(), self.part_rows) {
-            for i in s.start..s.end {
+        parts.write_input_rows(b.first_row, b.len(), *part_rows, |start, end| {
+            for i in start..end {
                 if b.decisions[i] != Decision::Sent {
                     continue;
                 }
                 let Some(email) = b.key(i) else { continue };
                 id.clear();
                 // Unique across runs (run ids are unique) and stable across resumes.
-                let _ = write!(id, "sub-{}-{}", self.run_id, b.first_row + i as u64);
+                let _ = write!(id, "sub-{run_id}-{}", b.first_row + i as u64);
                 builder.push_parts(
                     &id,
-                    &self.campaign_id,
-                    self.variants
-                        .get(b.variants[i] as usize)
-                        .map(String::as_str),
-                    Some(&self.run_id),
+                    campaign_id,
+                    variants.get(b.variants[i] as usize).map(String::as_str),
+                    Some(run_id),
                     email,
                     EventType::Submitted,
                     None,
                     None,
-                    self.ts_micros,
+                    *ts_micros,
                 );
             }
-            let batch = builder
+            builder
                 .finish()
-                .map_err(|e| Error::sink("submitted events", e.to_string()))?;
-            self.parts.write(s.part, &batch)?;
-            if s.completes {
-                self.parts.close_part()?;
-            }
-        }
-        Ok(())
+                .map_err(|e| Error::sink("submitted events", e.to_string()))
+        })
     }
 
     fn finish(&mut self) -> Result<()> {

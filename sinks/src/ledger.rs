@@ -15,7 +15,7 @@ use parquet::basic::{Compression, Encoding};
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
 use parquet::schema::types::ColumnPath;
 
-use crate::parts::{segments, PartWriter};
+use crate::parts::PartWriter;
 
 fn dict() -> DataType {
     DataType::Dictionary(Box::new(DataType::Int32), Box::new(DataType::Utf8))
@@ -177,14 +177,10 @@ impl Sink for RecipientLogSink {
 
     fn write(&mut self, b: &RecipientBatch) -> Result<()> {
         let log = self.log_batch(b)?;
-        for s in segments(b.first_row, b.len(), self.part_rows) {
-            self.parts
-                .write(s.part, &log.slice(s.start, s.end - s.start))?;
-            if s.completes {
-                self.parts.close_part()?;
-            }
-        }
-        Ok(())
+        self.parts
+            .write_input_rows(b.first_row, b.len(), self.part_rows, |start, end| {
+                Ok(log.slice(start, end - start))
+            })
     }
 
     fn finish(&mut self) -> Result<()> {

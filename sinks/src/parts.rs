@@ -142,6 +142,26 @@ impl PartWriter {
         Ok(())
     }
 
+    /// Writes what input rows `first_row .. first_row + len` produced, split at part
+    /// boundaries (parts of `part_rows` input rows): `build(start, end)` returns the output
+    /// rows for batch rows `start .. end`. Parts that end inside this range are committed.
+    pub fn write_input_rows(
+        &mut self,
+        first_row: u64,
+        len: usize,
+        part_rows: u64,
+        mut build: impl FnMut(usize, usize) -> Result<RecordBatch>,
+    ) -> Result<()> {
+        for s in segments(first_row, len, part_rows) {
+            let batch = build(s.start, s.end)?;
+            self.write(s.part, &batch)?;
+            if s.completes {
+                self.close_part()?;
+            }
+        }
+        Ok(())
+    }
+
     /// Commits the open part (if any): footer, fsync, rename. For a part an earlier attempt
     /// committed, checks its row count instead.
     pub fn close_part(&mut self) -> Result<()> {
