@@ -10,7 +10,7 @@ use std::sync::Arc;
 use arrow_array::builder::StringBuilder;
 use arrow_array::{ArrayRef, RecordBatch};
 use broadside_pipeline::model::{RecipientBatch, RecipientLayout};
-use broadside_pipeline::runner::Source;
+use broadside_pipeline::runner::{Source, SourceItem};
 use broadside_pipeline::{Error, Result};
 
 use crate::{SizeHint, BATCH_ROWS};
@@ -389,32 +389,58 @@ impl Source for SyntheticSource {
     }
 
     fn next_batch(&mut self) -> Result<Option<RecipientBatch>> {
+        match self.next_item()? {
+            Some(SourceItem::Raw(make)) => make().map(Some),
+            Some(SourceItem::Ready(b)) => Ok(Some(*b)),
+            None => Ok(None),
+        }
+    }
+
+    /// Rows are generated on the worker threads: each item is a row range.
+    fn next_item(&mut self) -> Result<Option<SourceItem>> {
         if self.next >= self.rows {
             return Ok(None);
         }
         let n = (self.rows - self.next).min(BATCH_ROWS as u64);
-        let mut builders: Vec<StringBuilder> = self
-            .columns
-            .iter()
-            .map(|_| StringBuilder::with_capacity(n as usize, n as usize * 12))
-            .collect();
-        let mut row = Row::default();
-        for i in self.next..self.next + n {
-            self.gen.row(i, &mut row);
-            for (b, &c) in builders.iter_mut().zip(&self.columns) {
-                b.append_value(&row.fields[c]);
-            }
-        }
-        let arrays: Vec<ArrayRef> = builders
-            .iter_mut()
-            .map(|b| Arc::new(b.finish()) as ArrayRef)
-            .collect();
-        let columns = RecordBatch::try_new(self.layout.schema(), arrays)
-            .map_err(|e| Error::source("synthetic source", e.to_string()))?;
-        let b = RecipientBatch::new(0, self.next, columns);
+        let (first, gen, columns, layout) = (
+            self.next,
+            self.gen.clone(),
+            self.columns.clone(),
+            self.layout.clone(),
+        );
         self.next += n;
-        Ok(Some(b))
+        Ok(Some(SourceItem::Raw(Box::new(move || {
+            generate_rows(&gen, first, n, &columns, &layout)
+        }))))
     }
+}
+
+/// Generates rows `first .. first + n` as a batch of the layout's columns.
+fn generate_rows(
+    gen: &Generator,
+    first: u64,
+    n: u64,
+    columns: &[usize],
+    layout: &RecipientLayout,
+) -> Result<RecipientBatch> {
+    let mut builders: Vec<StringBuilder> = columns
+        .iter()
+        .map(|_| StringBuilder::with_capacity(n as usize, n as usize * 12))
+        .collect();
+    let mut row = Row::default();
+    for i in first..first + n {
+        gen.row(i, &mut row);
+        for (b, &c) in builders.iter_mut().zip(columns) {
+            b.append_value(&row.fields[c]);
+        }
+    }
+    let arrays: Vec<ArrayRef> = builders
+        .iter_mut()
+        .map(|b| Arc::new(b.finish()) as ArrayRef)
+        .collect();
+    let cols = RecordBatch::try_new(layout.schema(), arrays)
+        .map_err(|e| Error::source("synthetic source", e.to_string()))?;
+    Ok(RecipientBatch::new(0, first, cols))
 }
 
 #[cfg(test)]
