@@ -306,8 +306,6 @@ pub struct RecipientBatch {
     pub details: Vec<RowDetail>,
     /// Normalised recipient key per row (set by the normalize stage; null when absent).
     pub keys: Option<StringArray>,
-    /// Split bucket per row in `0..10_000` (set by the split stage).
-    pub buckets: Vec<u16>,
     /// Variant index per row, [`HOLDOUT_VARIANT`] or [`NO_VARIANT`].
     pub variants: Vec<u8>,
     /// For suppressed rows: index of the suppression list that matched.
@@ -336,7 +334,6 @@ impl RecipientBatch {
             reasons: vec![Reason::None; n],
             details: Vec::new(),
             keys: None,
-            buckets: Vec::new(),
             variants: vec![NO_VARIANT; n],
             lists: Vec::new(),
             payload: Vec::new(),

@@ -29,10 +29,6 @@ use crate::stages::Stage;
 pub trait Source: Send {
     /// File name or server, for messages.
     fn describe(&self) -> String;
-    /// Total rows if known up front (for the progress ETA).
-    fn total_rows(&self) -> Option<u64> {
-        None
-    }
     /// The next batch (its `seq` is set by the runner), or `None` at the end.
     fn next_batch(&mut self) -> Result<Option<RecipientBatch>>;
 

@@ -79,10 +79,6 @@ impl Source for ParquetSource {
         self.origin.clone()
     }
 
-    fn total_rows(&self) -> Option<u64> {
-        Some(self.total_rows)
-    }
-
     fn next_batch(&mut self) -> Result<Option<RecipientBatch>> {
         let Some(batch) = self.reader.next() else {
             if self.next_row == 0 {

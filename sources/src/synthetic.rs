@@ -384,10 +384,6 @@ impl Source for SyntheticSource {
         format!("synthetic({} rows)", self.rows)
     }
 
-    fn total_rows(&self) -> Option<u64> {
-        Some(self.rows)
-    }
-
     fn next_batch(&mut self) -> Result<Option<RecipientBatch>> {
         match self.next_item()? {
             Some(SourceItem::Raw(make)) => make().map(Some),

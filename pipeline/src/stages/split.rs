@@ -81,15 +81,12 @@ impl Stage for VariantSplitter {
         let Some(keys) = batch.keys.clone() else {
             return Ok(());
         };
-        batch.buckets.resize(batch.len(), 0);
         for i in 0..batch.len() {
             if batch.decisions[i] != Decision::Pending || keys.is_null(i) {
                 batch.variants[i] = NO_VARIANT;
                 continue;
             }
-            let b = self.bucket(keys.value(i));
-            batch.buckets[i] = b;
-            batch.variants[i] = self.assign(b);
+            batch.variants[i] = self.assign(self.bucket(keys.value(i)));
         }
         Ok(())
     }
