@@ -215,28 +215,47 @@ pub fn resolve_columns(
 /// Where a byte range of a CSV file should be cut so that it ends on a record boundary:
 /// the offset just past the last record-ending `\n`, or `None` if the range holds no complete
 /// record. Quote-aware in the way `csv-core` parses: a `"` opens a quoted field only at the
-/// start of a field, `""` inside one is an escaped quote.
+/// start of a field, `""` inside one is an escaped quote, and the field ends at the first
+/// other `"`.
+///
+/// The work is proportional to the number of quotes, not bytes: `memchr` hops from quote to
+/// quote to find the quoted regions, then `memrchr` finds the last newline outside them.
 pub fn last_record_end(data: &[u8], delimiter: u8) -> Option<usize> {
-    if memchr::memchr(b'"', data).is_none() {
-        return memchr::memrchr(b'\n', data).map(|p| p + 1);
-    }
-    // Table-driven: byte class (0 other, 1 quote, 2 newline, 3 delimiter) × state
-    // (0 field start, 1 unquoted, 2 quoted, 3 quote inside quoted) → next state.
-    const NEXT: [[u8; 4]; 4] = [[1, 2, 0, 0], [1, 1, 0, 0], [2, 3, 2, 2], [1, 2, 0, 0]];
-    let mut class = [0u8; 256];
-    class[b'"' as usize] = 1;
-    class[b'\n' as usize] = 2;
-    class[delimiter as usize] = 3;
-    let mut st = 0u8;
-    let mut last = None;
-    for (i, &b) in data.iter().enumerate() {
-        let c = class[b as usize];
-        if c == 2 && st != 2 {
-            last = Some(i + 1);
+    // Quoted regions as (opening quote, closing quote or data.len() if unclosed).
+    let mut regions: Vec<(usize, usize)> = Vec::new();
+    let mut at = 0;
+    while let Some(q) = memchr::memchr(b'"', &data[at..]).map(|q| q + at) {
+        let field_start =
+            q == 0 || matches!(data[q - 1], b'\n' | b'\r') || data[q - 1] == delimiter;
+        if !field_start {
+            // A quote inside an unquoted field is a literal character.
+            at = q + 1;
+            continue;
         }
-        st = NEXT[st as usize][c as usize];
+        let mut close = q + 1;
+        let end = loop {
+            match memchr::memchr(b'"', &data[close..]).map(|c| c + close) {
+                Some(c) if data.get(c + 1) == Some(&b'"') => close = c + 2,
+                Some(c) => break c,
+                None => break data.len(),
+            }
+        };
+        regions.push((q, end));
+        at = end + 1;
+        if at >= data.len() {
+            break;
+        }
     }
-    last
+    let mut limit = data.len();
+    loop {
+        let p = memchr::memrchr(b'\n', &data[..limit])?;
+        // The last region that opens before p: if p lies inside it, look before it.
+        let i = regions.partition_point(|r| r.0 < p);
+        match i.checked_sub(1).map(|i| regions[i]) {
+            Some((open, close)) if p < close => limit = open,
+            _ => return Some(p + 1),
+        }
+    }
 }
 
 /// Reads a file in chunks of whole records, remembering each chunk's first line number.
@@ -322,6 +341,9 @@ fn decode_chunk(ctx: &CsvContext, chunk: &[u8], first_line: u64) -> Result<Recip
         .collect();
     let mut errors: Vec<(u32, Reason, String)> = Vec::new();
     let mut n = 0usize;
+    // Fields are cut at ASCII delimiters and lose only ASCII quotes, so if the whole chunk is
+    // valid UTF-8 every field is too; per-field checks are only needed to find a bad one.
+    let chunk_is_utf8 = std::str::from_utf8(chunk).is_ok();
     while let Some(line) = records.read_record()? {
         let got = records.len();
         // csv-core reports a blank line as a record of one empty field; skip those.
@@ -343,14 +365,18 @@ fn decode_chunk(ctx: &CsvContext, chunk: &[u8], first_line: u64) -> Result<Recip
             continue;
         }
         // Each mapped field is validated exactly once, then appended without re-checking.
-        let bad = ctx
-            .columns
-            .iter()
-            .position(|&c| std::str::from_utf8(records.field(c)).is_err());
+        let bad = if chunk_is_utf8 {
+            None
+        } else {
+            ctx.columns
+                .iter()
+                .position(|&c| std::str::from_utf8(records.field(c)).is_err())
+        };
         match bad {
             None => {
                 for (b, &c) in builders.iter_mut().zip(&ctx.columns) {
-                    // SAFETY: validated as UTF-8 just above; the buffer is unchanged since.
+                    // SAFETY: the field is valid UTF-8: either the whole chunk is (see above)
+                    // or the field was checked just above; the buffer is unchanged since.
                     let s = unsafe { std::str::from_utf8_unchecked(records.field(c)) };
                     b.append_value(s);
                 }
