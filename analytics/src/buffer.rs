@@ -48,17 +48,7 @@ impl PartitionRows {
     }
 
     fn push(&mut self, r: &EventRow<'_>) -> Result<()> {
-        self.builder.push_parts(
-            &r.event_id,
-            &r.campaign_id,
-            r.variant.as_deref(),
-            r.run_id.as_deref(),
-            &r.email,
-            r.event_type,
-            r.bounce_type,
-            r.url.as_deref(),
-            r.ts_micros,
-        );
+        r.push_into(&mut self.builder);
         self.rows += 1;
         if self.builder.len() >= BATCH_ROWS {
             self.batches.push(self.builder.finish()?);

@@ -16,7 +16,7 @@
 use std::borrow::Cow;
 use std::fmt;
 
-use broadside_pipeline::event::{BounceType, Event, EventType};
+use broadside_pipeline::event::{BounceType, Event, EventBatchBuilder, EventType};
 use chrono::{DateTime, NaiveDate, Utc};
 use serde::de::{self, Deserializer, IgnoredAny, SeqAccess, Visitor};
 use serde::Deserialize;
@@ -134,6 +134,21 @@ pub struct EventRow<'a> {
 }
 
 impl EventRow<'_> {
+    /// Appends this row to an event batch (its workspace is the batch's partition).
+    pub fn push_into(&self, b: &mut EventBatchBuilder) {
+        b.push_parts(
+            &self.event_id,
+            &self.campaign_id,
+            self.variant.as_deref(),
+            self.run_id.as_deref(),
+            &self.email,
+            self.event_type,
+            self.bounce_type,
+            self.url.as_deref(),
+            self.ts_micros,
+        );
+    }
+
     /// The `date=` partition (UTC day of `ts`).
     pub fn date(&self) -> NaiveDate {
         DateTime::<Utc>::from_timestamp_micros(self.ts_micros)

@@ -438,17 +438,7 @@ fn write_rows(store: &Path, rows: &[EventRow<'static>]) -> Result<()> {
         let path = dir.join(format!("webhook-{:032x}.parquet", h.digest128()));
         let mut b = EventBatchBuilder::new();
         for r in &rows {
-            b.push_parts(
-                &r.event_id,
-                &r.campaign_id,
-                r.variant.as_deref(),
-                r.run_id.as_deref(),
-                &r.email,
-                r.event_type,
-                r.bounce_type,
-                r.url.as_deref(),
-                r.ts_micros,
-            );
+            r.push_into(&mut b);
         }
         let batch = b.finish()?;
         let tmp = temp_name(&path);
