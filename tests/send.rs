@@ -80,6 +80,21 @@ fn assert_reconciles(dir: &Path, run_id: &str, input_rows: u64) -> Vec<LedgerRow
     }
     assert_eq!(rec.decisions.values().sum::<u64>(), input_rows);
     assert_eq!(submitted_events(&store, WS, run_id), sent.len() as u64);
+    // One submitted event per sent recipient, with its key, variant and a run-unique id.
+    let mut events = submitted_event_rows(&store, WS, CAMPAIGN, run_id);
+    events.sort();
+    let mut expected: Vec<(String, String, Option<String>)> = sent
+        .iter()
+        .map(|r| {
+            (
+                format!("sub-{run_id}-{}", r.row),
+                r.key.clone().unwrap(),
+                r.variant.clone(),
+            )
+        })
+        .collect();
+    expected.sort();
+    assert_eq!(events, expected);
 
     // The manifest names every file with the trailer's count and checksum.
     let manifest: serde_json::Value = serde_json::from_slice(

@@ -6,8 +6,15 @@
 
 use std::fmt::Write as _;
 use std::path::Path;
+use std::sync::Arc;
 
-use broadside_pipeline::event::{file_schema, partition_dir, EventBatchBuilder, EventType};
+use arrow_array::builder::StringBuilder;
+use arrow_array::{
+    Array, ArrayRef, RecordBatch, StringArray, TimestampMicrosecondArray, UInt32Array,
+};
+use arrow_select::take::take;
+
+use broadside_pipeline::event::{file_schema, partition_dir, EventType};
 use broadside_pipeline::model::{Decision, RecipientBatch};
 use broadside_pipeline::runner::Sink;
 use broadside_pipeline::{Error, Result};
@@ -68,32 +75,56 @@ impl Sink for SubmittedEventSink {
             variants,
             ts_micros,
         } = self;
-        let mut builder = EventBatchBuilder::new();
-        let mut id = String::new();
+        let Some(keys) = b.keys.as_ref() else {
+            return Ok(());
+        };
         parts.write_input_rows(b.first_row, b.len(), *part_rows, |start, end| {
-            for i in start..end {
-                if b.decisions[i] != Decision::Sent {
-                    continue;
-                }
-                let Some(email) = b.key(i) else { continue };
-                id.clear();
-                // Unique across runs (run ids are unique) and stable across resumes.
-                let _ = write!(id, "sub-{run_id}-{}", b.first_row + i as u64);
-                builder.push_parts(
-                    &id,
-                    campaign_id,
-                    variants.get(b.variants[i] as usize).map(String::as_str),
-                    Some(run_id),
-                    email,
-                    EventType::Submitted,
-                    None,
-                    None,
-                    *ts_micros,
-                );
+            // Columns are built whole: the emails are a `take` of the key column, constants
+            // are repeated, ids are written without the formatting machinery.
+            let sent: Vec<u32> = (start..end)
+                .filter(|&i| b.decisions[i] == Decision::Sent && keys.is_valid(i))
+                .map(|i| i as u32)
+                .collect();
+            let n = sent.len();
+            let email = take(keys, &UInt32Array::from(sent.clone()), None)
+                .map_err(|e| Error::sink("submitted events", e.to_string()))?;
+            let prefix = format!("sub-{run_id}-");
+            let mut ids = StringBuilder::with_capacity(n, n * (prefix.len() + 10));
+            let mut digits = itoa_buf();
+            for &i in &sent {
+                ids.write_str(&prefix).expect("in-memory write");
+                ids.write_str(format_u64(b.first_row + i as u64, &mut digits))
+                    .expect("in-memory write");
+                ids.append_value("");
             }
-            builder
-                .finish()
-                .map_err(|e| Error::sink("submitted events", e.to_string()))
+            let variant: StringArray = sent
+                .iter()
+                .map(|&i| {
+                    variants
+                        .get(b.variants[i as usize] as usize)
+                        .map(String::as_str)
+                })
+                .collect();
+            let repeat = |v: &str| -> ArrayRef {
+                Arc::new(StringArray::from_iter_values(std::iter::repeat_n(v, n)))
+            };
+            RecordBatch::try_new(
+                file_schema(),
+                vec![
+                    Arc::new(ids.finish()),
+                    repeat(campaign_id),
+                    Arc::new(variant),
+                    repeat(run_id),
+                    email,
+                    repeat(EventType::Submitted.as_str()),
+                    Arc::new(StringArray::new_null(n)),
+                    Arc::new(StringArray::new_null(n)),
+                    Arc::new(
+                        TimestampMicrosecondArray::from(vec![*ts_micros; n]).with_timezone("UTC"),
+                    ),
+                ],
+            )
+            .map_err(|e| Error::sink("submitted events", e.to_string()))
         })
     }
 
@@ -103,5 +134,36 @@ impl Sink for SubmittedEventSink {
 
     fn abort(&mut self) {
         self.parts.abort();
+    }
+}
+
+fn itoa_buf() -> [u8; 20] {
+    [0; 20]
+}
+
+/// Formats `v` in decimal into `buf` (u64 has at most 20 digits).
+fn format_u64(mut v: u64, buf: &mut [u8; 20]) -> &str {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    std::str::from_utf8(&buf[i..]).expect("ASCII digits")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn format_u64_matches_display() {
+        let mut b = itoa_buf();
+        for v in [0, 7, 10, 99, 1_234_567, u64::MAX] {
+            assert_eq!(format_u64(v, &mut b), v.to_string());
+        }
     }
 }

@@ -203,3 +203,46 @@ pub fn submitted_events(store: &Path, workspace: &str, run_id: &str) -> u64 {
     }
     n
 }
+
+/// The (event_id, email, variant) of every `submitted` event of a run, with its run and type checked.
+pub fn submitted_event_rows(
+    store: &Path,
+    workspace: &str,
+    campaign: &str,
+    run_id: &str,
+) -> Vec<(String, String, Option<String>)> {
+    let root = store
+        .join("events")
+        .join(format!("workspace_id={workspace}"));
+    let mut out = Vec::new();
+    for day in std::fs::read_dir(root).unwrap() {
+        for f in std::fs::read_dir(day.unwrap().path()).unwrap() {
+            let p = f.unwrap().path();
+            let name = p.file_name().unwrap().to_string_lossy().to_string();
+            if !(name.starts_with(&format!("submitted-{run_id}-")) && name.ends_with(".parquet")) {
+                continue;
+            }
+            let r = ParquetRecordBatchReaderBuilder::try_new(File::open(&p).unwrap())
+                .unwrap()
+                .build()
+                .unwrap();
+            for b in r {
+                let b = b.unwrap();
+                let col = |n: &str| strings(b.column_by_name(n).unwrap());
+                let (ids, emails, variants) = (col("event_id"), col("email"), col("variant"));
+                let (runs, types, camps) = (col("run_id"), col("event_type"), col("campaign_id"));
+                for i in 0..b.num_rows() {
+                    assert_eq!(runs[i].as_deref(), Some(run_id));
+                    assert_eq!(types[i].as_deref(), Some("submitted"));
+                    assert_eq!(camps[i].as_deref(), Some(campaign));
+                    out.push((
+                        ids[i].clone().unwrap(),
+                        emails[i].clone().unwrap(),
+                        variants[i].clone(),
+                    ));
+                }
+            }
+        }
+    }
+    out
+}
