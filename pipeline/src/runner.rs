@@ -271,6 +271,21 @@ fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
         .unwrap_or_else(|| "panic".into())
 }
 
+/// Spawns a named scoped thread (names show in `top -H`, profilers and panic messages).
+fn named<'scope, 'env, F>(
+    scope: &'scope std::thread::Scope<'scope, 'env>,
+    name: String,
+    f: F,
+) -> std::thread::ScopedJoinHandle<'scope, Vec<StageStats>>
+where
+    F: FnOnce() -> Vec<StageStats> + Send + 'scope,
+{
+    std::thread::Builder::new()
+        .name(name)
+        .spawn_scoped(scope, f)
+        .expect("spawning a pipeline thread")
+}
+
 /// Runs a pipeline to the end (or the first error).
 pub fn run(p: Pipeline) -> Result<RunStats> {
     let started = Instant::now();
@@ -306,7 +321,7 @@ pub fn run(p: Pipeline) -> Result<RunStats> {
     let stats = std::thread::scope(|scope| {
         // Source.
         let src_failure = failure.clone();
-        let source_handle = scope.spawn(move || {
+        let source_handle = named(scope, "bs-source".into(), move || {
             let mut t = Timer::default();
             let mut seq = 0u64;
             loop {
@@ -346,12 +361,12 @@ pub fn run(p: Pipeline) -> Result<RunStats> {
 
         // Workers.
         let mut worker_handles = Vec::new();
-        for _ in 0..workers {
+        for w in 0..workers {
             let rx = work_rx.clone();
             let tx = done_tx.clone();
             let f = failure.clone();
             let mut stages = parallel();
-            worker_handles.push(scope.spawn(move || {
+            worker_handles.push(named(scope, format!("bs-worker-{w}"), move || {
                 let mut t = Timer::default();
                 for work in rx.iter() {
                     if f.is_set() {
@@ -398,7 +413,8 @@ pub fn run(p: Pipeline) -> Result<RunStats> {
         let mut sink_handles = Vec::new();
         for (mut sink, rx) in sinks.into_iter().zip(sink_rxs) {
             let f = failure.clone();
-            sink_handles.push(scope.spawn(move || {
+            let thread_name = format!("bs-{}", sink.name());
+            sink_handles.push(named(scope, thread_name, move || {
                 let mut t = Timer::default();
                 let name = sink.name();
                 for b in rx.iter() {
