@@ -11,17 +11,22 @@ use broadside_pipeline::run::RunRecord;
 use crate::generate::{generate, GenerateOptions};
 
 /// Options of `broadside bench`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct BenchOptions {
-    /// Campaign sizes to run.
+    /// Campaign sizes, comma separated.
+    #[arg(long = "rows", value_delimiter = ',', default_value = "1000000")]
     pub sizes: Vec<u64>,
     /// Suppression entries.
+    #[arg(long, default_value_t = 200_000)]
     pub suppressions: u64,
-    /// Folder for generated data (reused between runs).
+    /// Where generated data sets are kept and reused.
+    #[arg(long, default_value = "target/bench-data")]
     pub dir: PathBuf,
-    /// Parquet instead of CSV input.
+    /// Use Parquet input instead of CSV.
+    #[arg(long)]
     pub parquet: bool,
-    /// Keep the outputs of each run.
+    /// Keep each run's outputs.
+    #[arg(long)]
     pub keep: bool,
 }
 

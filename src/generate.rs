@@ -13,21 +13,28 @@ use broadside_sources::synthetic::{
 use parquet::arrow::ArrowWriter;
 
 /// Options of `broadside generate`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct GenerateOptions {
     /// Output folder.
+    #[arg(long, default_value = "demo")]
     pub out: PathBuf,
-    /// Recipients.
+    /// Number of recipients.
+    #[arg(long, default_value_t = 100_000)]
     pub rows: u64,
-    /// Suppression entries (split 70 % hard bounce, 20 % unsubscribed, 10 % blocklist).
+    /// Number of suppression entries (70 % hard bounce, 20 % unsubscribed, 10 % blocklist).
+    #[arg(long, default_value_t = 20_000)]
     pub suppressions: u64,
-    /// Share of suppression entries that are recipients of this population.
+    /// Share of suppression entries that are recipients of the generated population.
+    #[arg(long, default_value_t = 0.5)]
     pub overlap: f64,
-    /// Share of invalid recipient rows.
+    /// Share of deliberately invalid recipient rows.
+    #[arg(long, default_value_t = 0.02)]
     pub invalid_share: f64,
-    /// Seed.
+    /// Seed: the same seed gives the same data.
+    #[arg(long, default_value_t = 42)]
     pub seed: u64,
-    /// `csv` or `parquet`.
+    /// Write recipients as Parquet instead of CSV.
+    #[arg(long)]
     pub parquet: bool,
 }
 

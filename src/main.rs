@@ -53,29 +53,7 @@ enum Command {
         no_progress: bool,
     },
     /// Write deterministic synthetic recipients, suppression lists and a campaign spec.
-    Generate {
-        /// Output folder.
-        #[arg(long, default_value = "demo")]
-        out: PathBuf,
-        /// Number of recipients.
-        #[arg(long, default_value_t = 100_000)]
-        rows: u64,
-        /// Number of suppression entries (70 % hard bounce, 20 % unsubscribed, 10 % blocklist).
-        #[arg(long, default_value_t = 20_000)]
-        suppressions: u64,
-        /// Share of suppression entries that are recipients of the generated population.
-        #[arg(long, default_value_t = 0.5)]
-        overlap: f64,
-        /// Share of deliberately invalid recipient rows.
-        #[arg(long, default_value_t = 0.02)]
-        invalid_share: f64,
-        /// Seed: the same seed gives the same data.
-        #[arg(long, default_value_t = 42)]
-        seed: u64,
-        /// Write recipients as Parquet instead of CSV.
-        #[arg(long)]
-        parquet: bool,
-    },
+    Generate(generate::GenerateOptions),
     /// Explain why a recipient got its decision in a run.
     Why {
         /// The run id.
@@ -99,23 +77,7 @@ enum Command {
     /// Serve the webhook intake (provider callbacks and JSON batches).
     Serve(events_cmd::ServeOptions),
     /// End-to-end capacity benchmark: rows/s per stage and peak RSS per campaign size.
-    Bench {
-        /// Campaign sizes, comma separated.
-        #[arg(long, value_delimiter = ',', default_value = "1000000")]
-        rows: Vec<u64>,
-        /// Suppression entries.
-        #[arg(long, default_value_t = 200_000)]
-        suppressions: u64,
-        /// Where generated data sets are kept and reused.
-        #[arg(long, default_value = "target/bench-data")]
-        dir: PathBuf,
-        /// Use Parquet input instead of CSV.
-        #[arg(long)]
-        parquet: bool,
-        /// Keep each run's outputs.
-        #[arg(long)]
-        keep: bool,
-    },
+    Bench(bench::BenchOptions),
 }
 
 #[derive(Subcommand)]
@@ -167,24 +129,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 progress: !no_progress && std::io::stderr().is_terminal(),
             })?;
         }
-        Command::Generate {
-            out,
-            rows,
-            suppressions,
-            overlap,
-            invalid_share,
-            seed,
-            parquet,
-        } => {
-            let spec = generate::generate(&generate::GenerateOptions {
-                out,
-                rows,
-                suppressions,
-                overlap,
-                invalid_share,
-                seed,
-                parquet,
-            })?;
+        Command::Generate(o) => {
+            let spec = generate::generate(&o)?;
             println!("next: broadside send {}", spec.display());
         }
         Command::Why {
@@ -214,20 +160,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 },
         } => events_cmd::suppression_build(store, workspace, out, bounces)?,
         Command::Serve(o) => events_cmd::serve(&o)?,
-        Command::Bench {
-            rows,
-            suppressions,
-            dir,
-            parquet,
-            keep,
-        } => {
-            bench::bench(&bench::BenchOptions {
-                sizes: rows,
-                suppressions,
-                dir,
-                parquet,
-                keep,
-            })?;
+        Command::Bench(o) => {
+            bench::bench(&o)?;
         }
     }
     Ok(())

@@ -175,11 +175,7 @@ fn commit(
             dead_letters,
             files,
         } => {
-            stats.records += records;
-            stats.rows += rows;
-            stats.dead_letters += dead_letters;
-            stats.files += files;
-            stats.commits += 1;
+            stats.add_commit(records, rows, dead_letters, files);
             if let Some(h) = &hooks.on_commit {
                 h(&CommitInfo {
                     stream: committer.describe().to_string(),

@@ -195,6 +195,17 @@ pub struct IngestStats {
     pub conflicts: u64,
 }
 
+impl IngestStats {
+    /// Counts one successful commit of `records` consumed records.
+    pub fn add_commit(&mut self, records: u64, rows: u64, dead_letters: u64, files: u64) {
+        self.records += records;
+        self.rows += rows;
+        self.dead_letters += dead_letters;
+        self.files += files;
+        self.commits += 1;
+    }
+}
+
 /// A commit that happened, as reported to [`IngestHooks::on_commit`].
 #[derive(Debug, Clone)]
 pub struct CommitInfo {
@@ -287,11 +298,7 @@ impl Shared {
                 dead_letters,
                 files,
             } => {
-                stats.records += records;
-                stats.rows += rows;
-                stats.dead_letters += dead_letters;
-                stats.files += files;
-                stats.commits += 1;
+                stats.add_commit(records, rows, dead_letters, files);
                 drop(stats);
                 if let Some(h) = &self.hooks.on_commit {
                     h(&CommitInfo {

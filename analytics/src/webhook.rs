@@ -213,6 +213,20 @@ fn authorized(state: &WebhookState, headers: &HeaderMap, query: &[(String, Strin
         .any(|t| same_secret(t.as_bytes(), state.secret.as_bytes()))
 }
 
+/// The 401 response when the caller did not present the secret, else `None`.
+fn require_secret(
+    state: &WebhookState,
+    headers: &HeaderMap,
+    query: &[(String, String)],
+) -> Option<Response> {
+    (!authorized(state, headers, query)).then(|| {
+        reject(
+            StatusCode::UNAUTHORIZED,
+            json!({"error": "missing or wrong webhook secret"}),
+        )
+    })
+}
+
 fn reject(status: StatusCode, body: Value) -> Response {
     (status, Json(body)).into_response()
 }
@@ -224,11 +238,8 @@ async fn callback(
     body: Bytes,
 ) -> Response {
     let query = query_pairs(q.as_deref());
-    if !authorized(&state, &headers, &query) {
-        return reject(
-            StatusCode::UNAUTHORIZED,
-            json!({"error": "missing or wrong webhook secret"}),
-        );
+    if let Some(denied) = require_secret(&state, &headers, &query) {
+        return denied;
     }
     // Rebuild the callback as the JSON callback shape so it goes through the one decoder.
     let mut obj = Map::new();
@@ -280,11 +291,8 @@ async fn events(
     body: Bytes,
 ) -> Response {
     let query = query_pairs(q.as_deref());
-    if !authorized(&state, &headers, &query) {
-        return reject(
-            StatusCode::UNAUTHORIZED,
-            json!({"error": "missing or wrong webhook secret"}),
-        );
+    if let Some(denied) = require_secret(&state, &headers, &query) {
+        return denied;
     }
     let trimmed = body.trim_ascii();
     let items: Vec<Box<serde_json::value::RawValue>> = if trimmed.starts_with(b"[") {
