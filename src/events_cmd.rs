@@ -5,6 +5,8 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{bail, Context, Result};
+use broadside_analytics::api::{api_router, ApiConfig, TokenSet};
+use broadside_analytics::query::Catalog;
 use broadside_analytics::suppression::{build_suppression, SuppressionBuildConfig};
 use broadside_analytics::webhook::{webhook_router, WebhookConfig, WebhookSink};
 use broadside_analytics::{
@@ -150,38 +152,78 @@ pub struct ServeOptions {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub listen: String,
-    /// Store root (events are written here unless --brokers is given).
+    /// Store root: events are written here (unless --brokers is given) and queried from here.
     #[arg(long, default_value = "store")]
     pub store: PathBuf,
-    /// Shared secret callers present as a bearer token or `token=` (16+ characters).
+    /// Token file for the analytics API (`[[tokens]]` with sha256 and workspaces; see
+    /// `broadside token new`). Without it the analytics routes are not served.
+    #[arg(long, env = "BROADSIDE_TOKENS")]
+    pub tokens: Option<PathBuf>,
+    /// Shared secret webhook callers present as a bearer token or `token=` (16+ characters).
+    /// Without it the webhook routes are not served.
     #[arg(long, env = "BROADSIDE_WEBHOOK_SECRET")]
-    pub webhook_secret: String,
-    /// Produce accepted events to Kafka instead of writing the store.
+    pub webhook_secret: Option<String>,
+    /// Produce accepted webhook events to Kafka instead of writing the store.
     #[arg(long, env = "BROADSIDE_KAFKA_BROKERS")]
     pub brokers: Option<String>,
     /// Topic for produced events.
     #[arg(long, default_value = "broadside.events")]
     pub webhook_topic: String,
+    /// Folder of historical bounce CSV exports that `POST /historical-bounces/backfill` imports.
+    #[arg(long)]
+    pub bounce_history: Option<PathBuf>,
+    /// Seconds between rollup refreshes (0: never; queries then scan raw events).
+    #[arg(long, default_value_t = 60)]
+    pub rollup_every: u64,
+    #[command(flatten)]
+    pub limits: crate::analytics_cmd::LimitOptions,
 }
 
-/// Runs `broadside serve` (webhook intake) until SIGINT/SIGTERM.
+/// Runs `broadside serve` (analytics API and/or webhook intake) until SIGINT/SIGTERM.
 pub fn serve(o: &ServeOptions) -> Result<()> {
-    let sink = match &o.brokers {
-        Some(b) => WebhookSink::kafka(b, &o.webhook_topic)?,
-        None => WebhookSink::Store {
-            store: o.store.clone(),
-        },
-    };
-    let app = webhook_router(WebhookConfig::new(o.webhook_secret.clone()), sink)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the HTTP runtime")?;
+    let mut app = axum::Router::new();
+    let mut served = Vec::new();
+    if let Some(secret) = &o.webhook_secret {
+        let sink = match &o.brokers {
+            Some(b) => WebhookSink::kafka(b, &o.webhook_topic)?,
+            None => WebhookSink::Store {
+                store: o.store.clone(),
+            },
+        };
+        app = app.merge(webhook_router(WebhookConfig::new(secret.clone()), sink)?);
+        served.push("webhooks (/webhooks/callback, /webhooks/events)");
+    }
+    if let Some(tokens) = &o.tokens {
+        let tokens = TokenSet::load(tokens)?;
+        let catalog = Catalog::new(&o.store).with_limits(o.limits.limits());
+        if o.rollup_every > 0 {
+            let c = std::sync::Arc::new(catalog.clone());
+            let every = std::time::Duration::from_secs(o.rollup_every);
+            rt.spawn(async move { broadside_analytics::rollup::spawn_refresher(c, every) });
+        }
+        app = app.merge(api_router(ApiConfig {
+            catalog,
+            tokens,
+            bounce_history: o.bounce_history.clone(),
+        }));
+        served.push("analytics API (see /openapi.json)");
+    }
+    if served.is_empty() {
+        bail!("nothing to serve: give --tokens FILE (analytics API) and/or --webhook-secret (webhooks)");
+    }
     rt.block_on(async {
         let listener = tokio::net::TcpListener::bind(&o.listen)
             .await
             .with_context(|| format!("listening on {}", o.listen))?;
-        eprintln!("serving webhooks on http://{}", listener.local_addr()?);
+        eprintln!(
+            "serving {} on http://{}",
+            served.join(" and "),
+            listener.local_addr()?
+        );
         axum::serve(listener, app)
             .with_graceful_shutdown(async {
                 let _ = tokio::signal::ctrl_c().await;

@@ -1,6 +1,8 @@
 //! The `broadside` command line: sends, synthetic data, explanations and benchmarks.
 
+mod analytics_cmd;
 mod bench;
+mod erp_cmd;
 mod events_cmd;
 mod generate;
 mod progress;
@@ -51,6 +53,14 @@ enum Command {
         /// Never draw the progress bar.
         #[arg(long)]
         no_progress: bool,
+        /// Read only shard I of N (0-based) of an ERP source; see docs/erp.md.
+        #[arg(long, value_parser = broadside_pipeline::spec::Shard::parse)]
+        shard: Option<broadside_pipeline::spec::Shard>,
+    },
+    /// The ERP (SQL Server) source.
+    Erp {
+        #[command(subcommand)]
+        command: erp_cmd::ErpCommand,
     },
     /// Write deterministic synthetic recipients, suppression lists and a campaign spec.
     Generate(generate::GenerateOptions),
@@ -74,8 +84,30 @@ enum Command {
         #[command(subcommand)]
         command: SuppressionCommand,
     },
-    /// Serve the webhook intake (provider callbacks and JSON batches).
+    /// Serve the analytics API (statistics, time series, events, bounces, runs, logs, SQL)
+    /// and/or the webhook intake.
     Serve(events_cmd::ServeOptions),
+    /// Read-only SQL over the store (one statement, or a prompt reading stdin).
+    Sql(analytics_cmd::SqlOptions),
+    /// Bring the hourly rollups up to date with the event store.
+    Rollup {
+        /// Store root.
+        #[arg(long, default_value = "store")]
+        store: PathBuf,
+        /// Only this workspace.
+        #[arg(long)]
+        workspace: Option<String>,
+    },
+    /// API tokens.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+    /// Historical bounces (the email system's bounce history).
+    Bounces {
+        #[command(subcommand)]
+        command: BouncesCommand,
+    },
     /// End-to-end capacity benchmark: rows/s per stage and peak RSS per campaign size.
     Bench(bench::BenchOptions),
 }
@@ -100,6 +132,41 @@ enum SuppressionCommand {
     },
 }
 
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Print a new random token and the token-file entry (its SHA-256) for `serve --tokens`.
+    New {
+        /// A name for the token (shown in logs).
+        #[arg(long)]
+        name: String,
+        /// A workspace the token may read (repeatable).
+        #[arg(long = "workspace")]
+        workspaces: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum BouncesCommand {
+    /// Import historical bounce CSV exports (files or folders) into the store.
+    Import {
+        /// CSV files or folders of CSV files.
+        #[arg(required = true)]
+        sources: Vec<PathBuf>,
+        /// Store root.
+        #[arg(long, default_value = "store")]
+        store: PathBuf,
+        /// Workspace the bounces belong to.
+        #[arg(long)]
+        workspace: String,
+        /// Only rows bounced at or after (YYYY-MM-DD or RFC 3339).
+        #[arg(long, conflicts_with = "full")]
+        since: Option<String>,
+        /// Replace every earlier import of the workspace.
+        #[arg(long)]
+        full: bool,
+    },
+}
+
 fn init_logs(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("BROADSIDE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -120,6 +187,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             dry_run,
             workers,
             no_progress,
+            shard,
         } => {
             send::send(&send::SendOptions {
                 spec,
@@ -127,8 +195,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 dry_run,
                 workers,
                 progress: !no_progress && std::io::stderr().is_terminal(),
+                shard,
             })?;
         }
+        Command::Erp { command } => erp_cmd::run(command)?,
         Command::Generate(o) => {
             let spec = generate::generate(&o)?;
             println!("next: broadside send {}", spec.display());
@@ -160,6 +230,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 },
         } => events_cmd::suppression_build(store, workspace, out, bounces)?,
         Command::Serve(o) => events_cmd::serve(&o)?,
+        Command::Sql(o) => analytics_cmd::sql(&o)?,
+        Command::Rollup { store, workspace } => analytics_cmd::rollup(store, workspace)?,
+        Command::Token {
+            command: TokenCommand::New { name, workspaces },
+        } => analytics_cmd::token_new(name, workspaces)?,
+        Command::Bounces {
+            command:
+                BouncesCommand::Import {
+                    sources,
+                    store,
+                    workspace,
+                    since,
+                    full,
+                },
+        } => analytics_cmd::bounces_import(store, workspace, sources, since, full)?,
         Command::Bench(o) => {
             bench::bench(&o)?;
         }

@@ -38,6 +38,8 @@ pub struct SendOptions {
     pub workers: Option<usize>,
     /// Show a progress bar (stderr is a terminal).
     pub progress: bool,
+    /// Read only this shard of an ERP source (`--shard I/N`); the run id gets a `-sIofN` suffix.
+    pub shard: Option<broadside_pipeline::spec::Shard>,
 }
 
 /// A fresh run id: UTC time plus a random suffix.
@@ -71,9 +73,7 @@ fn input_fingerprint(spec: &CampaignSpec) -> FileFingerprint {
             "synthetic rows={} seed={} invalid_share={}",
             s.rows, s.seed, s.invalid_share
         )),
-        SourceSpec::Erp(e) => {
-            FileFingerprint::described(format!("erp {}:{}/{}", e.host, e.port, e.database))
-        }
+        SourceSpec::Erp(e) => FileFingerprint::described(broadside_sources::erp::fingerprint(e)),
     }
 }
 
@@ -113,7 +113,13 @@ fn load_suppression(spec: &CampaignSpec) -> Result<(SuppressionIndex, Vec<FileFi
 
 /// Runs (or resumes) a send and returns its run record (a dry run saves nothing).
 pub fn send(opts: &SendOptions) -> Result<RunRecord> {
-    let spec = CampaignSpec::load(&opts.spec)?;
+    let mut spec = CampaignSpec::load(&opts.spec)?;
+    if let Some(shard) = opts.shard {
+        match &mut spec.source {
+            SourceSpec::Erp(e) => e.shard = Some(shard),
+            _ => bail!("--shard splits an ERP source by its key; this spec's source is not erp"),
+        }
+    }
     let spec_text =
         std::fs::read(&opts.spec).with_context(|| format!("reading {}", opts.spec.display()))?;
     let spec_hash = format!("{:016x}", xxh3_64(&spec_text));
@@ -130,6 +136,11 @@ pub fn send(opts: &SendOptions) -> Result<RunRecord> {
             r.clone()
         }
         None => new_run_id(),
+    };
+    // Each shard is its own run (own record, ledger and IFUR files), named after its share.
+    let run_id = match opts.shard {
+        Some(s) => format!("{run_id}-s{}of{}", s.index, s.count),
+        None => run_id,
     };
     let record_path = store.run_record(&spec.workspace_id, &run_id);
     let input = input_fingerprint(&spec);

@@ -45,7 +45,7 @@ fn webhook_events_reach_the_store_and_need_the_secret() {
             .next()
             .expect("serve exited before listening")
             .unwrap();
-        if let Some(rest) = line.strip_prefix("serving webhooks on http://") {
+        if let Some((_, rest)) = line.split_once(" on http://") {
             break rest.trim().to_string();
         }
     };

@@ -5,18 +5,28 @@
 //! - [`file`]: the same store fed from an NDJSON file (embedded default);
 //! - [`commit`]: the commit protocol both use;
 //! - [`webhook`]: the HTTP intake for provider callbacks and JSON batches;
-//! - [`suppression`]: suppression lists built from bounces, complaints and unsubscribes.
+//! - [`suppression`]: suppression lists built from bounces, complaints and unsubscribes;
+//! - [`query`]: the DataFusion catalog, statistics, time series, lists and analyst SQL;
+//! - [`rollup`]: hourly pre-aggregates kept beside the events;
+//! - [`historical`]: historical bounce imports;
+//! - [`api`]: the analytics HTTP API;
+//! - [`synth`]: deterministic synthetic events for tests and benchmarks.
 //!
 //! The event schema lives in `broadside_pipeline::event`.
 #![warn(missing_docs)]
 
+pub mod api;
 pub mod buffer;
 pub mod commit;
 pub mod decode;
 pub mod error;
 pub mod file;
+pub mod historical;
 pub mod kafka;
+pub mod query;
+pub mod rollup;
 pub mod suppression;
+pub mod synth;
 pub mod webhook;
 
 pub use broadside_pipeline::event;

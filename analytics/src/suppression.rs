@@ -188,7 +188,7 @@ pub fn build_suppression(cfg: &SuppressionBuildConfig) -> Result<SuppressionSnap
 }
 
 /// Quotes a CSV field when it needs it (an address may legally contain `"` or `,`).
-fn csv_field(s: &str) -> String {
+pub(crate) fn csv_field(s: &str) -> String {
     if s.contains([',', '"', '\n', '\r']) {
         format!("\"{}\"", s.replace('"', "\"\""))
     } else {
@@ -278,7 +278,7 @@ fn scan_event_file(
 }
 
 /// Splits one CSV line (RFC 4180 quoting; no embedded newlines in bounce exports).
-fn split_csv(line: &str) -> Vec<String> {
+pub(crate) fn split_csv(line: &str) -> Vec<String> {
     let mut out = Vec::new();
     let mut cur = String::new();
     let mut quoted = false;

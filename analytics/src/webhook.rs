@@ -194,7 +194,7 @@ fn query_pairs(q: Option<&str>) -> Vec<(String, String)> {
 }
 
 /// Constant-time comparison, so response timing does not reveal the secret.
-fn same_secret(a: &[u8], b: &[u8]) -> bool {
+pub(crate) fn same_secret(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 

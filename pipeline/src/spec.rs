@@ -74,8 +74,8 @@ pub enum SourceSpec {
     Parquet(ParquetSourceSpec),
     /// Deterministic generated recipients (`broadside generate` semantics).
     Synthetic(SyntheticSourceSpec),
-    /// Microsoft SQL Server ERP (see issue "ERP source").
-    Erp(ErpSourceSpec),
+    /// Microsoft SQL Server ERP (see `docs/erp.md`); boxed, being much larger than the others.
+    Erp(Box<ErpSourceSpec>),
 }
 
 /// CSV source settings.
@@ -123,27 +123,420 @@ fn default_invalid_share() -> f64 {
     0.02
 }
 
-/// ERP (SQL Server) source settings. Reading from it arrives with the ERP source issue.
+/// ERP (SQL Server) source settings. See `docs/erp.md`.
+///
+/// Broadside wraps the query as `SELECT * FROM (query) AS bs_source [WHERE shard] ORDER BY
+/// bs_source.[key_column]`, so the query itself must not end in `ORDER BY`: the order is always
+/// the key's, which makes a resumed (replayed) or sharded run read the same rows in the same order.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ErpSourceSpec {
-    /// Server host name.
+    /// Server host name or address.
     pub host: String,
-    /// TCP port.
-    #[serde(default = "default_mssql_port")]
-    pub port: u16,
+    /// TCP port (default 1433; with `instance` and no port, the SQL Browser service is asked).
+    #[serde(default)]
+    pub port: Option<u16>,
+    /// Named instance (`HOST\INSTANCE`), resolved through SQL Browser (UDP 1434) unless `port` is set.
+    #[serde(default)]
+    pub instance: Option<String>,
     /// Database name.
     pub database: String,
-    /// Login name.
+    /// SQL login name.
     pub user: String,
-    /// Environment variable holding the password (never a literal).
-    pub password_env: String,
-    /// The recipient query; must `ORDER BY` a unique key for resumable sends.
+    /// Environment variable holding the password (never a literal). One of `password_env` and `password_file`.
+    #[serde(default)]
+    pub password_env: Option<String>,
+    /// File holding the password (e.g. a Docker/Kubernetes secret); one trailing newline is ignored.
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// TLS: `off` (only the login packet is encrypted), `on`, `required` (default), or
+    /// `not_supported` (no TLS at all, for servers without it).
+    #[serde(default)]
+    pub encryption: ErpEncryption,
+    /// Accept any server certificate (development only: it disables server authentication).
+    #[serde(default)]
+    pub trust_server_certificate: bool,
+    /// PEM/DER file of the CA (or self-signed certificate) to trust instead of the system roots.
+    #[serde(default)]
+    pub trust_cert_ca: Option<PathBuf>,
+    /// The recipient query. Values go in as typed parameters `@P1`, `@P2`, … (see `params`), never
+    /// interpolated. No trailing `ORDER BY`: Broadside orders by `key_column`.
     pub query: String,
+    /// Typed query parameters, bound in order to `@P1`, `@P2`, ….
+    #[serde(default)]
+    pub params: Vec<ErpParam>,
+    /// A unique, non-null column of the query's result: the sort order of the read (so a resumed
+    /// run replays the same rows in the same order) and the shard hash input.
+    pub key_column: String,
+    /// Seconds allowed for the TCP connection plus the login handshake.
+    #[serde(default = "default_login_timeout")]
+    pub login_timeout_secs: u64,
+    /// Seconds the server may stay silent while a result is read (time to first row, or a
+    /// mid-stream stall; a slow pipeline does not count). 0 waits forever.
+    #[serde(default = "default_query_timeout")]
+    pub query_timeout_secs: u64,
+    /// This worker's share of a sharded send (`broadside send --shard I/N`); not read from TOML.
+    #[serde(skip)]
+    pub shard: Option<Shard>,
 }
 
-fn default_mssql_port() -> u16 {
-    1433
+fn default_login_timeout() -> u64 {
+    15
+}
+
+fn default_query_timeout() -> u64 {
+    300
+}
+
+impl ErpSourceSpec {
+    /// The port to connect to when none is configured and no instance is named.
+    pub const DEFAULT_PORT: u16 = 1433;
+
+    /// `host[\instance][:port]/database`, for messages (never contains the password).
+    pub fn server(&self) -> String {
+        let mut s = self.host.clone();
+        if let Some(i) = &self.instance {
+            s.push('\\');
+            s.push_str(i);
+        }
+        match (self.port, &self.instance) {
+            (Some(p), _) => s.push_str(&format!(":{p}")),
+            (None, None) => s.push_str(&format!(":{}", Self::DEFAULT_PORT)),
+            (None, Some(_)) => {}
+        }
+        format!("{s}/{}", self.database)
+    }
+
+    /// Every problem with these settings (prefixed `source.`).
+    pub fn problems(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        if self.host.trim().is_empty() {
+            p.push("source.host must not be empty".into());
+        }
+        if self.database.trim().is_empty() {
+            p.push("source.database must not be empty".into());
+        }
+        if self.user.trim().is_empty() {
+            p.push("source.user must not be empty".into());
+        }
+        match (&self.password_env, &self.password_file) {
+            (None, None) => p.push(
+                "source.password_env or source.password_file must name where the password is (never a literal)"
+                    .into(),
+            ),
+            (Some(_), Some(_)) => {
+                p.push("source.password_env and source.password_file: give only one".into())
+            }
+            (Some(e), None) if e.trim().is_empty() || e.contains('=') => {
+                p.push(format!("source.password_env {e:?} is not an environment variable name"))
+            }
+            _ => {}
+        }
+        if self.port == Some(0) {
+            p.push("source.port must be between 1 and 65535".into());
+        }
+        if self.key_column.trim().is_empty() {
+            p.push("source.key_column must name a unique column of the query".into());
+        }
+        if self.query.trim().is_empty() {
+            p.push("source.query must not be empty".into());
+        } else if ends_with_order_by(&self.query) {
+            p.push(
+                "source.query must not end with ORDER BY: Broadside orders the rows by source.key_column itself"
+                    .into(),
+            );
+        }
+        if self.query.contains(';') && self.query.trim_end().trim_end_matches(';').contains(';') {
+            p.push("source.query must be a single SELECT statement".into());
+        }
+        let max_param = max_param_ref(&self.query);
+        if max_param > self.params.len() {
+            p.push(format!(
+                "source.query uses @P{max_param} but only {} source.params are given",
+                self.params.len()
+            ));
+        }
+        for (i, param) in self.params.iter().enumerate() {
+            if let Err(e) = param.check() {
+                p.push(format!("source.params[{i}] (@P{}): {e}", i + 1));
+            }
+        }
+        if self.login_timeout_secs == 0 {
+            p.push("source.login_timeout_secs must be greater than 0".into());
+        }
+        p
+    }
+}
+
+/// Whether the query text's last clause is an `ORDER BY` (outside strings and comments).
+fn ends_with_order_by(query: &str) -> bool {
+    let code = strip_literals(query).to_ascii_uppercase();
+    let Some(pos) = find_last_word(&code, "ORDER") else {
+        return false;
+    };
+    // An ORDER BY inside parentheses (a window function, a subquery with TOP) is fine.
+    let tail = &code[pos..];
+    let mut depth = 0i32;
+    for c in tail.chars() {
+        match c {
+            '(' => depth += 1,
+            ')' => depth -= 1,
+            _ => {}
+        }
+    }
+    let before = &code[..pos];
+    let open = before.matches('(').count() as i32 - before.matches(')').count() as i32;
+    open == 0 && depth <= 0 && tail[5..].trim_start().starts_with("BY")
+}
+
+fn find_last_word(code: &str, word: &str) -> Option<usize> {
+    let b = code.as_bytes();
+    let mut found = None;
+    let mut from = 0;
+    while let Some(i) = code[from..].find(word) {
+        let at = from + i;
+        let end = at + word.len();
+        let ok_before = at == 0 || !(b[at - 1].is_ascii_alphanumeric() || b[at - 1] == b'_');
+        let ok_after = end >= b.len() || !(b[end].is_ascii_alphanumeric() || b[end] == b'_');
+        if ok_before && ok_after {
+            found = Some(at);
+        }
+        from = end;
+    }
+    found
+}
+
+/// The query with string literals, quoted identifiers and comments blanked out.
+fn strip_literals(query: &str) -> String {
+    let mut out = String::with_capacity(query.len());
+    let mut chars = query.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\'' | '[' | '"' => {
+                let close = if c == '[' { ']' } else { c };
+                out.push(' ');
+                while let Some(d) = chars.next() {
+                    if d == close {
+                        if chars.peek() == Some(&close) {
+                            chars.next();
+                            continue;
+                        }
+                        break;
+                    }
+                }
+                out.push(' ');
+            }
+            '-' if chars.peek() == Some(&'-') => {
+                for d in chars.by_ref() {
+                    if d == '\n' {
+                        break;
+                    }
+                }
+                out.push('\n');
+            }
+            '/' if chars.peek() == Some(&'*') => {
+                chars.next();
+                let mut prev = ' ';
+                for d in chars.by_ref() {
+                    if prev == '*' && d == '/' {
+                        break;
+                    }
+                    prev = d;
+                }
+                out.push(' ');
+            }
+            _ => out.push(c),
+        }
+    }
+    out
+}
+
+/// The highest `@Pn` the query refers to (0 when none).
+fn max_param_ref(query: &str) -> usize {
+    let code = strip_literals(query);
+    let b = code.as_bytes();
+    let mut max = 0;
+    for i in 0..b.len() {
+        if b[i] == b'@' && i + 1 < b.len() && (b[i + 1] == b'P' || b[i + 1] == b'p') {
+            let digits: String = code[i + 2..]
+                .chars()
+                .take_while(|c| c.is_ascii_digit())
+                .collect();
+            if let Ok(n) = digits.parse::<usize>() {
+                max = max.max(n);
+            }
+        }
+    }
+    max
+}
+
+/// TLS setting of the ERP connection (TDS `ENCRYPTION` pre-login option).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErpEncryption {
+    /// Only the login packet is encrypted.
+    Off,
+    /// Encrypt the whole session if the server can.
+    On,
+    /// Encrypt the whole session or refuse to connect.
+    #[default]
+    Required,
+    /// No TLS at all, not even for the login (servers without TLS support only).
+    NotSupported,
+}
+
+/// One typed query parameter.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ErpParam {
+    /// SQL type the value is sent as.
+    #[serde(rename = "type")]
+    pub sql_type: ErpParamType,
+    /// The value (TOML string, integer, float or boolean as fits the type); omit for NULL.
+    #[serde(default)]
+    pub value: Option<ErpParamValue>,
+}
+
+/// SQL type of a query parameter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ErpParamType {
+    /// `bit` (TOML boolean).
+    Bit,
+    /// `int` (TOML integer).
+    Int,
+    /// `bigint` (TOML integer).
+    Bigint,
+    /// `float` (TOML number).
+    Float,
+    /// `decimal` (TOML string such as `"12.50"`, exact).
+    Decimal,
+    /// `nvarchar` (TOML string).
+    Nvarchar,
+    /// `date` (TOML string `YYYY-MM-DD`).
+    Date,
+    /// `datetime2` (TOML string `YYYY-MM-DDTHH:MM:SS[.fffffff]`).
+    Datetime2,
+    /// `uniqueidentifier` (TOML string).
+    Uniqueidentifier,
+}
+
+/// A parameter value as written in TOML.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum ErpParamValue {
+    /// `true` / `false`.
+    Bool(bool),
+    /// An integer.
+    Int(i64),
+    /// A float.
+    Float(f64),
+    /// A string (decimals, dates, GUIDs and text).
+    Text(String),
+}
+
+impl ErpParam {
+    /// Checks the value fits the type.
+    pub fn check(&self) -> std::result::Result<(), String> {
+        use ErpParamType as T;
+        use ErpParamValue as V;
+        let Some(v) = &self.value else {
+            return Ok(());
+        };
+        let ok = match (self.sql_type, v) {
+            (T::Bit, V::Bool(_)) => true,
+            (T::Int, V::Int(i)) => i32::try_from(*i).is_ok(),
+            (T::Bigint, V::Int(_)) => true,
+            (T::Float, V::Float(_) | V::Int(_)) => true,
+            (T::Nvarchar, V::Text(_)) => true,
+            (T::Decimal, V::Text(t)) => parse_decimal(t).is_some(),
+            (T::Date, V::Text(t)) => chrono::NaiveDate::parse_from_str(t, "%Y-%m-%d").is_ok(),
+            (T::Datetime2, V::Text(t)) => parse_datetime(t).is_some(),
+            (T::Uniqueidentifier, V::Text(t)) => is_guid(t),
+            _ => false,
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(format!("value {v:?} is not a valid {:?}", self.sql_type).to_lowercase())
+        }
+    }
+}
+
+/// Parses `[-]digits[.digits]` into (unscaled value, scale), at most 38 digits.
+pub fn parse_decimal(t: &str) -> Option<(i128, u8)> {
+    let t = t.trim();
+    let (neg, body) = match t.strip_prefix('-') {
+        Some(b) => (true, b),
+        None => (false, t.strip_prefix('+').unwrap_or(t)),
+    };
+    let (int, frac) = body.split_once('.').unwrap_or((body, ""));
+    if int.is_empty() && frac.is_empty() {
+        return None;
+    }
+    if !int.bytes().chain(frac.bytes()).all(|b| b.is_ascii_digit()) || int.len() + frac.len() > 38 {
+        return None;
+    }
+    let digits = format!("{int}{frac}");
+    let v: i128 = if digits.is_empty() {
+        0
+    } else {
+        digits.parse().ok()?
+    };
+    Some((if neg { -v } else { v }, frac.len() as u8))
+}
+
+/// Parses a `datetime2` parameter value.
+pub fn parse_datetime(t: &str) -> Option<chrono::NaiveDateTime> {
+    ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f"]
+        .iter()
+        .find_map(|f| chrono::NaiveDateTime::parse_from_str(t, f).ok())
+}
+
+fn is_guid(t: &str) -> bool {
+    let t = t.trim_matches(|c| c == '{' || c == '}');
+    let groups: Vec<&str> = t.split('-').collect();
+    groups.len() == 5
+        && groups
+            .iter()
+            .zip([8, 4, 4, 4, 12])
+            .all(|(g, n)| g.len() == n && g.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+/// One worker's share of a sharded send: shard `index` of `count` (0-based).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Shard {
+    /// This worker's shard, `0..count`.
+    pub index: u32,
+    /// Number of shards.
+    pub count: u32,
+}
+
+impl Shard {
+    /// Parses `I/N` (0-based `I`, `I < N`).
+    pub fn parse(s: &str) -> std::result::Result<Shard, String> {
+        let (i, n) = s
+            .split_once('/')
+            .ok_or_else(|| format!("shard {s:?} must be I/N, e.g. 0/4"))?;
+        let index: u32 = i
+            .trim()
+            .parse()
+            .map_err(|_| format!("shard index {i:?} is not a number"))?;
+        let count: u32 = n
+            .trim()
+            .parse()
+            .map_err(|_| format!("shard count {n:?} is not a number"))?;
+        if count == 0 || index >= count {
+            return Err(format!("shard {s:?}: need 0 <= I < N and N >= 1"));
+        }
+        Ok(Shard { index, count })
+    }
+}
+
+impl std::fmt::Display for Shard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.index, self.count)
+    }
 }
 
 /// Which source column feeds each recipient field. Unmapped fields are absent.
@@ -483,7 +876,8 @@ impl CampaignSpec {
                     p.push("source.invalid_share must be between 0 and 1".into());
                 }
             }
-            SourceSpec::Parquet(_) | SourceSpec::Erp(_) => {}
+            SourceSpec::Erp(e) => p.extend(e.problems()),
+            SourceSpec::Parquet(_) => {}
         }
         p
     }
@@ -578,5 +972,138 @@ hot_folder = "hot"
         for f in ["address1", "zip", "country"] {
             assert!(err.contains(&format!("columns.{f}")), "{err}");
         }
+    }
+
+    const ERP: &str = r#"
+campaign_id = "c1"
+channel = "email"
+[source]
+type = "erp"
+host = "db"
+database = "ERP"
+user = "reader"
+password_env = "PW"
+key_column = "Id"
+query = "SELECT Id, Email, First FROM dbo.Customers WHERE Active = @P1"
+[[source.params]]
+type = "bit"
+value = true
+[columns]
+email = "Email"
+first_name = "First"
+[[variants]]
+name = "A"
+weight = 1
+template = "t"
+[output]
+store = "data"
+[megasys]
+hot_folder = "hot"
+"#;
+
+    #[test]
+    fn erp_spec_parses_with_defaults() {
+        let s = parse(ERP).unwrap();
+        let SourceSpec::Erp(e) = &s.source else {
+            panic!("not erp")
+        };
+        assert_eq!(e.encryption, ErpEncryption::Required);
+        assert_eq!(e.server(), "db:1433/ERP");
+        assert_eq!(e.login_timeout_secs, 15);
+        assert_eq!(e.params.len(), 1);
+    }
+
+    #[test]
+    fn erp_spec_problems_are_all_listed() {
+        let text = ERP
+            .replace(
+                "password_env = \"PW\"",
+                "password_env = \"PW\"\npassword_file = \"pw\"",
+            )
+            .replace(
+                "WHERE Active = @P1",
+                "WHERE Active = @P1 AND Since > @P2 ORDER BY Id",
+            )
+            .replace("value = true", "value = 3");
+        let err = parse(&text).unwrap_err().to_string();
+        for want in [
+            "give only one",
+            "must not end with ORDER BY",
+            "uses @P2 but only 1",
+            "params[0] (@P1)",
+        ] {
+            assert!(err.contains(want), "{want:?} not in {err}");
+        }
+        let text = ERP.replace("password_env = \"PW\"\n", "");
+        assert!(parse(&text)
+            .unwrap_err()
+            .to_string()
+            .contains("never a literal"));
+        let text = ERP.replace("key_column = \"Id\"\n", "");
+        assert!(parse(&text).unwrap_err().to_string().contains("key_column"));
+        let text = ERP.replace("password_env", "password");
+        assert!(parse(&text)
+            .unwrap_err()
+            .to_string()
+            .contains("unknown field `password`"));
+    }
+
+    #[test]
+    fn order_by_is_refused_only_at_the_end_of_the_query() {
+        assert!(ends_with_order_by("SELECT a FROM t ORDER BY a"));
+        assert!(ends_with_order_by(
+            "SELECT a FROM t order  by a DESC -- newest"
+        ));
+        assert!(!ends_with_order_by(
+            "SELECT a, ROW_NUMBER() OVER (ORDER BY a) AS n FROM t"
+        ));
+        assert!(!ends_with_order_by("SELECT a FROM t WHERE b = 'ORDER BY'"));
+        assert!(!ends_with_order_by("SELECT [order by] FROM t"));
+        assert!(!ends_with_order_by(
+            "SELECT a FROM (SELECT TOP 10 a FROM t ORDER BY a) AS x"
+        ));
+    }
+
+    #[test]
+    fn params_check_their_values() {
+        let p = |t: ErpParamType, v: ErpParamValue| ErpParam {
+            sql_type: t,
+            value: Some(v),
+        };
+        assert!(
+            p(ErpParamType::Decimal, ErpParamValue::Text("-12.50".into()))
+                .check()
+                .is_ok()
+        );
+        assert_eq!(parse_decimal("-12.50"), Some((-1250, 2)));
+        assert!(p(ErpParamType::Decimal, ErpParamValue::Text("1e3".into()))
+            .check()
+            .is_err());
+        assert!(p(ErpParamType::Int, ErpParamValue::Int(1 << 40))
+            .check()
+            .is_err());
+        assert!(p(ErpParamType::Bigint, ErpParamValue::Int(1 << 40))
+            .check()
+            .is_ok());
+        assert!(
+            p(ErpParamType::Date, ErpParamValue::Text("2024-02-30".into()))
+                .check()
+                .is_err()
+        );
+        assert!(p(
+            ErpParamType::Uniqueidentifier,
+            ErpParamValue::Text("{6F9619FF-8B86-D011-B42D-00C04FC964FF}".into())
+        )
+        .check()
+        .is_ok());
+        assert_eq!(max_param_ref("SELECT @P12, '@P99' FROM t -- @P77"), 12);
+    }
+
+    #[test]
+    fn shards_parse() {
+        assert_eq!(Shard::parse("2/4").unwrap(), Shard { index: 2, count: 4 });
+        assert!(Shard::parse("4/4").is_err());
+        assert!(Shard::parse("0/0").is_err());
+        assert!(Shard::parse("1").is_err());
     }
 }

@@ -96,6 +96,28 @@ pub fn commit_file(tmp: &Path, path: &Path) -> Result<()> {
     sync_dir(path.parent().unwrap_or(Path::new(".")))
 }
 
+fn dictionary_utf8() -> arrow_schema::DataType {
+    use arrow_schema::DataType;
+    DataType::Dictionary(Box::new(DataType::Int32), Box::new(DataType::Utf8))
+}
+
+/// Arrow schema of recipient-log (ledger) files, `recipient_logs/workspace_id=…/campaign_id=…/
+/// run_id=…/part-NNNNN.parquet` (see docs/store.md). Written by the send path, read by analytics.
+pub fn ledger_schema() -> arrow_schema::SchemaRef {
+    use arrow_schema::{DataType, Field, Schema};
+    std::sync::Arc::new(Schema::new(vec![
+        Field::new("row", DataType::UInt64, false),
+        Field::new("key", DataType::Utf8, true),
+        Field::new("variant", dictionary_utf8(), true),
+        Field::new("decision", dictionary_utf8(), false),
+        Field::new("reason", dictionary_utf8(), true),
+        Field::new("detail", DataType::Utf8, true),
+        Field::new("suppression_list", dictionary_utf8(), true),
+        Field::new("ifur_file", dictionary_utf8(), true),
+        Field::new("ifur_line", DataType::UInt32, true),
+    ]))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,7 +7,6 @@ use arrow_array::types::Int32Type;
 use arrow_array::{
     ArrayRef, DictionaryArray, Int32Array, RecordBatch, StringArray, UInt32Array, UInt64Array,
 };
-use arrow_schema::{DataType, Field, Schema, SchemaRef};
 use broadside_pipeline::model::{Decision, Reason, RecipientBatch, HOLDOUT_VARIANT, NO_VARIANT};
 use broadside_pipeline::runner::Sink;
 use broadside_pipeline::{Error, Result};
@@ -17,24 +16,8 @@ use parquet::schema::types::ColumnPath;
 
 use crate::parts::PartWriter;
 
-fn dict() -> DataType {
-    DataType::Dictionary(Box::new(DataType::Int32), Box::new(DataType::Utf8))
-}
-
-/// Arrow schema of recipient-log files.
-pub fn schema() -> SchemaRef {
-    Arc::new(Schema::new(vec![
-        Field::new("row", DataType::UInt64, false),
-        Field::new("key", DataType::Utf8, true),
-        Field::new("variant", dict(), true),
-        Field::new("decision", dict(), false),
-        Field::new("reason", dict(), true),
-        Field::new("detail", DataType::Utf8, true),
-        Field::new("suppression_list", dict(), true),
-        Field::new("ifur_file", dict(), true),
-        Field::new("ifur_line", DataType::UInt32, true),
-    ]))
-}
+/// Arrow schema of recipient-log files (defined with the store layout, which analytics reads).
+pub use broadside_pipeline::store::ledger_schema as schema;
 
 /// Writer properties shared by the ledger and event parts: LZ4 (the send path writes these at
 /// millions of rows per second; zstd cost ~10 % of the whole send), bounded row groups, no

@@ -1,8 +1,9 @@
-//! Recipient sources (CSV, Parquet, synthetic; the ERP source arrives with its own issue) and
-//! suppression-list loaders. Every source streams: memory does not grow with the input.
+//! Recipient sources (the SQL Server ERP, CSV, Parquet, synthetic) and suppression-list
+//! loaders. Every source streams: memory does not grow with the input.
 #![warn(missing_docs)]
 
 pub mod csv;
+pub mod erp;
 pub mod parquet;
 pub mod suppression;
 pub mod synthetic;
@@ -35,12 +36,8 @@ pub fn open_source(
     let mapping = spec.columns.source_columns();
     match &spec.source {
         SourceSpec::Csv(c) => {
-            let s = csv::CsvSource::open(
-                &spec.resolve(&c.path),
-                c.delimiter as u8,
-                &mapping,
-                layout,
-            )?;
+            let s =
+                csv::CsvSource::open(&spec.resolve(&c.path), c.delimiter as u8, &mapping, layout)?;
             let h = s.size_hint();
             Ok((Box::new(s), h))
         }
@@ -59,9 +56,17 @@ pub fn open_source(
             let h = src.size_hint();
             Ok((Box::new(src), h))
         }
-        SourceSpec::Erp(e) => Err(Error::source(
-            format!("erp {}:{}/{}", e.host, e.port, e.database),
-            "the ERP (SQL Server) source is not available in this build yet; use a csv, parquet or synthetic source",
-        )),
+        SourceSpec::Erp(e) => {
+            if e.shard.is_some() && spec.caps.billing_cap.is_some() {
+                return Err(Error::source(
+                    format!("erp {}", e.server()),
+                    "caps.billing_cap cannot be split across shards (each shard would apply the whole cap); run unsharded or drop the cap",
+                ));
+            }
+            let settings = erp::ErpSettings::new(e, |p| spec.resolve(p));
+            let s = erp::ErpSource::open(settings, &mapping, layout)?;
+            let h = s.size_hint();
+            Ok((Box::new(s), h))
+        }
     }
 }

@@ -1,0 +1,928 @@
+//! The analytics HTTP API (mounted by `broadside serve`): statistics, time series, events,
+//! bounces, runs, recipient logs and analyst SQL, JSON by default. docs/openapi.json describes
+//! every route and is served at `/openapi.json`.
+//!
+//! Every route but `/healthz` and `/openapi.json` needs `Authorization: Bearer <token>` and a
+//! `workspace_id` header. Tokens are configured as SHA-256 hashes with the workspaces each may
+//! read ([`TokenSet`]). No or unknown token: 401; a workspace the token may not read (or an
+//! invalid id): 403; a `workspace_id` query parameter that differs from the header: 403. The
+//! workspace then scopes the DataFusion session: its tables only list that workspace's files.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Path as UrlPath, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+use chrono::{DateTime, Duration, NaiveDate, Utc};
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, Result};
+use crate::historical::{self, ImportReport, ImportRequest};
+use crate::query::lists::{self, EventFilter, HistoricalFilter, LogFilter, DEFAULT_PAGE};
+use crate::query::runs::load_runs;
+use crate::query::sql::run_sql;
+use crate::query::stats::{campaign_statistics, StatsQuery};
+use crate::query::timeseries::{parse_tz, time_series, Granularity, SeriesQuery};
+use crate::query::{Catalog, QueryError, Scope};
+use broadside_pipeline::event::EventType;
+
+/// The OpenAPI document (checked in as docs/openapi.json).
+pub const OPENAPI: &str = include_str!("../../docs/openapi.json");
+
+/// Most rows `POST /sql` returns (the answer says when it truncated).
+pub const SQL_MAX_ROWS: usize = 10_000;
+
+/// One configured token.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenEntry {
+    /// A name for logs (never the token).
+    pub name: String,
+    /// Hex SHA-256 of the token.
+    pub sha256: String,
+    /// Workspaces the token may read.
+    pub workspaces: Vec<String>,
+}
+
+/// The configured tokens (a TOML file of `[[tokens]]` entries; see docs/analytics.md).
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenSet {
+    /// The entries.
+    pub tokens: Vec<TokenEntry>,
+}
+
+/// Hex SHA-256 of a token, as stored in the token file.
+pub fn token_hash(token: &str) -> String {
+    Sha256::digest(token.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+impl TokenSet {
+    /// Reads and checks a token file; every problem is listed.
+    pub fn load(path: &Path) -> Result<TokenSet> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let set: TokenSet = toml::from_str(&text).map_err(|e| Error::Config {
+            what: "token file",
+            problems: vec![format!("{}: {e}", path.display())],
+        })?;
+        let mut problems = Vec::new();
+        for (i, t) in set.tokens.iter().enumerate() {
+            if t.sha256.len() != 64 || !t.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+                problems.push(format!(
+                    "tokens[{i}] ({}): sha256 must be 64 hex digits (`broadside token new` prints one)",
+                    t.name
+                ));
+            }
+            for w in &t.workspaces {
+                if !crate::decode::valid_workspace_id(w) {
+                    problems.push(format!("tokens[{i}] ({}): invalid workspace {w:?}", t.name));
+                }
+            }
+        }
+        if set.tokens.is_empty() {
+            problems.push(format!("{}: no [[tokens]] entries", path.display()));
+        }
+        if problems.is_empty() {
+            Ok(set)
+        } else {
+            Err(Error::Config {
+                what: "token file",
+                problems,
+            })
+        }
+    }
+
+    fn find(&self, token: &str) -> Option<&TokenEntry> {
+        let h = token_hash(token);
+        self.tokens.iter().find(|t| {
+            crate::webhook::same_secret(t.sha256.to_ascii_lowercase().as_bytes(), h.as_bytes())
+        })
+    }
+}
+
+/// Status of a background historical-bounce backfill.
+#[derive(Debug, Clone, Serialize)]
+pub struct BackfillJob {
+    /// Job id.
+    pub job_id: String,
+    /// Workspace.
+    pub workspace_id: String,
+    /// `running`, `done` or `failed`.
+    pub status: &'static str,
+    /// When it was started.
+    pub started_at: DateTime<Utc>,
+    /// When it ended.
+    pub finished_at: Option<DateTime<Utc>>,
+    /// What it did, once done.
+    pub report: Option<ImportReport>,
+    /// Why it failed.
+    pub error: Option<String>,
+}
+
+/// Settings of the analytics API.
+#[derive(Debug, Clone)]
+pub struct ApiConfig {
+    /// The catalog (store and limits).
+    pub catalog: Catalog,
+    /// Accepted tokens.
+    pub tokens: TokenSet,
+    /// Folder of historical bounce CSV exports that `POST /historical-bounces/backfill` imports.
+    pub bounce_history: Option<PathBuf>,
+}
+
+struct ApiState {
+    catalog: Catalog,
+    tokens: TokenSet,
+    bounce_history: Option<PathBuf>,
+    jobs: Mutex<BTreeMap<String, BackfillJob>>,
+    next_job: AtomicU64,
+}
+
+/// The workspace a request was authorised for.
+#[derive(Debug, Clone)]
+struct Ws(String);
+
+/// A JSON error response.
+#[derive(Debug)]
+pub struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({"error": self.1}))).into_response()
+    }
+}
+
+impl From<QueryError> for ApiError {
+    fn from(e: QueryError) -> Self {
+        let status = match &e {
+            QueryError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            QueryError::NotFound(_) => StatusCode::NOT_FOUND,
+            QueryError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            _ if e.is_client_error() => StatusCode::BAD_REQUEST,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        if status == StatusCode::INTERNAL_SERVER_ERROR {
+            tracing::error!(error = %e, "query failed");
+        }
+        ApiError(status, e.to_string())
+    }
+}
+
+fn bad(msg: impl Into<String>) -> ApiError {
+    ApiError(StatusCode::BAD_REQUEST, msg.into())
+}
+
+type ApiResult<T> = std::result::Result<T, ApiError>;
+
+/// The analytics routes; merge with the webhook routes in `broadside serve`.
+pub fn api_router(cfg: ApiConfig) -> Router {
+    let state = Arc::new(ApiState {
+        catalog: cfg.catalog,
+        tokens: cfg.tokens,
+        bounce_history: cfg.bounce_history,
+        jobs: Mutex::new(BTreeMap::new()),
+        next_job: AtomicU64::new(1),
+    });
+    let authed = Router::new()
+        .route("/campaign-statistics/", get(statistics))
+        .route("/campaign-statistics", get(statistics))
+        .route("/campaign-statistics/{campaign_id}", get(campaign_stats))
+        .route(
+            "/campaign-statistics/{campaign_id}/time-series",
+            get(series),
+        )
+        .route("/campaign-events/", get(events))
+        .route("/campaign-events", get(events))
+        .route("/bounce-events/", get(bounce_events))
+        .route("/bounce-events", get(bounce_events))
+        .route("/bounce-events/{id}", get(bounce_event))
+        .route("/historical-bounces/", get(historical_list))
+        .route("/historical-bounces", get(historical_list))
+        .route("/historical-bounces/export", get(historical_export))
+        .route("/historical-bounces/backfill", post(backfill))
+        .route(
+            "/historical-bounces/backfill/{job_id}",
+            get(backfill_status),
+        )
+        .route("/campaign-runs/", get(runs))
+        .route("/campaign-runs", get(runs))
+        .route("/campaign-runs/{id}", get(run))
+        .route("/campaign-recipient-logs/", get(logs))
+        .route("/campaign-recipient-logs", get(logs))
+        .route("/campaign-recipient-logs/{id}", get(log))
+        .route("/sql", post(sql))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth))
+        .with_state(state);
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/openapi.json",
+            get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }),
+        )
+        .merge(authed)
+}
+
+async fn auth(
+    State(state): State<Arc<ApiState>>,
+    mut req: Request,
+    next: Next,
+) -> std::result::Result<Response, ApiError> {
+    let unauthorized = |m: &str| ApiError(StatusCode::UNAUTHORIZED, m.to_string());
+    let forbidden = |m: String| ApiError(StatusCode::FORBIDDEN, m);
+    let token = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .ok_or_else(|| unauthorized("missing Authorization: Bearer <token>"))?
+        .to_str()
+        .ok()
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or_else(|| unauthorized("Authorization must be `Bearer <token>`"))?;
+    let entry = state
+        .tokens
+        .find(token.trim())
+        .ok_or_else(|| unauthorized("unknown token"))?;
+    let ws = req
+        .headers()
+        .get("workspace_id")
+        .ok_or_else(|| forbidden("missing workspace_id header".into()))?
+        .to_str()
+        .map_err(|_| forbidden("workspace_id header is not text".into()))?
+        .to_string();
+    if !entry.workspaces.contains(&ws) || Scope::workspace(&ws).is_err() {
+        tracing::warn!(token = %entry.name, workspace = %ws, "workspace refused");
+        return Err(forbidden(format!(
+            "token {:?} may not read workspace {ws:?}",
+            entry.name
+        )));
+    }
+    let query_ws = form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes())
+        .filter(|(k, _)| k == "workspace_id")
+        .map(|(_, v)| v.into_owned())
+        .find(|v| *v != ws);
+    if let Some(q) = query_ws {
+        return Err(forbidden(format!(
+            "workspace_id query parameter {q:?} differs from the header {ws:?}"
+        )));
+    }
+    req.extensions_mut().insert(Ws(ws));
+    Ok(next.run(req).await)
+}
+
+/// An optional `[from, to)` instant range.
+type Range = (Option<DateTime<Utc>>, Option<DateTime<Utc>>);
+
+/// Query parameters, checked against the names a route accepts.
+struct Params(HashMap<String, String>);
+
+impl Params {
+    fn parse(query: Option<&str>, allowed: &[&str]) -> ApiResult<Params> {
+        let mut map = HashMap::new();
+        for (k, v) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+            if k == "workspace_id" {
+                continue; // checked against the header by `auth`
+            }
+            if !allowed.contains(&k.as_ref()) {
+                return Err(bad(format!(
+                    "unknown query parameter {k:?}; this route accepts: {}",
+                    allowed.join(", ")
+                )));
+            }
+            if v.is_empty() {
+                continue;
+            }
+            map.insert(k.into_owned(), v.into_owned());
+        }
+        Ok(Params(map))
+    }
+
+    fn text(&self, k: &str) -> Option<String> {
+        self.0.get(k).cloned()
+    }
+
+    /// `date_from` (inclusive) and `date_to` (a date is inclusive of the whole day; an instant
+    /// is exclusive).
+    fn range(&self) -> ApiResult<Range> {
+        let from = self
+            .0
+            .get("date_from")
+            .map(|s| parse_instant(s, false))
+            .transpose()?;
+        let to = self
+            .0
+            .get("date_to")
+            .map(|s| parse_instant(s, true))
+            .transpose()?;
+        if let (Some(f), Some(t)) = (from, to) {
+            if f >= t {
+                return Err(bad("date_from must be before date_to"));
+            }
+        }
+        Ok((from, to))
+    }
+
+    fn limit(&self) -> ApiResult<usize> {
+        match self.0.get("limit") {
+            None => Ok(DEFAULT_PAGE),
+            Some(s) => s
+                .parse()
+                .ok()
+                .filter(|n| (1..=lists::MAX_PAGE).contains(n))
+                .ok_or_else(|| bad(format!("limit {s:?}: expected 1..={}", lists::MAX_PAGE))),
+        }
+    }
+}
+
+/// Parses `YYYY-MM-DD` or RFC 3339; a date used as an end bound covers its whole day.
+fn parse_instant(s: &str, end: bool) -> ApiResult<DateTime<Utc>> {
+    if let Ok(d) = NaiveDate::parse_from_str(s, "%Y-%m-%d") {
+        let d = if end { d + Duration::days(1) } else { d };
+        return Ok(d.and_hms_opt(0, 0, 0).expect("midnight").and_utc());
+    }
+    DateTime::parse_from_rfc3339(s)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|_| bad(format!("{s:?}: expected YYYY-MM-DD or an RFC 3339 time")))
+}
+
+/// Accepts the stored event type names and the seed's short forms (`open`, `click`…).
+fn parse_event_type(s: &str) -> ApiResult<EventType> {
+    let full = match s {
+        "submit" => "submitted",
+        "deliver" | "delivery" => "delivered",
+        "open" => "opened",
+        "click" => "clicked",
+        "bounce" => "bounced",
+        "unsubscribe" => "unsubscribed",
+        "complaint" | "complain" => "complained",
+        other => other,
+    };
+    EventType::parse(full).ok_or_else(|| {
+        bad(format!(
+            "event_type {s:?}: expected one of submitted, delivered, opened, clicked, bounced, unsubscribed, complained"
+        ))
+    })
+}
+
+const RANGE: [&str; 2] = ["date_from", "date_to"];
+
+async fn statistics(
+    State(s): State<Arc<ApiState>>,
+    Extension(Ws(ws)): Extension<Ws>,
+    axum::extract::RawQuery(q): axum::extract::RawQuery,
+) -> ApiResult<Json<Value>> {
+    let p = Params::parse(q.as_deref(), &RANGE)?;
+    let (from, to) = p.range()?;
+    let stats = campaign_statistics(
+        &s.catalog,
+        &ws,
+        &StatsQuery {
+            campaign_id: None,
+            from,
+            to,
+            raw_only: false,
+        },
+    )
+    .await?;
+    Ok(Json(json!({ "items": stats })))
+}
+
+async fn campaign_stats(
+    State(s): State<Arc<ApiState>>,
+    Extension(Ws(ws)): Extension<Ws>,
+    UrlPath(campaign_id): UrlPath<String>,
+    axum::extract::RawQuery(q): axum::extract::RawQuery,
+) -> ApiResult<Json<Value>> {
+    let p = Params::parse(q.as_deref(), &RANGE)?;
+    let (from, to) = p.range()?;
+    let stats = campaign_statistics(
+        &s.catalog,
+        &ws,
+        &StatsQuery {
+            campaign_id: Some(campaign_id.clone()),
+            from,
+            to,
+            raw_only: false,
+        },
+    )
+    .await?;
+    let one = stats.into_iter().next().ok_or_else(|| {
+        ApiError(
+            StatusCode::NOT_FOUND,
+            format!("no events of campaign {campaign_id:?}"),
+        )
+    })?;
+    Ok(Json(serde_json::to_value(one).expect("stats serialise")))
+}
+
+async fn series(
+    State(s): State<Arc<ApiState>>,
+    Extension(Ws(ws)): Extension<Ws>,
+    UrlPath(campaign_id): UrlPath<String>,
+    axum::extract::RawQuery(q): axum::extract::RawQuery,
+) -> ApiResult<Json<Value>> {
+    let p = Params::parse(
+        q.as_deref(),
+        &[
+            "granularity",
+            "date_from",
+            "date_to",
+            "event_type",
+            "time_zone",
+        ],
+    )?;
+    let (from, to) = p.range()?;
+    let granularity = Granularity::parse(&p.text("granularity").unwrap_or_else(|| "day".into()))?;
+    let time_zone = parse_tz(&p.text("time_zone").unwrap_or_else(|| "UTC".into()))?;
+    let event_types = p
+        .text("event_type")
+        .map(|t| {
+            t.split(',')
+                .map(|x| parse_event_type(x.trim()))
+                .collect::<ApiResult<Vec<_>>>()
+        })
+        .transpose()?
+        .unwrap_or_default();
+    let series = time_series(
+        &s.catalog,
+        &ws,
+        &SeriesQuery {
+            campaign_id,
+            granularity,
+            time_zone,
+            from,
+            to,
+            event_types,
+            raw_only: false,
+        },
+    )
+    .await?;
+    Ok(Json(
+        serde_json::to_value(series).expect("series serialise"),
+    ))
+}
+
+async fn events(
+    State(s): State<Arc<ApiState>>,
+    Extension(Ws(ws)): Extension<Ws>,
+    axum::extract::RawQuery(q): axum::extract::RawQuery,
+) -> ApiResult<Json<Value>> {
+    let p = Params::parse(
+        q.as_deref(),
+        &[
+            "event_type",
+            "date_from",
+            "date_to",
+            "campaign_id",
+            "variant",
+            "email",
+            "run_id",
+            "limit",
+            "cursor",
+        ],
+    )?;
+    let (from, to) = p.range()?;
+    let filter = EventFilter {
+        event_type: p
+            .text("event_type")
+            .map(|t| parse_event_type(&t).map(|e| e.as_str().to_string()))
+            .transpose()?,
+        campaign_id: p.text("campaign_id"),
+        variant: p.text("variant"),
+        email: p.text("email"),
+        run_id: p.text("run_id"),
+        bounce_type: None,
+        from,
+        to,
+    };
+    let page = lists::list_events(
+        &s.catalog,
+        &ws,
+        "events",
+        &filter,
+        p.limit()?,
+        p.0.get("cursor").map(|s| s.as_str()),
+    )
+    .await?;
+    Ok(Json(serde_json::to_value(page).expect("page serialises")))
+}
+
+async fn bounce_events(
+    State(s): State<Arc<ApiState>>,
+    Extension(Ws(ws)): Extension<Ws>,
+    axum::extract::RawQuery(q): axum::extract::RawQuery,
+) -> ApiResult<Json<Value>> {
+    let p = Params::parse(
+        q.as_deref(),
+        &[
+            "email",
+            "campaign_id",
+            "bounce_type",
+            "date_from",
+            "date_to",
+            "limit",
+            "cursor",
+        ],
+    )?;
+    let (from, to) = p.range()?;
+    let filter = EventFilter {
+        email: p.text("email"),
+        campaign_id: p.text("campaign_id"),
+        bounce_type: p.text("bounce_type"),
+        from,
+        to,
+        ..Default::default()
+    };
+    let page = lists::list_events(
+        &s.catalog,
+        &ws,
+        "bounce_events",
+        &filter,
+        p.limit()?,
+        p.0.get("cursor").map(|s| s.as_str()),
+    )
+    .await?;
+    Ok(Json(serde_json::to_value(page).expect("page serialises")))
+}
+
+async fn bounce_event(
+    State(s): State<Arc<ApiState>>,
+    Extension(Ws(ws)): Extension<Ws>,
+    UrlPath(id): UrlPath<String>,
+) -> ApiResult<Json<Value>> {
+    Ok(Json(
+        lists::get_event(&s.catalog, &ws, "bounce_events", &id).await?,
+    ))
+}
+
+fn historical_filter(q: Option<&str>, extra: &[&str]) -> ApiResult<(HistoricalFilter, Params)> {
+    let mut allowed = vec![
+        "email",
+        "bounce_type",
+        "account_number",
+        "date_from",
+        "date_to",
+    ];
+    allowed.extend_from_slice(extra);
+    let p = Params::parse(q, &allowed)?;
+    let (from, to) = p.range()?;
+    Ok((
+        HistoricalFilter {
+            email: p.text("email"),
+            bounce_type: p.text("bounce_type"),
+            account_number: p.text("account_number"),
+            from,
+            to,
+        },
+        p,
+    ))
+}
+
+async fn historical_list(
+    State(s): State<Arc<ApiState>>,
+    Extension(Ws(ws)): Extension<Ws>,
+    axum::extract::RawQuery(q): axum::extract::RawQuery,
+) -> ApiResult<Json<Value>> {
+    let (filter, p) = historical_filter(q.as_deref(), &["limit", "cursor"])?;
+    let page = lists::list_historical(
+        &s.catalog,
+        &ws,
+        &filter,
+        p.limit()?,
+        p.0.get("cursor").map(|s| s.as_str()),
+    )
+    .await?;
+    Ok(Json(serde_json::to_value(page).expect("page serialises")))
+}
+
+/// Streams matching historical bounces as CSV (header first), batch by batch.
+async fn historical_export(
+    State(s): State<Arc<ApiState>>,
+    Extension(Ws(ws)): Extension<Ws>,
+    axum::extract::RawQuery(q): axum::extract::RawQuery,
+) -> ApiResult<Response> {
+    let (filter, _) = historical_filter(q.as_deref(), &[])?;
+    let ctx = s.catalog.session(&Scope::Workspace(ws.clone()))?;
+    let df = ctx
+        .table("historical_bounces")
+        .await
+        .map_err(QueryError::from)?
+        .filter(filter.expr())
+        .map_err(QueryError::from)?
+        .select_columns(&lists::HISTORICAL_COLUMNS)
+        .map_err(QueryError::from)?
+        .sort(vec![
+            datafusion::logical_expr::col("bounced_at").sort(true, false),
+            datafusion::logical_expr::col("email").sort(true, false),
+        ])
+        .map_err(QueryError::from)?;
+    let stream = df.execute_stream().await.map_err(QueryError::from)?;
+    let body = stream.map(|batch| -> std::result::Result<Bytes, std::io::Error> {
+        let batch =
+            lists::plain(&batch.map_err(std::io::Error::other)?).map_err(std::io::Error::other)?;
+        let mut buf = Vec::new();
+        {
+            let mut w = datafusion::arrow::csv::WriterBuilder::new()
+                .with_header(false)
+                .build(&mut buf);
+            w.write(&batch).map_err(std::io::Error::other)?;
+        }
+        Ok(Bytes::from(buf))
+    });
+    let header = Bytes::from(format!("{}\n", lists::HISTORICAL_COLUMNS.join(",")));
+    let header = futures::stream::once(async move { Ok(header) });
+    let name = format!("attachment; filename=\"historical-bounces-{ws}.csv\"");
+    Ok((
+        [
+            (header::CONTENT_TYPE, "text/csv; charset=utf-8".to_string()),
+            (header::CONTENT_DISPOSITION, name),
+        ],
+        Body::from_stream(header.chain(body)),
+    )
+        .into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BackfillBody {
+    #[serde(default)]
+    full_backfill: bool,
+    since: Option<String>,
+}
+
+async fn backfill(
+    State(s): State<Arc<ApiState>>,
+    Extension(Ws(ws)): Extension<Ws>,
+    body: Bytes,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let b: BackfillBody = serde_json::from_slice(if body.is_empty() { b"{}" } else { &body })
+        .map_err(|e| {
+            bad(format!(
+                "body: {e} (expected {{\"full_backfill\": true}} or {{\"since\": \"YYYY-MM-DD\"}})"
+            ))
+        })?;
+    let since = b
+        .since
+        .as_deref()
+        .map(|t| parse_instant(t, false))
+        .transpose()?;
+    if b.full_backfill == since.is_some() {
+        return Err(bad("give exactly one of full_backfill: true or since"));
+    }
+    let Some(source) = s.bounce_history.clone() else {
+        return Err(ApiError(
+            StatusCode::CONFLICT,
+            "no bounce history source configured (broadside serve --bounce-history DIR)".into(),
+        ));
+    };
+    let id = format!("bf-{}", s.next_job.fetch_add(1, Ordering::Relaxed));
+    let job = BackfillJob {
+        job_id: id.clone(),
+        workspace_id: ws.clone(),
+        status: "running",
+        started_at: Utc::now(),
+        finished_at: None,
+        report: None,
+        error: None,
+    };
+    s.jobs
+        .lock()
+        .expect("jobs lock")
+        .insert(id.clone(), job.clone());
+    let state = s.clone();
+    let store = s.catalog.store().to_path_buf();
+    let full = b.full_backfill;
+    let job_id = id.clone();
+    tokio::task::spawn_blocking(move || {
+        let result = historical::source_files(&source).and_then(|files| {
+            historical::import(
+                &store,
+                &ImportRequest {
+                    workspace_id: ws,
+                    files,
+                    since,
+                    full_backfill: full,
+                },
+            )
+        });
+        let mut jobs = state.jobs.lock().expect("jobs lock");
+        if let Some(j) = jobs.get_mut(&job_id) {
+            j.finished_at = Some(Utc::now());
+            match result {
+                Ok(r) => {
+                    j.status = "done";
+                    j.report = Some(r);
+                }
+                Err(e) => {
+                    tracing::warn!(job = %job_id, error = %e, "backfill failed");
+                    j.status = "failed";
+                    j.error = Some(e.to_string());
+                }
+            }
+        }
+    });
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({
+            "job_id": id,
+            "status": "running",
+            "status_url": format!("/historical-bounces/backfill/{id}"),
+        })),
+    ))
+}
+
+async fn backfill_status(
+    State(s): State<Arc<ApiState>>,
+    Extension(Ws(ws)): Extension<Ws>,
+    UrlPath(id): UrlPath<String>,
+) -> ApiResult<Json<BackfillJob>> {
+    let jobs = s.jobs.lock().expect("jobs lock");
+    jobs.get(&id)
+        .filter(|j| j.workspace_id == ws)
+        .cloned()
+        .map(Json)
+        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no backfill job {id:?}")))
+}
+
+async fn runs(
+    State(s): State<Arc<ApiState>>,
+    Extension(Ws(ws)): Extension<Ws>,
+    axum::extract::RawQuery(q): axum::extract::RawQuery,
+) -> ApiResult<Json<Value>> {
+    let p = Params::parse(q.as_deref(), &["campaign_id", "status"])?;
+    let store = s.catalog.store().to_path_buf();
+    let runs = tokio::task::spawn_blocking(move || load_runs(&store, Some(&ws)))
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    let (campaign, status) = (p.text("campaign_id"), p.text("status"));
+    let items: Vec<Value> = runs
+        .into_iter()
+        .rev()
+        .filter(|r| campaign.as_ref().is_none_or(|c| *c == r.campaign_id))
+        .map(|r| serde_json::to_value(r).expect("run serialises"))
+        .filter(|r| status.as_ref().is_none_or(|st| r["status"] == *st.as_str()))
+        .collect();
+    Ok(Json(json!({ "items": items })))
+}
+
+async fn run(
+    State(s): State<Arc<ApiState>>,
+    Extension(Ws(ws)): Extension<Ws>,
+    UrlPath(id): UrlPath<String>,
+) -> ApiResult<Json<Value>> {
+    let store = s.catalog.store().to_path_buf();
+    let runs = tokio::task::spawn_blocking(move || load_runs(&store, Some(&ws)))
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    runs.into_iter()
+        .find(|r| r.run_id == id)
+        .map(|r| Json(serde_json::to_value(r).expect("run serialises")))
+        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no run {id:?}")))
+}
+
+async fn logs(
+    State(s): State<Arc<ApiState>>,
+    Extension(Ws(ws)): Extension<Ws>,
+    axum::extract::RawQuery(q): axum::extract::RawQuery,
+) -> ApiResult<Json<Value>> {
+    let p = Params::parse(
+        q.as_deref(),
+        &[
+            "campaign_id",
+            "variant",
+            "run_id",
+            "decision",
+            "reason",
+            "suppression_reason",
+            "key",
+            "limit",
+            "cursor",
+        ],
+    )?;
+    let filter = LogFilter {
+        campaign_id: p.text("campaign_id"),
+        run_id: p.text("run_id"),
+        variant: p.text("variant"),
+        decision: p.text("decision"),
+        reason: p.text("reason").or_else(|| p.text("suppression_reason")),
+        key: p.text("key"),
+    };
+    let page = lists::list_logs(
+        &s.catalog,
+        &ws,
+        &filter,
+        p.limit()?,
+        p.0.get("cursor").map(|s| s.as_str()),
+    )
+    .await?;
+    Ok(Json(serde_json::to_value(page).expect("page serialises")))
+}
+
+async fn log(
+    State(s): State<Arc<ApiState>>,
+    Extension(Ws(ws)): Extension<Ws>,
+    UrlPath(id): UrlPath<String>,
+) -> ApiResult<Json<Value>> {
+    Ok(Json(lists::get_log(&s.catalog, &ws, &id).await?))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SqlBody {
+    sql: String,
+}
+
+/// `POST /sql` with `{"sql": "..."}` (or the statement as a text body): the caller's workspace
+/// only, read-only, at most [`SQL_MAX_ROWS`] rows.
+async fn sql(
+    State(s): State<Arc<ApiState>>,
+    Extension(Ws(ws)): Extension<Ws>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Json<Value>> {
+    let is_json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    let text = if is_json {
+        serde_json::from_slice::<SqlBody>(&body)
+            .map_err(|e| bad(format!("body: {e} (expected {{\"sql\": \"SELECT …\"}})")))?
+            .sql
+    } else {
+        String::from_utf8(body.to_vec()).map_err(|_| bad("body is not UTF-8"))?
+    };
+    let batches = run_sql(&s.catalog, &Scope::Workspace(ws), &text).await?;
+    let columns: Vec<String> = batches
+        .first()
+        .map(|b| {
+            b.schema()
+                .fields()
+                .iter()
+                .map(|f| f.name().clone())
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut rows = lists::rows_to_json(&batches)?;
+    let truncated = rows.len() > SQL_MAX_ROWS;
+    rows.truncate(SQL_MAX_ROWS);
+    Ok(Json(
+        json!({"columns": columns, "rows": rows, "truncated": truncated}),
+    ))
+}
+
+/// The route paths (for checking the OpenAPI document covers them).
+pub const ROUTES: [&str; 17] = [
+    "/healthz",
+    "/openapi.json",
+    "/campaign-statistics/",
+    "/campaign-statistics/{campaign_id}",
+    "/campaign-statistics/{campaign_id}/time-series",
+    "/campaign-events/",
+    "/bounce-events/",
+    "/bounce-events/{id}",
+    "/historical-bounces/",
+    "/historical-bounces/export",
+    "/historical-bounces/backfill",
+    "/historical-bounces/backfill/{job_id}",
+    "/campaign-runs/",
+    "/campaign-runs/{id}",
+    "/campaign-recipient-logs/",
+    "/campaign-recipient-logs/{id}",
+    "/sql",
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn openapi_documents_every_route() {
+        let doc: Value = serde_json::from_str(OPENAPI).expect("openapi.json parses");
+        for r in ROUTES {
+            assert!(
+                doc["paths"].get(r).is_some(),
+                "{r} missing from docs/openapi.json"
+            );
+        }
+        assert_eq!(doc["paths"].as_object().unwrap().len(), ROUTES.len() + 2); // + webhooks
+    }
+
+    #[test]
+    fn token_hash_is_sha256_hex() {
+        assert_eq!(
+            token_hash("abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+}

@@ -1,0 +1,279 @@
+//! The DataFusion catalog over a store: one [`SessionContext`] per query, scoped to a workspace.
+//!
+//! Tenancy is enforced where the tables are *registered*, not in SQL text: a workspace session's
+//! tables are rooted at that workspace's `workspace_id=<w>/` folders, so files of another
+//! workspace are never listed, whatever the query says. Only the analyst command line, run by
+//! someone who can read the store's files anyway, may open the all-workspaces scope.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arrow_array::cast::AsArray;
+use arrow_array::types::UInt64Type;
+use arrow_array::{Array, ArrayRef, UInt64Array};
+use arrow_schema::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use datafusion::datasource::file_format::parquet::ParquetFormat;
+use datafusion::datasource::listing::{
+    ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
+};
+use datafusion::datasource::MemTable;
+use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+use datafusion::logical_expr::{create_udf, ColumnarValue, Volatility};
+use datafusion::prelude::{col, lit, SessionConfig, SessionContext};
+
+use crate::decode::valid_workspace_id;
+use crate::query::runs::campaign_runs_table;
+use crate::query::{QueryError, QueryResult};
+
+/// Which rows a session can see.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scope {
+    /// One workspace's rows; the tables have no `workspace_id` column.
+    Workspace(String),
+    /// Every workspace (analyst command line only); the tables gain a `workspace_id` column.
+    All,
+}
+
+impl Scope {
+    /// A workspace scope, after checking the id is a valid folder name (no `/`, no `..`).
+    pub fn workspace(id: &str) -> QueryResult<Scope> {
+        if valid_workspace_id(id) {
+            Ok(Scope::Workspace(id.to_string()))
+        } else {
+            Err(QueryError::BadRequest(format!(
+                "invalid workspace id {id:?}: letters, digits, '_', '-', '.' only"
+            )))
+        }
+    }
+}
+
+/// Resource limits for one query.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Memory the query's operators may hold (sorts, joins, aggregates); past it the query fails.
+    pub memory_bytes: usize,
+    /// Wall-clock time after which the query is cancelled.
+    pub timeout: Duration,
+    /// Partitions each scan is split into (threads working on one query).
+    pub target_partitions: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            memory_bytes: 2 << 30,
+            timeout: Duration::from_secs(60),
+            target_partitions: std::thread::available_parallelism().map_or(2, |n| n.get()),
+        }
+    }
+}
+
+/// The stores a catalog serves, rooted at one folder (see docs/analytics.md for the tables).
+#[derive(Debug, Clone)]
+pub struct Catalog {
+    store: PathBuf,
+    limits: Limits,
+}
+
+/// Folder (under the store) of the hourly count rollups.
+pub const ROLLUP_HOURLY: &str = "rollups/hourly";
+/// Folder (under the store) of the per-day distinct-recipient rollups.
+pub const ROLLUP_UNIQUES: &str = "rollups/uniques";
+
+/// Names of the tables every session has.
+pub const TABLES: [&str; 7] = [
+    "events",
+    "bounce_events",
+    "recipient_logs",
+    "campaign_runs",
+    "historical_bounces",
+    "rollup_hourly",
+    "rollup_uniques",
+];
+
+impl Catalog {
+    /// A catalog over `store` with default limits.
+    pub fn new(store: impl Into<PathBuf>) -> Catalog {
+        Catalog {
+            store: store.into(),
+            limits: Limits::default(),
+        }
+    }
+
+    /// Replaces the per-query limits.
+    pub fn with_limits(mut self, limits: Limits) -> Catalog {
+        self.limits = limits;
+        self
+    }
+
+    /// The store root.
+    pub fn store(&self) -> &Path {
+        &self.store
+    }
+
+    /// The per-query limits.
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// A fresh session holding the scope's tables and the `email_hash` function.
+    pub fn session(&self, scope: &Scope) -> QueryResult<SessionContext> {
+        let runtime = RuntimeEnvBuilder::new()
+            .with_memory_limit(self.limits.memory_bytes, 1.0)
+            .build_arc()?;
+        let mut config = SessionConfig::new()
+            .with_target_partitions(self.limits.target_partitions)
+            .with_information_schema(true);
+        // Pushed-down filters are evaluated while decoding Parquet pages: the per-campaign
+        // queries keep a small fraction of every page.
+        config.options_mut().execution.parquet.pushdown_filters = true;
+        config.options_mut().execution.parquet.reorder_filters = true;
+        let ctx = SessionContext::new_with_config_rt(config, runtime);
+        ctx.register_udf(email_hash_udf());
+
+        let ws = match scope {
+            Scope::Workspace(w) => Some(w.as_str()),
+            Scope::All => None,
+        };
+        let events = self.listing("events", ws, &["date"], crate::event::file_schema())?;
+        ctx.register_table("events", events.clone())?;
+        ctx.register_table(
+            "recipient_logs",
+            self.listing(
+                "recipient_logs",
+                ws,
+                &["campaign_id", "run_id"],
+                broadside_pipeline::store::ledger_schema(),
+            )?,
+        )?;
+        ctx.register_table(
+            "historical_bounces",
+            self.listing(
+                "historical_bounces",
+                ws,
+                &[],
+                crate::historical::historical_schema(),
+            )?,
+        )?;
+        ctx.register_table(
+            "rollup_hourly",
+            self.listing(ROLLUP_HOURLY, ws, &["date"], crate::rollup::hourly_schema())?,
+        )?;
+        ctx.register_table(
+            "rollup_uniques",
+            self.listing(
+                ROLLUP_UNIQUES,
+                ws,
+                &["date"],
+                crate::rollup::uniques_schema(),
+            )?,
+        )?;
+        let runs: Arc<MemTable> = Arc::new(campaign_runs_table(&self.store, ws)?);
+        ctx.register_table("campaign_runs", runs)?;
+        let bounces = ctx
+            .read_table(events)?
+            .filter(col("event_type").eq(lit("bounced")))?
+            .into_view();
+        ctx.register_table("bounce_events", bounces)?;
+        Ok(ctx)
+    }
+
+    /// The folder a table of `ws` lives in (`<store>/<table>/workspace_id=<w>/`).
+    pub fn table_dir(&self, table: &str, ws: Option<&str>) -> PathBuf {
+        let mut p = self.store.join(table);
+        if let Some(w) = ws {
+            p.push(format!("workspace_id={w}"));
+        }
+        p
+    }
+
+    fn listing(
+        &self,
+        table: &str,
+        ws: Option<&str>,
+        partitions: &[&str],
+        file_schema: SchemaRef,
+    ) -> QueryResult<Arc<ListingTable>> {
+        let dir = self.table_dir(table, ws);
+        let abs = std::path::absolute(&dir).map_err(|e| QueryError::io(&dir, e))?;
+        let mut text = abs.to_string_lossy().into_owned();
+        if !text.ends_with('/') {
+            text.push('/');
+        }
+        let url = ListingTableUrl::parse(&text)?;
+        let mut cols: Vec<(String, DataType)> = Vec::new();
+        if ws.is_none() {
+            cols.push(("workspace_id".into(), DataType::Utf8));
+        }
+        cols.extend(partitions.iter().map(|p| (p.to_string(), DataType::Utf8)));
+        let options = ListingOptions::new(Arc::new(ParquetFormat::default()))
+            .with_file_extension(".parquet")
+            .with_table_partition_cols(cols);
+        let config = ListingTableConfig::new(url)
+            .with_listing_options(options)
+            .with_schema(file_schema);
+        Ok(Arc::new(ListingTable::try_new(config)?))
+    }
+}
+
+/// `email_hash(email)`: xxh3-64 of the trimmed, lowercased address, the identity unique
+/// counts use (see docs/analytics.md). The raw path and the rollups share it, so both
+/// count the same distinct values.
+pub fn email_hash(email: &str) -> u64 {
+    let t = email.trim();
+    if t.bytes().any(|b| b.is_ascii_uppercase()) {
+        xxhash_rust::xxh3::xxh3_64(t.to_ascii_lowercase().as_bytes())
+    } else {
+        xxhash_rust::xxh3::xxh3_64(t.as_bytes())
+    }
+}
+
+/// `email_hash(e)` as an expression.
+pub fn email_hash_expr(e: datafusion::logical_expr::Expr) -> datafusion::logical_expr::Expr {
+    email_hash_udf().call(vec![e])
+}
+
+fn email_hash_udf() -> datafusion::logical_expr::ScalarUDF {
+    create_udf(
+        "email_hash",
+        vec![DataType::Utf8],
+        DataType::UInt64,
+        Volatility::Immutable,
+        Arc::new(|args: &[ColumnarValue]| {
+            let arrays = ColumnarValue::values_to_arrays(args)?;
+            let a = arrays[0].as_string::<i32>();
+            let out: UInt64Array = a.iter().map(|v| v.map(email_hash)).collect();
+            let scalar = args.iter().all(|a| matches!(a, ColumnarValue::Scalar(_)));
+            let out: ArrayRef = Arc::new(out);
+            Ok(if scalar {
+                ColumnarValue::Scalar(datafusion::scalar::ScalarValue::try_from_array(&out, 0)?)
+            } else {
+                ColumnarValue::Array(out)
+            })
+        }),
+    )
+}
+
+/// Hashes of a string column (used when rollups are built).
+pub fn email_hashes(a: &dyn Array) -> UInt64Array {
+    a.as_string::<i32>()
+        .iter()
+        .map(|v| v.map(email_hash))
+        .collect::<arrow_array::PrimitiveArray<UInt64Type>>()
+}
+
+/// The `ts` type of the event schema.
+pub fn ts_type() -> DataType {
+    DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()))
+}
+
+/// A schema from `(name, type, nullable)` triples.
+pub fn schema_of(fields: &[(&str, DataType, bool)]) -> SchemaRef {
+    Arc::new(Schema::new(
+        fields
+            .iter()
+            .map(|(n, t, null)| Field::new(*n, t.clone(), *null))
+            .collect::<Vec<_>>(),
+    ))
+}

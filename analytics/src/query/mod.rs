@@ -1,0 +1,97 @@
+//! Analytics over the store with DataFusion: the catalog, the API's queries and analyst SQL.
+//!
+//! - [`catalog`]: tables over the store, scoped to a workspace;
+//! - [`stats`]: campaign statistics (counts, uniques, rates) per campaign and variant;
+//! - [`timeseries`]: event counts per hour/day/week/month bucket in a time zone, gaps filled;
+//! - [`lists`]: filtered, paginated rows (events, bounces, recipient logs, historical bounces);
+//! - [`runs`]: campaign run records;
+//! - [`sql`]: read-only analyst SQL with limits.
+
+pub mod catalog;
+pub mod lists;
+pub mod runs;
+pub mod sql;
+pub mod stats;
+pub mod timeseries;
+
+use std::path::{Path, PathBuf};
+
+pub use catalog::{Catalog, Limits, Scope};
+
+/// Result of a query.
+pub type QueryResult<T> = std::result::Result<T, QueryError>;
+
+/// Why a query failed; the HTTP API maps each kind to a status.
+#[derive(Debug, thiserror::Error)]
+pub enum QueryError {
+    /// The request is malformed (a filter, a parameter, a refused statement): 400.
+    #[error("{0}")]
+    BadRequest(String),
+    /// The thing asked for does not exist in the caller's workspace: 404.
+    #[error("{0}")]
+    NotFound(String),
+    /// The query ran past its time limit and was cancelled: 504.
+    #[error("query cancelled after {0:?} (time limit)")]
+    Timeout(std::time::Duration),
+    /// DataFusion failed (including the memory limit).
+    #[error("query failed: {0}")]
+    DataFusion(#[from] datafusion::error::DataFusionError),
+    /// Reading a store file failed.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file or folder.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// A store file is not what its table expects.
+    #[error("{}: {message}", path.display())]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+impl QueryError {
+    /// An I/O error on a path.
+    pub fn io(path: impl AsRef<Path>, source: std::io::Error) -> Self {
+        QueryError::Io {
+            path: path.as_ref().to_path_buf(),
+            source,
+        }
+    }
+
+    /// Whether the caller, not the server, is at fault.
+    pub fn is_client_error(&self) -> bool {
+        match self {
+            QueryError::BadRequest(_) | QueryError::NotFound(_) => true,
+            QueryError::DataFusion(e) => matches!(
+                e.find_root(),
+                datafusion::error::DataFusionError::Plan(_)
+                    | datafusion::error::DataFusionError::SQL(..)
+                    | datafusion::error::DataFusionError::SchemaError(..)
+                    | datafusion::error::DataFusionError::ResourcesExhausted(_)
+            ),
+            _ => false,
+        }
+    }
+}
+
+impl From<arrow_schema::ArrowError> for QueryError {
+    fn from(e: arrow_schema::ArrowError) -> Self {
+        QueryError::DataFusion(e.into())
+    }
+}
+
+/// Runs a DataFrame to completion within the catalog's time limit.
+pub async fn collect(
+    limits: &Limits,
+    df: datafusion::dataframe::DataFrame,
+) -> QueryResult<Vec<arrow_array::RecordBatch>> {
+    match tokio::time::timeout(limits.timeout, df.collect()).await {
+        Ok(r) => Ok(r?),
+        Err(_) => Err(QueryError::Timeout(limits.timeout)),
+    }
+}

@@ -1,0 +1,30 @@
+"""DuckDB on the same raw Parquet as analytics_bench: one campaign's statistics and daily series.
+
+    python3 benches/analytics_duckdb.py /tmp/bench-store c042 5
+
+The reference the analytics issue compares against (pip install duckdb). Prints median ms.
+"""
+import statistics
+import sys
+import time
+
+import duckdb
+
+store, campaign, runs = sys.argv[1], sys.argv[2], int(sys.argv[3])
+src = f"read_parquet('{store}/events/workspace_id=bench/*/*.parquet', hive_partitioning=true)"
+con = duckdb.connect()
+stats = f"""
+SELECT variant, event_type, bounce_type, count(*) AS n,
+       count(DISTINCT lower(trim(email))) FILTER (WHERE event_type IN ('opened','clicked')) AS u
+FROM {src} WHERE campaign_id = ? GROUP BY ALL"""
+series = f"""
+SELECT date_trunc('day', ts) AS d, event_type, count(*) FROM {src}
+WHERE campaign_id = ? GROUP BY ALL ORDER BY d"""
+for name, q in [("statistics", stats), ("daily time series", series)]:
+    times = []
+    for i in range(runs + 1):
+        t = time.perf_counter()
+        con.execute(q, [campaign]).fetchall()
+        if i:
+            times.append((time.perf_counter() - t) * 1000)
+    print(f"duckdb {name}: median {statistics.median(times):.0f} ms, min {min(times):.0f} ms")

@@ -1,0 +1,176 @@
+//! The SQL Broadside sends: the campaign's query wrapped with the key order and the shard
+//! predicate, its typed parameters, and the fingerprint a resumed run is checked against.
+
+use broadside_pipeline::spec::{
+    parse_datetime, parse_decimal, ErpParam, ErpParamType, ErpParamValue, ErpSourceSpec, Shard,
+};
+use tiberius::numeric::Numeric;
+use tiberius::Query;
+use xxhash_rust::xxh3::xxh3_64;
+
+/// The derived-table alias the campaign query is wrapped in.
+pub const ALIAS: &str = "bs_source";
+
+/// `[name]` with `]` doubled: a column name as a T-SQL identifier.
+pub fn quote_ident(name: &str) -> String {
+    format!("[{}]", name.replace(']', "]]"))
+}
+
+/// `SELECT TOP (n) * FROM (query) AS bs_source`: the result's columns (and a sample) without
+/// running the whole query.
+pub fn probe_sql(query: &str, limit: u32) -> String {
+    format!(
+        "SELECT TOP ({limit}) * FROM (\n{}\n) AS {ALIAS}",
+        query.trim().trim_end_matches(';')
+    )
+}
+
+/// How the shard predicate hashes the key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShardHash {
+    /// Integer keys: the key modulo N (stable, and evenly spread for sequential ids).
+    Modulo,
+    /// Other keys: `CHECKSUM(key)` modulo N (stable for a given collation).
+    Checksum,
+}
+
+/// The predicate that selects shard `i` of `n`: every row satisfies exactly one shard's
+/// predicate (NULL keys go to shard 0, where the read refuses them as in an unsharded run).
+pub fn shard_predicate(key: &str, shard: Shard, hash: ShardHash) -> String {
+    let k = format!("{ALIAS}.{}", quote_ident(key));
+    let n = shard.count;
+    // Modulo before ABS: ABS(INT_MIN) would overflow, ABS(x % n) cannot. Every integer lands
+    // in exactly one of 0..n.
+    let h = match hash {
+        ShardHash::Modulo => format!("ABS({k} % {n})"),
+        ShardHash::Checksum => format!("ABS(CHECKSUM({k}) % {n})"),
+    };
+    if shard.index == 0 {
+        format!("({h} = 0 OR {k} IS NULL)")
+    } else {
+        format!("{h} = {}", shard.index)
+    }
+}
+
+/// The full read: the query in key order, restricted to the shard.
+pub fn read_sql(query: &str, key: &str, shard: Option<(Shard, ShardHash)>) -> String {
+    let mut sql = format!(
+        "SELECT * FROM (\n{}\n) AS {ALIAS}",
+        query.trim().trim_end_matches(';')
+    );
+    if let Some((s, h)) = shard {
+        sql.push_str(&format!("\nWHERE {}", shard_predicate(key, s, h)));
+    }
+    sql.push_str(&format!("\nORDER BY {ALIAS}.{}", quote_ident(key)));
+    sql
+}
+
+/// A query with the spec's parameters bound as `@P1`, `@P2`, … (checked by spec validation).
+pub fn bind<'a>(sql: String, params: &'a [ErpParam]) -> Query<'a> {
+    let mut q = Query::new(sql);
+    for p in params {
+        use ErpParamType as T;
+        use ErpParamValue as V;
+        match (p.sql_type, &p.value) {
+            (T::Bit, Some(V::Bool(b))) => q.bind(*b),
+            (T::Bit, _) => q.bind(None::<bool>),
+            (T::Int, Some(V::Int(i))) => q.bind(*i as i32),
+            (T::Int, _) => q.bind(None::<i32>),
+            (T::Bigint, Some(V::Int(i))) => q.bind(*i),
+            (T::Bigint, _) => q.bind(None::<i64>),
+            (T::Float, Some(V::Float(f))) => q.bind(*f),
+            (T::Float, Some(V::Int(i))) => q.bind(*i as f64),
+            (T::Float, _) => q.bind(None::<f64>),
+            (T::Decimal, Some(V::Text(t))) => match parse_decimal(t) {
+                Some((v, s)) => q.bind(Numeric::new_with_scale(v, s)),
+                None => q.bind(None::<Numeric>),
+            },
+            (T::Decimal, _) => q.bind(None::<Numeric>),
+            (T::Nvarchar, Some(V::Text(t))) => q.bind(t.as_str()),
+            (T::Nvarchar, _) => q.bind(None::<&str>),
+            (T::Date, Some(V::Text(t))) => {
+                q.bind(chrono::NaiveDate::parse_from_str(t, "%Y-%m-%d").ok())
+            }
+            (T::Date, _) => q.bind(None::<chrono::NaiveDate>),
+            (T::Datetime2, Some(V::Text(t))) => q.bind(parse_datetime(t)),
+            (T::Datetime2, _) => q.bind(None::<chrono::NaiveDateTime>),
+            (T::Uniqueidentifier, Some(V::Text(t))) => {
+                q.bind(uuid::Uuid::parse_str(t.trim_matches(|c| c == '{' || c == '}')).ok())
+            }
+            (T::Uniqueidentifier, _) => q.bind(None::<uuid::Uuid>),
+        }
+    }
+    q
+}
+
+/// What identifies the rows a run reads: server, database, a hash of the query text, its
+/// parameters and key, and the shard. A resumed run whose fingerprint differs is refused.
+pub fn fingerprint(e: &ErpSourceSpec) -> String {
+    let params = serde_json::to_string(&e.params).unwrap_or_default();
+    let h = xxh3_64(format!("{}\u{0}{params}\u{0}{}", e.query, e.key_column).as_bytes());
+    let shard = e.shard.map_or_else(|| "all".to_string(), |s| s.to_string());
+    format!(
+        "erp {} query={h:016x} key={} shard={shard}",
+        e.server(),
+        e.key_column
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identifiers_are_quoted() {
+        assert_eq!(quote_ident("Customer Id"), "[Customer Id]");
+        assert_eq!(quote_ident("a]b"), "[a]]b]");
+    }
+
+    #[test]
+    fn the_read_orders_by_the_key_and_shards_cover_every_row_once() {
+        let q = "SELECT Id, Email FROM dbo.Customers WHERE Active = @P1;";
+        let full = read_sql(q, "Id", None);
+        assert!(full.ends_with("ORDER BY bs_source.[Id]"), "{full}");
+        assert!(!full.contains(';'), "{full}");
+        let s0 = read_sql(
+            q,
+            "Id",
+            Some((Shard { index: 0, count: 3 }, ShardHash::Modulo)),
+        );
+        assert!(
+            s0.contains(
+                "\nWHERE (ABS(bs_source.[Id] % 3) = 0 OR bs_source.[Id] IS NULL)\nORDER BY"
+            ),
+            "{s0}"
+        );
+        let s2 = shard_predicate("Email", Shard { index: 2, count: 3 }, ShardHash::Checksum);
+        assert_eq!(s2, "ABS(CHECKSUM(bs_source.[Email]) % 3) = 2");
+    }
+
+    fn spec(query: &str) -> ErpSourceSpec {
+        toml::from_str(&format!(
+            "host = \"h\"\ndatabase = \"d\"\nuser = \"u\"\npassword_env = \"P\"\nkey_column = \"Id\"\nquery = \"{query}\""
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn the_fingerprint_changes_with_query_params_and_shard() {
+        let a = spec("SELECT Id FROM t");
+        let mut b = a.clone();
+        assert_eq!(fingerprint(&a), fingerprint(&b));
+        b.query.push_str(" WHERE Id > 1");
+        assert_ne!(fingerprint(&a), fingerprint(&b));
+        let mut c = a.clone();
+        c.shard = Some(Shard { index: 1, count: 2 });
+        assert_ne!(fingerprint(&a), fingerprint(&c));
+        assert!(fingerprint(&c).contains("shard=1/2"));
+        let mut d = a.clone();
+        d.params.push(ErpParam {
+            sql_type: ErpParamType::Int,
+            value: Some(ErpParamValue::Int(1)),
+        });
+        assert_ne!(fingerprint(&a), fingerprint(&d));
+        assert!(!fingerprint(&a).contains("SELECT"));
+    }
+}
