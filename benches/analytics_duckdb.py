@@ -18,7 +18,7 @@ SELECT variant, event_type, bounce_type, count(*) AS n,
        count(DISTINCT lower(trim(email))) FILTER (WHERE event_type IN ('opened','clicked')) AS u
 FROM {src} WHERE campaign_id = ? GROUP BY ALL"""
 series = f"""
-SELECT date_trunc('day', ts) AS d, event_type, count(*) FROM {src}
+SELECT CAST(date_trunc('day', ts) AS DATE) AS d, event_type, count(*) FROM {src}
 WHERE campaign_id = ? GROUP BY ALL ORDER BY d"""
 for name, q in [("statistics", stats), ("daily time series", series)]:
     times = []
