@@ -32,7 +32,9 @@ use parquet::file::properties::WriterProperties;
 use serde::{Deserialize, Serialize};
 
 use crate::query::catalog::{schema_of, ts_type, ROLLUP_HOURLY, ROLLUP_UNIQUES};
-use crate::query::{collect, Catalog, QueryError, QueryResult, Scope};
+use crate::query::{
+    collect, dir_entries, partition_values, Catalog, QueryError, QueryResult, Scope,
+};
 
 /// Event types whose distinct recipients the rollup keeps.
 pub const UNIQUE_TYPES: [&str; 2] = ["opened", "clicked"];
@@ -71,35 +73,16 @@ struct Source {
 /// The dates (`YYYY-MM-DD`) that have an event partition in a workspace, sorted.
 pub fn event_dates(store: &Path, ws: &str) -> QueryResult<Vec<String>> {
     let dir = store.join("events").join(format!("workspace_id={ws}"));
-    let mut out = Vec::new();
-    let rd = match std::fs::read_dir(&dir) {
-        Ok(rd) => rd,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
-        Err(e) => return Err(QueryError::io(&dir, e)),
-    };
-    for e in rd {
-        let e = e.map_err(|e| QueryError::io(&dir, e))?;
-        if let Some(d) = e.file_name().to_str().and_then(|n| n.strip_prefix("date=")) {
-            if NaiveDate::parse_from_str(d, "%Y-%m-%d").is_ok() {
-                out.push(d.to_string());
-            }
-        }
-    }
-    out.sort();
-    Ok(out)
+    partition_values(&dir, "date", |d| {
+        NaiveDate::parse_from_str(d, "%Y-%m-%d").is_ok()
+    })
 }
 
 /// Fingerprint of the committed event files of one partition (names and sizes).
 fn fingerprint(store: &Path, ws: &str, date: &str) -> QueryResult<(String, usize)> {
     let dir = partition(store, "events", ws, date);
     let mut files: Vec<(String, u64)> = Vec::new();
-    let rd = match std::fs::read_dir(&dir) {
-        Ok(rd) => rd,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((String::new(), 0)),
-        Err(e) => return Err(QueryError::io(&dir, e)),
-    };
-    for e in rd {
-        let e = e.map_err(|e| QueryError::io(&dir, e))?;
+    for e in dir_entries(&dir)? {
         let name = e.file_name().to_string_lossy().into_owned();
         if name.ends_with(".parquet") {
             let len = e
@@ -226,27 +209,11 @@ pub async fn refresh(catalog: &Catalog, ws: Option<&str>) -> QueryResult<Refresh
 
 /// Workspaces that have events.
 pub fn list_workspaces(store: &Path) -> QueryResult<Vec<String>> {
-    let dir = store.join("events");
-    let mut out = Vec::new();
-    let rd = match std::fs::read_dir(&dir) {
-        Ok(rd) => rd,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
-        Err(e) => return Err(QueryError::io(&dir, e)),
-    };
-    for e in rd {
-        let e = e.map_err(|e| QueryError::io(&dir, e))?;
-        if let Some(w) = e
-            .file_name()
-            .to_str()
-            .and_then(|n| n.strip_prefix("workspace_id="))
-        {
-            if crate::decode::valid_workspace_id(w) {
-                out.push(w.to_string());
-            }
-        }
-    }
-    out.sort();
-    Ok(out)
+    partition_values(
+        &store.join("events"),
+        "workspace_id",
+        crate::decode::valid_workspace_id,
+    )
 }
 
 /// Rolls up one partition. Returns false (writing nothing) when files arrived meanwhile.

@@ -85,6 +85,36 @@ impl From<arrow_schema::ArrowError> for QueryError {
     }
 }
 
+/// The entries of a folder; none when the folder does not exist (an empty table).
+pub(crate) fn dir_entries(dir: &Path) -> QueryResult<Vec<std::fs::DirEntry>> {
+    match std::fs::read_dir(dir) {
+        Ok(rd) => rd.map(|e| e.map_err(|e| QueryError::io(dir, e))).collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(QueryError::io(dir, e)),
+    }
+}
+
+/// The values `v` of a folder's `key=v` sub-folders that `keep` accepts, sorted.
+pub(crate) fn partition_values(
+    dir: &Path,
+    key: &str,
+    keep: impl Fn(&str) -> bool,
+) -> QueryResult<Vec<String>> {
+    let prefix = format!("{key}=");
+    let mut out: Vec<String> = dir_entries(dir)?
+        .iter()
+        .filter_map(|e| {
+            e.file_name()
+                .to_str()?
+                .strip_prefix(&prefix)
+                .map(str::to_string)
+        })
+        .filter(|v| keep(v))
+        .collect();
+    out.sort();
+    Ok(out)
+}
+
 /// Runs a DataFrame to completion within the catalog's time limit.
 pub async fn collect(
     limits: &Limits,

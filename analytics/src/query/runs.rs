@@ -16,7 +16,7 @@ use broadside_pipeline::run::RunRecord;
 use datafusion::datasource::MemTable;
 
 use crate::query::catalog::{schema_of, ts_type};
-use crate::query::{QueryError, QueryResult};
+use crate::query::{dir_entries, QueryError, QueryResult};
 
 /// Schema of the `campaign_runs` table.
 pub fn runs_schema(with_workspace: bool) -> SchemaRef {
@@ -48,25 +48,16 @@ pub fn load_runs(store: &Path, ws: Option<&str>) -> QueryResult<Vec<RunRecord>> 
     let root = store.join("campaign_runs");
     let dirs: Vec<std::path::PathBuf> = match ws {
         Some(w) => vec![root.join(format!("workspace_id={w}"))],
-        None => match std::fs::read_dir(&root) {
-            Ok(rd) => rd
-                .filter_map(|e| e.ok())
-                .map(|e| e.path())
-                .filter(|p| p.is_dir())
-                .collect(),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => vec![],
-            Err(e) => return Err(QueryError::io(&root, e)),
-        },
+        None => dir_entries(&root)?
+            .iter()
+            .map(|e| e.path())
+            .filter(|p| p.is_dir())
+            .collect(),
     };
     let mut runs = Vec::new();
     for dir in dirs {
-        let rd = match std::fs::read_dir(&dir) {
-            Ok(rd) => rd,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(QueryError::io(&dir, e)),
-        };
-        for entry in rd {
-            let path = entry.map_err(|e| QueryError::io(&dir, e))?.path();
+        for entry in dir_entries(&dir)? {
+            let path = entry.path();
             if path.extension().is_some_and(|x| x == "json") {
                 let r = RunRecord::load(&path).map_err(|e| QueryError::Corrupt {
                     path: path.clone(),
