@@ -234,14 +234,23 @@ pub async fn campaign_statistics(
                 col("bounce_type"),
                 col("n"),
             ])?;
-        counts_df = counts_df.union(hourly)?;
+        // Only rolled-up days: the raw side is empty, leave it out of the plan entirely.
+        counts_df = if plan.raw.is_empty() {
+            hourly
+        } else {
+            counts_df.union(hourly)?
+        };
         let uniques = ctx.table("rollup_uniques").await?.filter(f)?.select(vec![
             col("campaign_id"),
             col("variant"),
             col("event_type"),
             col("email_hash"),
         ])?;
-        uniques_df = uniques_df.union(uniques)?;
+        uniques_df = if plan.raw.is_empty() {
+            uniques
+        } else {
+            uniques_df.union(uniques)?
+        };
     }
     let counts_df = counts_df.aggregate(
         vec![

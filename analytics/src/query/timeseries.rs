@@ -181,7 +181,11 @@ pub async fn time_series(catalog: &Catalog, ws: &str, q: &SeriesQuery) -> QueryR
             col("event_type"),
             col("n"),
         ])?;
-        df = df.union(rolled)?;
+        df = if plan.raw.is_empty() {
+            rolled
+        } else {
+            df.union(rolled)?
+        };
     }
     let df = df.aggregate(
         vec![col("slot"), col("event_type")],
