@@ -4,55 +4,19 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 
 use common::*;
 use serde_json::Value;
 
-struct Server {
-    child: Child,
-    addr: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn serve(store: &std::path::Path, tokens: &std::path::Path) -> Server {
-    let mut child = exe()
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--store",
-            store.to_str().unwrap(),
-            "--tokens",
-            tokens.to_str().unwrap(),
-            "--rollup-every",
-            "0",
-        ])
-        .env_remove("BROADSIDE_WEBHOOK_SECRET")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let addr = loop {
-        let line = lines
-            .next()
-            .expect("serve exited before listening")
-            .unwrap();
-        if let Some((_, rest)) = line.split_once(" on http://") {
-            break rest.trim().to_string();
-        }
-    };
-    // Keep draining the server's log so it never writes into a closed pipe.
-    std::thread::spawn(move || lines.for_each(|l| eprintln!("serve: {}", l.unwrap_or_default())));
-    Server { child, addr }
+    let (store, tokens) = (store.to_str().unwrap(), tokens.to_str().unwrap());
+    Server::start(
+        &["--store", store, "--tokens", tokens, "--rollup-every", "0"],
+        &[],
+    )
 }
 
 fn get(addr: &str, path: &str, token: &str, ws: &str) -> (u16, String) {

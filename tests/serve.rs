@@ -2,9 +2,8 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::Stdio;
 
 fn post(addr: &str, path: &str, token: Option<&str>, body: &str) -> String {
     let mut s = TcpStream::connect(addr).unwrap();
@@ -27,28 +26,11 @@ fn webhook_events_reach_the_store_and_need_the_secret() {
     let d = tempfile::tempdir().unwrap();
     let store = d.path().join("store");
     let secret = "a-long-enough-test-secret";
-    let mut child = common::exe()
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--store",
-            store.to_str().unwrap(),
-        ])
-        .env("BROADSIDE_WEBHOOK_SECRET", secret)
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let addr = loop {
-        let line = lines
-            .next()
-            .expect("serve exited before listening")
-            .unwrap();
-        if let Some((_, rest)) = line.split_once(" on http://") {
-            break rest.trim().to_string();
-        }
-    };
+    let server = common::Server::start(
+        &["--store", store.to_str().unwrap()],
+        &[("BROADSIDE_WEBHOOK_SECRET", secret)],
+    );
+    let addr = server.addr.clone();
     let body = r#"[{"event_id":"w-1","workspace_id":"demo","campaign_id":"c1","email":"a@example.com","event_type":"opened","ts":"2026-11-20T10:00:00Z"},
                   {"event_id":"w-2","workspace_id":"demo","campaign_id":"c1","email":"b@example.com","event_type":"clicked","url":"https://example.com/x","ts":"2026-11-20T10:01:00Z"}]"#;
     let denied = post(
@@ -60,8 +42,7 @@ fn webhook_events_reach_the_store_and_need_the_secret() {
     assert!(denied.starts_with("HTTP/1.1 401"), "{denied}");
     let ok = post(&addr, "/webhooks/events", Some(secret), body);
     assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
-    child.kill().unwrap();
-    child.wait().unwrap();
+    drop(server);
 
     let day = store.join("events/workspace_id=demo/date=2026-11-20");
     let rows: i64 = std::fs::read_dir(&day)

@@ -13,7 +13,6 @@
 //! `bounced_at`, `date` or `timestamp` (RFC 3339, `YYYY-MM-DD HH:MM:SS` UTC or `YYYY-MM-DD`).
 
 use std::fs::File;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -29,7 +28,7 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::query::catalog::{schema_of, ts_type};
-use crate::suppression::{normalize_email, split_csv};
+use crate::suppression::{normalize_email, BounceCsv};
 
 /// Schema of the `historical_bounces` table.
 pub fn historical_schema() -> SchemaRef {
@@ -159,24 +158,14 @@ pub fn import(store: &Path, req: &ImportRequest) -> Result<ImportReport> {
 }
 
 fn read_csv(path: &Path, out: &mut Vec<Row>) -> Result<u64> {
-    let f = File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut csv = BounceCsv::open(path)?;
     let input = |line: u64, message: String| Error::Input {
         path: path.to_path_buf(),
         line,
         message,
     };
-    let mut lines = BufReader::new(f).lines();
-    let header = match lines.next() {
-        Some(h) => h.map_err(|e| input(1, e.to_string()))?,
-        None => return Err(input(1, "empty file: expected a header".into())),
-    };
-    let cols: Vec<String> = split_csv(header.trim_start_matches('\u{feff}'))
-        .into_iter()
-        .map(|c| c.trim().to_ascii_lowercase())
-        .collect();
-    let find = |names: &[&str]| cols.iter().position(|c| names.contains(&c.as_str()));
-    let email = find(&["email"])
-        .ok_or_else(|| input(1, format!("no `email` column in header {cols:?}")))?;
+    let find = |names: &[&str]| csv.column(names);
+    let email = csv.email;
     let kind = find(&["bounce_type", "type"]);
     let account = find(&["account_number", "account"]);
     let at = find(&["bounced_at", "date", "timestamp"]);
@@ -185,13 +174,7 @@ fn read_csv(path: &Path, out: &mut Vec<Row>) -> Result<u64> {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let mut n_rows = 0;
-    for (i, line) in lines.enumerate() {
-        let n = i as u64 + 2;
-        let line = line.map_err(|e| input(n, e.to_string()))?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let fields = split_csv(&line);
+    while let Some((n, fields)) = csv.next_row()? {
         let get = |c: Option<usize>| c.and_then(|c| fields.get(c)).map(|s| s.trim());
         let e = normalize_email(get(Some(email)).ok_or_else(|| {
             input(

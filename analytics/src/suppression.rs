@@ -298,42 +298,87 @@ pub(crate) fn split_csv(line: &str) -> Vec<String> {
     out
 }
 
+/// A bounce export being read: its header (trimmed, lowercased names; the `email` column is
+/// required) and then its non-blank data rows, each with its 1-based line number.
+pub(crate) struct BounceCsv {
+    path: PathBuf,
+    lines: std::io::Lines<BufReader<File>>,
+    line: u64,
+    /// Column names.
+    pub(crate) cols: Vec<String>,
+    /// Index of the `email` column.
+    pub(crate) email: usize,
+}
+
+impl BounceCsv {
+    /// Opens a file and reads its header.
+    pub(crate) fn open(path: &Path) -> Result<BounceCsv> {
+        let f = File::open(path).map_err(|e| Error::io(path, e))?;
+        let mut csv = BounceCsv {
+            path: path.to_path_buf(),
+            lines: BufReader::new(f).lines(),
+            line: 1,
+            cols: Vec::new(),
+            email: 0,
+        };
+        let header = match csv.lines.next() {
+            Some(h) => h.map_err(|e| csv.error(1, e.to_string()))?,
+            None => {
+                return Err(csv.error(
+                    1,
+                    "empty file: expected a header with an `email` column".into(),
+                ))
+            }
+        };
+        csv.cols = split_csv(header.trim_start_matches('\u{feff}'))
+            .into_iter()
+            .map(|c| c.trim().to_ascii_lowercase())
+            .collect();
+        csv.email = csv
+            .column(&["email"])
+            .ok_or_else(|| csv.error(1, format!("no `email` column in header {:?}", csv.cols)))?;
+        Ok(csv)
+    }
+
+    /// The first column with one of these names.
+    pub(crate) fn column(&self, names: &[&str]) -> Option<usize> {
+        self.cols.iter().position(|c| names.contains(&c.as_str()))
+    }
+
+    /// An error naming the file and line.
+    pub(crate) fn error(&self, line: u64, message: String) -> Error {
+        Error::Input {
+            path: self.path.clone(),
+            line,
+            message,
+        }
+    }
+
+    /// The next non-blank row: its line number and fields.
+    pub(crate) fn next_row(&mut self) -> Result<Option<(u64, Vec<String>)>> {
+        for line in self.lines.by_ref() {
+            self.line += 1;
+            let n = self.line;
+            let line = line.map_err(|e| Error::Input {
+                path: self.path.clone(),
+                line: n,
+                message: e.to_string(),
+            })?;
+            if !line.trim().is_empty() {
+                return Ok(Some((n, split_csv(&line))));
+            }
+        }
+        Ok(None)
+    }
+}
+
 fn scan_bounce_csv(path: &Path, set: &mut BTreeSet<String>) -> Result<u64> {
-    let f = File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut lines = BufReader::new(f).lines();
-    let input = |line: u64, message: String| Error::Input {
-        path: path.to_path_buf(),
-        line,
-        message,
-    };
-    let header = match lines.next() {
-        Some(h) => h.map_err(|e| input(1, e.to_string()))?,
-        None => {
-            return Err(input(
-                1,
-                "empty file: expected a header with an `email` column".into(),
-            ))
-        }
-    };
-    let cols: Vec<String> = split_csv(header.trim_start_matches('\u{feff}'))
-        .into_iter()
-        .map(|c| c.trim().to_ascii_lowercase())
-        .collect();
-    let email = cols
-        .iter()
-        .position(|c| c == "email")
-        .ok_or_else(|| input(1, format!("no `email` column in header {cols:?}")))?;
-    let kind = cols.iter().position(|c| c == "bounce_type" || c == "type");
+    let mut csv = BounceCsv::open(path)?;
+    let (email, kind) = (csv.email, csv.column(&["bounce_type", "type"]));
     let mut rows = 0;
-    for (i, line) in lines.enumerate() {
-        let n = i as u64 + 2;
-        let line = line.map_err(|e| input(n, e.to_string()))?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let fields = split_csv(&line);
+    while let Some((n, fields)) = csv.next_row()? {
         let Some(e) = fields.get(email) else {
-            return Err(input(
+            return Err(csv.error(
                 n,
                 format!(
                     "row has {} fields, the email column is #{}",

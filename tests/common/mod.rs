@@ -3,8 +3,9 @@
 
 use std::collections::HashMap;
 use std::fs::File;
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
 
 use arrow_array::{Array, StringArray, UInt32Array, UInt64Array};
 use arrow_cast::cast;
@@ -245,4 +246,50 @@ pub fn submitted_event_rows(
         }
     }
     out
+}
+
+/// A running `broadside serve`, killed on drop.
+pub struct Server {
+    child: Child,
+    /// `host:port` it listens on.
+    pub addr: String,
+}
+
+impl Server {
+    /// Starts `broadside serve --listen 127.0.0.1:0 ARGS…` (with `env` set) and waits for the
+    /// line naming its address. Its later log lines are drained (and echoed) so it never writes
+    /// into a closed pipe.
+    pub fn start(args: &[&str], env: &[(&str, &str)]) -> Server {
+        let mut cmd = exe();
+        cmd.args(["serve", "--listen", "127.0.0.1:0"])
+            .args(args)
+            .env_remove("BROADSIDE_WEBHOOK_SECRET")
+            .env_remove("BROADSIDE_TOKENS")
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().unwrap();
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let addr = loop {
+            let line = lines
+                .next()
+                .expect("serve exited before listening")
+                .unwrap();
+            if let Some((_, rest)) = line.split_once(" on http://") {
+                break rest.trim().to_string();
+            }
+        };
+        std::thread::spawn(move || {
+            lines.for_each(|l| eprintln!("serve: {}", l.unwrap_or_default()))
+        });
+        Server { child, addr }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
