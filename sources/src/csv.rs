@@ -34,6 +34,8 @@ pub struct CsvRecordReader<R> {
     ends: Vec<usize>,
     nfields: usize,
     line: u64,
+    /// Blank-line newlines consumed here rather than by `rdr` (whose `line()` misses them).
+    skipped_newlines: u64,
     /// Added to line numbers (a chunk's records are numbered as in the whole file).
     line_offset: u64,
     bytes_read: Arc<AtomicU64>,
@@ -54,6 +56,7 @@ impl<R: Read> CsvRecordReader<R> {
             ends: vec![0; 64],
             nfields: 0,
             line: 1,
+            skipped_newlines: 0,
             line_offset: 0,
             bytes_read: Arc::new(AtomicU64::new(0)),
             origin: origin.into(),
@@ -96,7 +99,18 @@ impl<R: Read> CsvRecordReader<R> {
 
     /// Reads the next record; returns its starting line, or `None` at the end of input.
     pub fn read_record(&mut self) -> Result<Option<u64>> {
-        let start_line = self.rdr.line().max(self.line);
+        // Blank lines before a record are skipped here, so that the line reported is the
+        // one the record starts on (csv-core would skip them inside the record's read).
+        loop {
+            self.fill()?;
+            match self.buf[self.pos..self.filled].first() {
+                Some(b'\n') => self.skipped_newlines += 1,
+                Some(b'\r') => {}
+                _ => break,
+            }
+            self.pos += 1;
+        }
+        let start_line = self.rdr.line() + self.skipped_newlines;
         let mut outlen = 0;
         let mut endlen = 0;
         loop {
@@ -120,7 +134,7 @@ impl<R: Read> CsvRecordReader<R> {
                 }
                 ReadRecordResult::Record => {
                     self.nfields = endlen;
-                    self.line = self.rdr.line();
+                    self.line = self.rdr.line() + self.skipped_newlines;
                     return Ok(Some(start_line + self.line_offset));
                 }
                 ReadRecordResult::End => return Ok(None),
@@ -527,6 +541,20 @@ mod tests {
         assert_eq!(r.field(1), b"x\ny");
         assert_eq!(r.read_record().unwrap(), Some(4));
         assert_eq!(r.field(0), b"3");
+        assert_eq!(r.read_record().unwrap(), None);
+    }
+
+    #[test]
+    fn blank_lines_before_a_record_count_towards_its_line() {
+        // Found by the chunking property test: the record after blank lines was reported on
+        // the first blank line when read whole, and on its own line when read in chunks.
+        let data = b"a,b\n\n\r\n\n1,2\r\n\r\n\"x\n";
+        let mut r = CsvRecordReader::new(Cursor::new(&data[..]), b',', "t.csv");
+        assert_eq!(r.read_record().unwrap(), Some(1));
+        assert_eq!(r.read_record().unwrap(), Some(5));
+        assert_eq!(r.field(1), b"2");
+        assert_eq!(r.read_record().unwrap(), Some(7));
+        assert_eq!(r.field(0), b"x\n");
         assert_eq!(r.read_record().unwrap(), None);
     }
 
