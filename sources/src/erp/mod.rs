@@ -25,7 +25,8 @@ use broadside_pipeline::runner::{Source, SourceItem};
 use broadside_pipeline::spec::{ErpEncryption, ErpSourceSpec};
 use broadside_pipeline::{Error, Result};
 use futures_util::TryStreamExt;
-use tiberius::{AuthMethod, Client, Column, ColumnData, Config, EncryptionLevel, QueryItem, Row};
+use tiberius::{
+    AuthMethod, Client, Column, ColumnData, ColumnType, Config, EncryptionLevel, QueryItem, Row};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_util::compat::{Compat, TokioAsyncWriteCompatExt};
@@ -275,8 +276,11 @@ fn describe_columns(cols: &[Column], sample: Option<&Row>) -> Vec<ResultColumn> 
     cols.iter()
         .enumerate()
         .map(|(i, c)| {
-            let exact = sample
-                .and_then(|r| r.get_column_data(i).ok())
+            // Only the nullable integer and float types leave their width out of the metadata;
+            // a money column's values arrive as floats but it is still money.
+            let exact = matches!(c.column_type(), ColumnType::Intn | ColumnType::Floatn)
+                .then(|| sample.and_then(|r| r.get_column_data(i).ok()))
+                .flatten()
                 .and_then(value_type_name);
             ResultColumn {
                 name: c.name().to_string(),
