@@ -177,6 +177,8 @@ pub struct ServeOptions {
     pub rollup_every: u64,
     #[command(flatten)]
     pub limits: crate::analytics_cmd::LimitOptions,
+    #[command(flatten)]
+    pub campaigns: crate::campaign_cmd::CampaignServeOptions,
 }
 
 /// Runs `broadside serve` (analytics API and/or webhook intake) until SIGINT/SIGTERM.
@@ -212,8 +214,18 @@ pub fn serve(o: &ServeOptions) -> Result<()> {
         }));
         served.push("analytics API (see /openapi.json)");
     }
+    let campaigns = crate::campaign_cmd::serve_parts(
+        &o.campaigns,
+        o.tokens.as_deref(),
+        &o.listen,
+        rt.handle(),
+    )?;
+    if let Some(r) = campaigns {
+        app = app.merge(r);
+        served.push("campaign API (/campaign)");
+    }
     if served.is_empty() {
-        bail!("nothing to serve: give --tokens FILE (analytics API) and/or --webhook-secret (webhooks)");
+        bail!("nothing to serve: give --tokens FILE (analytics API), --webhook-secret (webhooks) and/or --campaigns FILE.db (campaign API)");
     }
     rt.block_on(async {
         let listener = tokio::net::TcpListener::bind(&o.listen)

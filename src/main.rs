@@ -2,6 +2,7 @@
 
 mod analytics_cmd;
 mod bench;
+mod campaign_cmd;
 mod erp_cmd;
 mod events_cmd;
 mod generate;
@@ -110,6 +111,8 @@ enum Command {
     },
     /// End-to-end capacity benchmark: rows/s per stage and peak RSS per campaign size.
     Bench(bench::BenchOptions),
+    /// Campaigns and their sendings in a campaign store (ops twins of the `/campaign` API).
+    Campaign(campaign_cmd::CampaignOptions),
 }
 
 #[derive(Subcommand)]
@@ -248,6 +251,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(o) => {
             bench::bench(&o)?;
         }
+        Command::Campaign(o) => campaign_cmd::run(o)?,
     }
     Ok(())
 }

@@ -1,0 +1,721 @@
+//! The campaign HTTP API (seed 002 and 003), mounted by `broadside serve --campaigns FILE`.
+//!
+//! | route | does |
+//! |---|---|
+//! | `GET /campaign` | the workspace's campaigns |
+//! | `POST /campaign` | creates one (201) |
+//! | `GET / PUT / DELETE /campaign/{id}` | reads, edits, deletes one |
+//! | `GET / POST /campaign/{id}/sendings` | lists or adds sendings |
+//! | `GET / PUT / DELETE /campaign/{id}/sendings/{sid}` | reads, reschedules or cancels one |
+//! | `POST /audience`, `GET /audience/{id}` | stores or reads an audience (conditions) |
+//!
+//! Bodies are JSON objects; unknown fields are refused. Errors are JSON
+//! `{"error": "...", "field": "..."}`: malformed JSON 400, a bad field 422 (naming it), an
+//! illegal state change 409 (with `"allowed"` listing the states it may go to), unknown id 404.
+//! Every request names its workspace in the `workspace_id` header; with tokens configured it
+//! also needs `Authorization: Bearer <token>` for a token allowed that workspace.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use axum::body::Bytes;
+use axum::extract::{Path, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+use sha2::{Digest, Sha256};
+
+use crate::audience::{Audience, Condition, Conditions, FieldMap, Recipients};
+use crate::error::{Error, Result};
+use crate::schedule::{format_instant, parse_instant, Schedule, ScheduleConfig, When};
+use crate::state::{CampaignState, SendingStatus};
+use crate::store::{Campaign, CampaignFields, Sending, Store};
+
+/// The clock the API stamps and validates with (unix seconds); tests pass a fixed one.
+pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
+
+/// The system clock.
+pub fn system_clock() -> Clock {
+    Arc::new(|| chrono::Utc::now().timestamp())
+}
+
+/// A token allowed to use some workspaces (the analytics token file's entries fit).
+#[derive(Debug, Clone, Deserialize)]
+pub struct TokenGrant {
+    /// A name for logs.
+    pub name: String,
+    /// Hex SHA-256 of the token.
+    pub sha256: String,
+    /// Workspaces it may use.
+    pub workspaces: Vec<String>,
+}
+
+/// Who may call the API.
+#[derive(Debug, Clone)]
+pub enum Access {
+    /// Anyone who can reach the listener (a local or test setup); the workspace header is
+    /// still required.
+    Open,
+    /// Bearer tokens.
+    Tokens(Vec<TokenGrant>),
+}
+
+/// Settings of the campaign API.
+#[derive(Clone)]
+pub struct CampaignApiConfig {
+    /// The store file.
+    pub store: PathBuf,
+    /// Schedule lead and failure window.
+    pub schedule: ScheduleConfig,
+    /// The fields audience conditions may use.
+    pub fields: FieldMap,
+    /// Who may call it.
+    pub access: Access,
+    /// The clock.
+    pub clock: Clock,
+}
+
+struct ApiState {
+    store: Mutex<Store>,
+    cfg: CampaignApiConfig,
+}
+
+#[derive(Debug, Clone)]
+struct Ws(String);
+
+/// An error response.
+#[derive(Debug)]
+pub struct ApiError(StatusCode, Value);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(self.1)).into_response()
+    }
+}
+
+impl From<Error> for ApiError {
+    fn from(e: Error) -> Self {
+        let msg = e.to_string();
+        match e {
+            Error::Invalid { field, .. } => ApiError(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                json!({"error": msg, "field": field}),
+            ),
+            Error::Transition {
+                from, to, allowed, ..
+            } => ApiError(
+                StatusCode::CONFLICT,
+                json!({"error": msg, "field": "state", "state": from, "requested": to, "allowed": allowed}),
+            ),
+            Error::NotFound { .. } => ApiError(StatusCode::NOT_FOUND, json!({"error": msg})),
+            other => {
+                tracing::error!(error = %other, "campaign API failed");
+                ApiError(StatusCode::INTERNAL_SERVER_ERROR, json!({"error": msg}))
+            }
+        }
+    }
+}
+
+type ApiResult<T> = std::result::Result<T, ApiError>;
+
+/// The campaign routes; merge with the analytics routes in `broadside serve`.
+pub fn campaign_router(cfg: CampaignApiConfig) -> Result<Router> {
+    let store = Store::open(&cfg.store)?;
+    let state = Arc::new(ApiState {
+        store: Mutex::new(store),
+        cfg,
+    });
+    Ok(Router::new()
+        .route("/campaign", get(list_campaigns).post(create_campaign))
+        .route(
+            "/campaign/{id}",
+            get(get_campaign)
+                .put(update_campaign)
+                .delete(delete_campaign),
+        )
+        .route(
+            "/campaign/{id}/sendings",
+            get(list_sendings).post(create_sending),
+        )
+        .route(
+            "/campaign/{id}/sendings/{sid}",
+            get(get_sending).put(update_sending).delete(cancel_sending),
+        )
+        .route("/audience", post(create_audience))
+        .route("/audience/{id}", get(get_audience))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth))
+        .with_state(state))
+}
+
+async fn auth(
+    State(st): State<Arc<ApiState>>,
+    mut req: Request,
+    next: Next,
+) -> ApiResult<Response> {
+    let deny = |code: StatusCode, m: String| ApiError(code, json!({"error": m}));
+    let ws = req
+        .headers()
+        .get("workspace_id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|w| {
+            !w.is_empty()
+                && w.len() <= 64
+                && w.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        })
+        .ok_or_else(|| {
+            deny(
+                StatusCode::FORBIDDEN,
+                "missing or invalid workspace_id header".into(),
+            )
+        })?
+        .to_string();
+    if let Access::Tokens(grants) = &st.cfg.access {
+        let token = bearer(req.headers()).ok_or_else(|| {
+            deny(
+                StatusCode::UNAUTHORIZED,
+                "missing Authorization: Bearer <token>".into(),
+            )
+        })?;
+        let hash = token_hash(token);
+        let grant = grants
+            .iter()
+            .find(|g| same(g.sha256.to_ascii_lowercase().as_bytes(), hash.as_bytes()))
+            .ok_or_else(|| deny(StatusCode::UNAUTHORIZED, "unknown token".into()))?;
+        if !grant.workspaces.contains(&ws) {
+            return Err(deny(
+                StatusCode::FORBIDDEN,
+                format!("token {:?} may not use workspace {ws:?}", grant.name),
+            ));
+        }
+    }
+    req.extensions_mut().insert(Ws(ws));
+    Ok(next.run(req).await)
+}
+
+fn bearer(h: &HeaderMap) -> Option<&str> {
+    h.get(header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+        .map(str::trim)
+}
+
+/// Hex SHA-256 of a token, as [`TokenGrant::sha256`] stores it.
+pub fn token_hash(s: &str) -> String {
+    Sha256::digest(s.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Compares without stopping at the first difference.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+impl ApiState {
+    /// Runs store work off the reactor (SQLite may wait on another process's write lock).
+    async fn run<T: Send + 'static>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&Store, &CampaignApiConfig, i64) -> Result<T> + Send + 'static,
+    ) -> ApiResult<T> {
+        let st = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let now = (st.cfg.clock)();
+            let store = st.store.lock().unwrap_or_else(|p| p.into_inner());
+            f(&store, &st.cfg, now)
+        })
+        .await
+        .map_err(|e| {
+            ApiError(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                json!({"error": e.to_string()}),
+            )
+        })?
+        .map_err(ApiError::from)
+    }
+}
+
+/// Parses a JSON object body: bad JSON is 400, anything but an object 400.
+fn object(body: &Bytes) -> ApiResult<Map<String, Value>> {
+    let v: Value = serde_json::from_slice(body).map_err(|e| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            json!({"error": format!("body is not valid JSON: {e}")}),
+        )
+    })?;
+    match v {
+        Value::Object(o) => Ok(o),
+        other => Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            json!({"error": format!("body must be a JSON object, not {other}")}),
+        )),
+    }
+}
+
+fn check_keys(o: &Map<String, Value>, allowed: &[&str]) -> Result<()> {
+    match o.keys().find(|k| !allowed.contains(&k.as_str())) {
+        Some(k) => Err(Error::invalid(
+            k,
+            format!("unknown field; allowed: {}", allowed.join(", ")),
+        )),
+        None => Ok(()),
+    }
+}
+
+fn opt_int(o: &Map<String, Value>, key: &str) -> Result<Option<Option<i64>>> {
+    match o.get(key) {
+        None => Ok(None),
+        Some(Value::Null) => Ok(Some(None)),
+        Some(v) => v
+            .as_i64()
+            .filter(|i| *i > 0)
+            .map(|i| Some(Some(i)))
+            .ok_or_else(|| Error::invalid(key, format!("{v} is not a positive integer id"))),
+    }
+}
+
+fn campaign_fields(o: &Map<String, Value>, creating: bool) -> Result<CampaignFields> {
+    let mut allowed = vec![
+        "name",
+        "domain",
+        "segments",
+        "segments[]",
+        "state",
+        "when",
+        "event_callback",
+    ];
+    if creating {
+        allowed.push("list");
+    } else if o.contains_key("list") {
+        return Err(Error::invalid(
+            "list",
+            "cannot change after creation; create a new campaign",
+        ));
+    }
+    check_keys(o, &allowed)?;
+    let name = match o.get("name") {
+        None => None,
+        Some(Value::String(s)) if !s.trim().is_empty() => Some(s.trim().to_string()),
+        Some(v) => {
+            return Err(Error::invalid(
+                "name",
+                format!("must be a non-empty string, not {v}"),
+            ))
+        }
+    };
+    let segs = match (o.get("segments"), o.get("segments[]")) {
+        (Some(_), Some(_)) => {
+            return Err(Error::invalid(
+                "segments",
+                "give segments or segments[], not both",
+            ))
+        }
+        (Some(v), None) => Some(("segments", v)),
+        (None, Some(v)) => Some(("segments[]", v)),
+        (None, None) => None,
+    };
+    let segments = match segs {
+        None => None,
+        Some((_, Value::Null)) => Some(Vec::new()),
+        Some((key, Value::Array(a))) => Some(
+            a.iter()
+                .enumerate()
+                .map(|(i, v)| {
+                    v.as_i64().filter(|i| *i > 0).ok_or_else(|| {
+                        Error::invalid(
+                            format!("{key}[{i}]"),
+                            format!("{v} is not a positive integer id"),
+                        )
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?,
+        ),
+        Some((key, Value::Number(n))) => Some(vec![n
+            .as_i64()
+            .filter(|i| *i > 0)
+            .ok_or_else(|| Error::invalid(key, format!("{n} is not a positive integer id")))?]),
+        Some((key, v)) => {
+            return Err(Error::invalid(
+                key,
+                format!("must be an array of ids, not {v}"),
+            ))
+        }
+    };
+    let state = match o.get("state") {
+        None => None,
+        Some(Value::String(s)) => Some(s.parse::<CampaignState>()?),
+        Some(v) => {
+            return Err(Error::invalid(
+                "state",
+                format!("must be a string, not {v}"),
+            ))
+        }
+    };
+    let when = match o.get("when") {
+        None => None,
+        Some(Value::Null) => Some(None),
+        Some(v) => Some(Some(parse_instant(v, "when")?)),
+    };
+    let event_callback = match o.get("event_callback") {
+        None => None,
+        Some(Value::Null) => Some(None),
+        Some(Value::String(s)) if s.is_empty() => Some(None),
+        Some(Value::String(s)) => Some(Some(check_callback_url(s)?)),
+        Some(v) => {
+            return Err(Error::invalid(
+                "event_callback",
+                format!("must be a URL string, not {v}"),
+            ))
+        }
+    };
+    Ok(CampaignFields {
+        name,
+        domain: opt_int(o, "domain")?,
+        list: if creating { opt_int(o, "list")? } else { None },
+        segments,
+        state,
+        when,
+        event_callback,
+    })
+}
+
+/// Checks a callback URL: absolute http(s) with a host.
+pub fn check_callback_url(s: &str) -> Result<String> {
+    let uri: axum::http::Uri = s
+        .parse()
+        .map_err(|e| Error::invalid("event_callback", format!("{s:?} is not a URL: {e}")))?;
+    match (uri.scheme_str(), uri.host()) {
+        (Some("http" | "https"), Some(h)) if !h.is_empty() => Ok(s.to_string()),
+        _ => Err(Error::invalid(
+            "event_callback",
+            format!("{s:?} must be an absolute http:// or https:// URL"),
+        )),
+    }
+}
+
+/// The JSON view of a campaign.
+pub fn campaign_json(c: &Campaign) -> Value {
+    json!({
+        "id": c.id,
+        "name": c.name,
+        "domain": c.domain,
+        "list": c.list,
+        "segments": c.segments,
+        "state": c.state,
+        "allowed_states": c.state.client_targets(),
+        "when": c.when.map(format_instant),
+        "when_unix": c.when,
+        "event_callback": c.event_callback,
+        "created_at": format_instant(c.created_at),
+        "updated_at": format_instant(c.updated_at),
+    })
+}
+
+fn schedule_json(s: &Schedule) -> Value {
+    let mut v = match s.when {
+        When::Draft => return Value::Null,
+        When::Immediate => json!({"type": "immediate"}),
+        When::Absolute { at } => json!({"type": "absolute", "at": format_instant(at)}),
+        When::Relative { amount, unit } => {
+            let unit = serde_json::to_value(unit).expect("unit serialises");
+            let unit = unit.as_str().unwrap_or_default();
+            json!({"type": "relative", "in": format!("{amount} {unit}{}", if amount == 1 { "" } else { "s" })})
+        }
+    };
+    v["prescheduled"] = json!(s.prescheduled);
+    v
+}
+
+/// The JSON view of a sending.
+pub fn sending_json(s: &Sending) -> Value {
+    json!({
+        "id": s.id,
+        "campaign_id": s.campaign_id,
+        "status": s.status,
+        "schedule": schedule_json(&s.schedule),
+        "desired_at": s.timing.map(|t| format_instant(t.desired_at)),
+        "prepare_at": s.timing.map(|t| format_instant(t.prepare_at)),
+        "fail_at": s.timing.map(|t| format_instant(t.fail_at)),
+        "audience": s.recipients.audience,
+        "recipients": s.recipients.recipients,
+        "channels_preference": s.recipients.channels_preference,
+        "recipient_count": s.recipient_count,
+        "error": s.error,
+        "created_at": format_instant(s.created_at),
+        "updated_at": format_instant(s.updated_at),
+    })
+}
+
+async fn list_campaigns(
+    State(st): State<Arc<ApiState>>,
+    Extension(Ws(ws)): Extension<Ws>,
+) -> ApiResult<Json<Value>> {
+    let list = st.run(move |s, _, _| s.campaigns(&ws)).await?;
+    Ok(Json(Value::Array(list.iter().map(campaign_json).collect())))
+}
+
+async fn create_campaign(
+    State(st): State<Arc<ApiState>>,
+    Extension(Ws(ws)): Extension<Ws>,
+    body: Bytes,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let o = object(&body)?;
+    let fields = campaign_fields(&o, true)?;
+    let c = st
+        .run(move |s, _, now| s.create_campaign(&ws, &fields, now))
+        .await?;
+    Ok((StatusCode::CREATED, Json(campaign_json(&c))))
+}
+
+async fn get_campaign(
+    State(st): State<Arc<ApiState>>,
+    Extension(Ws(ws)): Extension<Ws>,
+    Path(id): Path<i64>,
+) -> ApiResult<Json<Value>> {
+    let c = st.run(move |s, _, _| s.campaign(&ws, id)).await?;
+    Ok(Json(campaign_json(&c)))
+}
+
+async fn update_campaign(
+    State(st): State<Arc<ApiState>>,
+    Extension(Ws(ws)): Extension<Ws>,
+    Path(id): Path<i64>,
+    body: Bytes,
+) -> ApiResult<Json<Value>> {
+    let o = object(&body)?;
+    let fields = campaign_fields(&o, false)?;
+    let c = st
+        .run(move |s, _, now| s.update_campaign(&ws, id, &fields, now))
+        .await?;
+    Ok(Json(campaign_json(&c)))
+}
+
+async fn delete_campaign(
+    State(st): State<Arc<ApiState>>,
+    Extension(Ws(ws)): Extension<Ws>,
+    Path(id): Path<i64>,
+) -> ApiResult<Json<Value>> {
+    let c = st
+        .run(move |s, _, now| s.delete_campaign(&ws, id, now))
+        .await?;
+    Ok(Json(campaign_json(&c)))
+}
+
+/// Parses and checks a sending's `schedule` / `draft`; `draft: true` keeps it a draft, and a
+/// time so far in the past that it would fail at once is refused.
+pub fn sending_schedule(
+    o: &Map<String, Value>,
+    cfg: &ScheduleConfig,
+    now: i64,
+) -> Result<(Schedule, Option<crate::schedule::Timing>)> {
+    let draft = match o.get("draft") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(v) => {
+            return Err(Error::invalid(
+                "draft",
+                format!("must be true or false, not {v}"),
+            ))
+        }
+    };
+    let schedule = if draft {
+        Schedule::DRAFT
+    } else {
+        Schedule::from_json(o.get("schedule"), "schedule")?
+    };
+    let timing = schedule.resolve(now, cfg, "schedule")?;
+    if let Some(t) = timing {
+        if t.fail_at < now {
+            return Err(Error::invalid(
+                "schedule.at",
+                format!(
+                    "{} is more than {} s in the past; it would fail at once",
+                    format_instant(t.desired_at),
+                    cfg.fail_after_secs
+                ),
+            ));
+        }
+    }
+    Ok((schedule, timing))
+}
+
+/// Checks the conditions of an inline audience; a sending with neither audience nor
+/// recipients goes to the campaign's list (and segments), so it needs one.
+pub fn check_audience(r: &Recipients, fields: &FieldMap, campaign: &Campaign) -> Result<()> {
+    if let Some(Audience::Inline { conditions }) = &r.audience {
+        Conditions::compile(conditions, fields, "audience.conditions")?;
+    }
+    if r.audience.is_none() && r.recipients.is_empty() && campaign.list.is_none() {
+        return Err(Error::invalid(
+            "audience",
+            format!(
+                "give an audience, recipients, or both (campaign {} has no list to fall back to)",
+                campaign.id
+            ),
+        ));
+    }
+    Ok(())
+}
+
+async fn list_sendings(
+    State(st): State<Arc<ApiState>>,
+    Extension(Ws(ws)): Extension<Ws>,
+    Path(id): Path<i64>,
+) -> ApiResult<Json<Value>> {
+    let list = st.run(move |s, _, _| s.sendings(&ws, id)).await?;
+    Ok(Json(Value::Array(list.iter().map(sending_json).collect())))
+}
+
+async fn create_sending(
+    State(st): State<Arc<ApiState>>,
+    Extension(Ws(ws)): Extension<Ws>,
+    Path(id): Path<i64>,
+    body: Bytes,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let o = object(&body)?;
+    check_keys(
+        &o,
+        &[
+            "schedule",
+            "draft",
+            "audience",
+            "recipients",
+            "channels_preference",
+        ],
+    )?;
+    let recipients = Recipients::from_json(&o)?;
+    let sd = st
+        .run(move |s, cfg, now| {
+            check_audience(&recipients, &cfg.fields, &s.campaign(&ws, id)?)?;
+            let (schedule, timing) = sending_schedule(&o, &cfg.schedule, now)?;
+            s.create_sending(&ws, id, &schedule, timing, &recipients, now)
+        })
+        .await?;
+    Ok((StatusCode::CREATED, Json(sending_json(&sd))))
+}
+
+async fn get_sending(
+    State(st): State<Arc<ApiState>>,
+    Extension(Ws(ws)): Extension<Ws>,
+    Path((id, sid)): Path<(i64, i64)>,
+) -> ApiResult<Json<Value>> {
+    let (sd, runs) = st
+        .run(move |s, _, _| {
+            let sd = s.sending(&ws, sid)?;
+            if sd.campaign_id != id {
+                return Err(Error::NotFound {
+                    what: "sending",
+                    id: sid,
+                });
+            }
+            Ok((sd, s.runs(sid)?))
+        })
+        .await?;
+    let mut v = sending_json(&sd);
+    v["runs"] = serde_json::to_value(runs).expect("runs serialise");
+    Ok(Json(v))
+}
+
+async fn update_sending(
+    State(st): State<Arc<ApiState>>,
+    Extension(Ws(ws)): Extension<Ws>,
+    Path((id, sid)): Path<(i64, i64)>,
+    body: Bytes,
+) -> ApiResult<Json<Value>> {
+    let o = object(&body)?;
+    check_keys(&o, &["schedule", "draft", "status"])?;
+    let cancel = match o.get("status") {
+        None => false,
+        Some(Value::String(s)) => match s.parse::<SendingStatus>()? {
+            SendingStatus::Cancelled => true,
+            other => {
+                return Err(Error::invalid(
+                    "status",
+                    format!("only \"cancelled\" can be set by a client, not {other:?}; use schedule or draft to reschedule"),
+                )
+                .into())
+            }
+        },
+        Some(v) => return Err(Error::invalid("status", format!("must be a string, not {v}")).into()),
+    };
+    let sd = st
+        .run(move |s, cfg, now| {
+            let cur = s.sending(&ws, sid)?;
+            if cur.campaign_id != id {
+                return Err(Error::NotFound {
+                    what: "sending",
+                    id: sid,
+                });
+            }
+            if cancel {
+                return s.cancel_sending(&ws, sid, now);
+            }
+            let (schedule, timing) = sending_schedule(&o, &cfg.schedule, now)?;
+            s.reschedule_sending(&ws, sid, &schedule, timing, now)
+        })
+        .await?;
+    Ok(Json(sending_json(&sd)))
+}
+
+async fn cancel_sending(
+    State(st): State<Arc<ApiState>>,
+    Extension(Ws(ws)): Extension<Ws>,
+    Path((id, sid)): Path<(i64, i64)>,
+) -> ApiResult<Json<Value>> {
+    let sd = st
+        .run(move |s, _, now| {
+            if s.sending(&ws, sid)?.campaign_id != id {
+                return Err(Error::NotFound {
+                    what: "sending",
+                    id: sid,
+                });
+            }
+            s.cancel_sending(&ws, sid, now)
+        })
+        .await?;
+    Ok(Json(sending_json(&sd)))
+}
+
+async fn create_audience(
+    State(st): State<Arc<ApiState>>,
+    Extension(Ws(ws)): Extension<Ws>,
+    body: Bytes,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let o = object(&body)?;
+    check_keys(&o, &["name", "conditions"])?;
+    let name = o
+        .get("name")
+        .and_then(Value::as_str)
+        .filter(|n| !n.trim().is_empty())
+        .ok_or_else(|| Error::invalid("name", "missing or empty"))?
+        .to_string();
+    let conditions: Vec<Condition> =
+        serde_json::from_value(o.get("conditions").cloned().unwrap_or(Value::Null))
+            .map_err(|e| Error::invalid("conditions", e.to_string()))?;
+    let (id, conditions) = st
+        .run(move |s, cfg, now| {
+            Conditions::compile(&conditions, &cfg.fields, "conditions")?;
+            Ok((s.create_audience(&ws, &name, &conditions, now)?, conditions))
+        })
+        .await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({"id": id, "conditions": conditions})),
+    ))
+}
+
+async fn get_audience(
+    State(st): State<Arc<ApiState>>,
+    Extension(Ws(ws)): Extension<Ws>,
+    Path(id): Path<i64>,
+) -> ApiResult<Json<Value>> {
+    let conditions = st.run(move |s, _, _| s.audience(&ws, id)).await?;
+    Ok(Json(json!({"id": id, "conditions": conditions})))
+}

@@ -1,0 +1,110 @@
+//! The campaign crate's error type.
+
+use std::path::PathBuf;
+
+/// Result alias for this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything the campaign service can refuse or fail at.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A field of a request or a config is unusable.
+    #[error("{field}: {message}")]
+    Invalid {
+        /// The field, as the caller spelled it (`schedule.in`, `recipients[2].email`).
+        field: String,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// A state change the state machine does not allow.
+    #[error(
+        "{entity} {id}: cannot go from {from} to {to}; allowed from {from}: {}",
+        list_or_none(allowed)
+    )]
+    Transition {
+        /// `campaign` or `sending`.
+        entity: &'static str,
+        /// Its id.
+        id: i64,
+        /// Its current state.
+        from: String,
+        /// The state asked for.
+        to: String,
+        /// The states it may go to.
+        allowed: Vec<String>,
+    },
+    /// The thing does not exist (or belongs to another workspace).
+    #[error("{what} {id} not found")]
+    NotFound {
+        /// `campaign`, `sending` or `audience`.
+        what: &'static str,
+        /// Its id.
+        id: i64,
+    },
+    /// The store failed.
+    #[error("campaign store {}: {context}: {source}", path.display())]
+    Store {
+        /// The database file.
+        path: PathBuf,
+        /// What was being done.
+        context: String,
+        /// The underlying error.
+        source: rusqlite::Error,
+    },
+    /// A sending's executor (the send pipeline) failed.
+    #[error("sending {sending_id}: {step} failed: {message}")]
+    Execution {
+        /// The sending.
+        sending_id: i64,
+        /// `prepare` or `transmit`.
+        step: &'static str,
+        /// What went wrong.
+        message: String,
+    },
+    /// A template does not fit its source: every problem (unknown merge tag, unclosed tag) is
+    /// listed with its line.
+    #[error("template {name}: {}", problems.join("; "))]
+    Template {
+        /// The template.
+        name: String,
+        /// One entry per problem.
+        problems: Vec<String>,
+    },
+    /// The email system's creative API refused or could not be reached.
+    #[error("template {name}: creative sync to {url} failed: {message}")]
+    CreativeSync {
+        /// The template.
+        name: String,
+        /// The endpoint called.
+        url: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// An event-callback delivery failed.
+    #[error("event callback {url}: {message}")]
+    Callback {
+        /// The callback URL.
+        url: String,
+        /// What went wrong.
+        message: String,
+    },
+}
+
+fn list_or_none(v: &[String]) -> String {
+    if v.is_empty() {
+        "none (final state)".to_string()
+    } else {
+        v.join(", ")
+    }
+}
+
+impl Error {
+    /// An [`Error::Invalid`] for `field`.
+    pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> Error {
+        Error::Invalid {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}

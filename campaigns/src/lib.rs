@@ -1,0 +1,31 @@
+//! The campaign service: campaigns and their sendings, from the API call that creates them
+//! to the scheduler that runs them.
+//!
+//! - [`state`]: the campaign state machine and the sending statuses, with the transitions
+//!   each allows.
+//! - [`schedule`]: when a sending runs (none, immediate, absolute, relative, prescheduled).
+//! - [`audience`]: who receives it (stored or inline conditions, inline recipients, channel
+//!   preference), translated into a parameterised SQL filter or a row predicate.
+//! - [`store`]: the SQLite store (one file, migrations, leases, run history).
+//! - [`scheduler`]: runs due sendings through an [`scheduler::Executor`] the binary provides,
+//!   one process per sending (a lease), resumable after a restart.
+//! - [`api`]: the `/campaign` HTTP routes.
+//! - [`callbacks`]: time-aggregated lifecycle-event callbacks to a campaign's `event_callback`.
+//! - [`templates`]: merge-tag checks against the source columns and creative sync by content
+//!   hash.
+//!
+//! docs/campaigns.md describes the behaviour for operators.
+#![warn(missing_docs, unreachable_pub)]
+
+pub mod api;
+pub mod audience;
+pub mod callbacks;
+pub mod error;
+mod http;
+pub mod schedule;
+pub mod scheduler;
+pub mod state;
+pub mod store;
+pub mod templates;
+
+pub use error::{Error, Result};

@@ -1,0 +1,439 @@
+//! The campaign API through its router (tower `oneshot`) over a temporary SQLite file.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use axum::Router;
+use broadside_campaigns::api::{campaign_router, Access, CampaignApiConfig, TokenGrant};
+use broadside_campaigns::audience::FieldMap;
+use broadside_campaigns::schedule::ScheduleConfig;
+use http_body_util::BodyExt;
+use serde_json::{json, Value};
+use tower::ServiceExt;
+
+const T0: i64 = 1_700_000_000; // 2023-11-14T22:13:20Z
+
+fn app(dir: &tempfile::TempDir, access: Access) -> Router {
+    campaign_router(CampaignApiConfig {
+        store: dir.path().join("campaigns.db"),
+        schedule: ScheduleConfig::default(),
+        fields: FieldMap::member_defaults(),
+        access,
+        clock: Arc::new(|| T0),
+    })
+    .unwrap()
+}
+
+async fn call_as(
+    app: &Router,
+    ws: Option<&str>,
+    token: Option<&str>,
+    method: &str,
+    uri: &str,
+    body: Option<&str>,
+) -> (StatusCode, Value) {
+    let mut req = Request::builder().method(method).uri(uri);
+    if let Some(ws) = ws {
+        req = req.header("workspace_id", ws);
+    }
+    if let Some(t) = token {
+        req = req.header("authorization", format!("Bearer {t}"));
+    }
+    let req = req
+        .header("content-type", "application/json")
+        .body(
+            body.map(|b| Body::from(b.to_string()))
+                .unwrap_or_else(Body::empty),
+        )
+        .unwrap();
+    let resp = app.clone().oneshot(req).await.unwrap();
+    let status = resp.status();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    let v = serde_json::from_slice(&bytes)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()));
+    (status, v)
+}
+
+async fn call(app: &Router, method: &str, uri: &str, body: Option<Value>) -> (StatusCode, Value) {
+    let body = body.map(|b| b.to_string());
+    call_as(app, Some("ws1"), None, method, uri, body.as_deref()).await
+}
+
+#[tokio::test]
+async fn campaign_lifecycle_through_the_api() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = app(&dir, Access::Open);
+    let (s, c) = call(
+        &app,
+        "POST",
+        "/campaign",
+        Some(json!({"name": "Spring", "domain": 3, "list": 7, "segments[]": [1, 2],
+                    "when": "2023-11-20T10:00:00+01:00", "event_callback": "http://cb.example/hook?k=v"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{c}");
+    assert_eq!(c["state"], "DRAFT");
+    assert_eq!(c["when"], "2023-11-20T09:00:00Z");
+    assert_eq!(c["segments"], json!([1, 2]));
+    assert_eq!(c["allowed_states"], json!(["SCHEDULED", "CANCELLED"]));
+    let id = c["id"].as_i64().unwrap();
+    let url = format!("/campaign/{id}");
+
+    let (s, got) = call(&app, "GET", &url, None).await;
+    assert_eq!((s, got.clone()), (StatusCode::OK, c.clone()));
+
+    for (to, expect) in [("SCHEDULED", StatusCode::OK), ("READY", StatusCode::OK)] {
+        let (s, v) = call(&app, "PUT", &url, Some(json!({"state": to}))).await;
+        assert_eq!(s, expect, "{v}");
+        assert_eq!(v["state"], to);
+    }
+    // READY may not go back to DRAFT directly, and SENDING is the scheduler's
+    for to in ["DRAFT", "SENDING", "DONE"] {
+        let (s, v) = call(&app, "PUT", &url, Some(json!({"state": to}))).await;
+        assert_eq!(s, StatusCode::CONFLICT, "{to}: {v}");
+        assert_eq!(v["state"], "READY");
+        assert_eq!(v["requested"], to);
+        assert_eq!(v["allowed"], json!(["SCHEDULED", "CANCELLED"]));
+    }
+    let (s, v) = call(
+        &app,
+        "PUT",
+        &url,
+        Some(json!({"name": "Spring 2", "when": 1_700_100_000, "segments": []})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(
+        (
+            v["name"].as_str(),
+            v["when_unix"].as_i64(),
+            v["segments"].clone()
+        ),
+        (Some("Spring 2"), Some(1_700_100_000), json!([]))
+    );
+
+    let (s, list) = call(&app, "GET", "/campaign", None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(list.as_array().unwrap().len(), 1);
+
+    let (s, v) = call(&app, "DELETE", &url, None).await;
+    assert_eq!((s, v["id"].as_i64()), (StatusCode::OK, Some(id)));
+    let (s, v) = call(&app, "GET", &url, None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{v}");
+    assert_eq!(v["error"], format!("campaign {id} not found"));
+}
+
+#[tokio::test]
+async fn a_cancelled_campaign_is_final() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = app(&dir, Access::Open);
+    let (_, c) = call(
+        &app,
+        "POST",
+        "/campaign",
+        Some(json!({"name": "x", "state": "SCHEDULED"})),
+    )
+    .await;
+    let url = format!("/campaign/{}", c["id"]);
+    let (s, v) = call(&app, "PUT", &url, Some(json!({"state": "CANCELLED"}))).await;
+    assert_eq!(
+        (s, v["allowed_states"].clone()),
+        (StatusCode::OK, json!([]))
+    );
+    let (s, v) = call(&app, "PUT", &url, Some(json!({"state": "DRAFT"}))).await;
+    assert_eq!(s, StatusCode::CONFLICT);
+    assert_eq!(v["allowed"], json!([]));
+    let (s, _) = call(&app, "PUT", &url, Some(json!({"name": "renamed"}))).await;
+    assert_eq!(s, StatusCode::CONFLICT);
+    let (s, v) = call(
+        &app,
+        "POST",
+        "/campaign",
+        Some(json!({"name": "y", "state": "DONE"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CONFLICT, "{v}");
+}
+
+#[tokio::test]
+async fn bad_fields_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = app(&dir, Access::Open);
+    let table: Vec<(Value, &str, &str)> = vec![
+        (json!({}), "name", "name: missing or empty"),
+        (
+            json!({"name": "  "}),
+            "name",
+            "name: must be a non-empty string",
+        ),
+        (
+            json!({"name": "x", "when": "tomorrow"}),
+            "when",
+            "when: \"tomorrow\" is neither",
+        ),
+        (
+            json!({"name": "x", "when": "2023-11-20T10:00:00"}),
+            "when",
+            "when: \"2023-11-20T10:00:00\" has no UTC offset",
+        ),
+        (
+            json!({"name": "x", "segments": [1, "two"]}),
+            "segments[1]",
+            "segments[1]: \"two\" is not a positive integer id",
+        ),
+        (
+            json!({"name": "x", "domain": -4}),
+            "domain",
+            "domain: -4 is not a positive integer id",
+        ),
+        (
+            json!({"name": "x", "state": "LIVE"}),
+            "state",
+            "state: unknown value \"LIVE\"",
+        ),
+        (
+            json!({"name": "x", "event_callback": "ftp://cb"}),
+            "event_callback",
+            "event_callback: \"ftp://cb\" must be an absolute http",
+        ),
+        (
+            json!({"name": "x", "colour": "red"}),
+            "colour",
+            "colour: unknown field",
+        ),
+    ];
+    for (body, field, msg) in table {
+        let (s, v) = call(&app, "POST", "/campaign", Some(body.clone())).await;
+        assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{body}: {v}");
+        assert_eq!(v["field"], field, "{body}: {v}");
+        assert!(v["error"].as_str().unwrap().starts_with(msg), "{body}: {v}");
+    }
+    let (s, v) = call_as(
+        &app,
+        Some("ws1"),
+        None,
+        "POST",
+        "/campaign",
+        Some("{\"name\": "),
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert!(v["error"]
+        .as_str()
+        .unwrap()
+        .starts_with("body is not valid JSON"));
+    let (s, _) = call_as(&app, Some("ws1"), None, "POST", "/campaign", Some("[1]")).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    let (_, c) = call(
+        &app,
+        "POST",
+        "/campaign",
+        Some(json!({"name": "x", "list": 3})),
+    )
+    .await;
+    let (s, v) = call(
+        &app,
+        "PUT",
+        &format!("/campaign/{}", c["id"]),
+        Some(json!({"list": 4})),
+    )
+    .await;
+    assert_eq!(
+        (s, v["field"].as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, Some("list"))
+    );
+}
+
+#[tokio::test]
+async fn workspaces_and_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = "s3cret-token";
+    let hash = broadside_campaigns::api::token_hash(token);
+    let grants = vec![TokenGrant {
+        name: "ops".into(),
+        sha256: hash,
+        workspaces: vec!["ws1".into()],
+    }];
+    let app = app(&dir, Access::Tokens(grants));
+    let body = Some(r#"{"name": "x"}"#);
+    let (s, _) = call_as(&app, Some("ws1"), None, "POST", "/campaign", body).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    let (s, _) = call_as(&app, Some("ws1"), Some("wrong"), "POST", "/campaign", body).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    let (s, _) = call_as(&app, Some("ws2"), Some(token), "POST", "/campaign", body).await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    let (s, _) = call_as(&app, None, Some(token), "POST", "/campaign", body).await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    let (s, c) = call_as(&app, Some("ws1"), Some(token), "POST", "/campaign", body).await;
+    assert_eq!(s, StatusCode::CREATED);
+
+    // another workspace never sees it, even with an open API
+    let open = self::app(&dir, Access::Open);
+    let url = format!("/campaign/{}", c["id"]);
+    let (s, _) = call_as(&open, Some("ws2"), None, "GET", &url, None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, _) = call_as(&open, Some("ws1"), None, "GET", &url, None).await;
+    assert_eq!(s, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn sendings_schedules_audiences_and_cancellation() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = app(&dir, Access::Open);
+    let (_, c) = call(&app, "POST", "/campaign", Some(json!({"name": "x"}))).await;
+    let base = format!("/campaign/{}/sendings", c["id"]);
+
+    let (s, sd) = call(
+        &app,
+        "POST",
+        &base,
+        Some(json!({
+            "schedule": {"type": "relative", "in": "2 days", "prescheduled": true},
+            "audience": {"type": "inline", "conditions": [
+                {"condition_group": "member_properties", "field": "first_name", "operator": "match", "value": "Piotr"}
+            ]},
+            "recipients": [{"member_id": 150, "properties": {"name": "Piotr"}}, {"email": "jan@example.com"}],
+            "channels_preference": ["sms", "email"]
+        })),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{sd}");
+    assert_eq!(sd["status"], "scheduled");
+    assert_eq!(sd["desired_at"], "2023-11-16T22:13:20Z");
+    assert_eq!(sd["prepare_at"], "2023-11-16T22:08:20Z");
+    assert_eq!(
+        sd["schedule"],
+        json!({"type": "relative", "in": "2 days", "prescheduled": true})
+    );
+    assert_eq!(sd["recipients"].as_array().unwrap().len(), 2);
+    let one = format!("{base}/{}", sd["id"]);
+
+    let (s, draft) = call(
+        &app,
+        "POST",
+        &base,
+        Some(json!({"recipients": [{"email": "a@b.no"}]})),
+    )
+    .await;
+    assert_eq!(
+        (s, draft["status"].as_str()),
+        (StatusCode::CREATED, Some("draft"))
+    );
+
+    let (s, v) = call(&app, "PUT", &one, Some(json!({"draft": true}))).await;
+    assert_eq!(
+        (s, v["status"].as_str()),
+        (StatusCode::OK, Some("draft")),
+        "{v}"
+    );
+    let (s, v) = call(
+        &app,
+        "PUT",
+        &one,
+        Some(json!({"schedule": {"type": "absolute", "at": T0 + 60}})),
+    )
+    .await;
+    assert_eq!(
+        (s, v["status"].as_str(), v["desired_at"].as_str()),
+        (
+            StatusCode::OK,
+            Some("scheduled"),
+            Some("2023-11-14T22:14:20Z")
+        )
+    );
+
+    let (s, v) = call(&app, "DELETE", &one, None).await;
+    assert_eq!(
+        (s, v["status"].as_str()),
+        (StatusCode::OK, Some("cancelled"))
+    );
+    // cancelled sendings cannot be rescheduled
+    let (s, v) = call(
+        &app,
+        "PUT",
+        &one,
+        Some(json!({"schedule": {"type": "immediate"}})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CONFLICT, "{v}");
+    assert_eq!(v["state"], "cancelled");
+    let (s, v) = call(&app, "GET", &one, None).await;
+    assert_eq!(
+        (s, v["status"].as_str(), v["runs"].clone()),
+        (StatusCode::OK, Some("cancelled"), json!([]))
+    );
+
+    let (s, list) = call(&app, "GET", &base, None).await;
+    assert_eq!((s, list.as_array().unwrap().len()), (StatusCode::OK, 2));
+
+    // stored audiences by reference
+    let (s, a) = call(
+        &app,
+        "POST",
+        "/audience",
+        Some(json!({"name": "oslo", "conditions": [
+            {"condition_group": "member_properties", "field": "city", "operator": "eq", "value": "Oslo"}
+        ]})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{a}");
+    let (s, v) = call(&app, "POST", &base, Some(json!({"schedule": {"type": "immediate"}, "audience": {"type": "reference", "id": a["id"]}}))).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    assert_eq!(v["audience"], json!({"type": "reference", "id": a["id"]}));
+}
+
+#[tokio::test]
+async fn bad_sendings_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = app(&dir, Access::Open);
+    let (_, c) = call(&app, "POST", "/campaign", Some(json!({"name": "x"}))).await;
+    let base = format!("/campaign/{}/sendings", c["id"]);
+    let cond = |field: &str| json!({"condition_group": "member_properties", "field": field, "operator": "eq", "value": "x"});
+    let table: Vec<(Value, &str, StatusCode)> = vec![
+        (json!({}), "audience", StatusCode::UNPROCESSABLE_ENTITY),
+        (
+            json!({"audience": {"type": "inline", "conditions": [cond("city"), cond("password")]}}),
+            "audience.conditions[1].field",
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            json!({"audience": {"type": "inline", "id": 999}}),
+            "audience.id",
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            json!({"recipients": [{"email": "a@b.no"}], "schedule": {"type": "relative", "in": "2 fortnights"}}),
+            "schedule.in",
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            json!({"recipients": [{"email": "a@b.no"}], "schedule": {"type": "absolute", "at": T0 - 3600}}),
+            "schedule.at",
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            json!({"recipients": [{"msisdn": "4740769126"}]}),
+            "recipients[0]",
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            json!({"recipients": [{"email": "a@b.no"}], "when": 5}),
+            "when",
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+    ];
+    for (body, field, status) in table {
+        let (s, v) = call(&app, "POST", &base, Some(body.clone())).await;
+        assert_eq!(s, status, "{body}: {v}");
+        assert_eq!(v["field"], field, "{body}: {v}");
+    }
+    let (s, _) = call(
+        &app,
+        "POST",
+        "/campaign/999/sendings",
+        Some(json!({"recipients": [{"email": "a@b.no"}]})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+}

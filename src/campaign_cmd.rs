@@ -1,0 +1,536 @@
+//! `broadside campaign …` (ops twins of the campaign API) and the campaign parts of
+//! `broadside serve`: the `/campaign` routes and the scheduler, wired to the send pipeline.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use broadside_campaigns::api::{
+    campaign_json, campaign_router, check_audience, sending_json, sending_schedule, system_clock,
+    Access, CampaignApiConfig, TokenGrant,
+};
+use broadside_campaigns::audience::{FieldMap, Recipients};
+use broadside_campaigns::schedule::{parse_instant_text, ScheduleConfig};
+use broadside_campaigns::scheduler::{Executor, Prepared, Scheduler, SchedulerConfig, StepError};
+use broadside_campaigns::state::CampaignState;
+use broadside_campaigns::store::{CampaignFields, Sending, Store};
+use serde_json::{json, Value};
+
+use arrow_array::{Array, StringArray, TimestampMicrosecondArray};
+use broadside_campaigns::callbacks::{
+    Address, CallbackConfig, CallbackEvent, CallbackQueue, LifecycleEvent,
+};
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+
+fn callback_clock() -> broadside_campaigns::callbacks::Clock {
+    std::sync::Arc::new(|| chrono::Utc::now().timestamp())
+}
+
+/// `broadside serve` options for the campaign service.
+#[derive(clap::Args, Debug, Clone)]
+pub struct CampaignServeOptions {
+    /// Campaign store (SQLite file, created if missing): serves `/campaign` routes. Needs
+    /// --tokens unless listening on a loopback address.
+    #[arg(long, value_name = "FILE.db")]
+    pub campaigns: Option<PathBuf>,
+    /// Folder of campaign specs named `<campaign id>.toml`: runs the scheduler, which sends
+    /// due sendings through the send pipeline.
+    #[arg(long, value_name = "DIR", requires = "campaigns")]
+    pub campaign_specs: Option<PathBuf>,
+    /// Seconds between scheduler passes.
+    #[arg(long, default_value_t = 10)]
+    pub scheduler_every: u64,
+}
+
+/// The campaign routes for `broadside serve`, and the scheduler thread when specs are given.
+pub fn serve_parts(
+    o: &CampaignServeOptions,
+    tokens: Option<&Path>,
+    listen: &str,
+    rt: &tokio::runtime::Handle,
+) -> Result<Option<axum::Router>> {
+    let Some(db) = &o.campaigns else {
+        return Ok(None);
+    };
+    let access = match tokens {
+        Some(path) => {
+            let set = broadside_analytics::api::TokenSet::load(path)?;
+            Access::Tokens(
+                set.tokens
+                    .into_iter()
+                    .map(|t| TokenGrant {
+                        name: t.name,
+                        sha256: t.sha256,
+                        workspaces: t.workspaces,
+                    })
+                    .collect(),
+            )
+        }
+        None => {
+            let loopback = listen
+                .parse::<std::net::SocketAddr>()
+                .map(|a| a.ip().is_loopback())
+                .unwrap_or(false);
+            if !loopback {
+                bail!("--campaigns on {listen} needs --tokens (without tokens the campaign API is only served on a loopback address)");
+            }
+            Access::Open
+        }
+    };
+    let router = campaign_router(CampaignApiConfig {
+        store: db.clone(),
+        schedule: ScheduleConfig::default(),
+        fields: FieldMap::member_defaults(),
+        access,
+        clock: system_clock(),
+    })?;
+    if let Some(specs) = &o.campaign_specs {
+        let (queue, worker) = CallbackQueue::new(CallbackConfig::default(), callback_clock())?;
+        rt.spawn(worker.run());
+        let sched = scheduler(db, specs, Some(queue))?;
+        let every = Duration::from_secs(o.scheduler_every.max(1));
+        std::thread::Builder::new()
+            .name("campaign-scheduler".into())
+            .spawn(move || loop {
+                if let Err(e) = sched.tick(chrono::Utc::now().timestamp()) {
+                    tracing::error!(error = %e, "campaign scheduler pass failed");
+                }
+                std::thread::sleep(every);
+            })
+            .context("starting the campaign scheduler")?;
+    }
+    Ok(Some(router))
+}
+
+fn scheduler(
+    db: &Path,
+    specs: &Path,
+    callbacks: Option<CallbackQueue>,
+) -> Result<Scheduler<SpecExecutor>> {
+    if !specs.is_dir() {
+        bail!("--campaign-specs {}: not a folder", specs.display());
+    }
+    let holder = format!(
+        "{}-{}",
+        std::env::var("HOSTNAME").unwrap_or_else(|_| "broadside".into()),
+        std::process::id()
+    );
+    let mut cfg = SchedulerConfig::new(holder);
+    // A send of millions of rows outlasts the 15-minute lease: keep it alive while it runs.
+    cfg.heartbeat = Some(Duration::from_secs(60));
+    Ok(Scheduler::new(
+        Store::open(db)?,
+        SpecExecutor {
+            specs: specs.to_path_buf(),
+            db: db.to_path_buf(),
+            callbacks,
+        },
+        cfg,
+    ))
+}
+
+/// Runs a sending as a send of the campaign's spec (`<specs>/<campaign id>.toml`), with run
+/// id `sending-<id>-<created>`: the send pipeline resumes a run by id, so transmitting again after a
+/// restart continues that run instead of sending twice.
+pub struct SpecExecutor {
+    specs: PathBuf,
+    /// The campaign store (for each campaign's `event_callback`).
+    db: PathBuf,
+    /// Where `submitted` events go after a transmission, when callbacks run.
+    callbacks: Option<CallbackQueue>,
+}
+
+impl SpecExecutor {
+    fn spec(&self, s: &Sending) -> std::result::Result<PathBuf, StepError> {
+        // The spec's source is the audience: inline conditions and recipients are not yet
+        // applied to it, so refuse them rather than send to the whole source.
+        if s.recipients.audience.is_some() || !s.recipients.recipients.is_empty() {
+            return Err(format!(
+                "sending {} names an audience or inline recipients; the spec executor only sends to the campaign spec's source",
+                s.id
+            )
+            .into());
+        }
+        let p = self.specs.join(format!("{}.toml", s.campaign_id));
+        if !p.is_file() {
+            return Err(format!("no campaign spec {}", p.display()).into());
+        }
+        Ok(p)
+    }
+}
+
+impl SpecExecutor {
+    /// Queues the run's `submitted` events (its Parquet event files) for the campaign's
+    /// `event_callback`; returns how many. A transmission resumed after a crash replays them
+    /// again: callbacks are at least once.
+    fn replay_submitted(
+        &self,
+        queue: &CallbackQueue,
+        s: &Sending,
+        spec_path: &Path,
+        run_id: &str,
+    ) -> Result<u64> {
+        let campaign = Store::open(&self.db)?.campaign_by_id(s.campaign_id)?;
+        let Some(url) = campaign.event_callback else {
+            return Ok(0);
+        };
+        let spec = broadside_pipeline::spec::CampaignSpec::load(spec_path)?;
+        let events = spec.resolve(&spec.output.store).join("events");
+        let prefix = format!("submitted-{run_id}-");
+        let mut n = 0;
+        for file in files_under(&events, 2)? {
+            let name = file
+                .file_name()
+                .and_then(|f| f.to_str())
+                .unwrap_or_default();
+            if !name.starts_with(&prefix) || !name.ends_with(".parquet") {
+                continue;
+            }
+            let f = std::fs::File::open(&file)
+                .with_context(|| format!("opening {}", file.display()))?;
+            let reader = ParquetRecordBatchReaderBuilder::try_new(f)
+                .and_then(|b| b.build())
+                .with_context(|| format!("reading {}", file.display()))?;
+            for batch in reader {
+                let batch = batch.with_context(|| format!("reading {}", file.display()))?;
+                let email = batch
+                    .column_by_name("email")
+                    .and_then(|c| c.as_any().downcast_ref::<StringArray>())
+                    .with_context(|| format!("{}: no text email column", file.display()))?;
+                let ts = batch
+                    .column_by_name("ts")
+                    .and_then(|c| c.as_any().downcast_ref::<TimestampMicrosecondArray>())
+                    .with_context(|| format!("{}: no microsecond ts column", file.display()))?;
+                for i in 0..batch.num_rows() {
+                    let ev = LifecycleEvent {
+                        campaign_id: s.campaign_id,
+                        url: url.clone(),
+                        event: CallbackEvent::Submitted,
+                        when: ts.value(i).div_euclid(1_000_000),
+                        address: Address::Email(email.value(i).to_string()),
+                    };
+                    if !queue.notify_blocking(ev) {
+                        bail!("the callback worker stopped");
+                    }
+                    n += 1;
+                }
+            }
+        }
+        Ok(n)
+    }
+}
+
+/// Files `depth` folders below `dir` (none if it does not exist).
+fn files_under(dir: &Path, depth: usize) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(out);
+    };
+    for e in entries {
+        let p = e
+            .with_context(|| format!("listing {}", dir.display()))?
+            .path();
+        if depth == 0 {
+            if p.is_file() {
+                out.push(p);
+            }
+        } else if p.is_dir() {
+            out.extend(files_under(&p, depth - 1)?);
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+impl Executor for SpecExecutor {
+    fn prepare(&self, s: &Sending) -> std::result::Result<Prepared, StepError> {
+        let spec = self.spec(s)?;
+        let record = crate::send::send(&crate::send::SendOptions {
+            spec,
+            dry_run: true,
+            ..Default::default()
+        })?;
+        Ok(Prepared {
+            recipients: record.rows,
+            // With the creation time, a new campaign store reusing a spec's store never meets
+            // an old finished run of the same sending id (which would silently do nothing).
+            handle: format!("sending-{}-{}", s.id, s.created_at),
+        })
+    }
+
+    fn transmit(
+        &self,
+        s: &Sending,
+        p: &Prepared,
+        _resumed: bool,
+    ) -> std::result::Result<(), StepError> {
+        let spec = self.spec(s)?;
+        crate::send::send(&crate::send::SendOptions {
+            spec: spec.clone(),
+            run_id: Some(p.handle.clone()),
+            ..Default::default()
+        })?;
+        if let Some(queue) = &self.callbacks {
+            // The send is done whatever happens to its callbacks: log, do not fail it.
+            match self.replay_submitted(queue, s, &spec, &p.handle) {
+                Ok(n) if n > 0 => tracing::info!(
+                    sending = s.id,
+                    events = n,
+                    "submitted events queued for the event callback"
+                ),
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::error!(sending = s.id, error = %format!("{e:#}"), "submitted events not sent to the event callback")
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `broadside campaign` options.
+#[derive(clap::Args, Debug)]
+pub struct CampaignOptions {
+    /// Campaign store (SQLite file).
+    #[arg(
+        long,
+        global = true,
+        default_value = "campaigns.db",
+        value_name = "FILE.db"
+    )]
+    pub db: PathBuf,
+    /// Workspace.
+    #[arg(long, global = true, default_value = "default")]
+    pub workspace: String,
+    #[command(subcommand)]
+    pub command: CampaignCommand,
+}
+
+/// `broadside campaign` subcommands.
+#[derive(clap::Subcommand, Debug)]
+pub enum CampaignCommand {
+    /// List the workspace's campaigns.
+    List,
+    /// Create a campaign (prints it as JSON).
+    Create {
+        /// Name.
+        #[arg(long)]
+        name: String,
+        /// Contact list id.
+        #[arg(long)]
+        list: Option<i64>,
+        /// Segment id (repeatable).
+        #[arg(long = "segment")]
+        segments: Vec<i64>,
+        /// Bounce domain id.
+        #[arg(long)]
+        domain: Option<i64>,
+        /// Send time: unix seconds or ISO 8601.
+        #[arg(long)]
+        when: Option<String>,
+        /// URL lifecycle events are posted to.
+        #[arg(long)]
+        event_callback: Option<String>,
+    },
+    /// Add a sending to a campaign and move the campaign to SCHEDULED (READY with --ready).
+    Schedule {
+        /// Campaign id.
+        id: i64,
+        /// Send now.
+        #[arg(long, conflicts_with_all = ["at", "in_"])]
+        now: bool,
+        /// Send at: unix seconds or ISO 8601.
+        #[arg(long)]
+        at: Option<String>,
+        /// Send in: "30 minutes", "2 days", "1 month".
+        #[arg(long = "in", id = "in_")]
+        in_: Option<String>,
+        /// Start preparing ahead of the send time.
+        #[arg(long)]
+        prescheduled: bool,
+        /// Also approve it (READY): the scheduler only runs READY campaigns.
+        #[arg(long)]
+        ready: bool,
+    },
+    /// Move a campaign to another state (DRAFT, SCHEDULED, READY, CANCELLED), as `PUT` does.
+    State {
+        /// Campaign id.
+        id: i64,
+        /// The state.
+        state: String,
+    },
+    /// Cancel a campaign (and its pending sendings), or one sending.
+    Cancel {
+        /// Campaign id.
+        id: i64,
+        /// Only this sending.
+        #[arg(long)]
+        sending: Option<i64>,
+    },
+    /// A campaign, its sendings and their run history, as JSON.
+    Status {
+        /// Campaign id.
+        id: i64,
+    },
+    /// Run one scheduler pass now (cron-style), sending due sendings through their specs.
+    Run {
+        /// Folder of campaign specs named `<campaign id>.toml`.
+        #[arg(long)]
+        specs: PathBuf,
+    },
+}
+
+fn print(v: &Value) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+/// Runs `broadside campaign …`.
+pub fn run(o: CampaignOptions) -> Result<()> {
+    let now = chrono::Utc::now().timestamp();
+    let ws = o.workspace.as_str();
+    let store = Store::open(&o.db)?;
+    match o.command {
+        CampaignCommand::List => {
+            for c in store.campaigns(ws)? {
+                let sendings = store.sendings(ws, c.id)?.len();
+                println!(
+                    "{:>6}  {:<10} {:<22} {:>3} sendings  {}",
+                    c.id,
+                    c.state.as_str(),
+                    c.when
+                        .map(broadside_campaigns::schedule::format_instant)
+                        .unwrap_or_else(|| "-".into()),
+                    sendings,
+                    c.name
+                );
+            }
+        }
+        CampaignCommand::Create {
+            name,
+            list,
+            segments,
+            domain,
+            when,
+            event_callback,
+        } => {
+            let fields = CampaignFields {
+                name: Some(name),
+                domain: Some(domain),
+                list: Some(list),
+                segments: Some(segments),
+                state: None,
+                when: Some(when.map(|w| parse_instant_text(&w, "--when")).transpose()?),
+                event_callback: Some(
+                    event_callback
+                        .map(|u| broadside_campaigns::api::check_callback_url(&u))
+                        .transpose()?,
+                ),
+            };
+            print(&campaign_json(&store.create_campaign(ws, &fields, now)?));
+        }
+        CampaignCommand::Schedule {
+            id,
+            now: immediate,
+            at,
+            in_,
+            prescheduled,
+            ready,
+        } => {
+            let schedule = match (immediate, at, in_) {
+                (true, _, _) => json!({"type": "immediate", "prescheduled": prescheduled}),
+                (_, Some(at), _) => {
+                    json!({"type": "absolute", "at": parse_instant_text(&at, "--at")?, "prescheduled": prescheduled})
+                }
+                (_, _, Some(rel)) => {
+                    json!({"type": "relative", "in": rel, "prescheduled": prescheduled})
+                }
+                _ => bail!("give --now, --at TIME or --in \"N units\""),
+            };
+            let payload = json!({"schedule": schedule});
+            let obj = payload.as_object().expect("an object");
+            let (schedule, timing) = sending_schedule(obj, &ScheduleConfig::default(), now)?;
+            let recipients = Recipients::from_json(obj)?;
+            let campaign = store.campaign(ws, id)?;
+            check_audience(&recipients, &FieldMap::member_defaults(), &campaign)?;
+            let sending = store.create_sending(ws, id, &schedule, timing, &recipients, now)?;
+            let mut targets = Vec::new();
+            if campaign.state == CampaignState::Draft {
+                targets.push(CampaignState::Scheduled);
+            }
+            if ready
+                && matches!(
+                    campaign.state,
+                    CampaignState::Draft | CampaignState::Scheduled
+                )
+            {
+                targets.push(CampaignState::Ready);
+            }
+            let mut c = campaign;
+            for t in targets {
+                let f = CampaignFields {
+                    state: Some(t),
+                    ..Default::default()
+                };
+                c = store.update_campaign(ws, id, &f, now)?;
+            }
+            print(&json!({"campaign": campaign_json(&c), "sending": sending_json(&sending)}));
+        }
+        CampaignCommand::State { id, state } => {
+            let f = CampaignFields {
+                state: Some(state.parse()?),
+                ..Default::default()
+            };
+            print(&campaign_json(&store.update_campaign(ws, id, &f, now)?));
+        }
+        CampaignCommand::Cancel { id, sending } => match sending {
+            Some(sid) => {
+                let s = store.sending(ws, sid)?;
+                if s.campaign_id != id {
+                    bail!(
+                        "sending {sid} belongs to campaign {}, not {id}",
+                        s.campaign_id
+                    );
+                }
+                print(&sending_json(&store.cancel_sending(ws, sid, now)?));
+            }
+            None => {
+                let f = CampaignFields {
+                    state: Some(CampaignState::Cancelled),
+                    ..Default::default()
+                };
+                print(&campaign_json(&store.update_campaign(ws, id, &f, now)?));
+            }
+        },
+        CampaignCommand::Status { id } => {
+            let c = store.campaign(ws, id)?;
+            let mut sendings = Vec::new();
+            for s in store.sendings(ws, id)? {
+                let mut v = sending_json(&s);
+                v["runs"] = serde_json::to_value(store.runs(s.id)?)?;
+                sendings.push(v);
+            }
+            print(&json!({"campaign": campaign_json(&c), "sendings": sendings}));
+        }
+        CampaignCommand::Run { specs } => {
+            drop(store);
+            // The callback worker needs a reactor; the pass itself runs on this thread.
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .context("starting the callback runtime")?;
+            let (queue, worker) = CallbackQueue::new(CallbackConfig::default(), callback_clock())?;
+            rt.spawn(worker.run());
+            let sched = scheduler(&o.db, &specs, Some(queue.clone()))?;
+            let r = sched.tick(now);
+            // Deliver what the pass queued before exiting (windows or not).
+            rt.block_on(queue.flush());
+            let r = r?;
+            eprintln!(
+                "scheduler pass: {} steps, {} held by another process, {} failed as overdue",
+                r.advanced, r.busy, r.overdue
+            );
+        }
+    }
+    Ok(())
+}
