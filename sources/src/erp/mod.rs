@@ -26,7 +26,8 @@ use broadside_pipeline::spec::{ErpEncryption, ErpSourceSpec};
 use broadside_pipeline::{Error, Result};
 use futures_util::TryStreamExt;
 use tiberius::{
-    AuthMethod, Client, Column, ColumnData, ColumnType, Config, EncryptionLevel, QueryItem, Row};
+    AuthMethod, Client, Column, ColumnData, ColumnType, Config, EncryptionLevel, QueryItem, Row,
+};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_util::compat::{Compat, TokioAsyncWriteCompatExt};
