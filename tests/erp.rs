@@ -533,6 +533,52 @@ fn erp_check_shows_columns_types_and_the_mapping() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("does not satisfy"));
 }
 
+/// Runs `erp check --rows 2` on `spec` and returns its output and the two sample rows, each as
+/// column name → shown text.
+fn check_samples(
+    spec: &Path,
+    names: &[&'static str],
+) -> (String, Vec<BTreeMap<&'static str, String>>) {
+    let out = erp_check(spec, &["--rows", "2"]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Vec<BTreeMap<&'static str, String>> = text
+        .lines()
+        .skip_while(|l| !l.starts_with("sample"))
+        .skip(1)
+        .take(2)
+        .map(|l| {
+            let cells: Vec<&str> = l.trim().split(" | ").collect();
+            assert_eq!(cells.len(), names.len(), "{text}");
+            names
+                .iter()
+                .copied()
+                .zip(cells.iter().map(|c| c.to_string()))
+                .collect()
+        })
+        .collect();
+    assert_eq!(rows.len(), 2, "{text}");
+    (text, rows)
+}
+
+/// Each (column, SQL type, text form) is what `erp check` printed on that column's line.
+fn assert_column_types(text: &str, expected: &[(&str, &str, &str)]) {
+    for (col, ty, form) in expected {
+        let l = text
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(*col))
+            .unwrap_or_else(|| panic!("no line for {col}: {text}"));
+        assert!(
+            l.contains(&format!(" {ty} ")) && l.contains(form),
+            "{col} should be {ty}, {form}: {l}"
+        );
+    }
+}
+
 #[test]
 fn sql_server_types_map_to_documented_text() {
     let dir = tempfile::tempdir().unwrap();
@@ -544,8 +590,8 @@ fn sql_server_types_map_to_documented_text() {
     .unwrap();
     let bridge = Bridge::start(dir.path(), &[("t", &csv)]);
     // pysqlbridge answers CAST to decimal/money/real with float, date/datetime2 with datetime and
-    // nchar with nvarchar; those conversions are covered by the unit tests in
-    // sources/src/erp/types.rs and the real-server test. Here: the types it does send.
+    // nchar with nvarchar; iridium-server covers those (typed_erp_columns_…), the unit tests in
+    // sources/src/erp/types.rs and the real-server test the rest. Here: the types it does send.
     let query =
         "SELECT id, email, amount AS f, CAST(flag AS BIT) AS b, CAST(when_at AS DATETIME) AS dt, \
                  CAST(email AS VARCHAR(40)) AS vc, n FROM t";
@@ -561,53 +607,26 @@ fn sql_server_types_map_to_documented_text() {
         ),
     )
     .unwrap();
-    let out = erp_check(&spec, &["--rows", "2"]);
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(
-        out.status.success(),
-        "{text}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let samples: Vec<Vec<String>> = text
-        .lines()
-        .skip_while(|l| !l.starts_with("sample"))
-        .skip(1)
-        .take(2)
-        .map(|l| l.trim().split(" | ").map(String::from).collect())
-        .collect();
     let names = ["id", "email", "f", "b", "dt", "vc", "n"];
-    let row = |i: usize| -> BTreeMap<&str, &str> {
-        names
-            .iter()
-            .copied()
-            .zip(samples[i].iter().map(String::as_str))
-            .collect()
-    };
-    let (a, b) = (row(0), row(1));
-    assert_eq!(samples[0].len(), names.len(), "{text}");
-    assert_eq!((a["id"], b["id"]), ("1", "2"));
-    assert_eq!((a["f"], b["f"]), ("12.5", "-0.125"));
-    assert_eq!((a["b"], b["b"]), ("true", "false"));
+    let (text, rows) = check_samples(&spec, &names);
+    let (a, b) = (&rows[0], &rows[1]);
+    assert_eq!((a["id"].as_str(), b["id"].as_str()), ("1", "2"));
+    assert_eq!((a["f"].as_str(), b["f"].as_str()), ("12.5", "-0.125"));
+    assert_eq!((a["b"].as_str(), b["b"].as_str()), ("true", "false"));
     assert_eq!(a["dt"], "2024-02-29T13:04:05");
     assert_eq!(b["dt"], "1999-12-31T00:00:00");
     assert_eq!(a["vc"], "a@example.com");
-    assert_eq!((a["n"], b["n"]), ("NULL", "NULL"));
-    for (col, ty, form) in [
-        ("id", "int", "integer digits"),
-        ("f", "float", "shortest round-trip float"),
-        ("b", "bit", "true/false"),
-        ("dt", "datetime", "ISO 8601 date-time"),
-        ("vc", "nvarchar", "text as stored"),
-    ] {
-        let l = text
-            .lines()
-            .find(|l| l.split_whitespace().next() == Some(col))
-            .unwrap();
-        assert!(
-            l.contains(ty) && l.contains(form),
-            "{col} should be {ty}, {form}: {l}"
-        );
-    }
+    assert_eq!((a["n"].as_str(), b["n"].as_str()), ("NULL", "NULL"));
+    assert_column_types(
+        &text,
+        &[
+            ("id", "int", "integer digits"),
+            ("f", "float", "shortest round-trip float"),
+            ("b", "bit", "true/false"),
+            ("dt", "datetime", "ISO 8601 date-time"),
+            ("vc", "nvarchar", "text as stored"),
+        ],
+    );
 }
 
 #[test]
@@ -920,30 +939,8 @@ fn typed_erp_columns_over_the_wire_map_to_documented_text() {
         ),
     )
     .unwrap();
-    let out = erp_check(&spec, &["--rows", "2"]);
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(
-        out.status.success(),
-        "{text}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let samples: Vec<Vec<String>> = text
-        .lines()
-        .skip_while(|l| !l.starts_with("sample"))
-        .skip(1)
-        .take(2)
-        .map(|l| l.trim().split(" | ").map(String::from).collect())
-        .collect();
-    assert_eq!(samples.len(), 2, "{text}");
-    assert_eq!(samples[0].len(), names.len(), "{text}");
-    let row = |i: usize| -> BTreeMap<&str, &str> {
-        names
-            .iter()
-            .copied()
-            .zip(samples[i].iter().map(String::as_str))
-            .collect()
-    };
-    let (a, b) = (row(0), row(1));
+    let (text, rows) = check_samples(&spec, &names);
+    let (a, b) = (&rows[0], &rows[1]);
     let expect_a = [
         ("id", "1"),
         ("email", "a@example.com"),
@@ -958,7 +955,7 @@ fn typed_erp_columns_over_the_wire_map_to_documented_text() {
         ("big", "4294967296007"),
         ("ratio", "0.1"),
     ];
-    let got_a: Vec<(&str, &str)> = names.iter().map(|n| (*n, a[n])).collect();
+    let got_a: Vec<(&str, &str)> = names.iter().map(|n| (*n, a[n].as_str())).collect();
     assert_eq!(got_a, expect_a, "{text}");
     assert_eq!(b["amount"], "-0.05", "{text}");
     for n in names
@@ -967,4 +964,16 @@ fn typed_erp_columns_over_the_wire_map_to_documented_text() {
     {
         assert_eq!(b[n], "NULL", "{n} of row 2: {text}");
     }
+    assert_column_types(
+        &text,
+        &[
+            ("code", "char", "text, trailing spaces trimmed"),
+            ("nc", "nchar", "text, trailing spaces trimmed"),
+            ("amount", "numeric", "exact decimal"),
+            ("fee", "money", "exact decimal, 4 places"),
+            ("ref", "uniqueidentifier", "GUID, upper case"),
+            ("tiny", "tinyint", "integer digits"),
+            ("big", "bigint", "integer digits"),
+        ],
+    );
 }

@@ -270,43 +270,22 @@ fn write_scaled(out: &mut String, value: i128, scale: u8) {
         out.push('-');
     }
     let abs = value.unsigned_abs();
-    // Most values fit 64 bits, where division is far cheaper than on 128.
-    if let Ok(abs) = u64::try_from(abs) {
-        if scale == 0 {
-            let _ = write!(out, "{abs}");
-        } else if let Some(p) = 10u64.checked_pow(scale as u32) {
-            let _ = write!(
-                out,
-                "{}.{:0width$}",
-                abs / p,
-                abs % p,
-                width = scale as usize
-            );
-        } else {
+    // Most values fit 64 bits, where division and formatting are far cheaper than on 128.
+    match (u64::try_from(abs), 10u64.checked_pow(scale as u32)) {
+        (Ok(a), Some(p)) => put_scaled(out, a / p, a % p, scale),
+        _ => {
             let p = 10u128.pow(scale as u32);
-            let abs = abs as u128;
-            let _ = write!(
-                out,
-                "{}.{:0width$}",
-                abs / p,
-                abs % p,
-                width = scale as usize
-            );
+            put_scaled(out, abs / p, abs % p, scale)
         }
-        return;
     }
-    if scale == 0 {
-        let _ = write!(out, "{abs}");
-        return;
-    }
-    let p = 10u128.pow(scale as u32);
-    let _ = write!(
-        out,
-        "{}.{:0width$}",
-        abs / p,
-        abs % p,
-        width = scale as usize
-    );
+}
+
+fn put_scaled<T: std::fmt::Display>(out: &mut String, int: T, frac: T, scale: u8) {
+    let _ = if scale == 0 {
+        write!(out, "{int}")
+    } else {
+        write!(out, "{int}.{frac:0width$}", width = scale as usize)
+    };
 }
 
 #[cfg(test)]
