@@ -252,7 +252,10 @@ pub fn send(opts: &SendOptions) -> Result<RunRecord> {
     ];
     let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
     let mut delivered = None;
+    let mut manifest = None;
     if !opts.dry_run {
+        // The run is recorded as running by now: a folder that cannot be created must mark it
+        // failed, not leave it looking like a send in progress.
         let hot = match &spec.megasys {
             Some(m) => spec.resolve(&m.hot_folder),
             None => store.root().join("outbox").join(format!("run_id={run_id}")),
@@ -266,25 +269,33 @@ pub fn send(opts: &SendOptions) -> Result<RunRecord> {
             roll_rows: spec.output.ifur_roll_rows,
             staging: store.staging_dir(&run_id),
             hot_folder: hot,
-        })?;
+        })
+        .map_err(|e| record_failure(&mut record, &record_path, e.into()))?;
         delivered = Some(writer.delivered());
+        manifest = Some(writer.manifest());
         ordered.push(Box::new(writer));
         let lists = index_list_names(&spec);
-        sinks.push(Box::new(RecipientLogSink::new(
-            &store.recipient_log_dir(&spec.workspace_id, &spec.campaign_id, &run_id),
-            spec.output.ledger_part_rows,
-            variant_names.clone(),
-            lists,
-        )?));
-        sinks.push(Box::new(SubmittedEventSink::new(
-            store.root(),
-            &spec.workspace_id,
-            &spec.campaign_id,
-            &run_id,
-            variant_names.clone(),
-            record.started_at,
-            spec.output.ledger_part_rows,
-        )?));
+        sinks.push(Box::new(
+            RecipientLogSink::new(
+                &store.recipient_log_dir(&spec.workspace_id, &spec.campaign_id, &run_id),
+                spec.output.ledger_part_rows,
+                variant_names.clone(),
+                lists,
+            )
+            .map_err(|e| record_failure(&mut record, &record_path, e.into()))?,
+        ));
+        sinks.push(Box::new(
+            SubmittedEventSink::new(
+                store.root(),
+                &spec.workspace_id,
+                &spec.campaign_id,
+                &run_id,
+                variant_names.clone(),
+                record.started_at,
+                spec.output.ledger_part_rows,
+            )
+            .map_err(|e| record_failure(&mut record, &record_path, e.into()))?,
+        ));
     }
 
     let counter = Arc::new(AtomicU64::new(0));
@@ -307,6 +318,12 @@ pub fn send(opts: &SendOptions) -> Result<RunRecord> {
 
     match result {
         Ok(stats) => {
+            // The ready signal comes after every output (IFUR files, ledger, events) is
+            // committed, so a run that fails to commit its last ledger part has no manifest.
+            if let Some(m) = &manifest {
+                m.write()
+                    .map_err(|e| record_failure(&mut record, &record_path, e.into()))?;
+            }
             record.apply_stats(&stats, &variants);
             if let Some(d) = delivered {
                 record.files = d.lock().unwrap_or_else(|p| p.into_inner()).clone();
@@ -320,18 +337,21 @@ pub fn send(opts: &SendOptions) -> Result<RunRecord> {
             print_summary(&record, &stats, opts.dry_run);
             Ok(record)
         }
-        Err(e) => {
-            if !opts.dry_run {
-                record.status = RunStatus::Failed;
-                record.error = Some(e.to_string());
-                if let Err(save) = record.save(&record_path) {
-                    tracing::error!(error = %save, "could not record the failure");
-                }
-                eprintln!("run {run_id} failed; fix the cause and resume with --run-id {run_id}");
-            }
-            Err(e.into())
-        }
+        Err(e) if opts.dry_run => Err(e.into()),
+        Err(e) => Err(record_failure(&mut record, &record_path, e.into())),
     }
+}
+
+/// Records a run as failed with its error and says how to resume it; returns the error.
+fn record_failure(record: &mut RunRecord, path: &Path, e: anyhow::Error) -> anyhow::Error {
+    record.status = RunStatus::Failed;
+    record.error = Some(e.to_string());
+    if let Err(save) = record.save(path) {
+        tracing::error!(error = %save, "could not record the failure");
+    }
+    let run_id = &record.run_id;
+    eprintln!("run {run_id} failed; fix the cause and resume with --run-id {run_id}");
+    e
 }
 
 /// The snapshot ids of `snapshot.json` files beside the spec's suppression lists.

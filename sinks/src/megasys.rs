@@ -1,5 +1,8 @@
 //! Writes IFUR files per variant, rolls them every N lines and delivers each finished file
 //! atomically into the MegaSys hot folder; the manifest, written last, is the ready signal.
+//! "Last" means after the run's other outputs (ledger, events) are committed too, which only
+//! the caller knows: it writes the manifest through [`IfurWriter::manifest`] once the pipeline
+//! has finished.
 //!
 //! Commit protocol (what makes resume exactly-once): a file is written under a temporary name
 //! in the staging folder, fsynced, then renamed into the hot folder. File names and contents
@@ -126,6 +129,9 @@ impl IfurWriter {
             &self.cfg.fields,
         );
         let writer = if final_path.exists() {
+            // A cross-device delivery killed between its rename and the removal of the
+            // staging copy leaves that copy behind; nothing else would remove it.
+            let _ = fs::remove_file(&tmp_path);
             None
         } else {
             let f = File::create(&tmp_path).map_err(|e| Error::io(&tmp_path, e))?;
@@ -193,7 +199,24 @@ impl IfurWriter {
         Ok(())
     }
 
-    fn write_manifest(&self) -> Result<()> {
+    /// The handle that writes the run's manifest, once every other output is committed.
+    pub fn manifest(&self) -> ManifestWriter {
+        ManifestWriter {
+            cfg: self.cfg.clone(),
+            delivered: self.delivered.clone(),
+        }
+    }
+}
+
+/// Writes a run's manifest (the ready signal) from the files an [`IfurWriter`] delivered.
+pub struct ManifestWriter {
+    cfg: IfurWriterConfig,
+    delivered: Arc<Mutex<Vec<DeliveredFile>>>,
+}
+
+impl ManifestWriter {
+    /// Writes the manifest atomically; call it after the pipeline has finished.
+    pub fn write(&self) -> Result<()> {
         let mut files = self
             .delivered
             .lock()
@@ -237,11 +260,17 @@ fn deliver(tmp: &Path, final_path: &Path) -> Result<()> {
                 "{}.tmp",
                 final_path.file_name().unwrap_or_default().to_string_lossy()
             ));
-            fs::copy(tmp, &landing).map_err(|e| Error::io(&landing, e))?;
-            File::open(&landing)
-                .and_then(|f| f.sync_all())
-                .map_err(|e| Error::io(&landing, e))?;
-            fs::rename(&landing, final_path).map_err(|e| Error::io(final_path, e))?;
+            let landed = fs::copy(tmp, &landing)
+                .and_then(|_| File::open(&landing)?.sync_all())
+                .map_err(|e| Error::io(&landing, e))
+                .and_then(|()| {
+                    fs::rename(&landing, final_path).map_err(|e| Error::io(final_path, e))
+                });
+            if let Err(e) = landed {
+                // A partial copy (a full disk) must not stay in the hot folder, holding space.
+                let _ = fs::remove_file(&landing);
+                return Err(e);
+            }
             fs::remove_file(tmp).map_err(|e| Error::io(tmp, e))?;
         }
         Err(e) => return Err(Error::io(final_path, e)),
@@ -312,7 +341,7 @@ impl OrderedStage for IfurWriter {
         for v in 0..self.open.len() {
             self.close_file(v)?;
         }
-        self.write_manifest()
+        Ok(())
     }
 
     fn abort(&mut self) {
