@@ -9,7 +9,7 @@ use broadside_campaigns::api::{
     campaign_json, campaign_router, check_audience, sending_json, sending_schedule, system_clock,
     Access, CampaignApiConfig, TokenGrant,
 };
-use broadside_campaigns::audience::{FieldMap, Recipients};
+use broadside_campaigns::audience::{Audience, Condition, FieldMap, Recipients};
 use broadside_campaigns::schedule::{parse_instant_text, ScheduleConfig};
 use broadside_campaigns::scheduler::{Executor, Prepared, Scheduler, SchedulerConfig, StepError};
 use broadside_campaigns::state::CampaignState;
@@ -40,6 +40,10 @@ pub struct CampaignServeOptions {
     /// Seconds between scheduler passes.
     #[arg(long, default_value_t = 10)]
     pub scheduler_every: u64,
+    /// Fields audience conditions may use besides the member defaults: a JSON array of
+    /// `{"group", "field", "column", "kind"}` (see docs/campaigns.md).
+    #[arg(long, value_name = "FILE.json", requires = "campaigns")]
+    pub audience_fields: Option<PathBuf>,
 }
 
 /// The campaign routes for `broadside serve`, and the scheduler thread when specs are given.
@@ -77,17 +81,18 @@ pub fn serve_parts(
             Access::Open
         }
     };
+    let fields = crate::audience::allowed_fields(o.audience_fields.as_deref())?;
     let router = campaign_router(CampaignApiConfig {
         store: db.clone(),
         schedule: ScheduleConfig::default(),
-        fields: FieldMap::member_defaults(),
+        fields: fields.clone(),
         access,
         clock: system_clock(),
     })?;
     if let Some(specs) = &o.campaign_specs {
         let (queue, worker) = CallbackQueue::new(CallbackConfig::default(), callback_clock())?;
         rt.spawn(worker.run());
-        let sched = scheduler(db, specs, Some(queue))?;
+        let sched = scheduler(db, specs, fields, Some(queue))?;
         let every = Duration::from_secs(o.scheduler_every.max(1));
         std::thread::Builder::new()
             .name("campaign-scheduler".into())
@@ -105,6 +110,7 @@ pub fn serve_parts(
 fn scheduler(
     db: &Path,
     specs: &Path,
+    fields: FieldMap,
     callbacks: Option<CallbackQueue>,
 ) -> Result<Scheduler<SpecExecutor>> {
     if !specs.is_dir() {
@@ -123,6 +129,7 @@ fn scheduler(
         SpecExecutor {
             specs: specs.to_path_buf(),
             db: db.to_path_buf(),
+            fields,
             callbacks,
         },
         cfg,
@@ -136,17 +143,19 @@ pub struct SpecExecutor {
     specs: PathBuf,
     /// The campaign store (for each campaign's `event_callback`).
     db: PathBuf,
+    /// The fields audience conditions may use.
+    fields: FieldMap,
     /// Where `submitted` events go after a transmission, when callbacks run.
     callbacks: Option<CallbackQueue>,
 }
 
 impl SpecExecutor {
     fn spec(&self, s: &Sending) -> std::result::Result<PathBuf, StepError> {
-        // The spec's source is the audience: inline conditions and recipients are not yet
-        // applied to it, so refuse them rather than send to the whole source.
-        if s.recipients.audience.is_some() || !s.recipients.recipients.is_empty() {
+        // Inline recipients are not a row of the spec's source: there is nothing yet that
+        // turns them into a recipient batch, so refuse rather than send to the whole source.
+        if !s.recipients.recipients.is_empty() {
             return Err(format!(
-                "sending {} names an audience or inline recipients; the spec executor only sends to the campaign spec's source",
+                "sending {} names inline recipients, which the spec executor cannot send yet (an audience or the campaign spec's source only)",
                 s.id
             )
             .into());
@@ -156,6 +165,48 @@ impl SpecExecutor {
             return Err(format!("no campaign spec {}", p.display()).into());
         }
         Ok(p)
+    }
+
+    /// The sending's audience conditions: inline, or the stored audience it references (read
+    /// at every step; a resumed transmission whose audience changed is refused by the send).
+    /// `None` sends to the whole spec source.
+    fn audience(&self, s: &Sending) -> Result<Option<Vec<Condition>>> {
+        Ok(match &s.recipients.audience {
+            None => None,
+            Some(Audience::Inline { conditions }) => Some(conditions.clone()),
+            Some(Audience::Reference { id }) => {
+                let store = Store::open(&self.db)?;
+                let ws = store.campaign_by_id(s.campaign_id)?.workspace_id;
+                Some(
+                    store
+                        .audience(&ws, *id)
+                        .with_context(|| format!("sending {}: audience {id}", s.id))?,
+                )
+            }
+        })
+    }
+}
+
+/// Reads `--audience FILE.json`: an audience object with inline conditions, or a conditions
+/// array.
+pub fn audience_file(path: &Path) -> Result<Vec<Condition>> {
+    let text =
+        std::fs::read(path).with_context(|| format!("reading --audience {}", path.display()))?;
+    let v: Value = serde_json::from_slice(&text)
+        .with_context(|| format!("--audience {}: not JSON", path.display()))?;
+    let audience = if v.is_array() {
+        json!({"type": "inline", "conditions": v})
+    } else {
+        v
+    };
+    match Audience::from_json(&audience, "audience")
+        .with_context(|| format!("--audience {}", path.display()))?
+    {
+        Audience::Inline { conditions } => Ok(conditions),
+        Audience::Reference { id } => bail!(
+            "--audience {}: audience {id} is stored in a campaign store; give its conditions",
+            path.display()
+        ),
     }
 }
 
@@ -248,6 +299,8 @@ impl Executor for SpecExecutor {
         let record = crate::send::send(&crate::send::SendOptions {
             spec,
             dry_run: true,
+            audience: self.audience(s)?,
+            audience_fields: Some(self.fields.clone()),
             ..Default::default()
         })?;
         Ok(Prepared {
@@ -268,6 +321,8 @@ impl Executor for SpecExecutor {
         crate::send::send(&crate::send::SendOptions {
             spec: spec.clone(),
             run_id: Some(p.handle.clone()),
+            audience: self.audience(s)?,
+            audience_fields: Some(self.fields.clone()),
             ..Default::default()
         })?;
         if let Some(queue) = &self.callbacks {
@@ -302,6 +357,10 @@ pub struct CampaignOptions {
     /// Workspace.
     #[arg(long, global = true, default_value = "default")]
     pub workspace: String,
+    /// Fields audience conditions may use besides the member defaults: a JSON array of
+    /// `{"group", "field", "column", "kind"}` (see docs/campaigns.md).
+    #[arg(long, global = true, value_name = "FILE.json")]
+    pub audience_fields: Option<PathBuf>,
     #[command(subcommand)]
     pub command: CampaignCommand,
 }
@@ -351,6 +410,10 @@ pub enum CampaignCommand {
         /// Also approve it (READY): the scheduler only runs READY campaigns.
         #[arg(long)]
         ready: bool,
+        /// The sending's audience as JSON, as the API takes it:
+        /// `{"type": "reference", "id": 5}` or `{"type": "inline", "conditions": [...]}`.
+        #[arg(long, value_name = "JSON")]
+        audience: Option<String>,
     },
     /// Move a campaign to another state (DRAFT, SCHEDULED, READY, CANCELLED), as `PUT` does.
     State {
@@ -435,6 +498,7 @@ pub fn run(o: CampaignOptions) -> Result<()> {
             in_,
             prescheduled,
             ready,
+            audience,
         } => {
             let schedule = match (immediate, at, in_) {
                 (true, _, _) => json!({"type": "immediate", "prescheduled": prescheduled}),
@@ -446,12 +510,17 @@ pub fn run(o: CampaignOptions) -> Result<()> {
                 }
                 _ => bail!("give --now, --at TIME or --in \"N units\""),
             };
-            let payload = json!({"schedule": schedule});
+            let mut payload = json!({"schedule": schedule});
+            if let Some(a) = audience {
+                payload["audience"] = serde_json::from_str(&a)
+                    .map_err(|e| anyhow::anyhow!("audience: --audience is not JSON: {e}"))?;
+            }
             let obj = payload.as_object().expect("an object");
             let (schedule, timing) = sending_schedule(obj, &ScheduleConfig::default(), now)?;
             let recipients = Recipients::from_json(obj)?;
             let campaign = store.campaign(ws, id)?;
-            check_audience(&recipients, &FieldMap::member_defaults(), &campaign)?;
+            let fields = crate::audience::allowed_fields(o.audience_fields.as_deref())?;
+            check_audience(&recipients, &fields, &campaign)?;
             let sending = store.create_sending(ws, id, &schedule, timing, &recipients, now)?;
             let mut targets = Vec::new();
             if campaign.state == CampaignState::Draft {
@@ -521,7 +590,8 @@ pub fn run(o: CampaignOptions) -> Result<()> {
                 .context("starting the callback runtime")?;
             let (queue, worker) = CallbackQueue::new(CallbackConfig::default(), callback_clock())?;
             rt.spawn(worker.run());
-            let sched = scheduler(&o.db, &specs, Some(queue.clone()))?;
+            let fields = crate::audience::allowed_fields(o.audience_fields.as_deref())?;
+            let sched = scheduler(&o.db, &specs, fields, Some(queue.clone()))?;
             let r = sched.tick(now);
             // Deliver what the pass queued before exiting (windows or not).
             rt.block_on(queue.flush());

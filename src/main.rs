@@ -1,6 +1,7 @@
 //! The `broadside` command line: sends, synthetic data, explanations and benchmarks.
 
 mod analytics_cmd;
+mod audience;
 mod bench;
 mod campaign_cmd;
 mod erp_cmd;
@@ -57,6 +58,14 @@ enum Command {
         /// Read only shard I of N (0-based) of an ERP source; see docs/erp.md.
         #[arg(long, value_parser = broadside_pipeline::spec::Shard::parse)]
         shard: Option<broadside_pipeline::spec::Shard>,
+        /// Send only to this audience: a JSON file holding an audience object
+        /// (`{"type": "inline", "conditions": [...]}`) or its conditions array; see
+        /// docs/campaigns.md.
+        #[arg(long, value_name = "FILE.json")]
+        audience: Option<PathBuf>,
+        /// Fields conditions may use besides the member defaults (JSON, see docs/campaigns.md).
+        #[arg(long, value_name = "FILE.json", requires = "audience")]
+        audience_fields: Option<PathBuf>,
     },
     /// The ERP (SQL Server) source.
     Erp {
@@ -191,7 +200,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             workers,
             no_progress,
             shard,
+            audience,
+            audience_fields,
         } => {
+            let audience = audience
+                .map(|p| campaign_cmd::audience_file(&p))
+                .transpose()?;
+            let audience_fields = match &audience_fields {
+                Some(p) => Some(audience::allowed_fields(Some(p))?),
+                None => None,
+            };
             send::send(&send::SendOptions {
                 spec,
                 run_id,
@@ -199,6 +217,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 workers,
                 progress: !no_progress && std::io::stderr().is_terminal(),
                 shard,
+                audience,
+                audience_fields,
             })?;
         }
         Command::Erp { command } => erp_cmd::run(command)?,

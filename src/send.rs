@@ -23,6 +23,7 @@ use broadside_sources::{open_source, SizeHint};
 use chrono::Utc;
 use xxhash_rust::xxh3::xxh3_64;
 
+use crate::audience::{AudienceSource, SendAudience};
 use crate::progress::Progress;
 
 /// Options of one send.
@@ -40,6 +41,11 @@ pub struct SendOptions {
     pub progress: bool,
     /// Read only this shard of an ERP source (`--shard I/N`); the run id gets a `-sIofN` suffix.
     pub shard: Option<broadside_pipeline::spec::Shard>,
+    /// A sending's audience conditions: only matching rows of the source are recipients
+    /// (see `crate::audience`).
+    pub audience: Option<Vec<broadside_campaigns::audience::Condition>>,
+    /// The fields conditions may use (default: `FieldMap::member_defaults`).
+    pub audience_fields: Option<broadside_campaigns::audience::FieldMap>,
 }
 
 /// A fresh run id: UTC time plus a random suffix.
@@ -120,6 +126,31 @@ pub fn send(opts: &SendOptions) -> Result<RunRecord> {
             _ => bail!("--shard splits an ERP source by its key; this spec's source is not erp"),
         }
     }
+    // The audience: a parameterised WHERE on the ERP query (part of its fingerprint), or a
+    // filter on a file source's batches.
+    let audience = match &opts.audience {
+        Some(conds) => {
+            let allow = match &opts.audience_fields {
+                Some(f) => f.clone(),
+                None => broadside_campaigns::audience::FieldMap::member_defaults(),
+            };
+            Some(Arc::new(SendAudience::compile(
+                conds,
+                &allow,
+                &layout_of(&spec),
+            )?))
+        }
+        None => None,
+    };
+    if let Some(a) = &audience {
+        let erp = match &spec.source {
+            SourceSpec::Erp(e) => Some(a.erp(&spec, e)),
+            _ => None,
+        };
+        if let SourceSpec::Erp(e) = &mut spec.source {
+            e.audience = erp;
+        }
+    }
     let spec_text =
         std::fs::read(&opts.spec).with_context(|| format!("reading {}", opts.spec.display()))?;
     let spec_hash = format!("{:016x}", xxh3_64(&spec_text));
@@ -149,7 +180,16 @@ pub fn send(opts: &SendOptions) -> Result<RunRecord> {
     // Open the source before recording anything: a bad mapping or a missing file is a
     // configuration error, not a failed run.
     let layout = Arc::new(layout_of(&spec));
-    let (source, hint) = open_source(&spec, layout.clone())?;
+    let (source, mut hint) = open_source(&spec, layout.clone())?;
+    let source: Box<dyn broadside_pipeline::runner::Source> = match (&audience, &spec.source) {
+        (Some(a), SourceSpec::Csv(_) | SourceSpec::Parquet(_) | SourceSpec::Synthetic(_)) => {
+            // The file's row count is not the audience's: progress goes by bytes, or none.
+            hint.total_rows = None;
+            Box::new(AudienceSource::new(source, a.clone()))
+        }
+        _ => source,
+    };
+    let audience_print = audience.as_ref().map(|a| a.fingerprint().to_string());
 
     let mut record = if !opts.dry_run && record_path.exists() {
         let mut r = RunRecord::load(&record_path)?;
@@ -179,6 +219,9 @@ pub fn send(opts: &SendOptions) -> Result<RunRecord> {
         if r.suppression_lists != list_prints {
             problems.push("a suppression list changed since the run started".to_string());
         }
+        if r.audience != audience_print {
+            problems.push("the sending's audience changed since the run started".to_string());
+        }
         if !problems.is_empty() {
             bail!(broadside_pipeline::Error::Resume {
                 run_id,
@@ -203,6 +246,7 @@ pub fn send(opts: &SendOptions) -> Result<RunRecord> {
             input,
             suppression_lists: list_prints,
             suppression_snapshots: snapshot_ids(&spec),
+            audience: audience_print,
             rows: 0,
             decisions: Default::default(),
             reasons: Vec::new(),

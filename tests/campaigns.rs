@@ -222,3 +222,266 @@ fn form_pairs(body: &str) -> Vec<(String, String)> {
         })
         .collect()
 }
+
+/// The run id the spec executor gives a sending.
+fn sending_run_id(sending: &Value) -> String {
+    let created = chrono::DateTime::parse_from_rfc3339(sending["created_at"].as_str().unwrap())
+        .unwrap()
+        .timestamp();
+    format!("sending-{}-{created}", sending["id"])
+}
+
+#[test]
+fn a_sending_with_conditions_sends_exactly_the_rows_they_select() {
+    let dir = tempfile::tempdir().unwrap();
+    // default invalid share: some rows are foreign (country CA) or have bad emails
+    let spec = common::generate(dir.path(), 3000, 300, &[]);
+    let db = dir.path().join("campaigns.db");
+    let db = db.to_str().unwrap();
+    let specs = dir.path().to_str().unwrap();
+
+    // The same predicate, computed from the CSV on its own.
+    let text = std::fs::read_to_string(dir.path().join("recipients.csv")).unwrap();
+    let mut lines = text.lines();
+    let header = common::csv_fields(lines.next().unwrap());
+    let col = |n: &str| header.iter().position(|h| h == n).unwrap();
+    let (email, points, country) = (col("email"), col("points"), col("country"));
+    let mut expect: Vec<String> = Vec::new();
+    let mut total = 0;
+    for l in lines {
+        let f = common::csv_fields(l);
+        total += 1;
+        let p: i64 = f[points].parse().unwrap();
+        if f[country] == "US" && (100..1500).contains(&p) {
+            expect.push(f[email].trim().to_lowercase());
+        }
+    }
+    assert!(
+        expect.len() > 100 && expect.len() < total / 2,
+        "{} of {total}",
+        expect.len()
+    );
+    expect.sort();
+
+    // points is a merge field: allowed, as a number, by the fields file
+    let fields = dir.path().join("fields.json");
+    std::fs::write(
+        &fields,
+        r#"[{"group": "member_properties", "field": "points", "column": "points", "kind": "integer"}]"#,
+    )
+    .unwrap();
+    let fields = fields.to_str().unwrap();
+    let conditions = serde_json::json!([
+        {"condition_group": "member_properties", "field": "country", "operator": "eq", "value": "US"},
+        {"condition_group": "member_properties", "field": "points", "operator": "gte", "value": 100},
+        {"condition_group": "member_properties", "field": "points", "operator": "lt", "value": "1500"}
+    ]);
+    // one campaign with the conditions inline, one with the same conditions stored
+    let store = broadside_campaigns::store::Store::open(std::path::Path::new(db)).unwrap();
+    let stored = store
+        .create_audience(
+            "default",
+            "west",
+            &serde_json::from_value::<Vec<broadside_campaigns::audience::Condition>>(
+                conditions.clone(),
+            )
+            .unwrap(),
+            0,
+        )
+        .unwrap();
+    drop(store);
+    let audiences = [
+        serde_json::json!({"type": "inline", "conditions": conditions}),
+        serde_json::json!({"type": "reference", "id": stored}),
+    ];
+    let mut ids = Vec::new();
+    for (i, a) in audiences.iter().enumerate() {
+        let (c, _) = campaign(
+            db,
+            &["create", "--name", &format!("West {i}"), "--list", "7"],
+            true,
+        );
+        let id = c["id"].as_i64().unwrap().to_string();
+        std::fs::copy(&spec, dir.path().join(format!("{id}.toml"))).unwrap();
+        let (s, _) = campaign(
+            db,
+            &[
+                "schedule",
+                &id,
+                "--now",
+                "--ready",
+                "--audience",
+                &a.to_string(),
+                "--audience-fields",
+                fields,
+            ],
+            true,
+        );
+        assert_eq!(s["sending"]["audience"], *a, "{s}");
+        ids.push(id);
+    }
+    campaign(
+        db,
+        &["run", "--specs", specs, "--audience-fields", fields],
+        true,
+    );
+
+    for id in &ids {
+        let (st, _) = campaign(db, &["status", id], true);
+        let sending = &st["sendings"][0];
+        assert_eq!(sending["status"], "transmitted", "{st}");
+        assert_eq!(sending["recipient_count"], expect.len() as u64, "{st}");
+        let run_id = sending_run_id(sending);
+        let store = dir.path().join("store");
+        // one ledger row per audience member, nobody else; rows numbered in source order
+        let ledger = common::read_ledger(&store, "demo", "generated-42", &run_id);
+        let rows: Vec<u64> = ledger.iter().map(|r| r.row).collect();
+        assert_eq!(rows, (0..expect.len() as u64).collect::<Vec<_>>());
+        let mut keys: Vec<String> = ledger
+            .iter()
+            .map(|r| r.key.clone().unwrap_or_default().trim().to_string())
+            .collect();
+        keys.sort();
+        assert_eq!(keys, expect);
+        let record = common::record(&store, "demo", &run_id);
+        assert_eq!(record.rows, expect.len() as u64);
+        assert!(record.audience.is_some());
+        // everything sent went out as a submitted event, and only audience members
+        let mut submitted: Vec<String> =
+            common::submitted_event_rows(&store, "demo", "generated-42", &run_id)
+                .into_iter()
+                .map(|(_, email, _)| email.trim().to_lowercase())
+                .collect();
+        submitted.sort();
+        let sent = ledger.iter().filter(|r| r.decision == "sent").count();
+        assert!(sent > 0);
+        assert_eq!(submitted.len(), sent);
+        assert!(submitted.iter().all(|e| expect.binary_search(e).is_ok()));
+    }
+
+    // a field the campaign spec does not map fails the sending, naming the condition
+    let (c, _) = campaign(db, &["create", "--name", "Lang", "--list", "7"], true);
+    let id = c["id"].as_i64().unwrap().to_string();
+    std::fs::copy(&spec, dir.path().join(format!("{id}.toml"))).unwrap();
+    let lang = serde_json::json!({"type": "inline", "conditions": [
+        {"condition_group": "member_properties", "field": "country", "operator": "eq", "value": "US"},
+        {"condition_group": "member_properties", "field": "language", "operator": "eq", "value": "en"}
+    ]});
+    campaign(
+        db,
+        &[
+            "schedule",
+            &id,
+            "--now",
+            "--ready",
+            "--audience",
+            &lang.to_string(),
+        ],
+        true,
+    );
+    campaign(db, &["run", "--specs", specs], true);
+    let (st, _) = campaign(db, &["status", &id], true);
+    let sending = &st["sendings"][0];
+    assert_eq!(sending["status"], "failed", "{st}");
+    let err = sending["error"].as_str().unwrap_or_default();
+    assert!(
+        err.contains(
+            "audience.conditions[1].field: member_properties.language is not a known field"
+        ),
+        "{st}"
+    );
+    // and a field outside the allow-list is refused when the sending is made
+    let (_, err) = campaign(
+        db,
+        &[
+            "schedule",
+            &id,
+            "--now",
+            "--audience",
+            r#"{"type": "inline", "conditions": [{"condition_group": "member_properties", "field": "points", "operator": "gte", "value": 100}]}"#,
+        ],
+        false,
+    );
+    assert!(
+        err.contains("audience.conditions[0].field: member_properties.points is not a known field"),
+        "{err}"
+    );
+}
+
+#[test]
+fn an_audience_leaving_batches_empty_sends_and_resumes_only_with_the_same_conditions() {
+    let dir = tempfile::tempdir().unwrap();
+    // ~4 CSV chunks: an audience of two rows leaves the middle ones empty
+    let spec = common::generate(dir.path(), 30_000, 0, &["--invalid-share", "0"]);
+    let text = std::fs::read_to_string(dir.path().join("recipients.csv")).unwrap();
+    let mut lines = text.lines();
+    let header = common::csv_fields(lines.next().unwrap());
+    let email = header.iter().position(|h| h == "email").unwrap();
+    let rows: Vec<Vec<String>> = lines.map(common::csv_fields).collect();
+    let pick = [&rows[5][email], &rows[29_990][email]];
+    let write = |name: &str, emails: &[&String]| {
+        let p = dir.path().join(name);
+        let conds = serde_json::json!([{"condition_group": "member_properties",
+            "field": "email", "operator": "in", "value": emails}]);
+        std::fs::write(&p, conds.to_string()).unwrap();
+        p.to_str().unwrap().to_string()
+    };
+    let two = write("two.json", &pick);
+    let one = write("one.json", &pick[..1]);
+    let spec = spec.to_str().unwrap();
+    common::run(
+        &["send", spec, "--run-id", "pair", "--audience", &two],
+        true,
+    );
+    let store = dir.path().join("store");
+    let ledger = common::read_ledger(&store, "demo", "generated-42", "pair");
+    let keys: Vec<(u64, String)> = ledger
+        .iter()
+        .map(|r| (r.row, r.key.clone().unwrap()))
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            (0, pick[0].trim().to_lowercase()),
+            (1, pick[1].trim().to_lowercase())
+        ]
+    );
+    assert_eq!(common::record(&store, "demo", "pair").rows, 2);
+
+    // As if the process died after writing everything: a resume with other conditions is
+    // refused, one with the same conditions replays to the same files.
+    let rec = store.join("campaign_runs/workspace_id=demo/pair.json");
+    let json = std::fs::read_to_string(&rec).unwrap();
+    assert!(json.contains("\"status\":\"done\""), "{json}");
+    std::fs::write(
+        &rec,
+        json.replace("\"status\":\"done\"", "\"status\":\"running\""),
+    )
+    .unwrap();
+    let out = common::run(
+        &["send", spec, "--run-id", "pair", "--audience", &one],
+        false,
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("the sending's audience changed since the run started"),
+        "{err}"
+    );
+    let out = common::run(&["send", spec, "--run-id", "pair"], false);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("the sending's audience changed since the run started"),
+        "{err}"
+    );
+    common::run(
+        &["send", spec, "--run-id", "pair", "--audience", &two],
+        true,
+    );
+    let again = common::record(&store, "demo", "pair");
+    assert_eq!(again.status, broadside_pipeline::run::RunStatus::Done);
+    assert_eq!((again.rows, again.attempts), (2, 2));
+    assert_eq!(
+        common::read_ledger(&store, "demo", "generated-42", "pair"),
+        ledger
+    );
+}

@@ -977,3 +977,94 @@ fn typed_erp_columns_over_the_wire_map_to_documented_text() {
         ],
     );
 }
+
+#[test]
+fn an_audience_is_a_where_with_bound_values_on_the_erp_query() {
+    let e = erp_data(600, 50);
+    // last names with quotes: a value pasted into the SQL text would break the query or match
+    // the wrong rows; bound as a parameter it matches itself only
+    let names = ["O'Brien", "OBrien", "O''Brien", "x' OR '1'='1"];
+    let text = std::fs::read_to_string(&e.customers).unwrap();
+    let mut lines = text.lines();
+    let header = csv_fields(lines.next().unwrap());
+    let col = |n: &str| header.iter().position(|h| h == n).unwrap();
+    let (id, email, last, country) = (
+        col("customer_id"),
+        col("email"),
+        col("last_name"),
+        col("country"),
+    );
+    let mut out = header.join(",") + "\n";
+    let mut expect = Vec::new();
+    for l in lines {
+        let mut f = csv_fields(l);
+        let n: usize = f[id].parse().unwrap();
+        let name = names[n % names.len()];
+        f[last] = name.to_string();
+        if name == "O'Brien" && f[country] == "US" {
+            expect.push(f[email].trim().to_lowercase());
+        }
+        let f: Vec<String> = f.iter().map(|v| csv_field(v)).collect();
+        out.push_str(&f.join(","));
+        out.push('\n');
+    }
+    std::fs::write(&e.customers, out).unwrap();
+    expect.sort();
+    assert!(expect.len() > 100, "{}", expect.len());
+
+    let bridge = Bridge::start(e.dir.path(), &[("customers", &e.customers)]);
+    // the spec's own parameter comes first: the audience's are numbered after it
+    let spec = erp_spec(
+        &e,
+        "erp.toml",
+        &source_block(bridge.port, "")
+            .replace("FROM customers", "FROM customers WHERE customer_id > @P1")
+            .replace(
+                "key_column",
+                "params = [{ type = \"int\", value = 0 }]\nkey_column",
+            ),
+    );
+    let audience = e.dir.path().join("audience.json");
+    std::fs::write(
+        &audience,
+        serde_json::json!({"type": "inline", "conditions": [
+            {"condition_group": "member_properties", "field": "last_name", "operator": "eq", "value": "O'Brien"},
+            {"condition_group": "member_properties", "field": "country", "operator": "in", "value": ["US", "x' OR '1'='1"]}
+        ]})
+        .to_string(),
+    )
+    .unwrap();
+    let aud = audience.to_str().unwrap();
+    send(&spec, &["--run-id", "aud", "--audience", aud], true);
+
+    let ledger = assert_outputs_agree(e.dir.path(), "aud", expect.len() as u64);
+    let mut keys: Vec<String> = ledger
+        .iter()
+        .map(|r| r.key.clone().unwrap_or_default().trim().to_string())
+        .collect();
+    keys.sort();
+    assert_eq!(keys, expect);
+    let rec = record(&e.dir.path().join("store"), WS, "aud");
+    assert!(rec.input.path.contains(" audience="), "{}", rec.input.path);
+    assert!(!rec.input.path.contains("Brien"), "{}", rec.input.path);
+
+    // a condition on a field the spec does not map is refused before anything is recorded
+    std::fs::write(
+        &audience,
+        r#"[{"condition_group": "member_properties", "field": "language", "operator": "eq", "value": "en"}]"#,
+    )
+    .unwrap();
+    let out = send(&spec, &["--run-id", "lang", "--audience", aud], false);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(
+            "audience.conditions[0].field: member_properties.language is not a known field"
+        ),
+        "{err}"
+    );
+    assert!(!e
+        .dir
+        .path()
+        .join("store/campaign_runs/workspace_id=demo/lang.json")
+        .exists());
+}

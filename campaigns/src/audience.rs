@@ -109,6 +109,11 @@ impl FieldMap {
         FieldMap::new(defs).expect("default columns are plain names")
     }
 
+    /// Every allowed field, ordered by group and field.
+    pub fn defs(&self) -> impl Iterator<Item = &FieldDef> {
+        self.fields.values()
+    }
+
     fn get(&self, group: &str, field: &str) -> Option<&FieldDef> {
         self.fields.get(&(group.to_string(), field.to_string()))
     }
@@ -346,14 +351,27 @@ impl Conditions {
 
     /// The conditions as a parameterised WHERE fragment.
     pub fn to_sql(&self, dialect: SqlDialect) -> SqlFilter {
+        self.to_sql_with(dialect, 1, &|col| dialect.ident(col))
+    }
+
+    /// Like [`Conditions::to_sql`], for a query that already has parameters: placeholders are
+    /// numbered from `first` (ignored for `?`), and `ident` writes each allow-listed column as
+    /// SQL (a caller that maps columns onto another name quotes that name itself).
+    pub fn to_sql_with(
+        &self,
+        dialect: SqlDialect,
+        first: usize,
+        ident: &dyn Fn(&str) -> String,
+    ) -> SqlFilter {
         let mut params = Vec::new();
         let mut parts = Vec::new();
+        let base = first.max(1) - 1;
         let mut next = |params: &mut Vec<Scalar>, v: Scalar| {
             params.push(v);
-            dialect.placeholder(params.len())
+            dialect.placeholder(base + params.len())
         };
         for c in &self.items {
-            let col = dialect.ident(&c.column);
+            let col = ident(&c.column);
             let one =
                 |params: &mut Vec<Scalar>,
                  next: &mut dyn FnMut(&mut Vec<Scalar>, Scalar) -> String| {
@@ -934,6 +952,18 @@ mod tests {
             ms.where_sql
         );
         assert!(!ms.where_sql.contains("DROP"));
+        // after a query's own two parameters, with columns renamed by the caller
+        let after = c.to_sql_with(SqlDialect::MsSql, 3, &|col| {
+            format!("t.[{}]", col.to_uppercase())
+        });
+        assert!(
+            after
+                .where_sql
+                .starts_with("(t.[FIRST_NAME] = @P3) AND (t.[CITY] IN (@P4, @P5))"),
+            "{}",
+            after.where_sql
+        );
+        assert_eq!(after.params, ms.params);
     }
 
     #[test]

@@ -116,6 +116,10 @@ pub struct RunRecord {
     pub input: FileFingerprint,
     /// Suppression lists as first seen.
     pub suppression_lists: Vec<FileFingerprint>,
+    /// The sending's audience (its compiled conditions), when it restricts the source: a
+    /// resume with another audience would select other recipients.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audience: Option<String>,
     /// Ids of the suppression snapshots (`snapshot.json` beside a list, written by
     /// `broadside suppression build`) the lists came from.
     #[serde(default)]

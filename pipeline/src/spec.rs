@@ -178,6 +178,21 @@ pub struct ErpSourceSpec {
     /// This worker's share of a sharded send (`broadside send --shard I/N`); not read from TOML.
     #[serde(skip)]
     pub shard: Option<Shard>,
+    /// The sending's audience as a filter on the query's result; set by the campaign service,
+    /// not read from TOML.
+    #[serde(skip)]
+    pub audience: Option<ErpAudience>,
+}
+
+/// An audience translated for the ERP query: Broadside reads
+/// `SELECT * FROM (query) AS bs_source WHERE (where_sql) … ORDER BY key`.
+#[derive(Debug, Clone)]
+pub struct ErpAudience {
+    /// The WHERE fragment: allow-listed, quoted columns of `bs_source` and placeholders
+    /// numbered after the query's own (`@P{params.len() + 1}`, …); never a value.
+    pub where_sql: String,
+    /// The fragment's values, bound after the query's own parameters.
+    pub params: Vec<ErpParam>,
 }
 
 fn default_login_timeout() -> u64 {

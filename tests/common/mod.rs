@@ -293,3 +293,33 @@ impl Drop for Server {
         let _ = self.child.wait();
     }
 }
+
+/// Splits one line of a generated CSV (fields are quoted only when they must be).
+pub fn csv_fields(line: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut quoted = false;
+    let mut chars = line.chars().peekable();
+    while let Some(c) = chars.next() {
+        match (c, quoted) {
+            ('"', true) if chars.peek() == Some(&'"') => {
+                cur.push('"');
+                chars.next();
+            }
+            ('"', _) => quoted = !quoted,
+            (',', false) => out.push(std::mem::take(&mut cur)),
+            (c, _) => cur.push(c),
+        }
+    }
+    out.push(cur);
+    out
+}
+
+/// Writes one CSV field, quoting it when it must be (delimiter, quote, surrounding spaces).
+pub fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n']) || s.starts_with(' ') || s.ends_with(' ') {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
+    }
+}

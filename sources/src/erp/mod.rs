@@ -32,7 +32,7 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_util::compat::{Compat, TokioAsyncWriteCompatExt};
 
-pub use sql::{fingerprint, probe_sql, read_sql, ShardHash};
+pub use sql::{fingerprint, probe_sql, quote_ident, read_sql, ShardHash, ALIAS};
 pub use types::{column_type_name, text_form, value_type_name, write_text, TextForm};
 
 use crate::{SizeHint, BATCH_ROWS};
@@ -505,7 +505,11 @@ async fn read(settings: ErpSettings, mapping: Vec<(String, String)>, tx: mpsc::S
         (sh, hash)
     });
     let key_name = plan.key.1.clone();
-    let q = sql::bind(read_sql(&s.query, &key_name, shard), &s.params);
+    let params = sql::read_params(s);
+    let q = sql::bind(
+        read_sql(&s.query, &key_name, s.audience.as_ref(), shard),
+        &params,
+    );
     let mut stream = match q.query(&mut client).await {
         Ok(st) => st,
         Err(e) => return fail(query_error(&origin, "the query failed", e)).await,

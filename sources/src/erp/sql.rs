@@ -2,7 +2,8 @@
 //! predicate, its typed parameters, and the fingerprint a resumed run is checked against.
 
 use broadside_pipeline::spec::{
-    parse_datetime, parse_decimal, ErpParam, ErpParamType, ErpParamValue, ErpSourceSpec, Shard,
+    parse_datetime, parse_decimal, ErpAudience, ErpParam, ErpParamType, ErpParamValue,
+    ErpSourceSpec, Shard,
 };
 use tiberius::numeric::Numeric;
 use tiberius::Query;
@@ -52,17 +53,40 @@ pub fn shard_predicate(key: &str, shard: Shard, hash: ShardHash) -> String {
     }
 }
 
-/// The full read: the query in key order, restricted to the shard.
-pub fn read_sql(query: &str, key: &str, shard: Option<(Shard, ShardHash)>) -> String {
+/// The full read: the query in key order, restricted to the audience (a WHERE fragment over
+/// `bs_source` whose values are parameters, see [`ErpAudience`]) and to the shard.
+pub fn read_sql(
+    query: &str,
+    key: &str,
+    audience: Option<&ErpAudience>,
+    shard: Option<(Shard, ShardHash)>,
+) -> String {
     let mut sql = format!(
         "SELECT * FROM (\n{}\n) AS {ALIAS}",
         query.trim().trim_end_matches(';')
     );
+    let mut preds = Vec::new();
+    if let Some(a) = audience {
+        preds.push(format!("({})", a.where_sql));
+    }
     if let Some((s, h)) = shard {
-        sql.push_str(&format!("\nWHERE {}", shard_predicate(key, s, h)));
+        preds.push(shard_predicate(key, s, h));
+    }
+    if !preds.is_empty() {
+        sql.push_str(&format!("\nWHERE {}", preds.join("\n  AND ")));
     }
     sql.push_str(&format!("\nORDER BY {ALIAS}.{}", quote_ident(key)));
     sql
+}
+
+/// The parameters of the full read: the spec's, then the audience's (whose placeholders are
+/// numbered after the spec's).
+pub fn read_params(e: &ErpSourceSpec) -> Vec<ErpParam> {
+    let mut all = e.params.clone();
+    if let Some(a) = &e.audience {
+        all.extend(a.params.iter().cloned());
+    }
+    all
 }
 
 /// A query with the spec's parameters bound as `@P1`, `@P2`, … (checked by spec validation).
@@ -104,13 +128,25 @@ pub fn bind<'a>(sql: String, params: &'a [ErpParam]) -> Query<'a> {
 }
 
 /// What identifies the rows a run reads: server, database, a hash of the query text, its
-/// parameters and key, and the shard. A resumed run whose fingerprint differs is refused.
+/// parameters and key, the audience, and the shard. A resumed run whose fingerprint differs is
+/// refused.
 pub fn fingerprint(e: &ErpSourceSpec) -> String {
     let params = serde_json::to_string(&e.params).unwrap_or_default();
     let h = xxh3_64(format!("{}\u{0}{params}\u{0}{}", e.query, e.key_column).as_bytes());
     let shard = e.shard.map_or_else(|| "all".to_string(), |s| s.to_string());
+    // Appended only with an audience, so runs recorded before audiences existed still resume.
+    let audience = match &e.audience {
+        None => String::new(),
+        Some(a) => {
+            let params = serde_json::to_string(&a.params).unwrap_or_default();
+            format!(
+                " audience={:016x}",
+                xxh3_64(format!("{}\u{0}{params}", a.where_sql).as_bytes())
+            )
+        }
+    };
     format!(
-        "erp {} query={h:016x} key={} shard={shard}",
+        "erp {} query={h:016x} key={} shard={shard}{audience}",
         e.server(),
         e.key_column
     )
@@ -129,12 +165,13 @@ mod tests {
     #[test]
     fn the_read_orders_by_the_key_and_shards_cover_every_row_once() {
         let q = "SELECT Id, Email FROM dbo.Customers WHERE Active = @P1;";
-        let full = read_sql(q, "Id", None);
+        let full = read_sql(q, "Id", None, None);
         assert!(full.ends_with("ORDER BY bs_source.[Id]"), "{full}");
         assert!(!full.contains(';'), "{full}");
         let s0 = read_sql(
             q,
             "Id",
+            None,
             Some((Shard { index: 0, count: 3 }, ShardHash::Modulo)),
         );
         assert!(
@@ -145,6 +182,40 @@ mod tests {
         );
         let s2 = shard_predicate("Email", Shard { index: 2, count: 3 }, ShardHash::Checksum);
         assert_eq!(s2, "ABS(CHECKSUM(bs_source.[Email]) % 3) = 2");
+    }
+
+    #[test]
+    fn the_audience_is_a_where_with_parameters_before_the_shard_and_the_order() {
+        let q = "SELECT Id, Country FROM dbo.Customers WHERE Active = @P1";
+        let a = ErpAudience {
+            where_sql: "(bs_source.[Country] = @P2)".into(),
+            params: vec![ErpParam {
+                sql_type: ErpParamType::Nvarchar,
+                value: Some(ErpParamValue::Text("O'Brien".into())),
+            }],
+        };
+        let sql = read_sql(
+            q,
+            "Id",
+            Some(&a),
+            Some((Shard { index: 1, count: 2 }, ShardHash::Modulo)),
+        );
+        assert!(
+            sql.ends_with(
+                ") AS bs_source\nWHERE ((bs_source.[Country] = @P2))\n  AND ABS(bs_source.[Id] % 2) = 1\nORDER BY bs_source.[Id]"
+            ),
+            "{sql}"
+        );
+        assert!(!sql.contains("Brien"), "values are parameters: {sql}");
+        let mut e = spec("SELECT Id FROM t");
+        e.params.push(ErpParam {
+            sql_type: ErpParamType::Int,
+            value: Some(ErpParamValue::Int(1)),
+        });
+        e.audience = Some(a);
+        let all = read_params(&e);
+        assert_eq!(all.len(), 2);
+        assert_eq!(all[1].value, Some(ErpParamValue::Text("O'Brien".into())));
     }
 
     fn spec(query: &str) -> ErpSourceSpec {
@@ -172,5 +243,19 @@ mod tests {
         });
         assert_ne!(fingerprint(&a), fingerprint(&d));
         assert!(!fingerprint(&a).contains("SELECT"));
+        let aud = |v: &str| ErpAudience {
+            where_sql: "(bs_source.[Country] = @P1)".into(),
+            params: vec![ErpParam {
+                sql_type: ErpParamType::Nvarchar,
+                value: Some(ErpParamValue::Text(v.into())),
+            }],
+        };
+        let mut us = a.clone();
+        us.audience = Some(aud("US"));
+        let mut no = a.clone();
+        no.audience = Some(aud("NO"));
+        assert_ne!(fingerprint(&a), fingerprint(&us));
+        assert_ne!(fingerprint(&us), fingerprint(&no));
+        assert!(!fingerprint(&us).contains("US"), "{}", fingerprint(&us));
     }
 }
