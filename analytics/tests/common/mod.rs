@@ -22,6 +22,7 @@ use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedPr
 /// A Kafka-protocol broker for one test: `noida-db` on a free port with its own data dir.
 pub struct Broker {
     pub brokers: String,
+    port: u16,
     child: Option<Child>,
     _dir: tempfile::TempDir,
 }
@@ -32,17 +33,33 @@ impl Broker {
     pub fn start() -> Result<Broker> {
         let dir = tempfile::tempdir()?;
         let port = free_port()?;
-        let log = std::fs::File::create(dir.path().join("noida.log"))?;
+        let mut b = Broker {
+            brokers: format!("127.0.0.1:{port}"),
+            port,
+            child: None,
+            _dir: dir,
+        };
+        b.spawn()?;
+        Ok(b)
+    }
+
+    /// Starts the broker process on this broker's port and data dir; returns once it listens.
+    fn spawn(&mut self) -> Result<()> {
+        let dir = self._dir.path();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("noida.log"))?;
         let child = Command::new("noida-db")
             .args([
                 "start",
                 "--only",
                 "kafka",
                 "--kafka-port",
-                &port.to_string(),
+                &self.port.to_string(),
             ])
             .args(["--host", "127.0.0.1", "--data-dir"])
-            .arg(dir.path().join("data"))
+            .arg(dir.join("data"))
             .stdout(log.try_clone()?)
             .stderr(log)
             .stdin(Stdio::null())
@@ -55,14 +72,14 @@ impl Broker {
             ),
             Err(e) => return Err(e).context("starting noida-db"),
         };
-        let addr = format!("127.0.0.1:{port}");
+        let addr = &self.brokers;
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            if TcpStream::connect(&addr).is_ok() {
+            if TcpStream::connect(addr).is_ok() {
                 break;
             }
             if let Some(status) = child.try_wait()? {
-                let log = std::fs::read_to_string(dir.path().join("noida.log")).unwrap_or_default();
+                let log = std::fs::read_to_string(dir.join("noida.log")).unwrap_or_default();
                 bail!("noida-db exited with {status} before listening on {addr}:\n{log}");
             }
             if Instant::now() > deadline {
@@ -72,16 +89,12 @@ impl Broker {
             // Back-off between connection attempts, not a synchronisation sleep.
             std::thread::sleep(Duration::from_millis(20));
         }
-        Ok(Broker {
-            brokers: addr,
-            child: Some(child),
-            _dir: dir,
-        })
+        self.child = Some(child);
+        Ok(())
     }
-}
 
-impl Drop for Broker {
-    fn drop(&mut self) {
+    /// Stops the broker cleanly (SIGINT).
+    pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
             // SIGINT is noida-db's clean stop.
             unsafe { libc::kill(c.id() as i32, libc::SIGINT) };
@@ -95,6 +108,26 @@ impl Drop for Broker {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// Freezes (`true`, SIGSTOP) or thaws (`false`, SIGCONT) the broker process: an outage in
+    /// which the broker answers nothing, connections hang and requests time out, and after
+    /// which it comes back with its state. (A stop and restart of noida-db is not usable here:
+    /// a client asking for metadata before it has reloaded its data dir gets the topic
+    /// auto-created anew with one partition.)
+    pub fn freeze(&mut self, frozen: bool) {
+        let c = self.child.as_ref().expect("a running broker");
+        let sig = if frozen { libc::SIGSTOP } else { libc::SIGCONT };
+        unsafe { libc::kill(c.id() as i32, sig) };
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            self.freeze(false);
+        }
+        self.stop();
     }
 }
 
