@@ -194,6 +194,18 @@ async fn auth(
             ));
         }
     }
+    // A `workspace_id` query parameter that contradicts the header is refused, as the
+    // analytics API does: a caller never gets an answer for a workspace it did not mean.
+    let query_ws = form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes())
+        .filter(|(k, _)| k == "workspace_id")
+        .map(|(_, v)| v.into_owned())
+        .find(|v| *v != ws);
+    if let Some(q) = query_ws {
+        return Err(deny(
+            StatusCode::FORBIDDEN,
+            format!("workspace_id query parameter {q:?} differs from the header {ws:?}"),
+        ));
+    }
     req.extensions_mut().insert(Ws(ws));
     Ok(next.run(req).await)
 }
