@@ -9,7 +9,8 @@
 //!
 //! An absolute `at` is unix seconds (a JSON integer or a string of digits) or an ISO 8601 /
 //! RFC 3339 instant with an offset (`2020-10-18T10:59:32.340Z`); a time without an offset is
-//! refused rather than guessed.
+//! refused rather than guessed. Instants outside years 0000-9999 are refused: RFC 3339 cannot
+//! write them.
 
 use chrono::{DateTime, Months, NaiveDateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -311,7 +312,8 @@ pub fn parse_instant(v: &Value, field: &str) -> Result<i64> {
     match v {
         Value::Number(n) => n
             .as_i64()
-            .ok_or_else(|| Error::invalid(field, format!("{n} is not whole unix seconds"))),
+            .ok_or_else(|| Error::invalid(field, format!("{n} is not whole unix seconds")))
+            .and_then(|t| within_rfc3339(t, &n.to_string(), field)),
         Value::String(s) => parse_instant_text(s, field),
         other => Err(Error::invalid(
             field,
@@ -326,10 +328,11 @@ pub fn parse_instant_text(s: &str, field: &str) -> Result<i64> {
     if !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()) {
         return t
             .parse()
-            .map_err(|_| Error::invalid(field, format!("{s:?} is too large for unix seconds")));
+            .map_err(|_| Error::invalid(field, format!("{s:?} is too large for unix seconds")))
+            .and_then(|u| within_rfc3339(u, &format!("{s:?}"), field));
     }
     if let Ok(d) = DateTime::parse_from_rfc3339(t) {
-        return Ok(d.timestamp());
+        return within_rfc3339(d.timestamp(), &format!("{s:?}"), field);
     }
     if NaiveDateTime::parse_from_str(t, "%Y-%m-%dT%H:%M:%S%.f").is_ok()
         || NaiveDateTime::parse_from_str(t, "%Y-%m-%d %H:%M:%S%.f").is_ok()
@@ -343,6 +346,23 @@ pub fn parse_instant_text(s: &str, field: &str) -> Result<i64> {
         field,
         format!("{s:?} is neither unix seconds nor an ISO 8601 instant like 2020-10-18T10:59:32Z"),
     ))
+}
+
+/// First and last second RFC 3339 can write (0000-01-01T00:00:00Z, 9999-12-31T23:59:59Z).
+const RFC3339_RANGE: std::ops::RangeInclusive<i64> = -62_167_219_200..=253_402_300_799;
+
+/// Refuses instants outside years 0000-9999: [`format_instant`] could not write them back as
+/// an instant this parser takes, and near `i64::MAX` the scheduler's arithmetic would overflow
+/// (found by the `schedule` fuzz target).
+fn within_rfc3339(unix: i64, shown: &str, field: &str) -> Result<i64> {
+    if RFC3339_RANGE.contains(&unix) {
+        Ok(unix)
+    } else {
+        Err(Error::invalid(
+            field,
+            format!("{shown} is outside years 0000-9999"),
+        ))
+    }
 }
 
 /// Formats unix seconds as RFC 3339 UTC (`2020-10-18T10:59:32Z`).
@@ -615,6 +635,35 @@ mod tests {
         assert_eq!(
             parse_instant_text("1603018772", "when").unwrap(),
             1_603_018_772
+        );
+    }
+
+    /// Fuzz find (`schedule` target): digits for year 192238 were accepted, and
+    /// `format_instant` then wrote `+192238-07-14T17:06:18Z`, which no parser here takes back;
+    /// `i64::MAX` as `at` overflowed `resolve`'s `desired_at + fail_after_secs`.
+    #[test]
+    fn fuzz_instants_beyond_year_9999_are_refused() {
+        for text in ["6004294967178", "9999-12-31T23:59:59-01:00"] {
+            let e = parse_instant_text(text, "at").unwrap_err();
+            assert!(e.to_string().contains("outside years 0000-9999"), "{e}");
+        }
+        for at in [
+            json!(i64::MAX),
+            json!(i64::MIN),
+            json!("9223372036854775807"),
+        ] {
+            let v = json!({"type": "absolute", "at": at});
+            assert!(Schedule::from_json(Some(&v), "schedule").is_err(), "{v}");
+        }
+        let last = parse_instant_text("9999-12-31T23:59:59Z", "at").unwrap();
+        assert_eq!(
+            parse_instant_text(&format_instant(last), "at").unwrap(),
+            last
+        );
+        let first = parse_instant(&json!(-62_167_219_200i64), "at").unwrap();
+        assert_eq!(
+            parse_instant_text(&format_instant(first), "at").unwrap(),
+            first
         );
     }
 }

@@ -38,6 +38,9 @@ pub struct CsvRecordReader<R> {
     skipped_newlines: u64,
     /// Added to line numbers (a chunk's records are numbered as in the whole file).
     line_offset: u64,
+    /// Set for a chunk (which starts mid-file): csv-core drops a UTF-8 BOM at the start of its
+    /// first input, and a BOM there is row data, as it is for rows not starting a chunk.
+    keep_leading_bom: bool,
     bytes_read: Arc<AtomicU64>,
     origin: String,
 }
@@ -58,6 +61,7 @@ impl<R: Read> CsvRecordReader<R> {
             line: 1,
             skipped_newlines: 0,
             line_offset: 0,
+            keep_leading_bom: false,
             bytes_read: Arc::new(AtomicU64::new(0)),
             origin: origin.into(),
         }
@@ -115,7 +119,11 @@ impl<R: Read> CsvRecordReader<R> {
         let mut endlen = 0;
         loop {
             self.fill()?;
-            let input = &self.buf[self.pos..self.filled];
+            let mut input = &self.buf[self.pos..self.filled];
+            if std::mem::take(&mut self.keep_leading_bom) {
+                // csv-core only strips a BOM it sees whole in its first input.
+                input = &input[..input.len().min(1)];
+            }
             let (res, nin, nout, nend) =
                 self.rdr
                     .read_record(input, &mut self.out[outlen..], &mut self.ends[endlen..]);
@@ -349,6 +357,7 @@ struct CsvContext {
 fn decode_chunk(ctx: &CsvContext, chunk: &[u8], first_line: u64) -> Result<RecipientBatch> {
     let mut records = CsvRecordReader::new(chunk, ctx.delimiter, ctx.origin.clone());
     records.line_offset = first_line - 1;
+    records.keep_leading_bom = true;
     let rows_hint = memchr::memchr_iter(b'\n', chunk).count() + 1;
     let mut builders: Vec<StringBuilder> = (0..ctx.columns.len())
         .map(|_| StringBuilder::with_capacity(rows_hint, chunk.len()))
@@ -608,6 +617,35 @@ mod tests {
         );
         // An escaped quote keeps the field open.
         assert_eq!(last_record_end(b"\"a\"\"\nb\"\n", b','), Some(8));
+    }
+
+    /// Fuzz find (`csv_records` target): a row starting with a UTF-8 BOM (files concatenated
+    /// from Excel exports) lost the BOM when the row began a chunk and kept it otherwise, so
+    /// the email read depended on where the file was cut.
+    #[test]
+    fn fuzz_bom_at_a_chunk_start_is_kept_like_anywhere_else() {
+        // The header reader takes the first READ_CHUNK bytes, which here end on a row, so the
+        // BOM row starts the next chunk.
+        let rows = (READ_CHUNK - 4) / 9;
+        assert_eq!(4 + rows * 9, READ_CHUNK);
+        let mut text = b"e,f\n".to_vec();
+        text.extend(b"a@x.io,A\n".repeat(rows));
+        text.extend(b"\xEF\xBB\xBFb@x.io,B\n");
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("r.csv");
+        std::fs::write(&p, &text).unwrap();
+        let layout = Arc::new(RecipientLayout::new(
+            &[
+                broadside_pipeline::model::StdField::Email,
+                broadside_pipeline::model::StdField::FirstName,
+            ],
+            &[],
+        ));
+        let whole = decode_all(&p, 1 << 20, layout.clone()).unwrap();
+        assert_eq!(whole[rows].0[0].as_deref(), Some("\u{feff}b@x.io"));
+        let chunked = decode_all(&p, 64, layout).unwrap();
+        assert_eq!(chunked[rows].0[0].as_deref(), Some("\u{feff}b@x.io"));
+        assert!(chunked == whole);
     }
 
     type Decoded = Vec<(Vec<Option<String>>, Decision, Option<String>)>;
