@@ -5,7 +5,7 @@
 use std::hint::black_box;
 use std::sync::Arc;
 
-use broadside_pipeline::model::{RecipientBatch, RecipientLayout, StdField};
+use broadside_pipeline::model::{RecipientBatch, RecipientLayout};
 use broadside_pipeline::runner::{Sink, Source};
 use broadside_pipeline::spec::CampaignSpec;
 use broadside_pipeline::stages::suppression::fingerprint;
@@ -56,12 +56,7 @@ fn spec() -> CampaignSpec {
 }
 
 fn layout() -> Arc<RecipientLayout> {
-    let s = spec();
-    let std: Vec<StdField> = StdField::ALL
-        .into_iter()
-        .filter(|f| s.columns.get(*f).is_some())
-        .collect();
-    Arc::new(RecipientLayout::new(&std, &["points".to_string()]))
+    Arc::new(spec().columns.layout())
 }
 
 fn raw_batch(first: u64) -> RecipientBatch {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use broadside_pipeline::model::{RecipientLayout, StdField};
+use broadside_pipeline::model::StdField;
 use broadside_pipeline::run::{FileFingerprint, RunRecord, RunStatus};
 use broadside_pipeline::runner::{self, Assigner, OrderedStage, Pipeline, RunStats, Sink};
 use broadside_pipeline::spec::{CampaignSpec, SourceSpec};
@@ -60,15 +60,6 @@ fn new_run_id() -> String {
         .as_bytes(),
     );
     format!("{}-{:04x}", now.format("%Y%m%dT%H%M%S"), salt & 0xffff)
-}
-
-fn layout_of(spec: &CampaignSpec) -> RecipientLayout {
-    let std: Vec<StdField> = StdField::ALL
-        .into_iter()
-        .filter(|f| spec.columns.get(*f).is_some())
-        .collect();
-    let merge: Vec<String> = spec.columns.merge.keys().cloned().collect();
-    RecipientLayout::new(&std, &merge)
 }
 
 fn input_fingerprint(spec: &CampaignSpec) -> FileFingerprint {
@@ -137,7 +128,7 @@ pub fn send(opts: &SendOptions) -> Result<RunRecord> {
             Some(Arc::new(SendAudience::compile(
                 conds,
                 &allow,
-                &layout_of(&spec),
+                &spec.columns.layout(),
             )?))
         }
         None => None,
@@ -179,7 +170,7 @@ pub fn send(opts: &SendOptions) -> Result<RunRecord> {
     let (index, list_prints, index_secs) = load_suppression(&spec)?;
     // Open the source before recording anything: a bad mapping or a missing file is a
     // configuration error, not a failed run.
-    let layout = Arc::new(layout_of(&spec));
+    let layout = Arc::new(spec.columns.layout());
     let (source, mut hint) = open_source(&spec, layout.clone())?;
     let source: Box<dyn broadside_pipeline::runner::Source> = match (&audience, &spec.source) {
         (Some(a), SourceSpec::Csv(_) | SourceSpec::Parquet(_) | SourceSpec::Synthetic(_)) => {

@@ -626,6 +626,17 @@ impl ColumnMapping {
         out.extend(self.merge.iter().map(|(k, v)| (k.clone(), v.clone())));
         out
     }
+
+    /// The recipient layout this mapping gives: the mapped standard fields, then the merge
+    /// fields, in the order of [`ColumnMapping::source_columns`].
+    pub fn layout(&self) -> crate::model::RecipientLayout {
+        let std: Vec<StdField> = StdField::ALL
+            .into_iter()
+            .filter(|f| self.get(*f).is_some())
+            .collect();
+        let merge: Vec<String> = self.merge.keys().cloned().collect();
+        crate::model::RecipientLayout::new(&std, &merge)
+    }
 }
 
 /// One suppression list file.

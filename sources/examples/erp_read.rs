@@ -13,7 +13,6 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use broadside_pipeline::model::{RecipientLayout, StdField};
 use broadside_pipeline::runner::{Source, SourceItem};
 use broadside_pipeline::spec::{CampaignSpec, SourceSpec};
 use broadside_sources::erp::{ErpSettings, ErpSource};
@@ -38,12 +37,7 @@ fn read(spec_path: &str) {
         eprintln!("{spec_path}: the source is not an ERP source");
         std::process::exit(1)
     };
-    let std_fields: Vec<StdField> = StdField::ALL
-        .into_iter()
-        .filter(|f| spec.columns.get(*f).is_some())
-        .collect();
-    let merge: Vec<String> = spec.columns.merge.keys().cloned().collect();
-    let layout = Arc::new(RecipientLayout::new(&std_fields, &merge));
+    let layout = Arc::new(spec.columns.layout());
     let start = Instant::now();
     let settings = ErpSettings::new(e, |p| spec.resolve(p));
     let mut src =
