@@ -8,7 +8,7 @@
 //! invalid id): 403; a `workspace_id` query parameter that differs from the header: 403. The
 //! workspace then scopes the DataFusion session: its tables only list that workspace's files.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -20,7 +20,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
-use chrono::{DateTime, Duration, NaiveDate, Utc};
+use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -28,13 +28,15 @@ use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
 use crate::historical::{self, ImportReport, ImportRequest};
-use crate::query::lists::{self, EventFilter, HistoricalFilter, LogFilter, DEFAULT_PAGE};
+use crate::params::{
+    self, parse_event_type, parse_instant, parse_tz, Granularity, ParamError, Params,
+};
+use crate::query::lists::{self, EventFilter, HistoricalFilter, LogFilter};
 use crate::query::runs::load_runs;
 use crate::query::sql::run_sql;
 use crate::query::stats::{campaign_statistics, StatsQuery};
-use crate::query::timeseries::{parse_tz, time_series, Granularity, SeriesQuery};
+use crate::query::timeseries::{time_series, SeriesQuery};
 use crate::query::{Catalog, QueryError, Scope};
-use broadside_pipeline::event::EventType;
 
 /// The OpenAPI document (checked in as docs/openapi.json).
 pub const OPENAPI: &str = include_str!("../../docs/openapi.json");
@@ -181,6 +183,12 @@ impl From<QueryError> for ApiError {
     }
 }
 
+impl From<ParamError> for ApiError {
+    fn from(e: ParamError) -> Self {
+        ApiError(StatusCode::BAD_REQUEST, e.0)
+    }
+}
+
 fn bad(msg: impl Into<String>) -> ApiError {
     ApiError(StatusCode::BAD_REQUEST, msg.into())
 }
@@ -281,108 +289,12 @@ async fn auth(
     Ok(next.run(req).await)
 }
 
-/// An optional `[from, to)` instant range.
-type Range = (Option<DateTime<Utc>>, Option<DateTime<Utc>>);
-
-/// Query parameters, checked against the names a route accepts.
-struct Params(HashMap<String, String>);
-
-impl Params {
-    fn parse(query: Option<&str>, allowed: &[&str]) -> ApiResult<Params> {
-        let mut map = HashMap::new();
-        for (k, v) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
-            if k == "workspace_id" {
-                continue; // checked against the header by `auth`
-            }
-            if !allowed.contains(&k.as_ref()) {
-                return Err(bad(format!(
-                    "unknown query parameter {k:?}; this route accepts: {}",
-                    allowed.join(", ")
-                )));
-            }
-            if v.is_empty() {
-                continue;
-            }
-            map.insert(k.into_owned(), v.into_owned());
-        }
-        Ok(Params(map))
-    }
-
-    fn text(&self, k: &str) -> Option<String> {
-        self.0.get(k).cloned()
-    }
-
-    /// `date_from` (inclusive) and `date_to` (a date is inclusive of the whole day; an instant
-    /// is exclusive).
-    fn range(&self) -> ApiResult<Range> {
-        let from = self
-            .0
-            .get("date_from")
-            .map(|s| parse_instant(s, false))
-            .transpose()?;
-        let to = self
-            .0
-            .get("date_to")
-            .map(|s| parse_instant(s, true))
-            .transpose()?;
-        if let (Some(f), Some(t)) = (from, to) {
-            if f >= t {
-                return Err(bad("date_from must be before date_to"));
-            }
-        }
-        Ok((from, to))
-    }
-
-    fn limit(&self) -> ApiResult<usize> {
-        match self.0.get("limit") {
-            None => Ok(DEFAULT_PAGE),
-            Some(s) => s
-                .parse()
-                .ok()
-                .filter(|n| (1..=lists::MAX_PAGE).contains(n))
-                .ok_or_else(|| bad(format!("limit {s:?}: expected 1..={}", lists::MAX_PAGE))),
-        }
-    }
-}
-
-/// Parses `YYYY-MM-DD` or RFC 3339; a date used as an end bound covers its whole day.
-fn parse_instant(s: &str, end: bool) -> ApiResult<DateTime<Utc>> {
-    if let Ok(d) = NaiveDate::parse_from_str(s, "%Y-%m-%d") {
-        let d = if end { d + Duration::days(1) } else { d };
-        return Ok(d.and_hms_opt(0, 0, 0).expect("midnight").and_utc());
-    }
-    DateTime::parse_from_rfc3339(s)
-        .map(|t| t.with_timezone(&Utc))
-        .map_err(|_| bad(format!("{s:?}: expected YYYY-MM-DD or an RFC 3339 time")))
-}
-
-/// Accepts the stored event type names and the seed's short forms (`open`, `click`…).
-fn parse_event_type(s: &str) -> ApiResult<EventType> {
-    let full = match s {
-        "submit" => "submitted",
-        "deliver" | "delivery" => "delivered",
-        "open" => "opened",
-        "click" => "clicked",
-        "bounce" => "bounced",
-        "unsubscribe" => "unsubscribed",
-        "complaint" | "complain" => "complained",
-        other => other,
-    };
-    EventType::parse(full).ok_or_else(|| {
-        bad(format!(
-            "event_type {s:?}: expected one of submitted, delivered, opened, clicked, bounced, unsubscribed, complained"
-        ))
-    })
-}
-
-const RANGE: [&str; 2] = ["date_from", "date_to"];
-
 async fn statistics(
     State(s): State<Arc<ApiState>>,
     Extension(Ws(ws)): Extension<Ws>,
     axum::extract::RawQuery(q): axum::extract::RawQuery,
 ) -> ApiResult<Json<Value>> {
-    let p = Params::parse(q.as_deref(), &RANGE)?;
+    let p = Params::parse(q.as_deref(), params::STATISTICS_PARAMS)?;
     let (from, to) = p.range()?;
     let stats = campaign_statistics(
         &s.catalog,
@@ -404,7 +316,7 @@ async fn campaign_stats(
     UrlPath(campaign_id): UrlPath<String>,
     axum::extract::RawQuery(q): axum::extract::RawQuery,
 ) -> ApiResult<Json<Value>> {
-    let p = Params::parse(q.as_deref(), &RANGE)?;
+    let p = Params::parse(q.as_deref(), params::STATISTICS_PARAMS)?;
     let (from, to) = p.range()?;
     let stats = campaign_statistics(
         &s.catalog,
@@ -432,26 +344,13 @@ async fn series(
     UrlPath(campaign_id): UrlPath<String>,
     axum::extract::RawQuery(q): axum::extract::RawQuery,
 ) -> ApiResult<Json<Value>> {
-    let p = Params::parse(
-        q.as_deref(),
-        &[
-            "granularity",
-            "date_from",
-            "date_to",
-            "event_type",
-            "time_zone",
-        ],
-    )?;
+    let p = Params::parse(q.as_deref(), params::SERIES_PARAMS)?;
     let (from, to) = p.range()?;
     let granularity = Granularity::parse(&p.text("granularity").unwrap_or_else(|| "day".into()))?;
     let time_zone = parse_tz(&p.text("time_zone").unwrap_or_else(|| "UTC".into()))?;
     let event_types = p
-        .text("event_type")
-        .map(|t| {
-            t.split(',')
-                .map(|x| parse_event_type(x.trim()))
-                .collect::<ApiResult<Vec<_>>>()
-        })
+        .get("event_type")
+        .map(params::parse_event_types)
         .transpose()?
         .unwrap_or_default();
     let series = time_series(
@@ -478,20 +377,7 @@ async fn events(
     Extension(Ws(ws)): Extension<Ws>,
     axum::extract::RawQuery(q): axum::extract::RawQuery,
 ) -> ApiResult<Json<Value>> {
-    let p = Params::parse(
-        q.as_deref(),
-        &[
-            "event_type",
-            "date_from",
-            "date_to",
-            "campaign_id",
-            "variant",
-            "email",
-            "run_id",
-            "limit",
-            "cursor",
-        ],
-    )?;
+    let p = Params::parse(q.as_deref(), params::EVENTS_PARAMS)?;
     let (from, to) = p.range()?;
     let filter = EventFilter {
         event_type: p
@@ -512,7 +398,7 @@ async fn events(
         "events",
         &filter,
         p.limit()?,
-        p.0.get("cursor").map(|s| s.as_str()),
+        p.get("cursor"),
     )
     .await?;
     Ok(Json(serde_json::to_value(page).expect("page serialises")))
@@ -523,18 +409,7 @@ async fn bounce_events(
     Extension(Ws(ws)): Extension<Ws>,
     axum::extract::RawQuery(q): axum::extract::RawQuery,
 ) -> ApiResult<Json<Value>> {
-    let p = Params::parse(
-        q.as_deref(),
-        &[
-            "email",
-            "campaign_id",
-            "bounce_type",
-            "date_from",
-            "date_to",
-            "limit",
-            "cursor",
-        ],
-    )?;
+    let p = Params::parse(q.as_deref(), params::BOUNCE_EVENTS_PARAMS)?;
     let (from, to) = p.range()?;
     let filter = EventFilter {
         email: p.text("email"),
@@ -550,7 +425,7 @@ async fn bounce_events(
         "bounce_events",
         &filter,
         p.limit()?,
-        p.0.get("cursor").map(|s| s.as_str()),
+        p.get("cursor"),
     )
     .await?;
     Ok(Json(serde_json::to_value(page).expect("page serialises")))
@@ -566,16 +441,13 @@ async fn bounce_event(
     ))
 }
 
-fn historical_filter(q: Option<&str>, extra: &[&str]) -> ApiResult<(HistoricalFilter, Params)> {
-    let mut allowed = vec![
-        "email",
-        "bounce_type",
-        "account_number",
-        "date_from",
-        "date_to",
-    ];
-    allowed.extend_from_slice(extra);
-    let p = Params::parse(q, &allowed)?;
+fn historical_filter(q: Option<&str>, list: bool) -> ApiResult<(HistoricalFilter, Params)> {
+    let allowed = if list {
+        params::HISTORICAL_LIST_PARAMS
+    } else {
+        params::HISTORICAL_PARAMS
+    };
+    let p = Params::parse(q, allowed)?;
     let (from, to) = p.range()?;
     Ok((
         HistoricalFilter {
@@ -594,15 +466,9 @@ async fn historical_list(
     Extension(Ws(ws)): Extension<Ws>,
     axum::extract::RawQuery(q): axum::extract::RawQuery,
 ) -> ApiResult<Json<Value>> {
-    let (filter, p) = historical_filter(q.as_deref(), &["limit", "cursor"])?;
-    let page = lists::list_historical(
-        &s.catalog,
-        &ws,
-        &filter,
-        p.limit()?,
-        p.0.get("cursor").map(|s| s.as_str()),
-    )
-    .await?;
+    let (filter, p) = historical_filter(q.as_deref(), true)?;
+    let page =
+        lists::list_historical(&s.catalog, &ws, &filter, p.limit()?, p.get("cursor")).await?;
     Ok(Json(serde_json::to_value(page).expect("page serialises")))
 }
 
@@ -612,7 +478,7 @@ async fn historical_export(
     Extension(Ws(ws)): Extension<Ws>,
     axum::extract::RawQuery(q): axum::extract::RawQuery,
 ) -> ApiResult<Response> {
-    let (filter, _) = historical_filter(q.as_deref(), &[])?;
+    let (filter, _) = historical_filter(q.as_deref(), false)?;
     let ctx = s.catalog.session(&Scope::Workspace(ws.clone()))?;
     let df = ctx
         .table("historical_bounces")
@@ -760,7 +626,7 @@ async fn runs(
     Extension(Ws(ws)): Extension<Ws>,
     axum::extract::RawQuery(q): axum::extract::RawQuery,
 ) -> ApiResult<Json<Value>> {
-    let p = Params::parse(q.as_deref(), &["campaign_id", "status"])?;
+    let p = Params::parse(q.as_deref(), params::RUNS_PARAMS)?;
     let store = s.catalog.store().to_path_buf();
     let runs = tokio::task::spawn_blocking(move || load_runs(&store, Some(&ws)))
         .await
@@ -796,20 +662,7 @@ async fn logs(
     Extension(Ws(ws)): Extension<Ws>,
     axum::extract::RawQuery(q): axum::extract::RawQuery,
 ) -> ApiResult<Json<Value>> {
-    let p = Params::parse(
-        q.as_deref(),
-        &[
-            "campaign_id",
-            "variant",
-            "run_id",
-            "decision",
-            "reason",
-            "suppression_reason",
-            "key",
-            "limit",
-            "cursor",
-        ],
-    )?;
+    let p = Params::parse(q.as_deref(), params::LOGS_PARAMS)?;
     let filter = LogFilter {
         campaign_id: p.text("campaign_id"),
         run_id: p.text("run_id"),
@@ -818,14 +671,7 @@ async fn logs(
         reason: p.text("reason").or_else(|| p.text("suppression_reason")),
         key: p.text("key"),
     };
-    let page = lists::list_logs(
-        &s.catalog,
-        &ws,
-        &filter,
-        p.limit()?,
-        p.0.get("cursor").map(|s| s.as_str()),
-    )
-    .await?;
+    let page = lists::list_logs(&s.catalog, &ws, &filter, p.limit()?, p.get("cursor")).await?;
     Ok(Json(serde_json::to_value(page).expect("page serialises")))
 }
 

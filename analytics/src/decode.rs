@@ -17,7 +17,7 @@ use std::borrow::Cow;
 use std::fmt;
 
 use broadside_pipeline::event::{BounceType, Event, EventBatchBuilder, EventType};
-use chrono::{DateTime, NaiveDate, Utc};
+use chrono::{DateTime, Datelike, NaiveDate, Utc};
 use serde::de::{self, Deserializer, IgnoredAny, SeqAccess, Visitor};
 use serde::Deserialize;
 use xxhash_rust::xxh3::Xxh3;
@@ -435,7 +435,27 @@ fn check_email(e: Cow<'_, str>) -> Result<Cow<'_, str>, DeadLetterReason> {
 /// Unix timestamps above this are taken as milliseconds (in seconds it is year 5138).
 const MILLIS_THRESHOLD: i64 = 100_000_000_000;
 
+/// Event times are kept within years 0000–9999: what RFC 3339 can write, so an event written
+/// back as JSON (the webhook's Kafka sink, exports) decodes again, and its `date=` partition
+/// is a plain `YYYY-MM-DD`.
+fn writable_year(micros: i64) -> bool {
+    DateTime::<Utc>::from_timestamp_micros(micros).is_some_and(|t| (0..=9999).contains(&t.year()))
+}
+
 fn parse_time(t: TimeValue<'_>) -> Result<i64, DeadLetterReason> {
+    let bad = |detail: String| DeadLetterReason::InvalidTimestamp { detail };
+    let micros = parse_time_unchecked(t)?;
+    if writable_year(micros) {
+        Ok(micros)
+    } else {
+        let shown = DateTime::<Utc>::from_timestamp_micros(micros)
+            .map(|t| t.to_rfc3339())
+            .unwrap_or_else(|| format!("{micros} µs"));
+        Err(bad(format!("{shown} is outside the years 0000–9999")))
+    }
+}
+
+fn parse_time_unchecked(t: TimeValue<'_>) -> Result<i64, DeadLetterReason> {
     let bad = |detail: String| DeadLetterReason::InvalidTimestamp { detail };
     let from_secs = |s: i64| -> Result<i64, DeadLetterReason> {
         let micros = if s.abs() >= MILLIS_THRESHOLD {
@@ -564,7 +584,9 @@ fn validate(w: WireEvent<'_>) -> Result<Decoded<'_>, DeadLetterReason> {
     let mut rows = Vec::with_capacity(emails.len());
     for e in emails {
         let email = check_email(e)?;
-        let event_id = match optional(w.event_id.clone()) {
+        // Trimmed like the DESIGN.md shape's id, so the row written back as that shape (the
+        // webhook's Kafka sink) keeps its id; a blank id counts as absent.
+        let event_id = match optional(w.event_id.clone().map(trim_cow)) {
             // A given id is made per-email so a multi-email callback keeps ids unique.
             Some(id) if rows.capacity() == 1 => id,
             Some(id) => Cow::Owned(format!("{id}:{}", email.to_ascii_lowercase())),
@@ -673,6 +695,72 @@ mod tests {
         );
         assert_eq!(s.ts_micros, 1_700_000_000_000_000);
         assert_eq!(s.ts_micros, ms.ts_micros);
+    }
+
+    /// Found by fuzzing (`webhook_callback`): a callback `when` of `-77235772359200` (taken
+    /// as milliseconds: year -478) was accepted, but the webhook's Kafka sink writes it as
+    /// `"-0478-07-01T10:47:20.800Z"`, which no RFC 3339 reader (ingest included) takes back.
+    #[test]
+    fn fuzz_times_outside_years_0000_to_9999_are_refused() {
+        let with_ts = |ts: &str| {
+            format!(
+                r#"{{"event_id":"e","workspace_id":"w","campaign_id":"c","email":"a@b.co","event_type":"opened","ts":{ts}}}"#
+            )
+        };
+        for ts in [
+            "-77235772359200",
+            "8000000000000000",
+            "-62167219201",
+            "-99999999999.5",
+            "\"9999-12-31T23:00:00-05:00\"",
+            "\"0000-01-01T00:30:00+01:00\"",
+        ] {
+            let json = with_ts(ts);
+            match decode_event(json.as_bytes()) {
+                Err(DeadLetterReason::InvalidTimestamp { .. }) => {}
+                other => panic!("{ts}: {other:?}"),
+            }
+        }
+        let cb = br#"{"event":"bounced","when":-77235772359200,"email":["ann@example.com"],"workspace_id":"acma","campaign_id":"42"}"#;
+        assert!(matches!(
+            decode_event(cb),
+            Err(DeadLetterReason::InvalidTimestamp { .. })
+        ));
+        // The edges of the range are kept.
+        for ts in [
+            "-62167219200",
+            "\"9999-12-31T23:59:59.999999Z\"",
+            "\"0000-01-01T00:00:00Z\"",
+        ] {
+            assert!(decode_event(with_ts(ts).as_bytes()).is_ok(), "{ts}");
+        }
+    }
+
+    /// Found by fuzzing (`webhook_callback`): a callback's own `event_id` was kept untrimmed
+    /// (`"cb-1\n "`), while the same event produced to Kafka (DESIGN.md shape) is read back
+    /// with a trimmed id: the ingest stored `cb-1`, the webhook's dedup window knew
+    /// `"cb-1\n "`. A blank id (`" "`) was kept as the id.
+    #[test]
+    fn fuzz_callback_event_ids_are_trimmed_like_design_shape_ids() {
+        let cb = |id: &str| {
+            let json = format!(
+                r#"{{"event":"opened","when":1772359200,"email":"ann@example.com","workspace_id":"acme","campaign_id":"42"{id}}}"#
+            );
+            match decode_event(json.as_bytes()).unwrap() {
+                Decoded::One(r) => r.event_id.into_owned(),
+                Decoded::Many(_) => unreachable!(),
+            }
+        };
+        assert_eq!(cb(r#","event_id":"cb-1\n ""#), "cb-1");
+        assert_eq!(cb(r#","event_id":" ""#), cb(""));
+        let two = br#"{"event":"opened","when":1772359200,"email":["a@x.io","b@x.io"],"workspace_id":"acme","campaign_id":"42","event_id":" cb-2 "}"#;
+        let ids: Vec<String> = decode_event(two)
+            .unwrap()
+            .rows()
+            .iter()
+            .map(|r| r.event_id.to_string())
+            .collect();
+        assert_eq!(ids, ["cb-2:a@x.io", "cb-2:b@x.io"]);
     }
 
     #[test]

@@ -4,11 +4,13 @@
 //! - [`kafka`]: Kafka → Parquet ingest as a consumer-group member, exactly once;
 //! - [`file`]: the same store fed from an NDJSON file (embedded default);
 //! - [`commit`]: the commit protocol both use;
+//! - [`intake`]: the webhook bodies (provider callback forms, JSON batches) parsed to rows;
 //! - [`webhook`]: the HTTP intake for provider callbacks and JSON batches;
 //! - [`suppression`]: suppression lists built from bounces, complaints and unsubscribes;
 //! - [`query`]: the DataFusion catalog, statistics, time series, lists and analyst SQL;
 //! - [`rollup`]: hourly pre-aggregates kept beside the events;
 //! - [`historical`]: historical bounce imports;
+//! - [`params`]: the analytics API's query parameters;
 //! - [`api`]: the analytics HTTP API;
 //! - [`synth`]: deterministic synthetic events for tests and benchmarks.
 //!
@@ -22,7 +24,9 @@ pub mod decode;
 pub mod error;
 pub mod file;
 pub mod historical;
+pub mod intake;
 pub mod kafka;
+pub mod params;
 pub mod query;
 pub mod rollup;
 pub mod suppression;

@@ -22,50 +22,99 @@ fn events(range: std::ops::Range<usize>) -> Vec<(i32, Vec<u8>)> {
 }
 
 /// Produce N events, SIGKILL the ingest process at random points several times,
-/// restart it: every event lands exactly once.
+/// restart it: every event lands exactly once. Short: 12 000 events, 4 kills; long
+/// (`BROADSIDE_LONG=1`, scenario 3's long variant): 1 000 000 events (`BROADSIDE_TEST_EVENTS`
+/// sets another count), 20 kills, the k-th once k/21 to (k+1)/21 of the events are committed
+/// (commits of 5 000 records). With
+/// noida-db, 1 000 000 events currently stop the first worker with librdkafka's `BadMessage`
+/// (docs/reliability.md, scenario 3); 404 000 run through, 440 000 do not.
 #[test]
 fn crash_restart_exactly_once() -> Result<()> {
-    const N: usize = 12_000;
+    let long = std::env::var_os("BROADSIDE_LONG").is_some();
+    let (n, kills, max_records, most_commits): (usize, usize, &str, u64) = if long {
+        let n = std::env::var("BROADSIDE_TEST_EVENTS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1_000_000);
+        (n, 20, "5000", 0)
+    } else {
+        (12_000, 4, "500", 3)
+    };
+    let started = std::time::Instant::now();
     let broker = Broker::start()?;
     let mut rng = Rng::from_env();
     let store = tempfile::tempdir()?;
     create_topic(&broker.brokers, "events", PARTITIONS)?;
-    produce(&broker.brokers, "events", &events(0..N))?;
+    for chunk in (0..n).step_by(100_000) {
+        produce(
+            &broker.brokers,
+            "events",
+            &events(chunk..n.min(chunk + 100_000)),
+        )?;
+    }
 
     // A restarted worker keeps its static group membership, as a pod restarted under
     // the same name would: the broker hands its partitions straight back instead of
     // waiting for the killed member's session to expire.
-    const STATIC: &[&str] = &["-X", "group.instance.id=crashy-1"];
-    for round in 0..4 {
+    let args = [
+        "-X",
+        "group.instance.id=crashy-1",
+        "--max-records",
+        max_records,
+    ];
+    let mut killed_at = Vec::new();
+    for round in 0..kills {
         let t0 = std::time::Instant::now();
-        let mut w = Worker::spawn(&broker.brokers, "crashy", "events", store.path(), STATIC)?;
-        let commits = 1 + rng.below(3) as usize;
+        let mut w = Worker::spawn(&broker.brokers, "crashy", "events", store.path(), &args)?;
         w.wait_commits(1, Duration::from_secs(60))?;
         eprintln!("round {round}: first commit after {:?}", t0.elapsed());
-        w.wait_commits(commits - 1, Duration::from_secs(60))?;
+        if long {
+            // Kill k of the long run lands past k/(kills+1) of the stream (plus up to one more
+            // such share), so the kills spread over the whole million whatever the commit sizes.
+            let share = n as u64 / (kills as u64 + 1);
+            let at = share * (round as u64 + 1) + rng.below(share);
+            wait_until(Duration::from_secs(300), "the kill threshold", || {
+                Ok(committed_rows(store.path())? >= at)
+            })?;
+        } else {
+            let commits = 1 + rng.below(most_commits) as usize;
+            w.wait_commits(commits - 1, Duration::from_secs(60))?;
+        }
         // A random extra delay puts the kill anywhere inside the next flush.
         std::thread::sleep(Duration::from_millis(rng.below(40)));
         w.sigkill()?;
         let on_disk = committed_rows(store.path())?;
-        eprintln!("round {round}: killed after {commits} commits, {on_disk} rows on disk");
+        eprintln!("round {round}: killed with {on_disk} rows on disk");
         assert!(
-            on_disk < N as u64 || round > 0,
+            on_disk < n as u64 || round > 0,
             "kill must happen mid-stream"
         );
+        killed_at.push(on_disk);
     }
-    let mut w = Worker::spawn(&broker.brokers, "crashy", "events", store.path(), STATIC)?;
-    wait_until(Duration::from_secs(90), "all events on disk", || {
-        Ok(committed_rows(store.path())? >= N as u64)
+    let mut w = Worker::spawn(&broker.brokers, "crashy", "events", store.path(), &args)?;
+    wait_until(Duration::from_secs(900), "all events on disk", || {
+        Ok(committed_rows(store.path())? >= n as u64)
     })?;
     w.stop()?;
 
     let ids = read_event_ids(store.path())?;
-    assert_exactly_once(&ids, (0..N).map(|i| format!("ev-{i:08}")));
+    let distinct = ids.iter().collect::<HashSet<_>>().len();
+    let mid_stream = killed_at.iter().filter(|&&r| r < n as u64).count();
+    let killed_at: Vec<String> = killed_at.iter().map(u64::to_string).collect();
+    println!(
+        "figure kafka_kill_trials events={n} kills={kills} mid_stream_kills={mid_stream} \
+         rows_at_kills={} rows={} duplicates={} secs={:.0}",
+        killed_at.join(","),
+        ids.len(),
+        ids.len() - distinct,
+        started.elapsed().as_secs_f64()
+    );
+    assert_exactly_once(&ids, (0..n).map(|i| format!("ev-{i:08}")));
     assert!(dead_letters(store.path())?.is_empty());
 
     // An independent reader sees the same rows and the documented schema.
     let (rows, distinct, schema) = pyarrow_summary(store.path())?;
-    assert_eq!((rows, distinct), (N as u64, N as u64));
+    assert_eq!((rows, distinct), (n as u64, n as u64));
     assert_eq!(
         schema,
         "event_id:string:notnull,campaign_id:string:notnull,variant:string:null,run_id:string:null,\
@@ -146,6 +195,143 @@ fn broker_outage_exactly_once() -> Result<()> {
         outage.as_secs(),
         catch_up.as_secs_f64()
     );
+    Ok(())
+}
+
+/// Scenario 4, replay: after everything is ingested, the consumer group's offsets are rewound
+/// to the beginning (what `kafka-consumer-groups --reset-offsets --to-earliest` does while no
+/// member runs), and the ingest runs again until it has caught up: 0 rows added. The ingest
+/// positions partitions from the store's commit manifests, not from group offsets, which only
+/// mirror the store for lag monitoring.
+///
+/// "Caught up" is observed, not waited for: after the rewind one sentinel event is produced
+/// per partition, after every replayable record; once the sentinels are on disk the
+/// consumer has passed everything the rewind could replay.
+#[test]
+fn rewound_consumer_group_adds_no_rows() -> Result<()> {
+    use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+    use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+    use std::sync::Mutex;
+
+    const N: usize = 8_000;
+    const GROUP: &str = "replay";
+    let broker = Broker::start()?;
+    let store = tempfile::tempdir()?;
+    create_topic(&broker.brokers, "events", PARTITIONS)?;
+    produce(&broker.brokers, "events", &events(0..N))?;
+
+    let resumed: Arc<Mutex<Vec<(i32, i64)>>> = Arc::default();
+    let run_until = |rows: u64| -> Result<()> {
+        let mut cfg = KafkaIngestConfig::new(&broker.brokers, GROUP, &["events"], store.path());
+        cfg.flush.max_records = 1_000;
+        cfg.flush.idle_ms = 200;
+        let resumed = Arc::clone(&resumed);
+        let hooks = IngestHooks {
+            on_assign: Some(Box::new(move |_, p, offset| {
+                resumed.lock().unwrap().push((p, offset))
+            })),
+            ..Default::default()
+        };
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = Arc::clone(&stop);
+        let ingest = std::thread::spawn(move || run_kafka_ingest(&cfg, hooks, &stop2));
+        let waited = wait_until(Duration::from_secs(120), "events on disk", || {
+            Ok(committed_rows(store.path())? >= rows || ingest.is_finished())
+        });
+        stop.store(true, Ordering::SeqCst);
+        ingest.join().expect("ingest thread")?;
+        waited
+    };
+    let group_consumer = || -> Result<BaseConsumer> {
+        Ok(ClientConfig::new()
+            .set("bootstrap.servers", &broker.brokers)
+            .set("group.id", GROUP)
+            .set("enable.auto.commit", "false")
+            .create()?)
+    };
+    let all_partitions = |offset: Offset| -> Result<TopicPartitionList> {
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..PARTITIONS {
+            tpl.add_partition_offset("events", p, offset)?;
+        }
+        Ok(tpl)
+    };
+    let group_offsets = |c: &BaseConsumer| -> Result<Vec<i64>> {
+        let tpl = c.committed_offsets(all_partitions(Offset::Invalid)?, Duration::from_secs(10))?;
+        Ok(tpl
+            .elements()
+            .iter()
+            .map(|e| match e.offset() {
+                Offset::Offset(o) => o,
+                _ => -1,
+            })
+            .collect())
+    };
+
+    run_until(N as u64)?;
+    assert_exactly_once(
+        &read_event_ids(store.path())?,
+        (0..N).map(|i| format!("ev-{i:08}")),
+    );
+    let per_partition = (N / PARTITIONS as usize) as i64;
+    let admin = group_consumer()?;
+    // The stopped member mirrored the store's positions into the group on its way out (an
+    // asynchronous commit: waited for, not assumed).
+    wait_until(Duration::from_secs(30), "group offsets at the end", || {
+        Ok(group_offsets(&admin)? == vec![per_partition; PARTITIONS as usize])
+    })?;
+
+    // Rewind. The member that just left may still be being removed from the group, in which
+    // case the broker refuses a commit from outside it: retry until the group takes it.
+    wait_until(
+        Duration::from_secs(60),
+        "the group accepting the rewind",
+        || {
+            Ok(admin
+                .commit(&all_partitions(Offset::Offset(0))?, CommitMode::Sync)
+                .is_ok())
+        },
+    )?;
+    assert_eq!(group_offsets(&admin)?, vec![0; PARTITIONS as usize]);
+    drop(admin);
+
+    let sentinels: Vec<(i32, Vec<u8>)> = events(N..N + PARTITIONS as usize);
+    produce(&broker.brokers, "events", &sentinels)?;
+    resumed.lock().unwrap().clear();
+    run_until((N + PARTITIONS as usize) as u64)?;
+
+    let ids = read_event_ids(store.path())?;
+    let distinct = ids.iter().collect::<HashSet<_>>().len();
+    let added = ids.len() as i64 - (N + PARTITIONS as usize) as i64;
+    let mut resumed = resumed.lock().unwrap().clone();
+    resumed.sort_unstable();
+    resumed.dedup();
+    let resumed_at: Vec<String> = resumed.iter().map(|(_, o)| o.to_string()).collect();
+    println!(
+        "figure replay events={N} partitions={PARTITIONS} group_offsets_after_rewind=0 \
+         resumed_at={} sentinels={PARTITIONS} rows={} distinct={distinct} added={added}",
+        resumed_at.join(","),
+        ids.len(),
+    );
+    assert_exactly_once(
+        &ids,
+        (0..N + PARTITIONS as usize).map(|i| format!("ev-{i:08}")),
+    );
+    assert!(dead_letters(store.path())?.is_empty());
+    // Every partition resumed where the store, not the rewound group, said it ended.
+    assert_eq!(
+        resumed,
+        (0..PARTITIONS)
+            .map(|p| (p, per_partition))
+            .collect::<Vec<_>>()
+    );
+    let admin = group_consumer()?;
+    wait_until(
+        Duration::from_secs(30),
+        "group offsets at the new end",
+        || Ok(group_offsets(&admin)? == vec![per_partition + 1; PARTITIONS as usize]),
+    )?;
+    assert_eq!(added, 0);
     Ok(())
 }
 

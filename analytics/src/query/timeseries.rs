@@ -29,34 +29,7 @@ use crate::query::{collect, QueryError, QueryResult};
 use crate::rollup::{dates_filter, DatePlan};
 use broadside_pipeline::event::EventType;
 
-/// Bucket width.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Granularity {
-    /// One hour.
-    Hour,
-    /// One local day.
-    Day,
-    /// One ISO week (Monday to Sunday).
-    Week,
-    /// One calendar month.
-    Month,
-}
-
-impl Granularity {
-    /// Parses `hour`, `day`, `week` or `month`.
-    pub fn parse(s: &str) -> QueryResult<Granularity> {
-        match s {
-            "hour" => Ok(Granularity::Hour),
-            "day" => Ok(Granularity::Day),
-            "week" => Ok(Granularity::Week),
-            "month" => Ok(Granularity::Month),
-            _ => Err(QueryError::BadRequest(format!(
-                "granularity {s:?}: expected hour, day, week or month"
-            ))),
-        }
-    }
-}
+pub use crate::params::Granularity;
 
 /// Most buckets one answer may have.
 pub const MAX_BUCKETS: usize = 20_000;
@@ -377,12 +350,7 @@ pub fn bucket_starts(
     Ok(out)
 }
 
-/// Parses a time zone name (IANA, e.g. `Europe/Paris`; `UTC`).
-pub fn parse_tz(s: &str) -> QueryResult<Tz> {
-    s.parse::<Tz>().map_err(|_| {
-        QueryError::BadRequest(format!("unknown time zone {s:?} (IANA name expected)"))
-    })
-}
+pub use crate::params::parse_tz;
 
 #[cfg(test)]
 mod tests {
