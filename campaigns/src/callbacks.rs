@@ -14,8 +14,7 @@
 //! (connection error, timeout, 5xx, 408, 429) is retried with exponential backoff; other
 //! 4xx answers are not retried. Posts go out one at a time, in window order.
 //!
-//! The client speaks plain HTTP/1.1 (hyper); `https://` callback URLs are accepted by the API
-//! but fail delivery until a TLS connector is added (see docs/campaigns.md).
+//! The client is the shared HTTP/1.1 client (`broadside-net`): `http://` and `https://`.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -347,6 +346,15 @@ impl CallbackQueue {
         let (tx, rx) = oneshot::channel();
         if self.tx.send(Msg::Flush(tx)).await.is_ok() {
             let _ = rx.await;
+        }
+    }
+
+    /// [`CallbackQueue::flush`] for threads outside the runtime (the event relay); must not be
+    /// called from async code.
+    pub fn flush_blocking(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.blocking_send(Msg::Flush(tx)).is_ok() {
+            let _ = rx.blocking_recv();
         }
     }
 

@@ -45,7 +45,7 @@ pub fn gate(address: &Address, enrichment_enabled: bool) -> Option<RecipientStat
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EnrichmentConfig {
-    /// The provider's endpoint (`http://` until TLS is added, see docs/printers.md).
+    /// The provider's endpoint (`http://` or `https://`).
     pub url: String,
     /// Environment variable holding the bearer token (default `ENRICHMENT_TOKEN`).
     #[serde(default = "default_token_env")]

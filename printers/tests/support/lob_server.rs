@@ -102,7 +102,14 @@ impl Drop for LobServer {
 impl LobServer {
     /// Starts a server accepting `api_key`, answering after `latency` (zero: at once).
     pub async fn start(api_key: &str, latency: Duration) -> LobServer {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_at("127.0.0.1:0", api_key, latency).await
+    }
+
+    /// [`LobServer::start`] on a given address (`127.0.0.1:8089`).
+    pub async fn start_at(addr: &str, api_key: &str, latency: Duration) -> LobServer {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .unwrap_or_else(|e| panic!("binding {addr}: {e}"));
         let base_url = format!("http://{}", listener.local_addr().unwrap());
         let shared = Arc::new(Shared {
             auth: format!("Basic {}", base64(format!("{api_key}:").as_bytes())),
