@@ -13,14 +13,18 @@ use broadside_campaigns::audience::{Audience, Condition, FieldMap, Recipients};
 use broadside_campaigns::schedule::{parse_instant_text, ScheduleConfig};
 use broadside_campaigns::scheduler::{Executor, Prepared, Scheduler, SchedulerConfig, StepError};
 use broadside_campaigns::state::CampaignState;
-use broadside_campaigns::store::{CampaignFields, Sending, Store};
+use broadside_campaigns::store::{CampaignFields, Sending, SendingRun, Store};
+use broadside_campaigns::templates::TemplateSync;
 use serde_json::{json, Value};
 
 use arrow_array::{Array, StringArray, TimestampMicrosecondArray};
 use broadside_campaigns::callbacks::{
     Address, CallbackConfig, CallbackEvent, CallbackQueue, LifecycleEvent,
 };
+use broadside_campaigns::relay::{EventRelay, RelayConfig};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+
+mod inline;
 
 fn callback_clock() -> broadside_campaigns::callbacks::Clock {
     std::sync::Arc::new(|| chrono::Utc::now().timestamp())
@@ -44,11 +48,45 @@ pub struct CampaignServeOptions {
     /// `{"group", "field", "column", "kind"}` (see docs/campaigns.md).
     #[arg(long, value_name = "FILE.json", requires = "campaigns")]
     pub audience_fields: Option<PathBuf>,
+    /// Seconds between passes of the event-callback relay, which follows `--store`'s events
+    /// and posts the delivered / opened / clicked / bounced events of sendings to their
+    /// campaign's `event_callback` (0: no relay).
+    #[arg(long, default_value_t = 60, value_name = "SECS")]
+    pub callback_relay_every: u64,
+    /// Seconds event callbacks are gathered before a POST (1-300).
+    #[arg(long, default_value_t = 60, value_name = "SECS")]
+    pub callback_window: i64,
+    /// The email system's creative API: before a sending is prepared, each variant's template
+    /// `content` is PUT to `<URL>/templates/<name>` when it changed (bearer token from
+    /// `BROADSIDE_CREATIVE_TOKEN`).
+    #[arg(long, env = "BROADSIDE_CREATIVE_API", value_name = "URL")]
+    pub creative_api: Option<String>,
 }
 
-/// The campaign routes for `broadside serve`, and the scheduler thread when specs are given.
+/// The creative API client from its URL, with the token from the environment.
+fn creative(url: Option<&str>) -> Option<TemplateSync> {
+    url.map(|u| TemplateSync {
+        endpoint: u.to_string(),
+        token: std::env::var("BROADSIDE_CREATIVE_TOKEN")
+            .ok()
+            .filter(|t| !t.is_empty()),
+    })
+}
+
+/// This process, as a lease holder.
+fn holder() -> String {
+    format!(
+        "{}-{}",
+        std::env::var("HOSTNAME").unwrap_or_else(|_| "broadside".into()),
+        std::process::id()
+    )
+}
+
+/// The campaign routes for `broadside serve`, the scheduler thread when specs are given and
+/// the event-callback relay over `store`'s events.
 pub fn serve_parts(
     o: &CampaignServeOptions,
+    store: &Path,
     tokens: Option<&Path>,
     listen: &str,
     rt: &tokio::runtime::Handle,
@@ -89,10 +127,45 @@ pub fn serve_parts(
         access,
         clock: system_clock(),
     })?;
+    let cb = CallbackConfig {
+        window_secs: o.callback_window,
+        ..Default::default()
+    };
+    let (queue, worker) = CallbackQueue::new(cb, callback_clock())?;
+    rt.spawn(worker.run());
+    if o.callback_relay_every > 0 {
+        let mut cfg = RelayConfig::new(holder());
+        cfg.every_secs = o.callback_relay_every;
+        cfg.lease_secs = (3 * o.callback_relay_every as i64).max(300);
+        let relay = EventRelay::new(db, &store.join("events"), queue.clone(), cfg)?;
+        let every = Duration::from_secs(o.callback_relay_every);
+        std::thread::Builder::new()
+            .name("callback-relay".into())
+            .spawn(move || loop {
+                match relay.relay_once(chrono::Utc::now().timestamp()) {
+                    Ok(p) if p.files > 0 || p.unreadable > 0 => tracing::info!(
+                        files = p.files,
+                        events = p.events,
+                        queued = p.queued,
+                        unreadable = p.unreadable,
+                        deferred = p.deferred,
+                        "event callback relay pass"
+                    ),
+                    Ok(_) => {}
+                    Err(e) => tracing::error!(error = %e, "event callback relay pass failed"),
+                }
+                std::thread::sleep(every);
+            })
+            .context("starting the event callback relay")?;
+    }
     if let Some(specs) = &o.campaign_specs {
-        let (queue, worker) = CallbackQueue::new(CallbackConfig::default(), callback_clock())?;
-        rt.spawn(worker.run());
-        let sched = scheduler(db, specs, fields, Some(queue))?;
+        let sched = scheduler(
+            db,
+            specs,
+            fields,
+            Some(queue),
+            creative(o.creative_api.as_deref()),
+        )?;
         let every = Duration::from_secs(o.scheduler_every.max(1));
         std::thread::Builder::new()
             .name("campaign-scheduler".into())
@@ -112,16 +185,12 @@ fn scheduler(
     specs: &Path,
     fields: FieldMap,
     callbacks: Option<CallbackQueue>,
+    creative: Option<TemplateSync>,
 ) -> Result<Scheduler<SpecExecutor>> {
     if !specs.is_dir() {
         bail!("--campaign-specs {}: not a folder", specs.display());
     }
-    let holder = format!(
-        "{}-{}",
-        std::env::var("HOSTNAME").unwrap_or_else(|_| "broadside".into()),
-        std::process::id()
-    );
-    let mut cfg = SchedulerConfig::new(holder);
+    let mut cfg = SchedulerConfig::new(holder());
     // A send of millions of rows outlasts the 15-minute lease: keep it alive while it runs.
     cfg.heartbeat = Some(Duration::from_secs(60));
     Ok(Scheduler::new(
@@ -131,6 +200,7 @@ fn scheduler(
             db: db.to_path_buf(),
             fields,
             callbacks,
+            creative,
         },
         cfg,
     ))
@@ -147,24 +217,55 @@ pub struct SpecExecutor {
     fields: FieldMap,
     /// Where `submitted` events go after a transmission, when callbacks run.
     callbacks: Option<CallbackQueue>,
+    /// The creative API variants' template contents are synced to before a sending.
+    creative: Option<TemplateSync>,
+}
+
+/// The run id the executor gives a sending's send.
+fn run_id(s: &Sending) -> String {
+    // With the creation time, a new campaign store reusing a spec's store never meets an old
+    // finished run of the same sending id (which would silently do nothing).
+    format!("sending-{}-{}", s.id, s.created_at)
 }
 
 impl SpecExecutor {
+    /// The campaign's spec file.
     fn spec(&self, s: &Sending) -> std::result::Result<PathBuf, StepError> {
-        // Inline recipients are not a row of the spec's source: there is nothing yet that
-        // turns them into a recipient batch, so refuse rather than send to the whole source.
-        if !s.recipients.recipients.is_empty() {
-            return Err(format!(
-                "sending {} names inline recipients, which the spec executor cannot send yet (an audience or the campaign spec's source only)",
-                s.id
-            )
-            .into());
-        }
         let p = self.specs.join(format!("{}.toml", s.campaign_id));
         if !p.is_file() {
             return Err(format!("no campaign spec {}", p.display()).into());
         }
         Ok(p)
+    }
+
+    /// The spec a sending is sent with and the audience restricting its source: the campaign
+    /// spec with the sending's audience, or, for inline recipients, a spec derived from it
+    /// whose source is a CSV of those recipients ([`inline::materialise`]).
+    fn plan(&self, s: &Sending) -> Result<(PathBuf, Option<Vec<Condition>>)> {
+        let spec = self.spec(s).map_err(|e| anyhow::anyhow!("{e}"))?;
+        if s.recipients.recipients.is_empty() {
+            return Ok((spec, self.audience(s)?));
+        }
+        if s.recipients.audience.is_some() {
+            bail!(
+                "sending {} names both an audience and inline recipients; the spec executor sends one or the other (make two sendings)",
+                s.id
+            );
+        }
+        let dir = self.inline_dir(s);
+        Ok((inline::materialise(s, &run_id(s), &spec, &dir)?, None))
+    }
+
+    /// Where a sending's inline recipients are written: `<campaign store>.sendings/<run id>/`.
+    fn inline_dir(&self, s: &Sending) -> PathBuf {
+        let name = self
+            .db
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "campaigns.db".into());
+        self.db
+            .with_file_name(format!("{name}.sendings"))
+            .join(run_id(s))
     }
 
     /// The sending's audience conditions: inline, or the stored audience it references (read
@@ -184,6 +285,42 @@ impl SpecExecutor {
                 )
             }
         })
+    }
+}
+
+impl SpecExecutor {
+    /// Checks each variant's template content against the spec's columns and, with a creative
+    /// API, PUTs it there when its hash changed since the last sync (the campaign store keeps
+    /// the hashes). A refused sync fails the preparation: the email system would merge an
+    /// outdated template.
+    fn sync_templates(&self, spec: &Path) -> Result<()> {
+        let loaded = broadside_pipeline::spec::CampaignSpec::load(spec)?;
+        let contents = crate::send::check_templates(&loaded)?;
+        let Some(api) = &self.creative else {
+            return Ok(());
+        };
+        if contents.is_empty() {
+            return Ok(());
+        }
+        let layout = loaded.columns.layout();
+        let columns: Vec<&str> = layout.names().iter().map(String::as_str).collect();
+        let store = Store::open(&self.db)?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting the template sync runtime")?;
+        for (name, content) in contents {
+            let outcome = rt.block_on(api.sync(
+                &store,
+                &loaded.workspace_id,
+                &name,
+                &content,
+                &columns,
+                chrono::Utc::now().timestamp(),
+            ))?;
+            tracing::info!(template = %name, ?outcome, "template checked against the creative API");
+        }
+        Ok(())
     }
 }
 
@@ -295,19 +432,18 @@ fn files_under(dir: &Path, depth: usize) -> Result<Vec<PathBuf>> {
 
 impl Executor for SpecExecutor {
     fn prepare(&self, s: &Sending) -> std::result::Result<Prepared, StepError> {
-        let spec = self.spec(s)?;
+        let (spec, audience) = self.plan(s).map_err(|e| format!("{e:#}"))?;
+        self.sync_templates(&spec).map_err(|e| format!("{e:#}"))?;
         let record = crate::send::send(&crate::send::SendOptions {
             spec,
             dry_run: true,
-            audience: self.audience(s)?,
+            audience,
             audience_fields: Some(self.fields.clone()),
             ..Default::default()
         })?;
         Ok(Prepared {
             recipients: record.rows,
-            // With the creation time, a new campaign store reusing a spec's store never meets
-            // an old finished run of the same sending id (which would silently do nothing).
-            handle: format!("sending-{}-{}", s.id, s.created_at),
+            handle: run_id(s),
         })
     }
 
@@ -317,11 +453,23 @@ impl Executor for SpecExecutor {
         p: &Prepared,
         _resumed: bool,
     ) -> std::result::Result<(), StepError> {
-        let spec = self.spec(s)?;
+        let (spec, audience) = self.plan(s).map_err(|e| format!("{e:#}"))?;
+        // Before the run writes an event: the relay maps the run's events to this sending by
+        // run id, workspace and campaign id.
+        let loaded = broadside_pipeline::spec::CampaignSpec::load(&spec)?;
+        Store::open(&self.db)?.record_sending_run(
+            &SendingRun {
+                run_id: p.handle.clone(),
+                sending_id: s.id,
+                workspace_id: loaded.workspace_id.clone(),
+                campaign_key: loaded.campaign_id.clone(),
+            },
+            chrono::Utc::now().timestamp(),
+        )?;
         crate::send::send(&crate::send::SendOptions {
             spec: spec.clone(),
             run_id: Some(p.handle.clone()),
-            audience: self.audience(s)?,
+            audience,
             audience_fields: Some(self.fields.clone()),
             ..Default::default()
         })?;
@@ -414,6 +562,10 @@ pub enum CampaignCommand {
         /// `{"type": "reference", "id": 5}` or `{"type": "inline", "conditions": [...]}`.
         #[arg(long, value_name = "JSON")]
         audience: Option<String>,
+        /// Inline recipients as JSON, as the API takes them:
+        /// `[{"email": "ann@example.com", "properties": {"first_name": "Ann"}}, {"member_id": 7}]`.
+        #[arg(long, value_name = "JSON")]
+        recipients: Option<String>,
     },
     /// Move a campaign to another state (DRAFT, SCHEDULED, READY, CANCELLED), as `PUT` does.
     State {
@@ -440,6 +592,9 @@ pub enum CampaignCommand {
         /// Folder of campaign specs named `<campaign id>.toml`.
         #[arg(long)]
         specs: PathBuf,
+        /// The email system's creative API (see `serve --creative-api`).
+        #[arg(long, env = "BROADSIDE_CREATIVE_API", value_name = "URL")]
+        creative_api: Option<String>,
     },
 }
 
@@ -499,6 +654,7 @@ pub fn run(o: CampaignOptions) -> Result<()> {
             prescheduled,
             ready,
             audience,
+            recipients,
         } => {
             let schedule = match (immediate, at, in_) {
                 (true, _, _) => json!({"type": "immediate", "prescheduled": prescheduled}),
@@ -514,6 +670,10 @@ pub fn run(o: CampaignOptions) -> Result<()> {
             if let Some(a) = audience {
                 payload["audience"] = serde_json::from_str(&a)
                     .map_err(|e| anyhow::anyhow!("audience: --audience is not JSON: {e}"))?;
+            }
+            if let Some(r) = recipients {
+                payload["recipients"] = serde_json::from_str(&r)
+                    .map_err(|e| anyhow::anyhow!("recipients: --recipients is not JSON: {e}"))?;
             }
             let obj = payload.as_object().expect("an object");
             let (schedule, timing) = sending_schedule(obj, &ScheduleConfig::default(), now)?;
@@ -580,7 +740,10 @@ pub fn run(o: CampaignOptions) -> Result<()> {
             }
             print(&json!({"campaign": campaign_json(&c), "sendings": sendings}));
         }
-        CampaignCommand::Run { specs } => {
+        CampaignCommand::Run {
+            specs,
+            creative_api,
+        } => {
             drop(store);
             // The callback worker needs a reactor; the pass itself runs on this thread.
             let rt = tokio::runtime::Builder::new_multi_thread()
@@ -591,7 +754,13 @@ pub fn run(o: CampaignOptions) -> Result<()> {
             let (queue, worker) = CallbackQueue::new(CallbackConfig::default(), callback_clock())?;
             rt.spawn(worker.run());
             let fields = crate::audience::allowed_fields(o.audience_fields.as_deref())?;
-            let sched = scheduler(&o.db, &specs, fields, Some(queue.clone()))?;
+            let sched = scheduler(
+                &o.db,
+                &specs,
+                fields,
+                Some(queue.clone()),
+                creative(creative_api.as_deref()),
+            )?;
             let r = sched.tick(now);
             // Deliver what the pass queued before exiting (windows or not).
             rt.block_on(queue.flush());

@@ -7,6 +7,7 @@ mod campaign_cmd;
 mod erp_cmd;
 mod events_cmd;
 mod generate;
+mod mail;
 mod progress;
 mod send;
 mod why;

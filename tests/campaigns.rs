@@ -101,11 +101,6 @@ type Received = std::sync::Arc<std::sync::Mutex<Vec<(Option<String>, String)>>>;
 /// Starts an HTTP receiver on 127.0.0.1 in its own runtime; returns its URL and what it got.
 fn callback_receiver() -> (tokio::runtime::Runtime, String, Received) {
     use axum::extract::{RawQuery, State};
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
     let got: Received = Default::default();
     let app = axum::Router::new()
         .route(
@@ -118,14 +113,8 @@ fn callback_receiver() -> (tokio::runtime::Runtime, String, Received) {
             ),
         )
         .with_state(got.clone());
-    let listener = rt
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .unwrap();
-    let url = format!(
-        "http://{}/hook?source=broadside",
-        listener.local_addr().unwrap()
-    );
-    rt.spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let (rt, addr) = common::serve_local(app);
+    let url = format!("http://{addr}/hook?source=broadside");
     (rt, url, got)
 }
 
@@ -483,5 +472,535 @@ fn an_audience_leaving_batches_empty_sends_and_resumes_only_with_the_same_condit
     assert_eq!(
         common::read_ledger(&store, "demo", "generated-42", "pair"),
         ledger
+    );
+}
+
+/// The form posts a receiver got, as (query, event, addresses), in arrival order.
+fn posts(got: &Received) -> Vec<(Option<String>, String, Vec<String>)> {
+    got.lock()
+        .unwrap()
+        .iter()
+        .map(|(q, body)| {
+            let pairs = form_pairs(body);
+            assert_eq!(pairs[0].0, "event", "{body}");
+            assert_eq!(pairs[1].0, "when", "{body}");
+            let addrs = pairs[2..]
+                .iter()
+                .enumerate()
+                .map(|(i, (k, v))| {
+                    assert_eq!(k, &format!("email[{i}]"), "{body}");
+                    v.clone()
+                })
+                .collect();
+            (q.clone(), pairs[0].1.clone(), addrs)
+        })
+        .collect()
+}
+
+/// One NDJSON event line.
+fn event_line(ws: &str, campaign: &str, run: Option<&str>, email: &str, kind: &str) -> String {
+    let mut v = serde_json::json!({
+        "event_id": format!("e-{}", xxhash_rust::xxh3::xxh3_64(format!("{ws}{campaign}{run:?}{email}{kind}").as_bytes())),
+        "workspace_id": ws, "campaign_id": campaign, "email": email,
+        "event_type": kind, "ts": "2026-11-30T10:00:00Z"
+    });
+    if let Some(r) = run {
+        v["run_id"] = r.into();
+    }
+    if kind == "bounced" {
+        v["bounce_type"] = "hard".into();
+    }
+    if kind == "clicked" {
+        v["url"] = "https://example.com/offer".into();
+    }
+    v.to_string()
+}
+
+#[test]
+fn engagement_events_reach_the_event_callback_once_across_passes_and_restarts() {
+    use broadside_campaigns::callbacks::{CallbackConfig, CallbackQueue};
+    use broadside_campaigns::relay::{EventRelay, RelayConfig};
+
+    let (rt, url, got) = callback_receiver();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = common::generate(dir.path(), 40, 0, &["--invalid-share", "0"]);
+    let db = dir.path().join("campaigns.db");
+    let db_s = db.to_str().unwrap();
+    let specs = dir.path().to_str().unwrap();
+    let store = dir.path().join("store");
+
+    // campaign A has a callback, campaign B has none; both are sent through the same spec
+    let mut runs = Vec::new();
+    for (name, cb) in [("A", Some(url.as_str())), ("B", None)] {
+        let mut args = vec!["create", "--name", name, "--list", "1"];
+        if let Some(u) = cb {
+            args.extend(["--event-callback", u]);
+        }
+        let (c, _) = campaign(db_s, &args, true);
+        let id = c["id"].as_i64().unwrap().to_string();
+        std::fs::copy(&spec, dir.path().join(format!("{id}.toml"))).unwrap();
+        campaign(db_s, &["schedule", &id, "--now", "--ready"], true);
+        runs.push(id);
+    }
+    campaign(db_s, &["run", "--specs", specs], true);
+    let mut run_ids = Vec::new();
+    for id in &runs {
+        let (st, _) = campaign(db_s, &["status", id], true);
+        assert_eq!(st["sendings"][0]["status"], "transmitted", "{st}");
+        run_ids.push(sending_run_id(&st["sendings"][0]));
+    }
+    let (run_a, run_b) = (run_ids[0].as_str(), run_ids[1].as_str());
+    let a: Vec<String> = common::submitted_event_rows(&store, "demo", "generated-42", run_a)
+        .into_iter()
+        .map(|(_, email, _)| email)
+        .take(5)
+        .collect();
+    let b = common::submitted_event_rows(&store, "demo", "generated-42", run_b)[0]
+        .1
+        .clone();
+    assert!(
+        posts(&got).iter().all(|p| p.1 == "submitted"),
+        "the scheduler pass relays submitted events only"
+    );
+    got.lock().unwrap().clear();
+
+    let camp = "generated-42";
+    let lines = [
+        event_line("demo", camp, Some(run_a), &a[0], "delivered"),
+        event_line("demo", camp, Some(run_a), &a[1], "delivered"),
+        event_line("demo", camp, Some(run_a), &a[2], "delivered"),
+        event_line("demo", camp, Some(run_a), &a[0], "opened"),
+        event_line("demo", camp, Some(run_a), &a[1], "clicked"),
+        event_line("demo", camp, Some(run_a), &a[3], "bounced"),
+        // not a callback event
+        event_line("demo", camp, Some(run_a), &a[4], "unsubscribed"),
+        // campaign B has no callback
+        event_line("demo", camp, Some(run_b), &b, "delivered"),
+        // the run of A, but stored under another workspace or claiming another campaign
+        event_line("other", camp, Some(run_a), "x1@elsewhere.test", "delivered"),
+        event_line(
+            "demo",
+            "someone-else",
+            Some(run_a),
+            "x2@elsewhere.test",
+            "delivered",
+        ),
+        // no sending's run
+        event_line(
+            "demo",
+            camp,
+            Some("sending-999-1"),
+            "x3@elsewhere.test",
+            "delivered",
+        ),
+        event_line("demo", camp, None, "x4@elsewhere.test", "opened"),
+    ];
+    let ingest = |name: &str, lines: &[String]| {
+        let f = dir.path().join(name);
+        std::fs::write(&f, lines.join("\n") + "\n").unwrap();
+        let store = store.to_str().unwrap();
+        common::run(
+            &["ingest", "--store", store, "--from", f.to_str().unwrap()],
+            true,
+        );
+    };
+    ingest("events-1.ndjson", &lines);
+
+    let cfg = CallbackConfig {
+        window_secs: 300,
+        backoff_ms: 1,
+        ..Default::default()
+    };
+    let (queue, worker) = CallbackQueue::new(cfg.clone(), std::sync::Arc::new(|| 1_000)).unwrap();
+    rt.spawn(worker.run());
+    let relay = EventRelay::new(
+        &db,
+        &store.join("events"),
+        queue.clone(),
+        RelayConfig::new("relay-1"),
+    )
+    .unwrap();
+    let pass = relay.relay_once(2_000).unwrap();
+    assert_eq!(
+        (pass.busy, pass.files, pass.queued, pass.unreadable),
+        (false, 2, 6, 0),
+        "one file per workspace; submitted files are not the relay's: {pass:?}"
+    );
+    let mut got_posts = posts(&got);
+    got_posts.sort();
+    let q = Some("source=broadside".to_string());
+    let mut expect = vec![
+        (q.clone(), "delivered".to_string(), a[..3].to_vec()),
+        (q.clone(), "opened".to_string(), vec![a[0].clone()]),
+        (q.clone(), "clicked".to_string(), vec![a[1].clone()]),
+        (q.clone(), "bounced".to_string(), vec![a[3].clone()]),
+    ];
+    expect.sort();
+    assert_eq!(got_posts, expect);
+
+    // a second pass has nothing new
+    let pass = relay.relay_once(2_100).unwrap();
+    assert_eq!((pass.files, pass.queued), (0, 0), "{pass:?}");
+    assert_eq!(got.lock().unwrap().len(), 4);
+
+    // while it holds the lease, another process does not relay
+    let (q2, w2) = CallbackQueue::new(cfg.clone(), std::sync::Arc::new(|| 1_000)).unwrap();
+    rt.spawn(w2.run());
+    let other =
+        EventRelay::new(&db, &store.join("events"), q2, RelayConfig::new("relay-2")).unwrap();
+    assert!(other.relay_once(2_200).unwrap().busy);
+    drop(other);
+
+    // a restart: a new relay (new queue, new holder) over the same campaign store
+    drop(relay);
+    let (q3, w3) = CallbackQueue::new(cfg, std::sync::Arc::new(|| 1_000)).unwrap();
+    rt.spawn(w3.run());
+    let relay =
+        EventRelay::new(&db, &store.join("events"), q3, RelayConfig::new("relay-3")).unwrap();
+    let pass = relay.relay_once(2_300).unwrap();
+    assert_eq!(
+        (pass.busy, pass.files, pass.queued),
+        (false, 0, 0),
+        "{pass:?}"
+    );
+    assert_eq!(
+        got.lock().unwrap().len(),
+        4,
+        "nothing replayed after a restart"
+    );
+
+    // new events land in a new file: only they are posted
+    ingest(
+        "events-2.ndjson",
+        &[event_line("demo", camp, Some(run_a), &a[4], "opened")],
+    );
+    let pass = relay.relay_once(2_400).unwrap();
+    assert_eq!((pass.files, pass.queued), (1, 1), "{pass:?}");
+    let all = posts(&got);
+    assert_eq!(all.len(), 5);
+    assert_eq!(
+        all[4],
+        (q.clone(), "opened".to_string(), vec![a[4].clone()])
+    );
+
+    // `broadside serve --campaigns` runs the relay over its --store on its own
+    drop(relay);
+    ingest(
+        "events-3.ndjson",
+        &[event_line("demo", camp, Some(run_a), &a[2], "clicked")],
+    );
+    let _serve = common::Server::start(
+        &[
+            "--campaigns",
+            db_s,
+            "--store",
+            store.to_str().unwrap(),
+            "--callback-relay-every",
+            "1",
+        ],
+        &[],
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while got.lock().unwrap().len() < 6 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let all = posts(&got);
+    assert_eq!(
+        all.len(),
+        6,
+        "the serving process relayed the new file: {all:?}"
+    );
+    assert_eq!(all[5], (q, "clicked".to_string(), vec![a[2].clone()]));
+}
+
+#[test]
+fn inline_recipients_are_sent_with_their_properties() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = common::generate(dir.path(), 50, 0, &["--invalid-share", "0"]);
+    common::set_spec(&spec, "holdout_percent", "0.0");
+    // members are found by a member_id merge field of the spec's source
+    common::set_spec(&spec, "points", "\"points\"\nmember_id = \"member_id\"");
+    let csv = dir.path().join("recipients.csv");
+    let text = std::fs::read_to_string(&csv).unwrap();
+    let mut out = String::new();
+    for (i, l) in text.lines().enumerate() {
+        let extra = if i == 0 {
+            "member_id".to_string()
+        } else {
+            (1000 + i - 1).to_string()
+        };
+        out.push_str(&format!("{l},{extra}\n"));
+    }
+    std::fs::write(&csv, out).unwrap();
+    let mut lines = text.lines();
+    let header = common::csv_fields(lines.next().unwrap());
+    let rows: Vec<Vec<String>> = lines.map(common::csv_fields).collect();
+    let col = |n: &str| header.iter().position(|h| h == n).unwrap();
+    let member = |k: usize, n: &str| rows[k][col(n)].trim().to_string();
+
+    let db = dir.path().join("campaigns.db");
+    let db = db.to_str().unwrap();
+    let specs = dir.path().to_str().unwrap();
+    let (c, _) = campaign(db, &["create", "--name", "Inline"], true);
+    let id = c["id"].as_i64().unwrap().to_string();
+    std::fs::copy(&spec, dir.path().join(format!("{id}.toml"))).unwrap();
+    let recipients = serde_json::json!([
+        {"email": "Ann.Inline@inline.test", "properties": {"first_name": "Ann", "points": 7, "tier": "gold"}},
+        {"email": "bob@inline.test", "properties": {"last_name": "Builder, Jr.", "tier": "silver \"2\""}},
+        {"member_id": 1003, "properties": {"tier": "member", "points": "99"}},
+        {"member_id": 1004, "properties_mode": "replace", "properties": {"tier": "replaced"}}
+    ]);
+    let (s, _) = campaign(
+        db,
+        &[
+            "schedule",
+            &id,
+            "--now",
+            "--ready",
+            "--recipients",
+            &recipients.to_string(),
+        ],
+        true,
+    );
+    assert_eq!(s["sending"]["status"], "scheduled", "{s}");
+    campaign(db, &["run", "--specs", specs], true);
+    let (st, _) = campaign(db, &["status", &id], true);
+    let sending = &st["sendings"][0];
+    assert_eq!(sending["status"], "transmitted", "{st}");
+    assert_eq!(sending["recipient_count"], 4, "{st}");
+    let run_id = sending_run_id(sending);
+
+    // one ledger row per inline recipient, in the order given, all sent
+    let store = dir.path().join("store");
+    let ledger = common::read_ledger(&store, "demo", "generated-42", &run_id);
+    let keys: Vec<(u64, String, String)> = ledger
+        .iter()
+        .map(|r| (r.row, r.key.clone().unwrap(), r.decision.clone()))
+        .collect();
+    let m3 = member(3, "email").to_lowercase();
+    let m4 = member(4, "email").to_lowercase();
+    let expect_keys = [
+        "ann.inline@inline.test".to_string(),
+        "bob@inline.test".into(),
+        m3.clone(),
+        m4.clone(),
+    ];
+    assert_eq!(
+        keys,
+        expect_keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| (i as u64, k.clone(), "sent".to_string()))
+            .collect::<Vec<_>>()
+    );
+
+    // exactly those recipients in the IFUR files, with their properties as merge fields
+    let mut details = std::collections::HashMap::new();
+    for (name, f) in common::read_ifur_files(&dir.path().join("megasys/hot")) {
+        if !name.contains(&format!("_{run_id}_")) {
+            continue;
+        }
+        for (key, values) in f.details {
+            let fields: std::collections::HashMap<String, String> =
+                f.fields.iter().cloned().zip(values).collect();
+            assert!(details.insert(key, fields).is_none());
+        }
+    }
+    assert_eq!(details.len(), 4, "{details:?}");
+    let get = |k: &str, f: &str| details[k].get(f).cloned().unwrap_or_default();
+    let ann = "ann.inline@inline.test";
+    assert_eq!(
+        (get(ann, "first_name"), get(ann, "points"), get(ann, "tier")),
+        ("Ann".into(), "7".into(), "gold".into())
+    );
+    let bob = "bob@inline.test";
+    assert_eq!(
+        (get(bob, "last_name"), get(bob, "tier"), get(bob, "points")),
+        ("Builder, Jr.".into(), "silver \"2\"".into(), String::new())
+    );
+    // a member keeps its data; properties extend it (a key given wins) ...
+    assert_eq!(
+        (
+            get(&m3, "first_name"),
+            get(&m3, "points"),
+            get(&m3, "tier"),
+            get(&m3, "member_id")
+        ),
+        (
+            member(3, "first_name"),
+            "99".into(),
+            "member".into(),
+            "1003".into()
+        )
+    );
+    // ... or replace its merge fields
+    assert_eq!(
+        (
+            get(&m4, "first_name"),
+            get(&m4, "points"),
+            get(&m4, "tier"),
+            get(&m4, "member_id")
+        ),
+        (
+            member(4, "first_name"),
+            String::new(),
+            "replaced".into(),
+            String::new()
+        )
+    );
+
+    // a member the source does not have fails the sending, naming the recipient
+    let (c, _) = campaign(db, &["create", "--name", "Ghost"], true);
+    let id = c["id"].as_i64().unwrap().to_string();
+    std::fs::copy(&spec, dir.path().join(format!("{id}.toml"))).unwrap();
+    campaign(
+        db,
+        &[
+            "schedule",
+            &id,
+            "--now",
+            "--ready",
+            "--recipients",
+            r#"[{"email": "c@inline.test", "properties": {"first_name": "C"}}, {"member_id": 77}]"#,
+        ],
+        true,
+    );
+    campaign(db, &["run", "--specs", specs], true);
+    let (st, _) = campaign(db, &["status", &id], true);
+    let sending = &st["sendings"][0];
+    assert_eq!(sending["status"], "failed", "{st}");
+    let err = sending["error"].as_str().unwrap_or_default();
+    assert!(
+        err.contains("recipients[1]: member 77 is not in the source"),
+        "{st}"
+    );
+
+    // an audience and inline recipients in one sending are refused, not half sent
+    let (c, _) = campaign(db, &["create", "--name", "Both"], true);
+    let id = c["id"].as_i64().unwrap().to_string();
+    std::fs::copy(&spec, dir.path().join(format!("{id}.toml"))).unwrap();
+    campaign(
+        db,
+        &[
+            "schedule",
+            &id,
+            "--now",
+            "--ready",
+            "--audience",
+            r#"{"type": "inline", "conditions": [{"condition_group": "member_properties", "field": "country", "operator": "eq", "value": "US"}]}"#,
+            "--recipients",
+            r#"[{"email": "d@inline.test", "properties": {"first_name": "D"}}]"#,
+        ],
+        true,
+    );
+    campaign(db, &["run", "--specs", specs], true);
+    let (st, _) = campaign(db, &["status", &id], true);
+    let sending = &st["sendings"][0];
+    assert_eq!(sending["status"], "failed", "{st}");
+    let err = sending["error"].as_str().unwrap_or_default();
+    assert!(
+        err.contains("names both an audience and inline recipients"),
+        "{st}"
+    );
+}
+
+/// Requests a creative API got: path and JSON body.
+type Puts = std::sync::Arc<std::sync::Mutex<Vec<(String, Value)>>>;
+
+/// A local creative API (`PUT /templates/{name}`) in its own runtime; returns its URL.
+fn creative_api() -> (tokio::runtime::Runtime, String, Puts) {
+    use axum::extract::{Path, State};
+    let got: Puts = Default::default();
+    let app = axum::Router::new()
+        .route(
+            "/api/templates/{name}",
+            axum::routing::put(
+                |State(got): State<Puts>, Path(name): Path<String>, body: String| async move {
+                    got.lock()
+                        .unwrap()
+                        .push((name, serde_json::from_str(&body).unwrap()));
+                    "{}"
+                },
+            ),
+        )
+        .with_state(got.clone());
+    let (rt, addr) = common::serve_local(app);
+    let url = format!("http://{addr}/api");
+    (rt, url, got)
+}
+
+#[test]
+fn template_contents_are_checked_and_synced_when_they_change() {
+    let (_rt, api, puts) = creative_api();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = common::generate(dir.path(), 50, 5, &[]);
+    let text = std::fs::read_to_string(&spec)
+        .unwrap()
+        .replace(
+            "template = \"spring-a\"",
+            "template = \"spring-a\"\ncontent = \"a.html\"",
+        )
+        .replace(
+            "template = \"spring-b\"",
+            "template = \"spring-b\"\ncontent = \"b.html\"",
+        );
+    std::fs::write(
+        dir.path().join("a.html"),
+        "Hi {{first_name}}, {{points}} points",
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("b.html"), "Hello {{ last_name }}").unwrap();
+    let db = dir.path().join("campaigns.db");
+    let db = db.to_str().unwrap();
+    let specs = dir.path().to_str().unwrap();
+    // One campaign through the scheduler: create, spec, schedule, approve, one pass.
+    let send_one = || {
+        let (c, _) = campaign(db, &["create", "--name", "T", "--list", "7"], true);
+        let id = c["id"].as_i64().unwrap().to_string();
+        std::fs::write(dir.path().join(format!("{id}.toml")), &text).unwrap();
+        campaign(db, &["schedule", &id, "--now"], true);
+        campaign(db, &["state", &id, "READY"], true);
+        campaign(db, &["run", "--specs", specs, "--creative-api", &api], true);
+        let (st, _) = campaign(db, &["status", &id], true);
+        st["sendings"][0].clone()
+    };
+
+    let s = send_one();
+    assert_eq!(s["status"], "transmitted", "{s}");
+    let got = puts.lock().unwrap().clone();
+    let names: Vec<&str> = got.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["spring-a", "spring-b"]);
+    assert_eq!(got[0].1["content"], "Hi {{first_name}}, {{points}} points");
+    assert_eq!(got[0].1["content_hash"].as_str().unwrap().len(), 64);
+
+    // Unchanged contents are not sent again; a changed one is, alone.
+    assert_eq!(send_one()["status"], "transmitted");
+    assert_eq!(puts.lock().unwrap().len(), 2);
+    std::fs::write(dir.path().join("b.html"), "Hello again {{last_name}}").unwrap();
+    assert_eq!(send_one()["status"], "transmitted");
+    let got = puts.lock().unwrap().clone();
+    assert_eq!(got.len(), 3);
+    assert_eq!(got[2].0, "spring-b");
+    assert_eq!(got[2].1["content"], "Hello again {{last_name}}");
+
+    // A tag the source does not have fails the sending before anything is sent or synced.
+    std::fs::write(dir.path().join("a.html"), "Hi {{first_name}}\n{{voucher}}").unwrap();
+    let s = send_one();
+    assert_eq!(s["status"], "failed", "{s}");
+    let err = s["error"].as_str().unwrap_or_default();
+    assert!(
+        err.contains("line 2: unknown merge tag {{voucher}}"),
+        "{err}"
+    );
+    assert_eq!(puts.lock().unwrap().len(), 3);
+    // `broadside send` refuses it the same way, naming the variant and file.
+    let out = common::run(
+        &["send", dir.path().join("1.toml").to_str().unwrap()],
+        false,
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("variant A") && err.contains("{{voucher}}"),
+        "{err}"
     );
 }

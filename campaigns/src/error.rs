@@ -81,6 +81,14 @@ pub enum Error {
         /// What went wrong.
         message: String,
     },
+    /// An event file of the store could not be read (the relay skips it and tries again).
+    #[error("event file {}: {message}", path.display())]
+    EventFile {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
     /// An event-callback delivery failed.
     #[error("event callback {url}: {message}")]
     Callback {

@@ -11,6 +11,8 @@
 //!   one process per sending (a lease), resumable after a restart.
 //! - [`api`]: the `/campaign` HTTP routes.
 //! - [`callbacks`]: time-aggregated lifecycle-event callbacks to a campaign's `event_callback`.
+//! - [`relay`]: follows the event store and feeds delivered / opened / clicked / bounced
+//!   events of sendings into the callbacks, with durable progress.
 //! - [`templates`]: merge-tag checks against the source columns and creative sync by content
 //!   hash.
 //!
@@ -22,6 +24,7 @@ pub mod audience;
 pub mod callbacks;
 pub mod error;
 mod http;
+pub mod relay;
 pub mod schedule;
 pub mod scheduler;
 pub mod state;

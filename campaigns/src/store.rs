@@ -87,7 +87,50 @@ const MIGRATIONS: &[&str] = &[
         holder TEXT NOT NULL,
         expires_at BIGINT NOT NULL
     );",
+    // 2: the engagement-callback relay: which send run belongs to which sending (and where
+    // its events are stored), and which event files were relayed
+    "CREATE TABLE sending_runs (
+        run_id TEXT PRIMARY KEY,
+        sending_id BIGINT NOT NULL REFERENCES sendings (id),
+        workspace_id TEXT NOT NULL,
+        campaign_key TEXT NOT NULL,
+        recorded_at BIGINT NOT NULL
+    );
+    CREATE INDEX sending_runs_sending ON sending_runs (sending_id);
+    CREATE TABLE relayed_event_files (
+        path TEXT PRIMARY KEY,
+        events BIGINT NOT NULL,
+        relayed_at BIGINT NOT NULL
+    );",
 ];
+
+/// The lease key the event relay takes in `leases` (sending ids start at 1), so one process
+/// per store relays.
+pub const RELAY_LEASE: i64 = 0;
+
+/// Where a sending's send run stores its events, as recorded by the executor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SendingRun {
+    /// The send run id (`sending-<id>-<created>` for the binary's executor).
+    pub run_id: String,
+    /// The sending.
+    pub sending_id: i64,
+    /// The workspace the run's events are stored under (the campaign spec's `workspace_id`).
+    pub workspace_id: String,
+    /// The campaign id the run's events carry (the campaign spec's `campaign_id`).
+    pub campaign_key: String,
+}
+
+/// Where a relayed event goes: the campaign and its callback URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunCallback {
+    /// The run as recorded.
+    pub run: SendingRun,
+    /// The campaign of the sending.
+    pub campaign_id: i64,
+    /// Its `event_callback`, if any (and the campaign is not deleted).
+    pub event_callback: Option<String>,
+}
 
 /// A campaign as stored.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -903,6 +946,95 @@ impl Store {
         Ok(())
     }
 
+    // ---- event relay ----
+
+    /// Records (or updates) which sending a send run belongs to and where its events are
+    /// stored; the executor calls it before the run writes anything.
+    pub fn record_sending_run(&self, run: &SendingRun, now: i64) -> Result<()> {
+        self.conn
+            .execute(
+                "INSERT INTO sending_runs (run_id, sending_id, workspace_id, campaign_key, recorded_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (run_id) DO UPDATE SET sending_id = excluded.sending_id,
+                    workspace_id = excluded.workspace_id, campaign_key = excluded.campaign_key,
+                    recorded_at = excluded.recorded_at",
+                params![
+                    run.run_id,
+                    run.sending_id,
+                    run.workspace_id,
+                    run.campaign_key,
+                    now
+                ],
+            )
+            .map_err(self.err(format!("recording run {} of sending {}", run.run_id, run.sending_id)))?;
+        Ok(())
+    }
+
+    /// The sending run with this id, its campaign and the campaign's callback (`None` for a
+    /// deleted campaign); `None` when no sending recorded the run.
+    pub fn run_callback(&self, run_id: &str) -> Result<Option<RunCallback>> {
+        self.conn
+            .query_row(
+                "SELECT r.run_id, r.sending_id, r.workspace_id, r.campaign_key, c.id,
+                        CASE WHEN c.deleted_at IS NULL THEN c.event_callback END
+                 FROM sending_runs r JOIN sendings s ON s.id = r.sending_id
+                 JOIN campaigns c ON c.id = s.campaign_id WHERE r.run_id = ?1",
+                params![run_id],
+                |r| {
+                    Ok(RunCallback {
+                        run: SendingRun {
+                            run_id: r.get(0)?,
+                            sending_id: r.get(1)?,
+                            workspace_id: r.get(2)?,
+                            campaign_key: r.get(3)?,
+                        },
+                        campaign_id: r.get(4)?,
+                        event_callback: r.get(5)?,
+                    })
+                },
+            )
+            .optional()
+            .map_err(self.err(format!("looking up run {run_id}")))
+    }
+
+    /// Whether the relay already relayed this event file (path relative to the event root).
+    pub fn is_relayed(&self, path: &str) -> Result<bool> {
+        self.conn
+            .query_row(
+                "SELECT 1 FROM relayed_event_files WHERE path = ?1",
+                params![path],
+                |_| Ok(()),
+            )
+            .optional()
+            .map(|r| r.is_some())
+            .map_err(self.err(format!("reading relay progress of {path}")))
+    }
+
+    /// Records event files as relayed (path, events queued), in one transaction.
+    pub fn mark_relayed(&self, files: &[(String, u64)], now: i64) -> Result<()> {
+        self.tx(|c| {
+            for (path, events) in files {
+                c.execute(
+                    "INSERT INTO relayed_event_files (path, events, relayed_at) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (path) DO NOTHING",
+                    params![path, *events as i64, now],
+                )
+                .map_err(self.err(format!("recording relay progress of {path}")))?;
+            }
+            Ok(())
+        })
+    }
+
+    /// How many event files were relayed.
+    pub fn relayed_files(&self) -> Result<u64> {
+        self.conn
+            .query_row("SELECT COUNT(*) FROM relayed_event_files", [], |r| {
+                r.get::<_, i64>(0)
+            })
+            .map(|n| n as u64)
+            .map_err(self.err("counting relayed event files"))
+    }
+
     /// A sending's run history, oldest first.
     pub fn runs(&self, sending_id: i64) -> Result<Vec<RunRecord>> {
         let mut st = self
@@ -1082,5 +1214,58 @@ mod tests {
             .reschedule_sending("a", due.id, &sched, t, 30)
             .unwrap_err();
         assert!(matches!(e, Error::Transition { .. }), "{e}");
+    }
+
+    #[test]
+    fn a_recorded_run_maps_to_its_campaign_callback_and_relay_progress_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.db");
+        let s = Store::open(&path).unwrap();
+        let c = s
+            .create_campaign(
+                "a",
+                &CampaignFields {
+                    event_callback: Some(Some("http://cb.test/hook?x=1".into())),
+                    ..fields("x")
+                },
+                1,
+            )
+            .unwrap();
+        let sd = s
+            .create_sending("a", c.id, &Schedule::DRAFT, None, &Recipients::default(), 1)
+            .unwrap();
+        assert_eq!(s.run_callback("sending-1-1").unwrap(), None);
+        let run = SendingRun {
+            run_id: "sending-1-1".into(),
+            sending_id: sd.id,
+            workspace_id: "demo".into(),
+            campaign_key: "spring".into(),
+        };
+        s.record_sending_run(&run, 2).unwrap();
+        s.record_sending_run(&run, 3).unwrap();
+        let rc = s.run_callback("sending-1-1").unwrap().unwrap();
+        assert_eq!(
+            (rc.run, rc.campaign_id, rc.event_callback.as_deref()),
+            (run.clone(), c.id, Some("http://cb.test/hook?x=1"))
+        );
+        s.delete_campaign("a", c.id, 4).unwrap();
+        let rc = s.run_callback("sending-1-1").unwrap().unwrap();
+        assert_eq!(
+            rc.event_callback, None,
+            "a deleted campaign gets no callbacks"
+        );
+
+        assert!(!s
+            .is_relayed("workspace_id=demo/date=2026-01-01/f.parquet")
+            .unwrap());
+        let files = vec![("workspace_id=demo/date=2026-01-01/f.parquet".to_string(), 3)];
+        s.mark_relayed(&files, 5).unwrap();
+        s.mark_relayed(&files, 6).unwrap();
+        drop(s);
+        let s = Store::open(&path).unwrap();
+        assert!(s
+            .is_relayed("workspace_id=demo/date=2026-01-01/f.parquet")
+            .unwrap());
+        assert_eq!(s.relayed_files().unwrap(), 1);
     }
 }
