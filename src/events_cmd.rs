@@ -163,6 +163,14 @@ pub struct ServeOptions {
     /// Without it the webhook routes are not served.
     #[arg(long, env = "BROADSIDE_WEBHOOK_SECRET")]
     pub webhook_secret: Option<String>,
+    /// The printer's webhook signing secret: serves `POST /webhooks/lob` (delivery tracking,
+    /// checked by `Lob-Signature`) next to the other webhook routes.
+    #[arg(
+        long,
+        env = "BROADSIDE_LOB_WEBHOOK_SECRET",
+        requires = "webhook_secret"
+    )]
+    pub lob_webhook_secret: Option<String>,
     /// Produce accepted webhook events to Kafka instead of writing the store.
     #[arg(long, env = "BROADSIDE_KAFKA_BROKERS")]
     pub brokers: Option<String>,
@@ -196,8 +204,13 @@ pub fn serve(o: &ServeOptions) -> Result<()> {
                 store: o.store.clone(),
             },
         };
-        app = app.merge(webhook_router(WebhookConfig::new(secret.clone()), sink)?);
-        served.push("webhooks (/webhooks/callback, /webhooks/events)");
+        let cfg = WebhookConfig::new(secret.clone()).with_lob_secret(o.lob_webhook_secret.clone());
+        app = app.merge(webhook_router(cfg, sink)?);
+        served.push(if o.lob_webhook_secret.is_some() {
+            "webhooks (/webhooks/callback, /webhooks/events, /webhooks/lob)"
+        } else {
+            "webhooks (/webhooks/callback, /webhooks/events)"
+        });
     }
     if let Some(tokens) = &o.tokens {
         let tokens = TokenSet::load(tokens)?;
@@ -216,6 +229,7 @@ pub fn serve(o: &ServeOptions) -> Result<()> {
     }
     let campaigns = crate::campaign_cmd::serve_parts(
         &o.campaigns,
+        &o.store,
         o.tokens.as_deref(),
         &o.listen,
         rt.handle(),

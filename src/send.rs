@@ -171,6 +171,10 @@ pub fn send(opts: &SendOptions) -> Result<RunRecord> {
     // Open the source before recording anything: a bad mapping or a missing file is a
     // configuration error, not a failed run.
     let layout = Arc::new(spec.columns.layout());
+    check_templates(&spec)?;
+    // Mail through a printer: settings, creatives and billing are checked before anything is
+    // recorded (billing that is not ready fails closed here).
+    let mail = crate::mail::MailPlan::load(&spec, &layout, &run_id)?.map(Arc::new);
     let (source, mut hint) = open_source(&spec, layout.clone())?;
     let source: Box<dyn broadside_pipeline::runner::Source> = match (&audience, &spec.source) {
         (Some(a), SourceSpec::Csv(_) | SourceSpec::Parquet(_) | SourceSpec::Synthetic(_)) => {
@@ -269,25 +273,52 @@ pub fn send(opts: &SendOptions) -> Result<RunRecord> {
 
     let par_spec = spec.clone();
     let par_layout = layout.clone();
+    let par_mail = mail.clone();
     let dry = opts.dry_run;
     let parallel = Box::new(move || {
-        let mut stages: Vec<Box<dyn Stage>> = vec![
-            Box::new(Validator::new(&par_spec, par_layout.clone())),
-            Box::new(Suppressor::new(index.clone())),
-            Box::new(VariantSplitter::new(&par_spec)),
-        ];
-        if !dry {
+        let mut stages: Vec<Box<dyn Stage>> =
+            vec![Box::new(Validator::new(&par_spec, par_layout.clone()))];
+        // Enriched addresses are suppressed and split like any other row.
+        if let Some(e) = par_mail
+            .as_ref()
+            .and_then(|p| crate::mail::EnrichStage::new(p.clone(), par_layout.clone()))
+        {
+            stages.push(Box::new(e));
+        }
+        stages.push(Box::new(Suppressor::new(index.clone())));
+        stages.push(Box::new(VariantSplitter::new(&par_spec)));
+        if let Some(plan) = &par_mail {
+            // Approval and proofing run in a dry run too: they explain who would be mailed.
+            stages.push(Box::new(crate::mail::ProofStage::new(
+                plan.clone(),
+                par_layout.clone(),
+            )));
+        } else if !dry {
             stages.push(Box::new(IfurEncoder::new(par_layout.clone())));
         }
         stages
     });
-    let mut ordered: Vec<Box<dyn OrderedStage>> = vec![
-        Box::new(BillingCap::new(spec.caps.billing_cap)),
-        Box::new(Assigner),
-    ];
+    let cap = match &mail {
+        Some(plan) => plan.cap(spec.caps.billing_cap),
+        None => spec.caps.billing_cap,
+    };
+    let mut ordered: Vec<Box<dyn OrderedStage>> =
+        vec![Box::new(BillingCap::new(cap)), Box::new(Assigner)];
     let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
     let mut delivered = None;
     let mut manifest = None;
+    let mut printer = None;
+    if let (false, Some(plan)) = (opts.dry_run, &mail) {
+        let (stage, finish) = crate::mail::PrinterStage::new(
+            plan.clone(),
+            layout.clone(),
+            &run_id,
+            &store.staging_dir(&run_id),
+        )
+        .map_err(|e| record_failure(&mut record, &record_path, e))?;
+        ordered.push(Box::new(stage));
+        printer = Some(finish);
+    }
     if !opts.dry_run {
         // The run is recorded as running by now: a folder that cannot be created must mark it
         // failed, not leave it looking like a send in progress.
@@ -295,20 +326,24 @@ pub fn send(opts: &SendOptions) -> Result<RunRecord> {
             Some(m) => spec.resolve(&m.hot_folder),
             None => store.root().join("outbox").join(format!("run_id={run_id}")),
         };
-        let writer = IfurWriter::new(IfurWriterConfig {
-            campaign_id: spec.campaign_id.clone(),
-            run_id: run_id.clone(),
-            workspace_id: spec.workspace_id.clone(),
-            variants: variants.clone(),
-            fields: layout.names().to_vec(),
-            roll_rows: spec.output.ifur_roll_rows,
-            staging: store.staging_dir(&run_id),
-            hot_folder: hot,
-        })
-        .map_err(|e| record_failure(&mut record, &record_path, e.into()))?;
-        delivered = Some(writer.delivered());
-        manifest = Some(writer.manifest());
-        ordered.push(Box::new(writer));
+        let writer = (mail.is_none()).then(|| {
+            IfurWriter::new(IfurWriterConfig {
+                campaign_id: spec.campaign_id.clone(),
+                run_id: run_id.clone(),
+                workspace_id: spec.workspace_id.clone(),
+                variants: variants.clone(),
+                fields: layout.names().to_vec(),
+                roll_rows: spec.output.ifur_roll_rows,
+                staging: store.staging_dir(&run_id),
+                hot_folder: hot,
+            })
+        });
+        if let Some(writer) = writer {
+            let writer = writer.map_err(|e| record_failure(&mut record, &record_path, e.into()))?;
+            delivered = Some(writer.delivered());
+            manifest = Some(writer.manifest());
+            ordered.push(Box::new(writer));
+        }
         let lists = index_list_names(&spec);
         sinks.push(Box::new(
             RecipientLogSink::new(
@@ -359,6 +394,10 @@ pub fn send(opts: &SendOptions) -> Result<RunRecord> {
                 m.write()
                     .map_err(|e| record_failure(&mut record, &record_path, e.into()))?;
             }
+            if let Some(p) = &printer {
+                p.finish()
+                    .map_err(|e| record_failure(&mut record, &record_path, e))?;
+            }
             record.apply_stats(&stats, &variants);
             if let Some(d) = delivered {
                 record.files = d.lock().unwrap_or_else(|p| p.into_inner()).clone();
@@ -367,14 +406,50 @@ pub fn send(opts: &SendOptions) -> Result<RunRecord> {
             record.finished_at = Some(Utc::now());
             if !opts.dry_run {
                 record.save(&record_path)?;
-                let _ = std::fs::remove_dir(store.staging_dir(&run_id));
+                let staging = store.staging_dir(&run_id);
+                if printer.is_some() {
+                    // The run is done: nothing will be submitted again.
+                    let _ = std::fs::remove_file(crate::mail::journal_path(&staging));
+                }
+                let _ = std::fs::remove_dir(staging);
             }
             print_summary(&record, &stats, opts.dry_run);
+            if let Some(p) = &printer {
+                let s = p.summary.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                println!(
+                    "  printer: {} pieces created, {} already printed by an earlier attempt, {} failed",
+                    s.submitted, s.journaled, s.failed
+                );
+                if let Some(l) = s.lob {
+                    println!(
+                        "  printer requests: {} ({} retries, {} rate limited, {} server errors, {} transport errors)",
+                        l.requests, l.retries, l.rate_limited, l.server_errors, l.transport_errors
+                    );
+                }
+            }
             Ok(record)
         }
         Err(e) if opts.dry_run => Err(e.into()),
         Err(e) => Err(record_failure(&mut record, &record_path, e.into())),
     }
+}
+
+/// The variants' template contents: every merge tag must be a column of the campaign (unknown
+/// tags are listed with their lines), checked before anything is recorded.
+pub fn check_templates(spec: &CampaignSpec) -> Result<Vec<(String, String)>> {
+    let layout = spec.columns.layout();
+    let columns: Vec<&str> = layout.names().iter().map(String::as_str).collect();
+    let mut out = Vec::new();
+    for v in &spec.variants {
+        let Some(path) = &v.content else { continue };
+        let path = spec.resolve(path);
+        let content = std::fs::read_to_string(&path)
+            .with_context(|| format!("variant {}: template content {}", v.name, path.display()))?;
+        broadside_campaigns::templates::check_merge_tags(&v.template, &content, &columns)
+            .with_context(|| format!("variant {}: {}", v.name, path.display()))?;
+        out.push((v.template.clone(), content));
+    }
+    Ok(out)
 }
 
 /// Records a run as failed with its error and says how to resume it; returns the error.

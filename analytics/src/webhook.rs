@@ -36,12 +36,15 @@ use rdkafka::config::ClientConfig;
 use rdkafka::producer::{BaseRecord, DeliveryResult, ProducerContext, ThreadedProducer};
 use rdkafka::ClientContext;
 use serde::Deserialize;
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 use tokio::sync::oneshot;
 use xxhash_rust::xxh3::Xxh3;
 
-use crate::decode::{decode_event, EventRow};
+use crate::decode::EventRow;
 use crate::error::{Error, Result};
+use crate::intake::{
+    decode_batch, decode_callback, query_pairs, BatchRejection, CallbackRejection,
+};
 
 /// Configuration of the webhook endpoints.
 #[derive(Debug, Clone, Deserialize)]
@@ -53,6 +56,10 @@ pub struct WebhookConfig {
     /// Event ids remembered for deduplication (oldest forgotten first).
     #[serde(default = "default_dedup")]
     pub dedup_window: usize,
+    /// The printer's webhook signing secret; with it, `POST /webhooks/lob` takes Lob-style
+    /// delivery tracking (CLI: `--lob-webhook-secret`, env `BROADSIDE_LOB_WEBHOOK_SECRET`).
+    #[serde(default)]
+    pub lob_secret: Option<String>,
 }
 
 fn default_dedup() -> usize {
@@ -65,7 +72,14 @@ impl WebhookConfig {
         WebhookConfig {
             secret: secret.into(),
             dedup_window: default_dedup(),
+            lob_secret: None,
         }
+    }
+
+    /// Enables `POST /webhooks/lob` with the printer's signing secret.
+    pub fn with_lob_secret(mut self, secret: Option<String>) -> Self {
+        self.lob_secret = secret;
+        self
     }
 }
 
@@ -153,6 +167,7 @@ impl DedupWindow {
 
 struct WebhookState {
     secret: String,
+    lob_secret: Option<String>,
     sink: WebhookSink,
     dedup: Mutex<DedupWindow>,
 }
@@ -166,14 +181,19 @@ pub fn webhook_router(cfg: WebhookConfig, sink: WebhookSink) -> Result<Router> {
     if cfg.dedup_window == 0 {
         problems.push("dedup_window must be at least 1".to_string());
     }
+    if cfg.lob_secret.as_ref().is_some_and(|s| s.is_empty()) {
+        problems.push("lob_secret must not be empty".to_string());
+    }
     if !problems.is_empty() {
         return Err(Error::Config {
             what: "webhook",
             problems,
         });
     }
+    let lob = cfg.lob_secret.is_some();
     let state = Arc::new(WebhookState {
         secret: cfg.secret,
+        lob_secret: cfg.lob_secret,
         sink,
         dedup: Mutex::new(DedupWindow {
             seen: HashSet::new(),
@@ -181,16 +201,13 @@ pub fn webhook_router(cfg: WebhookConfig, sink: WebhookSink) -> Result<Router> {
             cap: cfg.dedup_window,
         }),
     });
-    Ok(Router::new()
+    let mut router = Router::new()
         .route("/webhooks/callback", post(callback))
-        .route("/webhooks/events", post(events))
-        .with_state(state))
-}
-
-fn query_pairs(q: Option<&str>) -> Vec<(String, String)> {
-    form_urlencoded::parse(q.unwrap_or("").as_bytes())
-        .map(|(k, v)| (k.into_owned(), v.into_owned()))
-        .collect()
+        .route("/webhooks/events", post(events));
+    if lob {
+        router = router.route("/webhooks/lob", post(lob_tracking));
+    }
+    Ok(router.with_state(state))
 }
 
 /// Constant-time comparison, so response timing does not reveal the secret.
@@ -241,43 +258,13 @@ async fn callback(
     if let Some(denied) = require_secret(&state, &headers, &query) {
         return denied;
     }
-    // Rebuild the callback as the JSON callback shape so it goes through the one decoder.
-    let mut obj = Map::new();
-    let mut emails = Vec::new();
-    let mut phones = Vec::new();
-    let body_pairs = form_urlencoded::parse(&body).map(|(k, v)| (k.into_owned(), v.into_owned()));
-    // Body parameters first; the forwarded query string fills in what the body lacks.
-    for (k, v) in body_pairs.chain(query.iter().cloned()) {
-        if k == "token" {
-            continue;
-        }
-        if k == "email" || (k.starts_with("email[") && k.ends_with(']')) {
-            emails.push(Value::String(v));
-        } else if k == "telephone" || (k.starts_with("telephone[") && k.ends_with(']')) {
-            phones.push(Value::String(v));
-        } else if !obj.contains_key(&k) {
-            obj.insert(k, Value::String(v));
-        }
-    }
-    if !emails.is_empty() {
-        obj.insert("email".into(), Value::Array(emails));
-    }
-    if !phones.is_empty() {
-        obj.insert("telephone".into(), Value::Array(phones));
-    }
-    if !obj.contains_key("event") {
-        return reject(
+    match decode_callback(&body, &query) {
+        Ok(rows) => deliver(&state, rows).await,
+        Err(CallbackRejection::MissingEvent) => reject(
             StatusCode::BAD_REQUEST,
             json!({"error": "missing field `event`", "reason": "missing_field"}),
-        );
-    }
-    let bytes = serde_json::to_vec(&obj).expect("map serializes");
-    match decode_event(&bytes) {
-        Ok(d) => {
-            let rows = d.rows().iter().cloned().map(EventRow::into_owned).collect();
-            deliver(&state, rows).await
-        }
-        Err(reason) => reject(
+        ),
+        Err(CallbackRejection::Invalid(reason)) => reject(
             StatusCode::BAD_REQUEST,
             json!({"error": reason.to_string(), "reason": reason.code()}),
         ),
@@ -294,47 +281,113 @@ async fn events(
     if let Some(denied) = require_secret(&state, &headers, &query) {
         return denied;
     }
-    let trimmed = body.trim_ascii();
-    let items: Vec<Box<serde_json::value::RawValue>> = if trimmed.starts_with(b"[") {
-        match serde_json::from_slice(trimmed) {
-            Ok(v) => v,
-            Err(e) => {
-                return reject(
-                    StatusCode::BAD_REQUEST,
-                    json!({"error": format!("malformed JSON array: {e}"), "reason": "malformed_json"}),
-                )
-            }
+    match decode_batch(&body) {
+        Ok(rows) => deliver(&state, rows).await,
+        Err(BatchRejection::MalformedArray { detail }) => reject(
+            StatusCode::BAD_REQUEST,
+            json!({"error": format!("malformed JSON array: {detail}"), "reason": "malformed_json"}),
+        ),
+        Err(BatchRejection::MalformedLine { index, detail }) => reject(
+            StatusCode::BAD_REQUEST,
+            json!({"errors": [{"index": index, "reason": "malformed_json", "detail": detail}]}),
+        ),
+        Err(BatchRejection::InvalidItems(items)) => {
+            let errors: Vec<Value> = items
+                .iter()
+                .map(|(i, r)| json!({"index": i, "reason": r.code(), "detail": r.to_string()}))
+                .collect();
+            reject(StatusCode::BAD_REQUEST, json!({ "errors": errors }))
         }
-    } else {
-        let mut v = Vec::new();
-        for (i, line) in trimmed.split(|b| *b == b'\n').enumerate() {
-            if line.trim_ascii().is_empty() {
-                continue;
-            }
-            match serde_json::from_slice(line) {
-                Ok(r) => v.push(r),
-                Err(e) => {
-                    return reject(
-                        StatusCode::BAD_REQUEST,
-                        json!({"errors": [{"index": i, "reason": "malformed_json", "detail": e.to_string()}]}),
-                    )
-                }
-            }
-        }
-        v
+    }
+}
+
+/// How far a tracking webhook's signature timestamp may be from our clock.
+const LOB_TOLERANCE: Duration = Duration::from_secs(300);
+
+/// `POST /webhooks/lob`: a printer's delivery tracking webhook (docs/printers.md, "Delivery
+/// tracking"). Signed with the printer's secret (401 otherwise); `delivered` becomes a
+/// `delivered` event and `returned_to_sender` a hard `bounced` one, filed under the workspace,
+/// campaign, run, variant and recipient the piece's metadata carries (set by `broadside send`).
+/// Other milestones, and pieces without our metadata, are acknowledged and not recorded, so
+/// the printer does not retry them.
+async fn lob_tracking(
+    State(state): State<Arc<WebhookState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    use broadside_printers::tracking::{verify_signature, TrackingUpdate};
+    let Some(secret) = &state.lob_secret else {
+        return reject(StatusCode::NOT_FOUND, json!({"error": "not configured"}));
     };
-    let mut rows = Vec::new();
-    let mut errors = Vec::new();
-    for (i, item) in items.iter().enumerate() {
-        match decode_event(item.get().as_bytes()) {
-            Ok(d) => rows.extend(d.rows().iter().cloned().map(EventRow::into_owned)),
-            Err(r) => errors.push(json!({"index": i, "reason": r.code(), "detail": r.to_string()})),
-        }
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string()
+    };
+    let now_ms = chrono::Utc::now().timestamp_millis().max(0) as u64;
+    if let Err(e) = verify_signature(
+        secret.as_bytes(),
+        &header("lob-signature-timestamp"),
+        &header("lob-signature"),
+        &body,
+        now_ms,
+        LOB_TOLERANCE,
+    ) {
+        return reject(StatusCode::UNAUTHORIZED, json!({"error": e.to_string()}));
     }
-    if !errors.is_empty() {
-        return reject(StatusCode::BAD_REQUEST, json!({ "errors": errors }));
+    let update = match TrackingUpdate::parse(&body) {
+        Ok(u) => u,
+        Err(e) => return reject(StatusCode::BAD_REQUEST, json!({"error": e.to_string()})),
+    };
+    match lob_event_row(&update) {
+        Ok(row) => deliver(&state, vec![row]).await,
+        Err(why) => (
+            StatusCode::OK,
+            Json(json!({"accepted": 0, "duplicates": 0, "ignored": why})),
+        )
+            .into_response(),
     }
-    deliver(&state, rows).await
+}
+
+/// The event a tracking update is recorded as, or why it is not recorded.
+fn lob_event_row(
+    u: &broadside_printers::tracking::TrackingUpdate,
+) -> std::result::Result<EventRow<'static>, String> {
+    use broadside_pipeline::event::{BounceType, EventType};
+    let (event_type, bounce_type) = match u.event_type() {
+        Some(("delivered", _)) => (EventType::Delivered, None),
+        Some(("bounced", _)) => (EventType::Bounced, Some(BounceType::Hard)),
+        _ => return Err(format!("{} is not recorded", u.event_type)),
+    };
+    let meta = |k: &str| u.metadata.get(k).filter(|v| !v.is_empty()).cloned();
+    let (Some(workspace), Some(campaign), Some(recipient)) =
+        (meta("workspace_id"), meta("campaign_id"), meta("recipient"))
+    else {
+        return Err(format!(
+            "piece {} has no workspace_id, campaign_id and recipient metadata",
+            u.piece_id
+        ));
+    };
+    let ts = u
+        .date_created
+        .as_deref()
+        .and_then(|d| chrono::DateTime::parse_from_rfc3339(d).ok())
+        .map(|t| t.timestamp_micros())
+        .unwrap_or_else(|| chrono::Utc::now().timestamp_micros());
+    Ok(EventRow {
+        event_id: format!("lob-{}", u.event_id).into(),
+        workspace_id: workspace.into(),
+        campaign_id: campaign.into(),
+        variant: meta("variant").map(Into::into),
+        run_id: meta("run_id").map(Into::into),
+        email: recipient.into(),
+        event_type,
+        bounce_type,
+        url: None,
+        ts_micros: ts,
+    })
 }
 
 async fn deliver(state: &Arc<WebhookState>, rows: Vec<EventRow<'static>>) -> Response {

@@ -92,11 +92,21 @@ pub enum Reason {
     InvalidUtf8 = 16,
     /// The recipient key (email, or account number for mail) is empty.
     MissingKey = 17,
+    /// Mail channel: the printer's approval rules refused the address (details list each rule).
+    PrinterApprovalFailed = 18,
+    /// Mail channel: the creative could not be rendered (a merge tag without a value).
+    CouldNotGenerateCreative = 19,
+    /// Mail channel: the printer refused the mailpiece (a 4xx such as 422).
+    PrinterRejected = 20,
+    /// Mail channel: the printer could not be reached or kept failing (retries exhausted).
+    PrinterFailed = 21,
+    /// Mail channel: no address1, and the enrichment provider found none.
+    EnrichmentFailed = 22,
 }
 
 impl Reason {
     /// Every reason, in code order.
-    pub const ALL: [Reason; 18] = [
+    pub const ALL: [Reason; 23] = [
         Reason::None,
         Reason::MissingEmail,
         Reason::InvalidEmail,
@@ -115,6 +125,11 @@ impl Reason {
         Reason::MalformedRow,
         Reason::InvalidUtf8,
         Reason::MissingKey,
+        Reason::PrinterApprovalFailed,
+        Reason::CouldNotGenerateCreative,
+        Reason::PrinterRejected,
+        Reason::PrinterFailed,
+        Reason::EnrichmentFailed,
     ];
 
     /// The snake_case code stored in the ledger (empty for [`Reason::None`]).
@@ -138,6 +153,11 @@ impl Reason {
             Reason::MalformedRow => "malformed_row",
             Reason::InvalidUtf8 => "invalid_utf8",
             Reason::MissingKey => "missing_key",
+            Reason::PrinterApprovalFailed => "printer_approval_failed",
+            Reason::CouldNotGenerateCreative => "could_not_generate_creative",
+            Reason::PrinterRejected => "printer_rejected",
+            Reason::PrinterFailed => "printer_failed",
+            Reason::EnrichmentFailed => "enrichment_failed",
         }
     }
 
@@ -167,6 +187,17 @@ impl Reason {
             Reason::MalformedRow => "the source row could not be parsed",
             Reason::InvalidUtf8 => "a field of the source row is not valid UTF-8",
             Reason::MissingKey => "the recipient key (account_number for mail) is empty",
+            Reason::PrinterApprovalFailed => {
+                "the printer's approval rules refused the address (the detail lists each rule)"
+            }
+            Reason::CouldNotGenerateCreative => {
+                "the mail creative could not be rendered for this recipient"
+            }
+            Reason::PrinterRejected => "the printer refused the mailpiece",
+            Reason::PrinterFailed => "the printer could not be reached or kept failing",
+            Reason::EnrichmentFailed => {
+                "mail needs address1; the address enrichment provider found none"
+            }
         }
     }
 }
@@ -320,6 +351,11 @@ pub struct RecipientBatch {
     pub placement_line: Vec<u32>,
     /// File names referenced by `placement_file`.
     pub placement_files: Vec<Arc<str>>,
+    /// Mail channel with a printer: each row's recipient state name (`Sent`, `Skipped`, ...);
+    /// empty otherwise.
+    pub mail_states: Vec<&'static str>,
+    /// Mail channel with a printer: the printer's id for each mailed row; empty otherwise.
+    pub printer_ids: Vec<Option<Box<str>>>,
 }
 
 impl RecipientBatch {
@@ -341,6 +377,8 @@ impl RecipientBatch {
             placement_file: Vec::new(),
             placement_line: Vec::new(),
             placement_files: Vec::new(),
+            mail_states: Vec::new(),
+            printer_ids: Vec::new(),
         }
     }
 
@@ -381,6 +419,14 @@ impl RecipientBatch {
             .binary_search_by_key(&(row as u32), |d| d.row)
             .ok()
             .map(|i| self.details[i].text.as_str())
+    }
+
+    /// Adds a detail for a row, keeping `details` ascending (a row keeps its first detail).
+    pub fn add_detail(&mut self, row: usize, text: String) {
+        let row = row as u32;
+        if let Err(at) = self.details.binary_search_by_key(&row, |d| d.row) {
+            self.details.insert(at, RowDetail { row, text });
+        }
     }
 
     /// The encoded output line of a row (empty when it has none).

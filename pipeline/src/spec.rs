@@ -45,6 +45,11 @@ pub struct CampaignSpec {
     /// MegaSys hot-folder delivery (email channel).
     #[serde(default)]
     pub megasys: Option<MegasysSpec>,
+    /// Mail channel: the printer the pieces go to (`kind = "lob" | "batch"`, approval rules,
+    /// creative, billing). Kept as a table here and read by the send command, which owns the
+    /// printer settings (docs/printers.md); without it, mail recipients go to IFUR files.
+    #[serde(default)]
+    pub printer: Option<toml::Table>,
     /// Directory relative paths are resolved against (the spec file's directory); not read from TOML.
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -700,6 +705,11 @@ pub struct VariantSpec {
     pub weight: u32,
     /// Template name MegaSys merges this variant's IFUR file into.
     pub template: String,
+    /// The template's content (a file with `{{merge_tags}}`), when the campaign keeps it: every
+    /// tag must be a column of the campaign (checked before the send), and the campaign service
+    /// syncs it to the email system's creative API when its content changed.
+    #[serde(default)]
+    pub content: Option<PathBuf>,
 }
 
 /// Mail-channel rules.
@@ -872,6 +882,9 @@ impl CampaignSpec {
                     );
                 }
             }
+        }
+        if self.channel == Channel::Email && self.printer.is_some() {
+            p.push("[printer] is for the mail channel; this campaign's channel is email".into());
         }
         if c.first_name.is_none() && c.last_name.is_none() {
             p.push("columns.first_name or columns.last_name must be mapped".into());

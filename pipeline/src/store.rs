@@ -96,7 +96,8 @@ pub fn commit_file(tmp: &Path, path: &Path) -> Result<()> {
     sync_dir(path.parent().unwrap_or(Path::new(".")))
 }
 
-fn dictionary_utf8() -> arrow_schema::DataType {
+/// The Arrow type of dictionary-encoded string columns in the store (Int32 keys).
+pub fn dictionary_utf8() -> arrow_schema::DataType {
     use arrow_schema::DataType;
     DataType::Dictionary(Box::new(DataType::Int32), Box::new(DataType::Utf8))
 }
@@ -115,6 +116,10 @@ pub fn ledger_schema() -> arrow_schema::SchemaRef {
         Field::new("suppression_list", dictionary_utf8(), true),
         Field::new("ifur_file", dictionary_utf8(), true),
         Field::new("ifur_line", DataType::UInt32, true),
+        // Mail channel with a printer (null otherwise); parts written before these columns
+        // existed read them as null.
+        Field::new("mail_state", dictionary_utf8(), true),
+        Field::new("printer_id", DataType::Utf8, true),
     ]))
 }
 

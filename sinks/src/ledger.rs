@@ -135,6 +135,19 @@ impl RecipientLogSink {
             b.placement_files.iter().map(|s| &**s).collect(),
         );
         let line: UInt32Array = (0..n).map(|i| b.placement(i).map(|(_, l)| l)).collect();
+        let mail_state: ArrayRef = if b.mail_states.is_empty() {
+            arrow_array::new_null_array(&broadside_pipeline::store::dictionary_utf8(), n)
+        } else {
+            Arc::new(
+                b.mail_states
+                    .iter()
+                    .copied()
+                    .collect::<DictionaryArray<Int32Type>>(),
+            )
+        };
+        let printer_id: StringArray = (0..n)
+            .map(|i| b.printer_ids.get(i).and_then(|p| p.as_deref()))
+            .collect();
         RecordBatch::try_new(
             schema(),
             vec![
@@ -147,6 +160,8 @@ impl RecipientLogSink {
                 list,
                 file,
                 Arc::new(line),
+                mail_state,
+                Arc::new(printer_id),
             ],
         )
         .map_err(|e| Error::sink("recipient log", e.to_string()))

@@ -22,7 +22,16 @@ pub fn exe() -> Command {
 
 /// Runs the binary and returns its output; panics with stderr when `expect_ok` is not met.
 pub fn run(args: &[&str], expect_ok: bool) -> Output {
-    let out = exe().args(args).output().expect("binary runs");
+    run_env(args, &[], expect_ok)
+}
+
+/// [`run`] with environment variables set.
+pub fn run_env(args: &[&str], env: &[(&str, &str)], expect_ok: bool) -> Output {
+    let mut cmd = exe();
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.args(args).output().expect("binary runs");
     if out.status.success() != expect_ok {
         panic!(
             "broadside {args:?} exited {:?}\nstdout:\n{}\nstderr:\n{}",
@@ -82,6 +91,9 @@ pub struct LedgerRow {
     pub list: Option<String>,
     pub file: Option<String>,
     pub line: Option<u32>,
+    /// Mail with a printer: the recipient state and the printer's piece id.
+    pub mail_state: Option<String>,
+    pub printer_id: Option<String>,
 }
 
 fn strings(col: &dyn Array) -> Vec<Option<String>> {
@@ -130,6 +142,8 @@ pub fn read_ledger(store: &Path, workspace: &str, campaign: &str, run_id: &str) 
             let detail = strings(&col("detail"));
             let list = strings(&col("suppression_list"));
             let file = strings(&col("ifur_file"));
+            let mail_state = strings(&col("mail_state"));
+            let printer_id = strings(&col("printer_id"));
             for i in 0..b.num_rows() {
                 out.push(LedgerRow {
                     row: rows.value(i),
@@ -141,6 +155,8 @@ pub fn read_ledger(store: &Path, workspace: &str, campaign: &str, run_id: &str) 
                     list: list[i].clone(),
                     file: file[i].clone(),
                     line: lines.is_valid(i).then(|| lines.value(i)),
+                    mail_state: mail_state[i].clone(),
+                    printer_id: printer_id[i].clone(),
                 });
             }
         }
@@ -322,4 +338,37 @@ pub fn csv_field(s: &str) -> String {
     } else {
         s.to_string()
     }
+}
+
+/// Serves `app` on 127.0.0.1 (a free port) in a runtime of its own: keep the runtime alive as
+/// long as the server is needed. Returns it and the address.
+pub fn serve_local(app: axum::Router) -> (tokio::runtime::Runtime, std::net::SocketAddr) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    rt.spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (rt, addr)
+}
+
+/// POSTs `body` over a fresh HTTP/1.1 connection with extra `headers` (`Name: value` lines)
+/// and returns the whole raw answer (status line, headers, body).
+pub fn post_raw(addr: &str, path: &str, headers: &[String], body: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    let extra: String = headers.iter().map(|h| format!("{h}\r\n")).collect();
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n{extra}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
 }

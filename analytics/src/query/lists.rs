@@ -16,10 +16,7 @@ use serde::{Deserialize, Serialize};
 use crate::query::stats::{and_time_range, strings, ts_lit};
 use crate::query::{collect, Catalog, QueryError, QueryResult, Scope};
 
-/// Largest page.
-pub const MAX_PAGE: usize = 1000;
-/// Page size when none is asked for.
-pub const DEFAULT_PAGE: usize = 100;
+pub use crate::params::{DEFAULT_PAGE, MAX_PAGE};
 
 /// One value of a sort key, as carried in a cursor.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -191,7 +188,7 @@ const LOG_ORDER: Order = Order {
     second: ("row", Kind::Unsigned),
 };
 
-const LOG_COLUMNS: [&str; 11] = [
+const LOG_COLUMNS: [&str; 13] = [
     "campaign_id",
     "run_id",
     "row",
@@ -203,6 +200,8 @@ const LOG_COLUMNS: [&str; 11] = [
     "suppression_list",
     "ifur_file",
     "ifur_line",
+    "mail_state",
+    "printer_id",
 ];
 
 impl LogFilter {
