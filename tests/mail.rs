@@ -46,14 +46,8 @@ fn write_recipients(dir: &Path, n: usize) {
     std::fs::write(dir.join("back-b.html"), "<p>B for {{account_number}}</p>").unwrap();
 }
 
-fn spec(dir: &Path, printer: &str) -> std::path::PathBuf {
-    let text = format!(
-        r#"
-campaign_id = "{CAMPAIGN}"
-workspace_id = "{WS}"
-channel = "mail"
-holdout_percent = 10.0
-
+/// The columns of the recipients `write_recipients` makes.
+const CSV_SOURCE: &str = r#"
 [source]
 type = "csv"
 path = "recipients.csv"
@@ -70,7 +64,27 @@ country = "Country"
 
 [columns.merge]
 offer = "Offer"
+"#;
 
+fn spec(dir: &Path, printer: &str) -> std::path::PathBuf {
+    write_spec(dir, "campaign.toml", CSV_SOURCE, 10.0, printer)
+}
+
+/// A two-variant US mail campaign over `source` (the `[source]` and `[columns]` tables).
+fn write_spec(
+    dir: &Path,
+    name: &str,
+    source: &str,
+    holdout: f64,
+    printer: &str,
+) -> std::path::PathBuf {
+    let text = format!(
+        r#"
+campaign_id = "{CAMPAIGN}"
+workspace_id = "{WS}"
+channel = "mail"
+holdout_percent = {holdout:.1}
+{source}
 [mail]
 countries = ["US"]
 
@@ -91,7 +105,7 @@ ledger_part_rows = 64
 {printer}
 "#
     );
-    let p = dir.join("campaign.toml");
+    let p = dir.join(name);
     std::fs::write(&p, text).unwrap();
     p
 }
@@ -729,18 +743,9 @@ fn a_mail_send_killed_mid_run_resumes_without_printing_anyone_twice() {
         "<p>B {{account_number}}</p>",
     )
     .unwrap();
-    let spec_path = dir.path().join("mail.toml");
     let printer =
         lob_printer(&server.base_url, "approval = \"none\"").replace("approval = \"lob_us\"\n", "");
-    std::fs::write(
-        &spec_path,
-        format!(
-            r#"
-campaign_id = "{CAMPAIGN}"
-workspace_id = "{WS}"
-channel = "mail"
-holdout_percent = 5.0
-
+    let source = r#"
 [source]
 type = "parquet"
 path = "recipients.parquet"
@@ -754,25 +759,8 @@ city = "city"
 state = "state"
 zip = "zip"
 country = "country"
-
-[[variants]]
-name = "a"
-weight = 1
-template = "card-a"
-
-[[variants]]
-name = "b"
-weight = 1
-template = "card-b"
-
-[output]
-store = "store"
-
-{printer}
-"#
-        ),
-    )
-    .unwrap();
+"#;
+    let spec_path = write_spec(dir.path(), "mail.toml", source, 5.0, &printer);
     let journal = dir
         .path()
         .join("store/staging/run_id=k1/printer-journal.tsv");
