@@ -992,17 +992,36 @@ impl PrinterStage {
             })
             .collect();
         // All of the batch's pieces are in flight together; the client's semaphore and rate
-        // limit decide how many requests are really open.
+        // limit decide how many requests are really open. A batch can take minutes at a
+        // printer's rate: its progress is logged every 10 s.
+        let total = pieces.len();
+        let done = std::sync::atomic::AtomicUsize::new(0);
+        let done = &done;
         let results: Vec<(
             usize,
             IdempotencyKey,
             std::result::Result<String, SubmitError>,
-        )> = rt.block_on(futures::future::join_all(pieces.into_iter().map(
-            |(row, piece)| async move {
-                let r = client.create_prepared(&piece).await.map(|c| c.id);
-                (row, piece.key, r)
-            },
-        )));
+        )> = rt.block_on(async {
+            let all =
+                futures::future::join_all(pieces.into_iter().map(|(row, piece)| async move {
+                    let r = client.create_prepared(&piece).await.map(|c| c.id);
+                    done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    (row, piece.key, r)
+                }));
+            let mut all = std::pin::pin!(all);
+            let every = std::time::Duration::from_secs(10);
+            loop {
+                match tokio::time::timeout(every, &mut all).await {
+                    Ok(results) => break results,
+                    Err(_) => tracing::info!(
+                        first_row = b.first_row,
+                        done = done.load(std::sync::atomic::Ordering::Relaxed),
+                        of = total,
+                        "printing the batch"
+                    ),
+                }
+            }
+        });
         let mut lines = String::new();
         let mut fatal = None;
         let mut summary = self.summary.lock().unwrap_or_else(|e| e.into_inner());
