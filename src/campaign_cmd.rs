@@ -289,16 +289,18 @@ impl SpecExecutor {
 }
 
 impl SpecExecutor {
-    /// Checks each variant's template content against the spec's columns and, with a creative
-    /// API, PUTs it there when its hash changed since the last sync (the campaign store keeps
+    /// With a creative API, checks each variant's template content against the spec's columns
+    /// and PUTs it there when its hash changed since the last sync (the campaign store keeps
     /// the hashes). A refused sync fails the preparation: the email system would merge an
     /// outdated template.
     fn sync_templates(&self, spec: &Path) -> Result<()> {
-        let loaded = broadside_pipeline::spec::CampaignSpec::load(spec)?;
-        let contents = crate::send::check_templates(&loaded)?;
+        // Without a creative API there is nothing to sync: the dry-run send of the preparation
+        // checks the templates' tags.
         let Some(api) = &self.creative else {
             return Ok(());
         };
+        let loaded = broadside_pipeline::spec::CampaignSpec::load(spec)?;
+        let contents = crate::send::check_templates(&loaded)?;
         if contents.is_empty() {
             return Ok(());
         }

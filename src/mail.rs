@@ -32,10 +32,10 @@ use broadside_pipeline::model::{
 };
 use broadside_pipeline::runner::OrderedStage;
 use broadside_pipeline::spec::{CampaignSpec, Channel};
-use broadside_pipeline::stages::Stage;
+use broadside_pipeline::stages::{Stage, Validator};
 use broadside_printers::approval::{Approval, ApprovalRules};
 use broadside_printers::batch::{BatchConfig, BatchPrinter};
-use broadside_printers::billing::{self, BillingAccount};
+use broadside_printers::billing::{self, BillingAccount, RecipientCap};
 use broadside_printers::enrichment::{EnrichmentClient, EnrichmentConfig, EnrichmentRecord};
 use broadside_printers::lob::{
     Creative, IdempotencyKey, LobClient, LobConfig, MailPiece, PreparedPiece, PrinterStatsSnapshot,
@@ -95,29 +95,6 @@ pub enum ApprovalSpec {
     Rules(ApprovalRules),
 }
 
-/// The billing account as the billing system reports it when the campaign starts.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct BillingSpec {
-    /// The org has a payment-provider customer.
-    #[serde(default)]
-    pub customer: bool,
-    /// The customer has an active subscription.
-    #[serde(default)]
-    pub active_subscription: bool,
-    /// The org has a legacy per-item subscription.
-    #[serde(default)]
-    pub legacy_subscription_item: bool,
-    /// The legacy item's price drifted from the price list.
-    #[serde(default)]
-    pub legacy_price_drift: bool,
-    /// Recipients the org may mail this period.
-    pub recipient_cap: Option<u64>,
-    /// Recipients mailed already this period.
-    #[serde(default)]
-    pub recipients_used: u64,
-}
-
 /// The `[printer]` table.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -145,7 +122,7 @@ pub struct PrinterSpec {
     /// The batch printer settings.
     pub batch: Option<BatchConfig>,
     /// The billing account; absent fails closed.
-    pub billing: Option<BillingSpec>,
+    pub billing: Option<BillingAccount>,
     /// Address enrichment for recipients without address1 (absent: they are skipped).
     pub enrichment: Option<EnrichmentConfig>,
 }
@@ -183,8 +160,6 @@ pub struct MailPlan {
     batch: Option<BatchConfig>,
     /// The enrichment provider and its token.
     enrichment: Option<(EnrichmentConfig, String)>,
-    /// Countries mailed to, upper case (for enriched addresses).
-    countries: Vec<String>,
     /// The account's remaining recipients, when capped.
     pub billing_remaining: Option<u64>,
 }
@@ -247,16 +222,8 @@ impl MailPlan {
                     if let Err(p) = cfg.validate() {
                         problems.extend(p.into_iter().map(|p| format!("[printer.lob] {p}")));
                     }
-                    match std::env::var(&cfg.api_key_env) {
-                        Ok(k) if !k.is_empty() => Some((cfg.clone(), k)),
-                        _ => {
-                            problems.push(format!(
-                                "[printer.lob] the API key is read from ${}, which is not set",
-                                cfg.api_key_env
-                            ));
-                            None
-                        }
-                    }
+                    secret(&cfg.api_key_env, "[printer.lob] the API key", &mut problems)
+                        .map(|k| (cfg.clone(), k))
                 }
             },
             PrinterKind::Batch => None,
@@ -299,26 +266,24 @@ impl MailPlan {
         }
         let enrichment = match &ps.enrichment {
             None => None,
-            Some(cfg) => match std::env::var(&cfg.token_env) {
-                Ok(t) if !t.is_empty() => {
-                    // Building a client checks every setting.
-                    if let Err(e) = EnrichmentClient::new(
+            Some(cfg) => {
+                let token = secret(
+                    &cfg.token_env,
+                    "[printer.enrichment] the token",
+                    &mut problems,
+                );
+                // Building a client checks every setting.
+                if let Some(Err(e)) = token.as_ref().map(|t| {
+                    EnrichmentClient::new(
                         cfg.clone(),
-                        &t,
+                        t,
                         Arc::new(broadside_printers::lob::TokioPause),
-                    ) {
-                        problems.push(format!("[printer.enrichment] {e}"));
-                    }
-                    Some((cfg.clone(), t))
+                    )
+                }) {
+                    problems.push(format!("[printer.enrichment] {e}"));
                 }
-                _ => {
-                    problems.push(format!(
-                        "[printer.enrichment] the token is read from ${}, which is not set",
-                        cfg.token_env
-                    ));
-                    None
-                }
-            },
+                token.map(|t| (cfg.clone(), t))
+            }
         };
         if ps.kind == PrinterKind::Lob && ps.piece == PieceKind::Letter && ps.from.is_none() {
             problems.push("[printer] from: a return address is needed for letters".into());
@@ -377,20 +342,13 @@ impl MailPlan {
         }
 
         // Billing fails closed: no account, or one that cannot pay, stops the campaign here.
-        let account = ps.billing.as_ref().map(|b| BillingAccount {
-            customer: b.customer,
-            active_subscription: b.active_subscription,
-            legacy_subscription_item: b.legacy_subscription_item,
-            legacy_price_drift: b.legacy_price_drift,
-            recipient_cap: b.recipient_cap,
-            recipients_used: b.recipients_used,
-        });
-        if let Err(e) = billing::preflight(account.as_ref()) {
+        if let Err(e) = billing::preflight(ps.billing.as_ref()) {
             bail!("{}: {e}", e.code());
         }
-        let billing_remaining = account
+        let billing_remaining = ps
+            .billing
             .as_ref()
-            .and_then(|a| a.recipient_cap.map(|c| c.saturating_sub(a.recipients_used)));
+            .and_then(|a| RecipientCap::new(a).remaining());
 
         Ok(Some(MailPlan {
             kind: ps.kind,
@@ -406,12 +364,6 @@ impl MailPlan {
             lob,
             batch,
             enrichment,
-            countries: spec
-                .mail
-                .countries
-                .iter()
-                .map(|c| c.to_uppercase())
-                .collect(),
             billing_remaining,
         }))
     }
@@ -421,6 +373,18 @@ impl MailPlan {
         match (spec_cap, self.billing_remaining) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
+        }
+    }
+}
+
+/// The secret in environment variable `var`, or `None` with a problem saying `what` is read
+/// from it and it is not set.
+fn secret(var: &str, what: &str, problems: &mut Vec<String>) -> Option<String> {
+    match std::env::var(var) {
+        Ok(v) if !v.is_empty() => Some(v),
+        _ => {
+            problems.push(format!("{what} is read from ${var}, which is not set"));
+            None
         }
     }
 }
@@ -439,9 +403,15 @@ fn piece_key(campaign: &str, recipient: &str) -> IdempotencyKey {
     IdempotencyKey::derive(campaign, recipient, "mail")
 }
 
+/// A row's value in batch column `idx`, unless null or empty.
+fn text(b: &RecipientBatch, idx: usize, row: usize) -> Option<&str> {
+    let col = b.column(idx);
+    (col.is_valid(row) && !col.value(row).is_empty()).then(|| col.value(row))
+}
+
+/// A row's value of a standard field, unless unmapped, null or empty.
 fn cell(b: &RecipientBatch, layout: &RecipientLayout, f: StdField, row: usize) -> Option<String> {
-    let col = b.column(layout.index(f)?);
-    (col.is_valid(row) && !col.value(row).is_empty()).then(|| col.value(row).to_string())
+    text(b, layout.index(f)?, row).map(str::to_string)
 }
 
 /// A row's address, named as Lob names it (name = first and last name).
@@ -455,10 +425,8 @@ fn address(b: &RecipientBatch, layout: &RecipientLayout, row: usize) -> Address 
         .names()
         .iter()
         .position(|n| n == "company")
-        .and_then(|i| {
-            let c = b.column(i);
-            (c.is_valid(row) && !c.value(row).is_empty()).then(|| c.value(row).to_string())
-        });
+        .and_then(|i| text(b, i, row))
+        .map(str::to_string);
     Address {
         name: (!name.is_empty()).then_some(name),
         company,
@@ -475,9 +443,8 @@ fn address(b: &RecipientBatch, layout: &RecipientLayout, row: usize) -> Address 
 fn merge_vars(b: &RecipientBatch, layout: &RecipientLayout, row: usize) -> Map<String, Value> {
     let mut vars = Map::new();
     for (i, name) in layout.names().iter().enumerate() {
-        let c = b.column(i);
-        if c.is_valid(row) && !c.value(row).is_empty() {
-            vars.insert(name.clone(), Value::String(c.value(row).to_string()));
+        if let Some(v) = text(b, i, row) {
+            vars.insert(name.clone(), Value::String(v.to_string()));
         }
     }
     vars
@@ -601,7 +568,8 @@ const ENRICH_FAILED: &str = "enrich-failed";
 /// none found is `skipped` / `enrichment_failed`. A provider that cannot answer fails the run
 /// (resume retries) rather than skipping recipients for an outage.
 pub struct EnrichStage {
-    plan: Arc<MailPlan>,
+    /// The validation rules enriched addresses are checked against again.
+    validator: Validator,
     layout: Arc<RecipientLayout>,
     client: EnrichmentClient,
     rt: tokio::runtime::Runtime,
@@ -609,7 +577,11 @@ pub struct EnrichStage {
 
 impl EnrichStage {
     /// A stage for one worker, or `None` when the campaign does not enrich.
-    pub fn new(plan: Arc<MailPlan>, layout: Arc<RecipientLayout>) -> Option<EnrichStage> {
+    pub fn new(
+        plan: &MailPlan,
+        validator: Validator,
+        layout: Arc<RecipientLayout>,
+    ) -> Option<EnrichStage> {
         let (cfg, token) = plan.enrichment.clone()?;
         let client =
             EnrichmentClient::new(cfg, &token, Arc::new(broadside_printers::lob::TokioPause))
@@ -619,7 +591,7 @@ impl EnrichStage {
             .build()
             .expect("a current-thread runtime");
         Some(EnrichStage {
-            plan,
+            validator,
             layout,
             client,
             rt,
@@ -748,13 +720,11 @@ impl Stage for EnrichStage {
             b.decisions[row] = Decision::Pending;
             b.reasons[row] = Reason::None;
             let get = |f| cell(b, &self.layout, f, row);
-            let reason = if get(StdField::Zip).is_none() {
-                Some(Reason::MissingZip)
-            } else if let Some(c) = get(StdField::Country) {
-                (!self.plan.countries.contains(&c.to_uppercase())).then_some(Reason::International)
-            } else {
-                Some(Reason::MissingCountry)
-            };
+            let reason = self.validator.mail_address(
+                true,
+                get(StdField::Zip).is_some(),
+                get(StdField::Country).as_deref(),
+            );
             if let Some(r) = reason {
                 b.decide(row, Decision::Skipped, r);
             }
@@ -852,10 +822,6 @@ enum Output {
     },
     Batch {
         printer: Arc<Mutex<Option<BatchPrinter>>>,
-        rows: u64,
-        batch_size: usize,
-        campaign: String,
-        run: String,
     },
 }
 
@@ -932,7 +898,6 @@ impl PrinterStage {
             }
             PrinterKind::Batch => {
                 let cfg = plan.batch.clone().expect("checked by MailPlan::load");
-                let batch_size = cfg.batch_size;
                 let merge: Vec<String> = layout.names().to_vec();
                 let p = BatchPrinter::new(cfg, &plan.campaign_id, run_id, merge)
                     .context("batch printer")?;
@@ -940,10 +905,6 @@ impl PrinterStage {
                 (
                     Output::Batch {
                         printer: handle.clone(),
-                        rows: 0,
-                        batch_size,
-                        campaign: plan.campaign_id.clone(),
-                        run: run_id.to_string(),
                     },
                     Some(handle),
                 )
@@ -1153,27 +1114,16 @@ impl Stage for PrinterStage {
             .journaled += summary_journaled;
         if matches!(self.out, Output::Lob { .. }) {
             self.submit_lob(b, todo)?;
-        } else if let Output::Batch {
-            printer,
-            rows,
-            batch_size,
-            campaign,
-            run,
-        } = &mut self.out
-        {
-            {
-                let mut guard = printer.lock().unwrap_or_else(|e| e.into_inner());
-                let p = guard.as_mut().expect("finished only after the run");
-                for (row, key) in todo {
-                    let to = address(b, &self.layout, row);
-                    let vars = merge_vars(b, &self.layout, row);
-                    p.push(&key, &to, &vars).map_err(|e| {
-                        broadside_pipeline::Error::sink("batch printer", e.to_string())
-                    })?;
-                    let file = *rows / *batch_size as u64 + 1;
-                    *rows += 1;
-                    b.printer_ids[row] = Some(format!("{campaign}-{run}-{file:05}.csv").into());
-                }
+        } else if let Output::Batch { printer } = &self.out {
+            let mut guard = printer.lock().unwrap_or_else(|e| e.into_inner());
+            let p = guard.as_mut().expect("finished only after the run");
+            for (row, key) in todo {
+                let to = address(b, &self.layout, row);
+                let vars = merge_vars(b, &self.layout, row);
+                let file = p.current_file();
+                p.push(&key, &to, &vars)
+                    .map_err(|e| broadside_pipeline::Error::sink("batch printer", e.to_string()))?;
+                b.printer_ids[row] = Some(file.into());
             }
         }
         let marks = std::mem::take(&mut b.mail_states);

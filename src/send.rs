@@ -279,10 +279,10 @@ pub fn send(opts: &SendOptions) -> Result<RunRecord> {
         let mut stages: Vec<Box<dyn Stage>> =
             vec![Box::new(Validator::new(&par_spec, par_layout.clone()))];
         // Enriched addresses are suppressed and split like any other row.
-        if let Some(e) = par_mail
-            .as_ref()
-            .and_then(|p| crate::mail::EnrichStage::new(p.clone(), par_layout.clone()))
-        {
+        if let Some(e) = par_mail.as_ref().and_then(|p| {
+            let rules = Validator::new(&par_spec, par_layout.clone());
+            crate::mail::EnrichStage::new(p, rules, par_layout.clone())
+        }) {
             stages.push(Box::new(e));
         }
         stages.push(Box::new(Suppressor::new(index.clone())));
@@ -322,12 +322,12 @@ pub fn send(opts: &SendOptions) -> Result<RunRecord> {
     if !opts.dry_run {
         // The run is recorded as running by now: a folder that cannot be created must mark it
         // failed, not leave it looking like a send in progress.
-        let hot = match &spec.megasys {
-            Some(m) => spec.resolve(&m.hot_folder),
-            None => store.root().join("outbox").join(format!("run_id={run_id}")),
-        };
-        let writer = (mail.is_none()).then(|| {
-            IfurWriter::new(IfurWriterConfig {
+        if mail.is_none() {
+            let hot = match &spec.megasys {
+                Some(m) => spec.resolve(&m.hot_folder),
+                None => store.root().join("outbox").join(format!("run_id={run_id}")),
+            };
+            let writer = IfurWriter::new(IfurWriterConfig {
                 campaign_id: spec.campaign_id.clone(),
                 run_id: run_id.clone(),
                 workspace_id: spec.workspace_id.clone(),
@@ -337,9 +337,7 @@ pub fn send(opts: &SendOptions) -> Result<RunRecord> {
                 staging: store.staging_dir(&run_id),
                 hot_folder: hot,
             })
-        });
-        if let Some(writer) = writer {
-            let writer = writer.map_err(|e| record_failure(&mut record, &record_path, e.into()))?;
+            .map_err(|e| record_failure(&mut record, &record_path, e.into()))?;
             delivered = Some(writer.delivered());
             manifest = Some(writer.manifest());
             ordered.push(Box::new(writer));

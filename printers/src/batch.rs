@@ -154,13 +154,18 @@ impl BatchPrinter {
         Ok(None)
     }
 
-    fn flush(&mut self) -> Result<BatchFile> {
-        let name = format!(
+    /// The file the next pushed recipient goes into.
+    pub fn current_file(&self) -> String {
+        format!(
             "{}-{}-{:05}.csv",
             self.campaign,
             self.run,
             self.files.len() + 1
-        );
+        )
+    }
+
+    fn flush(&mut self) -> Result<BatchFile> {
+        let name = self.current_file();
         write_atomically(&self.cfg.folder, &name, self.current.as_bytes())?;
         let file = BatchFile {
             name,

@@ -7,10 +7,14 @@
 //! [`RecipientCap`] then skips recipients past the cap with `Skipped(CapExceeded)`, in input
 //! order, so the same recipients are admitted on every run of the same input.
 
+use serde::Deserialize;
+
 use crate::state::{ErrorMessage, RecipientState, SkipReason};
 
-/// What is known about the organisation's billing when the campaign starts.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// What is known about the organisation's billing when the campaign starts (a campaign spec's
+/// `[printer.billing]` table: absent keys are false / 0 / no cap).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct BillingAccount {
     /// The org has a payment-provider customer.
     pub customer: bool,
@@ -90,6 +94,11 @@ impl RecipientCap {
                 .recipient_cap
                 .map(|cap| cap.saturating_sub(account.recipients_used)),
         }
+    }
+
+    /// Recipients still admitted; `None` is unlimited.
+    pub fn remaining(&self) -> Option<u64> {
+        self.remaining
     }
 
     /// Admits the next recipient (`None`), or says which state it moves to.

@@ -41,6 +41,29 @@ impl Validator {
     fn get<'a>(&self, cols: &'a [StringArray], f: StdField) -> Option<&'a StringArray> {
         self.layout.index(f).map(|i| &cols[i])
     }
+
+    /// The mail channel's address rules, in order: address1, zip, country present, and the
+    /// country one the campaign mails to. Also used for addresses filled in later (enrichment).
+    pub fn mail_address(
+        &self,
+        has_address1: bool,
+        has_zip: bool,
+        country: Option<&str>,
+    ) -> Option<Reason> {
+        if !has_address1 {
+            Some(Reason::NoAddress)
+        } else if !has_zip {
+            Some(Reason::MissingZip)
+        } else {
+            match country {
+                None => Some(Reason::MissingCountry),
+                Some(c) if !self.countries.contains(&c.to_uppercase()) => {
+                    Some(Reason::International)
+                }
+                Some(_) => None,
+            }
+        }
+    }
 }
 
 /// Returns the array with every value trimmed and empty values turned into nulls.
@@ -208,20 +231,11 @@ impl Stage for Validator {
             {
                 Some(Reason::InvalidName)
             } else if self.channel == Channel::Mail {
-                if !present(addr, i) {
-                    Some(Reason::NoAddress)
-                } else if !present(zip, i) {
-                    Some(Reason::MissingZip)
-                } else if !present(country, i) {
-                    Some(Reason::MissingCountry)
-                } else if !self
-                    .countries
-                    .contains(&country.unwrap().value(i).to_uppercase())
-                {
-                    Some(Reason::International)
-                } else {
-                    None
-                }
+                self.mail_address(
+                    present(addr, i),
+                    present(zip, i),
+                    country.filter(|c| c.is_valid(i)).map(|c| c.value(i)),
+                )
             } else {
                 None
             };
