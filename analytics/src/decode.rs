@@ -438,7 +438,7 @@ const MILLIS_THRESHOLD: i64 = 100_000_000_000;
 /// Event times are kept within years 0000–9999: what RFC 3339 can write, so an event written
 /// back as JSON (the webhook's Kafka sink, exports) decodes again, and its `date=` partition
 /// is a plain `YYYY-MM-DD`.
-fn writable_year(micros: i64) -> bool {
+pub(crate) fn writable_year(micros: i64) -> bool {
     DateTime::<Utc>::from_timestamp_micros(micros).is_some_and(|t| (0..=9999).contains(&t.year()))
 }
 

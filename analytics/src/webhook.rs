@@ -370,11 +370,20 @@ fn lob_event_row(
             u.piece_id
         ));
     };
+    // The decoder's rules for what reaches the store: the workspace names a folder, and event
+    // times stay within the years the store can write back.
+    if !crate::decode::valid_workspace_id(&workspace) {
+        return Err(format!(
+            "piece {}: workspace_id {workspace:?} is not a valid workspace",
+            u.piece_id
+        ));
+    }
     let ts = u
         .date_created
         .as_deref()
         .and_then(|d| chrono::DateTime::parse_from_rfc3339(d).ok())
         .map(|t| t.timestamp_micros())
+        .filter(|t| crate::decode::writable_year(*t))
         .unwrap_or_else(|| chrono::Utc::now().timestamp_micros());
     Ok(EventRow {
         event_id: format!("lob-{}", u.event_id).into(),
@@ -516,4 +525,41 @@ fn write_rows(store: &Path, rows: &[EventRow<'static>]) -> Result<()> {
         commit_file(&tmp, &path)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use broadside_printers::tracking::TrackingUpdate;
+
+    fn update(workspace: &str, date: &str) -> TrackingUpdate {
+        TrackingUpdate::parse(
+            json!({
+                "id": "evt_1",
+                "event_type": {"id": "postcard.delivered"},
+                "date_created": date,
+                "body": {"id": "psc_1", "metadata": {
+                    "workspace_id": workspace, "campaign_id": "c", "recipient": "A00001"
+                }},
+            })
+            .to_string()
+            .as_bytes(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn tracking_events_keep_the_decoders_rules() {
+        let ok = lob_event_row(&update("acme", "2026-12-01T10:00:00Z")).unwrap();
+        assert_eq!(ok.workspace_id, "acme");
+        assert_eq!(ok.ts_micros, 1_796_119_200_000_000);
+        // A workspace that is no folder name is not filed anywhere.
+        for bad in ["../other", "a/b", ".hidden"] {
+            let e = lob_event_row(&update(bad, "2026-12-01T10:00:00Z")).unwrap_err();
+            assert!(e.contains("not a valid workspace"), "{bad}: {e}");
+        }
+        // A time the store could not write back is replaced by the receiving time.
+        let far = lob_event_row(&update("acme", "-0001-01-01T00:00:00Z")).unwrap();
+        assert!(crate::decode::writable_year(far.ts_micros));
+    }
 }
