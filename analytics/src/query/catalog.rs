@@ -18,6 +18,12 @@ use datafusion::datasource::listing::{
     ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
 };
 use datafusion::datasource::MemTable;
+use datafusion::execution::cache::cache_manager::{
+    CacheManagerConfig, CachedFileMetadata, CachedFileMetadataEntry, FileMetadataCache,
+    FileStatisticsCache,
+};
+use datafusion::execution::cache::default_cache::DefaultCache;
+use datafusion::execution::cache::TableScopedPath;
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::logical_expr::{create_udf, ColumnarValue, Volatility};
 use datafusion::prelude::{col, lit, SessionConfig, SessionContext};
@@ -74,6 +80,60 @@ impl Default for Limits {
 pub struct Catalog {
     store: PathBuf,
     limits: Limits,
+    caches: FileCaches,
+}
+
+/// Parquet footers and file statistics, kept across the catalog's sessions.
+///
+/// Each query gets its own session and memory pool, but the parsed footers (page indexes
+/// included) and per-file statistics outlive it: a dashboard asking about one campaign again
+/// does not re-read and re-parse the footers of every partition. Entries are checked against
+/// the file's size and modification time on every use, and store files are never rewritten in
+/// place (a rollup is replaced by rename, which gives a new modification time), so a cached
+/// entry is never stale. File *listings* are not shared: every query sees newly committed files.
+#[derive(Clone)]
+struct FileCaches {
+    metadata: Arc<FileMetadataCache>,
+    statistics: Arc<FileStatisticsCache>,
+}
+
+/// Bytes of parsed Parquet footers the catalog keeps (least recently used out first).
+const FOOTER_CACHE_BYTES: usize = 256 << 20;
+/// Bytes of per-file statistics the catalog keeps.
+const STATISTICS_CACHE_BYTES: usize = 64 << 20;
+
+impl FileCaches {
+    fn new() -> FileCaches {
+        FileCaches {
+            metadata: Arc::new(
+                DefaultCache::<datafusion::object_store::path::Path, CachedFileMetadataEntry>::new(
+                    FOOTER_CACHE_BYTES,
+                )
+                .with_name("BroadsideFooterCache"),
+            ),
+            statistics: Arc::new(
+                DefaultCache::<TableScopedPath, CachedFileMetadata>::new(STATISTICS_CACHE_BYTES)
+                    .with_name("BroadsideStatisticsCache"),
+            ),
+        }
+    }
+
+    fn config(&self) -> CacheManagerConfig {
+        CacheManagerConfig::default()
+            .with_file_metadata_cache(Some(Arc::clone(&self.metadata)))
+            .with_metadata_cache_limit(FOOTER_CACHE_BYTES)
+            .with_file_statistics_cache(Some(Arc::clone(&self.statistics)))
+            .with_file_statistics_cache_limit(STATISTICS_CACHE_BYTES)
+    }
+}
+
+impl std::fmt::Debug for FileCaches {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FileCaches")
+            .field("footer_limit", &self.metadata.cache_limit())
+            .field("statistics_limit", &self.statistics.cache_limit())
+            .finish()
+    }
 }
 
 /// Folder (under the store) of the hourly count rollups.
@@ -98,6 +158,7 @@ impl Catalog {
         Catalog {
             store: store.into(),
             limits: Limits::default(),
+            caches: FileCaches::new(),
         }
     }
 
@@ -121,6 +182,7 @@ impl Catalog {
     pub fn session(&self, scope: &Scope) -> QueryResult<SessionContext> {
         let runtime = RuntimeEnvBuilder::new()
             .with_memory_limit(self.limits.memory_bytes, 1.0)
+            .with_cache_manager(self.caches.config())
             .build_arc()?;
         let mut config = SessionConfig::new()
             .with_target_partitions(self.limits.target_partitions)

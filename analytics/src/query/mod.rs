@@ -125,3 +125,24 @@ pub async fn collect(
         Err(_) => Err(QueryError::Timeout(limits.timeout)),
     }
 }
+
+/// Runs a DataFrame within the catalog's time limit, handing each result batch to `f` as it
+/// arrives (for answers folded in Rust instead of collected).
+pub async fn for_each_batch(
+    limits: &Limits,
+    df: datafusion::dataframe::DataFrame,
+    mut f: impl FnMut(&arrow_array::RecordBatch) -> QueryResult<()>,
+) -> QueryResult<()> {
+    use futures::StreamExt;
+    let work = async {
+        let mut stream = df.execute_stream().await?;
+        while let Some(batch) = stream.next().await {
+            f(&batch?)?;
+        }
+        Ok(())
+    };
+    match tokio::time::timeout(limits.timeout, work).await {
+        Ok(r) => r,
+        Err(_) => Err(QueryError::Timeout(limits.timeout)),
+    }
+}

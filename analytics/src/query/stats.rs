@@ -14,22 +14,23 @@
 //! (see [`crate::rollup`]); a date range that does not fall on UTC midnights is answered from
 //! raw events only.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::hash::{BuildHasherDefault, Hasher};
 
 use arrow_array::cast::AsArray;
-use arrow_array::types::Int64Type;
+use arrow_array::types::{Int64Type, UInt64Type};
 use arrow_array::{Array, RecordBatch};
 use arrow_schema::DataType;
 use chrono::{DateTime, NaiveDate, Timelike, Utc};
 use datafusion::dataframe::DataFrame;
-use datafusion::functions_aggregate::expr_fn::{count, count_distinct, sum};
-use datafusion::logical_expr::{cast, col, lit, Expr};
+use datafusion::functions_aggregate::expr_fn::count;
+use datafusion::logical_expr::{cast, col, lit, when, Expr};
 use datafusion::prelude::SessionContext;
 use datafusion::scalar::ScalarValue;
 use serde::Serialize;
 
 use crate::query::catalog::{email_hash_expr, Catalog, Scope};
-use crate::query::{collect, QueryResult};
+use crate::query::{for_each_batch, QueryError, QueryResult};
 use crate::rollup::{dates_filter, DatePlan, UNIQUE_TYPES};
 
 /// Which events a statistics query covers.
@@ -200,24 +201,33 @@ pub async fn campaign_statistics(
         day_aligned && !q.raw_only,
     )?;
 
+    // One plan, one pass over each file: rows of (campaign, variant, event type, bounce type,
+    // email_hash, n). Raw events are pre-aggregated to one row per count key and, for opens
+    // and clicks, one row per distinct recipient; rollup rows come as they are stored. The
+    // sums and distinct sets are folded here, so neither the raw events nor the rollups are
+    // scanned twice.
     let raw = raw_events(&ctx, q, &plan).await?;
-    let mut counts_df = raw.clone().aggregate(
-        vec![
-            col("campaign_id"),
-            col("variant"),
-            col("event_type"),
+    let unique_type =
+        col("event_type").in_list(UNIQUE_TYPES.iter().map(|t| lit(*t)).collect(), false);
+    let no_hash = || cast(lit(ScalarValue::UInt64(None)), DataType::UInt64);
+    let hash = when(unique_type, email_hash_expr(col("email"))).otherwise(no_hash())?;
+    let raw_rows = raw
+        .aggregate(
+            vec![
+                col("campaign_id"),
+                col("variant"),
+                col("event_type"),
+                col("bounce_type"),
+                hash.alias("email_hash"),
+            ],
+            vec![count(lit(1)).alias("n")],
+        )?
+        .select(fold_columns(
             col("bounce_type"),
-        ],
-        vec![count(lit(1)).alias("n")],
-    )?;
-    let mut uniques_df = raw
-        .filter(col("event_type").in_list(UNIQUE_TYPES.iter().map(|t| lit(*t)).collect(), false))?
-        .select(vec![
-            col("campaign_id"),
-            col("variant"),
-            col("event_type"),
-            email_hash_expr(col("email")).alias("email_hash"),
-        ])?;
+            col("email_hash"),
+            col("n"),
+        ))?;
+    let mut rows = (!plan.raw.is_empty() || plan.rolled.is_empty()).then_some(raw_rows);
     if !plan.rolled.is_empty() {
         let mut f = dates_filter(&plan.rolled);
         if let Some(c) = &q.campaign_id {
@@ -227,113 +237,28 @@ pub async fn campaign_statistics(
             .table("rollup_hourly")
             .await?
             .filter(f.clone())?
-            .select(vec![
-                col("campaign_id"),
-                col("variant"),
-                col("event_type"),
-                col("bounce_type"),
-                col("n"),
-            ])?;
-        // Only rolled-up days: the raw side is empty, leave it out of the plan entirely.
-        counts_df = if plan.raw.is_empty() {
-            hourly
-        } else {
-            counts_df.union(hourly)?
-        };
-        let uniques = ctx.table("rollup_uniques").await?.filter(f)?.select(vec![
-            col("campaign_id"),
-            col("variant"),
-            col("event_type"),
-            col("email_hash"),
-        ])?;
-        uniques_df = if plan.raw.is_empty() {
-            uniques
-        } else {
-            uniques_df.union(uniques)?
-        };
+            .select(fold_columns(col("bounce_type"), no_hash(), col("n")))?;
+        let uniques = ctx
+            .table("rollup_uniques")
+            .await?
+            .filter(f)?
+            .select(fold_columns(
+                lit(ScalarValue::Utf8(None)),
+                col("email_hash"),
+                lit(0i64),
+            ))?;
+        let rolled = hourly.union(uniques)?;
+        rows = Some(match rows {
+            Some(r) => r.union(rolled)?,
+            None => rolled,
+        });
     }
-    let counts_df = counts_df.aggregate(
-        vec![
-            col("campaign_id"),
-            col("variant"),
-            col("event_type"),
-            col("bounce_type"),
-        ],
-        vec![cast(sum(col("n")), DataType::Int64).alias("total")],
-    )?;
-    let per_variant = uniques_df.clone().aggregate(
-        vec![col("campaign_id"), col("variant"), col("event_type")],
-        vec![count_distinct(col("email_hash")).alias("n")],
-    )?;
-    let per_campaign = uniques_df.aggregate(
-        vec![col("campaign_id"), col("event_type")],
-        vec![count_distinct(col("email_hash")).alias("n")],
-    )?;
-    let limits = catalog.limits();
-    let (counts, pv, pc) = futures::try_join!(
-        collect(&limits, counts_df),
-        collect(&limits, per_variant),
-        collect(&limits, per_campaign)
-    )?;
+    let rows = rows.expect("raw rows or rollup rows");
 
-    let mut variants: BTreeMap<Key, Counts> = BTreeMap::new();
-    let mut totals: BTreeMap<String, Counts> = BTreeMap::new();
-    for b in &counts {
-        let (c, v, t, bt, n) = (
-            strings(b, "campaign_id")?,
-            strings(b, "variant")?,
-            strings(b, "event_type")?,
-            strings(b, "bounce_type")?,
-            b.column_by_name("total")
-                .expect("total")
-                .as_primitive::<Int64Type>(),
-        );
-        for i in 0..b.num_rows() {
-            let (c, t) = (c.value(i), t.value(i));
-            let v = v.is_valid(i).then(|| v.value(i).to_string());
-            let bt = bt.is_valid(i).then(|| bt.value(i));
-            let n = n.value(i) as u64;
-            variants
-                .entry((c.to_string(), v))
-                .or_default()
-                .add_events(t, bt, n);
-            totals
-                .entry(c.to_string())
-                .or_default()
-                .add_events(t, bt, n);
-        }
-    }
-    for b in &pv {
-        let (c, v, t) = (
-            strings(b, "campaign_id")?,
-            strings(b, "variant")?,
-            strings(b, "event_type")?,
-        );
-        let n = b
-            .column_by_name("n")
-            .expect("n")
-            .as_primitive::<Int64Type>();
-        for i in 0..b.num_rows() {
-            let v = v.is_valid(i).then(|| v.value(i).to_string());
-            variants
-                .entry((c.value(i).to_string(), v))
-                .or_default()
-                .set_unique(t.value(i), n.value(i) as u64);
-        }
-    }
-    for b in &pc {
-        let (c, t) = (strings(b, "campaign_id")?, strings(b, "event_type")?);
-        let n = b
-            .column_by_name("n")
-            .expect("n")
-            .as_primitive::<Int64Type>();
-        for i in 0..b.num_rows() {
-            totals
-                .entry(c.value(i).to_string())
-                .or_default()
-                .set_unique(t.value(i), n.value(i) as u64);
-        }
-    }
+    let limits = catalog.limits();
+    let mut fold = Fold::new(limits.memory_bytes);
+    for_each_batch(&limits, rows, |b| fold.add(b)).await?;
+    let (variants, totals) = fold.finish();
 
     let mut out = Vec::with_capacity(totals.len());
     for (campaign_id, total) in totals {
@@ -367,6 +292,172 @@ pub async fn campaign_statistics(
         });
     }
     Ok(out)
+}
+
+/// The columns every row of the statistics plan has, in order and with one type each.
+fn fold_columns(bounce_type: Expr, email_hash: Expr, n: Expr) -> Vec<Expr> {
+    vec![
+        cast(col("campaign_id"), DataType::Utf8).alias("campaign_id"),
+        cast(col("variant"), DataType::Utf8).alias("variant"),
+        cast(col("event_type"), DataType::Utf8).alias("event_type"),
+        cast(bounce_type, DataType::Utf8).alias("bounce_type"),
+        cast(email_hash, DataType::UInt64).alias("email_hash"),
+        cast(n, DataType::Int64).alias("n"),
+    ]
+}
+
+/// A hasher for values that are already uniform 64-bit hashes (`email_hash`).
+#[derive(Default)]
+struct PassThrough(u64);
+
+impl Hasher for PassThrough {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = v;
+    }
+}
+
+type HashSet64 = HashSet<u64, BuildHasherDefault<PassThrough>>;
+
+/// Sums counts and collects distinct recipients per campaign and variant from the plan's rows.
+struct Fold {
+    /// Distinct values of campaign, variant and event type, numbered.
+    names: HashMap<String, u32>,
+    variants: HashMap<(u32, Option<u32>), Counts>,
+    totals: HashMap<u32, Counts>,
+    variant_sets: HashMap<(u32, Option<u32>, u32), HashSet64>,
+    campaign_sets: HashMap<(u32, u32), HashSet64>,
+    /// Hashes held in the sets, and how many the memory limit allows.
+    held: usize,
+    max_held: usize,
+}
+
+impl Fold {
+    fn new(memory_bytes: usize) -> Fold {
+        Fold {
+            names: HashMap::new(),
+            variants: HashMap::new(),
+            totals: HashMap::new(),
+            variant_sets: HashMap::new(),
+            campaign_sets: HashMap::new(),
+            held: 0,
+            // A set entry costs about 16 bytes with the table's spare room.
+            max_held: memory_bytes / 16,
+        }
+    }
+
+    fn id(&mut self, name: &str) -> u32 {
+        if let Some(id) = self.names.get(name) {
+            return *id;
+        }
+        let id = self.names.len() as u32;
+        self.names.insert(name.to_string(), id);
+        id
+    }
+
+    fn add(&mut self, b: &RecordBatch) -> QueryResult<()> {
+        let (c, v, t, bt) = (
+            strings(b, "campaign_id")?,
+            strings(b, "variant")?,
+            strings(b, "event_type")?,
+            strings(b, "bounce_type")?,
+        );
+        let h = b
+            .column_by_name("email_hash")
+            .expect("email_hash")
+            .as_primitive::<UInt64Type>();
+        let n = b
+            .column_by_name("n")
+            .expect("n")
+            .as_primitive::<Int64Type>();
+        for i in 0..b.num_rows() {
+            let (ci, ti) = (self.id(c.value(i)), t.value(i));
+            let vi = v.is_valid(i).then(|| self.id(v.value(i)));
+            let count = n.value(i) as u64;
+            if count > 0 {
+                let bt = bt.is_valid(i).then(|| bt.value(i));
+                self.variants
+                    .entry((ci, vi))
+                    .or_default()
+                    .add_events(ti, bt, count);
+                self.totals.entry(ci).or_default().add_events(ti, bt, count);
+            }
+            if h.is_valid(i) {
+                let (hash, tid) = (h.value(i), self.id(ti));
+                let added = u64::from(
+                    self.variant_sets
+                        .entry((ci, vi, tid))
+                        .or_default()
+                        .insert(hash),
+                ) + u64::from(
+                    self.campaign_sets
+                        .entry((ci, tid))
+                        .or_default()
+                        .insert(hash),
+                );
+                self.held += added as usize;
+                if self.held > self.max_held {
+                    return Err(QueryError::DataFusion(
+                        datafusion::error::DataFusionError::ResourcesExhausted(format!(
+                            "statistics hold more than {} distinct recipients (memory limit)",
+                            self.max_held
+                        )),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Counts per (campaign, variant) and per campaign, uniques included.
+    fn finish(self) -> (BTreeMap<Key, Counts>, BTreeMap<String, Counts>) {
+        let mut names = vec![String::new(); self.names.len()];
+        for (name, id) in self.names {
+            names[id as usize] = name;
+        }
+        let mut variants: BTreeMap<Key, Counts> = self
+            .variants
+            .into_iter()
+            .map(|((c, v), n)| {
+                (
+                    (
+                        names[c as usize].clone(),
+                        v.map(|v| names[v as usize].clone()),
+                    ),
+                    n,
+                )
+            })
+            .collect();
+        let mut totals: BTreeMap<String, Counts> = self
+            .totals
+            .into_iter()
+            .map(|(c, n)| (names[c as usize].clone(), n))
+            .collect();
+        for ((c, v, t), set) in self.variant_sets {
+            let key = (
+                names[c as usize].clone(),
+                v.map(|v| names[v as usize].clone()),
+            );
+            variants
+                .entry(key)
+                .or_default()
+                .set_unique(&names[t as usize], set.len() as u64);
+        }
+        for ((c, t), set) in self.campaign_sets {
+            totals
+                .entry(names[c as usize].clone())
+                .or_default()
+                .set_unique(&names[t as usize], set.len() as u64);
+        }
+        (variants, totals)
+    }
 }
 
 /// Raw events of the plan's raw partitions matching the query.
