@@ -33,9 +33,11 @@ fn callback_clock() -> broadside_campaigns::callbacks::Clock {
 /// `broadside serve` options for the campaign service.
 #[derive(clap::Args, Debug, Clone)]
 pub struct CampaignServeOptions {
-    /// Campaign store (SQLite file, created if missing): serves `/campaign` routes. Needs
-    /// --tokens unless listening on a loopback address.
-    #[arg(long, value_name = "FILE.db")]
+    /// Campaign store: a SQLite file (created if missing), or a PostgreSQL database that
+    /// several hosts share, `postgres://USER:PASSWORD@HOST:5432/DATABASE` (no TLS yet:
+    /// `sslmode=disable`); serves `/campaign` routes. Needs --tokens unless listening on a
+    /// loopback address.
+    #[arg(long, value_name = "FILE.db|URL")]
     pub campaigns: Option<PathBuf>,
     /// Folder of campaign specs named `<campaign id>.toml`: runs the scheduler, which sends
     /// due sendings through the send pipeline.
@@ -256,8 +258,12 @@ impl SpecExecutor {
         Ok((inline::materialise(s, &run_id(s), &spec, &dir)?, None))
     }
 
-    /// Where a sending's inline recipients are written: `<campaign store>.sendings/<run id>/`.
+    /// Where a sending's inline recipients are written: `<campaign store>.sendings/<run id>/`,
+    /// or `<specs>/sendings/<run id>/` for a PostgreSQL store, which has no folder.
     fn inline_dir(&self, s: &Sending) -> PathBuf {
+        if broadside_campaigns::store::is_postgres_location(&self.db) {
+            return self.specs.join("sendings").join(run_id(s));
+        }
         let name = self
             .db
             .file_name()
@@ -496,12 +502,13 @@ impl Executor for SpecExecutor {
 /// `broadside campaign` options.
 #[derive(clap::Args, Debug)]
 pub struct CampaignOptions {
-    /// Campaign store (SQLite file).
+    /// Campaign store: a SQLite file, or a PostgreSQL URL
+    /// `postgres://USER:PASSWORD@HOST:5432/DATABASE` (no TLS yet: `sslmode=disable`).
     #[arg(
         long,
         global = true,
         default_value = "campaigns.db",
-        value_name = "FILE.db"
+        value_name = "FILE.db|URL"
     )]
     pub db: PathBuf,
     /// Workspace.

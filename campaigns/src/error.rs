@@ -43,14 +43,14 @@ pub enum Error {
         id: i64,
     },
     /// The store failed.
-    #[error("campaign store {}: {context}: {source}", path.display())]
+    #[error("campaign store {location}: {context}: {source}")]
     Store {
-        /// The database file.
-        path: PathBuf,
+        /// The database file, or the PostgreSQL URL without its password.
+        location: String,
         /// What was being done.
         context: String,
         /// The underlying error.
-        source: rusqlite::Error,
+        source: StoreError,
     },
     /// A sending's executor (the send pipeline) failed.
     #[error("sending {sending_id}: {step} failed: {message}")]
@@ -97,6 +97,50 @@ pub enum Error {
         /// What went wrong.
         message: String,
     },
+}
+
+/// What failed underneath the store: the database driver, or a stored value that does not
+/// decode.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// SQLite (a file store).
+    #[error(transparent)]
+    Sqlite(#[from] rusqlite::Error),
+    /// PostgreSQL (a `postgres://` store). Shown with the server's own message, which the
+    /// driver keeps as the error's cause.
+    #[error("{}", postgres_message(.0))]
+    Postgres(postgres::Error),
+    /// A column holds something its field cannot be made of.
+    #[error("column {column}: {message}")]
+    Column {
+        /// The column, counted from 0 in the statement's result.
+        column: usize,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// The location asks for something this build does not do.
+    #[error("{0}")]
+    Unsupported(String),
+    /// A statement that must return a row returned none.
+    #[error("the statement returned no row")]
+    NoRow,
+}
+
+impl From<postgres::Error> for StoreError {
+    fn from(e: postgres::Error) -> Self {
+        StoreError::Postgres(e)
+    }
+}
+
+/// The driver's message followed by its cause ("db error: ERROR: relation … does not
+/// exist", "error connecting to server: Connection refused"): the driver's own `Display`
+/// leaves the cause out.
+fn postgres_message(e: &postgres::Error) -> String {
+    match std::error::Error::source(e) {
+        Some(cause) => format!("{e}: {cause}"),
+        None => e.to_string(),
+    }
 }
 
 fn list_or_none(v: &[String]) -> String {

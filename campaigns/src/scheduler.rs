@@ -378,6 +378,23 @@ mod tests {
     use std::path::Path;
     use std::sync::{Arc, Mutex};
 
+    use crate::store::db::values;
+    use crate::testing::{on_both_backends, TestStore};
+
+    // Each runs on a SQLite file and on a PostgreSQL database.
+    on_both_backends!(
+        restart_between_prepare_and_transmit_transmits_once,
+        prescheduled_prepares_early_and_transmits_on_time_across_a_restart,
+        a_transmission_interrupted_midway_is_resumed_after_the_lease_expires,
+        two_schedulers_racing_on_one_file_run_each_sending_once,
+        a_sending_in_preparation_is_left_alone_by_another_process,
+        the_heartbeat_keeps_the_lease_while_the_executor_works,
+        a_campaign_unapproved_after_the_due_query_does_not_start,
+        starting_a_sending_moves_its_campaign_to_sending_at_once,
+        nothing_resolved_is_skipped_and_executor_errors_fail,
+        sendings_wait_for_a_ready_campaign_and_fail_after_the_window,
+    );
+
     /// Counts calls per sending; `recipients` decides what prepare resolves.
     #[derive(Clone, Default)]
     struct Recorder {
@@ -480,10 +497,8 @@ mod tests {
         prescheduled: false,
     };
 
-    #[test]
-    fn restart_between_prepare_and_transmit_transmits_once() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("c.db");
+    fn restart_between_prepare_and_transmit_transmits_once(ts: &TestStore) {
+        let path = ts.path().to_path_buf();
         let (campaign, ids) = seed(&path, 1, NOW, T0);
         let id = ids[0];
         let ex = recorder();
@@ -526,10 +541,8 @@ mod tests {
         );
     }
 
-    #[test]
-    fn prescheduled_prepares_early_and_transmits_on_time_across_a_restart() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("c.db");
+    fn prescheduled_prepares_early_and_transmits_on_time_across_a_restart(ts: &TestStore) {
+        let path = ts.path().to_path_buf();
         let at = T0 + 3600;
         let sched_at = Schedule {
             when: When::Absolute { at },
@@ -558,10 +571,8 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_transmission_interrupted_midway_is_resumed_after_the_lease_expires() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("c.db");
+    fn a_transmission_interrupted_midway_is_resumed_after_the_lease_expires(ts: &TestStore) {
+        let path = ts.path().to_path_buf();
         let (_, ids) = seed(&path, 1, NOW, T0);
         let id = ids[0];
         {
@@ -603,10 +614,8 @@ mod tests {
         );
     }
 
-    #[test]
-    fn two_schedulers_racing_on_one_file_run_each_sending_once() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("c.db");
+    fn two_schedulers_racing_on_one_file_run_each_sending_once(ts: &TestStore) {
+        let path = ts.path().to_path_buf();
         let (campaign, ids) = seed(&path, 40, NOW, T0);
         let ex = recorder();
         let barrier = Arc::new(std::sync::Barrier::new(2));
@@ -641,10 +650,8 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_sending_in_preparation_is_left_alone_by_another_process() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("c.db");
+    fn a_sending_in_preparation_is_left_alone_by_another_process(ts: &TestStore) {
+        let path = ts.path().to_path_buf();
         let (_, ids) = seed(&path, 1, NOW, T0);
         let other_ex = recorder();
         let other = Arc::new(Mutex::new(scheduler(&path, "other", other_ex.clone())));
@@ -680,10 +687,8 @@ mod tests {
         );
     }
 
-    #[test]
-    fn the_heartbeat_keeps_the_lease_while_the_executor_works() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("c.db");
+    fn the_heartbeat_keeps_the_lease_while_the_executor_works(ts: &TestStore) {
+        let path = ts.path().to_path_buf();
         let (_, ids) = seed(&path, 1, NOW, T0);
         let watcher = Arc::new(Mutex::new(Store::open(&path).unwrap()));
         let w = watcher.clone();
@@ -704,12 +709,12 @@ mod tests {
                     assert!(!taken, "the lease must stay held while preparing");
                     let exp: i64 = {
                         let st = w.lock().unwrap();
-                        st.conn()
-                            .query_row(
+                        st.db()
+                            .query_one(
                                 "SELECT expires_at FROM leases WHERE sending_id = ?1",
-                                [id],
-                                |r| r.get(0),
+                                values![id],
                             )
+                            .and_then(|r| r.get(0))
                             .unwrap()
                     };
                     if exp > T0 + 60 {
@@ -737,10 +742,8 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_campaign_unapproved_after_the_due_query_does_not_start() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("c.db");
+    fn a_campaign_unapproved_after_the_due_query_does_not_start(ts: &TestStore) {
+        let path = ts.path().to_path_buf();
         let (campaign, ids) = seed(&path, 1, NOW, T0);
         let sched = scheduler(&path, "a", recorder());
         // the sending was found due and leased, then a client took the approval back
@@ -765,10 +768,8 @@ mod tests {
         assert_eq!(sched.executor().count(ids[0], "prepare"), 0);
     }
 
-    #[test]
-    fn starting_a_sending_moves_its_campaign_to_sending_at_once() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("c.db");
+    fn starting_a_sending_moves_its_campaign_to_sending_at_once(ts: &TestStore) {
+        let path = ts.path().to_path_buf();
         let (campaign, ids) = seed(&path, 1, NOW, T0);
         let sched = scheduler(&path, "a", recorder());
         assert!(sched.store().try_lease(ids[0], "a", T0, 900).unwrap());
@@ -793,10 +794,8 @@ mod tests {
         );
     }
 
-    #[test]
-    fn nothing_resolved_is_skipped_and_executor_errors_fail() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("c.db");
+    fn nothing_resolved_is_skipped_and_executor_errors_fail(ts: &TestStore) {
+        let path = ts.path().to_path_buf();
         let (campaign, ids) = seed(&path, 1, NOW, T0);
         let empty = Recorder::default();
         scheduler(&path, "a", empty.clone()).tick(T0).unwrap();
@@ -811,7 +810,8 @@ mod tests {
             CampaignState::Done
         );
 
-        let path2 = dir.path().join("d.db");
+        let ts2 = ts.another();
+        let path2 = ts2.path().to_path_buf();
         let (campaign, ids) = seed(&path2, 1, NOW, T0);
         let failing = Recorder {
             recipients: 2,
@@ -832,10 +832,8 @@ mod tests {
         );
     }
 
-    #[test]
-    fn sendings_wait_for_a_ready_campaign_and_fail_after_the_window() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("c.db");
+    fn sendings_wait_for_a_ready_campaign_and_fail_after_the_window(ts: &TestStore) {
+        let path = ts.path().to_path_buf();
         let store = Store::open(&path).unwrap();
         let c = store
             .create_campaign(

@@ -1,23 +1,30 @@
-//! The campaign store: one SQLite file (WAL) holding campaigns, sendings, audiences, templates,
-//! run history and scheduler leases.
+//! The campaign store: campaigns, sendings, audiences, templates, run history and scheduler
+//! leases, in one SQLite file (WAL) by default or in a PostgreSQL database that several
+//! hosts share (a `postgres://` location).
 //!
-//! Migrations are numbered and tracked in `PRAGMA user_version`; each runs in one transaction.
-//! The SQL sticks to what PostgreSQL also accepts (`INSERT .. ON CONFLICT .. DO UPDATE ..
-//! WHERE`, `RETURNING`, integer unix seconds, JSON kept as text) so a Postgres-backed store can
-//! reuse the statements; docs/campaigns.md lists the few differences.
+//! Migrations are numbered and applied in order, each in one transaction; SQLite tracks them
+//! in `PRAGMA user_version`, PostgreSQL in a one-row `schema_version` table. The SQL sticks to
+//! what both accept (`INSERT .. ON CONFLICT .. DO UPDATE .. WHERE`, `RETURNING`, integer unix
+//! seconds, JSON kept as text), so each statement is written once: [`db`] rewrites the
+//! placeholders (`?1` → `$1`) and `INTEGER PRIMARY KEY` (→ an identity column) for
+//! PostgreSQL, and hands rows back in one form, so each row decoder exists once.
 //!
-//! Every write that reads first runs in `BEGIN IMMEDIATE`, so two processes on one file
-//! serialise instead of failing with a busy error halfway through.
+//! Every write that reads first runs in a transaction that serialises with every other such
+//! transaction across processes: `BEGIN IMMEDIATE` on SQLite, a transaction-wide advisory
+//! lock on PostgreSQL ([`db::Conn::begin`] explains the choice).
 
 use std::path::{Path, PathBuf};
 
-use rusqlite::{params, Connection, OptionalExtension, Row};
 use serde::{Deserialize, Serialize};
 
 use crate::audience::{Condition, Recipients};
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, StoreError};
 use crate::schedule::{Schedule, Timing};
 use crate::state::{CampaignState, SendingStatus};
+
+pub(crate) mod db;
+
+use db::{values, Conn, Row};
 
 /// The schema, one entry per version; `user_version` counts the ones applied.
 const MIGRATIONS: &[&str] = &[
@@ -237,11 +244,19 @@ pub struct StatusPatch<'a> {
     pub error: Option<&'a str>,
 }
 
-/// A handle to the store file.
+/// A handle to the store: a SQLite file or a PostgreSQL database.
 #[derive(Debug)]
 pub struct Store {
-    conn: Connection,
+    db: Conn,
     path: PathBuf,
+    /// The location for messages: the path, or the URL without its password.
+    location: String,
+}
+
+/// Whether a store location (`--db`, `--campaigns`) names a PostgreSQL database
+/// (`postgres://…` or `postgresql://…`) rather than a SQLite file.
+pub fn is_postgres_location(location: &Path) -> bool {
+    location.to_str().is_some_and(db::is_postgres_url)
 }
 
 const SENDING_COLS: &str =
@@ -251,104 +266,188 @@ const CAMPAIGN_COLS: &str = "id, workspace_id, name, domain, list_id, segments, 
      event_callback, created_at, updated_at";
 
 impl Store {
-    /// Opens (creating if needed) and migrates the store at `path`.
-    pub fn open(path: &Path) -> Result<Store> {
-        let conn = Connection::open(path).map_err(|e| Error::Store {
-            path: path.to_path_buf(),
-            context: "opening".into(),
-            source: e,
+    /// Opens (creating if needed) and migrates the store at `location`: a SQLite file, or a
+    /// PostgreSQL database given as a `postgres://user:password@host:port/database` URL (the
+    /// database must exist; its tables are created). TLS to PostgreSQL is not supported yet.
+    pub fn open(location: &Path) -> Result<Store> {
+        match location.to_str() {
+            Some(url) if db::is_postgres_url(url) => Store::connect(url),
+            _ => Store::open_sqlite(location),
+        }
+    }
+
+    /// [`Store::open`] for a location given as text (a file path or a `postgres://` URL).
+    pub fn connect(location: &str) -> Result<Store> {
+        if !db::is_postgres_url(location) {
+            return Store::open_sqlite(Path::new(location));
+        }
+        let redacted = db::redact_url(location);
+        let pg = db::Pg::connect(location).map_err(|source| Error::Store {
+            location: redacted.clone(),
+            context: "connecting".into(),
+            source,
         })?;
         let store = Store {
-            conn,
-            path: path.to_path_buf(),
+            db: Conn::Postgres(Box::new(pg)),
+            path: PathBuf::from(location),
+            location: redacted,
         };
-        store.setup()?;
+        store.migrate()?;
         Ok(store)
     }
 
-    /// The store file.
+    fn open_sqlite(path: &Path) -> Result<Store> {
+        let conn = rusqlite::Connection::open(path).map_err(|e| Error::Store {
+            location: path.display().to_string(),
+            context: "opening".into(),
+            source: e.into(),
+        })?;
+        let store = Store {
+            db: Conn::Sqlite(conn),
+            path: path.to_path_buf(),
+            location: path.display().to_string(),
+        };
+        store.setup_sqlite()?;
+        store.migrate()?;
+        Ok(store)
+    }
+
+    /// The location as given to [`Store::open`]: the store file, or the PostgreSQL URL
+    /// (with its password: print [`Store::location`] instead).
     pub fn path(&self) -> &Path {
         &self.path
     }
 
-    pub(crate) fn conn(&self) -> &Connection {
-        &self.conn
+    /// The location for messages and logs: the file, or the URL without its password.
+    pub fn location(&self) -> &str {
+        &self.location
     }
 
-    pub(crate) fn store_error(&self, context: String, source: rusqlite::Error) -> Error {
+    /// Whether this store is a PostgreSQL database.
+    pub fn is_postgres(&self) -> bool {
+        matches!(self.db, Conn::Postgres(_))
+    }
+
+    pub(crate) fn db(&self) -> &Conn {
+        &self.db
+    }
+
+    pub(crate) fn store_error(&self, context: String, source: StoreError) -> Error {
         Error::Store {
-            path: self.path.clone(),
+            location: self.location.clone(),
             context,
             source,
         }
     }
 
-    fn err(&self, context: impl Into<String>) -> impl FnOnce(rusqlite::Error) -> Error + '_ {
+    fn err(&self, context: impl Into<String>) -> impl FnOnce(StoreError) -> Error + '_ {
         let context = context.into();
-        move |source| Error::Store {
-            path: self.path.clone(),
-            context,
-            source,
-        }
+        move |source| self.store_error(context, source)
     }
 
-    fn setup(&self) -> Result<()> {
-        self.conn
-            .busy_timeout(std::time::Duration::from_secs(10))
-            .map_err(self.err("setting the busy timeout"))?;
+    fn setup_sqlite(&self) -> Result<()> {
+        let Conn::Sqlite(conn) = &self.db else {
+            return Ok(());
+        };
+        let err = |context: &str| {
+            let context = context.to_string();
+            move |e: rusqlite::Error| self.store_error(context, e.into())
+        };
+        conn.busy_timeout(std::time::Duration::from_secs(10))
+            .map_err(err("setting the busy timeout"))?;
         // WAL lets readers (the API) run beside one writer (the scheduler); FULL sync because
         // a status change is a promise about what was sent.
-        self.conn
-            .pragma_update(None, "journal_mode", "WAL")
-            .map_err(self.err("enabling WAL"))?;
-        self.conn
-            .execute_batch("PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;")
-            .map_err(self.err("setting pragmas"))?;
-        self.tx(|c| {
-            let version: usize = c
-                .query_row("PRAGMA user_version", [], |r| r.get(0))
-                .map_err(self.err("reading the schema version"))?;
-            if version > MIGRATIONS.len() {
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(err("enabling WAL"))?;
+        conn.execute_batch("PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;")
+            .map_err(err("setting pragmas"))?;
+        Ok(())
+    }
+
+    /// Applies the migrations this store lacks, in one transaction; refuses a store whose
+    /// schema is newer than this build.
+    fn migrate(&self) -> Result<()> {
+        self.tx(|| {
+            if self.is_postgres() {
+                // Inside the transaction's advisory lock: two processes starting on an empty
+                // database do not both create it. (Without the notice "already exists,
+                // skipping" at every open.)
+                self.db
+                    .batch(
+                        "SET LOCAL client_min_messages = warning;
+                        CREATE TABLE IF NOT EXISTS schema_version (
+                            id INTEGER PRIMARY KEY CHECK (id = 1),
+                            version BIGINT NOT NULL
+                        )",
+                    )
+                    .map_err(self.err("creating the schema_version table"))?;
+            }
+            let version = self.schema_version()?;
+            if version > MIGRATIONS.len() as i64 {
                 return Err(Error::invalid(
                     "store",
                     format!(
                         "{} has schema version {version}, newer than this build knows ({}); upgrade broadside",
-                        self.path.display(),
+                        self.location,
                         MIGRATIONS.len()
                     ),
                 ));
             }
-            for (i, m) in MIGRATIONS.iter().enumerate().skip(version) {
-                c.execute_batch(m)
-                    .map_err(self.err(format!("applying migration {}", i + 1)))?;
-                c.pragma_update(None, "user_version", i + 1)
-                    .map_err(self.err("recording the schema version"))?;
+            for (i, m) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+                let context = format!("applying migration {}", i + 1);
+                match &self.db {
+                    Conn::Sqlite(_) => self.db.batch(m),
+                    Conn::Postgres(_) => self.db.batch(&db::postgres_ddl(m)),
+                }
+                .map_err(self.err(context))?;
+                self.set_schema_version(i as i64 + 1)?;
             }
             Ok(())
         })
     }
 
+    fn set_schema_version(&self, version: i64) -> Result<()> {
+        match &self.db {
+            Conn::Sqlite(c) => c
+                .pragma_update(None, "user_version", version)
+                .map_err(StoreError::from),
+            Conn::Postgres(_) => self
+                .db
+                .execute(
+                    "INSERT INTO schema_version (id, version) VALUES (1, ?1)
+                     ON CONFLICT (id) DO UPDATE SET version = excluded.version",
+                    values![version],
+                )
+                .map(drop),
+        }
+        .map_err(self.err("recording the schema version"))
+    }
+
     /// The schema version applied.
     pub fn schema_version(&self) -> Result<i64> {
-        self.conn
-            .query_row("PRAGMA user_version", [], |r| r.get(0))
+        let sql = match &self.db {
+            Conn::Sqlite(_) => "PRAGMA user_version",
+            Conn::Postgres(_) => "SELECT version FROM schema_version WHERE id = 1",
+        };
+        self.db
+            .query_opt(sql, &[])
+            .and_then(|r| r.map_or(Ok(0), |r| r.get(0)))
             .map_err(self.err("reading the schema version"))
     }
 
-    /// Runs `f` in a `BEGIN IMMEDIATE` transaction (committed if it returns `Ok`).
-    fn tx<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
-        self.conn
-            .execute_batch("BEGIN IMMEDIATE")
+    /// Runs `f` in a transaction that serialises with the store's other transactions across
+    /// processes (committed if it returns `Ok`); see [`db::Conn::begin`].
+    fn tx<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        self.db
+            .begin()
             .map_err(self.err("starting a transaction"))?;
-        match f(&self.conn) {
+        match f() {
             Ok(v) => {
-                self.conn
-                    .execute_batch("COMMIT")
-                    .map_err(self.err("committing"))?;
+                self.db.end(true).map_err(self.err("committing"))?;
                 Ok(v)
             }
             Err(e) => {
-                let _ = self.conn.execute_batch("ROLLBACK");
+                let _ = self.db.end(false);
                 Err(e)
             }
         }
@@ -379,11 +478,11 @@ impl Store {
         let segments = serde_json::to_string(&fields.segments.clone().unwrap_or_default())
             .expect("ids serialise");
         let id: i64 = self
-            .conn
-            .query_row(
+            .db
+            .query_one(
                 "INSERT INTO campaigns (workspace_id, name, domain, list_id, segments, state, send_at, event_callback, created_at, updated_at)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9) RETURNING id",
-                params![
+                values![
                     ws,
                     name,
                     fields.domain.flatten(),
@@ -394,34 +493,32 @@ impl Store {
                     fields.event_callback.clone().flatten(),
                     now
                 ],
-                |r| r.get(0),
             )
+            .and_then(|r| r.get(0))
             .map_err(self.err("creating a campaign"))?;
         self.campaign(ws, id)
     }
 
     /// One campaign of a workspace.
     pub fn campaign(&self, ws: &str, id: i64) -> Result<Campaign> {
-        self.conn
-            .query_row(
+        self.db
+            .query_opt(
                 &format!("SELECT {CAMPAIGN_COLS} FROM campaigns WHERE id = ?1 AND workspace_id = ?2 AND deleted_at IS NULL"),
-                params![id, ws],
-                campaign_row,
+                values![id, ws],
             )
-            .optional()
+            .and_then(|r| r.as_ref().map(campaign_row).transpose())
             .map_err(self.err(format!("reading campaign {id}")))?
             .ok_or(Error::NotFound { what: "campaign", id })
     }
 
     /// A campaign by id alone, deleted or not (the scheduler's view).
     pub fn campaign_by_id(&self, id: i64) -> Result<Campaign> {
-        self.conn
-            .query_row(
+        self.db
+            .query_opt(
                 &format!("SELECT {CAMPAIGN_COLS} FROM campaigns WHERE id = ?1"),
-                params![id],
-                campaign_row,
+                values![id],
             )
-            .optional()
+            .and_then(|r| r.as_ref().map(campaign_row).transpose())
             .map_err(self.err(format!("reading campaign {id}")))?
             .ok_or(Error::NotFound {
                 what: "campaign",
@@ -431,15 +528,13 @@ impl Store {
 
     /// A workspace's campaigns, newest first.
     pub fn campaigns(&self, ws: &str) -> Result<Vec<Campaign>> {
-        let mut st = self
-            .conn
-            .prepare(&format!("SELECT {CAMPAIGN_COLS} FROM campaigns WHERE workspace_id = ?1 AND deleted_at IS NULL ORDER BY id DESC"))
-            .map_err(self.err("listing campaigns"))?;
-        let rows = st
-            .query_map(params![ws], campaign_row)
-            .and_then(|r| r.collect::<rusqlite::Result<Vec<_>>>())
-            .map_err(self.err("listing campaigns"))?;
-        Ok(rows)
+        self.db
+            .query(
+                &format!("SELECT {CAMPAIGN_COLS} FROM campaigns WHERE workspace_id = ?1 AND deleted_at IS NULL ORDER BY id DESC"),
+                values![ws],
+            )
+            .and_then(|rows| rows.iter().map(campaign_row).collect())
+            .map_err(self.err("listing campaigns"))
     }
 
     /// Changes a campaign; a state change must be a client transition (409 otherwise).
@@ -451,7 +546,7 @@ impl Store {
         f: &CampaignFields,
         now: i64,
     ) -> Result<Campaign> {
-        self.tx(|c| {
+        self.tx(|| {
             let cur = self.campaign(ws, id)?;
             let state = match f.state {
                 Some(s) => cur.state.client_transition(id, s)?,
@@ -478,37 +573,38 @@ impl Store {
                 .segments
                 .as_ref()
                 .map(|s| serde_json::to_string(s).expect("ids serialise"));
-            c.execute(
-                "UPDATE campaigns SET
-                    name = COALESCE(?3, name),
-                    domain = CASE WHEN ?4 THEN ?5 ELSE domain END,
-                    list_id = CASE WHEN ?6 THEN ?7 ELSE list_id END,
-                    segments = COALESCE(?8, segments),
-                    state = ?9,
-                    send_at = CASE WHEN ?10 THEN ?11 ELSE send_at END,
-                    event_callback = CASE WHEN ?12 THEN ?13 ELSE event_callback END,
-                    updated_at = ?14
-                 WHERE id = ?1 AND workspace_id = ?2",
-                params![
-                    id,
-                    ws,
-                    f.name,
-                    f.domain.is_some(),
-                    f.domain.flatten(),
-                    f.list.is_some(),
-                    f.list.flatten(),
-                    segments,
-                    state.as_str(),
-                    f.when.is_some(),
-                    f.when.flatten(),
-                    f.event_callback.is_some(),
-                    f.event_callback.clone().flatten(),
-                    now
-                ],
-            )
-            .map_err(self.err(format!("updating campaign {id}")))?;
+            self.db
+                .execute(
+                    "UPDATE campaigns SET
+                        name = COALESCE(?3, name),
+                        domain = CASE WHEN ?4 THEN ?5 ELSE domain END,
+                        list_id = CASE WHEN ?6 THEN ?7 ELSE list_id END,
+                        segments = COALESCE(?8, segments),
+                        state = ?9,
+                        send_at = CASE WHEN ?10 THEN ?11 ELSE send_at END,
+                        event_callback = CASE WHEN ?12 THEN ?13 ELSE event_callback END,
+                        updated_at = ?14
+                     WHERE id = ?1 AND workspace_id = ?2",
+                    values![
+                        id,
+                        ws,
+                        f.name.as_deref(),
+                        f.domain.is_some(),
+                        f.domain.flatten(),
+                        f.list.is_some(),
+                        f.list.flatten(),
+                        segments,
+                        state.as_str(),
+                        f.when.is_some(),
+                        f.when.flatten(),
+                        f.event_callback.is_some(),
+                        f.event_callback.clone().flatten(),
+                        now
+                    ],
+                )
+                .map_err(self.err(format!("updating campaign {id}")))?;
             if state == CampaignState::Cancelled {
-                self.cancel_pending_sendings(c, id, now)?;
+                self.cancel_pending_sendings(id, now)?;
             }
             self.campaign(ws, id)
         })
@@ -517,7 +613,7 @@ impl Store {
     /// Deletes a campaign (kept for history, hidden from the API) and cancels its pending
     /// sendings; refused while it is SENDING.
     pub fn delete_campaign(&self, ws: &str, id: i64, now: i64) -> Result<Campaign> {
-        self.tx(|c| {
+        self.tx(|| {
             let cur = self.campaign(ws, id)?;
             if cur.state == CampaignState::Sending {
                 return Err(Error::Transition {
@@ -533,41 +629,46 @@ impl Store {
                         .collect(),
                 });
             }
-            c.execute(
-                "UPDATE campaigns SET deleted_at = ?2, updated_at = ?2 WHERE id = ?1",
-                params![id, now],
-            )
-            .map_err(self.err(format!("deleting campaign {id}")))?;
-            self.cancel_pending_sendings(c, id, now)?;
+            self.db
+                .execute(
+                    "UPDATE campaigns SET deleted_at = ?2, updated_at = ?2 WHERE id = ?1",
+                    values![id, now],
+                )
+                .map_err(self.err(format!("deleting campaign {id}")))?;
+            self.cancel_pending_sendings(id, now)?;
             Ok(cur)
         })
     }
 
-    fn cancel_pending_sendings(&self, c: &Connection, campaign_id: i64, now: i64) -> Result<()> {
-        c.execute(
-            "UPDATE sendings SET status = 'cancelled', updated_at = ?2
-             WHERE campaign_id = ?1 AND status IN ('draft', 'scheduled')",
-            params![campaign_id, now],
-        )
-        .map_err(self.err(format!("cancelling the sendings of campaign {campaign_id}")))?;
+    fn cancel_pending_sendings(&self, campaign_id: i64, now: i64) -> Result<()> {
+        self.db
+            .execute(
+                "UPDATE sendings SET status = 'cancelled', updated_at = ?2
+                 WHERE campaign_id = ?1 AND status IN ('draft', 'scheduled')",
+                values![campaign_id, now],
+            )
+            .map_err(self.err(format!("cancelling the sendings of campaign {campaign_id}")))?;
         Ok(())
     }
 
     /// Moves a campaign along as its sendings progress: READY → SENDING when one starts,
     /// SENDING → DONE / ERROR when none is scheduled or executing any more.
     pub fn sync_campaign_state(&self, campaign_id: i64, now: i64) -> Result<Option<CampaignState>> {
-        self.tx(|c| {
-            let state: String = c
-                .query_row("SELECT state FROM campaigns WHERE id = ?1", params![campaign_id], |r| r.get(0))
+        self.tx(|| {
+            let state: String = self
+                .db
+                .query_one("SELECT state FROM campaigns WHERE id = ?1", values![campaign_id])
+                .and_then(|r| r.get(0))
                 .map_err(self.err(format!("reading campaign {campaign_id}")))?;
             let state: CampaignState = state.parse()?;
             let count = |statuses: &str| -> Result<i64> {
-                c.query_row(
-                    &format!("SELECT COUNT(*) FROM sendings WHERE campaign_id = ?1 AND status IN ({statuses})"),
-                    params![campaign_id],
-                    |r| r.get(0),
-                )
-                .map_err(self.err(format!("counting the sendings of campaign {campaign_id}")))
+                self.db
+                    .query_one(
+                        &format!("SELECT COUNT(*) FROM sendings WHERE campaign_id = ?1 AND status IN ({statuses})"),
+                        values![campaign_id],
+                    )
+                    .and_then(|r| r.get(0))
+                    .map_err(self.err(format!("counting the sendings of campaign {campaign_id}")))
             };
             let started = count("'preparing', 'prepared', 'transmitting', 'transmitted', 'skipped', 'failed'")?;
             let open = count("'scheduled', 'preparing', 'prepared', 'transmitting'")?;
@@ -583,11 +684,12 @@ impl Store {
                 _ => next,
             };
             if let Some(n) = next {
-                c.execute(
-                    "UPDATE campaigns SET state = ?2, updated_at = ?3 WHERE id = ?1",
-                    params![campaign_id, n.as_str(), now],
-                )
-                .map_err(self.err(format!("updating campaign {campaign_id}")))?;
+                self.db
+                    .execute(
+                        "UPDATE campaigns SET state = ?2, updated_at = ?3 WHERE id = ?1",
+                        values![campaign_id, n.as_str(), now],
+                    )
+                    .map_err(self.err(format!("updating campaign {campaign_id}")))?;
             }
             Ok(next)
         })
@@ -604,25 +706,24 @@ impl Store {
         now: i64,
     ) -> Result<i64> {
         let json = serde_json::to_string(conditions).expect("conditions serialise");
-        self.conn
-            .query_row(
+        self.db
+            .query_one(
                 "INSERT INTO audiences (workspace_id, name, conditions, created_at) VALUES (?1, ?2, ?3, ?4) RETURNING id",
-                params![ws, name, json, now],
-                |r| r.get(0),
+                values![ws, name, json, now],
             )
+            .and_then(|r| r.get(0))
             .map_err(self.err("creating an audience"))
     }
 
     /// A stored audience's conditions.
     pub fn audience(&self, ws: &str, id: i64) -> Result<Vec<Condition>> {
         let json: String = self
-            .conn
-            .query_row(
+            .db
+            .query_opt(
                 "SELECT conditions FROM audiences WHERE id = ?1 AND workspace_id = ?2",
-                params![id, ws],
-                |r| r.get(0),
+                values![id, ws],
             )
-            .optional()
+            .and_then(|r| r.map(|r| r.get(0)).transpose())
             .map_err(self.err(format!("reading audience {id}")))?
             .ok_or(Error::NotFound {
                 what: "audience",
@@ -644,7 +745,7 @@ impl Store {
         recipients: &Recipients,
         now: i64,
     ) -> Result<Sending> {
-        self.tx(|c| {
+        self.tx(|| {
             let camp = self.campaign(ws, campaign_id)?;
             if camp.state.is_final() {
                 return Err(Error::Transition {
@@ -666,11 +767,12 @@ impl Store {
             } else {
                 SendingStatus::Draft
             };
-            let id: i64 = c
-                .query_row(
+            let id: i64 = self
+                .db
+                .query_one(
                     "INSERT INTO sendings (campaign_id, status, schedule, desired_at, prepare_at, fail_at, recipients, created_at, updated_at)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8) RETURNING id",
-                    params![
+                    values![
                         campaign_id,
                         status.as_str(),
                         serde_json::to_string(schedule).expect("schedule serialises"),
@@ -680,8 +782,8 @@ impl Store {
                         serde_json::to_string(recipients).expect("recipients serialise"),
                         now
                     ],
-                    |r| r.get(0),
                 )
+                .and_then(|r| r.get(0))
                 .map_err(self.err(format!("adding a sending to campaign {campaign_id}")))?;
             self.sending(ws, id)
         })
@@ -689,26 +791,24 @@ impl Store {
 
     /// One sending of a workspace.
     pub fn sending(&self, ws: &str, id: i64) -> Result<Sending> {
-        self.conn
-            .query_row(
+        self.db
+            .query_opt(
                 &format!("SELECT {SENDING_COLS} FROM sendings s JOIN campaigns c ON c.id = s.campaign_id WHERE s.id = ?1 AND c.workspace_id = ?2"),
-                params![id, ws],
-                sending_row,
+                values![id, ws],
             )
-            .optional()
+            .and_then(|r| r.as_ref().map(sending_row).transpose())
             .map_err(self.err(format!("reading sending {id}")))?
             .ok_or(Error::NotFound { what: "sending", id })
     }
 
     /// A sending by id alone (the scheduler's view).
     pub fn sending_by_id(&self, id: i64) -> Result<Sending> {
-        self.conn
-            .query_row(
+        self.db
+            .query_opt(
                 &format!("SELECT {SENDING_COLS} FROM sendings s WHERE s.id = ?1"),
-                params![id],
-                sending_row,
+                values![id],
             )
-            .optional()
+            .and_then(|r| r.as_ref().map(sending_row).transpose())
             .map_err(self.err(format!("reading sending {id}")))?
             .ok_or(Error::NotFound {
                 what: "sending",
@@ -719,17 +819,15 @@ impl Store {
     /// A campaign's sendings, oldest first.
     pub fn sendings(&self, ws: &str, campaign_id: i64) -> Result<Vec<Sending>> {
         self.campaign(ws, campaign_id)?;
-        let mut st = self
-            .conn
-            .prepare(&format!(
-                "SELECT {SENDING_COLS} FROM sendings s WHERE s.campaign_id = ?1 ORDER BY s.id"
-            ))
-            .map_err(self.err("listing sendings"))?;
-        let rows = st
-            .query_map(params![campaign_id], sending_row)
-            .and_then(|r| r.collect::<rusqlite::Result<Vec<_>>>())
-            .map_err(self.err("listing sendings"))?;
-        Ok(rows)
+        self.db
+            .query(
+                &format!(
+                    "SELECT {SENDING_COLS} FROM sendings s WHERE s.campaign_id = ?1 ORDER BY s.id"
+                ),
+                values![campaign_id],
+            )
+            .and_then(|rows| rows.iter().map(sending_row).collect())
+            .map_err(self.err("listing sendings"))
     }
 
     /// Gives a draft or scheduled sending a new schedule (a draft schedule makes it a draft).
@@ -742,7 +840,7 @@ impl Store {
         timing: Option<Timing>,
         now: i64,
     ) -> Result<Sending> {
-        self.tx(|c| {
+        self.tx(|| {
             let cur = self.sending(ws, id)?;
             let to = if timing.is_some() {
                 SendingStatus::Scheduled
@@ -752,34 +850,39 @@ impl Store {
             if !cur.status.reschedulable() {
                 cur.status.transition(id, to)?;
             }
-            c.execute(
-                "UPDATE sendings SET status = ?2, schedule = ?3, desired_at = ?4, prepare_at = ?5, fail_at = ?6, updated_at = ?7
-                 WHERE id = ?1 AND status IN ('draft', 'scheduled')",
-                params![
-                    id,
-                    to.as_str(),
-                    serde_json::to_string(schedule).expect("schedule serialises"),
-                    timing.map(|t| t.desired_at),
-                    timing.map(|t| t.prepare_at),
-                    timing.map(|t| t.fail_at),
-                    now
-                ],
-            )
-            .map_err(self.err(format!("rescheduling sending {id}")))?;
+            self.db
+                .execute(
+                    "UPDATE sendings SET status = ?2, schedule = ?3, desired_at = ?4, prepare_at = ?5, fail_at = ?6, updated_at = ?7
+                     WHERE id = ?1 AND status IN ('draft', 'scheduled')",
+                    values![
+                        id,
+                        to.as_str(),
+                        serde_json::to_string(schedule).expect("schedule serialises"),
+                        timing.map(|t| t.desired_at),
+                        timing.map(|t| t.prepare_at),
+                        timing.map(|t| t.fail_at),
+                        now
+                    ],
+                )
+                .map_err(self.err(format!("rescheduling sending {id}")))?;
             self.sending(ws, id)
         })
     }
 
     /// Cancels a draft or scheduled sending (409 once execution has started or it ended).
     pub fn cancel_sending(&self, ws: &str, id: i64, now: i64) -> Result<Sending> {
-        self.tx(|c| {
+        self.tx(|| {
             let cur = self.sending(ws, id)?;
             cur.status.transition(id, SendingStatus::Cancelled)?;
-            c.execute(
-                "UPDATE sendings SET status = 'cancelled', updated_at = ?2 WHERE id = ?1",
-                params![id, now],
-            )
-            .map_err(self.err(format!("cancelling sending {id}")))?;
+            // Still conditional: on PostgreSQL a single-statement change (`fail_overdue`,
+            // `advance`) may commit between the read above and this write.
+            self.db
+                .execute(
+                    "UPDATE sendings SET status = 'cancelled', updated_at = ?2
+                     WHERE id = ?1 AND status IN ('draft', 'scheduled')",
+                    values![id, now],
+                )
+                .map_err(self.err(format!("cancelling sending {id}")))?;
             self.sending(ws, id)
         })
     }
@@ -789,51 +892,51 @@ impl Store {
     /// Sendings whose preparation time has come, of READY or SENDING campaigns, oldest due
     /// first; includes ones left preparing / prepared / transmitting by a stopped process.
     pub fn due_sendings(&self, now: i64, limit: usize) -> Result<Vec<Sending>> {
-        let mut st = self
-            .conn
-            .prepare(&format!(
-                "SELECT {SENDING_COLS} FROM sendings s JOIN campaigns c ON c.id = s.campaign_id
-                 WHERE s.status IN ('scheduled', 'preparing', 'prepared', 'transmitting')
-                   AND s.prepare_at <= ?1 AND c.state IN ('READY', 'SENDING')
-                 ORDER BY s.prepare_at, s.id LIMIT ?2"
-            ))
-            .map_err(self.err("finding due sendings"))?;
-        let rows = st
-            .query_map(params![now, limit as i64], sending_row)
-            .and_then(|r| r.collect::<rusqlite::Result<Vec<_>>>())
-            .map_err(self.err("finding due sendings"))?;
-        Ok(rows)
+        self.db
+            .query(
+                &format!(
+                    "SELECT {SENDING_COLS} FROM sendings s JOIN campaigns c ON c.id = s.campaign_id
+                     WHERE s.status IN ('scheduled', 'preparing', 'prepared', 'transmitting')
+                       AND s.prepare_at <= ?1 AND c.state IN ('READY', 'SENDING')
+                     ORDER BY s.prepare_at, s.id LIMIT ?2"
+                ),
+                values![now, limit as i64],
+            )
+            .and_then(|rows| rows.iter().map(sending_row).collect())
+            .map_err(self.err("finding due sendings"))
     }
 
     /// Fails sendings past their window that no live lease holds; returns their ids.
     pub fn fail_overdue(&self, now: i64) -> Result<Vec<(i64, i64)>> {
-        let mut st = self
-            .conn
-            .prepare(
-                "UPDATE sendings SET status = 'failed', updated_at = ?1,
-                    error = 'not finished within the window after the desired time'
-                 WHERE status IN ('scheduled', 'preparing', 'prepared', 'transmitting') AND fail_at < ?1
-                   AND NOT EXISTS (SELECT 1 FROM leases l WHERE l.sending_id = sendings.id AND l.expires_at > ?1)
-                 RETURNING id, campaign_id",
-            )
-            .map_err(self.err("failing overdue sendings"))?;
-        let rows = st
-            .query_map(params![now], |r| Ok((r.get(0)?, r.get(1)?)))
-            .and_then(|r| r.collect::<rusqlite::Result<Vec<_>>>())
-            .map_err(self.err("failing overdue sendings"))?;
-        Ok(rows)
+        // In a store transaction so that on PostgreSQL, too, it does not interleave with a
+        // transaction that reads a sending and then changes it.
+        self.tx(|| {
+            self.db
+                .query(
+                    "UPDATE sendings SET status = 'failed', updated_at = ?1,
+                        error = 'not finished within the window after the desired time'
+                     WHERE status IN ('scheduled', 'preparing', 'prepared', 'transmitting') AND fail_at < ?1
+                       AND NOT EXISTS (SELECT 1 FROM leases l WHERE l.sending_id = sendings.id AND l.expires_at > ?1)
+                     RETURNING id, campaign_id",
+                    values![now],
+                )
+                .and_then(|rows| rows.iter().map(|r| Ok((r.get(0)?, r.get(1)?))).collect())
+                .map_err(self.err("failing overdue sendings"))
+        })
     }
 
     /// Takes (or renews) the lease on a sending until `now + ttl`; false when another holder
-    /// has a lease that has not expired. One statement, so it is atomic across processes.
+    /// has a lease that has not expired. One statement, so it is atomic across processes (on
+    /// PostgreSQL the conflicting row is locked and its `WHERE` checked against the latest
+    /// version, so of two racing holders only one changes the row).
     pub fn try_lease(&self, sending_id: i64, holder: &str, now: i64, ttl: i64) -> Result<bool> {
         let n = self
-            .conn
+            .db
             .execute(
                 "INSERT INTO leases (sending_id, holder, expires_at) VALUES (?1, ?2, ?3)
                  ON CONFLICT (sending_id) DO UPDATE SET holder = excluded.holder, expires_at = excluded.expires_at
                  WHERE leases.expires_at <= ?4 OR leases.holder = excluded.holder",
-                params![sending_id, holder, now + ttl, now],
+                values![sending_id, holder, now + ttl, now],
             )
             .map_err(self.err(format!("leasing sending {sending_id}")))?;
         Ok(n == 1)
@@ -841,10 +944,10 @@ impl Store {
 
     /// Gives a lease back (only if `holder` still has it).
     pub fn release_lease(&self, sending_id: i64, holder: &str) -> Result<()> {
-        self.conn
+        self.db
             .execute(
                 "DELETE FROM leases WHERE sending_id = ?1 AND holder = ?2",
-                params![sending_id, holder],
+                values![sending_id, holder],
             )
             .map_err(self.err(format!("releasing the lease on sending {sending_id}")))?;
         Ok(())
@@ -863,7 +966,7 @@ impl Store {
     ) -> Result<bool> {
         from.transition(id, to)?;
         let n = self
-            .conn
+            .db
             .execute(
                 "UPDATE sendings SET status = ?3, updated_at = ?4,
                     prepared = COALESCE(?5, prepared),
@@ -871,7 +974,7 @@ impl Store {
                     error = COALESCE(?7, error)
                  WHERE id = ?1 AND status = ?2
                    AND EXISTS (SELECT 1 FROM leases l WHERE l.sending_id = ?1 AND l.holder = ?8 AND l.expires_at > ?4)",
-                params![
+                values![
                     id,
                     from.as_str(),
                     to.as_str(),
@@ -891,16 +994,16 @@ impl Store {
     /// `holder` has a live lease. False when any of that no longer holds, e.g. the campaign
     /// was cancelled after the sending was found due.
     pub fn begin_execution(&self, id: i64, holder: &str, now: i64) -> Result<bool> {
-        self.tx(|c| {
-            let campaign_id: Option<i64> = c
-                .query_row(
+        self.tx(|| {
+            let campaign_id: Option<i64> = self
+                .db
+                .query_opt(
                     "SELECT s.campaign_id FROM sendings s JOIN campaigns c ON c.id = s.campaign_id
                      WHERE s.id = ?1 AND s.status = 'scheduled' AND c.state IN ('READY', 'SENDING')
                        AND c.deleted_at IS NULL",
-                    params![id],
-                    |r| r.get(0),
+                    values![id],
                 )
-                .optional()
+                .and_then(|r| r.map(|r| r.get(0)).transpose())
                 .map_err(self.err(format!("reading sending {id}")))?;
             let Some(campaign_id) = campaign_id else {
                 return Ok(false);
@@ -909,23 +1012,24 @@ impl Store {
             if !self.advance(id, holder, SendingStatus::Scheduled, SendingStatus::Preparing, now, &none)? {
                 return Ok(false);
             }
-            c.execute(
-                "UPDATE campaigns SET state = 'SENDING', updated_at = ?2 WHERE id = ?1 AND state = 'READY'",
-                params![campaign_id, now],
-            )
-            .map_err(self.err(format!("updating campaign {campaign_id}")))?;
+            self.db
+                .execute(
+                    "UPDATE campaigns SET state = 'SENDING', updated_at = ?2 WHERE id = ?1 AND state = 'READY'",
+                    values![campaign_id, now],
+                )
+                .map_err(self.err(format!("updating campaign {campaign_id}")))?;
             Ok(true)
         })
     }
 
     /// Records the start of an execution step; returns the run id.
     pub fn start_run(&self, sending_id: i64, step: &str, holder: &str, now: i64) -> Result<i64> {
-        self.conn
-            .query_row(
+        self.db
+            .query_one(
                 "INSERT INTO runs (sending_id, step, holder, started_at) VALUES (?1, ?2, ?3, ?4) RETURNING id",
-                params![sending_id, step, holder, now],
-                |r| r.get(0),
+                values![sending_id, step, holder, now],
             )
+            .and_then(|r| r.get(0))
             .map_err(self.err(format!("recording a run of sending {sending_id}")))
     }
 
@@ -937,10 +1041,10 @@ impl Store {
         outcome: &str,
         detail: Option<&str>,
     ) -> Result<()> {
-        self.conn
+        self.db
             .execute(
                 "UPDATE runs SET finished_at = ?2, outcome = ?3, detail = ?4 WHERE id = ?1",
-                params![run_id, now, outcome, detail],
+                values![run_id, now, outcome, detail],
             )
             .map_err(self.err(format!("recording the end of run {run_id}")))?;
         Ok(())
@@ -951,18 +1055,18 @@ impl Store {
     /// Records (or updates) which sending a send run belongs to and where its events are
     /// stored; the executor calls it before the run writes anything.
     pub fn record_sending_run(&self, run: &SendingRun, now: i64) -> Result<()> {
-        self.conn
+        self.db
             .execute(
                 "INSERT INTO sending_runs (run_id, sending_id, workspace_id, campaign_key, recorded_at)
                  VALUES (?1, ?2, ?3, ?4, ?5)
                  ON CONFLICT (run_id) DO UPDATE SET sending_id = excluded.sending_id,
                     workspace_id = excluded.workspace_id, campaign_key = excluded.campaign_key,
                     recorded_at = excluded.recorded_at",
-                params![
-                    run.run_id,
+                values![
+                    &run.run_id,
                     run.sending_id,
-                    run.workspace_id,
-                    run.campaign_key,
+                    &run.workspace_id,
+                    &run.campaign_key,
                     now
                 ],
             )
@@ -973,14 +1077,16 @@ impl Store {
     /// The sending run with this id, its campaign and the campaign's callback (`None` for a
     /// deleted campaign); `None` when no sending recorded the run.
     pub fn run_callback(&self, run_id: &str) -> Result<Option<RunCallback>> {
-        self.conn
-            .query_row(
+        self.db
+            .query_opt(
                 "SELECT r.run_id, r.sending_id, r.workspace_id, r.campaign_key, c.id,
                         CASE WHEN c.deleted_at IS NULL THEN c.event_callback END
                  FROM sending_runs r JOIN sendings s ON s.id = r.sending_id
                  JOIN campaigns c ON c.id = s.campaign_id WHERE r.run_id = ?1",
-                params![run_id],
-                |r| {
+                values![run_id],
+            )
+            .and_then(|r| {
+                r.map(|r| {
                     Ok(RunCallback {
                         run: SendingRun {
                             run_id: r.get(0)?,
@@ -991,35 +1097,34 @@ impl Store {
                         campaign_id: r.get(4)?,
                         event_callback: r.get(5)?,
                     })
-                },
-            )
-            .optional()
+                })
+                .transpose()
+            })
             .map_err(self.err(format!("looking up run {run_id}")))
     }
 
     /// Whether the relay already relayed this event file (path relative to the event root).
     pub fn is_relayed(&self, path: &str) -> Result<bool> {
-        self.conn
-            .query_row(
+        self.db
+            .query_opt(
                 "SELECT 1 FROM relayed_event_files WHERE path = ?1",
-                params![path],
-                |_| Ok(()),
+                values![path],
             )
-            .optional()
             .map(|r| r.is_some())
             .map_err(self.err(format!("reading relay progress of {path}")))
     }
 
     /// Records event files as relayed (path, events queued), in one transaction.
     pub fn mark_relayed(&self, files: &[(String, u64)], now: i64) -> Result<()> {
-        self.tx(|c| {
+        self.tx(|| {
             for (path, events) in files {
-                c.execute(
-                    "INSERT INTO relayed_event_files (path, events, relayed_at) VALUES (?1, ?2, ?3)
-                     ON CONFLICT (path) DO NOTHING",
-                    params![path, *events as i64, now],
-                )
-                .map_err(self.err(format!("recording relay progress of {path}")))?;
+                self.db
+                    .execute(
+                        "INSERT INTO relayed_event_files (path, events, relayed_at) VALUES (?1, ?2, ?3)
+                         ON CONFLICT (path) DO NOTHING",
+                        values![path, *events as i64, now],
+                    )
+                    .map_err(self.err(format!("recording relay progress of {path}")))?;
             }
             Ok(())
         })
@@ -1027,47 +1132,49 @@ impl Store {
 
     /// How many event files were relayed.
     pub fn relayed_files(&self) -> Result<u64> {
-        self.conn
-            .query_row("SELECT COUNT(*) FROM relayed_event_files", [], |r| {
-                r.get::<_, i64>(0)
-            })
+        self.db
+            .query_one("SELECT COUNT(*) FROM relayed_event_files", &[])
+            .and_then(|r| r.get::<i64>(0))
             .map(|n| n as u64)
             .map_err(self.err("counting relayed event files"))
     }
 
     /// A sending's run history, oldest first.
     pub fn runs(&self, sending_id: i64) -> Result<Vec<RunRecord>> {
-        let mut st = self
-            .conn
-            .prepare(
+        self.db
+            .query(
                 "SELECT id, sending_id, step, holder, started_at, finished_at, outcome, detail
                  FROM runs WHERE sending_id = ?1 ORDER BY id",
+                values![sending_id],
             )
-            .map_err(self.err("reading run history"))?;
-        let rows = st
-            .query_map(params![sending_id], |r| {
-                Ok(RunRecord {
-                    id: r.get(0)?,
-                    sending_id: r.get(1)?,
-                    step: r.get(2)?,
-                    holder: r.get(3)?,
-                    started_at: r.get(4)?,
-                    finished_at: r.get(5)?,
-                    outcome: r.get(6)?,
-                    detail: r.get(7)?,
-                })
+            .and_then(|rows| {
+                rows.iter()
+                    .map(|r| {
+                        Ok(RunRecord {
+                            id: r.get(0)?,
+                            sending_id: r.get(1)?,
+                            step: r.get(2)?,
+                            holder: r.get(3)?,
+                            started_at: r.get(4)?,
+                            finished_at: r.get(5)?,
+                            outcome: r.get(6)?,
+                            detail: r.get(7)?,
+                        })
+                    })
+                    .collect()
             })
-            .and_then(|r| r.collect::<rusqlite::Result<Vec<_>>>())
-            .map_err(self.err("reading run history"))?;
-        Ok(rows)
+            .map_err(self.err("reading run history"))
     }
 }
 
-fn bad_column(i: usize, e: impl std::fmt::Display) -> rusqlite::Error {
-    rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, e.to_string().into())
+fn bad_column(column: usize, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Column {
+        column,
+        message: e.to_string(),
+    }
 }
 
-fn campaign_row(r: &Row<'_>) -> rusqlite::Result<Campaign> {
+fn campaign_row(r: &Row) -> std::result::Result<Campaign, StoreError> {
     let segments: String = r.get(5)?;
     let state: String = r.get(6)?;
     Ok(Campaign {
@@ -1085,7 +1192,7 @@ fn campaign_row(r: &Row<'_>) -> rusqlite::Result<Campaign> {
     })
 }
 
-fn sending_row(r: &Row<'_>) -> rusqlite::Result<Sending> {
+fn sending_row(r: &Row) -> std::result::Result<Sending, StoreError> {
     let status: String = r.get(2)?;
     let schedule: String = r.get(3)?;
     let recipients: String = r.get(7)?;
@@ -1119,6 +1226,7 @@ fn sending_row(r: &Row<'_>) -> rusqlite::Result<Sending> {
 mod tests {
     use super::*;
     use crate::schedule::{ScheduleConfig, When};
+    use crate::testing::{on_both_backends, TestStore};
 
     fn fields(name: &str) -> CampaignFields {
         CampaignFields {
@@ -1127,34 +1235,72 @@ mod tests {
         }
     }
 
-    #[test]
-    fn migrates_once_and_reopens() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("c.db");
-        let s = Store::open(&path).unwrap();
+    const NOW: Schedule = Schedule {
+        when: When::Immediate,
+        prescheduled: false,
+    };
+
+    /// A campaign in `state` with one sending scheduled now (at `t`).
+    fn campaign_with_sending(s: &Store, state: CampaignState, t: i64) -> (Campaign, Sending) {
+        let c = s
+            .create_campaign(
+                "ws",
+                &CampaignFields {
+                    state: Some(state),
+                    ..fields("x")
+                },
+                t,
+            )
+            .unwrap();
+        let timing = NOW
+            .resolve(t, &ScheduleConfig::default(), "schedule")
+            .unwrap();
+        let sd = s
+            .create_sending("ws", c.id, &NOW, timing, &Recipients::default(), t)
+            .unwrap();
+        (c, sd)
+    }
+
+    on_both_backends!(
+        migrates_once_and_reopens,
+        campaigns_are_scoped_to_their_workspace,
+        cancelling_a_campaign_cancels_its_pending_sendings_only,
+        a_recorded_run_maps_to_its_campaign_callback_and_relay_progress_is_kept,
+        campaign_fields_and_states_change_only_as_the_state_machine_allows,
+        sendings_are_rescheduled_cancelled_and_found_due,
+        overdue_sendings_fail_unless_a_live_lease_holds_them,
+        only_one_of_two_handles_holds_a_lease_until_it_expires,
+        execution_begins_once_across_two_handles,
+        run_history_and_templates_are_kept,
+    );
+
+    fn migrates_once_and_reopens(ts: &TestStore) {
+        let s = ts.open();
         assert_eq!(s.schema_version().unwrap(), MIGRATIONS.len() as i64);
         let c = s.create_campaign("ws", &fields("spring"), 100).unwrap();
         drop(s);
-        let s = Store::open(&path).unwrap();
+        let s = ts.open();
+        assert_eq!(s.schema_version().unwrap(), MIGRATIONS.len() as i64);
         assert_eq!(s.campaign("ws", c.id).unwrap().name, "spring");
-        let mode: String = s
-            .conn
-            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
-            .unwrap();
-        assert_eq!(mode, "wal");
-        s.conn.pragma_update(None, "user_version", 99).unwrap();
+        let next = s.create_campaign("ws", &fields("summer"), 101).unwrap();
+        assert!(next.id > c.id, "ids keep counting after a reopen");
+        if let Conn::Sqlite(conn) = &s.db {
+            let mode: String = conn
+                .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+                .unwrap();
+            assert_eq!(mode, "wal");
+        }
+        s.set_schema_version(99).unwrap();
         drop(s);
-        let e = Store::open(&path).unwrap_err().to_string();
+        let e = Store::open(ts.path()).unwrap_err().to_string();
         assert!(
             e.contains("schema version 99, newer than this build knows"),
             "{e}"
         );
     }
 
-    #[test]
-    fn campaigns_are_scoped_to_their_workspace() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(&dir.path().join("c.db")).unwrap();
+    fn campaigns_are_scoped_to_their_workspace(ts: &TestStore) {
+        let s = ts.open();
         let c = s.create_campaign("a", &fields("x"), 1).unwrap();
         assert!(matches!(
             s.campaign("b", c.id),
@@ -1170,16 +1316,10 @@ mod tests {
         assert_eq!(s.campaign("a", c.id).unwrap().name, "x");
     }
 
-    #[test]
-    fn cancelling_a_campaign_cancels_its_pending_sendings_only() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(&dir.path().join("c.db")).unwrap();
+    fn cancelling_a_campaign_cancels_its_pending_sendings_only(ts: &TestStore) {
+        let s = ts.open();
         let c = s.create_campaign("a", &fields("x"), 1).unwrap();
-        let sched = Schedule {
-            when: When::Immediate,
-            prescheduled: false,
-        };
-        let t = sched
+        let t = NOW
             .resolve(10, &ScheduleConfig::default(), "schedule")
             .unwrap();
         let draft = s
@@ -1193,7 +1333,7 @@ mod tests {
             )
             .unwrap();
         let due = s
-            .create_sending("a", c.id, &sched, t, &Recipients::default(), 10)
+            .create_sending("a", c.id, &NOW, t, &Recipients::default(), 10)
             .unwrap();
         assert_eq!(
             (draft.status, due.status),
@@ -1210,17 +1350,12 @@ mod tests {
         for sd in s.sendings("a", c.id).unwrap() {
             assert_eq!(sd.status, SendingStatus::Cancelled, "sending {}", sd.id);
         }
-        let e = s
-            .reschedule_sending("a", due.id, &sched, t, 30)
-            .unwrap_err();
+        let e = s.reschedule_sending("a", due.id, &NOW, t, 30).unwrap_err();
         assert!(matches!(e, Error::Transition { .. }), "{e}");
     }
 
-    #[test]
-    fn a_recorded_run_maps_to_its_campaign_callback_and_relay_progress_is_kept() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("c.db");
-        let s = Store::open(&path).unwrap();
+    fn a_recorded_run_maps_to_its_campaign_callback_and_relay_progress_is_kept(ts: &TestStore) {
+        let s = ts.open();
         let c = s
             .create_campaign(
                 "a",
@@ -1262,10 +1397,541 @@ mod tests {
         s.mark_relayed(&files, 5).unwrap();
         s.mark_relayed(&files, 6).unwrap();
         drop(s);
-        let s = Store::open(&path).unwrap();
+        let s = ts.open();
         assert!(s
             .is_relayed("workspace_id=demo/date=2026-01-01/f.parquet")
             .unwrap());
         assert_eq!(s.relayed_files().unwrap(), 1);
+    }
+
+    fn campaign_fields_and_states_change_only_as_the_state_machine_allows(ts: &TestStore) {
+        let s = ts.open();
+        let c = s
+            .create_campaign(
+                "ws",
+                &CampaignFields {
+                    domain: Some(Some(3)),
+                    list: Some(Some(7)),
+                    segments: Some(vec![1, 2]),
+                    when: Some(Some(500)),
+                    ..fields("spring")
+                },
+                10,
+            )
+            .unwrap();
+        assert_eq!(
+            (c.state, c.domain, c.list, c.segments.clone(), c.when),
+            (
+                CampaignState::Draft,
+                Some(3),
+                Some(7),
+                vec![1, 2],
+                Some(500)
+            )
+        );
+        let e = s
+            .create_campaign(
+                "ws",
+                &CampaignFields {
+                    state: Some(CampaignState::Done),
+                    ..fields("late")
+                },
+                10,
+            )
+            .unwrap_err();
+        assert!(matches!(e, Error::Transition { .. }), "{e}");
+
+        // `None` leaves a field alone, `Some(None)` clears it.
+        let edit = CampaignFields {
+            name: Some("spring sale".into()),
+            domain: Some(None),
+            state: Some(CampaignState::Scheduled),
+            ..Default::default()
+        };
+        let u = s.update_campaign("ws", c.id, &edit, 20).unwrap();
+        assert_eq!(
+            (
+                u.name.as_str(),
+                u.domain,
+                u.list,
+                u.when,
+                u.state,
+                u.updated_at
+            ),
+            (
+                "spring sale",
+                None,
+                Some(7),
+                Some(500),
+                CampaignState::Scheduled,
+                20
+            )
+        );
+        let to = |state| CampaignFields {
+            state: Some(state),
+            ..Default::default()
+        };
+        let e = s
+            .update_campaign("ws", c.id, &to(CampaignState::Done), 21)
+            .unwrap_err();
+        assert!(matches!(e, Error::Transition { .. }), "{e}");
+        assert_eq!(
+            s.campaign("ws", c.id).unwrap().state,
+            CampaignState::Scheduled,
+            "a refused change changes nothing"
+        );
+        let e = s.update_campaign("ws", c.id, &fields(" "), 21).unwrap_err();
+        assert!(matches!(e, Error::Invalid { .. }), "{e}");
+
+        // A SENDING campaign cannot be deleted; a READY one can, and is hidden afterwards.
+        let (sending, sd) = campaign_with_sending(&s, CampaignState::Ready, 30);
+        assert!(s.try_lease(sd.id, "p", 30, 60).unwrap());
+        assert!(s.begin_execution(sd.id, "p", 30).unwrap());
+        let e = s.delete_campaign("ws", sending.id, 31).unwrap_err();
+        assert!(matches!(e, Error::Transition { .. }), "{e}");
+        s.update_campaign("ws", c.id, &to(CampaignState::Ready), 32)
+            .unwrap();
+        s.delete_campaign("ws", c.id, 33).unwrap();
+        assert!(matches!(
+            s.campaign("ws", c.id),
+            Err(Error::NotFound { .. })
+        ));
+        assert_eq!(s.campaign_by_id(c.id).unwrap().id, c.id);
+        let listed: Vec<i64> = s.campaigns("ws").unwrap().iter().map(|c| c.id).collect();
+        assert_eq!(listed, vec![sending.id]);
+    }
+
+    fn sendings_are_rescheduled_cancelled_and_found_due(ts: &TestStore) {
+        let s = ts.open();
+        let c = s
+            .create_campaign(
+                "ws",
+                &CampaignFields {
+                    state: Some(CampaignState::Ready),
+                    ..fields("x")
+                },
+                1,
+            )
+            .unwrap();
+        let cfg = ScheduleConfig::default();
+        let draft = s
+            .create_sending(
+                "ws",
+                c.id,
+                &Schedule::DRAFT,
+                None,
+                &Recipients::default(),
+                1,
+            )
+            .unwrap();
+        assert_eq!((draft.status, draft.timing), (SendingStatus::Draft, None));
+        assert!(s.due_sendings(i64::MAX / 2, 10).unwrap().is_empty());
+
+        let later = Schedule {
+            when: When::Absolute { at: 1000 },
+            prescheduled: false,
+        };
+        let t = later.resolve(1, &cfg, "schedule").unwrap().unwrap();
+        let r = s
+            .reschedule_sending("ws", draft.id, &later, Some(t), 2)
+            .unwrap();
+        assert_eq!(
+            (r.status, r.timing, r.schedule),
+            (SendingStatus::Scheduled, Some(t), later)
+        );
+        let soon = NOW.resolve(5, &cfg, "schedule").unwrap();
+        let other = s
+            .create_sending("ws", c.id, &NOW, soon, &Recipients::default(), 5)
+            .unwrap();
+        let due: Vec<i64> = s
+            .due_sendings(t.prepare_at, 10)
+            .unwrap()
+            .iter()
+            .map(|d| d.id)
+            .collect();
+        assert_eq!(due, vec![other.id, draft.id], "oldest due first");
+        assert_eq!(s.due_sendings(t.prepare_at - 1, 10).unwrap().len(), 1);
+        assert_eq!(s.due_sendings(t.prepare_at, 1).unwrap().len(), 1, "limit");
+
+        let x = s.cancel_sending("ws", other.id, 6).unwrap();
+        assert_eq!(x.status, SendingStatus::Cancelled);
+        let e = s.cancel_sending("ws", other.id, 7).unwrap_err();
+        assert!(matches!(e, Error::Transition { .. }), "{e}");
+        let e = s
+            .reschedule_sending("ws", other.id, &NOW, soon, 7)
+            .unwrap_err();
+        assert!(matches!(e, Error::Transition { .. }), "{e}");
+        let due: Vec<i64> = s
+            .due_sendings(t.prepare_at, 10)
+            .unwrap()
+            .iter()
+            .map(|d| d.id)
+            .collect();
+        assert_eq!(due, vec![draft.id]);
+        // A campaign that is not READY or SENDING has nothing due.
+        let back = CampaignFields {
+            state: Some(CampaignState::Scheduled),
+            ..Default::default()
+        };
+        s.update_campaign("ws", c.id, &back, 8).unwrap();
+        assert!(s.due_sendings(t.prepare_at, 10).unwrap().is_empty());
+        assert!(matches!(
+            s.sending("other-ws", draft.id),
+            Err(Error::NotFound { .. })
+        ));
+        assert_eq!(s.sendings("ws", c.id).unwrap().len(), 2);
+    }
+
+    fn overdue_sendings_fail_unless_a_live_lease_holds_them(ts: &TestStore) {
+        let s = ts.open();
+        let (c, a) = campaign_with_sending(&s, CampaignState::Ready, 100);
+        let b = s
+            .create_sending("ws", c.id, &NOW, a.timing, &Recipients::default(), 100)
+            .unwrap();
+        let fail_at = a.timing.unwrap().fail_at;
+        assert!(s.fail_overdue(fail_at).unwrap().is_empty(), "not before");
+        assert!(s.try_lease(a.id, "p", fail_at, 60).unwrap());
+        assert_eq!(s.fail_overdue(fail_at + 1).unwrap(), vec![(b.id, c.id)]);
+        let b = s.sending_by_id(b.id).unwrap();
+        assert_eq!(b.status, SendingStatus::Failed);
+        assert!(b.error.unwrap().contains("window"));
+        assert_eq!(
+            s.sending_by_id(a.id).unwrap().status,
+            SendingStatus::Scheduled,
+            "leased: left alone"
+        );
+        assert_eq!(
+            s.fail_overdue(fail_at + 60).unwrap(),
+            vec![(a.id, c.id)],
+            "once the lease expired"
+        );
+        assert!(s.fail_overdue(fail_at + 61).unwrap().is_empty());
+        assert_eq!(
+            s.sync_campaign_state(c.id, fail_at + 61).unwrap(),
+            Some(CampaignState::Error),
+            "a campaign whose sendings all failed ends in ERROR"
+        );
+    }
+
+    fn only_one_of_two_handles_holds_a_lease_until_it_expires(ts: &TestStore) {
+        let (one, two) = (ts.open(), ts.open());
+        let (_, sd) = campaign_with_sending(&one, CampaignState::Ready, 100);
+        assert!(one.try_lease(sd.id, "one", 100, 60).unwrap());
+        assert!(!two.try_lease(sd.id, "two", 101, 60).unwrap());
+        assert!(one.try_lease(sd.id, "one", 150, 60).unwrap(), "renewed");
+        assert!(
+            !two.try_lease(sd.id, "two", 200, 60).unwrap(),
+            "renewal holds"
+        );
+        two.release_lease(sd.id, "two").unwrap();
+        assert!(
+            !two.try_lease(sd.id, "two", 209, 60).unwrap(),
+            "not released by another holder"
+        );
+        assert!(
+            two.try_lease(sd.id, "two", 210, 60).unwrap(),
+            "expired: taken over"
+        );
+        assert!(!one.try_lease(sd.id, "one", 211, 60).unwrap());
+        let none = StatusPatch::default();
+        assert!(
+            !one.advance(
+                sd.id,
+                "one",
+                SendingStatus::Scheduled,
+                SendingStatus::Preparing,
+                211,
+                &none
+            )
+            .unwrap(),
+            "a lost lease moves nothing"
+        );
+        two.release_lease(sd.id, "two").unwrap();
+        assert!(one.try_lease(sd.id, "one", 212, 60).unwrap(), "released");
+
+        // Racing: many holders on their own handles, one lease each round.
+        let rounds = 20;
+        let holders = 4;
+        let barrier = std::sync::Arc::new(std::sync::Barrier::new(holders));
+        let winners: Vec<Vec<i64>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..holders)
+                .map(|h| {
+                    let barrier = barrier.clone();
+                    scope.spawn(move || {
+                        let s = ts.open();
+                        let mut won = Vec::new();
+                        for round in 0..rounds {
+                            barrier.wait();
+                            // each round starts after the last lease (ttl 10) expired
+                            let now = 1_000 + 10 * round;
+                            if s.try_lease(sd.id, &format!("h{h}"), now, 10).unwrap() {
+                                won.push(round);
+                            }
+                        }
+                        won
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let mut all: Vec<i64> = winners.concat();
+        all.sort();
+        assert_eq!(
+            all,
+            (0..rounds).collect::<Vec<_>>(),
+            "exactly one winner per round"
+        );
+    }
+
+    fn execution_begins_once_across_two_handles(ts: &TestStore) {
+        let (one, two) = (ts.open(), ts.open());
+        let (c, sd) = campaign_with_sending(&one, CampaignState::Ready, 100);
+        assert!(!two.begin_execution(sd.id, "two", 100).unwrap(), "no lease");
+        // The same holder name on both handles has a live lease on both: the status
+        // compare-and-set alone must let only one begin.
+        assert!(one.try_lease(sd.id, "proc", 100, 60).unwrap());
+        // Each thread has a handle of its own (a store is used by one thread at a time).
+        let barrier = std::sync::Barrier::new(2);
+        let started: Vec<bool> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..2)
+                .map(|_| {
+                    let barrier = &barrier;
+                    scope.spawn(move || {
+                        let s = ts.open();
+                        barrier.wait();
+                        s.begin_execution(sd.id, "proc", 101).unwrap()
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(started.iter().filter(|b| **b).count(), 1, "{started:?}");
+        assert!(!one.begin_execution(sd.id, "proc", 102).unwrap());
+        assert_eq!(
+            two.sending_by_id(sd.id).unwrap().status,
+            SendingStatus::Preparing
+        );
+        assert_eq!(
+            two.campaign("ws", c.id).unwrap().state,
+            CampaignState::Sending
+        );
+        let patch = StatusPatch {
+            prepared: Some("handle"),
+            recipient_count: Some(0),
+            error: None,
+        };
+        assert!(two
+            .advance(
+                sd.id,
+                "proc",
+                SendingStatus::Preparing,
+                SendingStatus::Skipped,
+                103,
+                &patch
+            )
+            .unwrap());
+        let s = one.sending_by_id(sd.id).unwrap();
+        assert_eq!(
+            (s.status, s.prepared.as_deref(), s.recipient_count),
+            (SendingStatus::Skipped, Some("handle"), Some(0))
+        );
+        assert_eq!(
+            one.sync_campaign_state(c.id, 104).unwrap(),
+            Some(CampaignState::Done)
+        );
+    }
+
+    fn run_history_and_templates_are_kept(ts: &TestStore) {
+        let s = ts.open();
+        let (_, sd) = campaign_with_sending(&s, CampaignState::Ready, 100);
+        let a = s.start_run(sd.id, "prepare", "p", 101).unwrap();
+        s.finish_run(a, 102, "ok", Some("3 recipients")).unwrap();
+        let b = s.start_run(sd.id, "transmit", "q", 103).unwrap();
+        let runs = s.runs(sd.id).unwrap();
+        assert_eq!(runs.len(), 2);
+        assert_eq!(
+            runs[0],
+            RunRecord {
+                id: a,
+                sending_id: sd.id,
+                step: "prepare".into(),
+                holder: "p".into(),
+                started_at: 101,
+                finished_at: Some(102),
+                outcome: Some("ok".into()),
+                detail: Some("3 recipients".into()),
+            }
+        );
+        assert_eq!((runs[1].id, runs[1].finished_at), (b, None));
+
+        assert_eq!(s.save_template("ws", "t", "v1", "h1", 1).unwrap(), None);
+        s.mark_template_synced("ws", "t", "h1", 2).unwrap();
+        assert_eq!(
+            s.save_template("ws", "t", "v2", "h2", 3)
+                .unwrap()
+                .as_deref(),
+            Some("h1")
+        );
+        assert_eq!(s.save_template("other", "t", "v1", "h1", 4).unwrap(), None);
+    }
+
+    #[test]
+    fn placeholders_and_passwords_are_rewritten() {
+        assert_eq!(
+            db::postgres_sql(
+                "SELECT '?1', \"a?2\" FROM t WHERE a = ?1 AND b IN (?12, ?3) AND c = '?'"
+            ),
+            "SELECT '?1', \"a?2\" FROM t WHERE a = $1 AND b IN ($12, $3) AND c = '?'"
+        );
+        assert_eq!(
+            db::postgres_ddl("id INTEGER PRIMARY KEY, s BIGINT PRIMARY KEY"),
+            "id BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY, s BIGINT PRIMARY KEY"
+        );
+        assert_eq!(
+            db::redact_url("postgres://broadside:S3cr%40t@db.example:5432/broadside?sslmode=disable&password=x"),
+            "postgres://broadside@db.example:5432/broadside?sslmode=disable"
+        );
+        assert_eq!(
+            db::redact_url("postgresql://h/db?password=x"),
+            "postgresql://h/db"
+        );
+        assert!(is_postgres_location(Path::new("POSTGRES://h/db")));
+        assert!(is_postgres_location(Path::new("postgresql://h/db")));
+        assert!(!is_postgres_location(Path::new("campaigns.db")));
+        assert!(!is_postgres_location(Path::new("./postgres/c.db")));
+    }
+
+    #[test]
+    fn an_unreachable_server_is_named_without_its_password() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        // nothing listens on the port once the listener above is dropped
+        let url = format!("postgres://broadside:Secret-Pw@127.0.0.1:{port}/broadside");
+        let e = Store::open(Path::new(&url)).unwrap_err().to_string();
+        assert!(!e.contains("Secret-Pw"), "{e}");
+        assert!(
+            e.starts_with(&format!(
+                "campaign store postgres://broadside@127.0.0.1:{port}/broadside: connecting: error connecting to server"
+            )),
+            "{e}"
+        );
+        let e = Store::connect("postgres://u:pw@127.0.0.1:1/db?sslmode=require")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("TLS to PostgreSQL is not supported yet"), "{e}");
+        assert!(!e.contains(":pw@"), "{e}");
+    }
+
+    #[test]
+    fn postgres_refuses_a_wrong_password_and_names_the_store() {
+        let ts = TestStore::postgres();
+        let server = ts.pg_server().unwrap();
+        let Some(port) = server.own_port() else {
+            eprintln!("BROADSIDE_PG_URL server: its authentication is not ours to set up");
+            return;
+        };
+        let (role, password) = crate::testing::PASSWORD_ROLE;
+        let db = ts
+            .path()
+            .to_str()
+            .unwrap()
+            .rsplit('/')
+            .next()
+            .unwrap()
+            .split('?')
+            .next()
+            .unwrap()
+            .to_string();
+        let url = |pw: &str| format!("postgres://{role}:{pw}@127.0.0.1:{port}/{db}");
+        let e = Store::open(Path::new(&url("Wrong-Guess")))
+            .unwrap_err()
+            .to_string();
+        assert!(!e.contains("Wrong-Guess"), "{e}");
+        assert!(
+            e.starts_with(&format!(
+                "campaign store postgres://{role}@127.0.0.1:{port}/{db}: connecting: "
+            )),
+            "{e}"
+        );
+        assert!(e.contains("password authentication failed"), "{e}");
+        // The right password gets in (as the database's owner, who may create the tables in
+        // `public` from PostgreSQL 15 on).
+        server
+            .admin()
+            .batch_execute(&format!("ALTER DATABASE {db} OWNER TO {role}"))
+            .unwrap();
+        let s = Store::open(Path::new(&url(password))).unwrap();
+        assert_eq!(
+            s.location(),
+            format!("postgres://{role}@127.0.0.1:{port}/{db}")
+        );
+        assert_eq!(s.schema_version().unwrap(), MIGRATIONS.len() as i64);
+    }
+
+    #[test]
+    fn postgres_stores_opened_at_once_on_an_empty_database_migrate_once() {
+        let ts = TestStore::postgres();
+        let versions: Vec<i64> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..4)
+                .map(|_| scope.spawn(|| ts.open().schema_version().unwrap()))
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(versions, vec![MIGRATIONS.len() as i64; 4]);
+        let s = ts.open();
+        assert!(s.is_postgres());
+        let rows =
+            s.db.query("SELECT version FROM schema_version", &[])
+                .unwrap();
+        assert_eq!(rows.len(), 1, "one row");
+    }
+
+    #[test]
+    fn postgres_reconnects_after_the_server_closed_the_connection() {
+        let ts = TestStore::postgres();
+        let s = ts.open();
+        let c = s.create_campaign("ws", &fields("x"), 1).unwrap();
+        let db = ts
+            .path()
+            .to_str()
+            .unwrap()
+            .rsplit('/')
+            .next()
+            .unwrap()
+            .split('?')
+            .next()
+            .unwrap()
+            .to_string();
+        let ended = ts
+            .pg_server()
+            .unwrap()
+            .admin()
+            .query(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1",
+                &[&db],
+            )
+            .unwrap();
+        assert_eq!(ended.len(), 1, "the store's one connection");
+        // The first call may see the closed connection; the next one connects again.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match s.campaign("ws", c.id) {
+                Ok(back) => {
+                    assert_eq!(back.name, "x");
+                    break;
+                }
+                Err(e) => {
+                    let e = e.to_string();
+                    assert!(!e.contains("password"), "{e}");
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "never reconnected: {e}"
+                    );
+                }
+            }
+        }
     }
 }

@@ -9,11 +9,11 @@
 
 use std::collections::BTreeSet;
 
-use rusqlite::{params, OptionalExtension};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
+use crate::store::db::values;
 use crate::store::Store;
 
 /// Hex SHA-256 of a template's content.
@@ -171,25 +171,23 @@ impl Store {
         hash: &str,
         _now: i64,
     ) -> Result<Option<String>> {
-        self.conn()
-            .query_row(
+        self.db()
+            .query_opt(
                 "INSERT INTO templates (workspace_id, name, content, content_hash) VALUES (?1, ?2, ?3, ?4)
                  ON CONFLICT (workspace_id, name) DO UPDATE SET content = excluded.content, content_hash = excluded.content_hash
                  RETURNING synced_hash",
-                params![ws, name, content, hash],
-                |r| r.get(0),
+                values![ws, name, content, hash],
             )
-            .optional()
-            .map(Option::flatten)
+            .and_then(|r| r.map_or(Ok(None), |r| r.get(0)))
             .map_err(|e| self.store_error(format!("saving template {name}"), e))
     }
 
     /// Records that the creative API has the content with `hash`.
     pub fn mark_template_synced(&self, ws: &str, name: &str, hash: &str, now: i64) -> Result<()> {
-        self.conn()
+        self.db()
             .execute(
                 "UPDATE templates SET synced_hash = ?3, synced_at = ?4 WHERE workspace_id = ?1 AND name = ?2",
-                params![ws, name, hash, now],
+                values![ws, name, hash, now],
             )
             .map_err(|e| self.store_error(format!("marking template {name} synced"), e))?;
         Ok(())
