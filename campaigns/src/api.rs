@@ -14,6 +14,10 @@
 //! illegal state change 409 (with `"allowed"` listing the states it may go to), unknown id 404.
 //! Every request names its workspace in the `workspace_id` header; with tokens configured it
 //! also needs `Authorization: Bearer <token>` for a token allowed that workspace.
+//!
+//! The header, query string and bodies are parsed by the pure functions of
+//! [`crate::api_input`] (fuzzed by `fuzz/fuzz_targets/campaign_api.rs`); the handlers here
+//! add the store work.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -26,14 +30,20 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use serde::Deserialize;
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
-use crate::audience::{Audience, Condition, Conditions, FieldMap, Recipients};
+use crate::api_input::{
+    audience_request, campaign_request, check_query, resolve_sending_schedule, sending_request,
+    sending_update, workspace_id, AudienceRequest, InputError, SendingRequest, SendingUpdate,
+};
+use crate::audience::{Audience, Conditions, FieldMap, Recipients};
 use crate::error::{Error, Result};
-use crate::schedule::{format_instant, parse_instant, Schedule, ScheduleConfig, When};
-use crate::state::{CampaignState, SendingStatus};
-use crate::store::{Campaign, CampaignFields, Sending, Store};
+use crate::schedule::{format_instant, Schedule, ScheduleConfig, When};
+use crate::store::{Campaign, Sending, Store};
+
+/// Moved to [`crate::api_input`] (request parsing without a server); kept here for callers.
+pub use crate::api_input::{check_callback_url, sending_schedule};
 
 /// The clock the API stamps and validates with (unix seconds); tests pass a fixed one.
 pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
@@ -161,13 +171,7 @@ async fn auth(
         .headers()
         .get("workspace_id")
         .and_then(|v| v.to_str().ok())
-        .map(str::trim)
-        .filter(|w| {
-            !w.is_empty()
-                && w.len() <= 64
-                && w.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-        })
+        .and_then(workspace_id)
         .ok_or_else(|| {
             deny(
                 StatusCode::FORBIDDEN,
@@ -196,16 +200,7 @@ async fn auth(
     }
     // A `workspace_id` query parameter that contradicts the header is refused, as the
     // analytics API does: a caller never gets an answer for a workspace it did not mean.
-    let query_ws = form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes())
-        .filter(|(k, _)| k == "workspace_id")
-        .map(|(_, v)| v.into_owned())
-        .find(|v| *v != ws);
-    if let Some(q) = query_ws {
-        return Err(deny(
-            StatusCode::FORBIDDEN,
-            format!("workspace_id query parameter {q:?} differs from the header {ws:?}"),
-        ));
-    }
+    check_query(req.uri().query(), &ws).map_err(|m| deny(StatusCode::FORBIDDEN, m))?;
     req.extensions_mut().insert(Ws(ws));
     Ok(next.run(req).await)
 }
@@ -254,161 +249,12 @@ impl ApiState {
     }
 }
 
-/// Parses a JSON object body: bad JSON is 400, anything but an object 400.
-fn object(body: &Bytes) -> ApiResult<Map<String, Value>> {
-    let v: Value = serde_json::from_slice(body).map_err(|e| {
-        ApiError(
-            StatusCode::BAD_REQUEST,
-            json!({"error": format!("body is not valid JSON: {e}")}),
-        )
-    })?;
-    match v {
-        Value::Object(o) => Ok(o),
-        other => Err(ApiError(
-            StatusCode::BAD_REQUEST,
-            json!({"error": format!("body must be a JSON object, not {other}")}),
-        )),
-    }
-}
-
-fn check_keys(o: &Map<String, Value>, allowed: &[&str]) -> Result<()> {
-    match o.keys().find(|k| !allowed.contains(&k.as_str())) {
-        Some(k) => Err(Error::invalid(
-            k,
-            format!("unknown field; allowed: {}", allowed.join(", ")),
-        )),
-        None => Ok(()),
-    }
-}
-
-fn opt_int(o: &Map<String, Value>, key: &str) -> Result<Option<Option<i64>>> {
-    match o.get(key) {
-        None => Ok(None),
-        Some(Value::Null) => Ok(Some(None)),
-        Some(v) => v
-            .as_i64()
-            .filter(|i| *i > 0)
-            .map(|i| Some(Some(i)))
-            .ok_or_else(|| Error::invalid(key, format!("{v} is not a positive integer id"))),
-    }
-}
-
-fn campaign_fields(o: &Map<String, Value>, creating: bool) -> Result<CampaignFields> {
-    let mut allowed = vec![
-        "name",
-        "domain",
-        "segments",
-        "segments[]",
-        "state",
-        "when",
-        "event_callback",
-    ];
-    if creating {
-        allowed.push("list");
-    } else if o.contains_key("list") {
-        return Err(Error::invalid(
-            "list",
-            "cannot change after creation; create a new campaign",
-        ));
-    }
-    check_keys(o, &allowed)?;
-    let name = match o.get("name") {
-        None => None,
-        Some(Value::String(s)) if !s.trim().is_empty() => Some(s.trim().to_string()),
-        Some(v) => {
-            return Err(Error::invalid(
-                "name",
-                format!("must be a non-empty string, not {v}"),
-            ))
+impl From<InputError> for ApiError {
+    fn from(e: InputError) -> Self {
+        match e {
+            InputError::Malformed(m) => ApiError(StatusCode::BAD_REQUEST, json!({"error": m})),
+            InputError::Field(e) => e.into(),
         }
-    };
-    let segs = match (o.get("segments"), o.get("segments[]")) {
-        (Some(_), Some(_)) => {
-            return Err(Error::invalid(
-                "segments",
-                "give segments or segments[], not both",
-            ))
-        }
-        (Some(v), None) => Some(("segments", v)),
-        (None, Some(v)) => Some(("segments[]", v)),
-        (None, None) => None,
-    };
-    let segments = match segs {
-        None => None,
-        Some((_, Value::Null)) => Some(Vec::new()),
-        Some((key, Value::Array(a))) => Some(
-            a.iter()
-                .enumerate()
-                .map(|(i, v)| {
-                    v.as_i64().filter(|i| *i > 0).ok_or_else(|| {
-                        Error::invalid(
-                            format!("{key}[{i}]"),
-                            format!("{v} is not a positive integer id"),
-                        )
-                    })
-                })
-                .collect::<Result<Vec<_>>>()?,
-        ),
-        Some((key, Value::Number(n))) => Some(vec![n
-            .as_i64()
-            .filter(|i| *i > 0)
-            .ok_or_else(|| Error::invalid(key, format!("{n} is not a positive integer id")))?]),
-        Some((key, v)) => {
-            return Err(Error::invalid(
-                key,
-                format!("must be an array of ids, not {v}"),
-            ))
-        }
-    };
-    let state = match o.get("state") {
-        None => None,
-        Some(Value::String(s)) => Some(s.parse::<CampaignState>()?),
-        Some(v) => {
-            return Err(Error::invalid(
-                "state",
-                format!("must be a string, not {v}"),
-            ))
-        }
-    };
-    let when = match o.get("when") {
-        None => None,
-        Some(Value::Null) => Some(None),
-        Some(v) => Some(Some(parse_instant(v, "when")?)),
-    };
-    let event_callback = match o.get("event_callback") {
-        None => None,
-        Some(Value::Null) => Some(None),
-        Some(Value::String(s)) if s.is_empty() => Some(None),
-        Some(Value::String(s)) => Some(Some(check_callback_url(s)?)),
-        Some(v) => {
-            return Err(Error::invalid(
-                "event_callback",
-                format!("must be a URL string, not {v}"),
-            ))
-        }
-    };
-    Ok(CampaignFields {
-        name,
-        domain: opt_int(o, "domain")?,
-        list: if creating { opt_int(o, "list")? } else { None },
-        segments,
-        state,
-        when,
-        event_callback,
-    })
-}
-
-/// Checks a callback URL: absolute http(s) with a host.
-pub fn check_callback_url(s: &str) -> Result<String> {
-    let uri: axum::http::Uri = s
-        .parse()
-        .map_err(|e| Error::invalid("event_callback", format!("{s:?} is not a URL: {e}")))?;
-    match (uri.scheme_str(), uri.host()) {
-        (Some("http" | "https"), Some(h)) if !h.is_empty() => Ok(s.to_string()),
-        _ => Err(Error::invalid(
-            "event_callback",
-            format!("{s:?} must be an absolute http:// or https:// URL"),
-        )),
     }
 }
 
@@ -478,8 +324,7 @@ async fn create_campaign(
     Extension(Ws(ws)): Extension<Ws>,
     body: Bytes,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
-    let o = object(&body)?;
-    let fields = campaign_fields(&o, true)?;
+    let fields = campaign_request(&body, true)?;
     let c = st
         .run(move |s, _, now| s.create_campaign(&ws, &fields, now))
         .await?;
@@ -501,8 +346,7 @@ async fn update_campaign(
     Path(id): Path<i64>,
     body: Bytes,
 ) -> ApiResult<Json<Value>> {
-    let o = object(&body)?;
-    let fields = campaign_fields(&o, false)?;
+    let fields = campaign_request(&body, false)?;
     let c = st
         .run(move |s, _, now| s.update_campaign(&ws, id, &fields, now))
         .await?;
@@ -518,44 +362,6 @@ async fn delete_campaign(
         .run(move |s, _, now| s.delete_campaign(&ws, id, now))
         .await?;
     Ok(Json(campaign_json(&c)))
-}
-
-/// Parses and checks a sending's `schedule` / `draft`; `draft: true` keeps it a draft, and a
-/// time so far in the past that it would fail at once is refused.
-pub fn sending_schedule(
-    o: &Map<String, Value>,
-    cfg: &ScheduleConfig,
-    now: i64,
-) -> Result<(Schedule, Option<crate::schedule::Timing>)> {
-    let draft = match o.get("draft") {
-        None | Some(Value::Null) => false,
-        Some(Value::Bool(b)) => *b,
-        Some(v) => {
-            return Err(Error::invalid(
-                "draft",
-                format!("must be true or false, not {v}"),
-            ))
-        }
-    };
-    let schedule = if draft {
-        Schedule::DRAFT
-    } else {
-        Schedule::from_json(o.get("schedule"), "schedule")?
-    };
-    let timing = schedule.resolve(now, cfg, "schedule")?;
-    if let Some(t) = timing {
-        if t.fail_at < now {
-            return Err(Error::invalid(
-                "schedule.at",
-                format!(
-                    "{} is more than {} s in the past; it would fail at once",
-                    format_instant(t.desired_at),
-                    cfg.fail_after_secs
-                ),
-            ));
-        }
-    }
-    Ok((schedule, timing))
 }
 
 /// Checks the conditions of an inline audience; a sending with neither audience nor
@@ -591,22 +397,15 @@ async fn create_sending(
     Path(id): Path<i64>,
     body: Bytes,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
-    let o = object(&body)?;
-    check_keys(
-        &o,
-        &[
-            "schedule",
-            "draft",
-            "audience",
-            "recipients",
-            "channels_preference",
-        ],
-    )?;
-    let recipients = Recipients::from_json(&o)?;
+    let SendingRequest {
+        recipients,
+        schedule,
+    } = sending_request(&body)?;
     let sd = st
         .run(move |s, cfg, now| {
             check_audience(&recipients, &cfg.fields, &s.campaign(&ws, id)?)?;
-            let (schedule, timing) = sending_schedule(&o, &cfg.schedule, now)?;
+            let schedule = schedule?;
+            let timing = resolve_sending_schedule(&schedule, &cfg.schedule, now)?;
             s.create_sending(&ws, id, &schedule, timing, &recipients, now)
         })
         .await?;
@@ -641,22 +440,7 @@ async fn update_sending(
     Path((id, sid)): Path<(i64, i64)>,
     body: Bytes,
 ) -> ApiResult<Json<Value>> {
-    let o = object(&body)?;
-    check_keys(&o, &["schedule", "draft", "status"])?;
-    let cancel = match o.get("status") {
-        None => false,
-        Some(Value::String(s)) => match s.parse::<SendingStatus>()? {
-            SendingStatus::Cancelled => true,
-            other => {
-                return Err(Error::invalid(
-                    "status",
-                    format!("only \"cancelled\" can be set by a client, not {other:?}; use schedule or draft to reschedule"),
-                )
-                .into())
-            }
-        },
-        Some(v) => return Err(Error::invalid("status", format!("must be a string, not {v}")).into()),
-    };
+    let SendingUpdate { cancel, schedule } = sending_update(&body)?;
     let sd = st
         .run(move |s, cfg, now| {
             let cur = s.sending(&ws, sid)?;
@@ -669,7 +453,8 @@ async fn update_sending(
             if cancel {
                 return s.cancel_sending(&ws, sid, now);
             }
-            let (schedule, timing) = sending_schedule(&o, &cfg.schedule, now)?;
+            let schedule = schedule?;
+            let timing = resolve_sending_schedule(&schedule, &cfg.schedule, now)?;
             s.reschedule_sending(&ws, sid, &schedule, timing, now)
         })
         .await?;
@@ -700,17 +485,7 @@ async fn create_audience(
     Extension(Ws(ws)): Extension<Ws>,
     body: Bytes,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
-    let o = object(&body)?;
-    check_keys(&o, &["name", "conditions"])?;
-    let name = o
-        .get("name")
-        .and_then(Value::as_str)
-        .filter(|n| !n.trim().is_empty())
-        .ok_or_else(|| Error::invalid("name", "missing or empty"))?
-        .to_string();
-    let conditions: Vec<Condition> =
-        serde_json::from_value(o.get("conditions").cloned().unwrap_or(Value::Null))
-            .map_err(|e| Error::invalid("conditions", e.to_string()))?;
+    let AudienceRequest { name, conditions } = audience_request(&body)?;
     let (id, conditions) = st
         .run(move |s, cfg, now| {
             Conditions::compile(&conditions, &cfg.fields, "conditions")?;

@@ -6,10 +6,12 @@
 //! - [`schedule`]: when a sending runs (none, immediate, absolute, relative, prescheduled).
 //! - [`audience`]: who receives it (stored or inline conditions, inline recipients, channel
 //!   preference), translated into a parameterised SQL filter or a row predicate.
-//! - [`store`]: the SQLite store (one file, migrations, leases, run history).
+//! - [`store`]: the store (one SQLite file, or a PostgreSQL database several hosts share;
+//!   migrations, leases, run history).
 //! - [`scheduler`]: runs due sendings through an [`scheduler::Executor`] the binary provides,
 //!   one process per sending (a lease), resumable after a restart.
-//! - [`api`]: the `/campaign` HTTP routes.
+//! - [`api`]: the `/campaign` HTTP routes; [`api_input`]: their request parsing (pure
+//!   functions, fuzzed).
 //! - [`callbacks`]: time-aggregated lifecycle-event callbacks to a campaign's `event_callback`.
 //! - [`relay`]: follows the event store and feeds delivered / opened / clicked / bounced
 //!   events of sendings into the callbacks, with durable progress.
@@ -20,6 +22,7 @@
 #![warn(missing_docs, unreachable_pub)]
 
 pub mod api;
+pub mod api_input;
 pub mod audience;
 pub mod callbacks;
 pub mod error;
@@ -30,5 +33,7 @@ pub mod scheduler;
 pub mod state;
 pub mod store;
 pub mod templates;
+#[cfg(test)]
+mod testing;
 
 pub use error::{Error, Result};

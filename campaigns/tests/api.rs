@@ -472,3 +472,190 @@ fn openapi_documents_every_campaign_route() {
     assert!(declared.len() >= 12, "{declared:?}");
     assert_eq!(declared, documented);
 }
+
+/// The request parsing the fuzz target drives (`api_input`) is what the routes answer with:
+/// the same status, `error` and `field` for refused bodies and queries, sent through the
+/// router and given to the pure functions; an unknown campaign is still a 404 before its
+/// sending's schedule is looked at.
+#[tokio::test]
+async fn api_input_is_what_the_routes_answer() {
+    use broadside_campaigns::api_input::{
+        audience_request, campaign_request, check_query, resolve_sending_schedule, sending_request,
+        sending_update, workspace_id, InputError,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let app = app(&dir, Access::Open);
+    let (s, c) = call(
+        &app,
+        "POST",
+        "/campaign",
+        Some(json!({"name": "c", "list": 3})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{c}");
+    let id = c["id"].as_i64().unwrap();
+    let (s, sd) = call(
+        &app,
+        "POST",
+        &format!("/campaign/{id}/sendings"),
+        Some(json!({"schedule": {"type": "immediate"}})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{sd}");
+    let sid = sd["id"].as_i64().unwrap();
+
+    type Parse = fn(&[u8]) -> Result<(), InputError>;
+    let create: Parse = |b| campaign_request(b, true).map(drop);
+    let update: Parse = |b| campaign_request(b, false).map(drop);
+    // The schedule error is part of what the route answers once the campaign exists.
+    let sending: Parse = |b| {
+        let s = sending_request(b)?.schedule?;
+        resolve_sending_schedule(&s, &ScheduleConfig::default(), T0)?;
+        Ok(())
+    };
+    let resched: Parse = |b| {
+        let s = sending_update(b)?.schedule?;
+        resolve_sending_schedule(&s, &ScheduleConfig::default(), T0)?;
+        Ok(())
+    };
+    let audience: Parse = |b| audience_request(b).map(drop);
+    let campaign_url = format!("/campaign/{id}");
+    let sendings_url = format!("/campaign/{id}/sendings");
+    let sending_url = format!("/campaign/{id}/sendings/{sid}");
+    let cases: Vec<(&str, &str, Parse, &str)> = vec![
+        ("POST", "/campaign", create, "{\"name\":"),
+        ("POST", "/campaign", create, "[1]"),
+        (
+            "POST",
+            "/campaign",
+            create,
+            r#"{"name":"x","when":"2023-11-20T10:00:00"}"#,
+        ),
+        (
+            "POST",
+            "/campaign",
+            create,
+            r#"{"name":"x","when":99999999999999}"#,
+        ),
+        (
+            "POST",
+            "/campaign",
+            create,
+            r#"{"name":"x","segments":[1,-2]}"#,
+        ),
+        (
+            "POST",
+            "/campaign",
+            create,
+            r#"{"name":"x","event_callback":"ftp://h/x"}"#,
+        ),
+        (
+            "POST",
+            "/campaign",
+            create,
+            r#"{"name":"x","state":"PAUSED"}"#,
+        ),
+        (
+            "POST",
+            "/campaign",
+            create,
+            r#"{"name":"x","colour":"red"}"#,
+        ),
+        ("PUT", campaign_url.as_str(), update, r#"{"list":4}"#),
+        ("PUT", campaign_url.as_str(), update, r#"{"name":"  "}"#),
+        (
+            "POST",
+            &sendings_url,
+            sending,
+            r#"{"schedule":{"type":"soon"}}"#,
+        ),
+        ("POST", sendings_url.as_str(), sending, r#"{"draft":"yes"}"#),
+        (
+            "POST",
+            &sendings_url,
+            sending,
+            r#"{"schedule":{"type":"absolute","at":1}}"#,
+        ),
+        (
+            "POST",
+            &sendings_url,
+            sending,
+            r#"{"recipients":[{"email":"nope"}]}"#,
+        ),
+        (
+            "POST",
+            &sendings_url,
+            sending,
+            r#"{"channels_preference":[]}"#,
+        ),
+        ("PUT", sending_url.as_str(), resched, r#"{"status":"sent"}"#),
+        ("PUT", sending_url.as_str(), resched, r#"{"status":7}"#),
+        (
+            "PUT",
+            &sending_url,
+            resched,
+            r#"{"schedule":{"type":"relative","in":"soon"}}"#,
+        ),
+        ("POST", "/audience", audience, r#"{"conditions":[]}"#),
+        (
+            "POST",
+            "/audience",
+            audience,
+            r#"{"name":"a","conditions":{}}"#,
+        ),
+        ("POST", "/audience", audience, "12"),
+    ];
+    for (method, uri, parse, body) in cases {
+        let (s, v) = call_as(&app, Some("ws1"), None, method, uri, Some(body)).await;
+        let want = match parse(body.as_bytes()).expect_err(body) {
+            InputError::Malformed(m) => (StatusCode::BAD_REQUEST, json!({"error": m})),
+            InputError::Field(e @ broadside_campaigns::Error::Invalid { .. }) => {
+                let broadside_campaigns::Error::Invalid { field, .. } = &e else {
+                    unreachable!()
+                };
+                let field = field.clone();
+                (
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    json!({"error": e.to_string(), "field": field}),
+                )
+            }
+            InputError::Field(other) => panic!("{body}: {other:?}"),
+        };
+        assert_eq!((s, v), want, "{method} {uri} {body}");
+    }
+
+    // An unknown campaign: 404 whatever the sending's schedule says.
+    let (s, v) = call_as(
+        &app,
+        Some("ws1"),
+        None,
+        "POST",
+        "/campaign/999/sendings",
+        Some(r#"{"schedule":{"type":"soon"}}"#),
+    )
+    .await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{v}");
+
+    // The workspace header and query parameter.
+    assert_eq!(workspace_id(" ws1 "), Some("ws1"));
+    for bad in ["", "  ", "ws 1", "ws/1", &"w".repeat(65)] {
+        assert_eq!(workspace_id(bad), None, "{bad:?}");
+    }
+    let (s, v) = call_as(
+        &app,
+        Some("ws1"),
+        None,
+        "GET",
+        "/campaign?workspace_id=ws2",
+        None,
+    )
+    .await;
+    let m = check_query(Some("workspace_id=ws2"), "ws1").unwrap_err();
+    assert_eq!((s, v), (StatusCode::FORBIDDEN, json!({"error": m})));
+    assert_eq!(
+        m,
+        r#"workspace_id query parameter "ws2" differs from the header "ws1""#
+    );
+    assert_eq!(check_query(Some("workspace_id=ws1&x=1"), "ws1"), Ok(()));
+    assert!(check_query(Some("workspace_id=ws1&workspace_id=ws1%20"), "ws1").is_err());
+}
