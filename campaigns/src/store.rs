@@ -1834,17 +1834,7 @@ mod tests {
             return;
         };
         let (role, password) = crate::testing::PASSWORD_ROLE;
-        let db = ts
-            .path()
-            .to_str()
-            .unwrap()
-            .rsplit('/')
-            .next()
-            .unwrap()
-            .split('?')
-            .next()
-            .unwrap()
-            .to_string();
+        let db = database_name(&ts);
         let url = |pw: &str| format!("postgres://{role}:{pw}@127.0.0.1:{port}/{db}");
         let e = Store::open(Path::new(&url("Wrong-Guess")))
             .unwrap_err()
@@ -1871,6 +1861,13 @@ mod tests {
         assert_eq!(s.schema_version().unwrap(), MIGRATIONS.len() as i64);
     }
 
+    /// The database name of a PostgreSQL test store's URL.
+    fn database_name(ts: &TestStore) -> String {
+        let url = ts.path().to_str().unwrap();
+        let last = url.rsplit('/').next().unwrap();
+        last.split('?').next().unwrap().to_string()
+    }
+
     #[test]
     fn postgres_stores_opened_at_once_on_an_empty_database_migrate_once() {
         let ts = TestStore::postgres();
@@ -1894,17 +1891,7 @@ mod tests {
         let ts = TestStore::postgres();
         let s = ts.open();
         let c = s.create_campaign("ws", &fields("x"), 1).unwrap();
-        let db = ts
-            .path()
-            .to_str()
-            .unwrap()
-            .rsplit('/')
-            .next()
-            .unwrap()
-            .split('?')
-            .next()
-            .unwrap()
-            .to_string();
+        let db = database_name(&ts);
         let ended = ts
             .pg_server()
             .unwrap()
