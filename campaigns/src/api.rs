@@ -39,7 +39,7 @@ use crate::api_input::{
 };
 use crate::audience::{Audience, Conditions, FieldMap, Recipients};
 use crate::error::{Error, Result};
-use crate::schedule::{format_instant, Schedule, ScheduleConfig, When};
+use crate::schedule::{format_instant, ScheduleConfig};
 use crate::store::{Campaign, Sending, Store};
 
 /// Moved to [`crate::api_input`] (request parsing without a server); kept here for callers.
@@ -276,28 +276,13 @@ pub fn campaign_json(c: &Campaign) -> Value {
     })
 }
 
-fn schedule_json(s: &Schedule) -> Value {
-    let mut v = match s.when {
-        When::Draft => return Value::Null,
-        When::Immediate => json!({"type": "immediate"}),
-        When::Absolute { at } => json!({"type": "absolute", "at": format_instant(at)}),
-        When::Relative { amount, unit } => {
-            let unit = serde_json::to_value(unit).expect("unit serialises");
-            let unit = unit.as_str().unwrap_or_default();
-            json!({"type": "relative", "in": format!("{amount} {unit}{}", if amount == 1 { "" } else { "s" })})
-        }
-    };
-    v["prescheduled"] = json!(s.prescheduled);
-    v
-}
-
 /// The JSON view of a sending.
 pub fn sending_json(s: &Sending) -> Value {
     json!({
         "id": s.id,
         "campaign_id": s.campaign_id,
         "status": s.status,
-        "schedule": schedule_json(&s.schedule),
+        "schedule": s.schedule.to_json(),
         "desired_at": s.timing.map(|t| format_instant(t.desired_at)),
         "prepare_at": s.timing.map(|t| format_instant(t.prepare_at)),
         "fail_at": s.timing.map(|t| format_instant(t.fail_at)),

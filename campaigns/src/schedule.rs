@@ -137,6 +137,26 @@ pub struct Timing {
 }
 
 impl Schedule {
+    /// The schedule as the API's answers write it (`null` for a draft): `type`, `at` or `in`,
+    /// and `prescheduled`.
+    pub fn to_json(&self) -> Value {
+        let mut v = match self.when {
+            When::Draft => return Value::Null,
+            When::Immediate => serde_json::json!({"type": "immediate"}),
+            When::Absolute { at } => {
+                serde_json::json!({"type": "absolute", "at": format_instant(at)})
+            }
+            When::Relative { amount, unit } => {
+                let unit = serde_json::to_value(unit).expect("unit serialises");
+                let unit = unit.as_str().unwrap_or_default();
+                let plural = if amount == 1 { "" } else { "s" };
+                serde_json::json!({"type": "relative", "in": format!("{amount} {unit}{plural}")})
+            }
+        };
+        v["prescheduled"] = serde_json::json!(self.prescheduled);
+        v
+    }
+
     /// The draft schedule (no `schedule` given).
     pub const DRAFT: Schedule = Schedule {
         when: When::Draft,

@@ -246,7 +246,7 @@ fn check_sending(body: &[u8]) {
             // Written back as a request in the shape the API answers with (`schedule` as
             // `sending_json` writes it, recipients as stored), it is the same sending.
             let mut again = serde_json::to_value(&r.recipients).unwrap();
-            match schedule_json(s) {
+            match s.to_json() {
                 Value::Null => again["draft"] = json!(true),
                 v => again["schedule"] = v,
             }
@@ -261,22 +261,6 @@ fn check_sending(body: &[u8]) {
         }
         Err(e) => check_error(&InputError::Field(clone_err(e)), body, &SENDING_FIELDS),
     }
-}
-
-/// A schedule as the API's answers write it (`api.rs` `schedule_json`).
-fn schedule_json(s: &Schedule) -> Value {
-    let mut v = match s.when {
-        When::Draft => return Value::Null,
-        When::Immediate => json!({"type": "immediate"}),
-        When::Absolute { at } => json!({"type": "absolute", "at": format_instant(at)}),
-        When::Relative { amount, unit } => {
-            let unit = serde_json::to_value(unit).unwrap();
-            let unit = unit.as_str().unwrap();
-            json!({"type": "relative", "in": format!("{amount} {unit}{}", if amount == 1 { "" } else { "s" })})
-        }
-    };
-    v["prescheduled"] = json!(s.prescheduled);
-    v
 }
 
 fn check_sending_update(body: &[u8]) {
