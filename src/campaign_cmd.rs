@@ -241,21 +241,21 @@ impl SpecExecutor {
     }
 
     /// The spec a sending is sent with and the audience restricting its source: the campaign
-    /// spec with the sending's audience, or, for inline recipients, a spec derived from it
-    /// whose source is a CSV of those recipients ([`inline::materialise`]).
+    /// spec with the sending's audience, or, with inline recipients, a spec derived from it
+    /// whose source is a CSV of the audience's rows (when it has one) followed by the inline
+    /// recipients ([`inline::materialise`]; the audience is then applied already).
     fn plan(&self, s: &Sending) -> Result<(PathBuf, Option<Vec<Condition>>)> {
         let spec = self.spec(s).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let audience = self.audience(s)?;
         if s.recipients.recipients.is_empty() {
-            return Ok((spec, self.audience(s)?));
-        }
-        if s.recipients.audience.is_some() {
-            bail!(
-                "sending {} names both an audience and inline recipients; the spec executor sends one or the other (make two sendings)",
-                s.id
-            );
+            return Ok((spec, audience));
         }
         let dir = self.inline_dir(s);
-        Ok((inline::materialise(s, &run_id(s), &spec, &dir)?, None))
+        let with = audience.as_deref().map(|conditions| inline::WithAudience {
+            conditions,
+            fields: &self.fields,
+        });
+        Ok((inline::materialise(s, &run_id(s), &spec, &dir, with)?, None))
     }
 
     /// Where a sending's inline recipients are written: `<campaign store>.sendings/<run id>/`,

@@ -716,25 +716,7 @@ fn engagement_events_reach_the_event_callback_once_across_passes_and_restarts() 
 #[test]
 fn inline_recipients_are_sent_with_their_properties() {
     let dir = tempfile::tempdir().unwrap();
-    let spec = common::generate(dir.path(), 50, 0, &["--invalid-share", "0"]);
-    common::set_spec(&spec, "holdout_percent", "0.0");
-    // members are found by a member_id merge field of the spec's source
-    common::set_spec(&spec, "points", "\"points\"\nmember_id = \"member_id\"");
-    let csv = dir.path().join("recipients.csv");
-    let text = std::fs::read_to_string(&csv).unwrap();
-    let mut out = String::new();
-    for (i, l) in text.lines().enumerate() {
-        let extra = if i == 0 {
-            "member_id".to_string()
-        } else {
-            (1000 + i - 1).to_string()
-        };
-        out.push_str(&format!("{l},{extra}\n"));
-    }
-    std::fs::write(&csv, out).unwrap();
-    let mut lines = text.lines();
-    let header = common::csv_fields(lines.next().unwrap());
-    let rows: Vec<Vec<String>> = lines.map(common::csv_fields).collect();
+    let (spec, header, rows) = member_data(dir.path(), 50);
     let col = |n: &str| header.iter().position(|h| h == n).unwrap();
     let member = |k: usize, n: &str| rows[k][col(n)].trim().to_string();
 
@@ -795,17 +777,7 @@ fn inline_recipients_are_sent_with_their_properties() {
     );
 
     // exactly those recipients in the IFUR files, with their properties as merge fields
-    let mut details = std::collections::HashMap::new();
-    for (name, f) in common::read_ifur_files(&dir.path().join("megasys/hot")) {
-        if !name.contains(&format!("_{run_id}_")) {
-            continue;
-        }
-        for (key, values) in f.details {
-            let fields: std::collections::HashMap<String, String> =
-                f.fields.iter().cloned().zip(values).collect();
-            assert!(details.insert(key, fields).is_none());
-        }
-    }
+    let details = ifur_details(&dir.path().join("megasys/hot"), &run_id);
     assert_eq!(details.len(), 4, "{details:?}");
     let get = |k: &str, f: &str| details[k].get(f).cloned().unwrap_or_default();
     let ann = "ann.inline@inline.test";
@@ -874,12 +846,98 @@ fn inline_recipients_are_sent_with_their_properties() {
         err.contains("recipients[1]: member 77 is not in the source"),
         "{st}"
     );
+}
 
-    // an audience and inline recipients in one sending are refused, not half sent
+/// A generated data set of `rows` valid recipients, no holdout, whose source has a `member_id`
+/// column (1000, 1001, … in file order) mapped as a merge field; returns the spec and the CSV's
+/// header and rows as generated.
+fn member_data(
+    dir: &std::path::Path,
+    rows: u64,
+) -> (std::path::PathBuf, Vec<String>, Vec<Vec<String>>) {
+    let spec = common::generate(dir, rows, 0, &["--invalid-share", "0"]);
+    common::set_spec(&spec, "holdout_percent", "0.0");
+    // members are found by a member_id merge field of the spec's source
+    common::set_spec(&spec, "points", "\"points\"\nmember_id = \"member_id\"");
+    let csv = dir.join("recipients.csv");
+    let text = std::fs::read_to_string(&csv).unwrap();
+    let mut out = String::new();
+    for (i, l) in text.lines().enumerate() {
+        let extra = if i == 0 {
+            "member_id".to_string()
+        } else {
+            (1000 + i - 1).to_string()
+        };
+        out.push_str(&format!("{l},{extra}\n"));
+    }
+    std::fs::write(&csv, out).unwrap();
+    let mut lines = text.lines();
+    let header = common::csv_fields(lines.next().unwrap());
+    let rows = lines.map(common::csv_fields).collect();
+    (spec, header, rows)
+}
+
+/// The IFUR lines of a run (by recipient key): merge field name → value; a key twice fails.
+fn ifur_details(
+    hot: &std::path::Path,
+    run_id: &str,
+) -> std::collections::HashMap<String, std::collections::HashMap<String, String>> {
+    let mut details = std::collections::HashMap::new();
+    for (name, f) in common::read_ifur_files(hot) {
+        if !name.contains(&format!("_{run_id}_")) {
+            continue;
+        }
+        for (key, values) in f.details {
+            let fields: std::collections::HashMap<String, String> =
+                f.fields.iter().cloned().zip(values).collect();
+            assert!(details.insert(key.clone(), fields).is_none(), "{key} twice");
+        }
+    }
+    details
+}
+
+/// Copies a SQLite campaign store (and its WAL files, if any) to `to` or back.
+fn copy_store(from: &std::path::Path, to: &std::path::Path) {
+    for suffix in ["", "-wal", "-shm"] {
+        let (a, b) = (
+            std::path::PathBuf::from(format!("{}{suffix}", from.display())),
+            std::path::PathBuf::from(format!("{}{suffix}", to.display())),
+        );
+        let _ = std::fs::remove_file(&b);
+        if a.exists() {
+            std::fs::copy(&a, &b).unwrap();
+        }
+    }
+}
+
+#[test]
+fn an_audience_and_inline_recipients_are_sent_once_each() {
+    let dir = tempfile::tempdir().unwrap();
+    let (spec, header, rows) = member_data(dir.path(), 50);
+    let col = |n: &str| header.iter().position(|h| h == n).unwrap();
+    let member = |k: usize, n: &str| rows[k][col(n)].trim().to_string();
+    let email = |k: usize| member(k, "email").to_lowercase();
+
+    let db_path = dir.path().join("campaigns.db");
+    let db = db_path.to_str().unwrap();
+    let specs = dir.path().to_str().unwrap();
     let (c, _) = campaign(db, &["create", "--name", "Both"], true);
     let id = c["id"].as_i64().unwrap().to_string();
     std::fs::copy(&spec, dir.path().join(format!("{id}.toml"))).unwrap();
-    campaign(
+    // the audience: members 1000-1009, the source's first ten rows
+    let audience = serde_json::json!({"type": "inline", "conditions": [{"condition_group":
+        "member_properties", "field": "member_id", "operator": "lt", "value": 1010}]});
+    let recipients = serde_json::json!([
+        // an audience member by address (in capitals): its properties over the member's row
+        {"email": member(3, "email").to_uppercase(), "properties": {"first_name": "Override", "tier": "vip"}},
+        // not in the source
+        {"email": "new@inline.test", "properties": {"first_name": "New", "tier": "new"}},
+        // an audience member by id, its merge fields replaced
+        {"member_id": 1005, "properties_mode": "replace", "properties": {"tier": "replaced"}},
+        // in the source but not in the audience: sent as given, not as the source's row
+        {"email": member(20, "email"), "properties": {"first_name": "Twenty"}}
+    ]);
+    let (s, _) = campaign(
         db,
         &[
             "schedule",
@@ -887,21 +945,175 @@ fn inline_recipients_are_sent_with_their_properties() {
             "--now",
             "--ready",
             "--audience",
-            r#"{"type": "inline", "conditions": [{"condition_group": "member_properties", "field": "country", "operator": "eq", "value": "US"}]}"#,
+            &audience.to_string(),
             "--recipients",
-            r#"[{"email": "d@inline.test", "properties": {"first_name": "D"}}]"#,
+            &recipients.to_string(),
         ],
         true,
     );
-    campaign(db, &["run", "--specs", specs], true);
+    assert_eq!(s["sending"]["status"], "scheduled", "{s}");
+    // the store as it was before the pass, to replay a crashed transmission below
+    let before = dir.path().join("before.db");
+    copy_store(&db_path, &before);
+
+    let (_, log) = campaign(db, &["run", "--specs", specs], true);
+    assert!(log.contains("scheduler pass: 2 steps"), "{log}");
     let (st, _) = campaign(db, &["status", &id], true);
     let sending = &st["sendings"][0];
-    assert_eq!(sending["status"], "failed", "{st}");
-    let err = sending["error"].as_str().unwrap_or_default();
-    assert!(
-        err.contains("names both an audience and inline recipients"),
-        "{st}"
+    assert_eq!(sending["status"], "transmitted", "{st}");
+    // 10 audience members + 2 inline recipients who are not members of it
+    assert_eq!(sending["recipient_count"], 12, "{st}");
+    let run_id = sending_run_id(sending);
+
+    // one ledger row each: the audience members that are not inline recipients in source
+    // order, then the inline recipients in the order given; rows outside the audience (but
+    // the inline one) have none
+    let store = dir.path().join("store");
+    let ledger = common::read_ledger(&store, "demo", "generated-42", &run_id);
+    let keys: Vec<(u64, String, String)> = ledger
+        .iter()
+        .map(|r| (r.row, r.key.clone().unwrap(), r.decision.clone()))
+        .collect();
+    let mut expect: Vec<String> = [0, 1, 2, 4, 6, 7, 8, 9].into_iter().map(email).collect();
+    expect.extend([email(3), "new@inline.test".into(), email(5), email(20)]);
+    assert_eq!(
+        keys,
+        expect
+            .iter()
+            .enumerate()
+            .map(|(i, k)| (i as u64, k.clone(), "sent".to_string()))
+            .collect::<Vec<_>>()
     );
+    let record = common::record(&store, "demo", &run_id);
+    assert_eq!(record.rows, 12);
+    // the audience is applied in the derived input, not as conditions of the send
+    assert!(record.audience.is_none());
+    assert_eq!(
+        common::submitted_event_rows(&store, "demo", "generated-42", &run_id).len(),
+        12
+    );
+
+    // the IFUR lines: once each, with the combined properties
+    let hot = dir.path().join("megasys/hot");
+    let details = ifur_details(&hot, &run_id);
+    assert_eq!(details.len(), 12, "{details:?}");
+    let get = |k: &str, f: &str| details[k].get(f).cloned().unwrap_or_default();
+    let fields =
+        |k: &str| ["first_name", "last_name", "points", "tier", "member_id"].map(|f| get(k, f));
+    let (m0, m3, m5, m20) = (email(0), email(3), email(5), email(20));
+    // an audience member on its own: its row
+    assert_eq!(
+        fields(&m0),
+        [
+            member(0, "first_name"),
+            member(0, "last_name"),
+            member(0, "points"),
+            String::new(),
+            "1000".into()
+        ]
+    );
+    // extend: the member's row, the inline properties winning
+    assert_eq!(
+        fields(&m3),
+        [
+            "Override".into(),
+            member(3, "last_name"),
+            member(3, "points"),
+            "vip".into(),
+            "1003".into()
+        ]
+    );
+    // replace: the member's standard fields, only the inline merge properties
+    assert_eq!(
+        fields(&m5),
+        [
+            member(5, "first_name"),
+            member(5, "last_name"),
+            String::new(),
+            "replaced".into(),
+            String::new()
+        ]
+    );
+    assert_eq!(
+        fields("new@inline.test"),
+        [
+            "New".into(),
+            String::new(),
+            String::new(),
+            "new".into(),
+            String::new()
+        ]
+    );
+    assert_eq!(
+        fields(&m20),
+        [
+            "Twenty".into(),
+            String::new(),
+            String::new(),
+            String::new(),
+            String::new()
+        ]
+    );
+
+    // A crash: the store back to before the pass, the sending taken to `transmitting` by a
+    // process whose lease has expired, and the send's run as if it died after writing
+    // everything. The next pass resumes it: the same input is derived again (the file is
+    // left as it is), so the send resumes the run instead of refusing it or sending twice.
+    let csv = dir
+        .path()
+        .join(format!("campaigns.db.sendings/{run_id}/recipients.csv"));
+    let derived = dir.path().join(format!("{id}.{run_id}.toml"));
+    let modified = |p: &std::path::Path| std::fs::metadata(p).unwrap().modified().unwrap();
+    let (csv_at, derived_at) = (modified(&csv), modified(&derived));
+    copy_store(&before, &db_path);
+    {
+        use broadside_campaigns::state::SendingStatus as S;
+        let st = broadside_campaigns::store::Store::open(&db_path).unwrap();
+        let sid = sending["id"].as_i64().unwrap();
+        let then = chrono::Utc::now().timestamp() - 3600;
+        assert!(st.try_lease(sid, "dead", then, 60).unwrap());
+        assert!(st.begin_execution(sid, "dead", then).unwrap());
+        let handle = serde_json::to_string(&broadside_campaigns::scheduler::Prepared {
+            recipients: 12,
+            handle: run_id.clone(),
+        })
+        .unwrap();
+        let patch = broadside_campaigns::store::StatusPatch {
+            prepared: Some(&handle),
+            recipient_count: Some(12),
+            error: None,
+        };
+        assert!(st
+            .advance(sid, "dead", S::Preparing, S::Prepared, then, &patch)
+            .unwrap());
+        let none = broadside_campaigns::store::StatusPatch::default();
+        assert!(st
+            .advance(sid, "dead", S::Prepared, S::Transmitting, then, &none)
+            .unwrap());
+    }
+    let rec = store.join(format!("campaign_runs/workspace_id=demo/{run_id}.json"));
+    let json = std::fs::read_to_string(&rec).unwrap();
+    assert!(json.contains("\"status\":\"done\""), "{json}");
+    std::fs::write(
+        &rec,
+        json.replace("\"status\":\"done\"", "\"status\":\"running\""),
+    )
+    .unwrap();
+    let (_, log) = campaign(db, &["run", "--specs", specs], true);
+    assert!(log.contains("scheduler pass: 1 steps"), "{log}");
+    let (st, _) = campaign(db, &["status", &id], true);
+    let sending = &st["sendings"][0];
+    assert_eq!(sending["status"], "transmitted", "{st}");
+    assert_eq!(sending["runs"][0]["detail"], "resumed", "{st}");
+    assert_eq!((modified(&csv), modified(&derived)), (csv_at, derived_at));
+    let again = common::record(&store, "demo", &run_id);
+    assert_eq!(again.status, broadside_pipeline::run::RunStatus::Done);
+    assert_eq!((again.rows, again.attempts), (12, 2));
+    assert_eq!(
+        common::read_ledger(&store, "demo", "generated-42", &run_id),
+        ledger
+    );
+    assert_eq!(ifur_details(&hot, &run_id), details);
 }
 
 /// Requests a creative API got: path and JSON body.
