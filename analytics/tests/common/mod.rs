@@ -1,13 +1,14 @@
-//! Test setup: a real Kafka-protocol broker (`noida-db`), topic/producer helpers, the
-//! ingest worker process and independent readers of the store.
+//! Test setup: a Kafka-protocol broker (`noida-db` by default, or librdkafka's own mock
+//! cluster in a process of its own: `bs-mock-kafka`), topic/producer helpers, the ingest
+//! worker process and independent readers of the store.
 #![allow(dead_code)]
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::{mpsc, Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -19,28 +20,138 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 
-/// A Kafka-protocol broker for one test: `noida-db` on a free port with its own data dir.
+/// A Kafka-protocol broker for one test: `noida-db` on a free port with its own data dir,
+/// or (`Broker::start_mock`) librdkafka's mock cluster in a `bs-mock-kafka` process.
 pub struct Broker {
     pub brokers: String,
     port: u16,
     child: Option<Child>,
+    /// The mock's control channel (`None` for noida-db).
+    mock: Option<Arc<Mutex<MockControl>>>,
     _dir: tempfile::TempDir,
 }
 
+/// Talks to a running `bs-mock-kafka`: commands on its stdin, answers on its stdout.
+struct MockControl {
+    stdin: ChildStdin,
+    lines: mpsc::Receiver<String>,
+}
+
+impl MockControl {
+    /// The mock has no CreateTopics API: it creates topics on command.
+    fn create_topic(&mut self, topic: &str, partitions: i32) -> Result<()> {
+        writeln!(self.stdin, "topic {topic} {partitions}")?;
+        self.stdin.flush()?;
+        let answer = self
+            .lines
+            .recv_timeout(Duration::from_secs(30))
+            .context("bs-mock-kafka did not answer a topic creation")?;
+        if answer != format!("ok topic {topic}") {
+            bail!("bs-mock-kafka creating topic {topic}: {answer}");
+        }
+        Ok(())
+    }
+}
+
+/// Running mock clusters by bootstrap string, so that [`create_topic`] (which only gets the
+/// bootstrap servers) can reach the one it is asked about.
+fn mocks() -> &'static Mutex<HashMap<String, Arc<Mutex<MockControl>>>> {
+    static MOCKS: OnceLock<Mutex<HashMap<String, Arc<Mutex<MockControl>>>>> = OnceLock::new();
+    MOCKS.get_or_init(Default::default)
+}
+
 impl Broker {
+    /// Starts the broker the environment asks for: librdkafka's mock cluster with
+    /// `BROADSIDE_TEST_BROKER=mock`, otherwise `noida-db` ([`Broker::start_noida`]).
+    pub fn start() -> Result<Broker> {
+        match std::env::var("BROADSIDE_TEST_BROKER").as_deref() {
+            Ok("mock") => Broker::start_mock(),
+            Ok("noida") | Ok("") | Err(_) => Broker::start_noida(),
+            Ok(other) => bail!("BROADSIDE_TEST_BROKER={other}: expected `mock` or `noida`"),
+        }
+    }
+
     /// Starts `noida-db --only kafka`. Fails (does not skip) when it is not installed:
     /// CI installs it with `analytics/ci-setup.sh`.
-    pub fn start() -> Result<Broker> {
+    pub fn start_noida() -> Result<Broker> {
         let dir = tempfile::tempdir()?;
         let port = free_port()?;
         let mut b = Broker {
             brokers: format!("127.0.0.1:{port}"),
             port,
             child: None,
+            mock: None,
             _dir: dir,
         };
         b.spawn()?;
         Ok(b)
+    }
+
+    /// Starts librdkafka's own mock cluster (its Kafka protocol implementation, the one
+    /// librdkafka tests itself against) with 3 brokers, in a separate `bs-mock-kafka`
+    /// process so that it outlives the client processes a test kills. Every listener is on
+    /// 127.0.0.1. Note the mock's limits (see `analytics/src/bin/mock_kafka.rs`): it keeps
+    /// only the newest 5 MiB of each partition; it has no CreateTopics API, which
+    /// [`create_topic`] handles by asking the process; a restarted static member
+    /// (`group.instance.id`) joins as a new member, so its partitions come back only once
+    /// the killed one's session expired; and it refuses offset commits from a client that is
+    /// not a group member (`UNKNOWN_MEMBER_ID`), so `rewound_consumer_group_adds_no_rows`
+    /// cannot rewind a group on it.
+    pub fn start_mock() -> Result<Broker> {
+        let dir = tempfile::tempdir()?;
+        let log = std::fs::File::create(dir.path().join("mock.log"))?;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_bs-mock-kafka"))
+            .args(["--brokers", "3"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .context("starting bs-mock-kafka")?;
+        let stdin = child.stdin.take().expect("piped");
+        let out = child.stdout.take().expect("piped");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let brokers = match lines.recv_timeout(Duration::from_secs(60)) {
+            Ok(b) => b,
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                let log = std::fs::read_to_string(dir.path().join("mock.log")).unwrap_or_default();
+                bail!("bs-mock-kafka printed no bootstrap servers:\n{log}");
+            }
+        };
+        // The listeners exist before the line is printed; check it anyway.
+        for addr in brokers.split(',') {
+            if !addr.starts_with("127.0.0.1:") {
+                let _ = child.kill();
+                bail!("bs-mock-kafka listens on {addr}, not on 127.0.0.1");
+            }
+            TcpStream::connect(addr)
+                .with_context(|| format!("connecting to mock broker {addr}"))?;
+        }
+        let control = Arc::new(Mutex::new(MockControl { stdin, lines }));
+        mocks()
+            .lock()
+            .unwrap()
+            .insert(brokers.clone(), Arc::clone(&control));
+        Ok(Broker {
+            brokers,
+            port: 0,
+            child: Some(child),
+            mock: Some(control),
+            _dir: dir,
+        })
+    }
+
+    /// Whether this is librdkafka's mock cluster (not noida-db).
+    pub fn is_mock(&self) -> bool {
+        self.mock.is_some()
     }
 
     /// Starts the broker process on this broker's port and data dir; returns once it listens.
@@ -95,8 +206,12 @@ impl Broker {
 
     /// Stops the broker cleanly (SIGINT).
     pub fn stop(&mut self) {
+        if let Some(control) = self.mock.take() {
+            mocks().lock().unwrap().remove(&self.brokers);
+            drop(control);
+        }
         if let Some(mut c) = self.child.take() {
-            // SIGINT is noida-db's clean stop.
+            // SIGINT is noida-db's clean stop (and bs-mock-kafka's).
             unsafe { libc::kill(c.id() as i32, libc::SIGINT) };
             let deadline = Instant::now() + Duration::from_secs(10);
             while Instant::now() < deadline {
@@ -135,8 +250,13 @@ fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-/// Creates a topic with `partitions` partitions and waits until it is usable.
+/// Creates a topic with `partitions` partitions and waits until it is usable (through the
+/// admin API, or for a mock cluster started by [`Broker::start_mock`], by asking its process).
 pub fn create_topic(brokers: &str, topic: &str, partitions: i32) -> Result<()> {
+    let mock = mocks().lock().unwrap().get(brokers).cloned();
+    if let Some(control) = mock {
+        return control.lock().unwrap().create_topic(topic, partitions);
+    }
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .create()?;
@@ -250,6 +370,46 @@ pub fn committed_rows(store: &Path) -> Result<u64> {
         n += r.metadata().file_metadata().num_rows() as u64;
     }
     Ok(n)
+}
+
+/// Per partition of `topic`, the offset after the highest committed record that the store's
+/// data file names show (`kafka-<topic>-<partition>-<start>-<end>.parquet`, `end` inclusive;
+/// files appear only after their commit's manifest, so this never overstates a commit).
+pub fn committed_next_offsets(store: &Path, topic: &str) -> Result<HashMap<i32, i64>> {
+    let prefix = format!("kafka-{topic}-");
+    let mut next: HashMap<i32, i64> = HashMap::new();
+    for f in parquet_files(&store.join("events"))? {
+        let Some(name) = f.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        let Some(rest) = name
+            .strip_suffix(".parquet")
+            .and_then(|n| n.strip_prefix(&prefix))
+        else {
+            continue;
+        };
+        let mut it = rest.rsplitn(3, '-');
+        let (Some(end), Some(_start), Some(partition)) = (it.next(), it.next(), it.next()) else {
+            continue;
+        };
+        let (Ok(end), Ok(partition)) = (end.parse::<i64>(), partition.parse::<i32>()) else {
+            continue;
+        };
+        let e = next.entry(partition).or_default();
+        *e = (*e).max(end + 1);
+    }
+    Ok(next)
+}
+
+/// (low, high) watermarks of partitions `0..partitions` of `topic`.
+pub fn watermarks(brokers: &str, topic: &str, partitions: i32) -> Result<Vec<(i64, i64)>> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()?;
+    (0..partitions)
+        .map(|p| Ok(c.fetch_watermarks(topic, p, Duration::from_secs(10))?))
+        .collect()
 }
 
 /// Every `*.parquet` under `dir` (temp and staged files are not `.parquet`).
