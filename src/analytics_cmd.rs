@@ -114,7 +114,7 @@ pub fn sql(o: &SqlOptions) -> Result<()> {
     let stdin = std::io::stdin();
     let interactive = stdin.is_terminal();
     if interactive {
-        eprintln!("broadside sql on {} — end statements with ';', \\q to quit; tables: events, bounce_events, recipient_logs, campaign_runs, historical_bounces, rollup_hourly, rollup_uniques", o.store.display());
+        eprintln!("broadside sql on {} — end statements with ';', \\q to quit; tables: events, bounce_events, recipient_logs, campaign_runs, historical_bounces, rollup_hourly, rollup_uniques, rollup_hourly_monthly, rollup_uniques_monthly", o.store.display());
     }
     let mut pending = String::new();
     let mut failed = false;
@@ -166,10 +166,12 @@ pub fn rollup(store: PathBuf, workspace: Option<String>) -> Result<()> {
         workspace.as_deref(),
     ))?;
     println!(
-        "rollups: {} partitions built, {} already current, {} changed while rolling up (retry later) in {:.2} s",
+        "rollups: {} partitions built, {} already current, {} changed while rolling up (retry later); {} closed months compacted, {} already current; in {:.2} s",
         r.built,
         r.current,
         r.raced,
+        r.months_built,
+        r.months_current,
         started.elapsed().as_secs_f64()
     );
     Ok(())

@@ -174,6 +174,11 @@ fn statistics_match_brute_force_raw_rolled_up_and_mixed() -> Result<()> {
             Some(utc("2026-03-01T00:00:00Z")),
             Some(utc("2026-03-15T00:00:00Z")),
         ),
+        // Exactly March: its month compaction alone once built.
+        (
+            Some(utc("2026-03-01T00:00:00Z")),
+            Some(utc("2026-04-01T00:00:00Z")),
+        ),
         // Not day-aligned: answered from raw events even with rollups.
         (
             Some(utc("2026-03-02T05:30:00Z")),
@@ -198,8 +203,23 @@ fn statistics_match_brute_force_raw_rolled_up_and_mixed() -> Result<()> {
 
     let report = rt.block_on(broadside_analytics::rollup::refresh(&catalog, None))?;
     assert_eq!(report.built, 90, "45 days × 2 workspaces");
+    // February (from the 20th), March and April (to the 5th) are closed months of both
+    // workspaces: each compacted into one file per table.
+    assert_eq!(report.months_built, 6);
     let again = rt.block_on(broadside_analytics::rollup::refresh(&catalog, None))?;
     assert_eq!((again.built, again.current), (0, 90));
+    assert_eq!((again.months_built, again.months_current), (0, 6));
+    let plan = |from: Option<&str>, to: Option<&str>| {
+        let day = |d: &str| NaiveDate::parse_from_str(d, "%Y-%m-%d").unwrap();
+        broadside_analytics::rollup::DatePlan::new(&store, "acme", from.map(day), to.map(day), true)
+    };
+    let all = plan(None, None)?;
+    assert_eq!(all.months, ["2026-02", "2026-03", "2026-04"]);
+    assert!(all.rolled.is_empty() && all.raw.is_empty(), "{all:?}");
+    // A range cutting a month reads that month's days.
+    let part = plan(Some("2026-03-10"), Some("2026-04-06"))?;
+    assert_eq!(part.months, ["2026-04"]);
+    assert_eq!(part.rolled.len(), 22, "March 10 to 31");
     check_all(&events, false)?;
 
     // New events land in one partition: its rollup is stale and that day is scanned raw.
@@ -217,6 +237,17 @@ fn statistics_match_brute_force_raw_rolled_up_and_mixed() -> Result<()> {
         "acme",
         "2026-03-03"
     )?);
+    // March's compaction no longer matches: its other days come from their day rollups.
+    let stale = plan(None, None)?;
+    assert_eq!(stale.months, ["2026-02", "2026-04"]);
+    assert_eq!(stale.raw, ["2026-03-03"]);
+    assert_eq!(stale.rolled.len(), 30);
+    check_all(&events, false)?;
+
+    // The next refresh rolls the day up again and compacts March again.
+    let report = rt.block_on(broadside_analytics::rollup::refresh(&catalog, None))?;
+    assert_eq!((report.built, report.months_built), (1, 1));
+    assert_eq!(plan(None, None)?.months, ["2026-02", "2026-03", "2026-04"]);
     check_all(&events, false)?;
     Ok(())
 }

@@ -140,9 +140,13 @@ impl std::fmt::Debug for FileCaches {
 pub const ROLLUP_HOURLY: &str = "rollups/hourly";
 /// Folder (under the store) of the per-day distinct-recipient rollups.
 pub const ROLLUP_UNIQUES: &str = "rollups/uniques";
+/// Folder (under the store) of closed months of hourly counts, one file per month.
+pub const ROLLUP_HOURLY_MONTHLY: &str = "rollups/hourly_monthly";
+/// Folder (under the store) of closed months of distinct recipients, one file per month.
+pub const ROLLUP_UNIQUES_MONTHLY: &str = "rollups/uniques_monthly";
 
 /// Names of the tables every session has.
-pub const TABLES: [&str; 7] = [
+pub const TABLES: [&str; 9] = [
     "events",
     "bounce_events",
     "recipient_logs",
@@ -150,6 +154,8 @@ pub const TABLES: [&str; 7] = [
     "historical_bounces",
     "rollup_hourly",
     "rollup_uniques",
+    "rollup_hourly_monthly",
+    "rollup_uniques_monthly",
 ];
 
 impl Catalog {
@@ -228,6 +234,24 @@ impl Catalog {
                 ROLLUP_UNIQUES,
                 ws,
                 &["date"],
+                crate::rollup::uniques_schema(),
+            )?,
+        )?;
+        ctx.register_table(
+            "rollup_hourly_monthly",
+            self.listing(
+                ROLLUP_HOURLY_MONTHLY,
+                ws,
+                &["month"],
+                crate::rollup::hourly_schema(),
+            )?,
+        )?;
+        ctx.register_table(
+            "rollup_uniques_monthly",
+            self.listing(
+                ROLLUP_UNIQUES_MONTHLY,
+                ws,
+                &["month"],
                 crate::rollup::uniques_schema(),
             )?,
         )?;

@@ -31,7 +31,7 @@ use serde::Serialize;
 
 use crate::query::catalog::{email_hash_expr, Catalog, Scope};
 use crate::query::{for_each_batch, QueryError, QueryResult};
-use crate::rollup::{dates_filter, DatePlan, UNIQUE_TYPES};
+use crate::rollup::{dates_filter, DatePlan, RollupKind, UNIQUE_TYPES};
 
 /// Which events a statistics query covers.
 #[derive(Debug, Clone, Default)]
@@ -227,27 +227,28 @@ pub async fn campaign_statistics(
             col("email_hash"),
             col("n"),
         ))?;
-    let mut rows = (!plan.raw.is_empty() || plan.rolled.is_empty()).then_some(raw_rows);
-    if !plan.rolled.is_empty() {
-        let mut f = dates_filter(&plan.rolled);
-        if let Some(c) = &q.campaign_id {
-            f = f.and(col("campaign_id").eq(lit(c.as_str())));
-        }
-        let hourly = ctx
-            .table("rollup_hourly")
-            .await?
-            .filter(f.clone())?
-            .select(fold_columns(col("bounce_type"), no_hash(), col("n")))?;
-        let uniques = ctx
-            .table("rollup_uniques")
-            .await?
-            .filter(f)?
-            .select(fold_columns(
-                lit(ScalarValue::Utf8(None)),
-                col("email_hash"),
-                lit(0i64),
-            ))?;
-        let rolled = hourly.union(uniques)?;
+    let mut rows = (!plan.raw.is_empty() || !plan.any_rolled()).then_some(raw_rows);
+    let f = match &q.campaign_id {
+        Some(c) => col("campaign_id").eq(lit(c.as_str())),
+        None => lit(true),
+    };
+    let hourly = plan
+        .rollup_rows(
+            &ctx,
+            RollupKind::Hourly,
+            f.clone(),
+            fold_columns(col("bounce_type"), no_hash(), col("n")),
+        )
+        .await?;
+    let uniques = plan
+        .rollup_rows(
+            &ctx,
+            RollupKind::Uniques,
+            f,
+            fold_columns(lit(ScalarValue::Utf8(None)), col("email_hash"), lit(0i64)),
+        )
+        .await?;
+    for rolled in [hourly, uniques].into_iter().flatten() {
         rows = Some(match rows {
             Some(r) => r.union(rolled)?,
             None => rolled,
@@ -362,6 +363,19 @@ impl Fold {
         id
     }
 
+    /// [`Fold::id`] through a one-entry memo: rows come sorted or grouped by campaign, so a
+    /// column mostly repeats the previous row's value.
+    fn id_memo<'a>(&mut self, memo: &mut Option<(&'a str, u32)>, name: &'a str) -> u32 {
+        match memo {
+            Some((last, id)) if *last == name => *id,
+            _ => {
+                let id = self.id(name);
+                *memo = Some((name, id));
+                id
+            }
+        }
+    }
+
     fn add(&mut self, b: &RecordBatch) -> QueryResult<()> {
         let (c, v, t, bt) = (
             strings(b, "campaign_id")?,
@@ -377,9 +391,10 @@ impl Fold {
             .column_by_name("n")
             .expect("n")
             .as_primitive::<Int64Type>();
+        let (mut mc, mut mv, mut mt) = (None, None, None);
         for i in 0..b.num_rows() {
-            let (ci, ti) = (self.id(c.value(i)), t.value(i));
-            let vi = v.is_valid(i).then(|| self.id(v.value(i)));
+            let (ci, ti) = (self.id_memo(&mut mc, c.value(i)), t.value(i));
+            let vi = v.is_valid(i).then(|| self.id_memo(&mut mv, v.value(i)));
             let count = n.value(i) as u64;
             if count > 0 {
                 let bt = bt.is_valid(i).then(|| bt.value(i));
@@ -390,7 +405,7 @@ impl Fold {
                 self.totals.entry(ci).or_default().add_events(ti, bt, count);
             }
             if h.is_valid(i) {
-                let (hash, tid) = (h.value(i), self.id(ti));
+                let (hash, tid) = (h.value(i), self.id_memo(&mut mt, ti));
                 let added = u64::from(
                     self.variant_sets
                         .entry((ci, vi, tid))

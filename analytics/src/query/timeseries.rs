@@ -26,7 +26,7 @@ use serde::Serialize;
 use crate::query::catalog::{ts_type, Catalog, Scope};
 use crate::query::stats::{and_time_range, strings, ts_lit};
 use crate::query::{collect, QueryError, QueryResult};
-use crate::rollup::{dates_filter, DatePlan};
+use crate::rollup::{dates_filter, DatePlan, RollupKind};
 use broadside_pipeline::event::EventType;
 
 pub use crate::params::Granularity;
@@ -143,13 +143,15 @@ pub async fn time_series(catalog: &Catalog, ws: &str, q: &SeriesQuery) -> QueryR
             col("event_type"),
             col("n"),
         ])?;
-    if !plan.rolled.is_empty() {
-        let f = and_hours(dates_filter(&plan.rolled).and(campaign), q.from, q.to);
-        let rolled = ctx.table("rollup_hourly").await?.filter(f)?.select(vec![
-            col("hour").alias("slot"),
-            col("event_type"),
-            col("n"),
-        ])?;
+    let rolled = plan
+        .rollup_rows(
+            &ctx,
+            RollupKind::Hourly,
+            and_hours(campaign, q.from, q.to),
+            vec![col("hour").alias("slot"), col("event_type"), col("n")],
+        )
+        .await?;
+    if let Some(rolled) = rolled {
         df = if plan.raw.is_empty() {
             rolled
         } else {
