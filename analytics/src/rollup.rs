@@ -787,10 +787,12 @@ pub fn spawn_refresher(catalog: Arc<Catalog>, every: std::time::Duration) {
     tokio::spawn(async move {
         loop {
             match refresh(&catalog, None).await {
-                Ok(r) if r.built > 0 => tracing::info!(
+                Ok(r) if r.built + r.months_built > 0 => tracing::info!(
                     built = r.built,
                     current = r.current,
                     raced = r.raced,
+                    months_built = r.months_built,
+                    months_current = r.months_current,
                     "rollups refreshed"
                 ),
                 Ok(_) => {}
