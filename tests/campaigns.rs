@@ -212,6 +212,20 @@ fn form_pairs(body: &str) -> Vec<(String, String)> {
         .collect()
 }
 
+/// A run's ledger rows (campaign `generated-42` of workspace `demo`) and their
+/// (row, key, decision).
+fn ledger_keys(
+    dir: &std::path::Path,
+    run_id: &str,
+) -> (Vec<common::LedgerRow>, Vec<(u64, String, String)>) {
+    let ledger = common::read_ledger(&dir.join("store"), "demo", "generated-42", run_id);
+    let keys = ledger
+        .iter()
+        .map(|r| (r.row, r.key.clone().unwrap(), r.decision.clone()))
+        .collect();
+    (ledger, keys)
+}
+
 /// The run id the spec executor gives a sending.
 fn sending_run_id(sending: &Value) -> String {
     let created = chrono::DateTime::parse_from_rfc3339(sending["created_at"].as_str().unwrap())
@@ -753,12 +767,7 @@ fn inline_recipients_are_sent_with_their_properties() {
     let run_id = sending_run_id(sending);
 
     // one ledger row per inline recipient, in the order given, all sent
-    let store = dir.path().join("store");
-    let ledger = common::read_ledger(&store, "demo", "generated-42", &run_id);
-    let keys: Vec<(u64, String, String)> = ledger
-        .iter()
-        .map(|r| (r.row, r.key.clone().unwrap(), r.decision.clone()))
-        .collect();
+    let (_, keys) = ledger_keys(dir.path(), &run_id);
     let m3 = member(3, "email").to_lowercase();
     let m4 = member(4, "email").to_lowercase();
     let expect_keys = [
@@ -969,11 +978,7 @@ fn an_audience_and_inline_recipients_are_sent_once_each() {
     // order, then the inline recipients in the order given; rows outside the audience (but
     // the inline one) have none
     let store = dir.path().join("store");
-    let ledger = common::read_ledger(&store, "demo", "generated-42", &run_id);
-    let keys: Vec<(u64, String, String)> = ledger
-        .iter()
-        .map(|r| (r.row, r.key.clone().unwrap(), r.decision.clone()))
-        .collect();
+    let (ledger, keys) = ledger_keys(dir.path(), &run_id);
     let mut expect: Vec<String> = [0, 1, 2, 4, 6, 7, 8, 9].into_iter().map(email).collect();
     expect.extend([email(3), "new@inline.test".into(), email(5), email(20)]);
     assert_eq!(

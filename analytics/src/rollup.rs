@@ -167,17 +167,19 @@ fn month_bounds(month: &str) -> (NaiveDate, NaiveDate) {
     (first, next)
 }
 
-/// The fingerprint a day's rollup was computed from (`None` without a readable sidecar).
-fn rolled_fingerprint(store: &Path, ws: &str, date: &str) -> QueryResult<Option<String>> {
-    let path = source_path(store, ws, date);
-    let text = match std::fs::read_to_string(&path) {
+/// A sidecar, `None` when it is missing or unreadable (the rollup is then rebuilt).
+fn read_sidecar<T: serde::de::DeserializeOwned>(path: &Path) -> QueryResult<Option<T>> {
+    let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(QueryError::io(&path, e)),
+        Err(e) => return Err(QueryError::io(path, e)),
     };
-    Ok(serde_json::from_str::<Source>(&text)
-        .ok()
-        .map(|s| s.fingerprint))
+    Ok(serde_json::from_str(&text).ok())
+}
+
+/// The fingerprint a day's rollup was computed from (`None` without a readable sidecar).
+fn rolled_fingerprint(store: &Path, ws: &str, date: &str) -> QueryResult<Option<String>> {
+    Ok(read_sidecar::<Source>(&source_path(store, ws, date))?.map(|s| s.fingerprint))
 }
 
 /// The day fingerprints a month compaction was built from (`None` without one).
@@ -186,15 +188,7 @@ fn month_days(
     ws: &str,
     month: &str,
 ) -> QueryResult<Option<BTreeMap<String, String>>> {
-    let path = month_source_path(store, ws, month);
-    let text = match std::fs::read_to_string(&path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(QueryError::io(&path, e)),
-    };
-    Ok(serde_json::from_str::<MonthSource>(&text)
-        .ok()
-        .map(|s| s.days))
+    Ok(read_sidecar::<MonthSource>(&month_source_path(store, ws, month))?.map(|s| s.days))
 }
 
 fn source_path(store: &Path, ws: &str, date: &str) -> PathBuf {
