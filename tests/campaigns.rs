@@ -226,6 +226,19 @@ fn ledger_keys(
     (ledger, keys)
 }
 
+/// Sets a finished run's record back to running, as if the process died before recording
+/// the end.
+fn mark_running(store: &std::path::Path, run_id: &str) {
+    let rec = store.join(format!("campaign_runs/workspace_id=demo/{run_id}.json"));
+    let json = std::fs::read_to_string(&rec).unwrap();
+    assert!(json.contains("\"status\":\"done\""), "{json}");
+    std::fs::write(
+        &rec,
+        json.replace("\"status\":\"done\"", "\"status\":\"running\""),
+    )
+    .unwrap();
+}
+
 /// The run id the spec executor gives a sending.
 fn sending_run_id(sending: &Value) -> String {
     let created = chrono::DateTime::parse_from_rfc3339(sending["created_at"].as_str().unwrap())
@@ -453,14 +466,7 @@ fn an_audience_leaving_batches_empty_sends_and_resumes_only_with_the_same_condit
 
     // As if the process died after writing everything: a resume with other conditions is
     // refused, one with the same conditions replays to the same files.
-    let rec = store.join("campaign_runs/workspace_id=demo/pair.json");
-    let json = std::fs::read_to_string(&rec).unwrap();
-    assert!(json.contains("\"status\":\"done\""), "{json}");
-    std::fs::write(
-        &rec,
-        json.replace("\"status\":\"done\"", "\"status\":\"running\""),
-    )
-    .unwrap();
+    mark_running(&store, "pair");
     let out = common::run(
         &["send", spec, "--run-id", "pair", "--audience", &one],
         false,
@@ -1096,14 +1102,7 @@ fn an_audience_and_inline_recipients_are_sent_once_each() {
             .advance(sid, "dead", S::Prepared, S::Transmitting, then, &none)
             .unwrap());
     }
-    let rec = store.join(format!("campaign_runs/workspace_id=demo/{run_id}.json"));
-    let json = std::fs::read_to_string(&rec).unwrap();
-    assert!(json.contains("\"status\":\"done\""), "{json}");
-    std::fs::write(
-        &rec,
-        json.replace("\"status\":\"done\"", "\"status\":\"running\""),
-    )
-    .unwrap();
+    mark_running(&store, &run_id);
     let (_, log) = campaign(db, &["run", "--specs", specs], true);
     assert!(log.contains("scheduler pass: 1 steps"), "{log}");
     let (st, _) = campaign(db, &["status", &id], true);
