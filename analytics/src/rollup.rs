@@ -36,7 +36,7 @@ use std::sync::Arc;
 use arrow_array::RecordBatch;
 use arrow_schema::{DataType, SchemaRef};
 use broadside_pipeline::store::{commit_file, create_dir_all, temp_name, write_atomic};
-use chrono::{Datelike, NaiveDate};
+use chrono::NaiveDate;
 use datafusion::functions::expr_fn::date_trunc;
 use datafusion::functions_aggregate::expr_fn::count;
 use datafusion::logical_expr::{cast, col, lit, Expr};
@@ -154,17 +154,29 @@ fn month_of(date: &str) -> &str {
     &date[..7]
 }
 
-/// First day of a `YYYY-MM` month and of the month after it.
-fn month_bounds(month: &str) -> (NaiveDate, NaiveDate) {
-    let first = NaiveDate::parse_from_str(&format!("{month}-01"), "%Y-%m-%d")
-        .expect("month of a listed date");
-    let next = if first.month() == 12 {
-        NaiveDate::from_ymd_opt(first.year() + 1, 1, 1)
-    } else {
-        NaiveDate::from_ymd_opt(first.year(), first.month() + 1, 1)
+/// The day fingerprints of each month, kept while every day of the month seen has one: a
+/// month with a day that is not current (or outside a query's range) has `None`.
+#[derive(Default)]
+struct MonthDays(BTreeMap<String, Option<BTreeMap<String, String>>>);
+
+impl MonthDays {
+    fn add(&mut self, date: &str, fp: Option<String>) {
+        let days = self
+            .0
+            .entry(month_of(date).to_string())
+            .or_insert_with(|| Some(BTreeMap::new()));
+        match (days.as_mut(), fp) {
+            (Some(days), Some(fp)) => {
+                days.insert(date.to_string(), fp);
+            }
+            _ => *days = None,
+        }
     }
-    .expect("valid month");
-    (first, next)
+
+    /// The months whose every day has a fingerprint, with them, in month order.
+    fn complete(self) -> impl Iterator<Item = (String, BTreeMap<String, String>)> {
+        self.0.into_iter().filter_map(|(m, d)| d.map(|d| (m, d)))
+    }
 }
 
 /// A sidecar, `None` when it is missing or unreadable (the rollup is then rebuilt).
@@ -241,31 +253,11 @@ impl DatePlan {
         use_rollups: bool,
     ) -> QueryResult<DatePlan> {
         let mut plan = DatePlan::default();
-        // Rolled days of the month being walked, with their fingerprints; `None` once one of
-        // its days is raw.
-        let mut month: Option<(String, Option<BTreeMap<String, String>>)> = None;
-        // A month compaction holds exactly its days' rollups, so it stands in for them when
-        // every partition the month has is in the range and current with the fingerprint it
-        // was built from (a month with a partition outside the range is read by days).
-        let close = |plan: &mut DatePlan, m: Option<(String, Option<BTreeMap<_, _>>)>| {
-            let Some((name, Some(days))) = m else {
-                return Ok::<(), QueryError>(());
-            };
-            if month_matches(store, ws, &name, &days)? {
-                plan.rolled.retain(|d| month_of(d) != name);
-                plan.months.push(name);
-            }
-            Ok(())
-        };
+        let mut months = MonthDays::default();
         for d in event_dates(store, ws)? {
-            if month.as_ref().is_none_or(|(m, _)| m != month_of(&d)) {
-                close(&mut plan, month.take())?;
-                month = Some((month_of(&d).to_string(), Some(BTreeMap::new())));
-            }
-            let days = &mut month.as_mut().expect("set above").1;
             let day = NaiveDate::parse_from_str(&d, "%Y-%m-%d").expect("listed dates parse");
             if from.is_some_and(|f| day < f) || to.is_some_and(|t| day >= t) {
-                *days = None;
+                months.add(&d, None);
                 continue;
             }
             let fp = if use_rollups {
@@ -273,20 +265,22 @@ impl DatePlan {
             } else {
                 None
             };
-            match fp {
-                Some(fp) => {
-                    if let Some(days) = days {
-                        days.insert(d.clone(), fp);
-                    }
-                    plan.rolled.push(d);
-                }
-                None => {
-                    *days = None;
-                    plan.raw.push(d);
-                }
+            if fp.is_some() {
+                plan.rolled.push(d.clone());
+            } else {
+                plan.raw.push(d.clone());
+            }
+            months.add(&d, fp);
+        }
+        // A month compaction holds exactly its days' rollups, so it stands in for them when
+        // every partition the month has is in the range and current with the fingerprint it
+        // was built from (a month with a partition outside the range is read by days).
+        for (month, days) in months.complete() {
+            if month_matches(store, ws, &month, &days)? {
+                plan.rolled.retain(|d| month_of(d) != month);
+                plan.months.push(month);
             }
         }
-        close(&mut plan, month.take())?;
         Ok(plan)
     }
 
@@ -311,8 +305,7 @@ impl DatePlan {
             if values.is_empty() {
                 continue;
             }
-            let part =
-                col(col_name).in_list(values.iter().map(|v| lit(v.as_str())).collect(), false);
+            let part = partition_filter(col_name, values);
             let df = ctx
                 .table(table)
                 .await?
@@ -343,10 +336,15 @@ pub enum RollupKind {
 
 /// `date IN (…)` over partition values (an always-false filter for an empty list).
 pub fn dates_filter(dates: &[String]) -> Expr {
-    if dates.is_empty() {
+    partition_filter("date", dates)
+}
+
+/// `column IN (…)` over partition values (an always-false filter for an empty list).
+fn partition_filter(column: &str, values: &[String]) -> Expr {
+    if values.is_empty() {
         lit(false)
     } else {
-        col("date").in_list(dates.iter().map(|d| lit(d.as_str())).collect(), false)
+        col(column).in_list(values.iter().map(|v| lit(v.as_str())).collect(), false)
     }
 }
 
@@ -375,8 +373,7 @@ pub async fn refresh(catalog: &Catalog, ws: Option<&str>) -> QueryResult<Refresh
     let mut report = RefreshReport::default();
     for w in workspaces {
         let scope = Scope::workspace(&w)?;
-        // The current day fingerprints of each month; `None` once a day is not current.
-        let mut months: BTreeMap<String, Option<BTreeMap<String, String>>> = BTreeMap::new();
+        let mut months = MonthDays::default();
         for d in event_dates(store, &w)? {
             let fp = match current_fingerprint(store, &w, &d)? {
                 Some(fp) => {
@@ -392,20 +389,12 @@ pub async fn refresh(catalog: &Catalog, ws: Option<&str>) -> QueryResult<Refresh
                     None
                 }
             };
-            let days = months
-                .entry(month_of(&d).to_string())
-                .or_insert_with(|| Some(BTreeMap::new()));
-            match (days.as_mut(), fp) {
-                (Some(days), Some(fp)) => {
-                    days.insert(d, fp);
-                }
-                _ => *days = None,
-            }
+            months.add(&d, fp);
         }
-        let this_month = chrono::Utc::now().date_naive().with_day(1).expect("day 1");
-        for (month, days) in months {
-            let Some(days) = days else { continue };
-            if month_bounds(&month).1 > this_month {
+        // Closed months only: the current one still gets new days.
+        let this_month = chrono::Utc::now().format("%Y-%m").to_string();
+        for (month, days) in months.complete() {
+            if month >= this_month {
                 continue;
             }
             if month_matches(store, &w, &month, &days)? {
