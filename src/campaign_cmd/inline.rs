@@ -199,14 +199,13 @@ pub(super) fn materialise(
 /// A recipient's key as the ledger has it: the key field's value trimmed, and lowercased for
 /// an email; `None` when empty.
 fn recipient_key(key_field: StdField, value: Option<&str>) -> Option<String> {
-    let v = value?.trim();
-    if v.is_empty() {
-        return None;
-    }
-    Some(match key_field {
-        StdField::Email => v.to_lowercase(),
-        _ => v.to_string(),
-    })
+    let mut buf = String::new();
+    let key = broadside_sources::suppression::normalize_key(
+        value?,
+        key_field == StdField::Email,
+        &mut buf,
+    );
+    (!key.is_empty()).then(|| key.to_string())
 }
 
 /// A member's row as the start of an inline recipient's: all of it when properties extend it;
