@@ -108,15 +108,7 @@ impl Broker {
             .spawn()
             .context("starting bs-mock-kafka")?;
         let stdin = child.stdin.take().expect("piped");
-        let out = child.stdout.take().expect("piped");
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let lines = stdout_lines(&mut child);
         let brokers = match lines.recv_timeout(Duration::from_secs(60)) {
             Ok(b) => b,
             Err(_) => {
@@ -244,6 +236,20 @@ impl Drop for Broker {
         }
         self.stop();
     }
+}
+
+/// A child's stdout (piped) as a channel of lines, read on a thread of its own.
+fn stdout_lines(child: &mut Child) -> mpsc::Receiver<String> {
+    let out = child.stdout.take().expect("piped");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
 }
 
 fn free_port() -> Result<u16> {
@@ -515,15 +521,7 @@ impl Worker {
             .stderr(Stdio::inherit())
             .spawn()
             .context("spawning ingest_worker")?;
-        let out = child.stdout.take().expect("piped");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let rx = stdout_lines(&mut child);
         Ok(Worker {
             child,
             lines: rx,
