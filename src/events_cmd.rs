@@ -61,6 +61,9 @@ pub struct IngestOptions {
     /// Stop once no record arrived for this long (ms); default: run until SIGINT.
     #[arg(long)]
     pub exit_when_idle_ms: Option<u64>,
+    /// Kafka: threads that decode, encode and commit (default: one per core).
+    #[arg(long, default_value_t = 0)]
+    pub writers: usize,
 }
 
 fn parse_kv(s: &str) -> Result<(String, String), String> {
@@ -82,7 +85,7 @@ pub fn ingest(o: &IngestOptions) -> Result<()> {
         on_commit: Some(Box::new(|c| {
             tracing::info!(stream = %c.stream, start = c.start, end = c.end, rows = c.rows, dead_letters = c.dead_letters, "committed");
         })),
-        on_assign: None,
+        ..Default::default()
     };
     if let Some(path) = &o.from {
         let mut cfg = FileIngestConfig::new(path, &o.store);
@@ -111,6 +114,7 @@ pub fn ingest(o: &IngestOptions) -> Result<()> {
         cfg.flush.max_latency_ms = ms;
     }
     cfg.exit_when_idle_ms = o.exit_when_idle_ms;
+    cfg.writers = o.writers;
     install_shutdown_handler();
     let stats = run_kafka_ingest(&cfg, hooks, &SHUTDOWN)?;
     print_stats(&format!("ingested {}", o.topics.join(",")), &stats);

@@ -7,7 +7,8 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{channel, sync_channel, Receiver, Sender, SyncSender};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -111,6 +112,10 @@ pub struct KafkaIngestConfig {
     /// milliseconds. `None` runs until shutdown (CLI: `--exit-when-idle-ms`).
     #[serde(default)]
     pub exit_when_idle_ms: Option<u64>,
+    /// Writer threads that decode, encode and commit (each owns a share of the assigned
+    /// partitions); 0 means one per core (CLI: `--writers`).
+    #[serde(default)]
+    pub writers: usize,
 }
 
 /// librdkafka properties the ingest sets itself; overriding them would break exactly-once.
@@ -133,6 +138,7 @@ impl KafkaIngestConfig {
             flush: FlushPolicy::default(),
             kafka_options: BTreeMap::new(),
             exit_when_idle_ms: None,
+            writers: 0,
         }
     }
 
@@ -231,35 +237,123 @@ pub struct IngestHooks {
     pub on_commit: Option<CommitCallback>,
     /// Called when a partition is assigned, with the offset it resumes at.
     pub on_assign: Option<AssignCallback>,
+    /// Called once, when the run accepts its first record (benchmarks time from it).
+    pub on_first_record: Option<Box<dyn Fn() + Send + Sync>>,
 }
 
 /// A function told about every partition assignment: topic, partition, resume offset.
 pub type AssignCallback = Box<dyn Fn(&str, i32, i64) + Send + Sync>;
 
-struct PartitionState {
-    committer: Committer,
-    buffer: StreamBuffer,
-    /// Offset of the next record to accept; lower offsets are already committed.
+/// librdkafka's `fetch.queue.backoff.ms` for the ingest (overridable with `kafka_options`).
+pub const FETCH_QUEUE_BACKOFF_MS: &str = "10";
+
+/// A partition: topic and partition number.
+type Key = (String, i32);
+
+/// Records a writer decodes per hand-over: big enough that the channel costs nothing per
+/// record, small enough that decoding starts while the polling thread fills the next one.
+const CHUNK_RECORDS: usize = 4096;
+/// ... or this many payload bytes.
+const CHUNK_BYTES: usize = 1 << 20;
+/// Chunks queued per writer before the polling thread waits (back-pressure; with the
+/// flush policy's `max_buffered_bytes` this bounds memory).
+const WRITER_QUEUE: usize = 4;
+
+/// Raw records of one partition, in offset order, handed to its writer.
+#[derive(Default)]
+struct Chunk {
+    data: Vec<u8>,
+    /// Offset and end position in `data` of each record.
+    records: Vec<(i64, usize)>,
+}
+
+impl Chunk {
+    fn push(&mut self, offset: i64, payload: &[u8]) {
+        self.data.extend_from_slice(payload);
+        self.records.push((offset, self.data.len()));
+    }
+
+    fn is_full(&self) -> bool {
+        self.records.len() >= CHUNK_RECORDS || self.data.len() >= CHUNK_BYTES
+    }
+}
+
+/// Work for a writer thread. Jobs of one partition go to one writer, so they run in order.
+/// `epoch` tells stale work apart: after a lost commit (conflict) the writer drops the
+/// partition's jobs up to that epoch, and the polling thread resumes with a newer one.
+enum Job {
+    /// A newly assigned partition and its recovered committer.
+    Open { key: Key, committer: Box<Committer> },
+    /// Records to decode into the partition's buffer.
+    Records { key: Key, epoch: u64, chunk: Chunk },
+    /// Commit everything decoded, which ends at offset `end`.
+    Commit { key: Key, epoch: u64, end: i64 },
+    /// The partition is revoked: commit what is buffered (unless `discard`), forget the
+    /// partition, then answer on `done` with the first offset not committed.
+    Close {
+        key: Key,
+        epoch: u64,
+        end: i64,
+        discard: bool,
+        done: SyncSender<Option<i64>>,
+    },
+    /// Stop the thread.
+    Exit,
+}
+
+/// What a writer tells the polling thread.
+enum Report {
+    /// Another member committed from the same start first; consumption must resume at
+    /// `next` with a new epoch.
+    Conflict { key: Key, epoch: u64, next: i64 },
+    /// Writing failed; the ingest stops.
+    Failed(Error),
+}
+
+/// The polling thread's view of an assigned partition.
+struct PollState {
+    worker: usize,
+    epoch: u64,
+    /// Offset of the next record to accept; lower offsets are already committed or handed
+    /// to the writer.
     expected: i64,
+    /// Records not yet handed to the writer.
+    chunk: Chunk,
+    /// Records and payload bytes handed over or pending since the last commit job.
+    unflushed_records: usize,
+    unflushed_bytes: usize,
+    /// When the oldest uncommitted record arrived (flush-by-latency).
+    first_at: Option<Instant>,
+    /// When the newest one arrived (idle flush).
+    last_at: Option<Instant>,
 }
 
 struct Shared {
     cfg: KafkaIngestConfig,
     hooks: IngestHooks,
-    partitions: Mutex<HashMap<(String, i32), PartitionState>>,
+    partitions: Mutex<Vec<(Key, PollState)>>,
+    /// Per partition, the first offset not yet committed to the store (kept by the writers).
+    committed: Mutex<HashMap<Key, i64>>,
     stats: Mutex<IngestStats>,
     /// An error raised inside a rebalance callback, surfaced by the poll loop.
     failure: Mutex<Option<Error>>,
+    workers: Vec<SyncSender<Job>>,
+    /// Source of epochs (assignments and post-conflict restarts).
+    epochs: AtomicU64,
+}
+
+fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Shared {
-    fn lock(&self) -> MutexGuard<'_, HashMap<(String, i32), PartitionState>> {
-        self.partitions.lock().unwrap_or_else(|p| p.into_inner())
+    fn fail(&self, e: Error) {
+        locked(&self.failure).get_or_insert(e);
     }
 
-    fn fail(&self, e: Error) {
-        let mut f = self.failure.lock().unwrap_or_else(|p| p.into_inner());
-        f.get_or_insert(e);
+    fn send(&self, worker: usize, job: Job) {
+        // A writer only goes away after `Job::Exit`; a failed one keeps draining its queue.
+        let _ = self.workers[worker].send(job);
     }
 
     fn stream_id(topic: &str, partition: i32) -> StreamId {
@@ -281,43 +375,206 @@ impl Shared {
         }
     }
 
-    /// Commits one partition's buffer. Returns the offset to seek to on conflict.
-    fn flush(&self, st: &mut PartitionState) -> Result<Option<i64>> {
-        if st.buffer.is_empty() {
-            return Ok(None);
-        }
-        let records = st.buffer.records as u64;
-        let start = st.committer.next();
-        let end = st.expected - 1;
-        let pending = st.buffer.take()?;
-        let outcome = st.committer.commit(end, pending)?;
-        let mut stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
-        match outcome {
-            CommitOutcome::Committed {
-                rows,
-                dead_letters,
-                files,
-            } => {
-                stats.add_commit(records, rows, dead_letters, files);
-                drop(stats);
-                if let Some(h) = &self.hooks.on_commit {
-                    h(&CommitInfo {
-                        stream: st.committer.describe().to_string(),
-                        start,
-                        end,
-                        rows,
-                        dead_letters,
-                    });
-                }
-                Ok(None)
-            }
-            CommitOutcome::Conflict { next } => {
-                stats.conflicts += 1;
-                st.expected = next;
-                Ok(Some(next))
-            }
+    /// Hands a partition's pending records to its writer.
+    fn hand_over(&self, key: &Key, st: &mut PollState) {
+        if !st.chunk.records.is_empty() {
+            let chunk = std::mem::take(&mut st.chunk);
+            self.send(
+                st.worker,
+                Job::Records {
+                    key: key.clone(),
+                    epoch: st.epoch,
+                    chunk,
+                },
+            );
         }
     }
+
+    /// Asks the partition's writer to commit everything consumed so far.
+    fn flush(&self, key: &Key, st: &mut PollState) {
+        if st.unflushed_records == 0 {
+            return;
+        }
+        self.hand_over(key, st);
+        self.send(
+            st.worker,
+            Job::Commit {
+                key: key.clone(),
+                epoch: st.epoch,
+                end: st.expected - 1,
+            },
+        );
+        st.unflushed_records = 0;
+        st.unflushed_bytes = 0;
+        st.first_at = None;
+        st.last_at = None;
+    }
+
+    /// Commits (or, when `discard`, drops) a partition's records and waits until its
+    /// writer has let it go. Returns the first offset not committed, when known.
+    fn close(&self, key: &Key, mut st: PollState, discard: bool) -> Option<i64> {
+        if !discard {
+            self.hand_over(key, &mut st);
+        }
+        let (done, wait) = sync_channel(1);
+        self.send(
+            st.worker,
+            Job::Close {
+                key: key.clone(),
+                epoch: st.epoch,
+                end: st.expected - 1,
+                discard,
+                done,
+            },
+        );
+        wait.recv().ok().flatten()
+    }
+
+    /// The writer with the fewest partitions.
+    fn least_loaded(&self, parts: &[(Key, PollState)]) -> usize {
+        (0..self.workers.len())
+            .min_by_key(|w| parts.iter().filter(|(_, s)| s.worker == *w).count())
+            .unwrap_or(0)
+    }
+}
+
+/// A writer thread's state of one partition.
+struct WriterState {
+    committer: Box<Committer>,
+    buffer: StreamBuffer,
+    /// Jobs with an epoch at or below this are stale (set by a conflict).
+    dead_epoch: Option<u64>,
+    /// Offset of the last record decoded into `buffer`.
+    last_offset: i64,
+}
+
+/// Decodes, encodes and commits the partitions given to it, in job order.
+fn writer_loop(shared: &Shared, jobs: Receiver<Job>, reports: Sender<Report>) {
+    let mut parts: HashMap<Key, WriterState> = HashMap::new();
+    let mut failed = false;
+    let stale = |st: &WriterState, epoch: u64| st.dead_epoch.is_some_and(|d| epoch <= d);
+    while let Ok(job) = jobs.recv() {
+        let result = match job {
+            Job::Exit => break,
+            Job::Open { key, committer } => {
+                let next = committer.next();
+                locked(&shared.committed).insert(key.clone(), next);
+                parts.insert(
+                    key,
+                    WriterState {
+                        committer,
+                        buffer: StreamBuffer::default(),
+                        dead_epoch: None,
+                        last_offset: next - 1,
+                    },
+                );
+                Ok(())
+            }
+            Job::Records { key, epoch, chunk } => match parts.get_mut(&key) {
+                Some(st) if !failed && !stale(st, epoch) => decode_chunk(st, &chunk),
+                _ => Ok(()),
+            },
+            Job::Commit { key, epoch, end } => match parts.get_mut(&key) {
+                Some(st) if !failed && !stale(st, epoch) => {
+                    commit(shared, &key, epoch, st, end, &reports)
+                }
+                _ => Ok(()),
+            },
+            Job::Close {
+                key,
+                epoch,
+                end,
+                discard,
+                done,
+            } => {
+                let mut next = None;
+                let mut r = Ok(());
+                if let Some(mut st) = parts.remove(&key) {
+                    if !failed && !discard && !stale(&st, epoch) {
+                        r = commit(shared, &key, epoch, &mut st, end, &reports);
+                    }
+                    next = Some(st.committer.next());
+                }
+                locked(&shared.committed).remove(&key);
+                let _ = done.send(next);
+                r
+            }
+        };
+        if let Err(e) = result {
+            failed = true;
+            let _ = reports.send(Report::Failed(e));
+        }
+    }
+}
+
+fn decode_chunk(st: &mut WriterState, chunk: &Chunk) -> Result<()> {
+    let now = Instant::now();
+    let mut start = 0;
+    for &(offset, end) in &chunk.records {
+        st.buffer
+            .push_record(offset, &chunk.data[start..end], now)?;
+        st.last_offset = offset;
+        start = end;
+    }
+    Ok(())
+}
+
+/// Commits one partition's buffer, which must end at `end`.
+fn commit(
+    shared: &Shared,
+    key: &Key,
+    epoch: u64,
+    st: &mut WriterState,
+    end: i64,
+    reports: &Sender<Report>,
+) -> Result<()> {
+    if st.buffer.is_empty() {
+        return Ok(());
+    }
+    if end != st.last_offset {
+        return Err(Error::state(
+            st.committer.describe(),
+            format!(
+                "commit asked up to offset {end} but records were decoded up to {}",
+                st.last_offset
+            ),
+        ));
+    }
+    let records = st.buffer.records as u64;
+    let start = st.committer.next();
+    let pending = st.buffer.take()?;
+    match st.committer.commit(end, pending)? {
+        CommitOutcome::Committed {
+            rows,
+            dead_letters,
+            files,
+        } => {
+            locked(&shared.stats).add_commit(records, rows, dead_letters, files);
+            locked(&shared.committed).insert(key.clone(), end + 1);
+            if let Some(h) = &shared.hooks.on_commit {
+                h(&CommitInfo {
+                    stream: st.committer.describe().to_string(),
+                    start,
+                    end,
+                    rows,
+                    dead_letters,
+                });
+            }
+        }
+        CommitOutcome::Conflict { next } => {
+            locked(&shared.stats).conflicts += 1;
+            locked(&shared.committed).insert(key.clone(), next);
+            st.dead_epoch = Some(epoch);
+            st.buffer.discard();
+            st.last_offset = next - 1;
+            let _ = reports.send(Report::Conflict {
+                key: key.clone(),
+                epoch,
+                next,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// The consumer context: positions assigned partitions from the store and commits
@@ -352,8 +609,8 @@ impl ConsumerContext for IngestContext {
         let sh = &self.shared;
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
-                let mut parts = sh.lock();
-                let assigned: Vec<(String, i32)> = tpl
+                let mut parts = locked(&sh.partitions);
+                let assigned: Vec<Key> = tpl
                     .elements()
                     .iter()
                     .map(|e| (e.topic().to_string(), e.partition()))
@@ -377,14 +634,30 @@ impl ConsumerContext for IngestContext {
                             if let Some(h) = &sh.hooks.on_assign {
                                 h(&topic, partition, next);
                             }
-                            parts.insert(
-                                (topic, partition),
-                                PartitionState {
-                                    committer,
-                                    buffer: StreamBuffer::default(),
-                                    expected: next,
+                            let key = (topic, partition);
+                            let worker = sh.least_loaded(&parts);
+                            let epoch = sh.epochs.fetch_add(1, Ordering::Relaxed);
+                            sh.send(
+                                worker,
+                                Job::Open {
+                                    key: key.clone(),
+                                    committer: Box::new(committer),
                                 },
                             );
+                            parts.retain(|(k, _)| *k != key);
+                            parts.push((
+                                key,
+                                PollState {
+                                    worker,
+                                    epoch,
+                                    expected: next,
+                                    chunk: Chunk::default(),
+                                    unflushed_records: 0,
+                                    unflushed_bytes: 0,
+                                    first_at: None,
+                                    last_at: None,
+                                },
+                            ));
                         }
                         Err(e) => sh.fail(e),
                     }
@@ -398,29 +671,27 @@ impl ConsumerContext for IngestContext {
                 // A lost assignment (session timed out) is already someone else's: committing
                 // would only lose the compare-and-set, so the buffers are dropped instead.
                 let lost = consumer.assignment_lost();
-                let mut parts = sh.lock();
+                let revoked: Vec<Key> = tpl
+                    .elements()
+                    .iter()
+                    .map(|e| (e.topic().to_string(), e.partition()))
+                    .collect();
+                let closing: Vec<(Key, PollState)> = {
+                    let mut parts = locked(&sh.partitions);
+                    let (closing, kept) = std::mem::take(&mut *parts)
+                        .into_iter()
+                        .partition(|(k, _)| revoked.contains(k));
+                    *parts = kept;
+                    closing
+                };
                 let mut offsets = TopicPartitionList::new();
-                for e in tpl.elements() {
-                    let key = (e.topic().to_string(), e.partition());
-                    if let Some(mut st) = parts.remove(&key) {
-                        if lost {
-                            st.buffer.discard();
-                            continue;
-                        }
-                        match sh.flush(&mut st) {
-                            Ok(_) => {
-                                let _ = offsets.add_partition_offset(
-                                    &key.0,
-                                    key.1,
-                                    Offset::Offset(st.committer.next()),
-                                );
-                            }
-                            Err(e) => sh.fail(e),
-                        }
-                        tracing::info!(topic = key.0, partition = key.1, "partition revoked");
+                for (key, st) in closing {
+                    let next = sh.close(&key, st, lost);
+                    if let (false, Some(next)) = (lost, next) {
+                        let _ = offsets.add_partition_offset(&key.0, key.1, Offset::Offset(next));
                     }
+                    tracing::info!(topic = key.0, partition = key.1, "partition revoked");
                 }
-                drop(parts);
                 if offsets.count() > 0 {
                     // Best effort: group offsets only serve lag monitoring.
                     let _ = consumer.commit(&offsets, CommitMode::Sync);
@@ -431,7 +702,10 @@ impl ConsumerContext for IngestContext {
             }
             other => {
                 tracing::error!(error = ?other, "rebalance error; dropping the assignment");
-                sh.lock().clear();
+                let all = std::mem::take(&mut *locked(&sh.partitions));
+                for (key, st) in all {
+                    sh.close(&key, st, true);
+                }
                 let _ = consumer.unassign();
             }
         }
@@ -441,6 +715,10 @@ impl ConsumerContext for IngestContext {
 /// Runs the ingest until `shutdown` is set (or, with `exit_when_idle_ms`, until the
 /// topics are drained), committing everything buffered before returning.
 ///
+/// The polling thread only copies records into per-partition chunks; writer threads
+/// (`writers`, one per core by default) decode them, build Arrow batches, encode Parquet and
+/// commit, each owning a set of partitions, so decoding and writing overlap with consuming.
+///
 /// Errors name the topic/partition or file involved. Records that cannot be decoded
 /// are not errors: they go to `<store>/dead_letters/kafka/topic=T/partition=P/`.
 pub fn run_kafka_ingest(
@@ -449,13 +727,70 @@ pub fn run_kafka_ingest(
     shutdown: &AtomicBool,
 ) -> Result<IngestStats> {
     cfg.validate()?;
+    let writers = match cfg.writers {
+        0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
+        n => n,
+    };
+    let (report_tx, reports) = channel();
+    let mut queues = Vec::with_capacity(writers);
+    let mut receivers = Vec::with_capacity(writers);
+    for _ in 0..writers {
+        let (tx, rx) = sync_channel(WRITER_QUEUE);
+        queues.push(tx);
+        receivers.push(rx);
+    }
     let shared = Arc::new(Shared {
         cfg: cfg.clone(),
         hooks,
-        partitions: Mutex::new(HashMap::new()),
+        partitions: Mutex::new(Vec::new()),
+        committed: Mutex::new(HashMap::new()),
         stats: Mutex::new(IngestStats::default()),
         failure: Mutex::new(None),
+        workers: queues,
+        epochs: AtomicU64::new(1),
     });
+    let handles: Vec<_> = receivers
+        .into_iter()
+        .enumerate()
+        .map(|(i, rx)| {
+            let sh = Arc::clone(&shared);
+            let tx = report_tx.clone();
+            std::thread::Builder::new()
+                .name(format!("ingest-writer-{i}"))
+                .spawn(move || writer_loop(&sh, rx, tx))
+                .map_err(|e| Error::io("spawning an ingest writer thread", e))
+        })
+        .collect::<Result<_>>()?;
+    drop(report_tx);
+    let result = consume(cfg, &shared, &reports, shutdown);
+    for w in 0..shared.workers.len() {
+        shared.send(w, Job::Exit);
+    }
+    for h in handles {
+        let _ = h.join();
+    }
+    // A writer failing during the final commits reports it only now.
+    let result = result.and_then(|()| {
+        match reports.try_iter().find_map(|r| match r {
+            Report::Failed(e) => Some(e),
+            Report::Conflict { .. } => None,
+        }) {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    });
+    result?;
+    let stats = locked(&shared.stats).clone();
+    Ok(stats)
+}
+
+/// The polling loop of [`run_kafka_ingest`].
+fn consume(
+    cfg: &KafkaIngestConfig,
+    shared: &Arc<Shared>,
+    reports: &Receiver<Report>,
+    shutdown: &AtomicBool,
+) -> Result<()> {
     let mut cc = ClientConfig::new();
     cc.set("bootstrap.servers", &cfg.brokers)
         .set("group.id", &cfg.group_id)
@@ -464,13 +799,17 @@ pub fn run_kafka_ingest(
         // Eager protocols only: the rebalance callback assigns whole sets with offsets.
         .set("partition.assignment.strategy", "range,roundrobin")
         // Only used when the store's offset is no longer on the broker (retention).
-        .set("auto.offset.reset", "earliest");
+        .set("auto.offset.reset", "earliest")
+        // librdkafka pauses a partition's fetching for this long once its local queue holds
+        // `queued.min.messages` (100 000): 1 s by default, which stalls the ingest every time
+        // it has drained a full queue (it drains 100 000 records in well under a second).
+        .set("fetch.queue.backoff.ms", FETCH_QUEUE_BACKOFF_MS);
     for (k, v) in &cfg.kafka_options {
         cc.set(k, v);
     }
     let consumer: BaseConsumer<IngestContext> = cc
         .create_with_context(IngestContext {
-            shared: Arc::clone(&shared),
+            shared: Arc::clone(shared),
         })
         .map_err(|e| Error::kafka(format!("creating consumer for {}", cfg.brokers), e))?;
     let topics: Vec<&str> = cfg.topics.iter().map(String::as_str).collect();
@@ -485,57 +824,57 @@ pub fn run_kafka_ingest(
     let mut last_record = Instant::now();
     let mut last_timer_check = Instant::now();
     let mut buffered_bytes = 0usize;
-    let mut seeks: Vec<(String, i32, i64)> = Vec::new();
     let mut mirrored_commits = 0u64;
+    let mut first_record = true;
 
     let result = loop {
         if shutdown.load(Ordering::Relaxed) {
             break Ok(());
         }
         let polled = consumer.poll(Duration::from_millis(100));
-        if let Some(e) = shared
-            .failure
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-        {
+        if let Some(e) = locked(&shared.failure).take() {
             break Err(e);
         }
         let now = Instant::now();
         match polled {
             Some(Ok(msg)) => {
                 last_record = now;
-                let key = (msg.topic().to_string(), msg.partition());
-                let mut parts = shared.lock();
+                let mut parts = locked(&shared.partitions);
                 // A message for a partition we no longer own is a leftover of a revoke.
-                let Some(st) = parts.get_mut(&key) else {
+                let Some((key, st)) = parts
+                    .iter_mut()
+                    .find(|(k, _)| k.1 == msg.partition() && k.0 == msg.topic())
+                else {
                     continue;
                 };
                 if msg.offset() < st.expected {
-                    shared
-                        .stats
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .skipped_committed += 1;
+                    locked(&shared.stats).skipped_committed += 1;
                     continue;
                 }
-                let payload = msg.payload().unwrap_or_default();
-                if let Err(e) = st.buffer.push_record(msg.offset(), payload, now) {
-                    break Err(e);
-                }
-                buffered_bytes += payload.len();
-                st.expected = msg.offset() + 1;
-                if st.buffer.records >= policy.max_records || st.buffer.bytes >= policy.max_bytes {
-                    buffered_bytes = buffered_bytes.saturating_sub(st.buffer.bytes);
-                    match shared.flush(st) {
-                        Ok(Some(next)) => seeks.push((key.0, key.1, next)),
-                        Ok(None) => {}
-                        Err(e) => break Err(e),
+                if std::mem::take(&mut first_record) {
+                    if let Some(h) = &shared.hooks.on_first_record {
+                        h();
                     }
                 }
+                let payload = msg.payload().unwrap_or_default();
+                st.chunk.push(msg.offset(), payload);
+                st.expected = msg.offset() + 1;
+                st.unflushed_records += 1;
+                st.unflushed_bytes += payload.len();
+                st.first_at.get_or_insert(now);
+                st.last_at = Some(now);
+                buffered_bytes += payload.len();
+                if st.unflushed_records >= policy.max_records
+                    || st.unflushed_bytes >= policy.max_bytes
+                {
+                    buffered_bytes = buffered_bytes.saturating_sub(st.unflushed_bytes);
+                    shared.flush(key, st);
+                } else if st.chunk.is_full() {
+                    shared.hand_over(key, st);
+                }
                 if buffered_bytes >= policy.max_buffered_bytes {
-                    if let Err(e) = flush_all(&shared, &mut parts, &mut seeks) {
-                        break Err(e);
+                    for (key, st) in parts.iter_mut() {
+                        shared.flush(key, st);
                     }
                     buffered_bytes = 0;
                 }
@@ -555,91 +894,96 @@ pub fn run_kafka_ingest(
             }
             None => {}
         }
+        if let Err(e) = take_reports(&consumer, shared, reports, &mut buffered_bytes) {
+            break Err(e);
+        }
         if now.duration_since(last_timer_check) >= Duration::from_millis(50) {
             last_timer_check = now;
-            let mut parts = shared.lock();
-            let mut failed = None;
+            let mut parts = locked(&shared.partitions);
             for (key, st) in parts.iter_mut() {
-                let due = match (st.buffer.first_at, st.buffer.last_at) {
+                let due = match (st.first_at, st.last_at) {
                     (Some(first), Some(last)) => {
                         now.duration_since(first) >= max_latency || now.duration_since(last) >= idle
                     }
                     _ => false,
                 };
                 if due {
-                    buffered_bytes = buffered_bytes.saturating_sub(st.buffer.bytes);
-                    match shared.flush(st) {
-                        Ok(Some(next)) => seeks.push((key.0.clone(), key.1, next)),
-                        Ok(None) => {}
-                        Err(e) => {
-                            failed = Some(e);
-                            break;
-                        }
-                    }
+                    buffered_bytes = buffered_bytes.saturating_sub(st.unflushed_bytes);
+                    shared.flush(key, st);
                 }
             }
-            if parts.values().all(|s| s.buffer.is_empty()) {
-                buffered_bytes = 0;
-            }
-            let all_empty = buffered_bytes == 0;
-            drop(parts);
-            if let Some(e) = failed {
-                break Err(e);
-            }
             if let Some(limit) = exit_idle {
-                if all_empty && now.duration_since(last_record) >= limit {
+                // Drained: nothing consumed is waiting, and the writers committed it all.
+                let committed = locked(&shared.committed);
+                let drained = parts.iter().all(|(k, st)| {
+                    st.unflushed_records == 0 && committed.get(k) == Some(&st.expected)
+                });
+                if drained && now.duration_since(last_record) >= limit {
                     break Ok(());
                 }
             }
         }
-        for (topic, partition, next) in seeks.drain(..) {
-            if let Err(e) = consumer.seek(
-                &topic,
-                partition,
-                Offset::Offset(next),
-                Duration::from_secs(10),
-            ) {
-                // Cannot reposition: stop rather than risk a gap; a restart resumes from the store.
-                return Err(Error::kafka(
-                    format!("topic {topic} partition {partition}: seeking to offset {next}"),
-                    e,
-                ));
-            }
-        }
-        let commits = shared
-            .stats
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .commits;
+        let commits = locked(&shared.stats).commits;
         if commits != mirrored_commits {
             mirrored_commits = commits;
-            commit_group_offsets(&consumer, &shared);
+            commit_group_offsets(&consumer, shared);
         }
     };
 
     if result.is_ok() {
-        let mut parts = shared.lock();
-        flush_all(&shared, &mut parts, &mut seeks)?;
+        let all = std::mem::take(&mut *locked(&shared.partitions));
+        for (key, st) in all {
+            let _ = shared.close(&key, st, false);
+        }
+        if let Some(e) = locked(&shared.failure).take() {
+            return Err(e);
+        }
     }
-    commit_group_offsets(&consumer, &shared);
+    commit_group_offsets(&consumer, shared);
     result?;
     consumer.unsubscribe();
-    let stats = shared
-        .stats
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone();
-    Ok(stats)
+    Ok(())
 }
 
-fn flush_all(
+/// Handles the writers' reports: a conflict restarts the partition at the winner's end with
+/// a new epoch; a failure stops the ingest.
+fn take_reports(
+    consumer: &BaseConsumer<IngestContext>,
     shared: &Shared,
-    parts: &mut HashMap<(String, i32), PartitionState>,
-    seeks: &mut Vec<(String, i32, i64)>,
+    reports: &Receiver<Report>,
+    buffered_bytes: &mut usize,
 ) -> Result<()> {
-    for (key, st) in parts.iter_mut() {
-        if let Some(next) = shared.flush(st)? {
-            seeks.push((key.0.clone(), key.1, next));
+    for report in reports.try_iter() {
+        let (key, epoch, next) = match report {
+            Report::Failed(e) => return Err(e),
+            Report::Conflict { key, epoch, next } => (key, epoch, next),
+        };
+        let mut parts = locked(&shared.partitions);
+        let Some((_, st)) = parts.iter_mut().find(|(k, _)| *k == key) else {
+            continue;
+        };
+        if st.epoch != epoch {
+            continue;
+        }
+        *buffered_bytes = buffered_bytes.saturating_sub(st.unflushed_bytes);
+        st.epoch = shared.epochs.fetch_add(1, Ordering::Relaxed);
+        st.expected = next;
+        st.chunk = Chunk::default();
+        st.unflushed_records = 0;
+        st.unflushed_bytes = 0;
+        st.first_at = None;
+        st.last_at = None;
+        drop(parts);
+        if let Err(e) = consumer.seek(&key.0, key.1, Offset::Offset(next), Duration::from_secs(10))
+        {
+            // Cannot reposition: stop rather than risk a gap; a restart resumes from the store.
+            return Err(Error::kafka(
+                format!(
+                    "topic {} partition {}: seeking to offset {next}",
+                    key.0, key.1
+                ),
+                e,
+            ));
         }
     }
     Ok(())
@@ -647,15 +991,12 @@ fn flush_all(
 
 /// Mirrors the store's positions into the group offsets (for lag monitoring only).
 fn commit_group_offsets(consumer: &BaseConsumer<IngestContext>, shared: &Shared) {
-    let parts = shared.lock();
     let mut tpl = TopicPartitionList::new();
-    for ((topic, partition), st) in parts.iter() {
-        if st.committer.next() > 0 {
-            let _ =
-                tpl.add_partition_offset(topic, *partition, Offset::Offset(st.committer.next()));
+    for ((topic, partition), next) in locked(&shared.committed).iter() {
+        if *next > 0 {
+            let _ = tpl.add_partition_offset(topic, *partition, Offset::Offset(*next));
         }
     }
-    drop(parts);
     if tpl.count() > 0 {
         match consumer.commit(&tpl, CommitMode::Async) {
             Ok(()) | Err(KafkaError::ConsumerCommit(_)) => {}

@@ -339,7 +339,7 @@ fn ingest(
                 seen.fetch_add(c.rows + c.dead_letters, Ordering::SeqCst);
             }
         })),
-        on_assign: None,
+        ..Default::default()
     };
     let stop = Arc::new(AtomicBool::new(false));
     let start = Instant::now();

@@ -693,3 +693,78 @@ fn webhook_events_through_kafka_land_exactly_once() -> Result<()> {
     assert!(dead_letters(store.path())?.is_empty());
     Ok(())
 }
+
+/// Two ingests in different groups write one store, so both own the same partition: the
+/// commit compare-and-set decides every range. A's writer is held after its first commit
+/// until B (which resumes from A's first commit) has committed the next range, so A's next
+/// commit loses (a conflict): A must drop what it decoded, seek to B's end and carry on. Every event lands exactly once and A counts the conflict.
+#[test]
+fn a_lost_commit_race_resumes_after_the_winner() -> Result<()> {
+    use std::sync::mpsc;
+    use std::sync::Mutex;
+
+    const N: usize = 6_000;
+    let broker = Broker::start()?;
+    let store = tempfile::tempdir()?;
+    create_topic(&broker.brokers, "race", 1)?;
+    let records: Vec<(i32, Vec<u8>)> = (0..N).map(|i| (0, event_json(i))).collect();
+    produce(&broker.brokers, "race", &records)?;
+
+    let config = |group: &str| {
+        let mut cfg = KafkaIngestConfig::new(&broker.brokers, group, &["race"], store.path());
+        cfg.flush.max_records = 1_000;
+        cfg.flush.idle_ms = 200;
+        cfg.writers = 1;
+        cfg
+    };
+    let (a_first, a_first_rx) = mpsc::channel::<()>();
+    let (b_done, b_done_rx) = mpsc::channel::<()>();
+    let b_done_rx = Mutex::new(Some(b_done_rx));
+    let a_hooks = IngestHooks {
+        on_commit: Some(Box::new(move |_| {
+            // Only the first commit waits: until B has committed past it.
+            if let Some(rx) = b_done_rx.lock().unwrap().take() {
+                let _ = a_first.send(());
+                let _ = rx.recv_timeout(Duration::from_secs(120));
+            }
+        })),
+        ..Default::default()
+    };
+    let b_done = Mutex::new(Some(b_done));
+    let b_hooks = IngestHooks {
+        on_commit: Some(Box::new(move |_| {
+            if let Some(tx) = b_done.lock().unwrap().take() {
+                let _ = tx.send(());
+            }
+        })),
+        ..Default::default()
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let (cfg_a, cfg_b) = (config("race-a"), config("race-b"));
+    let (stop_a, stop_b) = (Arc::clone(&stop), Arc::clone(&stop));
+    let a = std::thread::spawn(move || run_kafka_ingest(&cfg_a, a_hooks, &stop_a));
+    a_first_rx
+        .recv_timeout(Duration::from_secs(120))
+        .context("A never committed")?;
+    let b = std::thread::spawn(move || run_kafka_ingest(&cfg_b, b_hooks, &stop_b));
+    let waited = wait_until(Duration::from_secs(120), "all events on disk", || {
+        Ok(committed_rows(store.path())? >= N as u64 || a.is_finished() || b.is_finished())
+    });
+    stop.store(true, Ordering::SeqCst);
+    let stats_a = a.join().expect("ingest A")?;
+    let stats_b = b.join().expect("ingest B")?;
+    waited?;
+
+    assert!(
+        stats_a.conflicts >= 1,
+        "A's second commit should have lost to B: {stats_a:?}"
+    );
+    assert_eq!(
+        stats_a.records + stats_b.records,
+        N as u64,
+        "the two ingests together committed each record once: A {stats_a:?}, B {stats_b:?}"
+    );
+    let ids = read_event_ids(store.path())?;
+    assert_exactly_once(&ids, (0..N).map(|i| format!("ev-{i:08}")));
+    Ok(())
+}

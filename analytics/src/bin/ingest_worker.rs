@@ -70,7 +70,7 @@ fn main() -> ExitCode {
             );
             let _ = out.flush();
         })),
-        on_assign: None,
+        ..Default::default()
     };
     match run_kafka_ingest(&cfg, hooks, &STOP) {
         Ok(stats) => {
