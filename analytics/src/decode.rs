@@ -305,8 +305,10 @@ impl<'de: 'a, 'a> Deserialize<'de> for TimeValue<'a> {
     }
 }
 
+mod fast;
+
 /// The wire record: every field optional so a missing one gets a precise reason.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 struct WireEvent<'a> {
     #[serde(borrow, default)]
     event_id: Option<BorrowedStr<'a>>,
@@ -359,7 +361,10 @@ struct Wire<'a> {
 
 /// Decodes one record (one Kafka message value, one NDJSON line, one webhook item).
 pub fn decode_event(bytes: &[u8]) -> Result<Decoded<'_>, DeadLetterReason> {
-    let wire: WireEvent<'_> = serde_json::from_slice(bytes).map_err(|e| classify(bytes, e))?;
+    let wire = match fast::read(bytes) {
+        Some(wire) => wire,
+        None => serde_json::from_slice(bytes).map_err(|e| classify(bytes, e))?,
+    };
     validate(wire)
 }
 
