@@ -13,6 +13,8 @@ use chrono::NaiveDate;
 use crate::decode::{decode_event, DeadLetterReason, EventRow};
 use crate::error::Result;
 
+const MICROS_PER_DAY: i64 = 86_400_000_000;
+
 /// Rows per Arrow batch handed to the Parquet writer.
 pub const BATCH_ROWS: usize = 8192;
 
@@ -77,6 +79,9 @@ pub(crate) struct StreamBuffer {
     pending: Pending,
     /// Index of the partition the last row went to: consecutive records usually share one.
     last: usize,
+    /// The last row's UTC day number since the epoch and its date (consecutive records
+    /// usually share a day; the calendar conversion is a few percent of decoding).
+    last_day: Option<(i64, NaiveDate)>,
     /// Records consumed (good or dead).
     pub(crate) records: usize,
     /// Payload bytes consumed, the flush-by-size measure.
@@ -93,7 +98,15 @@ impl StreamBuffer {
         match decode_event(payload) {
             Ok(decoded) => {
                 for r in decoded.rows() {
-                    let date = r.date();
+                    let day = r.ts_micros.div_euclid(MICROS_PER_DAY);
+                    let date = match self.last_day {
+                        Some((d, date)) if d == day => date,
+                        _ => {
+                            let date = r.date();
+                            self.last_day = Some((day, date));
+                            date
+                        }
+                    };
                     let idx = match self.pending.partitions.get(self.last) {
                         Some(p) if p.date == date && p.workspace_id == *r.workspace_id => self.last,
                         _ => match self
