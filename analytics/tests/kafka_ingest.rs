@@ -287,8 +287,10 @@ fn group_member_joins_and_leaves_exactly_once() -> Result<()> {
     let mut a = Worker::spawn(&broker.brokers, "pair", "events", store.path(), &[])?;
     a.wait_commits(2, Duration::from_secs(60))?;
     let mut b = Worker::spawn(&broker.brokers, "pair", "events", store.path(), &[])?;
+    // The next third is produced once the group has rebalanced and given B partitions (else
+    // A may ingest it all before the rebalance, and B would wait for records that never come).
+    b.wait_assigned(Duration::from_secs(60))?;
     produce(&broker.brokers, "events", &events(N / 3..2 * N / 3))?;
-    // B only commits once the group rebalanced and gave it partitions.
     b.wait_commits(1, Duration::from_secs(60))?;
     produce(&broker.brokers, "events", &events(2 * N / 3..N))?;
     b.wait_commits(1, Duration::from_secs(60))?;

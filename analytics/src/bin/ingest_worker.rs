@@ -6,7 +6,8 @@
 //!     --brokers 127.0.0.1:9092 --group g --topic events --store /tmp/store
 //! ```
 //!
-//! Prints `COMMIT <start> <end> <rows> <dead_letters> <stream>` after every commit and
+//! Prints `ASSIGN <topic> <partition> <resume offset>` on every partition assignment,
+//! `COMMIT <start> <end> <rows> <dead_letters> <stream>` after every commit and
 //! `DONE <records> <rows> <dead_letters>` on a clean exit. SIGINT/SIGTERM stop it cleanly
 //! (everything buffered is committed first).
 
@@ -68,6 +69,11 @@ fn main() -> ExitCode {
                 "COMMIT {} {} {} {} {}",
                 c.start, c.end, c.rows, c.dead_letters, c.stream
             );
+            let _ = out.flush();
+        })),
+        on_assign: Some(Box::new(|topic, partition, next| {
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "ASSIGN {topic} {partition} {next}");
             let _ = out.flush();
         })),
         ..Default::default()

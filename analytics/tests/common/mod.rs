@@ -486,6 +486,9 @@ pub struct Worker {
     pub child: Child,
     pub lines: mpsc::Receiver<String>,
     pub commits_seen: usize,
+    pub assignments_seen: usize,
+    /// The last lines the worker printed, for error messages.
+    pub recent: std::collections::VecDeque<String>,
 }
 
 impl Worker {
@@ -526,21 +529,46 @@ impl Worker {
             child,
             lines: rx,
             commits_seen: 0,
+            assignments_seen: 0,
+            recent: Default::default(),
         })
     }
 
     /// Blocks until the worker reported `n` more commits.
     pub fn wait_commits(&mut self, n: usize, timeout: Duration) -> Result<()> {
-        let deadline = Instant::now() + timeout;
         let target = self.commits_seen + n;
-        while self.commits_seen < target {
+        self.wait_for(timeout, |w| w.commits_seen >= target)
+            .with_context(|| format!("waiting for {target} commits"))
+    }
+
+    /// Blocks until the worker reports another partition assignment.
+    pub fn wait_assigned(&mut self, timeout: Duration) -> Result<()> {
+        let target = self.assignments_seen + 1;
+        self.wait_for(timeout, |w| w.assignments_seen >= target)
+            .context("waiting for a partition assignment")
+    }
+
+    /// Reads the worker's lines until `done` holds.
+    fn wait_for(&mut self, timeout: Duration, mut done: impl FnMut(&Worker) -> bool) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        while !done(self) {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.lines.recv_timeout(left) {
-                Ok(l) if l.starts_with("COMMIT ") => self.commits_seen += 1,
-                Ok(_) => {}
+                Ok(l) => {
+                    if l.starts_with("COMMIT ") {
+                        self.commits_seen += 1;
+                    } else if l.starts_with("ASSIGN ") {
+                        self.assignments_seen += 1;
+                    }
+                    if self.recent.len() == 8 {
+                        self.recent.pop_front();
+                    }
+                    self.recent.push_back(l);
+                }
                 Err(_) => bail!(
-                    "worker reported {} of {target} commits in {timeout:?}",
-                    self.commits_seen
+                    "worker reported {} commits in all after {timeout:?}; its last lines: {:?}",
+                    self.commits_seen,
+                    self.recent
                 ),
             }
         }
