@@ -8,7 +8,7 @@
 //! noida-db answers `BadMessage` past about 420 000 records) JSON events over 4 partitions,
 //! then runs, each in its own process so peak RSS is its own: a raw consumer (the same client
 //! settings; polls and counts, decodes and writes nothing) and the ingest (decode, Arrow, zstd
-//! Parquet, exactly-once commits), three times each, alternating, all from offset 0. Each is
+//! Parquet, exactly-once commits), five times each, alternating, all from offset 0. Each is
 //! timed from its partition assignment and from its first record to its last record (raw) or
 //! last commit (ingest); the second excludes the fetch start-up, a tenth to a third of a
 //! second here, which weighs heavily on runs this short.
@@ -31,7 +31,12 @@ use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 const TOPIC: &str = "bench-events";
 const PARTITIONS: u64 = 4;
 /// Raw and ingest runs per benchmark (each side's best is reported).
-const ROUNDS: usize = 3;
+const ROUNDS: usize = 5;
+
+/// CPU seconds (user + system, all threads) this process has used.
+fn own_cpu_secs() -> f64 {
+    cpu_ticks(std::process::id()).map_or(f64::NAN, |t| t as f64 / 100.0)
+}
 
 fn peak_rss_mib() -> f64 {
     let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
@@ -98,8 +103,9 @@ fn raw(brokers: &str, n: u64) -> Result<()> {
         .context("records arrived without an assignment")?;
     let streaming = first.map_or(f64::NAN, |f| f.elapsed().as_secs_f64());
     println!(
-        "RESULT raw {got} {secs:.3} {:.1} {bytes} {streaming:.3}",
-        peak_rss_mib()
+        "RESULT raw {got} {secs:.3} {:.1} {bytes} {streaming:.3} {:.2}",
+        peak_rss_mib(),
+        own_cpu_secs()
     );
     Ok(())
 }
@@ -147,10 +153,11 @@ fn ingest(brokers: &str, n: u64, store: &str) -> Result<()> {
         _ => bail!("ingest ended before committing {n} records"),
     };
     println!(
-        "RESULT ingest {} {secs:.3} {:.1} {} {streaming:.3}",
+        "RESULT ingest {} {secs:.3} {:.1} {} {streaming:.3} {:.2}",
         stats.records,
         peak_rss_mib(),
-        stats.files
+        stats.files,
+        own_cpu_secs()
     );
     Ok(())
 }
@@ -272,20 +279,37 @@ fn main() -> Result<()> {
     let ns = n.to_string();
     // Raw and ingest alternate, each once the broker is quiet: noida-db saves its log for a
     // while after the produce and after being read, on the same two cores as the consumer.
-    // Its read rate still swings between two levels from run to run, so each side is run
-    // ROUNDS times and the best of each is compared.
+    // Runs this short are noisy, so each side is run ROUNDS times and the best of each is
+    // compared. The CPU each used (and the broker's CPU during it) shows what bounds them.
     let broker_pid = noida.as_ref().map(|g| g.0.id());
+    let broker_secs = || {
+        broker_pid
+            .and_then(cpu_ticks)
+            .map_or(f64::NAN, |t| t as f64 / 100.0)
+    };
     // RESULT fields: kind, records, seconds from assignment, peak RSS MiB, bytes or files,
-    // seconds from the first record.
+    // seconds from the first record, CPU seconds.
     let rate =
         |r: &[String], field: usize| -> Result<f64> { Ok(n as f64 / r[field].parse::<f64>()?) };
+    let micros_per_event = |secs: f64| secs * 1e6 / n as f64;
     let (mut raws, mut ingests) = (Vec::new(), Vec::new());
+    let mut cpu = Vec::new();
     for round in 0..ROUNDS {
         settle_broker(broker_pid);
+        let b0 = broker_secs();
         let raw = run(&["raw", &brokers, &ns])?;
+        let b1 = broker_secs();
         settle_broker(broker_pid);
         let store = dir.path().join(format!("store-{round}"));
+        let b2 = broker_secs();
         let ing = run(&["ingest", &brokers, &ns, store.to_str().unwrap()])?;
+        let b3 = broker_secs();
+        cpu.push([
+            micros_per_event(raw[7].parse()?),
+            micros_per_event(b1 - b0),
+            micros_per_event(ing[7].parse()?),
+            micros_per_event(b3 - b2),
+        ]);
         let (raw_a, raw_f, ing_a, ing_f) = (
             rate(&raw, 3)?,
             rate(&raw, 6)?,
@@ -298,6 +322,11 @@ fn main() -> Result<()> {
             raw[4],
             ing[4],
             ing[5]
+        );
+        let c = cpu[round];
+        eprintln!(
+            "         CPU per event: raw {:.2} µs (broker {:.2} µs), ingest {:.2} µs (broker {:.2} µs)",
+            c[0], c[1], c[2], c[3]
         );
         raws.push((raw_a, raw_f));
         ingests.push((ing_a, ing_f, ing[4].parse::<f64>()?));
@@ -320,6 +349,14 @@ fn main() -> Result<()> {
         "ingest / raw       {:>15.1}%   {:>16.1}%",
         100.0 * ia / ra,
         100.0 * if_ / rf
+    );
+    let mean = |i: usize| cpu.iter().map(|c| c[i]).sum::<f64>() / cpu.len() as f64;
+    println!(
+        "CPU per event (mean; whole process, all threads): raw {:.2} µs + broker {:.2} µs, ingest {:.2} µs + broker {:.2} µs",
+        mean(0),
+        mean(1),
+        mean(2),
+        mean(3)
     );
     drop(noida);
     Ok(())
