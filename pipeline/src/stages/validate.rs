@@ -66,18 +66,25 @@ impl Validator {
     }
 }
 
+/// True when `s` is non-empty and `str::trim` would leave it unchanged. Decided from the
+/// first and last bytes alone unless one of them is ASCII whitespace or control (every ASCII
+/// character `trim` removes is at most 0x20) or non-ASCII (a multi-byte character might be
+/// Unicode whitespace).
+#[inline]
+pub fn is_trimmed(s: &str) -> bool {
+    let b = s.as_bytes();
+    let plain = |c: u8| c > b' ' && c < 0x80;
+    match (b.first(), b.last()) {
+        (Some(&f), Some(&l)) if plain(f) && plain(l) => true,
+        (Some(_), Some(_)) => s.trim().len() == s.len(),
+        _ => false,
+    }
+}
+
 /// Returns the array with every value trimmed and empty values turned into nulls.
-/// Already-clean arrays are returned without copying.
+/// Already-clean arrays (the CSV source trims as it decodes) are returned without copying.
 pub fn trim_column(a: &StringArray) -> StringArray {
-    let needs_work = (0..a.len()).any(|i| {
-        a.is_valid(i) && {
-            let v = a.value(i).as_bytes();
-            v.is_empty()
-                || v[0].is_ascii_whitespace()
-                || v[v.len() - 1].is_ascii_whitespace()
-                || !v.is_ascii() && a.value(i).trim() != a.value(i)
-        }
-    });
+    let needs_work = (0..a.len()).any(|i| a.is_valid(i) && !is_trimmed(a.value(i)));
     if !needs_work {
         return a.clone();
     }
@@ -129,36 +136,71 @@ fn lowercase_keys(a: &StringArray) -> StringArray {
     b.finish()
 }
 
-fn memchr_at(s: &[u8]) -> Option<usize> {
-    s.iter().position(|b| *b == b'@')
-}
+/// Bytes allowed in a dot-atom local part besides `.`: atext, and any non-ASCII byte.
+const LOCAL_BYTE: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut c = 0;
+    while c < 256 {
+        let b = c as u8;
+        t[c] = b.is_ascii_alphanumeric() || b >= 0x80;
+        c += 1;
+    }
+    let special = b"!#$%&'*+/=?^_`{|}~-";
+    let mut i = 0;
+    while i < special.len() {
+        t[special[i] as usize] = true;
+        i += 1;
+    }
+    t
+};
+
+/// Bytes allowed in a domain label: letters, digits, hyphen, and any non-ASCII byte.
+const LABEL_BYTE: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut c = 0;
+    while c < 256 {
+        let b = c as u8;
+        t[c] = b.is_ascii_alphanumeric() || b == b'-' || b >= 0x80;
+        c += 1;
+    }
+    t
+};
 
 /// Syntactic email check: one `@`, a dot-atom local part of at most 64 bytes, and a domain of
 /// at least two labels (letters, digits, hyphens; no leading or trailing hyphen), 254 bytes in all.
 /// Non-ASCII characters are allowed (internationalised addresses).
 pub fn is_valid_email(s: &str) -> bool {
+    let s = s.as_bytes();
     if s.len() > 254 {
         return false;
     }
-    let Some(at) = memchr_at(s.as_bytes()) else {
+    let Some(at) = memchr::memchr(b'@', s) else {
         return false;
     };
-    let (local, domain) = (&s.as_bytes()[..at], &s[at + 1..]);
-    if local.is_empty() || local.len() > 64 || domain.as_bytes().contains(&b'@') {
+    let (local, d) = (&s[..at], &s[at + 1..]);
+    if local.len() > 64 {
         return false;
     }
-    // Dot-atom: no leading, trailing or doubled dots; atext characters (or non-ASCII).
-    if local[0] == b'.' || local[local.len() - 1] == b'.' || local.windows(2).any(|w| w == b"..") {
+    // Dot-atom: atext characters, no leading, trailing or doubled dots (an empty local part
+    // ends "after a dot" and fails too).
+    let mut after_dot = true;
+    for &b in local {
+        if b == b'.' {
+            if after_dot {
+                return false;
+            }
+            after_dot = true;
+        } else if LOCAL_BYTE[b as usize] {
+            after_dot = false;
+        } else {
+            return false;
+        }
+    }
+    if after_dot {
         return false;
     }
-    let local_ok = local
-        .iter()
-        .all(|&b| b.is_ascii_alphanumeric() || b"!#$%&'*+/=?^_`{|}~-.".contains(&b) || b >= 0x80);
-    if !local_ok {
-        return false;
-    }
-    // Labels are checked in one pass over the bytes, without allocating.
-    let d = domain.as_bytes();
+    // Labels are checked in one pass over the bytes, without allocating; a second `@` is
+    // not a label byte.
     if d.is_empty() || d.len() > 253 {
         return false;
     }
@@ -173,13 +215,15 @@ pub fn is_valid_email(s: &str) -> bool {
             {
                 return false;
             }
-            tld_digits = label.iter().all(u8::is_ascii_digit);
-            if i == d.len() && label.len() < 2 {
-                return false;
+            if i == d.len() {
+                if label.len() < 2 {
+                    return false;
+                }
+                tld_digits = label.iter().all(u8::is_ascii_digit);
             }
             labels += 1;
             start = i + 1;
-        } else if !(d[i].is_ascii_alphanumeric() || d[i] == b'-' || d[i] >= 0x80) {
+        } else if !LABEL_BYTE[d[i] as usize] {
             return false;
         }
     }
@@ -293,6 +337,57 @@ mod tests {
             "a@b..co",
         ] {
             assert!(!is_valid_email(bad), "{bad}");
+        }
+    }
+
+    /// The email check as first written (slices, `windows`, `contains`): the table-driven
+    /// version must agree with it on every input.
+    fn reference_email(s: &str) -> bool {
+        if s.len() > 254 {
+            return false;
+        }
+        let Some(at) = s.find('@') else { return false };
+        let (local, domain) = (&s.as_bytes()[..at], &s.as_bytes()[at + 1..]);
+        if local.is_empty() || local.len() > 64 || domain.contains(&b'@') {
+            return false;
+        }
+        if local[0] == b'.'
+            || local[local.len() - 1] == b'.'
+            || local.windows(2).any(|w| w == b"..")
+        {
+            return false;
+        }
+        if !local.iter().all(|&b| {
+            b.is_ascii_alphanumeric() || b"!#$%&'*+/=?^_`{|}~-.".contains(&b) || b >= 0x80
+        }) {
+            return false;
+        }
+        if domain.is_empty() || domain.len() > 253 {
+            return false;
+        }
+        let labels: Vec<&[u8]> = domain.split(|&b| b == b'.').collect();
+        labels.len() >= 2
+            && labels.iter().all(|l| {
+                !l.is_empty()
+                    && l.len() <= 63
+                    && l[0] != b'-'
+                    && l[l.len() - 1] != b'-'
+                    && l.iter()
+                        .all(|&b| b.is_ascii_alphanumeric() || b == b'-' || b >= 0x80)
+            })
+            && labels[labels.len() - 1].len() >= 2
+            && !labels[labels.len() - 1].iter().all(u8::is_ascii_digit)
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn email_check_agrees_with_reference(s in "[a-c.@\\-_+ ö1]{0,12}(@[a-z0-9.-]{0,8})?") {
+            proptest::prop_assert_eq!(is_valid_email(&s), reference_email(&s), "{:?}", s);
+        }
+
+        #[test]
+        fn is_trimmed_agrees_with_trim(s in "[ \t\u{b}\u{a0}\u{2003}xé]{0,5}") {
+            proptest::prop_assert_eq!(is_trimmed(&s), !s.is_empty() && s.trim() == s);
         }
     }
 
