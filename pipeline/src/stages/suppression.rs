@@ -40,6 +40,21 @@ fn fast_range(h: u64, n: usize) -> usize {
     ((h as u128 * n as u128) >> 64) as usize
 }
 
+/// Asks the CPU to bring the cache line holding `p` in, without waiting for it: a load would
+/// stall the core on every miss (these tables are larger than the caches), a prefetch
+/// retires at once and lets the misses of a whole batch overlap.
+#[inline(always)]
+fn prefetch<T>(p: &T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch is only a hint; it never faults and changes no memory.
+    unsafe {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        _mm_prefetch::<_MM_HINT_T0>((p as *const T).cast());
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
 /// Split-block bloom filter (as in Parquet): 256-bit blocks, one bit set in each of 8 words.
 #[derive(Debug, Clone)]
 struct BlockBloom {
@@ -78,10 +93,10 @@ impl BlockBloom {
         }
     }
 
-    /// Reads the block of `h` (to pull it into cache ahead of the real probe).
+    /// Prefetches the block of `h` ahead of the real probe.
     #[inline]
-    fn touch(&self, h: u128) -> u32 {
-        self.blocks[fast_range((h >> 64) as u64, self.blocks.len())][0]
+    fn prefetch(&self, h: u128) {
+        prefetch(&self.blocks[fast_range((h >> 64) as u64, self.blocks.len())]);
     }
 
     #[inline]
@@ -154,6 +169,15 @@ impl FingerprintTable {
                 i = 0;
             }
         }
+    }
+
+    /// Prefetches the first slot `get(h)` reads, with its reason and list.
+    #[inline]
+    fn prefetch(&self, h: u128) {
+        let i = self.slot(Self::split(h));
+        prefetch(&self.keys[i]);
+        prefetch(&self.reasons[i]);
+        prefetch(&self.lists[i]);
     }
 
     #[inline]
@@ -332,25 +356,30 @@ impl Stage for Suppressor {
             return Ok(());
         };
         batch.lists.resize(batch.len(), u16::MAX);
-        // Two passes: hash every key and touch its bloom block first, so the probes of the
-        // second pass find the blocks in cache instead of waiting on memory one at a time.
+        // Three passes, so that memory is waited on once per batch rather than once per
+        // recipient: hash every key and prefetch its bloom block; test the bloom filter and
+        // prefetch the table slots of the keys that may be on a list; probe those.
+        let index = &*self.index;
         let mut fps = Vec::with_capacity(batch.len());
-        let mut acc = 0u32;
         for i in 0..batch.len() {
             let fp = if batch.decisions[i] != Decision::Pending || keys.is_null(i) {
                 0
             } else {
-                fingerprint(keys.value(i))
+                let fp = fingerprint(keys.value(i));
+                index.bloom.prefetch(fp);
+                fp
             };
-            acc ^= self.index.bloom.touch(fp);
             fps.push(fp);
         }
-        std::hint::black_box(acc);
-        for (i, fp) in fps.into_iter().enumerate() {
-            if fp == 0 {
-                continue;
+        let mut maybe = Vec::new();
+        for (i, &fp) in fps.iter().enumerate() {
+            if fp != 0 && index.bloom.may_contain(fp) {
+                index.table.prefetch(fp);
+                maybe.push(i);
             }
-            if let Some((reason, list)) = self.index.lookup_fingerprint(fp) {
+        }
+        for i in maybe {
+            if let Some((reason, list)) = index.table.get(fps[i]) {
                 batch.decide(i, Decision::Suppressed, reason);
                 batch.lists[i] = list;
             }
