@@ -50,7 +50,7 @@ impl SubmittedEventSink {
                 &dir,
                 format!("submitted-{run_id}"),
                 file_schema(),
-                writer_properties(&["event_id", "email"], &["ts"]),
+                writer_properties(&["event_id", "email"], &["ts"], &[]),
             )?,
             part_rows,
             run_id: run_id.into(),
