@@ -23,17 +23,78 @@ use crate::SizeHint;
 
 const READ_CHUNK: usize = 1 << 20;
 
+/// csv-core with the buffers a record is decoded into, grown as records need.
+struct CoreRecord {
+    rdr: csv_core::Reader,
+    out: Vec<u8>,
+    ends: Vec<usize>,
+    /// Bytes and field ends of the record in progress (a record can span several inputs).
+    outlen: usize,
+    endlen: usize,
+    /// Fields of the last complete record.
+    nfields: usize,
+}
+
+impl CoreRecord {
+    fn new(delimiter: u8) -> Self {
+        CoreRecord {
+            rdr: ReaderBuilder::new().delimiter(delimiter).build(),
+            out: vec![0; 4096],
+            ends: vec![0; 64],
+            outlen: 0,
+            endlen: 0,
+            nfields: 0,
+        }
+    }
+
+    /// Feeds `input` (empty: the data ended) until csv-core completes a record, wants more
+    /// input or ends; returns its answer and the bytes it consumed.
+    fn feed(&mut self, input: &[u8]) -> (ReadRecordResult, usize) {
+        let mut pos = 0;
+        loop {
+            let (res, nin, nout, nend) = self.rdr.read_record(
+                &input[pos..],
+                &mut self.out[self.outlen..],
+                &mut self.ends[self.endlen..],
+            );
+            pos += nin;
+            self.outlen += nout;
+            self.endlen += nend;
+            match res {
+                ReadRecordResult::OutputFull => {
+                    let n = self.out.len() * 2;
+                    self.out.resize(n, 0);
+                }
+                ReadRecordResult::OutputEndsFull => {
+                    let n = self.ends.len() * 2;
+                    self.ends.resize(n, 0);
+                }
+                ReadRecordResult::Record => {
+                    self.nfields = std::mem::take(&mut self.endlen);
+                    self.outlen = 0;
+                    return (res, pos);
+                }
+                ReadRecordResult::InputEmpty | ReadRecordResult::End => return (res, pos),
+            }
+        }
+    }
+
+    /// Field `i` of the last complete record.
+    #[inline]
+    fn field(&self, i: usize) -> &[u8] {
+        let start = if i == 0 { 0 } else { self.ends[i - 1] };
+        &self.out[start..self.ends[i]]
+    }
+}
+
 /// Reads CSV records one at a time into reusable buffers.
 pub struct CsvRecordReader<R> {
-    rdr: csv_core::Reader,
+    core: CoreRecord,
     input: R,
     buf: Vec<u8>,
     pos: usize,
     filled: usize,
     eof: bool,
-    out: Vec<u8>,
-    ends: Vec<usize>,
-    nfields: usize,
     line: u64,
     /// Blank-line newlines consumed here rather than by `rdr` (whose `line()` misses them).
     skipped_newlines: u64,
@@ -50,15 +111,12 @@ impl<R: Read> CsvRecordReader<R> {
     /// A reader over `input`; `origin` names it in errors.
     pub fn new(input: R, delimiter: u8, origin: impl Into<String>) -> Self {
         CsvRecordReader {
-            rdr: ReaderBuilder::new().delimiter(delimiter).build(),
+            core: CoreRecord::new(delimiter),
             input,
             buf: vec![0; READ_CHUNK],
             pos: 0,
             filled: 0,
             eof: false,
-            out: vec![0; 4096],
-            ends: vec![0; 64],
-            nfields: 0,
             line: 1,
             skipped_newlines: 0,
             line_offset: 0,
@@ -115,9 +173,7 @@ impl<R: Read> CsvRecordReader<R> {
             }
             self.pos += 1;
         }
-        let start_line = self.rdr.line() + self.skipped_newlines;
-        let mut outlen = 0;
-        let mut endlen = 0;
+        let start_line = self.core.rdr.line() + self.skipped_newlines;
         loop {
             self.fill()?;
             let mut input = &self.buf[self.pos..self.filled];
@@ -125,47 +181,33 @@ impl<R: Read> CsvRecordReader<R> {
                 // csv-core only strips a BOM it sees whole in its first input.
                 input = &input[..input.len().min(1)];
             }
-            let (res, nin, nout, nend) =
-                self.rdr
-                    .read_record(input, &mut self.out[outlen..], &mut self.ends[endlen..]);
+            let (res, nin) = self.core.feed(input);
             self.pos += nin;
-            outlen += nout;
-            endlen += nend;
             match res {
-                ReadRecordResult::InputEmpty => continue,
-                ReadRecordResult::OutputFull => {
-                    let n = self.out.len() * 2;
-                    self.out.resize(n, 0);
-                }
-                ReadRecordResult::OutputEndsFull => {
-                    let n = self.ends.len() * 2;
-                    self.ends.resize(n, 0);
-                }
                 ReadRecordResult::Record => {
-                    self.nfields = endlen;
-                    self.line = self.rdr.line() + self.skipped_newlines;
+                    self.line = self.core.rdr.line() + self.skipped_newlines;
                     return Ok(Some(start_line + self.line_offset));
                 }
                 ReadRecordResult::End => return Ok(None),
+                _ => continue,
             }
         }
     }
 
     /// Number of fields in the current record.
     pub fn len(&self) -> usize {
-        self.nfields
+        self.core.nfields
     }
 
     /// True when the current record has no fields.
     pub fn is_empty(&self) -> bool {
-        self.nfields == 0
+        self.core.nfields == 0
     }
 
     /// Field `i` of the current record, as raw bytes.
     #[inline]
     pub fn field(&self, i: usize) -> &[u8] {
-        let start = if i == 0 { 0 } else { self.ends[i - 1] };
-        &self.out[start..self.ends[i]]
+        self.core.field(i)
     }
 }
 
@@ -622,10 +664,7 @@ fn scan_plain_line(_: &[u8], _: u8, _: &mut Vec<(usize, usize)>) -> Option<usize
 
 /// csv-core over one record at the start of `input`, for the rows [`split_simple`] declines.
 struct CoreRecords {
-    rdr: csv_core::Reader,
-    out: Vec<u8>,
-    ends: Vec<usize>,
-    nfields: usize,
+    core: CoreRecord,
     /// csv-core strips a UTF-8 BOM it sees whole in its first input; a chunk starts mid-file,
     /// where a BOM is row data, so the first input is fed one byte at a time.
     fresh: bool,
@@ -634,10 +673,7 @@ struct CoreRecords {
 impl CoreRecords {
     fn new(delimiter: u8) -> Self {
         CoreRecords {
-            rdr: ReaderBuilder::new().delimiter(delimiter).build(),
-            out: vec![0; 4096],
-            ends: vec![0; 64],
-            nfields: 0,
+            core: CoreRecord::new(delimiter),
             fresh: true,
         }
     }
@@ -645,42 +681,22 @@ impl CoreRecords {
     /// Reads one record from `input` (which starts at a record); returns the bytes consumed,
     /// or `None` if `input` holds no record.
     fn read(&mut self, input: &[u8]) -> Option<usize> {
-        let (mut pos, mut outlen, mut endlen) = (0, 0, 0);
+        let mut pos = 0;
         loop {
             let mut inp = &input[pos..];
             if std::mem::take(&mut self.fresh) {
                 inp = &inp[..inp.len().min(1)];
             }
-            let (res, nin, nout, nend) =
-                self.rdr
-                    .read_record(inp, &mut self.out[outlen..], &mut self.ends[endlen..]);
+            let (res, nin) = self.core.feed(inp);
             pos += nin;
-            outlen += nout;
-            endlen += nend;
             match res {
-                // An empty input tells csv-core the data ended: the chunk ends on a record.
-                ReadRecordResult::InputEmpty => {}
-                ReadRecordResult::OutputFull => {
-                    let n = self.out.len() * 2;
-                    self.out.resize(n, 0);
-                }
-                ReadRecordResult::OutputEndsFull => {
-                    let n = self.ends.len() * 2;
-                    self.ends.resize(n, 0);
-                }
-                ReadRecordResult::Record => {
-                    self.nfields = endlen;
-                    return Some(pos);
-                }
+                ReadRecordResult::Record => return Some(pos),
                 ReadRecordResult::End => return None,
+                // Input used up: the next call passes the rest, or nothing, which tells
+                // csv-core the data ended (a chunk ends on a record).
+                _ => {}
             }
         }
-    }
-
-    #[inline]
-    fn field(&self, i: usize) -> &[u8] {
-        let start = if i == 0 { 0 } else { self.ends[i - 1] };
-        &self.out[start..self.ends[i]]
     }
 }
 
@@ -731,7 +747,7 @@ fn decode_chunk(ctx: &CsvContext, chunk: &[u8], first_line: u64) -> Result<Recip
         }
         let core = core.get_or_insert_with(|| CoreRecords::new(ctx.delimiter));
         let Some(used) = core.read(rest) else { break };
-        out.record(line, core.nfields, |i| core.field(i));
+        out.record(line, core.core.nfields, |i| core.core.field(i));
         line += memchr::memchr_iter(b'\n', &rest[..used]).count() as u64;
         pos += used;
     }
