@@ -15,7 +15,7 @@ use arrow_array::builder::StringBuilder;
 use arrow_array::{ArrayRef, RecordBatch};
 use broadside_pipeline::model::{Decision, Reason, RecipientBatch, RecipientLayout, RowDetail};
 use broadside_pipeline::runner::{Source, SourceItem};
-use broadside_pipeline::stages::validate::is_trimmed;
+use broadside_pipeline::stages::validate::append_trimmed;
 use broadside_pipeline::{Error, Result};
 use csv_core::{ReadRecordResult, ReaderBuilder};
 
@@ -33,6 +33,10 @@ struct CoreRecord {
     endlen: usize,
     /// Fields of the last complete record.
     nfields: usize,
+    /// Set for input that starts mid-file (a chunk): csv-core drops a UTF-8 BOM it sees whole
+    /// in its first input, and a BOM there is row data, as it is for rows not starting a
+    /// chunk. The first input is then fed one byte at a time.
+    keep_leading_bom: bool,
 }
 
 impl CoreRecord {
@@ -44,12 +48,16 @@ impl CoreRecord {
             outlen: 0,
             endlen: 0,
             nfields: 0,
+            keep_leading_bom: false,
         }
     }
 
     /// Feeds `input` (empty: the data ended) until csv-core completes a record, wants more
     /// input or ends; returns its answer and the bytes it consumed.
-    fn feed(&mut self, input: &[u8]) -> (ReadRecordResult, usize) {
+    fn feed(&mut self, mut input: &[u8]) -> (ReadRecordResult, usize) {
+        if std::mem::take(&mut self.keep_leading_bom) {
+            input = &input[..input.len().min(1)];
+        }
         let mut pos = 0;
         loop {
             let (res, nin, nout, nend) = self.rdr.read_record(
@@ -79,6 +87,23 @@ impl CoreRecord {
         }
     }
 
+    /// Reads one record from `input` (which starts at a record and ends with the data);
+    /// returns the bytes consumed, or `None` if `input` holds no record.
+    fn read_one(&mut self, input: &[u8]) -> Option<usize> {
+        let mut pos = 0;
+        loop {
+            let (res, nin) = self.feed(&input[pos..]);
+            pos += nin;
+            match res {
+                ReadRecordResult::Record => return Some(pos),
+                ReadRecordResult::End => return None,
+                // Input used up: the next call passes the rest, or nothing, which tells
+                // csv-core the data ended.
+                _ => {}
+            }
+        }
+    }
+
     /// Field `i` of the last complete record.
     #[inline]
     fn field(&self, i: usize) -> &[u8] {
@@ -100,9 +125,6 @@ pub struct CsvRecordReader<R> {
     skipped_newlines: u64,
     /// Added to line numbers (a chunk's records are numbered as in the whole file).
     line_offset: u64,
-    /// Set for a chunk (which starts mid-file): csv-core drops a UTF-8 BOM at the start of its
-    /// first input, and a BOM there is row data, as it is for rows not starting a chunk.
-    keep_leading_bom: bool,
     bytes_read: Arc<AtomicU64>,
     origin: String,
 }
@@ -120,7 +142,6 @@ impl<R: Read> CsvRecordReader<R> {
             line: 1,
             skipped_newlines: 0,
             line_offset: 0,
-            keep_leading_bom: false,
             bytes_read: Arc::new(AtomicU64::new(0)),
             origin: origin.into(),
         }
@@ -176,12 +197,7 @@ impl<R: Read> CsvRecordReader<R> {
         let start_line = self.core.rdr.line() + self.skipped_newlines;
         loop {
             self.fill()?;
-            let mut input = &self.buf[self.pos..self.filled];
-            if std::mem::take(&mut self.keep_leading_bom) {
-                // csv-core only strips a BOM it sees whole in its first input.
-                input = &input[..input.len().min(1)];
-            }
-            let (res, nin) = self.core.feed(input);
+            let (res, nin) = self.core.feed(&self.buf[self.pos..self.filled]);
             self.pos += nin;
             match res {
                 ReadRecordResult::Record => {
@@ -420,18 +436,6 @@ impl CsvContext {
     }
 }
 
-/// Appends `s` trimmed (as the validate stage trims), an empty value as null. Trimming here,
-/// while the bytes are being copied anyway, spares the validate stage a second copy.
-#[inline(always)]
-fn append_trimmed(b: &mut StringBuilder, s: &str) {
-    let t = if is_trimmed(s) { s } else { s.trim() };
-    if t.is_empty() {
-        b.append_null();
-    } else {
-        b.append_value(t);
-    }
-}
-
 /// Collects decoded records of one chunk into column builders and per-row errors.
 struct ChunkBatch<'a> {
     ctx: &'a CsvContext,
@@ -444,8 +448,9 @@ struct ChunkBatch<'a> {
 }
 
 impl<'a> ChunkBatch<'a> {
-    fn new(ctx: &'a CsvContext, chunk: &[u8]) -> Self {
-        let rows_hint = memchr::memchr_iter(b'\n', chunk).count() + 1;
+    /// A batch for `chunk`, which holds `newlines` newline bytes.
+    fn new(ctx: &'a CsvContext, chunk: &[u8], newlines: u64) -> Self {
+        let rows_hint = newlines as usize + 1;
         ChunkBatch {
             ctx,
             builders: ctx
@@ -499,6 +504,8 @@ impl<'a> ChunkBatch<'a> {
         match bad {
             None => {
                 for (b, &c) in self.builders.iter_mut().zip(&ctx.columns) {
+                    // Trimmed here, while the bytes are copied anyway, so the validate stage
+                    // has no second copy to make.
                     // SAFETY: the field is valid UTF-8: either the whole chunk is (see
                     // `chunk_is_utf8`) or the field was checked just above.
                     append_trimmed(b, unsafe { std::str::from_utf8_unchecked(field(c)) });
@@ -619,7 +626,7 @@ fn scan_plain_line(rest: &[u8], delimiter: u8, fields: &mut Vec<(usize, usize)>)
         } else {
             (1u32 << nl.trailing_zeros()) - 1
         };
-        let mut odd = odd & within;
+        let odd = odd & within;
         let at = |bit: u32| base + bit as usize;
         if odd != 0 {
             // The one CR allowed is the CRLF terminator's, right before the newline (which
@@ -631,9 +638,7 @@ fn scan_plain_line(rest: &[u8], delimiter: u8, fields: &mut Vec<(usize, usize)>)
             if !crlf {
                 return None;
             }
-            odd = 0;
         }
-        debug_assert_eq!(odd, 0);
         let mut d = delims & within;
         while d != 0 {
             let p = at(d.trailing_zeros());
@@ -662,53 +667,21 @@ fn scan_plain_line(_: &[u8], _: u8, _: &mut Vec<(usize, usize)>) -> Option<usize
     None
 }
 
-/// csv-core over one record at the start of `input`, for the rows [`split_simple`] declines.
-struct CoreRecords {
-    core: CoreRecord,
-    /// csv-core strips a UTF-8 BOM it sees whole in its first input; a chunk starts mid-file,
-    /// where a BOM is row data, so the first input is fed one byte at a time.
-    fresh: bool,
-}
-
-impl CoreRecords {
-    fn new(delimiter: u8) -> Self {
-        CoreRecords {
-            core: CoreRecord::new(delimiter),
-            fresh: true,
-        }
-    }
-
-    /// Reads one record from `input` (which starts at a record); returns the bytes consumed,
-    /// or `None` if `input` holds no record.
-    fn read(&mut self, input: &[u8]) -> Option<usize> {
-        let mut pos = 0;
-        loop {
-            let mut inp = &input[pos..];
-            if std::mem::take(&mut self.fresh) {
-                inp = &inp[..inp.len().min(1)];
-            }
-            let (res, nin) = self.core.feed(inp);
-            pos += nin;
-            match res {
-                ReadRecordResult::Record => return Some(pos),
-                ReadRecordResult::End => return None,
-                // Input used up: the next call passes the rest, or nothing, which tells
-                // csv-core the data ended (a chunk ends on a record).
-                _ => {}
-            }
-        }
-    }
-}
-
 /// Decodes one chunk of whole records into a batch (runs on a worker thread).
 ///
 /// Rows are cut by hand (find the line end, split at delimiters, unwrap simply quoted
 /// fields), which is several times faster than csv-core's byte-at-a-time state machine; a row
 /// that is not that simple is read by csv-core from where it starts, so the result is
 /// csv-core's in every case (a property test compares the two on arbitrary input).
-fn decode_chunk(ctx: &CsvContext, chunk: &[u8], first_line: u64) -> Result<RecipientBatch> {
-    let mut out = ChunkBatch::new(ctx, chunk);
-    let mut core: Option<CoreRecords> = None;
+fn decode_chunk(
+    ctx: &CsvContext,
+    chunk: &[u8],
+    first_line: u64,
+    newlines: u64,
+) -> Result<RecipientBatch> {
+    let mut out = ChunkBatch::new(ctx, chunk, newlines);
+    // csv-core, for the rows `split_simple` declines.
+    let mut core: Option<CoreRecord> = None;
     let mut fields: Vec<(usize, usize)> = Vec::with_capacity(ctx.header.len() + 1);
     let mut line = first_line;
     let mut pos = 0;
@@ -745,9 +718,14 @@ fn decode_chunk(ctx: &CsvContext, chunk: &[u8], first_line: u64) -> Result<Recip
             pos += next;
             continue;
         }
-        let core = core.get_or_insert_with(|| CoreRecords::new(ctx.delimiter));
-        let Some(used) = core.read(rest) else { break };
-        out.record(line, core.core.nfields, |i| core.core.field(i));
+        let core = core.get_or_insert_with(|| CoreRecord {
+            keep_leading_bom: true,
+            ..CoreRecord::new(ctx.delimiter)
+        });
+        let Some(used) = core.read_one(rest) else {
+            break;
+        };
+        out.record(line, core.nfields, |i| core.field(i));
         line += memchr::memchr_iter(b'\n', &rest[..used]).count() as u64;
         pos += used;
     }
@@ -827,8 +805,10 @@ impl Source for CsvSource {
         match self.chunker.next_chunk()? {
             Some((chunk, first_line)) => {
                 let ctx = self.ctx.clone();
+                // The chunker counted the chunk's newlines to number the next one.
+                let newlines = self.chunker.next_line - first_line;
                 Ok(Some(SourceItem::Raw(Box::new(move || {
-                    decode_chunk(&ctx, &chunk, first_line)
+                    decode_chunk(&ctx, &chunk, first_line, newlines)
                 }))))
             }
             None if !self.chunker.saw_data => Err(Error::source(
@@ -1040,8 +1020,9 @@ mod tests {
     ) -> RecipientBatch {
         let mut records = CsvRecordReader::new(chunk, ctx.delimiter, ctx.origin.clone());
         records.line_offset = first_line - 1;
-        records.keep_leading_bom = true;
-        let mut out = ChunkBatch::new(ctx, chunk);
+        records.core.keep_leading_bom = true;
+        let newlines = memchr::memchr_iter(b'\n', chunk).count() as u64;
+        let mut out = ChunkBatch::new(ctx, chunk, newlines);
         while let Some(line) = records.read_record().unwrap() {
             out.record(line, records.len(), |i| records.field(i));
         }
@@ -1105,7 +1086,8 @@ mod tests {
                 layout,
                 delimiter,
             );
-            let fast = decode_chunk(&ctx, &chunk, first_line).unwrap();
+            let newlines = memchr::memchr_iter(b'\n', &chunk).count() as u64;
+            let fast = decode_chunk(&ctx, &chunk, first_line, newlines).unwrap();
             let reference = decode_chunk_with_csv_core(&ctx, &chunk, first_line);
             proptest::prop_assert_eq!(batch_rows(&fast), batch_rows(&reference), "{:?}", String::from_utf8_lossy(&chunk));
         }

@@ -71,7 +71,7 @@ impl Validator {
 /// character `trim` removes is at most 0x20) or non-ASCII (a multi-byte character might be
 /// Unicode whitespace).
 #[inline]
-pub fn is_trimmed(s: &str) -> bool {
+fn is_trimmed(s: &str) -> bool {
     let b = s.as_bytes();
     let plain = |c: u8| c > b' ' && c < 0x80;
     match (b.first(), b.last()) {
@@ -92,16 +92,23 @@ pub fn trim_column(a: &StringArray) -> StringArray {
     for i in 0..a.len() {
         if a.is_null(i) {
             b.append_null();
-            continue;
-        }
-        let t = a.value(i).trim();
-        if t.is_empty() {
-            b.append_null();
         } else {
-            b.append_value(t);
+            append_trimmed(&mut b, a.value(i));
         }
     }
     b.finish()
+}
+
+/// Appends `s` trimmed, an empty value as null: the normalisation every string gets (here,
+/// and in sources that trim while they copy).
+#[inline(always)]
+pub fn append_trimmed(b: &mut StringBuilder, s: &str) {
+    let t = if is_trimmed(s) { s } else { s.trim() };
+    if t.is_empty() {
+        b.append_null();
+    } else {
+        b.append_value(t);
+    }
 }
 
 fn lowercase_keys(a: &StringArray) -> StringArray {
