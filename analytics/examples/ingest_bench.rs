@@ -33,9 +33,11 @@ const PARTITIONS: u64 = 4;
 /// Raw and ingest runs per benchmark (each side's best is reported).
 const ROUNDS: usize = 5;
 
-/// CPU seconds (user + system, all threads) this process has used.
-fn own_cpu_secs() -> f64 {
-    cpu_ticks(std::process::id()).map_or(f64::NAN, |t| t as f64 / 100.0)
+/// CPU seconds (user + system, all threads and children) process `pid` has used; NaN if it
+/// is gone or unknown.
+fn cpu_secs(pid: Option<u32>) -> f64 {
+    pid.and_then(cpu_ticks)
+        .map_or(f64::NAN, |t| t as f64 / 100.0)
 }
 
 fn peak_rss_mib() -> f64 {
@@ -105,7 +107,7 @@ fn raw(brokers: &str, n: u64) -> Result<()> {
     println!(
         "RESULT raw {got} {secs:.3} {:.1} {bytes} {streaming:.3} {:.2}",
         peak_rss_mib(),
-        own_cpu_secs()
+        cpu_secs(Some(std::process::id()))
     );
     Ok(())
 }
@@ -157,7 +159,7 @@ fn ingest(brokers: &str, n: u64, store: &str) -> Result<()> {
         stats.records,
         peak_rss_mib(),
         stats.files,
-        own_cpu_secs()
+        cpu_secs(Some(std::process::id()))
     );
     Ok(())
 }
@@ -282,11 +284,7 @@ fn main() -> Result<()> {
     // Runs this short are noisy, so each side is run ROUNDS times and the best of each is
     // compared. The CPU each used (and the broker's CPU during it) shows what bounds them.
     let broker_pid = noida.as_ref().map(|g| g.0.id());
-    let broker_secs = || {
-        broker_pid
-            .and_then(cpu_ticks)
-            .map_or(f64::NAN, |t| t as f64 / 100.0)
-    };
+    let broker_secs = || cpu_secs(broker_pid);
     // RESULT fields: kind, records, seconds from assignment, peak RSS MiB, bytes or files,
     // seconds from the first record, CPU seconds.
     let rate =
