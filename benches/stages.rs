@@ -5,13 +5,14 @@
 use std::hint::black_box;
 use std::sync::Arc;
 
-use broadside_pipeline::model::{RecipientBatch, RecipientLayout};
-use broadside_pipeline::runner::{Sink, Source};
+use broadside_pipeline::model::{Decision, RecipientBatch, RecipientLayout};
+use broadside_pipeline::runner::{Assigner, Sink, Source};
 use broadside_pipeline::spec::CampaignSpec;
 use broadside_pipeline::stages::suppression::fingerprint;
 use broadside_pipeline::stages::{
     BillingCap, Stage, SuppressionIndexBuilder, Suppressor, Validator, VariantSplitter,
 };
+use broadside_sinks::events::SubmittedEventSink;
 use broadside_sinks::ifur::IfurEncoder;
 use broadside_sinks::ledger::RecipientLogSink;
 use broadside_sources::csv::CsvSource;
@@ -222,25 +223,68 @@ fn bench_split_encode(c: &mut Criterion) {
     g.finish();
 }
 
-fn bench_ledger(c: &mut Criterion) {
+/// A batch as the sinks see it: validated, split, assigned, and placed in one IFUR file per
+/// variant (the placement the IFUR writer records).
+fn decided_batch() -> RecipientBatch {
     let mut batch = validated_batch();
     VariantSplitter::new(&spec()).process(&mut batch).unwrap();
+    Assigner.process(&mut batch).unwrap();
+    let n = batch.len();
+    batch.placement_files = vec!["IFUR_A_00001.txt".into(), "IFUR_B_00001.txt".into()];
+    batch.placement_file = vec![u32::MAX; n];
+    batch.placement_line = vec![0; n];
+    for i in 0..n {
+        if batch.decisions[i] == Decision::Sent {
+            batch.placement_file[i] = u32::from(batch.variants[i]);
+            batch.placement_line[i] = i as u32 + 2;
+        }
+    }
+    batch
+}
+
+/// Writes `batches` copies of `batch` (with consecutive row numbers) through a fresh sink.
+fn write_through(mut sink: impl Sink, batch: &RecipientBatch, batches: u64) {
+    for i in 0..batches {
+        let mut x = batch.clone();
+        x.first_row = i * 8192;
+        sink.write(&x).unwrap();
+    }
+    sink.finish().unwrap();
+}
+
+fn bench_sinks(c: &mut Criterion) {
+    let batch = decided_batch();
     let batches = 25u64;
+    let variants = || vec!["A".to_string(), "B".to_string()];
     let mut g = c.benchmark_group("ledger");
     g.throughput(Throughput::Elements(8192 * batches));
     g.sample_size(10);
     g.bench_function("write_200k", |b| {
         b.iter(|| {
             let dir = tempfile::tempdir().unwrap();
-            let mut sink =
-                RecipientLogSink::new(dir.path(), 1 << 20, vec!["A".into(), "B".into()], vec![])
-                    .unwrap();
-            for i in 0..batches {
-                let mut x = batch.clone();
-                x.first_row = i * 8192;
-                sink.write(&x).unwrap();
-            }
-            sink.finish().unwrap();
+            let sink = RecipientLogSink::new(dir.path(), 1 << 20, variants(), vec![]).unwrap();
+            write_through(sink, &batch, batches);
+        })
+    });
+    g.finish();
+
+    let mut g = c.benchmark_group("submitted_events");
+    g.throughput(Throughput::Elements(8192 * batches));
+    g.sample_size(10);
+    g.bench_function("write_200k", |b| {
+        b.iter(|| {
+            let dir = tempfile::tempdir().unwrap();
+            let sink = SubmittedEventSink::new(
+                dir.path(),
+                "bench",
+                "bench-campaign",
+                "bench-run-0001",
+                variants(),
+                chrono::Utc::now(),
+                1 << 20,
+            )
+            .unwrap();
+            write_through(sink, &batch, batches);
         })
     });
     g.finish();
@@ -252,6 +296,6 @@ criterion_group!(
     bench_validate,
     bench_suppress,
     bench_split_encode,
-    bench_ledger
+    bench_sinks
 );
 criterion_main!(benches);
