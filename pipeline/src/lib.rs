@@ -13,5 +13,6 @@ pub mod runner;
 pub mod spec;
 pub mod stages;
 pub mod store;
+pub mod strings;
 
 pub use error::{Error, Result};

@@ -329,6 +329,9 @@ pub struct RecipientBatch {
     pub first_row: u64,
     /// Recipient columns as laid out by [`RecipientLayout`] (Utf8, null = absent).
     pub columns: RecordBatch,
+    /// The source already normalised `columns` (every value trimmed, blank values null), so
+    /// the validate stage need not look at every value again.
+    pub trimmed: bool,
     /// Decision per row.
     pub decisions: Vec<Decision>,
     /// Reason per row.
@@ -366,6 +369,7 @@ impl RecipientBatch {
             seq,
             first_row,
             columns,
+            trimmed: false,
             decisions: vec![Decision::Pending; n],
             reasons: vec![Reason::None; n],
             details: Vec::new(),

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use arrow_array::{Array, StringArray};
 use broadside_pipeline::model::{Decision, RecipientBatch, RecipientLayout, HOLDOUT_VARIANT};
 use broadside_pipeline::stages::Stage;
+use broadside_pipeline::strings::append_short;
 use broadside_pipeline::Result;
 use xxhash_rust::xxh3::Xxh3;
 
@@ -136,7 +137,8 @@ impl Stage for IfurEncoder {
         let mut payload = std::mem::take(&mut batch.payload);
         payload.clear();
         let bytes: usize = cols.iter().map(|c| c.data.len()).sum();
-        payload.reserve(bytes + batch.len() * (ncols + 4));
+        // Plus slack for the block copies of `append_short`.
+        payload.reserve(bytes + batch.len() * (ncols + 4) + 64);
         let mut ends = std::mem::take(&mut batch.payload_ends);
         ends.clear();
         ends.reserve(batch.len());
@@ -151,7 +153,7 @@ impl Stage for IfurEncoder {
                 for c in &cols {
                     payload.push(b'|');
                     match c.get(i) {
-                        Some(v) if c.clean => payload.extend_from_slice(v),
+                        Some(v) if c.clean => append_short(&mut payload, v, c.data),
                         Some(v) => escape_bytes_into(&mut payload, v),
                         None => {}
                     }

@@ -11,11 +11,10 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use arrow_array::builder::StringBuilder;
 use arrow_array::{ArrayRef, RecordBatch};
 use broadside_pipeline::model::{Decision, Reason, RecipientBatch, RecipientLayout, RowDetail};
 use broadside_pipeline::runner::{Source, SourceItem};
-use broadside_pipeline::stages::validate::append_trimmed;
+use broadside_pipeline::strings::StringColumnBuilder;
 use broadside_pipeline::{Error, Result};
 use csv_core::{ReadRecordResult, ReaderBuilder};
 
@@ -340,7 +339,7 @@ pub fn last_record_end(data: &[u8], delimiter: u8) -> Option<usize> {
 }
 
 /// Reads a file in chunks of whole records, remembering each chunk's first line number.
-struct Chunker {
+pub(crate) struct Chunker {
     input: File,
     chunk_bytes: usize,
     carry: Vec<u8>,
@@ -353,7 +352,23 @@ struct Chunker {
 }
 
 impl Chunker {
-    fn next_chunk(&mut self) -> Result<Option<(Vec<u8>, u64)>> {
+    /// Chunks of the records after the header `records` has read.
+    pub(crate) fn after_header(records: CsvRecordReader<File>, delimiter: u8) -> Self {
+        Chunker {
+            chunk_bytes: READ_CHUNK,
+            carry: records.buf[records.pos..records.filled].to_vec(),
+            eof: records.eof,
+            next_line: records.line,
+            delimiter,
+            bytes_read: records.bytes_read(),
+            saw_data: false,
+            origin: records.origin,
+            input: records.input,
+        }
+    }
+
+    /// The next chunk of whole records and the line it starts on.
+    pub(crate) fn next_chunk(&mut self) -> Result<Option<(Vec<u8>, u64)>> {
         let mut target = self.chunk_bytes;
         loop {
             while self.carry.len() < target && !self.eof {
@@ -439,7 +454,9 @@ impl CsvContext {
 /// Collects decoded records of one chunk into column builders and per-row errors.
 struct ChunkBatch<'a> {
     ctx: &'a CsvContext,
-    builders: Vec<StringBuilder>,
+    /// The chunk every field of the fast paths lies in (see `append_short`).
+    chunk: &'a [u8],
+    builders: Vec<StringColumnBuilder>,
     errors: Vec<(u32, Reason, String)>,
     n: usize,
     /// Fields are cut at ASCII delimiters and lose only ASCII quotes, so if the whole chunk is
@@ -449,10 +466,11 @@ struct ChunkBatch<'a> {
 
 impl<'a> ChunkBatch<'a> {
     /// A batch for `chunk`, which holds `newlines` newline bytes.
-    fn new(ctx: &'a CsvContext, chunk: &[u8], newlines: u64) -> Self {
+    fn new(ctx: &'a CsvContext, chunk: &'a [u8], newlines: u64) -> Self {
         let rows_hint = newlines as usize + 1;
         ChunkBatch {
             ctx,
+            chunk,
             builders: ctx
                 .column_bytes
                 .iter()
@@ -462,7 +480,7 @@ impl<'a> ChunkBatch<'a> {
                         0 => chunk.len() / ctx.header.len().max(1),
                         n => n + n / 8,
                     };
-                    StringBuilder::with_capacity(rows_hint, bytes.min(chunk.len()))
+                    StringColumnBuilder::with_capacity(rows_hint, bytes.min(chunk.len()))
                 })
                 .collect(),
             errors: Vec::new(),
@@ -471,7 +489,28 @@ impl<'a> ChunkBatch<'a> {
         }
     }
 
-    /// One record of `got` fields starting on `line`; `field(i)` gives field i's bytes.
+    fn finish(self) -> Result<RecipientBatch> {
+        for (b, last) in self.builders.iter().zip(&self.ctx.column_bytes) {
+            last.store(b.values_len(), Ordering::Relaxed);
+        }
+        let arrays: Vec<ArrayRef> = self
+            .builders
+            .into_iter()
+            .map(|b| Arc::new(b.finish()) as ArrayRef)
+            .collect();
+        let columns = RecordBatch::try_new(self.ctx.layout.schema(), arrays)
+            .map_err(|e| Error::source(&self.ctx.origin, e.to_string()))?;
+        let mut batch = RecipientBatch::new(0, 0, columns);
+        batch.trimmed = true;
+        for (row, reason, text) in self.errors {
+            batch.decide(row as usize, Decision::Errored, reason);
+            batch.details.push(RowDetail { row, text });
+        }
+        Ok(batch)
+    }
+}
+
+impl Records for ChunkBatch<'_> {
     #[inline]
     fn record<'f>(&mut self, line: u64, got: usize, field: impl Fn(usize) -> &'f [u8]) {
         let ctx = self.ctx;
@@ -508,7 +547,10 @@ impl<'a> ChunkBatch<'a> {
                     // has no second copy to make.
                     // SAFETY: the field is valid UTF-8: either the whole chunk is (see
                     // `chunk_is_utf8`) or the field was checked just above.
-                    append_trimmed(b, unsafe { std::str::from_utf8_unchecked(field(c)) });
+                    b.append_trimmed(
+                        unsafe { std::str::from_utf8_unchecked(field(c)) },
+                        self.chunk,
+                    );
                 }
             }
             Some(k) => {
@@ -527,25 +569,6 @@ impl<'a> ChunkBatch<'a> {
             }
         }
         self.n += 1;
-    }
-
-    fn finish(mut self) -> Result<RecipientBatch> {
-        for (b, last) in self.builders.iter().zip(&self.ctx.column_bytes) {
-            last.store(b.values_slice().len(), Ordering::Relaxed);
-        }
-        let arrays: Vec<ArrayRef> = self
-            .builders
-            .iter_mut()
-            .map(|b| Arc::new(b.finish()) as ArrayRef)
-            .collect();
-        let columns = RecordBatch::try_new(self.ctx.layout.schema(), arrays)
-            .map_err(|e| Error::source(&self.ctx.origin, e.to_string()))?;
-        let mut batch = RecipientBatch::new(0, 0, columns);
-        for (row, reason, text) in self.errors {
-            batch.decide(row as usize, Decision::Errored, reason);
-            batch.details.push(RowDetail { row, text });
-        }
-        Ok(batch)
     }
 }
 
@@ -667,25 +690,31 @@ fn scan_plain_line(_: &[u8], _: u8, _: &mut Vec<(usize, usize)>) -> Option<usize
     None
 }
 
-/// Decodes one chunk of whole records into a batch (runs on a worker thread).
+/// Receives the records of a chunk, in order.
+pub(crate) trait Records {
+    /// One record of `got` fields starting on `line`; `field(i)` gives field i's bytes
+    /// (quotes removed). A blank line arrives as one empty field.
+    fn record<'f>(&mut self, line: u64, got: usize, field: impl Fn(usize) -> &'f [u8]);
+
+    /// False once the receiver wants no more records (it met an error).
+    fn wants_more(&self) -> bool {
+        true
+    }
+}
+
+/// Cuts a chunk of whole records (first on `first_line`) and hands each to `out`.
 ///
 /// Rows are cut by hand (find the line end, split at delimiters, unwrap simply quoted
 /// fields), which is several times faster than csv-core's byte-at-a-time state machine; a row
 /// that is not that simple is read by csv-core from where it starts, so the result is
 /// csv-core's in every case (a property test compares the two on arbitrary input).
-fn decode_chunk(
-    ctx: &CsvContext,
-    chunk: &[u8],
-    first_line: u64,
-    newlines: u64,
-) -> Result<RecipientBatch> {
-    let mut out = ChunkBatch::new(ctx, chunk, newlines);
+pub(crate) fn cut_records(chunk: &[u8], first_line: u64, delimiter: u8, out: &mut impl Records) {
     // csv-core, for the rows `split_simple` declines.
     let mut core: Option<CoreRecord> = None;
-    let mut fields: Vec<(usize, usize)> = Vec::with_capacity(ctx.header.len() + 1);
+    let mut fields: Vec<(usize, usize)> = Vec::with_capacity(16);
     let mut line = first_line;
     let mut pos = 0;
-    while pos < chunk.len() {
+    while pos < chunk.len() && out.wants_more() {
         // Blank lines before a record belong to no record, but count towards line numbers.
         match chunk[pos] {
             b'\n' => {
@@ -700,7 +729,7 @@ fn decode_chunk(
             _ => {}
         }
         let rest = &chunk[pos..];
-        if let Some(eol) = scan_plain_line(rest, ctx.delimiter, &mut fields) {
+        if let Some(eol) = scan_plain_line(rest, delimiter, &mut fields) {
             out.record(line, fields.len(), |i| &rest[fields[i].0..fields[i].1]);
             line += 1;
             pos += eol + 1;
@@ -712,7 +741,7 @@ fn decode_chunk(
         };
         let l = &rest[..eol];
         let l = l.strip_suffix(b"\r").unwrap_or(l);
-        if split_simple(l, ctx.delimiter, &mut fields) {
+        if split_simple(l, delimiter, &mut fields) {
             out.record(line, fields.len(), |i| &l[fields[i].0..fields[i].1]);
             line += (next > eol) as u64;
             pos += next;
@@ -720,7 +749,7 @@ fn decode_chunk(
         }
         let core = core.get_or_insert_with(|| CoreRecord {
             keep_leading_bom: true,
-            ..CoreRecord::new(ctx.delimiter)
+            ..CoreRecord::new(delimiter)
         });
         let Some(used) = core.read_one(rest) else {
             break;
@@ -729,6 +758,17 @@ fn decode_chunk(
         line += memchr::memchr_iter(b'\n', &rest[..used]).count() as u64;
         pos += used;
     }
+}
+
+/// Decodes one chunk of whole records into a batch (runs on a worker thread).
+fn decode_chunk(
+    ctx: &CsvContext,
+    chunk: &[u8],
+    first_line: u64,
+    newlines: u64,
+) -> Result<RecipientBatch> {
+    let mut out = ChunkBatch::new(ctx, chunk, newlines);
+    cut_records(chunk, first_line, ctx.delimiter, &mut out);
     out.finish()
 }
 
@@ -755,22 +795,9 @@ impl CsvSource {
         let mut records = CsvRecordReader::new(file, delimiter, origin.clone());
         let header = read_header(&mut records)?;
         let columns = resolve_columns(&origin, &header, mapping)?;
-        let next_line = records.line;
-        let bytes_read = records.bytes_read();
-        let carry = records.buf[records.pos..records.filled].to_vec();
         Ok(CsvSource {
             path: path.to_path_buf(),
-            chunker: Chunker {
-                input: records.input,
-                chunk_bytes: READ_CHUNK,
-                carry,
-                eof: records.eof,
-                next_line,
-                delimiter,
-                bytes_read,
-                saw_data: false,
-                origin: origin.clone(),
-            },
+            chunker: Chunker::after_header(records, delimiter),
             ctx: Arc::new(CsvContext::new(origin, header, columns, layout, delimiter)),
             total_bytes,
         })

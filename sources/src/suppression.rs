@@ -13,7 +13,7 @@ use broadside_pipeline::{Error, Result};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::arrow::ProjectionMask;
 
-use crate::csv::{read_header, resolve_columns, CsvRecordReader};
+use crate::csv::{cut_records, read_header, resolve_columns, Chunker, CsvRecordReader, Records};
 
 /// One list to load.
 #[derive(Debug, Clone)]
@@ -44,6 +44,52 @@ pub fn normalize_key<'b>(raw: &str, lowercase: bool, buf: &'b mut String) -> &'b
     buf
 }
 
+/// Fingerprints the key column of a list's records; stops at the first bad record.
+struct ListKeys<'a> {
+    list: &'a ListToLoad<'a>,
+    origin: &'a str,
+    fields: usize,
+    col: usize,
+    buf: String,
+    out: Vec<u128>,
+    error: Option<Error>,
+}
+
+impl Records for ListKeys<'_> {
+    #[inline]
+    fn record<'f>(&mut self, line: u64, got: usize, field: impl Fn(usize) -> &'f [u8]) {
+        if got <= self.col {
+            // A blank line reads as one empty field.
+            if got == 1 && field(0).is_empty() {
+                return;
+            }
+            self.error = Some(Error::source(
+                self.origin,
+                format!("line {line}: expected {} fields, found {got}", self.fields),
+            ));
+            return;
+        }
+        let Ok(raw) = std::str::from_utf8(field(self.col)) else {
+            self.error = Some(Error::source(
+                self.origin,
+                format!(
+                    "line {line}: field {:?} is not valid UTF-8",
+                    self.list.column
+                ),
+            ));
+            return;
+        };
+        let key = normalize_key(raw, self.list.lowercase, &mut self.buf);
+        if !key.is_empty() {
+            self.out.push(fingerprint(key));
+        }
+    }
+
+    fn wants_more(&self) -> bool {
+        self.error.is_none()
+    }
+}
+
 fn load_csv(list: &ListToLoad<'_>) -> Result<Vec<u128>> {
     let origin = list.path.display().to_string();
     let file = File::open(list.path).map_err(|e| Error::io(list.path, e))?;
@@ -54,34 +100,23 @@ fn load_csv(list: &ListToLoad<'_>) -> Result<Vec<u128>> {
         &header,
         &[("suppression.column".into(), list.column.to_string())],
     )?[0];
-    let mut out = Vec::new();
-    let mut buf = String::new();
-    while let Some(line) = rdr.read_record()? {
-        if rdr.len() <= col {
-            if rdr.len() == 1 && rdr.field(0).is_empty() {
-                continue;
-            }
-            return Err(Error::source(
-                &origin,
-                format!(
-                    "line {line}: expected {} fields, found {}",
-                    header.len(),
-                    rdr.len()
-                ),
-            ));
-        }
-        let raw = std::str::from_utf8(rdr.field(col)).map_err(|_| {
-            Error::source(
-                &origin,
-                format!("line {line}: field {:?} is not valid UTF-8", list.column),
-            )
-        })?;
-        let key = normalize_key(raw, list.lowercase, &mut buf);
-        if !key.is_empty() {
-            out.push(fingerprint(key));
+    let mut keys = ListKeys {
+        list,
+        origin: &origin,
+        fields: header.len(),
+        col,
+        buf: String::new(),
+        out: Vec::new(),
+        error: None,
+    };
+    let mut chunks = Chunker::after_header(rdr, b',');
+    while let Some((chunk, first_line)) = chunks.next_chunk()? {
+        cut_records(&chunk, first_line, b',', &mut keys);
+        if let Some(e) = keys.error {
+            return Err(e);
         }
     }
-    Ok(out)
+    Ok(keys.out)
 }
 
 fn load_parquet(list: &ListToLoad<'_>) -> Result<Vec<u128>> {
@@ -191,5 +226,50 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("b.csv") && err.contains("line 3"), "{err}");
+    }
+
+    fn load_one(p: &Path) -> Result<SuppressionIndex> {
+        load_index(&[ListToLoad {
+            path: p,
+            column: "email",
+            reason: Reason::Unsubscribed,
+            lowercase: true,
+        }])
+    }
+
+    #[test]
+    fn lists_spanning_chunks_with_quotes_crlf_and_blank_lines() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("u.csv");
+        let mut text = String::from("note,email\r\n");
+        for i in 0..100_000 {
+            match i % 4 {
+                0 => text.push_str(&format!("x,User{i}@Example.com\r\n")),
+                1 => text.push_str(&format!("\"a,b\",\"user{i}@example.com\"\n")),
+                2 => text.push_str(&format!("\"say \"\"hi\"\"\", user{i}@example.com \n\n")),
+                _ => text.push_str(&format!("\"multi\nline\",user{i}@example.com\n")),
+            }
+        }
+        std::fs::write(&p, &text).unwrap();
+        let idx = load_one(&p).unwrap();
+        assert_eq!(idx.len(), 100_000);
+        for i in [0, 1, 2, 3, 49_999, 99_999] {
+            assert!(idx.lookup(&format!("user{i}@example.com")).is_some(), "{i}");
+        }
+
+        // A bad row deep in the file is reported with its line, counting quoted newlines.
+        text.push_str("y,\"cafe\"\n");
+        let mut bytes = text.into_bytes();
+        let at = bytes.len() - 3;
+        bytes[at] = 0xE9;
+        std::fs::write(&p, &bytes).unwrap();
+        let err = load_one(&p).unwrap_err().to_string();
+        let line = 1 + 100_000 + 100_000 / 4 * 2 + 1;
+        assert!(
+            err.contains("u.csv")
+                && err.contains(&format!("line {line}:"))
+                && err.contains("UTF-8"),
+            "{err}"
+        );
     }
 }
