@@ -7,6 +7,7 @@ use arrow_array::types::Int32Type;
 use arrow_array::{
     ArrayRef, DictionaryArray, Int32Array, RecordBatch, StringArray, UInt32Array, UInt64Array,
 };
+use arrow_buffer::{BooleanBuffer, NullBuffer};
 use broadside_pipeline::model::{Decision, Reason, RecipientBatch, HOLDOUT_VARIANT, NO_VARIANT};
 use broadside_pipeline::runner::Sink;
 use broadside_pipeline::{Error, Result};
@@ -52,11 +53,22 @@ pub fn writer_properties(
     b.build()
 }
 
-fn coded(keys: Vec<Option<i32>>, values: Vec<&str>) -> ArrayRef {
+/// A dictionary column of `n` rows whose row `i` is `values[key(i)]`, or null. The keys and
+/// their validity are built as two whole buffers rather than pushed row by row.
+fn coded(n: usize, key: impl Fn(usize) -> Option<i32>, values: Vec<&str>) -> ArrayRef {
+    let keys = Int32Array::new(
+        (0..n).map(|i| key(i).unwrap_or(0)).collect(),
+        nulls(n, |i| key(i).is_some()),
+    );
     Arc::new(DictionaryArray::<Int32Type>::new(
-        Int32Array::from(keys),
+        keys,
         Arc::new(StringArray::from(values)),
     ))
+}
+
+/// The validity buffer of `n` rows, or none when every row is valid.
+fn nulls(n: usize, valid: impl FnMut(usize) -> bool) -> Option<NullBuffer> {
+    Some(NullBuffer::new(BooleanBuffer::collect_bool(n, valid))).filter(|b| b.null_count() > 0)
 }
 
 /// Writes a run's recipient log under `<store>/recipient_logs/.../run_id=<r>/part-NNNNN.parquet`.
@@ -109,52 +121,52 @@ impl RecipientLogSink {
             None => Arc::new(StringArray::new_null(n)),
         };
         let variant = coded(
-            b.variants
-                .iter()
-                .zip(&b.decisions)
-                .map(|(v, d)| {
-                    (*d == Decision::Sent && *v != NO_VARIANT && *v != HOLDOUT_VARIANT)
-                        .then_some(*v as i32)
-                })
-                .collect(),
+            n,
+            |i| {
+                let (v, d) = (b.variants[i], b.decisions[i]);
+                (d == Decision::Sent && v != NO_VARIANT && v != HOLDOUT_VARIANT).then_some(v as i32)
+            },
             self.variants.iter().map(String::as_str).collect(),
         );
         let decision = coded(
-            b.decisions.iter().map(|d| Some(*d as i32)).collect(),
+            n,
+            |i| Some(b.decisions[i] as i32),
             Decision::ALL.iter().map(|d| d.as_str()).collect(),
         );
         let reason = coded(
-            b.reasons
-                .iter()
-                .map(|r| (*r != Reason::None).then_some(*r as i32))
-                .collect(),
+            n,
+            |i| (b.reasons[i] != Reason::None).then_some(b.reasons[i] as i32),
             Reason::ALL.iter().map(|r| r.as_str()).collect(),
         );
-        let detail: StringArray = (0..n).map(|i| b.detail(i)).collect();
+        // Details are sparse (a few rows per batch): all-null unless there are some.
+        let detail = if b.details.is_empty() {
+            StringArray::new_null(n)
+        } else {
+            (0..n).map(|i| b.detail(i)).collect()
+        };
         let list = coded(
-            (0..n)
-                .map(|i| {
-                    (b.decisions[i] == Decision::Suppressed)
-                        .then(|| b.lists.get(i).copied())
-                        .flatten()
-                        .filter(|l| (*l as usize) < self.lists.len())
-                        .map(|l| l as i32)
-                })
-                .collect(),
+            n,
+            |i| {
+                (b.decisions[i] == Decision::Suppressed)
+                    .then(|| b.lists.get(i).copied())
+                    .flatten()
+                    .filter(|l| (*l as usize) < self.lists.len())
+                    .map(|l| l as i32)
+            },
             self.lists.iter().map(String::as_str).collect(),
         );
+        let placed = |i: usize| b.placement_file.get(i).is_some_and(|f| *f != u32::MAX);
         let file = coded(
-            (0..n)
-                .map(|i| {
-                    b.placement_file
-                        .get(i)
-                        .filter(|f| **f != u32::MAX)
-                        .map(|f| *f as i32)
-                })
-                .collect(),
+            n,
+            |i| placed(i).then(|| b.placement_file[i] as i32),
             b.placement_files.iter().map(|s| &**s).collect(),
         );
-        let line: UInt32Array = (0..n).map(|i| b.placement(i).map(|(_, l)| l)).collect();
+        let line = UInt32Array::new(
+            (0..n)
+                .map(|i| if placed(i) { b.placement_line[i] } else { 0 })
+                .collect(),
+            nulls(n, placed),
+        );
         let mail_state: ArrayRef = if b.mail_states.is_empty() {
             arrow_array::new_null_array(&broadside_pipeline::store::dictionary_utf8(), n)
         } else {
@@ -165,9 +177,13 @@ impl RecipientLogSink {
                     .collect::<DictionaryArray<Int32Type>>(),
             )
         };
-        let printer_id: StringArray = (0..n)
-            .map(|i| b.printer_ids.get(i).and_then(|p| p.as_deref()))
-            .collect();
+        let printer_id = if b.printer_ids.is_empty() {
+            StringArray::new_null(n)
+        } else {
+            (0..n)
+                .map(|i| b.printer_ids.get(i).and_then(|p| p.as_deref()))
+                .collect()
+        };
         RecordBatch::try_new(
             schema(),
             vec![
