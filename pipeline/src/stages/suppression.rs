@@ -117,6 +117,10 @@ struct FingerprintTable {
     len: usize,
 }
 
+/// How many keys ahead the index build prefetches: enough to cover a memory access at the
+/// rate inserts go, few enough that the lines are still cached when written.
+const BUILD_AHEAD: usize = 16;
+
 impl FingerprintTable {
     fn with_capacity(n: usize) -> Self {
         // Load factor at most 2/3, never fewer than 16 slots.
@@ -253,16 +257,26 @@ impl SuppressionIndexBuilder {
     pub fn build(self) -> SuppressionIndex {
         let n = self.hashes.len();
         let hashes = &self.hashes;
+        // Both structures are far larger than the caches and written at random places, so
+        // each insert would stall on a miss; the place of the key BUILD_AHEAD positions on is
+        // prefetched first, and its line has arrived by the time it is written.
+        let ahead = |i: usize| hashes.get(i + BUILD_AHEAD).map(|(h, _, _)| *h);
         let (bloom, table) = std::thread::scope(|s| {
             let bloom = s.spawn(move || {
                 let mut bloom = BlockBloom::with_keys(n, 12);
-                for (h, _, _) in hashes {
+                for (i, (h, _, _)) in hashes.iter().enumerate() {
+                    if let Some(a) = ahead(i) {
+                        bloom.prefetch(a);
+                    }
                     bloom.insert(*h);
                 }
                 bloom
             });
             let mut table = FingerprintTable::with_capacity(n);
-            for (h, r, l) in hashes {
+            for (i, (h, r, l)) in hashes.iter().enumerate() {
+                if let Some(a) = ahead(i) {
+                    table.prefetch(a);
+                }
                 table.insert(*h, Reason::ALL[*r as usize], *l);
             }
             (bloom.join().expect("bloom builder panicked"), table)
