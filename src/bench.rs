@@ -111,9 +111,9 @@ pub fn bench(o: &BenchOptions) -> Result<Vec<BenchResult>> {
     for &rows in &o.sizes {
         let spec = dataset(o, rows)?;
         let dir = spec.parent().expect("spec in a folder").to_path_buf();
+        let run_id = format!("bench-{rows}");
         for attempt in 1..=o.repeat {
             clean_outputs(&dir);
-            let run_id = format!("bench-{rows}");
             let started = std::time::Instant::now();
             let usage = run_measured(
                 Command::new(&exe)
@@ -129,7 +129,7 @@ pub fn bench(o: &BenchOptions) -> Result<Vec<BenchResult>> {
                 bail!("broadside send failed on {}", spec.display());
             }
             let record = RunRecord::load(&crate::send::record_path(&spec, &run_id)?)?;
-            if !o.keep || attempt < o.repeat {
+            if !o.keep {
                 clean_outputs(&dir);
             }
             println!(

@@ -514,7 +514,8 @@ impl Records for ChunkBatch<'_> {
     #[inline]
     fn record<'f>(&mut self, line: u64, got: usize, field: impl Fn(usize) -> &'f [u8]) {
         let ctx = self.ctx;
-        // A blank line reads as a record of one empty field; skip those.
+        // A record of one empty field (csv-core's reading of a blank line, or of `""`) is
+        // not a recipient; skip those.
         if got == 1 && field(0).is_empty() {
             return;
         }
@@ -693,7 +694,8 @@ fn scan_plain_line(_: &[u8], _: u8, _: &mut Vec<(usize, usize)>) -> Option<usize
 /// Receives the records of a chunk, in order.
 pub(crate) trait Records {
     /// One record of `got` fields starting on `line`; `field(i)` gives field i's bytes
-    /// (quotes removed). A blank line arrives as one empty field.
+    /// (quotes removed). Blank lines are skipped before they get here, but a record of one
+    /// empty field (a line holding only `""`) arrives, as csv-core reads it.
     fn record<'f>(&mut self, line: u64, got: usize, field: impl Fn(usize) -> &'f [u8]);
 
     /// False once the receiver wants no more records (it met an error).

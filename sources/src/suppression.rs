@@ -59,7 +59,7 @@ impl Records for ListKeys<'_> {
     #[inline]
     fn record<'f>(&mut self, line: u64, got: usize, field: impl Fn(usize) -> &'f [u8]) {
         if got <= self.col {
-            // A blank line reads as one empty field.
+            // A record of one empty field (a blank line, or `""`) holds no key.
             if got == 1 && field(0).is_empty() {
                 return;
             }
