@@ -9,10 +9,12 @@ use std::path::Path;
 use std::sync::Arc;
 
 use arrow_array::builder::StringBuilder;
+use arrow_array::types::Int32Type;
 use arrow_array::{
-    Array, ArrayRef, RecordBatch, StringArray, TimestampMicrosecondArray, UInt32Array,
+    Array, ArrayRef, DictionaryArray, Int32Array, RecordBatch, StringArray,
+    TimestampMicrosecondArray, UInt32Array,
 };
-use arrow_buffer::{Buffer, OffsetBuffer, ScalarBuffer};
+use arrow_schema::SchemaRef;
 use arrow_select::take::take;
 
 use broadside_pipeline::event::{file_schema, partition_dir, EventType};
@@ -29,8 +31,11 @@ pub struct SubmittedEventSink {
     parts: PartWriter,
     part_rows: u64,
     run_id: String,
-    campaign_id: String,
-    variants: Vec<String>,
+    /// Dictionaries of the constant columns: campaign, run, event type.
+    constants: [ArrayRef; 3],
+    /// Dictionary of the variant column (variant names in index order).
+    variants: ArrayRef,
+    batch_schema: SchemaRef,
     ts_micros: i64,
 }
 
@@ -46,17 +51,25 @@ impl SubmittedEventSink {
         part_rows: u64,
     ) -> Result<Self> {
         let dir = partition_dir(store, workspace_id, started_at.date_naive());
+        let parts = PartWriter::new(
+            &dir,
+            format!("submitted-{run_id}"),
+            file_schema(),
+            writer_properties(&["event_id", "email"], &["ts"]),
+            &["campaign_id", "variant", "run_id", "event_type"],
+        )?;
+        let one = |v: &str| -> ArrayRef { Arc::new(StringArray::from(vec![v])) };
         Ok(SubmittedEventSink {
-            parts: PartWriter::new(
-                &dir,
-                format!("submitted-{run_id}"),
-                file_schema(),
-                writer_properties(&["event_id", "email"], &["ts"], &[]),
-            )?,
+            batch_schema: parts.batch_schema(),
+            parts,
             part_rows,
             run_id: run_id.into(),
-            campaign_id: campaign_id.into(),
-            variants,
+            constants: [
+                one(campaign_id),
+                one(run_id),
+                one(EventType::Submitted.as_str()),
+            ],
+            variants: Arc::new(StringArray::from(variants)),
             ts_micros: started_at.timestamp_micros(),
         })
     }
@@ -72,16 +85,18 @@ impl Sink for SubmittedEventSink {
             parts,
             part_rows,
             run_id,
-            campaign_id,
+            constants,
             variants,
+            batch_schema,
             ts_micros,
         } = self;
         let Some(keys) = b.keys.as_ref() else {
             return Ok(());
         };
         parts.write_input_rows(b.first_row, b.len(), *part_rows, |start, end| {
-            // Columns are built whole: the emails are a `take` of the key column, constants
-            // are repeated, ids are written without the formatting machinery.
+            // Columns are built whole: the emails are a `take` of the key column, ids are
+            // written without the formatting machinery, the variant and the constants are
+            // dictionary keys (the part writer encodes them from the keys).
             let sent: Vec<u32> = (start..end)
                 .filter(|&i| b.decisions[i] == Decision::Sent && keys.is_valid(i))
                 .map(|i| i as u32)
@@ -98,24 +113,26 @@ impl Sink for SubmittedEventSink {
                     .expect("in-memory write");
                 ids.append_value("");
             }
-            let variant: StringArray = sent
-                .iter()
-                .map(|&i| {
-                    variants
-                        .get(b.variants[i as usize] as usize)
-                        .map(String::as_str)
-                })
-                .collect();
-            let repeat = |v: &str| -> ArrayRef { Arc::new(repeated(v, n)) };
+            let variant = Int32Array::from_iter(sent.iter().map(|&i| {
+                let v = b.variants[i as usize] as usize;
+                (v < variants.len()).then_some(v as i32)
+            }));
+            let variant = DictionaryArray::<Int32Type>::new(variant, variants.clone());
+            let constant = |k: usize| -> ArrayRef {
+                Arc::new(DictionaryArray::<Int32Type>::new(
+                    Int32Array::from(vec![0; n]),
+                    constants[k].clone(),
+                ))
+            };
             RecordBatch::try_new(
-                file_schema(),
+                batch_schema.clone(),
                 vec![
                     Arc::new(ids.finish()),
-                    repeat(campaign_id),
+                    constant(0),
                     Arc::new(variant),
-                    repeat(run_id),
+                    constant(1),
                     email,
-                    repeat(EventType::Submitted.as_str()),
+                    constant(2),
                     Arc::new(StringArray::new_null(n)),
                     Arc::new(StringArray::new_null(n)),
                     Arc::new(
@@ -134,14 +151,6 @@ impl Sink for SubmittedEventSink {
     fn abort(&mut self) {
         self.parts.abort();
     }
-}
-
-/// `n` copies of `v`: the bytes by doubling copies, the offsets by arithmetic (instead of a
-/// copy and a capacity check per value).
-fn repeated(v: &str, n: usize) -> StringArray {
-    let len = i32::try_from(v.len()).expect("short constant");
-    let offsets = OffsetBuffer::new(ScalarBuffer::from_iter((0..=n as i32).map(|i| i * len)));
-    StringArray::new(offsets, Buffer::from_vec(v.as_bytes().repeat(n)), None)
 }
 
 fn itoa_buf() -> [u8; 20] {
@@ -165,16 +174,6 @@ fn format_u64(mut v: u64, buf: &mut [u8; 20]) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn repeated_is_n_copies() {
-        for n in [0, 1, 5] {
-            let a = repeated("camp-1", n);
-            assert_eq!(a.len(), n);
-            assert!(a.iter().all(|v| v == Some("camp-1")));
-        }
-        assert_eq!(repeated("", 3).value(2), "");
-    }
 
     #[test]
     fn format_u64_matches_display() {

@@ -24,14 +24,10 @@ pub use broadside_pipeline::store::ledger_schema as schema;
 /// millions of rows per second; zstd cost ~10 % of the whole send), bounded row groups, no
 /// dictionary for high-cardinality strings.
 /// `delta` names integer columns (row numbers, timestamps) stored delta-encoded instead of
-/// through a dictionary, which would hash every value for nothing. `no_statistics` names
-/// columns whose min/max could never prune a row group (a handful of values, all present in
-/// every group): parquet computes them with two string compares per row.
-pub fn writer_properties(
-    no_dictionary: &[&str],
-    delta: &[&str],
-    no_statistics: &[&str],
-) -> WriterProperties {
+/// through a dictionary, which would hash every value for nothing. Low-cardinality string
+/// columns are not encoded by parquet-rs at all: the part writer builds them from their
+/// dictionary keys (see [`crate::coded`]), with statistics from the dictionary entries used.
+pub fn writer_properties(no_dictionary: &[&str], delta: &[&str]) -> WriterProperties {
     let mut b = WriterProperties::builder()
         .set_compression(Compression::LZ4_RAW)
         .set_max_row_group_row_count(Some(256 * 1024));
@@ -41,9 +37,6 @@ pub fn writer_properties(
         b = b
             .set_column_dictionary_enabled(ColumnPath::from(*c), false)
             .set_column_statistics_enabled(ColumnPath::from(*c), EnabledStatistics::None);
-    }
-    for c in no_statistics {
-        b = b.set_column_statistics_enabled(ColumnPath::from(*c), EnabledStatistics::None);
     }
     for c in delta {
         b = b
@@ -93,18 +86,15 @@ impl RecipientLogSink {
                 dir,
                 "part",
                 schema(),
-                writer_properties(
-                    &["key", "detail"],
-                    &["row", "ifur_line"],
-                    &[
-                        "variant",
-                        "decision",
-                        "reason",
-                        "list",
-                        "file",
-                        "mail_state",
-                    ],
-                ),
+                writer_properties(&["key", "detail"], &["row", "ifur_line"]),
+                &[
+                    "variant",
+                    "decision",
+                    "reason",
+                    "suppression_list",
+                    "ifur_file",
+                    "mail_state",
+                ],
             )?,
             part_rows,
             variants,

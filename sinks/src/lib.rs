@@ -2,6 +2,7 @@
 //! recipient log and `submitted` events (Parquet, parted by input row range, committed atomically).
 #![warn(missing_docs)]
 
+pub mod coded;
 pub mod events;
 pub mod ifur;
 pub mod ledger;

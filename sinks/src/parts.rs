@@ -6,14 +6,19 @@
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use arrow_array::RecordBatch;
-use arrow_schema::SchemaRef;
-use broadside_pipeline::store::{commit_file, create_dir_all};
+use arrow_schema::{Schema, SchemaRef};
+use broadside_pipeline::store::{commit_file, create_dir_all, dictionary_utf8};
 use broadside_pipeline::{Error, Result};
+use parquet::arrow::arrow_writer::{compute_leaves, ArrowColumnWriter, ArrowRowGroupWriterFactory};
 use parquet::arrow::ArrowWriter;
-use parquet::file::properties::WriterProperties;
+use parquet::file::properties::{EnabledStatistics, WriterProperties};
 use parquet::file::reader::{FileReader, SerializedFileReader};
+use parquet::file::writer::SerializedFileWriter;
+
+use crate::coded::CodedColumn;
 
 /// A range of a batch that belongs to one part.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,8 +58,139 @@ struct Current {
     tmp: PathBuf,
     final_path: PathBuf,
     /// `None` when an earlier attempt committed this part: count rows, verify, write nothing.
-    writer: Option<ArrowWriter<File>>,
+    writer: Option<PartFile>,
     rows: u64,
+}
+
+/// One column's writer within the open row group.
+enum Slot {
+    /// Encoded by parquet-rs.
+    Arrow(Box<ArrowColumnWriter>),
+    /// Built from dictionary keys (see [`crate::coded`]).
+    Coded(Box<CodedColumn>),
+}
+
+/// A Parquet file being written row group by row group. Columns named as coded are built by
+/// [`CodedColumn`] and spliced in; the others go through parquet-rs's Arrow column writers.
+/// The footer carries the Arrow schema as `ArrowWriter` writes it, so readers see the
+/// file schema's types.
+struct PartFile {
+    file: SerializedFileWriter<File>,
+    factory: ArrowRowGroupWriterFactory,
+    schema: SchemaRef,
+    coded: Vec<bool>,
+    statistics: Vec<bool>,
+    max_group_rows: usize,
+    /// Column writers of the open row group, if any rows are in it.
+    group: Option<Vec<Slot>>,
+    group_rows: usize,
+}
+
+impl PartFile {
+    fn create(
+        path: &Path,
+        schema: SchemaRef,
+        props: WriterProperties,
+        coded: &[bool],
+    ) -> parquet::errors::Result<Self> {
+        let f = File::create(path)?;
+        let statistics = schema
+            .fields()
+            .iter()
+            .map(|f| {
+                props.statistics_enabled(&parquet::schema::types::ColumnPath::from(
+                    f.name().as_str(),
+                )) != EnabledStatistics::None
+            })
+            .collect();
+        let max_group_rows = props.max_row_group_row_count().unwrap_or(1024 * 1024);
+        let (file, factory) =
+            ArrowWriter::try_new(f, schema.clone(), Some(props))?.into_serialized_writer()?;
+        Ok(PartFile {
+            file,
+            factory,
+            schema,
+            coded: coded.to_vec(),
+            statistics,
+            max_group_rows,
+            group: None,
+            group_rows: 0,
+        })
+    }
+
+    fn write(&mut self, batch: &RecordBatch) -> parquet::errors::Result<()> {
+        let mut offset = 0;
+        while offset < batch.num_rows() {
+            let take = (self.max_group_rows - self.group_rows).min(batch.num_rows() - offset);
+            if self.group.is_none() {
+                let mut writers = self
+                    .factory
+                    .create_column_writers(self.file.flushed_row_groups().len())?;
+                // Flat schemas only: one leaf writer per field, in order.
+                let slots = self
+                    .coded
+                    .iter()
+                    .zip(writers.drain(..))
+                    .map(|(&coded, w)| {
+                        if coded {
+                            Slot::Coded(Box::default())
+                        } else {
+                            Slot::Arrow(Box::new(w))
+                        }
+                    })
+                    .collect();
+                self.group = Some(slots);
+            }
+            let slots = self.group.as_mut().expect("row group opened");
+            for ((slot, field), column) in slots
+                .iter_mut()
+                .zip(self.schema.fields())
+                .zip(batch.columns())
+            {
+                let column = column.slice(offset, take);
+                match slot {
+                    Slot::Arrow(w) => {
+                        for leaf in compute_leaves(field, &column)? {
+                            w.write(&leaf)?;
+                        }
+                    }
+                    Slot::Coded(c) => c.append(&column)?,
+                }
+            }
+            self.group_rows += take;
+            offset += take;
+            if self.group_rows == self.max_group_rows {
+                self.flush_group()?;
+            }
+        }
+        Ok(())
+    }
+
+    fn flush_group(&mut self) -> parquet::errors::Result<()> {
+        let Some(slots) = self.group.take() else {
+            return Ok(());
+        };
+        self.group_rows = 0;
+        let descr = self.file.schema_descr();
+        let columns: Vec<_> = (0..descr.num_columns()).map(|i| descr.column(i)).collect();
+        let mut group = self.file.next_row_group()?;
+        for (i, slot) in slots.into_iter().enumerate() {
+            match slot {
+                Slot::Arrow(w) => w.close()?.append_to_row_group(&mut group)?,
+                Slot::Coded(mut c) => {
+                    let (bytes, close) = c.finish(columns[i].clone(), self.statistics[i])?;
+                    group.append_column(&bytes, close)?;
+                }
+            }
+        }
+        group.close()?;
+        Ok(())
+    }
+
+    fn into_file(mut self) -> parquet::errors::Result<File> {
+        self.flush_group()?;
+        self.file.into_inner()
+    }
 }
 
 /// Writes `<dir>/<prefix>-NNNNN.parquet` parts.
@@ -63,27 +199,58 @@ pub struct PartWriter {
     prefix: String,
     schema: SchemaRef,
     props: WriterProperties,
+    coded: Vec<bool>,
     current: Option<Current>,
     committed: Vec<PathBuf>,
 }
 
 impl PartWriter {
-    /// A writer into `dir` (created if missing).
+    /// A writer into `dir` (created if missing). Batches follow `schema`, except that the
+    /// columns named in `coded` arrive as `Dictionary(Int32, Utf8)` arrays whatever their
+    /// string type in `schema`, and are written from their keys (see [`crate::coded`]).
     pub fn new(
         dir: &Path,
         prefix: impl Into<String>,
         schema: SchemaRef,
         props: WriterProperties,
+        coded: &[&str],
     ) -> Result<Self> {
         create_dir_all(dir)?;
+        let is_coded = schema
+            .fields()
+            .iter()
+            .map(|f| coded.contains(&f.name().as_str()))
+            .collect();
         Ok(PartWriter {
             dir: dir.to_path_buf(),
             prefix: prefix.into(),
             schema,
             props,
+            coded: is_coded,
             current: None,
             committed: Vec::new(),
         })
+    }
+
+    /// The schema batches follow: the file schema with coded columns as dictionaries.
+    pub fn batch_schema(&self) -> SchemaRef {
+        let fields: Vec<_> = self
+            .schema
+            .fields()
+            .iter()
+            .zip(&self.coded)
+            .map(|(f, &coded)| {
+                if coded {
+                    Arc::new(f.as_ref().clone().with_data_type(dictionary_utf8()))
+                } else {
+                    f.clone()
+                }
+            })
+            .collect();
+        Arc::new(Schema::new_with_metadata(
+            fields,
+            self.schema.metadata().clone(),
+        ))
     }
 
     /// The final path of part `k`.
@@ -102,9 +269,8 @@ impl PartWriter {
         let writer = if final_path.exists() {
             None
         } else {
-            let f = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
             Some(
-                ArrowWriter::try_new(f, self.schema.clone(), Some(self.props.clone()))
+                PartFile::create(&tmp, self.schema.clone(), self.props.clone(), &self.coded)
                     .map_err(|e| Error::sink(tmp.display().to_string(), e.to_string()))?,
             )
         };
@@ -171,7 +337,7 @@ impl PartWriter {
         match c.writer.take() {
             Some(w) => {
                 let file = w
-                    .into_inner()
+                    .into_file()
                     .map_err(|e| Error::sink(c.tmp.display().to_string(), e.to_string()))?;
                 file.sync_all().map_err(|e| Error::io(&c.tmp, e))?;
                 drop(file);
@@ -246,5 +412,171 @@ mod tests {
             }]
         );
         assert_eq!(segments(0, 25, 10).len(), 3);
+    }
+}
+
+#[cfg(test)]
+mod coded_tests {
+    use super::*;
+    use arrow_array::types::Int32Type;
+    use arrow_array::{Array, ArrayRef, DictionaryArray, Int32Array, StringArray, UInt64Array};
+    use arrow_schema::{DataType, Field};
+    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    use parquet::file::statistics::Statistics;
+
+    fn dict(keys: Vec<Option<i32>>, values: &[&str]) -> ArrayRef {
+        Arc::new(DictionaryArray::<Int32Type>::new(
+            Int32Array::from(keys),
+            Arc::new(StringArray::from(values.to_vec())),
+        ))
+    }
+
+    /// Coded columns (Utf8 and dictionary-typed in the file, nullable or not, with changing
+    /// batch dictionaries, runs and noise, an all-null column) read back as written, across
+    /// row groups split inside batches.
+    #[test]
+    fn coded_columns_read_back_as_written() {
+        let d = tempfile::tempdir().unwrap();
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("row", DataType::UInt64, false),
+            Field::new("kind", DataType::Utf8, false),
+            Field::new("variant", dictionary_utf8(), true),
+            Field::new("empty", DataType::Utf8, true),
+        ]));
+        let props = WriterProperties::builder()
+            .set_max_row_group_row_count(Some(1000))
+            .build();
+        let mut w = PartWriter::new(
+            d.path(),
+            "t",
+            schema.clone(),
+            props,
+            &["kind", "variant", "empty"],
+        )
+        .unwrap();
+        let batch_schema = w.batch_schema();
+        let mut expected: Vec<(u64, String, Option<String>)> = Vec::new();
+        let mut row = 0u64;
+        for (b, len) in [700usize, 900, 1, 1400, 37].into_iter().enumerate() {
+            // Each batch has its own dictionary, in a different order.
+            let kinds: Vec<String> = (0..=b).rev().map(|k| format!("kind-{k}")).collect();
+            let kinds: Vec<&str> = kinds.iter().map(String::as_str).collect();
+            let variants = if b % 2 == 0 {
+                ["A", "B", "C"]
+            } else {
+                ["C", "A", "B"]
+            };
+            let kind_keys: Vec<Option<i32>> = (0..len)
+                .map(|i| Some(((i / 50) % kinds.len()) as i32))
+                .collect();
+            let variant_keys: Vec<Option<i32>> = (0..len)
+                .map(|i| match (i * 7 + b) % 11 {
+                    0 | 1 => None,
+                    k if i % 100 < 40 => Some((k % 3) as i32),
+                    _ => Some(1),
+                })
+                .collect();
+            for i in 0..len {
+                expected.push((
+                    row + i as u64,
+                    kinds[kind_keys[i].unwrap() as usize].to_string(),
+                    variant_keys[i].map(|k| variants[k as usize].to_string()),
+                ));
+            }
+            let batch = RecordBatch::try_new(
+                batch_schema.clone(),
+                vec![
+                    Arc::new(UInt64Array::from_iter_values(row..row + len as u64)),
+                    dict(kind_keys, &kinds),
+                    dict(variant_keys, &variants),
+                    dict(vec![None; len], &[]),
+                ],
+            )
+            .unwrap();
+            w.write(0, &batch).unwrap();
+            row += len as u64;
+        }
+        w.close_part().unwrap();
+
+        let f = File::open(w.part_path(0)).unwrap();
+        let reader = ParquetRecordBatchReaderBuilder::try_new(f).unwrap();
+        let meta = reader.metadata().clone();
+        assert_eq!(meta.num_row_groups(), 4, "3038 rows in groups of 1000");
+        let mut got = Vec::new();
+        for batch in reader.build().unwrap() {
+            let batch = batch.unwrap();
+            assert_eq!(
+                batch.schema().fields(),
+                schema.fields(),
+                "file schema types"
+            );
+            let rows = batch
+                .column(0)
+                .as_any()
+                .downcast_ref::<UInt64Array>()
+                .unwrap();
+            let kinds = batch
+                .column(1)
+                .as_any()
+                .downcast_ref::<StringArray>()
+                .unwrap();
+            let variants = dictionary_strings(batch.column(2));
+            assert_eq!(batch.column(3).null_count(), batch.num_rows());
+            for (i, variant) in variants.into_iter().enumerate() {
+                got.push((rows.value(i), kinds.value(i).to_string(), variant));
+            }
+        }
+        assert_eq!(got, expected);
+
+        // Chunk statistics come from the dictionary entries the group uses.
+        let first = meta.row_group(0);
+        let Some(Statistics::ByteArray(s)) = first.column(1).statistics() else {
+            panic!("kind statistics: {:?}", first.column(1).statistics());
+        };
+        let in_group: Vec<&str> = expected[..1000].iter().map(|e| e.1.as_str()).collect();
+        assert_eq!(
+            s.min_opt().unwrap().as_utf8().unwrap(),
+            *in_group.iter().min().unwrap()
+        );
+        assert_eq!(
+            s.max_opt().unwrap().as_utf8().unwrap(),
+            *in_group.iter().max().unwrap()
+        );
+        let nulls = expected[..1000].iter().filter(|e| e.2.is_none()).count() as u64;
+        assert_eq!(
+            first.column(2).statistics().unwrap().null_count_opt(),
+            Some(nulls)
+        );
+    }
+
+    fn dictionary_strings(a: &ArrayRef) -> Vec<Option<String>> {
+        let d = a
+            .as_any()
+            .downcast_ref::<DictionaryArray<Int32Type>>()
+            .unwrap();
+        let values = d.values().as_any().downcast_ref::<StringArray>().unwrap();
+        d.keys()
+            .iter()
+            .map(|k| k.map(|k| values.value(k as usize).to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn a_coded_column_refuses_plain_strings() {
+        let d = tempfile::tempdir().unwrap();
+        let schema = Arc::new(Schema::new(vec![Field::new("kind", DataType::Utf8, false)]));
+        let mut w = PartWriter::new(
+            d.path(),
+            "t",
+            schema.clone(),
+            WriterProperties::builder().build(),
+            &["kind"],
+        )
+        .unwrap();
+        let batch =
+            RecordBatch::try_new(schema, vec![Arc::new(StringArray::from(vec!["a"]))]).unwrap();
+        let err = w.write(0, &batch).unwrap_err().to_string();
+        assert!(err.contains("Dictionary(Int32, Utf8)"), "{err}");
+        assert!(err.contains("t-00000.parquet"), "{err}");
     }
 }
