@@ -75,28 +75,29 @@ impl CodedColumn {
         let remap = self.remap(values);
         let keys = dict.keys();
         let n = keys.len();
-        let map = |k: i32| -> Result<u32> {
-            remap.get(k as usize).copied().ok_or_else(|| {
-                ParquetError::General(format!(
-                    "dictionary key {k} out of range ({} values)",
-                    remap.len()
-                ))
-            })
+        // Negative keys wrap to large ones; one pass finds any key out of range.
+        let out_of_range = |max: Option<u32>| match max {
+            Some(k) if k as usize >= remap.len() => Err(ParquetError::General(format!(
+                "dictionary key {} out of range ({} values)",
+                k as i32,
+                remap.len()
+            ))),
+            _ => Ok(()),
         };
         match keys.nulls().filter(|nulls| nulls.null_count() > 0) {
             None => {
-                self.codes.reserve(n);
-                for &k in keys.values().iter() {
-                    self.codes.push(map(k)?);
-                }
+                out_of_range(keys.values().iter().map(|&k| k as u32).max())?;
+                self.codes
+                    .extend(keys.values().iter().map(|&k| remap[k as usize]));
                 self.valid.append_n(n, true);
             }
             Some(nulls) => {
-                for (i, &k) in keys.values().iter().enumerate() {
-                    if nulls.is_valid(i) {
-                        self.codes.push(map(k)?);
-                    }
-                }
+                out_of_range(nulls.valid_indices().map(|i| keys.values()[i] as u32).max())?;
+                self.codes.extend(
+                    nulls
+                        .valid_indices()
+                        .map(|i| remap[keys.values()[i] as usize]),
+                );
                 self.valid.append_buffer(nulls.inner());
             }
         }
@@ -158,14 +159,18 @@ impl CodedColumn {
         if descr.max_def_level() > 0 {
             let valid = self.valid.finish();
             let mut levels = Vec::new();
-            hybrid(&mut levels, 1, valid.len(), |i| valid.value(i) as u32);
+            if nulls == 0 || nulls == rows {
+                rle(&mut levels, 1, rows, (nulls == 0) as u32);
+            } else {
+                // Levels of width 1 bit-packed LSB first are the validity bitmap itself.
+                bitmap_packed(&mut levels, valid.values(), rows);
+            }
             data.extend_from_slice(&(levels.len() as u32).to_le_bytes());
             data.extend_from_slice(&levels);
         }
         let width = bit_width(self.dict.len().saturating_sub(1) as u32);
         data.push(width);
-        let codes = &self.codes;
-        hybrid(&mut data, width, codes.len(), |i| codes[i]);
+        hybrid(&mut data, width, &self.codes);
 
         let mut sink = TrackedWrite::new(Vec::new());
         let mut pages = SerializedPageWriter::new(&mut sink);
@@ -228,8 +233,12 @@ impl CodedColumn {
     /// Min and max over the dictionary entries some row uses, and the null count.
     fn statistics(&self, nulls: usize) -> Statistics {
         let mut used = vec![false; self.dict.len()];
-        for &c in &self.codes {
-            used[c as usize] = true;
+        if self.dict.len() == 1 {
+            used[0] = !self.codes.is_empty();
+        } else {
+            for &c in &self.codes {
+                used[c as usize] = true;
+            }
         }
         let mut it = self
             .dict
@@ -258,30 +267,31 @@ fn bit_width(max: u32) -> u8 {
     (32 - max.leading_zeros()) as u8
 }
 
-/// Appends `n` values (`value(i)`, each below `2^width`) in Parquet's RLE / bit-packed hybrid
-/// encoding: a run of 8 or more equal values is one RLE run, anything else goes into
-/// bit-packed groups of 8 (the last group padded with zeros; readers stop at the value count).
-fn hybrid(out: &mut Vec<u8>, width: u8, n: usize, value: impl Fn(usize) -> u32) {
+/// Appends `values` (each below `2^width`) in Parquet's RLE / bit-packed hybrid encoding: a
+/// run of 8 or more equal values is one RLE run, anything else goes into bit-packed groups of
+/// 8 (the last group padded with zeros; readers stop at the value count).
+fn hybrid(out: &mut Vec<u8>, width: u8, values: &[u32]) {
+    let n = values.len();
     let mut i = 0;
     // Start of values not yet written (they go bit-packed).
     let mut pending = 0;
     while i < n {
-        let v = value(i);
+        let v = values[i];
         let mut j = i + 1;
-        while j < n && value(j) == v {
+        while j < n && values[j] == v {
             j += 1;
         }
         // A run long enough for RLE once the pending values are filled up to a group of 8.
         let fill = (8 - (i - pending) % 8) % 8;
         if j - i >= fill + 8 {
             let start = i + fill;
-            bit_packed(out, width, pending, start, &value);
+            bit_packed(out, width, &values[pending..start]);
             rle(out, width, j - start, v);
             pending = j;
         }
         i = j;
     }
-    bit_packed(out, width, pending, n, &value);
+    bit_packed(out, width, &values[pending..]);
 }
 
 fn varint(out: &mut Vec<u8>, mut v: u64) {
@@ -297,27 +307,35 @@ fn rle(out: &mut Vec<u8>, width: u8, count: usize, v: u32) {
     out.extend_from_slice(&v.to_le_bytes()[..(width as usize).div_ceil(8)]);
 }
 
-/// Bit-packs values `from .. to` (padded to a multiple of 8), LSB first, at most 63 groups
-/// per run header.
-fn bit_packed(out: &mut Vec<u8>, width: u8, from: usize, to: usize, value: &impl Fn(usize) -> u32) {
-    let mut start = from;
-    while start < to {
-        let groups = (to - start).div_ceil(8).min(63);
+/// Most groups of 8 per bit-packed run header (what parquet-rs writes; readers take more).
+const MAX_GROUPS: usize = 63;
+
+/// Bit-packs `values` (padded to a multiple of 8), LSB first.
+fn bit_packed(out: &mut Vec<u8>, width: u8, values: &[u32]) {
+    for run in values.chunks(MAX_GROUPS * 8) {
+        let groups = run.len().div_ceil(8);
         varint(out, ((groups as u64) << 1) | 1);
         let (mut acc, mut bits) = (0u64, 0u32);
-        for i in start..start + groups * 8 {
-            let v = if i < to { value(i) } else { 0 };
+        let padding = std::iter::repeat_n(&0, groups * 8 - run.len());
+        for &v in run.iter().chain(padding) {
             acc |= (v as u64) << bits;
             bits += width as u32;
-            while bits >= 8 {
-                out.push(acc as u8);
-                acc >>= 8;
-                bits -= 8;
+            if bits >= 32 {
+                out.extend_from_slice(&(acc as u32).to_le_bytes());
+                acc >>= 32;
+                bits -= 32;
             }
         }
         // groups * 8 * width bits is a whole number of bytes.
-        debug_assert_eq!(bits, 0);
-        start += groups * 8;
+        out.extend_from_slice(&acc.to_le_bytes()[..bits as usize / 8]);
+    }
+}
+
+/// Bit-packs the first `n` bits of an LSB-first bitmap at width 1: the bytes as they are.
+fn bitmap_packed(out: &mut Vec<u8>, bitmap: &[u8], n: usize) {
+    for run in bitmap[..n.div_ceil(8)].chunks(MAX_GROUPS) {
+        varint(out, ((run.len() as u64) << 1) | 1);
+        out.extend_from_slice(run);
     }
 }
 
@@ -388,18 +406,33 @@ mod tests {
                 .flat_map(|&(v, n)| std::iter::repeat_n(v & mask, n))
                 .collect();
             let mut buf = Vec::new();
-            hybrid(&mut buf, width, values.len(), |i| values[i]);
+            hybrid(&mut buf, width, &values);
             proptest::prop_assert_eq!(decode(&buf, width, values.len()), values);
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn validity_bitmaps_are_width_1_levels(bits in proptest::collection::vec(proptest::bool::ANY, 0..2000)) {
+            let mut b = BooleanBufferBuilder::new(0);
+            for &v in &bits {
+                b.append(v);
+            }
+            let b = b.finish();
+            let mut buf = Vec::new();
+            bitmap_packed(&mut buf, b.values(), bits.len());
+            let expected: Vec<u32> = bits.iter().map(|&v| v as u32).collect();
+            proptest::prop_assert_eq!(decode(&buf, 1, bits.len()), expected);
         }
     }
 
     #[test]
     fn long_runs_are_rle_and_short_ones_bit_packed() {
         let mut buf = Vec::new();
-        hybrid(&mut buf, 1, 1000, |_| 1);
+        hybrid(&mut buf, 1, &[1; 1000]);
         assert_eq!(buf, vec![0xd0, 0x0f, 1], "one RLE run of 1000 ones");
         let mut buf = Vec::new();
-        hybrid(&mut buf, 2, 8, |i| (i % 4) as u32);
+        hybrid(&mut buf, 2, &[0, 1, 2, 3, 0, 1, 2, 3]);
         assert_eq!(
             buf,
             vec![0x03, 0b1110_0100, 0b1110_0100],
