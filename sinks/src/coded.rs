@@ -32,28 +32,44 @@ use parquet::schema::types::ColumnDescPtr;
 /// One row group's worth of a dictionary-encoded string column.
 #[derive(Debug)]
 pub struct CodedColumn {
+    descr: ColumnDescPtr,
+    /// Rows after which the open data page is encoded.
+    page_rows: usize,
     /// The chunk's dictionary, in first-seen order.
     dict: Vec<Box<str>>,
     lookup: HashMap<Box<str>, u32>,
     /// The remap of the last batch dictionary seen (batches of one sink share it).
     last: Option<(StringArray, Vec<u32>)>,
-    /// One code per non-null row.
+    /// Open page: one code per non-null row.
     codes: Vec<u32>,
-    /// Validity, one bit per row.
+    /// Open page: validity, one bit per row.
     valid: BooleanBufferBuilder,
+    /// Open page: rows.
+    page_len: usize,
+    /// Encoded data pages (levels, bit width, codes) and their row counts.
+    pages: Vec<(Vec<u8>, usize)>,
+    /// Dictionary entries some row of the chunk uses (for statistics).
+    used: Vec<bool>,
     rows: usize,
+    nulls: usize,
 }
 
 impl CodedColumn {
-    /// An empty chunk.
-    pub fn new() -> Self {
+    /// An empty chunk of column `descr`, cut into data pages of about `page_rows` rows.
+    pub fn new(descr: ColumnDescPtr, page_rows: usize) -> Self {
         CodedColumn {
+            descr,
+            page_rows: page_rows.max(1),
             dict: Vec::new(),
             lookup: HashMap::new(),
             last: None,
             codes: Vec::new(),
             valid: BooleanBufferBuilder::new(0),
+            page_len: 0,
+            pages: Vec::new(),
+            used: Vec::new(),
             rows: 0,
+            nulls: 0,
         }
     }
 
@@ -102,6 +118,10 @@ impl CodedColumn {
             }
         }
         self.rows += n;
+        self.page_len += n;
+        if self.page_len >= self.page_rows {
+            self.encode_page()?;
+        }
         Ok(())
     }
 
@@ -132,31 +152,16 @@ impl CodedColumn {
         remap
     }
 
-    /// Encodes the chunk for column `descr` and resets this column for the next row group.
-    /// `statistics` asks for chunk min/max and null count (from the dictionary entries used).
-    pub fn finish(
-        &mut self,
-        descr: ColumnDescPtr,
-        statistics: bool,
-    ) -> Result<(Bytes, ColumnCloseResult)> {
-        let rows = self.rows;
+    /// Encodes the open page: definition levels (length-prefixed), bit width, codes. Each
+    /// page has its own bit width, so pages are final before the dictionary is.
+    fn encode_page(&mut self) -> Result<()> {
+        let rows = self.page_len;
+        if rows == 0 {
+            return Ok(());
+        }
         let nulls = rows - self.codes.len();
-        if descr.max_def_level() == 0 && nulls > 0 {
-            return Err(ParquetError::General(format!(
-                "{nulls} nulls in required column {}",
-                descr.path()
-            )));
-        }
-
-        // Dictionary page: PLAIN byte arrays.
-        let mut plain = Vec::new();
-        for v in &self.dict {
-            plain.extend_from_slice(&(v.len() as u32).to_le_bytes());
-            plain.extend_from_slice(v.as_bytes());
-        }
-        // Data page: definition levels (length-prefixed), bit width, codes.
         let mut data = Vec::new();
-        if descr.max_def_level() > 0 {
+        if self.descr.max_def_level() > 0 {
             let valid = self.valid.finish();
             let mut levels = Vec::new();
             if nulls == 0 || nulls == rows {
@@ -167,15 +172,47 @@ impl CodedColumn {
             }
             data.extend_from_slice(&(levels.len() as u32).to_le_bytes());
             data.extend_from_slice(&levels);
+        } else if nulls > 0 {
+            return Err(ParquetError::General(format!(
+                "{nulls} nulls in required column {}",
+                self.descr.path()
+            )));
         }
         let width = bit_width(self.dict.len().saturating_sub(1) as u32);
         data.push(width);
         hybrid(&mut data, width, &self.codes);
 
+        self.used.resize(self.dict.len(), false);
+        if self.dict.len() == 1 {
+            self.used[0] |= !self.codes.is_empty();
+        } else {
+            for &c in &self.codes {
+                self.used[c as usize] = true;
+            }
+        }
+        self.pages.push((data, rows));
+        self.nulls += nulls;
+        self.codes.clear();
+        self.valid = BooleanBufferBuilder::new(self.page_rows);
+        self.page_len = 0;
+        Ok(())
+    }
+
+    /// Encodes the chunk and resets this column for the next row group. `statistics` asks for
+    /// chunk min/max and null count (from the dictionary entries used).
+    pub fn finish(&mut self, statistics: bool) -> Result<(Bytes, ColumnCloseResult)> {
+        self.encode_page()?;
+        // Dictionary page: PLAIN byte arrays.
+        let mut plain = Vec::new();
+        for v in &self.dict {
+            plain.extend_from_slice(&(v.len() as u32).to_le_bytes());
+            plain.extend_from_slice(v.as_bytes());
+        }
+
         let mut sink = TrackedWrite::new(Vec::new());
-        let mut pages = SerializedPageWriter::new(&mut sink);
+        let mut writer = SerializedPageWriter::new(&mut sink);
         let dict_len = plain.len();
-        let dict_page = pages.write_page(CompressedPage::new(
+        let dict_page = writer.write_page(CompressedPage::new(
             Page::DictionaryPage {
                 buf: Bytes::from(plain),
                 num_values: self.dict.len() as u32,
@@ -184,62 +221,60 @@ impl CodedColumn {
             },
             dict_len,
         ))?;
-        let data_len = data.len();
-        let data_page = pages.write_page(CompressedPage::new(
-            Page::DataPage {
-                buf: Bytes::from(data),
-                num_values: rows as u32,
-                encoding: Encoding::RLE_DICTIONARY,
-                def_level_encoding: Encoding::RLE,
-                rep_level_encoding: Encoding::RLE,
-                statistics: None,
-            },
-            data_len,
-        ))?;
-        pages.close()?;
+        let mut offsets = OffsetIndexBuilder::new();
+        let mut first_data_page = None;
+        for (data, rows) in std::mem::take(&mut self.pages) {
+            let len = data.len();
+            let spec = writer.write_page(CompressedPage::new(
+                Page::DataPage {
+                    buf: Bytes::from(data),
+                    num_values: rows as u32,
+                    encoding: Encoding::RLE_DICTIONARY,
+                    def_level_encoding: Encoding::RLE,
+                    rep_level_encoding: Encoding::RLE,
+                    statistics: None,
+                },
+                len,
+            ))?;
+            first_data_page.get_or_insert(spec.offset);
+            offsets.append_row_count(rows as i64);
+            offsets.append_offset_and_size(spec.offset as i64, spec.bytes_written as i32);
+        }
+        writer.close()?;
         let buf = sink.into_inner()?;
         let total = buf.len() as i64;
 
-        let mut meta = ColumnChunkMetaData::builder(descr)
+        let mut meta = ColumnChunkMetaData::builder(self.descr.clone())
             .set_compression(Compression::UNCOMPRESSED)
             .set_encodings(vec![
                 Encoding::PLAIN,
                 Encoding::RLE,
                 Encoding::RLE_DICTIONARY,
             ])
-            .set_num_values(rows as i64)
+            .set_num_values(self.rows as i64)
             .set_total_compressed_size(total)
             .set_total_uncompressed_size(total)
             .set_dictionary_page_offset(Some(dict_page.offset as i64))
-            .set_data_page_offset(data_page.offset as i64);
+            // With no rows there is no data page; point past the dictionary.
+            .set_data_page_offset(first_data_page.unwrap_or(dict_page.bytes_written) as i64);
         if statistics {
-            meta = meta.set_statistics(self.statistics(nulls));
+            meta = meta.set_statistics(self.statistics());
         }
-        let mut offsets = OffsetIndexBuilder::new();
-        offsets.append_row_count(rows as i64);
-        offsets.append_offset_and_size(data_page.offset as i64, data_page.bytes_written as i32);
         let close = ColumnCloseResult {
             bytes_written: total as u64,
-            rows_written: rows as u64,
+            rows_written: self.rows as u64,
             metadata: meta.build()?,
             bloom_filter: None,
             column_index: None,
             offset_index: Some(offsets.build()),
         };
-        *self = CodedColumn::new();
+        *self = CodedColumn::new(self.descr.clone(), self.page_rows);
         Ok((Bytes::from(buf), close))
     }
 
     /// Min and max over the dictionary entries some row uses, and the null count.
-    fn statistics(&self, nulls: usize) -> Statistics {
-        let mut used = vec![false; self.dict.len()];
-        if self.dict.len() == 1 {
-            used[0] = !self.codes.is_empty();
-        } else {
-            for &c in &self.codes {
-                used[c as usize] = true;
-            }
-        }
+    fn statistics(&self) -> Statistics {
+        let used = self.used.iter().copied();
         let mut it = self
             .dict
             .iter()
@@ -252,7 +287,7 @@ impl CodedColumn {
             }
             None => (None, None),
         };
-        Statistics::byte_array(min, max, None, Some(nulls as u64), false)
+        Statistics::byte_array(min, max, None, Some(self.nulls as u64), false)
     }
 }
 
@@ -336,12 +371,6 @@ fn bitmap_packed(out: &mut Vec<u8>, bitmap: &[u8], n: usize) {
     for run in bitmap[..n.div_ceil(8)].chunks(MAX_GROUPS) {
         varint(out, ((run.len() as u64) << 1) | 1);
         out.extend_from_slice(run);
-    }
-}
-
-impl Default for CodedColumn {
-    fn default() -> Self {
-        Self::new()
     }
 }
 

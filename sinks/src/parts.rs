@@ -81,6 +81,7 @@ struct PartFile {
     coded: Vec<bool>,
     statistics: Vec<bool>,
     max_group_rows: usize,
+    page_rows: usize,
     /// Column writers of the open row group, if any rows are in it.
     group: Option<Vec<Slot>>,
     group_rows: usize,
@@ -104,6 +105,7 @@ impl PartFile {
             })
             .collect();
         let max_group_rows = props.max_row_group_row_count().unwrap_or(1024 * 1024);
+        let page_rows = props.data_page_row_count_limit();
         let (file, factory) =
             ArrowWriter::try_new(f, schema.clone(), Some(props))?.into_serialized_writer()?;
         Ok(PartFile {
@@ -113,6 +115,7 @@ impl PartFile {
             coded: coded.to_vec(),
             statistics,
             max_group_rows,
+            page_rows,
             group: None,
             group_rows: 0,
         })
@@ -127,13 +130,15 @@ impl PartFile {
                     .factory
                     .create_column_writers(self.file.flushed_row_groups().len())?;
                 // Flat schemas only: one leaf writer per field, in order.
+                let descr = self.file.schema_descr();
                 let slots = self
                     .coded
                     .iter()
                     .zip(writers.drain(..))
-                    .map(|(&coded, w)| {
+                    .enumerate()
+                    .map(|(i, (&coded, w))| {
                         if coded {
-                            Slot::Coded(Box::default())
+                            Slot::Coded(Box::new(CodedColumn::new(descr.column(i), self.page_rows)))
                         } else {
                             Slot::Arrow(Box::new(w))
                         }
@@ -171,14 +176,12 @@ impl PartFile {
             return Ok(());
         };
         self.group_rows = 0;
-        let descr = self.file.schema_descr();
-        let columns: Vec<_> = (0..descr.num_columns()).map(|i| descr.column(i)).collect();
         let mut group = self.file.next_row_group()?;
         for (i, slot) in slots.into_iter().enumerate() {
             match slot {
                 Slot::Arrow(w) => w.close()?.append_to_row_group(&mut group)?,
                 Slot::Coded(mut c) => {
-                    let (bytes, close) = c.finish(columns[i].clone(), self.statistics[i])?;
+                    let (bytes, close) = c.finish(self.statistics[i])?;
                     group.append_column(&bytes, close)?;
                 }
             }
@@ -421,7 +424,8 @@ mod coded_tests {
     use arrow_array::types::Int32Type;
     use arrow_array::{Array, ArrayRef, DictionaryArray, Int32Array, StringArray, UInt64Array};
     use arrow_schema::{DataType, Field};
-    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    use parquet::arrow::arrow_reader::{ArrowReaderOptions, ParquetRecordBatchReaderBuilder};
+    use parquet::file::metadata::PageIndexPolicy;
     use parquet::file::statistics::Statistics;
 
     fn dict(keys: Vec<Option<i32>>, values: &[&str]) -> ArrayRef {
@@ -445,6 +449,7 @@ mod coded_tests {
         ]));
         let props = WriterProperties::builder()
             .set_max_row_group_row_count(Some(1000))
+            .set_data_page_row_count_limit(300)
             .build();
         let mut w = PartWriter::new(
             d.path(),
@@ -499,9 +504,23 @@ mod coded_tests {
         w.close_part().unwrap();
 
         let f = File::open(w.part_path(0)).unwrap();
-        let reader = ParquetRecordBatchReaderBuilder::try_new(f).unwrap();
+        let options = ArrowReaderOptions::new()
+            .with_page_index_policy(PageIndexPolicy::Optional)
+            .with_offset_index_policy(PageIndexPolicy::Required);
+        let reader = ParquetRecordBatchReaderBuilder::try_new_with_options(f, options).unwrap();
         let meta = reader.metadata().clone();
         assert_eq!(meta.num_row_groups(), 4, "3038 rows in groups of 1000");
+        // Pages close once they reach 300 rows, at batch or row-group ends.
+        let pages = |group: usize| {
+            meta.offset_index().unwrap()[group][1]
+                .page_locations()
+                .iter()
+                .map(|p| p.first_row_index)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(pages(0), vec![0, 700]);
+        assert_eq!(pages(1), vec![0, 600]);
+        assert_eq!(pages(3), vec![0], "38 rows left for the last group");
         let mut got = Vec::new();
         for batch in reader.build().unwrap() {
             let batch = batch.unwrap();
