@@ -87,12 +87,80 @@ struct OpenFile {
     rows: u64,
 }
 
+/// A finished file on its way into the hot folder.
+struct Finished {
+    file: File,
+    tmp_path: PathBuf,
+    final_path: PathBuf,
+}
+
+/// Files finished but not yet committed, at most (the sequencer waits beyond that).
+const COMMITS_IN_FLIGHT: usize = 2;
+
+/// The thread that fsyncs finished files and renames them into the hot folder, so the
+/// sequencer (which every batch passes through) does not wait on the disk: a roll's fsync
+/// took up to 50 ms, 0.6 s over a 10M send. The protocol is unchanged, only its thread: a
+/// file is in the hot folder only once it is complete and durable, and the manifest is
+/// written only after [`OrderedStage::finish`] has waited for every commit.
+struct Committer {
+    tx: Option<std::sync::mpsc::SyncSender<Finished>>,
+    thread: Option<std::thread::JoinHandle<Result<()>>>,
+}
+
+impl Committer {
+    fn start() -> Result<Self> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Finished>(COMMITS_IN_FLIGHT);
+        let thread = std::thread::Builder::new()
+            .name("bs-ifur-commit".into())
+            .spawn(move || -> Result<()> {
+                // Stop at the first failure: dropping the receiver fails the next send, which
+                // tells the sequencer, and the error itself comes back from the join.
+                for f in rx {
+                    f.file.sync_all().map_err(|e| Error::io(&f.tmp_path, e))?;
+                    drop(f.file);
+                    deliver(&f.tmp_path, &f.final_path)?;
+                    tracing::info!(file = %f.final_path.display(), "ifur file delivered");
+                }
+                Ok(())
+            })
+            .map_err(|e| Error::io("ifur commit thread", e))?;
+        Ok(Committer {
+            tx: Some(tx),
+            thread: Some(thread),
+        })
+    }
+
+    /// Hands a finished file over; if the thread has stopped, returns its error.
+    fn commit(&mut self, f: Finished) -> Result<()> {
+        let sent = self.tx.as_ref().map(|tx| tx.send(f).is_ok());
+        if sent == Some(true) {
+            return Ok(());
+        }
+        self.wait()?;
+        Err(Error::sink(
+            "ifur commit thread",
+            "stopped before the run ended",
+        ))
+    }
+
+    /// Waits for every file handed over; the first failure, if any.
+    fn wait(&mut self) -> Result<()> {
+        drop(self.tx.take());
+        match self.thread.take().map(|t| t.join()) {
+            None | Some(Ok(Ok(()))) => Ok(()),
+            Some(Ok(Err(e))) => Err(e),
+            Some(Err(_)) => Err(Error::sink("ifur commit thread", "panicked")),
+        }
+    }
+}
+
 /// The ordered IFUR stage: assigns every sent row its file and line and writes it.
 pub struct IfurWriter {
     cfg: IfurWriterConfig,
     open: Vec<Option<OpenFile>>,
     next_seq: Vec<u32>,
     delivered: Arc<Mutex<Vec<DeliveredFile>>>,
+    committer: Committer,
 }
 
 impl IfurWriter {
@@ -105,6 +173,7 @@ impl IfurWriter {
             open: (0..n).map(|_| None).collect(),
             next_seq: vec![1; n],
             delivered: Arc::new(Mutex::new(Vec::new())),
+            committer: Committer::start()?,
             cfg,
         })
     }
@@ -165,9 +234,11 @@ impl IfurWriter {
                 let file = w
                     .into_inner()
                     .map_err(|e| Error::io(&f.tmp_path, e.into_error()))?;
-                file.sync_all().map_err(|e| Error::io(&f.tmp_path, e))?;
-                drop(file);
-                deliver(&f.tmp_path, &f.final_path)?;
+                self.committer.commit(Finished {
+                    file,
+                    tmp_path: f.tmp_path.clone(),
+                    final_path: f.final_path.clone(),
+                })?;
             }
             None => {
                 let (count, sum) = read_trailer(&f.final_path)
@@ -195,7 +266,7 @@ impl IfurWriter {
                 rows: f.rows,
                 checksum: format!("{checksum:016x}"),
             });
-        tracing::info!(file = %f.name, seq = f.seq, rows = f.rows, "ifur file delivered");
+        tracing::info!(file = %f.name, seq = f.seq, rows = f.rows, "ifur file finished");
         Ok(())
     }
 
@@ -341,7 +412,7 @@ impl OrderedStage for IfurWriter {
         for v in 0..self.open.len() {
             self.close_file(v)?;
         }
-        Ok(())
+        self.committer.wait()
     }
 
     fn abort(&mut self) {
@@ -349,5 +420,8 @@ impl OrderedStage for IfurWriter {
             drop(f.writer);
             let _ = fs::remove_file(&f.tmp_path);
         }
+        // Files already finished are complete: let their commits end (a later attempt
+        // verifies them) rather than leave the thread running past the run.
+        let _ = self.committer.wait();
     }
 }

@@ -175,3 +175,42 @@ fn parse_rejects_tampered_files() {
         .to_string()
         .contains("trailer says 2"));
 }
+
+/// Finished files are committed off the sequencer thread; a commit that fails (here the hot
+/// folder vanished) still fails the stage, naming the file, and nothing lands half-written.
+#[test]
+fn a_failed_commit_fails_the_stage() {
+    let layout = Arc::new(RecipientLayout::new(
+        &[StdField::Email, StdField::FirstName, StdField::LastName],
+        &["note".to_string()],
+    ));
+    let dir = tempfile::tempdir().unwrap();
+    let hot = dir.path().join("hot");
+    let mut writer = IfurWriter::new(IfurWriterConfig {
+        campaign_id: "golden".into(),
+        run_id: "r1".into(),
+        workspace_id: "w".into(),
+        variants: vec![("A".into(), "tpl-a".into()), ("B".into(), "tpl-b".into())],
+        fields: layout.names().to_vec(),
+        roll_rows: 1,
+        staging: dir.path().join("staging"),
+        hot_folder: hot.clone(),
+    })
+    .unwrap();
+    std::fs::remove_dir(&hot).unwrap();
+    let mut b = batch(&layout);
+    IfurEncoder::new(layout.clone()).process(&mut b).unwrap();
+    for i in 0..b.len() {
+        if b.decisions[i] == Decision::Pending {
+            b.decide(i, Decision::Sent, Reason::None);
+        }
+    }
+    // The failure shows on a later hand-over or, at the latest, when the stage finishes.
+    let err = writer
+        .process(&mut b)
+        .and_then(|()| writer.finish())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("golden_r1_A_00001.ifur"), "{err}");
+    assert!(!hot.exists());
+}
