@@ -86,23 +86,22 @@ fn check_golden(name: &str, actual: &[u8]) {
     );
 }
 
-#[test]
-fn tricky_fields_match_golden_files_and_round_trip() {
+/// An IFUR writer of campaign `golden`, run `r1`, variants A and B, into `<dir>/hot`, and the
+/// test batch encoded with every pending row sent.
+fn writer_and_sent_batch(dir: &Path, roll_rows: u64) -> (IfurWriter, RecipientBatch) {
     let layout = Arc::new(RecipientLayout::new(
         &[StdField::Email, StdField::FirstName, StdField::LastName],
         &["note".to_string()],
     ));
-    let dir = tempfile::tempdir().unwrap();
-    let hot = dir.path().join("hot");
-    let mut writer = IfurWriter::new(IfurWriterConfig {
+    let writer = IfurWriter::new(IfurWriterConfig {
         campaign_id: "golden".into(),
         run_id: "r1".into(),
         workspace_id: "w".into(),
         variants: vec![("A".into(), "tpl-a".into()), ("B".into(), "tpl|b".into())],
         fields: layout.names().to_vec(),
-        roll_rows: 2,
-        staging: dir.path().join("staging"),
-        hot_folder: hot.clone(),
+        roll_rows,
+        staging: dir.join("staging"),
+        hot_folder: dir.join("hot"),
     })
     .unwrap();
     let mut b = batch(&layout);
@@ -112,6 +111,14 @@ fn tricky_fields_match_golden_files_and_round_trip() {
             b.decide(i, Decision::Sent, Reason::None);
         }
     }
+    (writer, b)
+}
+
+#[test]
+fn tricky_fields_match_golden_files_and_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let hot = dir.path().join("hot");
+    let (mut writer, mut b) = writer_and_sent_batch(dir.path(), 2);
     writer.process(&mut b).unwrap();
     writer.finish().unwrap();
 
@@ -180,31 +187,10 @@ fn parse_rejects_tampered_files() {
 /// folder vanished) still fails the stage, naming the file, and nothing lands half-written.
 #[test]
 fn a_failed_commit_fails_the_stage() {
-    let layout = Arc::new(RecipientLayout::new(
-        &[StdField::Email, StdField::FirstName, StdField::LastName],
-        &["note".to_string()],
-    ));
     let dir = tempfile::tempdir().unwrap();
     let hot = dir.path().join("hot");
-    let mut writer = IfurWriter::new(IfurWriterConfig {
-        campaign_id: "golden".into(),
-        run_id: "r1".into(),
-        workspace_id: "w".into(),
-        variants: vec![("A".into(), "tpl-a".into()), ("B".into(), "tpl-b".into())],
-        fields: layout.names().to_vec(),
-        roll_rows: 1,
-        staging: dir.path().join("staging"),
-        hot_folder: hot.clone(),
-    })
-    .unwrap();
+    let (mut writer, mut b) = writer_and_sent_batch(dir.path(), 1);
     std::fs::remove_dir(&hot).unwrap();
-    let mut b = batch(&layout);
-    IfurEncoder::new(layout.clone()).process(&mut b).unwrap();
-    for i in 0..b.len() {
-        if b.decisions[i] == Decision::Pending {
-            b.decide(i, Decision::Sent, Reason::None);
-        }
-    }
     // The failure shows on a later hand-over or, at the latest, when the stage finishes.
     let err = writer
         .process(&mut b)
