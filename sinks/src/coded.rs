@@ -6,10 +6,11 @@
 //! reason, variant, list, IFUR file) or which are the same on every row of a file (campaign,
 //! run, event type). A [`CodedColumn`] takes such a column as an Arrow dictionary array,
 //! remaps the batch's dictionary to the chunk's once per batch, keeps one code per row, and
-//! builds the column chunk itself: a PLAIN dictionary page, then one RLE_DICTIONARY data
-//! page (Parquet v1, uncompressed: the codes are a few bits per row) with the definition
-//! levels and codes in the RLE / bit-packed hybrid. [`crate::parts::PartWriter`] splices the
-//! chunk into the row group next to the columns parquet-rs encodes.
+//! builds the column chunk itself: a PLAIN dictionary page, then RLE_DICTIONARY data pages
+//! of about `page_rows` rows each (Parquet v1, uncompressed: the codes are a few bits per
+//! row) with the definition levels and codes in the RLE / bit-packed hybrid, encoded as they
+//! fill. [`crate::parts::PartWriter`] splices the chunk into the row group next to the
+//! columns parquet-rs encodes.
 
 use std::collections::HashMap;
 
@@ -48,18 +49,22 @@ pub struct CodedColumn {
     page_len: usize,
     /// Encoded data pages (levels, bit width, codes) and their row counts.
     pages: Vec<(Vec<u8>, usize)>,
-    /// Dictionary entries some row of the chunk uses (for statistics).
+    /// Whether the chunk carries min/max and null count.
+    statistics: bool,
+    /// Dictionary entries some row of the chunk uses (kept for statistics only).
     used: Vec<bool>,
     rows: usize,
     nulls: usize,
 }
 
 impl CodedColumn {
-    /// An empty chunk of column `descr`, cut into data pages of about `page_rows` rows.
-    pub fn new(descr: ColumnDescPtr, page_rows: usize) -> Self {
+    /// An empty chunk of column `descr`, cut into data pages of about `page_rows` rows;
+    /// `statistics` asks for chunk min/max (from the dictionary entries used) and null count.
+    pub fn new(descr: ColumnDescPtr, page_rows: usize, statistics: bool) -> Self {
         CodedColumn {
             descr,
             page_rows: page_rows.max(1),
+            statistics,
             dict: Vec::new(),
             lookup: HashMap::new(),
             last: None,
@@ -71,11 +76,6 @@ impl CodedColumn {
             rows: 0,
             nulls: 0,
         }
-    }
-
-    /// Rows appended so far.
-    pub fn rows(&self) -> usize {
-        self.rows
     }
 
     /// Appends a `Dictionary(Int32, Utf8)` array (the only type this column takes).
@@ -182,12 +182,14 @@ impl CodedColumn {
         data.push(width);
         hybrid(&mut data, width, &self.codes);
 
-        self.used.resize(self.dict.len(), false);
-        if self.dict.len() == 1 {
-            self.used[0] |= !self.codes.is_empty();
-        } else {
-            for &c in &self.codes {
-                self.used[c as usize] = true;
+        if self.statistics {
+            self.used.resize(self.dict.len(), false);
+            if self.dict.len() == 1 {
+                self.used[0] |= !self.codes.is_empty();
+            } else {
+                for &c in &self.codes {
+                    self.used[c as usize] = true;
+                }
             }
         }
         self.pages.push((data, rows));
@@ -198,9 +200,8 @@ impl CodedColumn {
         Ok(())
     }
 
-    /// Encodes the chunk and resets this column for the next row group. `statistics` asks for
-    /// chunk min/max and null count (from the dictionary entries used).
-    pub fn finish(&mut self, statistics: bool) -> Result<(Bytes, ColumnCloseResult)> {
+    /// Encodes the chunk and resets this column for the next row group.
+    pub fn finish(&mut self) -> Result<(Bytes, ColumnCloseResult)> {
         self.encode_page()?;
         // Dictionary page: PLAIN byte arrays.
         let mut plain = Vec::new();
@@ -257,8 +258,8 @@ impl CodedColumn {
             .set_dictionary_page_offset(Some(dict_page.offset as i64))
             // With no rows there is no data page; point past the dictionary.
             .set_data_page_offset(first_data_page.unwrap_or(dict_page.bytes_written) as i64);
-        if statistics {
-            meta = meta.set_statistics(self.statistics());
+        if self.statistics {
+            meta = meta.set_statistics(self.chunk_statistics());
         }
         let close = ColumnCloseResult {
             bytes_written: total as u64,
@@ -268,12 +269,12 @@ impl CodedColumn {
             column_index: None,
             offset_index: Some(offsets.build()),
         };
-        *self = CodedColumn::new(self.descr.clone(), self.page_rows);
+        *self = CodedColumn::new(self.descr.clone(), self.page_rows, self.statistics);
         Ok((Bytes::from(buf), close))
     }
 
     /// Min and max over the dictionary entries some row uses, and the null count.
-    fn statistics(&self) -> Statistics {
+    fn chunk_statistics(&self) -> Statistics {
         let used = self.used.iter().copied();
         let mut it = self
             .dict

@@ -31,8 +31,10 @@ pub struct SubmittedEventSink {
     parts: PartWriter,
     part_rows: u64,
     run_id: String,
-    /// Dictionaries of the constant columns: campaign, run, event type.
-    constants: [ArrayRef; 3],
+    /// One-value dictionaries of the constant columns.
+    campaign: ArrayRef,
+    run: ArrayRef,
+    event_type: ArrayRef,
     /// Dictionary of the variant column (variant names in index order).
     variants: ArrayRef,
     batch_schema: SchemaRef,
@@ -64,11 +66,9 @@ impl SubmittedEventSink {
             parts,
             part_rows,
             run_id: run_id.into(),
-            constants: [
-                one(campaign_id),
-                one(run_id),
-                one(EventType::Submitted.as_str()),
-            ],
+            campaign: one(campaign_id),
+            run: one(run_id),
+            event_type: one(EventType::Submitted.as_str()),
             variants: Arc::new(StringArray::from(variants)),
             ts_micros: started_at.timestamp_micros(),
         })
@@ -85,7 +85,9 @@ impl Sink for SubmittedEventSink {
             parts,
             part_rows,
             run_id,
-            constants,
+            campaign,
+            run,
+            event_type,
             variants,
             batch_schema,
             ts_micros,
@@ -118,21 +120,21 @@ impl Sink for SubmittedEventSink {
                 (v < variants.len()).then_some(v as i32)
             }));
             let variant = DictionaryArray::<Int32Type>::new(variant, variants.clone());
-            let constant = |k: usize| -> ArrayRef {
+            let constant = |values: &ArrayRef| -> ArrayRef {
                 Arc::new(DictionaryArray::<Int32Type>::new(
                     Int32Array::from(vec![0; n]),
-                    constants[k].clone(),
+                    values.clone(),
                 ))
             };
             RecordBatch::try_new(
                 batch_schema.clone(),
                 vec![
                     Arc::new(ids.finish()),
-                    constant(0),
+                    constant(campaign),
                     Arc::new(variant),
-                    constant(1),
+                    constant(run),
                     email,
-                    constant(2),
+                    constant(event_type),
                     Arc::new(StringArray::new_null(n)),
                     Arc::new(StringArray::new_null(n)),
                     Arc::new(

@@ -17,6 +17,7 @@ use parquet::arrow::ArrowWriter;
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
 use parquet::file::reader::{FileReader, SerializedFileReader};
 use parquet::file::writer::SerializedFileWriter;
+use parquet::schema::types::ColumnPath;
 
 use crate::coded::CodedColumn;
 
@@ -62,6 +63,15 @@ struct Current {
     rows: u64,
 }
 
+/// How a part file's column is encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Encode {
+    /// By parquet-rs's Arrow column writer.
+    Arrow,
+    /// From dictionary keys (see [`crate::coded`]); `statistics` as the writer properties say.
+    Coded { statistics: bool },
+}
+
 /// One column's writer within the open row group.
 enum Slot {
     /// Encoded by parquet-rs.
@@ -78,8 +88,7 @@ struct PartFile {
     file: SerializedFileWriter<File>,
     factory: ArrowRowGroupWriterFactory,
     schema: SchemaRef,
-    coded: Vec<bool>,
-    statistics: Vec<bool>,
+    columns: Vec<Encode>,
     max_group_rows: usize,
     page_rows: usize,
     /// Column writers of the open row group, if any rows are in it.
@@ -92,18 +101,9 @@ impl PartFile {
         path: &Path,
         schema: SchemaRef,
         props: WriterProperties,
-        coded: &[bool],
+        columns: &[Encode],
     ) -> parquet::errors::Result<Self> {
         let f = File::create(path)?;
-        let statistics = schema
-            .fields()
-            .iter()
-            .map(|f| {
-                props.statistics_enabled(&parquet::schema::types::ColumnPath::from(
-                    f.name().as_str(),
-                )) != EnabledStatistics::None
-            })
-            .collect();
         let max_group_rows = props.max_row_group_row_count().unwrap_or(1024 * 1024);
         let page_rows = props.data_page_row_count_limit();
         let (file, factory) =
@@ -112,8 +112,7 @@ impl PartFile {
             file,
             factory,
             schema,
-            coded: coded.to_vec(),
-            statistics,
+            columns: columns.to_vec(),
             max_group_rows,
             page_rows,
             group: None,
@@ -131,19 +130,18 @@ impl PartFile {
                     .create_column_writers(self.file.flushed_row_groups().len())?;
                 // Flat schemas only: one leaf writer per field, in order.
                 let descr = self.file.schema_descr();
-                let slots = self
-                    .coded
-                    .iter()
-                    .zip(writers.drain(..))
-                    .enumerate()
-                    .map(|(i, (&coded, w))| {
-                        if coded {
-                            Slot::Coded(Box::new(CodedColumn::new(descr.column(i), self.page_rows)))
-                        } else {
-                            Slot::Arrow(Box::new(w))
-                        }
-                    })
-                    .collect();
+                let slots =
+                    self.columns
+                        .iter()
+                        .zip(writers.drain(..))
+                        .enumerate()
+                        .map(|(i, (&encode, w))| match encode {
+                            Encode::Coded { statistics } => Slot::Coded(Box::new(
+                                CodedColumn::new(descr.column(i), self.page_rows, statistics),
+                            )),
+                            Encode::Arrow => Slot::Arrow(Box::new(w)),
+                        })
+                        .collect();
                 self.group = Some(slots);
             }
             let slots = self.group.as_mut().expect("row group opened");
@@ -177,11 +175,11 @@ impl PartFile {
         };
         self.group_rows = 0;
         let mut group = self.file.next_row_group()?;
-        for (i, slot) in slots.into_iter().enumerate() {
+        for slot in slots {
             match slot {
                 Slot::Arrow(w) => w.close()?.append_to_row_group(&mut group)?,
                 Slot::Coded(mut c) => {
-                    let (bytes, close) = c.finish(self.statistics[i])?;
+                    let (bytes, close) = c.finish()?;
                     group.append_column(&bytes, close)?;
                 }
             }
@@ -202,7 +200,7 @@ pub struct PartWriter {
     prefix: String,
     schema: SchemaRef,
     props: WriterProperties,
-    coded: Vec<bool>,
+    columns: Vec<Encode>,
     current: Option<Current>,
     committed: Vec<PathBuf>,
 }
@@ -219,17 +217,26 @@ impl PartWriter {
         coded: &[&str],
     ) -> Result<Self> {
         create_dir_all(dir)?;
-        let is_coded = schema
+        let columns = schema
             .fields()
             .iter()
-            .map(|f| coded.contains(&f.name().as_str()))
+            .map(|f| {
+                if coded.contains(&f.name().as_str()) {
+                    let path = ColumnPath::from(f.name().as_str());
+                    Encode::Coded {
+                        statistics: props.statistics_enabled(&path) != EnabledStatistics::None,
+                    }
+                } else {
+                    Encode::Arrow
+                }
+            })
             .collect();
         Ok(PartWriter {
             dir: dir.to_path_buf(),
             prefix: prefix.into(),
             schema,
             props,
-            coded: is_coded,
+            columns,
             current: None,
             committed: Vec::new(),
         })
@@ -241,13 +248,12 @@ impl PartWriter {
             .schema
             .fields()
             .iter()
-            .zip(&self.coded)
-            .map(|(f, &coded)| {
-                if coded {
+            .zip(&self.columns)
+            .map(|(f, encode)| match encode {
+                Encode::Coded { .. } => {
                     Arc::new(f.as_ref().clone().with_data_type(dictionary_utf8()))
-                } else {
-                    f.clone()
                 }
+                Encode::Arrow => f.clone(),
             })
             .collect();
         Arc::new(Schema::new_with_metadata(
@@ -273,7 +279,7 @@ impl PartWriter {
             None
         } else {
             Some(
-                PartFile::create(&tmp, self.schema.clone(), self.props.clone(), &self.coded)
+                PartFile::create(&tmp, self.schema.clone(), self.props.clone(), &self.columns)
                     .map_err(|e| Error::sink(tmp.display().to_string(), e.to_string()))?,
             )
         };
