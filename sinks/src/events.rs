@@ -24,7 +24,7 @@ use broadside_pipeline::{Error, Result};
 use chrono::{DateTime, Utc};
 
 use crate::ledger::writer_properties;
-use crate::parts::PartWriter;
+use crate::parts::{Own, PartWriter};
 
 /// Writes the `submitted` events of one run.
 pub struct SubmittedEventSink {
@@ -58,7 +58,13 @@ impl SubmittedEventSink {
             format!("submitted-{run_id}"),
             file_schema(),
             writer_properties(&["event_id", "email"], &["ts"]),
-            &["campaign_id", "variant", "run_id", "event_type"],
+            &[
+                ("event_id", Own::DeltaStrings),
+                ("campaign_id", Own::Dictionary),
+                ("variant", Own::Dictionary),
+                ("run_id", Own::Dictionary),
+                ("event_type", Own::Dictionary),
+            ],
         )?;
         let one = |v: &str| -> ArrayRef { Arc::new(StringArray::from(vec![v])) };
         Ok(SubmittedEventSink {

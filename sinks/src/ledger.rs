@@ -15,7 +15,7 @@ use parquet::basic::{Compression, Encoding};
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
 use parquet::schema::types::ColumnPath;
 
-use crate::parts::PartWriter;
+use crate::parts::{Own, PartWriter};
 
 /// Arrow schema of recipient-log files (defined with the store layout, which analytics reads).
 pub use broadside_pipeline::store::ledger_schema as schema;
@@ -88,12 +88,12 @@ impl RecipientLogSink {
                 schema(),
                 writer_properties(&["key", "detail"], &["row", "ifur_line"]),
                 &[
-                    "variant",
-                    "decision",
-                    "reason",
-                    "suppression_list",
-                    "ifur_file",
-                    "mail_state",
+                    ("variant", Own::Dictionary),
+                    ("decision", Own::Dictionary),
+                    ("reason", Own::Dictionary),
+                    ("suppression_list", Own::Dictionary),
+                    ("ifur_file", Own::Dictionary),
+                    ("mail_state", Own::Dictionary),
                 ],
             )?,
             part_rows,

@@ -2,7 +2,9 @@
 //! recipient log and `submitted` events (Parquet, parted by input row range, committed atomically).
 #![warn(missing_docs)]
 
+mod chunk;
 pub mod coded;
+pub mod delta;
 pub mod events;
 pub mod ifur;
 pub mod ledger;

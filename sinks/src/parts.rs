@@ -20,6 +20,7 @@ use parquet::file::writer::SerializedFileWriter;
 use parquet::schema::types::ColumnPath;
 
 use crate::coded::CodedColumn;
+use crate::delta::DeltaColumn;
 
 /// A range of a batch that belongs to one part.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,13 +64,24 @@ struct Current {
     rows: u64,
 }
 
-/// How a part file's column is encoded.
+/// Columns a part writer encodes itself rather than through parquet-rs's column writers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Own {
+    /// Dictionary-encoded from the keys of `Dictionary(Int32, Utf8)` arrays (see
+    /// [`crate::coded`]), for columns of few distinct values.
+    Dictionary,
+    /// `DELTA_BYTE_ARRAY` from `Utf8` arrays (see [`crate::delta`]), for unique strings that
+    /// share prefixes with the row before.
+    DeltaStrings,
+}
+
+/// How a part file's column is encoded; `statistics` as the writer properties say.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Encode {
     /// By parquet-rs's Arrow column writer.
     Arrow,
-    /// From dictionary keys (see [`crate::coded`]); `statistics` as the writer properties say.
-    Coded { statistics: bool },
+    /// By this crate.
+    Own { own: Own, statistics: bool },
 }
 
 /// One column's writer within the open row group.
@@ -78,10 +90,13 @@ enum Slot {
     Arrow(Box<ArrowColumnWriter>),
     /// Built from dictionary keys (see [`crate::coded`]).
     Coded(Box<CodedColumn>),
+    /// Delta-encoded strings (see [`crate::delta`]).
+    Delta(Box<DeltaColumn>),
 }
 
-/// A Parquet file being written row group by row group. Columns named as coded are built by
-/// [`CodedColumn`] and spliced in; the others go through parquet-rs's Arrow column writers.
+/// A Parquet file being written row group by row group. Columns of [`Own`] encodings are
+/// built by [`CodedColumn`] or [`DeltaColumn`] and spliced in; the others go through
+/// parquet-rs's Arrow column writers.
 /// The footer carries the Arrow schema as `ArrowWriter` writes it, so readers see the
 /// file schema's types.
 struct PartFile {
@@ -130,18 +145,31 @@ impl PartFile {
                     .create_column_writers(self.file.flushed_row_groups().len())?;
                 // Flat schemas only: one leaf writer per field, in order.
                 let descr = self.file.schema_descr();
-                let slots =
-                    self.columns
-                        .iter()
-                        .zip(writers.drain(..))
-                        .enumerate()
-                        .map(|(i, (&encode, w))| match encode {
-                            Encode::Coded { statistics } => Slot::Coded(Box::new(
-                                CodedColumn::new(descr.column(i), self.page_rows, statistics),
-                            )),
-                            Encode::Arrow => Slot::Arrow(Box::new(w)),
-                        })
-                        .collect();
+                let slots = self
+                    .columns
+                    .iter()
+                    .zip(writers.drain(..))
+                    .enumerate()
+                    .map(|(i, (&encode, w))| match encode {
+                        Encode::Own {
+                            own: Own::Dictionary,
+                            statistics,
+                        } => Slot::Coded(Box::new(CodedColumn::new(
+                            descr.column(i),
+                            self.page_rows,
+                            statistics,
+                        ))),
+                        Encode::Own {
+                            own: Own::DeltaStrings,
+                            statistics,
+                        } => Slot::Delta(Box::new(DeltaColumn::new(
+                            descr.column(i),
+                            self.page_rows,
+                            statistics,
+                        ))),
+                        Encode::Arrow => Slot::Arrow(Box::new(w)),
+                    })
+                    .collect();
                 self.group = Some(slots);
             }
             let slots = self.group.as_mut().expect("row group opened");
@@ -158,6 +186,7 @@ impl PartFile {
                         }
                     }
                     Slot::Coded(c) => c.append(&column)?,
+                    Slot::Delta(c) => c.append(&column)?,
                 }
             }
             self.group_rows += take;
@@ -179,6 +208,10 @@ impl PartFile {
             match slot {
                 Slot::Arrow(w) => w.close()?.append_to_row_group(&mut group)?,
                 Slot::Coded(mut c) => {
+                    let (bytes, close) = c.finish()?;
+                    group.append_column(&bytes, close)?;
+                }
+                Slot::Delta(mut c) => {
                     let (bytes, close) = c.finish()?;
                     group.append_column(&bytes, close)?;
                 }
@@ -207,28 +240,26 @@ pub struct PartWriter {
 
 impl PartWriter {
     /// A writer into `dir` (created if missing). Batches follow `schema`, except that the
-    /// columns named in `coded` arrive as `Dictionary(Int32, Utf8)` arrays whatever their
-    /// string type in `schema`, and are written from their keys (see [`crate::coded`]).
+    /// columns named `Own::Dictionary` in `own` arrive as `Dictionary(Int32, Utf8)` arrays
+    /// whatever their string type in `schema` (see [`PartWriter::batch_schema`]).
     pub fn new(
         dir: &Path,
         prefix: impl Into<String>,
         schema: SchemaRef,
         props: WriterProperties,
-        coded: &[&str],
+        own: &[(&str, Own)],
     ) -> Result<Self> {
         create_dir_all(dir)?;
         let columns = schema
             .fields()
             .iter()
-            .map(|f| {
-                if coded.contains(&f.name().as_str()) {
-                    let path = ColumnPath::from(f.name().as_str());
-                    Encode::Coded {
-                        statistics: props.statistics_enabled(&path) != EnabledStatistics::None,
-                    }
-                } else {
-                    Encode::Arrow
-                }
+            .map(|f| match own.iter().find(|(name, _)| name == f.name()) {
+                Some(&(name, own)) => Encode::Own {
+                    own,
+                    statistics: props.statistics_enabled(&ColumnPath::from(name))
+                        != EnabledStatistics::None,
+                },
+                None => Encode::Arrow,
             })
             .collect();
         Ok(PartWriter {
@@ -250,10 +281,11 @@ impl PartWriter {
             .iter()
             .zip(&self.columns)
             .map(|(f, encode)| match encode {
-                Encode::Coded { .. } => {
-                    Arc::new(f.as_ref().clone().with_data_type(dictionary_utf8()))
-                }
-                Encode::Arrow => f.clone(),
+                Encode::Own {
+                    own: Own::Dictionary,
+                    ..
+                } => Arc::new(f.as_ref().clone().with_data_type(dictionary_utf8())),
+                _ => f.clone(),
             })
             .collect();
         Arc::new(Schema::new_with_metadata(
@@ -462,7 +494,11 @@ mod coded_tests {
             "t",
             schema.clone(),
             props,
-            &["kind", "variant", "empty"],
+            &[
+                ("kind", Own::Dictionary),
+                ("variant", Own::Dictionary),
+                ("empty", Own::Dictionary),
+            ],
         )
         .unwrap();
         let batch_schema = w.batch_schema();
@@ -595,7 +631,7 @@ mod coded_tests {
             "t",
             schema.clone(),
             WriterProperties::builder().build(),
-            &["kind"],
+            &[("kind", Own::Dictionary)],
         )
         .unwrap();
         let batch =
@@ -603,5 +639,86 @@ mod coded_tests {
         let err = w.write(0, &batch).unwrap_err().to_string();
         assert!(err.contains("Dictionary(Int32, Utf8)"), "{err}");
         assert!(err.contains("t-00000.parquet"), "{err}");
+    }
+
+    fn id_strategy() -> impl proptest::strategy::Strategy<Value = Option<String>> {
+        use proptest::prelude::*;
+        prop_oneof![
+            4 => (0u64..3000).prop_map(|n| Some(format!("sub-20261203T141436-ab12-{n}"))),
+            2 => "[a-zé\\-]{0,12}".prop_map(Some),
+            1 => Just(Some(String::new())),
+            1 => Just(None),
+        ]
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
+        /// Delta-encoded string columns (nullable, with shared prefixes, empty strings,
+        /// non-ASCII) read back as written across pages and row groups, with statistics.
+        #[test]
+        fn delta_string_columns_read_back_as_written(
+            batches in proptest::collection::vec(
+                proptest::collection::vec(id_strategy(), 0..400), 1..6),
+            page_rows in 1usize..200,
+            group_rows in 1usize..700,
+        ) {
+            let d = tempfile::tempdir().unwrap();
+            let schema = Arc::new(Schema::new(vec![Field::new("id", DataType::Utf8, true)]));
+            let props = WriterProperties::builder()
+                .set_max_row_group_row_count(Some(group_rows))
+                .set_data_page_row_count_limit(page_rows)
+                .build();
+            let mut w = PartWriter::new(
+                d.path(),
+                "t",
+                schema.clone(),
+                props,
+                &[("id", Own::DeltaStrings)],
+            )
+            .unwrap();
+            for b in &batches {
+                let batch = RecordBatch::try_new(
+                    schema.clone(),
+                    vec![Arc::new(StringArray::from(b.clone()))],
+                )
+                .unwrap();
+                w.write(0, &batch).unwrap();
+            }
+            let expected: Vec<Option<String>> = batches.concat();
+            w.close_part().unwrap();
+            if expected.is_empty() {
+                return Ok(());
+            }
+            let f = File::open(w.part_path(0)).unwrap();
+            let reader = ParquetRecordBatchReaderBuilder::try_new(f).unwrap();
+            let meta = reader.metadata().clone();
+            let mut got: Vec<Option<String>> = Vec::new();
+            for batch in reader.build().unwrap() {
+                let batch = batch.unwrap();
+                let ids = batch.column(0).as_any().downcast_ref::<StringArray>().unwrap();
+                got.extend(ids.iter().map(|v| v.map(str::to_string)));
+            }
+            proptest::prop_assert_eq!(&got, &expected);
+            let mut first = 0;
+            for group in meta.row_groups() {
+                let column = group.column(0);
+                proptest::prop_assert!(column
+                    .encodings()
+                    .any(|e| e == parquet::basic::Encoding::DELTA_BYTE_ARRAY));
+                let rows = &expected[first..first + group.num_rows() as usize];
+                first += rows.len();
+                let stats = column.statistics().unwrap();
+                proptest::prop_assert_eq!(
+                    stats.null_count_opt(),
+                    Some(rows.iter().filter(|r| r.is_none()).count() as u64)
+                );
+                let Statistics::ByteArray(s) = stats else {
+                    panic!("statistics {stats:?}");
+                };
+                let values = rows.iter().flatten().map(|v| v.as_bytes());
+                proptest::prop_assert_eq!(s.min_opt().map(|m| m.data()), values.clone().min());
+                proptest::prop_assert_eq!(s.max_opt().map(|m| m.data()), values.max());
+            }
+        }
     }
 }

@@ -1,0 +1,417 @@
+//! Parquet column chunks assembled from pages this crate encodes itself.
+//!
+//! [`crate::coded`] (dictionary columns from their codes) and [`crate::delta`] (`DELTA_BYTE_ARRAY`
+//! string columns) encode their data pages here rather than through parquet-rs's column
+//! writers, which hash, compare or copy every value on the way. This module holds what both
+//! share: the RLE / bit-packed hybrid, `DELTA_BINARY_PACKED`, definition levels, and the
+//! assembly of a chunk's pages, metadata and offset index, which
+//! [`crate::parts::PartWriter`] splices into a row group next to the columns parquet-rs encodes.
+//! Chunks are uncompressed: what these encodings leave is a few bits or bytes per row.
+
+use arrow_buffer::BooleanBuffer;
+use bytes::Bytes;
+use parquet::basic::{Compression, Encoding};
+use parquet::column::page::{CompressedPage, Page, PageWriter};
+use parquet::column::writer::ColumnCloseResult;
+use parquet::errors::{ParquetError, Result};
+use parquet::file::metadata::{ColumnChunkMetaData, OffsetIndexBuilder};
+use parquet::file::statistics::Statistics;
+use parquet::file::writer::{SerializedPageWriter, TrackedWrite};
+use parquet::schema::types::ColumnDescPtr;
+
+/// A column chunk whose pages are encoded.
+pub(crate) struct Chunk {
+    pub descr: ColumnDescPtr,
+    /// A PLAIN dictionary page and its number of entries.
+    pub dictionary: Option<(Vec<u8>, u32)>,
+    /// Data pages (Parquet v1: levels, then values) and their row counts.
+    pub pages: Vec<(Vec<u8>, usize)>,
+    /// The encoding of the data pages' values.
+    pub encoding: Encoding,
+    /// Every encoding the chunk uses, for its metadata.
+    pub encodings: Vec<Encoding>,
+    pub rows: usize,
+    pub statistics: Option<Statistics>,
+}
+
+impl Chunk {
+    /// The chunk's bytes (offsets relative to its start) and what the row group needs to
+    /// splice it in.
+    pub fn write(self) -> Result<(Bytes, ColumnCloseResult)> {
+        let mut sink = TrackedWrite::new(Vec::new());
+        let mut writer = SerializedPageWriter::new(&mut sink);
+        let dictionary = match self.dictionary {
+            Some((plain, entries)) => {
+                let len = plain.len();
+                Some(writer.write_page(CompressedPage::new(
+                    Page::DictionaryPage {
+                        buf: Bytes::from(plain),
+                        num_values: entries,
+                        encoding: Encoding::PLAIN,
+                        is_sorted: false,
+                    },
+                    len,
+                ))?)
+            }
+            None => None,
+        };
+        let mut offsets = OffsetIndexBuilder::new();
+        let mut first_data_page = None;
+        for (data, rows) in self.pages {
+            let len = data.len();
+            let spec = writer.write_page(CompressedPage::new(
+                Page::DataPage {
+                    buf: Bytes::from(data),
+                    num_values: rows as u32,
+                    encoding: self.encoding,
+                    def_level_encoding: Encoding::RLE,
+                    rep_level_encoding: Encoding::RLE,
+                    statistics: None,
+                },
+                len,
+            ))?;
+            first_data_page.get_or_insert(spec.offset);
+            offsets.append_row_count(rows as i64);
+            offsets.append_offset_and_size(spec.offset as i64, spec.bytes_written as i32);
+        }
+        writer.close()?;
+        let buf = sink.into_inner()?;
+        let total = buf.len() as i64;
+
+        // With no rows there is no data page; point past the dictionary, if any.
+        let end_of_dictionary = dictionary.as_ref().map_or(0, |d| d.bytes_written);
+        let mut meta = ColumnChunkMetaData::builder(self.descr.clone())
+            .set_compression(Compression::UNCOMPRESSED)
+            .set_encodings(self.encodings)
+            .set_num_values(self.rows as i64)
+            .set_total_compressed_size(total)
+            .set_total_uncompressed_size(total)
+            .set_dictionary_page_offset(dictionary.map(|d| d.offset as i64))
+            .set_data_page_offset(first_data_page.unwrap_or(end_of_dictionary) as i64);
+        if let Some(s) = self.statistics {
+            meta = meta.set_statistics(s);
+        }
+        Ok((
+            Bytes::from(buf),
+            ColumnCloseResult {
+                bytes_written: total as u64,
+                rows_written: self.rows as u64,
+                metadata: meta.build()?,
+                bloom_filter: None,
+                column_index: None,
+                offset_index: Some(offsets.build()),
+            },
+        ))
+    }
+}
+
+/// Appends the definition levels of a page of `rows` rows of which `nulls` are null
+/// (length-prefixed, RLE / bit-packed hybrid at width 1), or refuses nulls in a required
+/// column. `valid` is the page's validity bitmap.
+pub(crate) fn def_levels(
+    data: &mut Vec<u8>,
+    descr: &ColumnDescPtr,
+    valid: &BooleanBuffer,
+    rows: usize,
+    nulls: usize,
+) -> Result<()> {
+    if descr.max_def_level() > 0 {
+        let mut levels = Vec::new();
+        if nulls == 0 || nulls == rows {
+            rle(&mut levels, 1, rows, (nulls == 0) as u32);
+        } else {
+            // Levels of width 1 bit-packed LSB first are the validity bitmap itself.
+            bitmap_packed(&mut levels, valid.values(), rows);
+        }
+        data.extend_from_slice(&(levels.len() as u32).to_le_bytes());
+        data.extend_from_slice(&levels);
+        Ok(())
+    } else if nulls > 0 {
+        Err(ParquetError::General(format!(
+            "{nulls} nulls in required column {}",
+            descr.path()
+        )))
+    } else {
+        Ok(())
+    }
+}
+
+/// Bits needed for values up to `max`.
+pub(crate) fn bit_width(max: u32) -> u8 {
+    (32 - max.leading_zeros()) as u8
+}
+
+/// Appends `values` (each below `2^width`) in Parquet's RLE / bit-packed hybrid encoding: a
+/// run of 8 or more equal values is one RLE run, anything else goes into bit-packed groups of
+/// 8 (the last group padded with zeros; readers stop at the value count).
+pub(crate) fn hybrid(out: &mut Vec<u8>, width: u8, values: &[u32]) {
+    let n = values.len();
+    let mut i = 0;
+    // Start of values not yet written (they go bit-packed).
+    let mut pending = 0;
+    while i < n {
+        let v = values[i];
+        let mut j = i + 1;
+        while j < n && values[j] == v {
+            j += 1;
+        }
+        // A run long enough for RLE once the pending values are filled up to a group of 8.
+        let fill = (8 - (i - pending) % 8) % 8;
+        if j - i >= fill + 8 {
+            let start = i + fill;
+            bit_packed(out, width, &values[pending..start]);
+            rle(out, width, j - start, v);
+            pending = j;
+        }
+        i = j;
+    }
+    bit_packed(out, width, &values[pending..]);
+}
+
+fn varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push(v as u8 | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+fn zigzag(v: i64) -> u64 {
+    ((v << 1) ^ (v >> 63)) as u64
+}
+
+fn rle(out: &mut Vec<u8>, width: u8, count: usize, v: u32) {
+    varint(out, (count as u64) << 1);
+    out.extend_from_slice(&v.to_le_bytes()[..(width as usize).div_ceil(8)]);
+}
+
+/// Most groups of 8 per bit-packed run header (what parquet-rs writes; readers take more).
+const MAX_GROUPS: usize = 63;
+
+/// Bit-packs `values` (padded to a multiple of 8) in runs with the hybrid's headers.
+fn bit_packed(out: &mut Vec<u8>, width: u8, values: &[u32]) {
+    for run in values.chunks(MAX_GROUPS * 8) {
+        let groups = run.len().div_ceil(8);
+        varint(out, ((groups as u64) << 1) | 1);
+        pack(out, width, run, groups * 8);
+    }
+}
+
+/// Packs `values`, then zeros up to `count` values (`count · width` a multiple of 8), at
+/// `width` bits each, LSB first.
+fn pack(out: &mut Vec<u8>, width: u8, values: &[u32], count: usize) {
+    let (mut acc, mut bits) = (0u64, 0u32);
+    let padding = std::iter::repeat_n(&0, count - values.len());
+    for &v in values.iter().chain(padding) {
+        acc |= (v as u64) << bits;
+        bits += width as u32;
+        if bits >= 32 {
+            out.extend_from_slice(&(acc as u32).to_le_bytes());
+            acc >>= 32;
+            bits -= 32;
+        }
+    }
+    out.extend_from_slice(&acc.to_le_bytes()[..bits as usize / 8]);
+}
+
+/// Bit-packs the first `n` bits of an LSB-first bitmap at width 1: the bytes as they are.
+fn bitmap_packed(out: &mut Vec<u8>, bitmap: &[u8], n: usize) {
+    for run in bitmap[..n.div_ceil(8)].chunks(MAX_GROUPS) {
+        varint(out, ((run.len() as u64) << 1) | 1);
+        out.extend_from_slice(run);
+    }
+}
+
+/// Values per `DELTA_BINARY_PACKED` block, and per miniblock (what parquet-rs writes).
+const DELTA_BLOCK: usize = 128;
+const DELTA_MINIBLOCK: usize = 32;
+
+/// Appends `values` (lengths, so below `2^31`) as `DELTA_BINARY_PACKED` INT32: a header
+/// (block size, miniblocks per block, value count, first value), then per block of 128 deltas
+/// the smallest delta and four miniblocks of 32 deltas above it, each bit-packed at its own
+/// width. The last miniblock is padded with zeros; miniblocks past the last delta are left
+/// out with width 0, as the format allows.
+pub(crate) fn delta_binary_packed(out: &mut Vec<u8>, values: &[u32]) {
+    let miniblocks = DELTA_BLOCK / DELTA_MINIBLOCK;
+    varint(out, DELTA_BLOCK as u64);
+    varint(out, miniblocks as u64);
+    varint(out, values.len() as u64);
+    varint(out, zigzag(values.first().map_or(0, |&v| v as i64)));
+    let deltas: Vec<i64> = values
+        .windows(2)
+        .map(|w| w[1] as i64 - w[0] as i64)
+        .collect();
+    let mut adjusted = [0u32; DELTA_MINIBLOCK];
+    for block in deltas.chunks(DELTA_BLOCK) {
+        let min = *block.iter().min().expect("blocks are not empty");
+        varint(out, zigzag(min));
+        let widths = out.len();
+        out.resize(widths + miniblocks, 0);
+        for (m, mini) in block.chunks(DELTA_MINIBLOCK).enumerate() {
+            // Values below 2^31 keep every delta above the minimum within 32 bits.
+            for (a, &d) in adjusted.iter_mut().zip(mini) {
+                *a = (d - min) as u32;
+            }
+            let max = adjusted[..mini.len()].iter().copied().max().unwrap_or(0);
+            let width = bit_width(max);
+            out[widths + m] = width;
+            pack(out, width, &adjusted[..mini.len()], DELTA_MINIBLOCK);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A straightforward decoder of the hybrid encoding, to check the encoder against.
+    fn decode(mut buf: &[u8], width: u8, n: usize) -> Vec<u32> {
+        let mut out = Vec::new();
+        while out.len() < n {
+            let h = read_varint(&mut buf);
+            if h & 1 == 0 {
+                let bytes = (width as usize).div_ceil(8);
+                let mut v = [0u8; 4];
+                v[..bytes].copy_from_slice(&buf[..bytes]);
+                buf = &buf[bytes..];
+                out.extend(std::iter::repeat_n(
+                    u32::from_le_bytes(v),
+                    (h >> 1) as usize,
+                ));
+            } else {
+                let count = (h >> 1) as usize * 8;
+                out.extend(unpack(&mut buf, width, count));
+            }
+        }
+        assert!(buf.is_empty(), "{} bytes left over", buf.len());
+        out.truncate(n);
+        out
+    }
+
+    fn read_varint(buf: &mut &[u8]) -> u64 {
+        let (mut v, mut shift) = (0u64, 0);
+        loop {
+            let b = buf[0];
+            *buf = &buf[1..];
+            v |= ((b & 0x7f) as u64) << shift;
+            shift += 7;
+            if b < 0x80 {
+                return v;
+            }
+        }
+    }
+
+    /// Reads `count` values of `width` bits, LSB first, bit by bit.
+    fn unpack(buf: &mut &[u8], width: u8, count: usize) -> Vec<u32> {
+        let mut out = Vec::with_capacity(count);
+        for k in 0..count {
+            let mut v = 0u32;
+            for b in 0..width as usize {
+                let bit = k * width as usize + b;
+                v |= (((buf[bit / 8] >> (bit % 8)) & 1) as u32) << b;
+            }
+            out.push(v);
+        }
+        *buf = &buf[count * width as usize / 8..];
+        out
+    }
+
+    /// A decoder of `DELTA_BINARY_PACKED` written from the format's description.
+    fn decode_delta(mut buf: &[u8]) -> Vec<u32> {
+        let unzigzag = |v: u64| (v >> 1) as i64 ^ -((v & 1) as i64);
+        let block = read_varint(&mut buf) as usize;
+        let miniblocks = read_varint(&mut buf) as usize;
+        let total = read_varint(&mut buf) as usize;
+        let mut last = unzigzag(read_varint(&mut buf));
+        let mut out = Vec::new();
+        if total > 0 {
+            out.push(last as u32);
+        }
+        while out.len() < total {
+            let min = unzigzag(read_varint(&mut buf));
+            let widths = buf[..miniblocks].to_vec();
+            buf = &buf[miniblocks..];
+            for w in widths {
+                if out.len() == total {
+                    break;
+                }
+                for d in unpack(&mut buf, w, block / miniblocks) {
+                    if out.len() < total {
+                        last += min + d as i64;
+                        out.push(last as u32);
+                    }
+                }
+            }
+        }
+        assert!(buf.is_empty(), "{} bytes left over", buf.len());
+        out
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn hybrid_round_trips(
+            width in 0u8..12,
+            runs in proptest::collection::vec((0u32..4096, 1usize..40), 0..60),
+        ) {
+            let mask = if width == 0 { 0 } else { (1u32 << width) - 1 };
+            let values: Vec<u32> = runs
+                .iter()
+                .flat_map(|&(v, n)| std::iter::repeat_n(v & mask, n))
+                .collect();
+            let mut buf = Vec::new();
+            hybrid(&mut buf, width, &values);
+            proptest::prop_assert_eq!(decode(&buf, width, values.len()), values);
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn validity_bitmaps_are_width_1_levels(bits in proptest::collection::vec(proptest::bool::ANY, 0..2000)) {
+            let mut b = arrow_buffer::BooleanBufferBuilder::new(0);
+            for &v in &bits {
+                b.append(v);
+            }
+            let b = b.finish();
+            let mut buf = Vec::new();
+            bitmap_packed(&mut buf, b.values(), bits.len());
+            let expected: Vec<u32> = bits.iter().map(|&v| v as u32).collect();
+            proptest::prop_assert_eq!(decode(&buf, 1, bits.len()), expected);
+        }
+    }
+
+    proptest::proptest! {
+        /// Any lengths, including runs, jumps across the whole range and counts around block
+        /// and miniblock edges.
+        #[test]
+        fn delta_binary_packed_round_trips(
+            values in proptest::collection::vec(
+                proptest::prop_oneof![0u32..40, 0u32..=i32::MAX as u32], 0..700),
+        ) {
+            let mut buf = Vec::new();
+            delta_binary_packed(&mut buf, &values);
+            proptest::prop_assert_eq!(decode_delta(&buf), values);
+        }
+    }
+
+    #[test]
+    fn long_runs_are_rle_and_short_ones_bit_packed() {
+        let mut buf = Vec::new();
+        hybrid(&mut buf, 1, &[1; 1000]);
+        assert_eq!(buf, vec![0xd0, 0x0f, 1], "one RLE run of 1000 ones");
+        let mut buf = Vec::new();
+        hybrid(&mut buf, 2, &[0, 1, 2, 3, 0, 1, 2, 3]);
+        assert_eq!(
+            buf,
+            vec![0x03, 0b1110_0100, 0b1110_0100],
+            "one bit-packed group"
+        );
+    }
+
+    #[test]
+    fn equal_deltas_pack_at_width_0() {
+        let mut buf = Vec::new();
+        delta_binary_packed(&mut buf, &[7, 9, 11, 13, 15]);
+        // Header 128, 4, 5, zigzag(7); min delta zigzag(2); four widths of 0; no bodies.
+        assert_eq!(buf, vec![0x80, 0x01, 4, 5, 14, 4, 0, 0, 0, 0]);
+    }
+}
