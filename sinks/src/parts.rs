@@ -466,6 +466,21 @@ mod coded_tests {
     use parquet::file::metadata::PageIndexPolicy;
     use parquet::file::statistics::Statistics;
 
+    /// A writer of `t-NNNNN.parquet` parts with row groups and data pages of the given sizes.
+    fn writer(
+        dir: &Path,
+        schema: &SchemaRef,
+        group_rows: usize,
+        page_rows: usize,
+        own: &[(&str, Own)],
+    ) -> PartWriter {
+        let props = WriterProperties::builder()
+            .set_max_row_group_row_count(Some(group_rows))
+            .set_data_page_row_count_limit(page_rows)
+            .build();
+        PartWriter::new(dir, "t", schema.clone(), props, own).unwrap()
+    }
+
     fn dict(keys: Vec<Option<i32>>, values: &[&str]) -> ArrayRef {
         Arc::new(DictionaryArray::<Int32Type>::new(
             Int32Array::from(keys),
@@ -485,22 +500,17 @@ mod coded_tests {
             Field::new("variant", dictionary_utf8(), true),
             Field::new("empty", DataType::Utf8, true),
         ]));
-        let props = WriterProperties::builder()
-            .set_max_row_group_row_count(Some(1000))
-            .set_data_page_row_count_limit(300)
-            .build();
-        let mut w = PartWriter::new(
+        let mut w = writer(
             d.path(),
-            "t",
-            schema.clone(),
-            props,
+            &schema,
+            1000,
+            300,
             &[
                 ("kind", Own::Dictionary),
                 ("variant", Own::Dictionary),
                 ("empty", Own::Dictionary),
             ],
-        )
-        .unwrap();
+        );
         let batch_schema = w.batch_schema();
         let mut expected: Vec<(u64, String, Option<String>)> = Vec::new();
         let mut row = 0u64;
@@ -664,18 +674,7 @@ mod coded_tests {
         ) {
             let d = tempfile::tempdir().unwrap();
             let schema = Arc::new(Schema::new(vec![Field::new("id", DataType::Utf8, true)]));
-            let props = WriterProperties::builder()
-                .set_max_row_group_row_count(Some(group_rows))
-                .set_data_page_row_count_limit(page_rows)
-                .build();
-            let mut w = PartWriter::new(
-                d.path(),
-                "t",
-                schema.clone(),
-                props,
-                &[("id", Own::DeltaStrings)],
-            )
-            .unwrap();
+            let mut w = writer(d.path(), &schema, group_rows, page_rows, &[("id", Own::DeltaStrings)]);
             for b in &batches {
                 let batch = RecordBatch::try_new(
                     schema.clone(),
