@@ -3,12 +3,14 @@
 //! [`crate::coded`] (dictionary columns from their codes) and [`crate::delta`] (`DELTA_BYTE_ARRAY`
 //! string columns) encode their data pages here rather than through parquet-rs's column
 //! writers, which hash, compare or copy every value on the way. This module holds what both
-//! share: the RLE / bit-packed hybrid, `DELTA_BINARY_PACKED`, definition levels, and the
-//! assembly of a chunk's pages, metadata and offset index, which
+//! share: the [`OwnColumn`] interface, the bookkeeping of a chunk's pages ([`Pages`]), the
+//! RLE / bit-packed hybrid, `DELTA_BINARY_PACKED`, definition levels, and the assembly of a
+//! chunk's pages, metadata and offset index, which
 //! [`crate::parts::PartWriter`] splices into a row group next to the columns parquet-rs encodes.
 //! Chunks are uncompressed: what these encodings leave is a few bits or bytes per row.
 
-use arrow_buffer::BooleanBuffer;
+use arrow_array::ArrayRef;
+use arrow_buffer::{BooleanBuffer, BooleanBufferBuilder, NullBuffer};
 use bytes::Bytes;
 use parquet::basic::{Compression, Encoding};
 use parquet::column::page::{CompressedPage, Page, PageWriter};
@@ -19,19 +21,114 @@ use parquet::file::statistics::Statistics;
 use parquet::file::writer::{SerializedPageWriter, TrackedWrite};
 use parquet::schema::types::ColumnDescPtr;
 
+/// A column chunk this crate encodes itself, one row group at a time.
+pub(crate) trait OwnColumn: Send {
+    /// Appends a batch's column.
+    fn append(&mut self, column: &ArrayRef) -> Result<()>;
+    /// Encodes the chunk and starts an empty one for the next row group.
+    fn finish(&mut self) -> Result<(Bytes, ColumnCloseResult)>;
+}
+
+/// The data pages of a column chunk being written: the open page's validity and row count,
+/// the pages encoded so far, and the chunk's row and null counts. The column keeps the open
+/// page's values and encodes them when [`Pages::close`] asks.
+#[derive(Debug)]
+pub(crate) struct Pages {
+    pub descr: ColumnDescPtr,
+    /// Rows after which the open page is encoded.
+    pub page_rows: usize,
+    /// Open page: validity, one bit per row.
+    valid: BooleanBufferBuilder,
+    /// Open page: rows.
+    open_rows: usize,
+    /// Encoded data pages and their row counts.
+    done: Vec<(Vec<u8>, usize)>,
+    rows: usize,
+    nulls: usize,
+}
+
+impl Pages {
+    /// No pages yet, of column `descr`, cut at about `page_rows` rows.
+    pub fn new(descr: ColumnDescPtr, page_rows: usize) -> Self {
+        Pages {
+            descr,
+            page_rows: page_rows.max(1),
+            valid: BooleanBufferBuilder::new(0),
+            open_rows: 0,
+            done: Vec::new(),
+            rows: 0,
+            nulls: 0,
+        }
+    }
+
+    /// Adds `n` rows to the open page, null where `nulls` says (none when `None`); true
+    /// once the page holds `page_rows` rows or more.
+    pub fn add_rows(&mut self, n: usize, nulls: Option<&NullBuffer>) -> bool {
+        match nulls {
+            None => self.valid.append_n(n, true),
+            Some(nulls) => self.valid.append_buffer(nulls.inner()),
+        }
+        self.rows += n;
+        self.open_rows += n;
+        self.open_rows >= self.page_rows
+    }
+
+    /// Encodes the open page, if it has rows, of which `values` are not null: its
+    /// definition levels, then what `encode` writes (the values).
+    pub fn close(&mut self, values: usize, encode: impl FnOnce(&mut Vec<u8>)) -> Result<()> {
+        let rows = self.open_rows;
+        if rows == 0 {
+            return Ok(());
+        }
+        let nulls = rows - values;
+        let mut data = Vec::new();
+        def_levels(&mut data, &self.descr, &self.valid.finish(), rows, nulls)?;
+        encode(&mut data);
+        self.done.push((data, rows));
+        self.nulls += nulls;
+        self.valid = BooleanBufferBuilder::new(self.page_rows);
+        self.open_rows = 0;
+        Ok(())
+    }
+
+    /// Null rows in the pages encoded so far.
+    pub fn nulls(&self) -> usize {
+        self.nulls
+    }
+
+    /// The chunk of the pages encoded so far.
+    pub fn into_chunk(
+        self,
+        dictionary: Option<(Vec<u8>, u32)>,
+        encoding: Encoding,
+        encodings: Vec<Encoding>,
+        statistics: Option<Statistics>,
+    ) -> Chunk {
+        Chunk {
+            descr: self.descr,
+            dictionary,
+            pages: self.done,
+            encoding,
+            encodings,
+            rows: self.rows,
+            statistics,
+        }
+    }
+}
+
 /// A column chunk whose pages are encoded.
 pub(crate) struct Chunk {
-    pub descr: ColumnDescPtr,
+    descr: ColumnDescPtr,
     /// A PLAIN dictionary page and its number of entries.
-    pub dictionary: Option<(Vec<u8>, u32)>,
+    dictionary: Option<(Vec<u8>, u32)>,
     /// Data pages (Parquet v1: levels, then values) and their row counts.
-    pub pages: Vec<(Vec<u8>, usize)>,
+    pages: Vec<(Vec<u8>, usize)>,
     /// The encoding of the data pages' values.
-    pub encoding: Encoding,
+    encoding: Encoding,
     /// Every encoding the chunk uses, for its metadata.
-    pub encodings: Vec<Encoding>,
-    pub rows: usize,
-    pub statistics: Option<Statistics>,
+    encodings: Vec<Encoding>,
+    rows: usize,
+    statistics: Option<Statistics>,
 }
 
 impl Chunk {
@@ -108,7 +205,7 @@ impl Chunk {
 /// Appends the definition levels of a page of `rows` rows of which `nulls` are null
 /// (length-prefixed, RLE / bit-packed hybrid at width 1), or refuses nulls in a required
 /// column. `valid` is the page's validity bitmap.
-pub(crate) fn def_levels(
+fn def_levels(
     data: &mut Vec<u8>,
     descr: &ColumnDescPtr,
     valid: &BooleanBuffer,

@@ -16,7 +16,6 @@ use std::collections::HashMap;
 use arrow_array::cast::AsArray;
 use arrow_array::types::Int32Type;
 use arrow_array::{Array, ArrayRef, StringArray};
-use arrow_buffer::BooleanBufferBuilder;
 use arrow_schema::DataType;
 use bytes::Bytes;
 use parquet::basic::Encoding;
@@ -26,14 +25,13 @@ use parquet::errors::{ParquetError, Result};
 use parquet::file::statistics::Statistics;
 use parquet::schema::types::ColumnDescPtr;
 
-use crate::chunk::{bit_width, def_levels, hybrid, Chunk};
+use crate::chunk::{bit_width, hybrid, OwnColumn, Pages};
 
 /// One row group's worth of a dictionary-encoded string column.
 #[derive(Debug)]
 pub struct CodedColumn {
-    descr: ColumnDescPtr,
-    /// Rows after which the open data page is encoded.
-    page_rows: usize,
+    /// Data pages (levels, bit width, codes), and the open page's validity.
+    pages: Pages,
     /// The chunk's dictionary, in first-seen order.
     dict: Vec<Box<str>>,
     lookup: HashMap<Box<str>, u32>,
@@ -41,18 +39,10 @@ pub struct CodedColumn {
     last: Option<(StringArray, Vec<u32>)>,
     /// Open page: one code per non-null row.
     codes: Vec<u32>,
-    /// Open page: validity, one bit per row.
-    valid: BooleanBufferBuilder,
-    /// Open page: rows.
-    page_len: usize,
-    /// Encoded data pages (levels, bit width, codes) and their row counts.
-    pages: Vec<(Vec<u8>, usize)>,
     /// Whether the chunk carries min/max and null count.
     statistics: bool,
     /// Dictionary entries some row of the chunk uses (kept for statistics only).
     used: Vec<bool>,
-    rows: usize,
-    nulls: usize,
 }
 
 impl CodedColumn {
@@ -60,24 +50,20 @@ impl CodedColumn {
     /// `statistics` asks for chunk min/max (from the dictionary entries used) and null count.
     pub fn new(descr: ColumnDescPtr, page_rows: usize, statistics: bool) -> Self {
         CodedColumn {
-            descr,
-            page_rows: page_rows.max(1),
+            pages: Pages::new(descr, page_rows),
             statistics,
             dict: Vec::new(),
             lookup: HashMap::new(),
             last: None,
             codes: Vec::new(),
-            valid: BooleanBufferBuilder::new(0),
-            page_len: 0,
-            pages: Vec::new(),
             used: Vec::new(),
-            rows: 0,
-            nulls: 0,
         }
     }
+}
 
+impl OwnColumn for CodedColumn {
     /// Appends a `Dictionary(Int32, Utf8)` array (the only type this column takes).
-    pub fn append(&mut self, column: &ArrayRef) -> Result<()> {
+    fn append(&mut self, column: &ArrayRef) -> Result<()> {
         let DataType::Dictionary(k, v) = column.data_type() else {
             return Err(unsupported(column.data_type()));
         };
@@ -98,12 +84,12 @@ impl CodedColumn {
             ))),
             _ => Ok(()),
         };
-        match keys.nulls().filter(|nulls| nulls.null_count() > 0) {
+        let nulls = keys.nulls().filter(|nulls| nulls.null_count() > 0);
+        match nulls {
             None => {
                 out_of_range(keys.values().iter().map(|&k| k as u32).max())?;
                 self.codes
                     .extend(keys.values().iter().map(|&k| remap[k as usize]));
-                self.valid.append_n(n, true);
             }
             Some(nulls) => {
                 out_of_range(nulls.valid_indices().map(|i| keys.values()[i] as u32).max())?;
@@ -112,17 +98,43 @@ impl CodedColumn {
                         .valid_indices()
                         .map(|i| remap[keys.values()[i] as usize]),
                 );
-                self.valid.append_buffer(nulls.inner());
             }
         }
-        self.rows += n;
-        self.page_len += n;
-        if self.page_len >= self.page_rows {
+        if self.pages.add_rows(n, nulls) {
             self.encode_page()?;
         }
         Ok(())
     }
 
+    /// Encodes the chunk and starts an empty one for the next row group.
+    fn finish(&mut self) -> Result<(Bytes, ColumnCloseResult)> {
+        self.encode_page()?;
+        let fresh = CodedColumn::new(
+            self.pages.descr.clone(),
+            self.pages.page_rows,
+            self.statistics,
+        );
+        let done = std::mem::replace(self, fresh);
+        let statistics = done.statistics.then(|| done.chunk_statistics());
+        // Dictionary page: PLAIN byte arrays.
+        let mut plain = Vec::new();
+        for v in &done.dict {
+            plain.extend_from_slice(&(v.len() as u32).to_le_bytes());
+            plain.extend_from_slice(v.as_bytes());
+        }
+        let entries = done.dict.len() as u32;
+        done.pages
+            .into_chunk(
+                Some((plain, entries)),
+                Encoding::RLE_DICTIONARY,
+                vec![Encoding::PLAIN, Encoding::RLE, Encoding::RLE_DICTIONARY],
+                statistics,
+            )
+            .write()
+    }
+}
+
+impl CodedColumn {
     /// The chunk codes of a batch dictionary's entries, reused while batches share one
     /// dictionary array (its buffers are reference-counted, so comparing is cheap).
     fn remap(&mut self, values: &StringArray) -> Vec<u32> {
@@ -150,20 +162,15 @@ impl CodedColumn {
         remap
     }
 
-    /// Encodes the open page: definition levels (length-prefixed), bit width, codes. Each
-    /// page has its own bit width, so pages are final before the dictionary is.
+    /// Encodes the open page: definition levels, bit width, codes. Each page has its own
+    /// bit width, so pages are final before the dictionary is.
     fn encode_page(&mut self) -> Result<()> {
-        let rows = self.page_len;
-        if rows == 0 {
-            return Ok(());
-        }
-        let nulls = rows - self.codes.len();
-        let mut data = Vec::new();
-        def_levels(&mut data, &self.descr, &self.valid.finish(), rows, nulls)?;
         let width = bit_width(self.dict.len().saturating_sub(1) as u32);
-        data.push(width);
-        hybrid(&mut data, width, &self.codes);
-
+        let codes = &self.codes;
+        self.pages.close(codes.len(), |data| {
+            data.push(width);
+            hybrid(data, width, codes);
+        })?;
         if self.statistics {
             self.used.resize(self.dict.len(), false);
             if self.dict.len() == 1 {
@@ -174,34 +181,8 @@ impl CodedColumn {
                 }
             }
         }
-        self.pages.push((data, rows));
-        self.nulls += nulls;
         self.codes.clear();
-        self.valid = BooleanBufferBuilder::new(self.page_rows);
-        self.page_len = 0;
         Ok(())
-    }
-
-    /// Encodes the chunk and resets this column for the next row group.
-    pub fn finish(&mut self) -> Result<(Bytes, ColumnCloseResult)> {
-        self.encode_page()?;
-        // Dictionary page: PLAIN byte arrays.
-        let mut plain = Vec::new();
-        for v in &self.dict {
-            plain.extend_from_slice(&(v.len() as u32).to_le_bytes());
-            plain.extend_from_slice(v.as_bytes());
-        }
-        let chunk = Chunk {
-            descr: self.descr.clone(),
-            dictionary: Some((plain, self.dict.len() as u32)),
-            pages: std::mem::take(&mut self.pages),
-            encoding: Encoding::RLE_DICTIONARY,
-            encodings: vec![Encoding::PLAIN, Encoding::RLE, Encoding::RLE_DICTIONARY],
-            rows: self.rows,
-            statistics: self.statistics.then(|| self.chunk_statistics()),
-        };
-        *self = CodedColumn::new(self.descr.clone(), self.page_rows, self.statistics);
-        chunk.write()
     }
 
     /// Min and max over the dictionary entries some row uses, and the null count.
@@ -219,7 +200,7 @@ impl CodedColumn {
             }
             None => (None, None),
         };
-        Statistics::byte_array(min, max, None, Some(self.nulls as u64), false)
+        Statistics::byte_array(min, max, None, Some(self.pages.nulls() as u64), false)
     }
 }
 

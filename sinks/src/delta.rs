@@ -13,7 +13,6 @@
 
 use arrow_array::cast::AsArray;
 use arrow_array::{Array, ArrayRef};
-use arrow_buffer::BooleanBufferBuilder;
 use arrow_schema::DataType;
 use bytes::Bytes;
 use parquet::basic::Encoding;
@@ -23,13 +22,14 @@ use parquet::errors::{ParquetError, Result};
 use parquet::file::statistics::Statistics;
 use parquet::schema::types::ColumnDescPtr;
 
-use crate::chunk::{def_levels, delta_binary_packed, Chunk};
+use crate::chunk::{delta_binary_packed, OwnColumn, Pages};
 
 /// One row group's worth of a `DELTA_BYTE_ARRAY` string column.
 #[derive(Debug)]
 pub struct DeltaColumn {
-    descr: ColumnDescPtr,
-    page_rows: usize,
+    /// Data pages (levels, prefix lengths, suffix lengths, suffixes), and the open page's
+    /// validity.
+    pages: Pages,
     statistics: bool,
     /// The open page's last value (empty at the start of a page).
     previous: Vec<u8>,
@@ -38,13 +38,8 @@ pub struct DeltaColumn {
     prefixes: Vec<u32>,
     suffixes: Vec<u32>,
     bytes: Vec<u8>,
-    valid: BooleanBufferBuilder,
-    page_len: usize,
-    pages: Vec<(Vec<u8>, usize)>,
     min: Option<Vec<u8>>,
     max: Option<Vec<u8>>,
-    rows: usize,
-    nulls: usize,
 }
 
 impl DeltaColumn {
@@ -52,25 +47,21 @@ impl DeltaColumn {
     /// `statistics` asks for chunk min/max (a compare per value) and null count.
     pub fn new(descr: ColumnDescPtr, page_rows: usize, statistics: bool) -> Self {
         DeltaColumn {
-            descr,
-            page_rows: page_rows.max(1),
+            pages: Pages::new(descr, page_rows),
             statistics,
             previous: Vec::new(),
             prefixes: Vec::new(),
             suffixes: Vec::new(),
             bytes: Vec::new(),
-            valid: BooleanBufferBuilder::new(0),
-            page_len: 0,
-            pages: Vec::new(),
             min: None,
             max: None,
-            rows: 0,
-            nulls: 0,
         }
     }
+}
 
+impl OwnColumn for DeltaColumn {
     /// Appends a `Utf8` array (the only type this column takes).
-    pub fn append(&mut self, column: &ArrayRef) -> Result<()> {
+    fn append(&mut self, column: &ArrayRef) -> Result<()> {
         if column.data_type() != &DataType::Utf8 {
             return Err(ParquetError::General(format!(
                 "a delta column takes Utf8 arrays, not {}",
@@ -82,24 +73,51 @@ impl DeltaColumn {
         let offsets = strings.value_offsets();
         let data = strings.value_data();
         let value = |i: usize| &data[offsets[i] as usize..offsets[i + 1] as usize];
-        match strings.nulls().filter(|b| b.null_count() > 0) {
-            None => {
-                self.valid.append_n(n, true);
-                self.push_values((0..n).map(value));
-            }
-            Some(nulls) => {
-                self.valid.append_buffer(nulls.inner());
-                self.push_values(nulls.valid_indices().map(value));
-            }
+        let nulls = strings.nulls().filter(|b| b.null_count() > 0);
+        match nulls {
+            None => self.push_values((0..n).map(value)),
+            Some(nulls) => self.push_values(nulls.valid_indices().map(value)),
         }
-        self.rows += n;
-        self.page_len += n;
-        if self.page_len >= self.page_rows {
+        if self.pages.add_rows(n, nulls) {
             self.encode_page()?;
         }
         Ok(())
     }
 
+    /// Encodes the chunk and starts an empty one for the next row group.
+    fn finish(&mut self) -> Result<(Bytes, ColumnCloseResult)> {
+        self.encode_page()?;
+        let fresh = DeltaColumn::new(
+            self.pages.descr.clone(),
+            self.pages.page_rows,
+            self.statistics,
+        );
+        let done = std::mem::replace(self, fresh);
+        let statistics = done.statistics.then(|| {
+            Statistics::byte_array(
+                done.min.map(ByteArray::from),
+                done.max.map(ByteArray::from),
+                None,
+                Some(done.pages.nulls() as u64),
+                false,
+            )
+        });
+        done.pages
+            .into_chunk(
+                None,
+                Encoding::DELTA_BYTE_ARRAY,
+                vec![
+                    Encoding::RLE,
+                    Encoding::DELTA_BYTE_ARRAY,
+                    Encoding::DELTA_BINARY_PACKED,
+                ],
+                statistics,
+            )
+            .write()
+    }
+}
+
+impl DeltaColumn {
     /// Appends the non-null values to the open page, each against the one before it.
     fn push_values<'a>(&mut self, values: impl Iterator<Item = &'a [u8]>) {
         let mut previous = std::mem::take(&mut self.previous);
@@ -132,54 +150,17 @@ impl DeltaColumn {
 
     /// Encodes the open page: definition levels, prefix lengths, suffix lengths, suffixes.
     fn encode_page(&mut self) -> Result<()> {
-        let rows = self.page_len;
-        if rows == 0 {
-            return Ok(());
-        }
-        let nulls = rows - self.prefixes.len();
-        let mut data = Vec::with_capacity(self.bytes.len() + self.prefixes.len() / 2 + 64);
-        def_levels(&mut data, &self.descr, &self.valid.finish(), rows, nulls)?;
-        delta_binary_packed(&mut data, &self.prefixes);
-        delta_binary_packed(&mut data, &self.suffixes);
-        data.extend_from_slice(&self.bytes);
-        self.pages.push((data, rows));
-        self.nulls += nulls;
+        let (prefixes, suffixes, bytes) = (&self.prefixes, &self.suffixes, &self.bytes);
+        self.pages.close(prefixes.len(), |data| {
+            delta_binary_packed(data, prefixes);
+            delta_binary_packed(data, suffixes);
+            data.extend_from_slice(bytes);
+        })?;
         self.prefixes.clear();
         self.suffixes.clear();
         self.bytes.clear();
         self.previous.clear();
-        self.valid = BooleanBufferBuilder::new(self.page_rows);
-        self.page_len = 0;
         Ok(())
-    }
-
-    /// Encodes the chunk and resets this column for the next row group.
-    pub fn finish(&mut self) -> Result<(Bytes, ColumnCloseResult)> {
-        self.encode_page()?;
-        let statistics = self.statistics.then(|| {
-            Statistics::byte_array(
-                self.min.take().map(ByteArray::from),
-                self.max.take().map(ByteArray::from),
-                None,
-                Some(self.nulls as u64),
-                false,
-            )
-        });
-        let chunk = Chunk {
-            descr: self.descr.clone(),
-            dictionary: None,
-            pages: std::mem::take(&mut self.pages),
-            encoding: Encoding::DELTA_BYTE_ARRAY,
-            encodings: vec![
-                Encoding::RLE,
-                Encoding::DELTA_BYTE_ARRAY,
-                Encoding::DELTA_BINARY_PACKED,
-            ],
-            rows: self.rows,
-            statistics,
-        };
-        *self = DeltaColumn::new(self.descr.clone(), self.page_rows, self.statistics);
-        chunk.write()
     }
 }
 

@@ -17,8 +17,9 @@ use parquet::arrow::ArrowWriter;
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
 use parquet::file::reader::{FileReader, SerializedFileReader};
 use parquet::file::writer::SerializedFileWriter;
-use parquet::schema::types::ColumnPath;
+use parquet::schema::types::{ColumnDescPtr, ColumnPath};
 
+use crate::chunk::OwnColumn;
 use crate::coded::CodedColumn;
 use crate::delta::DeltaColumn;
 
@@ -75,6 +76,21 @@ pub enum Own {
     DeltaStrings,
 }
 
+impl Own {
+    /// An empty chunk of column `descr` in this encoding.
+    fn column(
+        self,
+        descr: ColumnDescPtr,
+        page_rows: usize,
+        statistics: bool,
+    ) -> Box<dyn OwnColumn> {
+        match self {
+            Own::Dictionary => Box::new(CodedColumn::new(descr, page_rows, statistics)),
+            Own::DeltaStrings => Box::new(DeltaColumn::new(descr, page_rows, statistics)),
+        }
+    }
+}
+
 /// How a part file's column is encoded; `statistics` as the writer properties say.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Encode {
@@ -88,10 +104,8 @@ enum Encode {
 enum Slot {
     /// Encoded by parquet-rs.
     Arrow(Box<ArrowColumnWriter>),
-    /// Built from dictionary keys (see [`crate::coded`]).
-    Coded(Box<CodedColumn>),
-    /// Delta-encoded strings (see [`crate::delta`]).
-    Delta(Box<DeltaColumn>),
+    /// Encoded by this crate (see [`Own`]).
+    Own(Box<dyn OwnColumn>),
 }
 
 /// A Parquet file being written row group by row group. Columns of [`Own`] encodings are
@@ -151,22 +165,9 @@ impl PartFile {
                     .zip(writers.drain(..))
                     .enumerate()
                     .map(|(i, (&encode, w))| match encode {
-                        Encode::Own {
-                            own: Own::Dictionary,
-                            statistics,
-                        } => Slot::Coded(Box::new(CodedColumn::new(
-                            descr.column(i),
-                            self.page_rows,
-                            statistics,
-                        ))),
-                        Encode::Own {
-                            own: Own::DeltaStrings,
-                            statistics,
-                        } => Slot::Delta(Box::new(DeltaColumn::new(
-                            descr.column(i),
-                            self.page_rows,
-                            statistics,
-                        ))),
+                        Encode::Own { own, statistics } => {
+                            Slot::Own(own.column(descr.column(i), self.page_rows, statistics))
+                        }
                         Encode::Arrow => Slot::Arrow(Box::new(w)),
                     })
                     .collect();
@@ -185,8 +186,7 @@ impl PartFile {
                             w.write(&leaf)?;
                         }
                     }
-                    Slot::Coded(c) => c.append(&column)?,
-                    Slot::Delta(c) => c.append(&column)?,
+                    Slot::Own(c) => c.append(&column)?,
                 }
             }
             self.group_rows += take;
@@ -207,11 +207,7 @@ impl PartFile {
         for slot in slots {
             match slot {
                 Slot::Arrow(w) => w.close()?.append_to_row_group(&mut group)?,
-                Slot::Coded(mut c) => {
-                    let (bytes, close) = c.finish()?;
-                    group.append_column(&bytes, close)?;
-                }
-                Slot::Delta(mut c) => {
+                Slot::Own(mut c) => {
                     let (bytes, close) = c.finish()?;
                     group.append_column(&bytes, close)?;
                 }
