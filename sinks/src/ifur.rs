@@ -337,6 +337,79 @@ mod tests {
         }
     }
 
+    /// A test row: email, first name, note, and whether it is sent.
+    type TestRow = (String, Option<String>, Option<String>, bool);
+
+    /// A batch of `rows`, keyed by the lowercased email, with a variant per row, after the
+    /// encoder.
+    fn encoded(rows: &[TestRow]) -> RecipientBatch {
+        use arrow_array::{ArrayRef, RecordBatch};
+        use broadside_pipeline::model::{Reason, StdField};
+        let layout = Arc::new(RecipientLayout::new(
+            &[StdField::Email, StdField::FirstName],
+            &["note".to_string()],
+        ));
+        let col = |f: &dyn Fn(&TestRow) -> Option<String>| {
+            Arc::new(StringArray::from(rows.iter().map(f).collect::<Vec<_>>())) as ArrayRef
+        };
+        let columns = RecordBatch::try_new(
+            layout.schema(),
+            vec![
+                col(&|r| Some(r.0.clone())),
+                col(&|r| r.1.clone()),
+                col(&|r| r.2.clone()),
+            ],
+        )
+        .unwrap();
+        let mut b = RecipientBatch::new(0, 0, columns);
+        b.keys = Some(StringArray::from(
+            rows.iter()
+                .map(|r| Some(r.0.to_lowercase()))
+                .collect::<Vec<_>>(),
+        ));
+        for (i, r) in rows.iter().enumerate() {
+            b.variants[i] = (i % 2) as u8;
+            if !r.3 {
+                b.decide(i, Decision::Suppressed, Reason::HardBounce);
+            }
+        }
+        IfurEncoder::new(layout).process(&mut b).unwrap();
+        b
+    }
+
+    proptest! {
+        /// Each row's line is its fields escaped, in order, and only sendable rows have one,
+        /// across blocks of gathered spans and whatever the nulls.
+        #[test]
+        fn lines_are_the_rows_fields(
+            rows in proptest::collection::vec(
+                (
+                    "[a-zA-Z@.]{1,12}",
+                    proptest::option::of("[a-z|\\\\\r\n ]{0,6}"),
+                    proptest::option::of("[a-zé]{0,40}"),
+                    proptest::bool::weighted(0.8),
+                ),
+                0..300,
+            ),
+        ) {
+            let b = encoded(&rows);
+            let mut want = Vec::new();
+            for (i, (email, first, note, sendable)) in rows.iter().enumerate() {
+                if *sendable {
+                    want.extend_from_slice(b"D|");
+                    escape_into(&mut want, &email.to_lowercase());
+                    for v in [Some(email), first.as_ref(), note.as_ref()] {
+                        want.push(b'|');
+                        escape_into(&mut want, v.map_or("", |v| v.as_str()));
+                    }
+                    want.extend_from_slice(b"\r\n");
+                }
+                prop_assert_eq!(b.payload_ends[i] as usize, want.len(), "row {}", i);
+            }
+            prop_assert_eq!(String::from_utf8_lossy(&b.payload), String::from_utf8_lossy(&want));
+        }
+    }
+
     #[test]
     fn unescape_rejects_dangling_escape() {
         assert_eq!(unescape("abc\\"), None);
