@@ -37,33 +37,42 @@ pub fn trimmed(s: &str) -> &str {
 /// Values up to this long take the block-copy path.
 const SHORT: usize = 64;
 
+/// The bytes of the 16-byte blocks covering `src` (its length rounded up to 16) when they
+/// all lie inside `within`, a slice `src` lies in: then they may be read whole, past `src`'s
+/// end, without leaving memory that is known to be readable.
+#[inline(always)]
+pub fn readable_blocks(src: &[u8], within: &[u8]) -> Option<usize> {
+    let start = src.as_ptr() as usize;
+    let lo = within.as_ptr() as usize;
+    let blocks = src.len().div_ceil(16) * 16;
+    (start >= lo && start - lo + blocks <= within.len()).then_some(blocks)
+}
+
 /// Appends `src` to `dst`. `within` is a slice `src` lies in (its chunk or column buffer):
 /// when the 16-byte blocks covering `src` stay inside `within` and fit in `dst`'s spare
 /// capacity, they are moved whole (the extra bytes land past `dst`'s length, where they are
 /// not part of the vector); otherwise this is `extend_from_slice`.
 #[inline(always)]
 pub fn append_short(dst: &mut Vec<u8>, src: &[u8], within: &[u8]) {
-    let start = src.as_ptr() as usize;
-    let lo = within.as_ptr() as usize;
-    let blocks = src.len().div_ceil(16) * 16;
-    let readable = start >= lo && start - lo + blocks <= within.len();
-    if src.len() <= SHORT && readable && dst.capacity() - dst.len() >= blocks {
-        // SAFETY: the `blocks` bytes read from `src`'s start lie inside `within` (checked just
-        // above), and the `blocks` bytes written lie in `dst`'s spare capacity; only `src.len()`
-        // of them become part of the vector, and those are exactly `src`'s bytes.
-        unsafe {
-            let s = src.as_ptr();
-            let d = dst.as_mut_ptr().add(dst.len());
-            let mut k = 0;
-            while k < blocks {
-                let v = std::ptr::read_unaligned(s.add(k).cast::<[u8; 16]>());
-                std::ptr::write_unaligned(d.add(k).cast::<[u8; 16]>(), v);
-                k += 16;
+    match readable_blocks(src, within) {
+        Some(blocks) if src.len() <= SHORT && dst.capacity() - dst.len() >= blocks => {
+            // SAFETY: the `blocks` bytes read from `src`'s start lie inside `within` (checked
+            // by `readable_blocks`), and the `blocks` bytes written lie in `dst`'s spare
+            // capacity; only `src.len()` of them become part of the vector, and those are
+            // exactly `src`'s bytes.
+            unsafe {
+                let s = src.as_ptr();
+                let d = dst.as_mut_ptr().add(dst.len());
+                let mut k = 0;
+                while k < blocks {
+                    let v = std::ptr::read_unaligned(s.add(k).cast::<[u8; 16]>());
+                    std::ptr::write_unaligned(d.add(k).cast::<[u8; 16]>(), v);
+                    k += 16;
+                }
+                dst.set_len(dst.len() + src.len());
             }
-            dst.set_len(dst.len() + src.len());
         }
-    } else {
-        dst.extend_from_slice(src);
+        _ => dst.extend_from_slice(src),
     }
 }
 

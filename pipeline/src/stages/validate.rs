@@ -10,7 +10,7 @@ use super::Stage;
 use crate::error::{Error, Result};
 use crate::model::{Decision, Reason, RecipientBatch, RecipientLayout, StdField};
 use crate::spec::{CampaignSpec, Channel};
-use crate::strings::{is_trimmed, StringColumnBuilder};
+use crate::strings::{is_trimmed, readable_blocks, StringColumnBuilder};
 
 /// Trims all strings (empty → null), lowercases the key and applies the channel's validation rules.
 #[derive(Debug, Clone)]
@@ -204,9 +204,7 @@ pub fn is_valid_email(s: &str) -> bool {
 pub fn is_valid_email_within(s: &str, within: &[u8]) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        let (start, lo) = (s.as_ptr() as usize, within.as_ptr() as usize);
-        let blocks = s.len().div_ceil(16);
-        if s.len() <= 64 && start >= lo && start - lo + blocks * 16 <= within.len() {
+        if s.len() <= 64 && readable_blocks(s.as_bytes(), within).is_some() {
             // SAFETY: the blocks covering the value lie inside `within` (checked above).
             let masks = unsafe { EmailMasks::load(s.as_ptr(), s.len()) };
             if let Some(ok) = masks.verdict() {
