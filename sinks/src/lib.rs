@@ -5,6 +5,7 @@
 mod chunk;
 pub mod coded;
 pub mod delta;
+pub mod direct;
 pub mod events;
 pub mod ifur;
 pub mod ledger;
