@@ -1579,7 +1579,9 @@ fn sql_refusal_corpus_over_tcp() {
         } else {
             accepted.push(format!("{q}: {status} {text}"));
         }
-        if leaked(&text, &f.markers) {
+        // An error may echo the path the statement named (the canary file's name holds the
+        // canary run id); anything else of the canary is a leak.
+        if leaked(&text.replace(&canary_file, ""), &f.markers) {
             leaks += 1;
         }
     }
