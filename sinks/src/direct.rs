@@ -95,17 +95,22 @@ pub fn create(path: &Path) -> io::Result<File> {
     o.open(path)
 }
 
+/// `f`'s file status flags (`F_GETFL`).
+#[cfg(target_os = "linux")]
+fn status_flags(f: &File) -> io::Result<libc::c_int> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: F_GETFL on a descriptor `f` owns for the duration of the call.
+    match unsafe { libc::fcntl(f.as_raw_fd(), libc::F_GETFL) } {
+        -1 => Err(io::Error::last_os_error()),
+        flags => Ok(flags),
+    }
+}
+
 /// Whether `f` is open with `O_DIRECT`.
 pub fn is_direct(f: &File) -> io::Result<bool> {
     #[cfg(target_os = "linux")]
     {
-        use std::os::fd::AsRawFd;
-        // SAFETY: F_GETFL on a descriptor `f` owns for the duration of the call.
-        let flags = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_GETFL) };
-        if flags < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(flags & libc::O_DIRECT != 0)
+        Ok(status_flags(f)? & libc::O_DIRECT != 0)
     }
     #[cfg(not(target_os = "linux"))]
     {
@@ -119,15 +124,11 @@ pub fn clear_direct(f: &File) -> io::Result<bool> {
     #[cfg(target_os = "linux")]
     {
         use std::os::fd::AsRawFd;
-        // SAFETY: F_GETFL / F_SETFL on a descriptor `f` owns for the duration of the calls.
-        let flags = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_GETFL) };
-        if flags < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        let flags = status_flags(f)?;
         if flags & libc::O_DIRECT == 0 {
             return Ok(false);
         }
-        // SAFETY: as above.
+        // SAFETY: F_SETFL on a descriptor `f` owns for the duration of the call.
         if unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETFL, flags & !libc::O_DIRECT) } < 0 {
             return Err(io::Error::last_os_error());
         }

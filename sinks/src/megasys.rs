@@ -81,7 +81,6 @@ struct OpenFile {
     variant: usize,
     seq: u32,
     final_path: PathBuf,
-    tmp_path: PathBuf,
     /// `None` when the file was already delivered by an earlier attempt: verify only.
     writing: Option<Writing>,
     hasher: Xxh3,
@@ -289,7 +288,6 @@ impl IfurWriter {
             variant: v,
             seq,
             final_path,
-            tmp_path,
             writing,
             hasher: Xxh3::new(),
             rows: 0,
@@ -488,9 +486,11 @@ impl OrderedStage for IfurWriter {
     }
 
     fn abort(&mut self) {
-        for f in self.open.iter_mut().filter_map(Option::take) {
-            drop(f.writing);
-            let _ = fs::remove_file(&f.tmp_path);
+        // A verified file has no temp file (it was removed when the file was opened).
+        for w in self.open.iter_mut().filter_map(|f| f.take()?.writing) {
+            let Writing { file, tmp_path, .. } = w;
+            drop(file);
+            let _ = fs::remove_file(&tmp_path);
         }
         // Files already finished are complete: let their commits end (a later attempt
         // verifies them) rather than leave the thread running past the run.
