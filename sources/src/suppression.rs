@@ -190,9 +190,7 @@ pub fn load_index(lists: &[ListToLoad<'_>]) -> Result<SuppressionIndex> {
     for (list, fps) in lists.iter().zip(loaded) {
         let fps = fps?;
         let id = builder.add_list(list.path.display().to_string(), list.reason);
-        for fp in fps {
-            builder.add_fingerprint(id, fp);
-        }
+        builder.add_fingerprints(id, fps);
     }
     Ok(builder.build())
 }

@@ -67,9 +67,8 @@ const SALT: [u32; 8] = [
 
 impl BlockBloom {
     fn with_keys(n: usize, bits_per_key: usize) -> Self {
-        let blocks = (n * bits_per_key).div_ceil(256).max(1);
         BlockBloom {
-            blocks: vec![[0; 8]; blocks],
+            blocks: vec![[0; 8]; (n * bits_per_key).div_ceil(256).max(1)],
         }
     }
 
@@ -83,11 +82,10 @@ impl BlockBloom {
         m
     }
 
+    /// Sets the bits of `h` in `block`, which must be its block.
     #[inline]
-    fn insert(&mut self, h: u128) {
-        let b = fast_range((h >> 64) as u64, self.blocks.len());
+    fn set(block: &mut [u32; 8], h: u128) {
         let m = Self::masks(h as u64);
-        let block = &mut self.blocks[b];
         for i in 0..8 {
             block[i] |= m[i];
         }
@@ -121,6 +119,70 @@ struct FingerprintTable {
 /// rate inserts go, few enough that the lines are still cached when written.
 const BUILD_AHEAD: usize = 16;
 
+/// How many keys ahead the suppression stage prefetches the bloom block or table slot it
+/// will test: the lines arrive while the keys before are tested, and are still in the first
+/// level cache when their turn comes.
+const PROBE_AHEAD: usize = 24;
+
+/// Indexes of at least this many keys are built in two halves on two threads.
+const PARALLEL_BUILD_KEYS: usize = 1 << 16;
+
+/// What inserting a fingerprint into (part of) the table did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Placed {
+    /// It took an empty slot.
+    New,
+    /// It was there already (its reason kept or replaced by precedence).
+    Existing,
+    /// The probe reached the end of the part without finding it or an empty slot.
+    Overflow,
+}
+
+/// A run of the table's slots, written by one thread during the build.
+struct TablePart<'a> {
+    keys: &'a mut [[u64; 2]],
+    reasons: &'a mut [u8],
+    lists: &'a mut [u16],
+}
+
+impl TablePart<'_> {
+    /// Inserts key `k` probing from slot `i` of this part. With `wrap` (the part is the whole
+    /// table) the probe goes on from slot 0 at the end; without, reaching the end is an
+    /// [`Placed::Overflow`], left for a later insert into the whole table.
+    fn place(
+        &mut self,
+        mut i: usize,
+        k: [u64; 2],
+        reason: Reason,
+        list: u16,
+        wrap: bool,
+    ) -> Placed {
+        loop {
+            if self.keys[i] == [0, 0] {
+                self.keys[i] = k;
+                self.reasons[i] = reason as u8;
+                self.lists[i] = list;
+                return Placed::New;
+            }
+            if self.keys[i] == k {
+                let old = Reason::ALL[self.reasons[i] as usize];
+                if rank(reason) < rank(old) {
+                    self.reasons[i] = reason as u8;
+                    self.lists[i] = list;
+                }
+                return Placed::Existing;
+            }
+            i += 1;
+            if i == self.keys.len() {
+                if !wrap {
+                    return Placed::Overflow;
+                }
+                i = 0;
+            }
+        }
+    }
+}
+
 impl FingerprintTable {
     fn with_capacity(n: usize) -> Self {
         // Load factor at most 2/3, never fewer than 16 slots.
@@ -145,34 +207,35 @@ impl FingerprintTable {
 
     #[inline]
     fn slot(&self, k: [u64; 2]) -> usize {
-        // The bloom filter uses the high word for its block; use the low word here.
-        fast_range(k[1].rotate_left(17) ^ k[0], self.keys.len())
+        slot_in(k, self.keys.len())
     }
 
-    fn insert(&mut self, h: u128, reason: Reason, list: u16) {
-        let k = Self::split(h);
-        let mut i = self.slot(k);
-        loop {
-            if self.keys[i] == [0, 0] {
-                self.keys[i] = k;
-                self.reasons[i] = reason as u8;
-                self.lists[i] = list;
-                self.len += 1;
-                return;
-            }
-            if self.keys[i] == k {
-                let old = Reason::ALL[self.reasons[i] as usize];
-                if rank(reason) < rank(old) {
-                    self.reasons[i] = reason as u8;
-                    self.lists[i] = list;
-                }
-                return;
-            }
-            i += 1;
-            if i == self.keys.len() {
-                i = 0;
-            }
+    /// The table as one part (probes wrap around).
+    fn whole(&mut self) -> TablePart<'_> {
+        TablePart {
+            keys: &mut self.keys,
+            reasons: &mut self.reasons,
+            lists: &mut self.lists,
         }
+    }
+
+    /// Two parts, split at slot `mid`.
+    fn halves(&mut self, mid: usize) -> [TablePart<'_>; 2] {
+        let (k0, k1) = self.keys.split_at_mut(mid);
+        let (r0, r1) = self.reasons.split_at_mut(mid);
+        let (l0, l1) = self.lists.split_at_mut(mid);
+        [
+            TablePart {
+                keys: k0,
+                reasons: r0,
+                lists: l0,
+            },
+            TablePart {
+                keys: k1,
+                reasons: r1,
+                lists: l1,
+            },
+        ]
     }
 
     /// Prefetches the first slot `get(h)` reads, with its reason and list.
@@ -204,6 +267,13 @@ impl FingerprintTable {
     }
 }
 
+/// The home slot of key `k` in a table of `slots` slots.
+#[inline]
+fn slot_in(k: [u64; 2], slots: usize) -> usize {
+    // The bloom filter uses the high word for its block; use the low word here.
+    fast_range(k[1].rotate_left(17) ^ k[0], slots)
+}
+
 /// Where a suppression list came from, for explanations.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SuppressionListInfo {
@@ -218,8 +288,17 @@ pub struct SuppressionListInfo {
 /// Builds a [`SuppressionIndex`] from keys of several lists.
 #[derive(Debug, Default)]
 pub struct SuppressionIndexBuilder {
-    hashes: Vec<(u128, u8, u16)>,
+    /// Fingerprints of each list, in the order they were added.
+    fingerprints: Vec<Vec<u128>>,
     lists: Vec<SuppressionListInfo>,
+}
+
+/// One fingerprint bound for the table, with the list it came from.
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    fp: u128,
+    reason: Reason,
+    list: u16,
 }
 
 impl SuppressionIndexBuilder {
@@ -235,6 +314,7 @@ impl SuppressionIndexBuilder {
             reason,
             keys: 0,
         });
+        self.fingerprints.push(Vec::new());
         (self.lists.len() - 1) as u16
     }
 
@@ -247,46 +327,169 @@ impl SuppressionIndexBuilder {
     /// Adds an already computed fingerprint to a list.
     #[inline]
     pub fn add_fingerprint(&mut self, list: u16, fp: u128) {
-        let info = &mut self.lists[list as usize];
-        info.keys += 1;
-        self.hashes.push((fp, info.reason as u8, list));
+        self.lists[list as usize].keys += 1;
+        self.fingerprints[list as usize].push(fp);
     }
 
-    /// Builds the index. The bloom filter and the exact table are independent, so they are
-    /// filled on two threads (both are bound by cache misses, not by arithmetic).
+    /// Adds a list's computed fingerprints at once (the vector is kept, not copied).
+    pub fn add_fingerprints(&mut self, list: u16, fps: Vec<u128>) {
+        self.lists[list as usize].keys += fps.len() as u64;
+        let held = &mut self.fingerprints[list as usize];
+        if held.is_empty() {
+            *held = fps;
+        } else {
+            held.extend_from_slice(&fps);
+        }
+    }
+
+    /// Builds the index: on two threads when it is large, on this one otherwise.
     pub fn build(self) -> SuppressionIndex {
-        let n = self.hashes.len();
-        let hashes = &self.hashes;
-        // Both structures are far larger than the caches and written at random places, so
-        // each insert would stall on a miss; the place of the key BUILD_AHEAD positions on is
-        // prefetched first, and its line has arrived by the time it is written.
-        let ahead = |i: usize| hashes.get(i + BUILD_AHEAD).map(|(h, _, _)| *h);
-        let (bloom, table) = std::thread::scope(|s| {
-            let bloom = s.spawn(move || {
-                let mut bloom = BlockBloom::with_keys(n, 12);
-                for (i, (h, _, _)) in hashes.iter().enumerate() {
-                    if let Some(a) = ahead(i) {
-                        bloom.prefetch(a);
-                    }
-                    bloom.insert(*h);
-                }
-                bloom
+        let n: usize = self.fingerprints.iter().map(Vec::len).sum();
+        let parts = if n >= PARALLEL_BUILD_KEYS { 2 } else { 1 };
+        self.build_in(parts)
+    }
+
+    /// Builds the index in `parts` (1 or 2) halves of the bloom filter and the table. Both
+    /// are far larger than the caches and written at random places, so the build is bound by
+    /// memory, not arithmetic: each half is filled by its own thread, which goes through
+    /// every key and inserts those whose block and home slot fall in its half, prefetching
+    /// the place of the key BUILD_AHEAD positions on. A probe that runs past the end of its
+    /// half is finished afterwards on the whole table, in list order. The table then differs
+    /// from a one-thread build only in where colliding keys sit: every key is found from its
+    /// home slot, and a key on several lists keeps the reason of the list that takes
+    /// precedence (the first such list on a tie).
+    fn build_in(self, parts: usize) -> SuppressionIndex {
+        let n: usize = self.fingerprints.iter().map(Vec::len).sum();
+        let mut bloom = BlockBloom::with_keys(n, 12);
+        let mut table = FingerprintTable::with_capacity(n);
+        let reasons: Vec<Reason> = self.lists.iter().map(|l| l.reason).collect();
+        let entries = || {
+            self.fingerprints
+                .iter()
+                .enumerate()
+                .flat_map(|(l, fps)| fps.iter().map(move |&fp| (l as u16, fp)))
+                .map(|(list, fp)| Entry {
+                    fp,
+                    reason: reasons[list as usize],
+                    list,
+                })
+        };
+        let (blocks, slots) = (bloom.blocks.len(), table.keys.len());
+        let (mut len, overflow) = if parts <= 1 {
+            fill_part(
+                &mut bloom.blocks,
+                table.whole(),
+                (0, blocks),
+                (0, slots),
+                (blocks, slots),
+                true,
+                entries,
+            )
+        } else {
+            let (mid_block, mid_slot) = (blocks / 2, slots / 2);
+            let (b0, b1) = bloom.blocks.split_at_mut(mid_block);
+            let [t0, t1] = table.halves(mid_slot);
+            let (low, high) = std::thread::scope(|s| {
+                let high = s.spawn(|| {
+                    fill_part(
+                        b1,
+                        t1,
+                        (mid_block, blocks),
+                        (mid_slot, slots),
+                        (blocks, slots),
+                        false,
+                        entries,
+                    )
+                });
+                let low = fill_part(
+                    b0,
+                    t0,
+                    (0, mid_block),
+                    (0, mid_slot),
+                    (blocks, slots),
+                    false,
+                    entries,
+                );
+                (low, high.join().expect("index builder panicked"))
             });
-            let mut table = FingerprintTable::with_capacity(n);
-            for (i, (h, r, l)) in hashes.iter().enumerate() {
-                if let Some(a) = ahead(i) {
-                    table.prefetch(a);
-                }
-                table.insert(*h, Reason::ALL[*r as usize], *l);
+            // The copies of a key (one per list holding it) share a home slot, so they went
+            // to the same half, in list order, and all overflowed if the first did.
+            let mut overflow = low.1;
+            overflow.extend(high.1);
+            (low.0 + high.0, overflow)
+        };
+        let mut whole = table.whole();
+        for e in overflow {
+            let k = FingerprintTable::split(e.fp);
+            if whole.place(slot_in(k, slots), k, e.reason, e.list, true) == Placed::New {
+                len += 1;
             }
-            (bloom.join().expect("bloom builder panicked"), table)
-        });
+        }
+        table.len = len;
         SuppressionIndex {
             bloom,
             table,
             lists: self.lists,
         }
     }
+}
+
+/// Inserts into one part of the bloom filter (`blocks`, which are blocks `block_range` of
+/// `totals.0`) and of the table (`part`, slots `slot_range` of `totals.1`) the entries whose
+/// block and home slot fall in them. Returns the keys it added to the table and the entries
+/// whose probe ran past the part's end (none when `wrap`).
+fn fill_part<I: Iterator<Item = Entry>>(
+    blocks: &mut [[u32; 8]],
+    mut part: TablePart<'_>,
+    block_range: (usize, usize),
+    slot_range: (usize, usize),
+    totals: (usize, usize),
+    wrap: bool,
+    entries: impl Fn() -> I,
+) -> (usize, Vec<Entry>) {
+    let block_of = |fp: u128| fast_range((fp >> 64) as u64, totals.0);
+    let slot_of = |k: [u64; 2]| slot_in(k, totals.1);
+    let mine = |i: usize, r: (usize, usize)| i >= r.0 && i < r.1;
+    // Write the part in order before probing it. The memory is fresh from the allocator,
+    // and when a page's first touch is a read (a probe) the kernel maps the shared zero page,
+    // so the write that follows costs a second fault and a TLB shootdown on every CPU the
+    // process runs on: one per 4 KiB page, ≈ 80 ms for 2M keys on this project's VM.
+    blocks.fill([0; 8]);
+    part.keys.fill([0, 0]);
+    part.reasons.fill(0);
+    part.lists.fill(0);
+    let mut len = 0;
+    let mut overflow = Vec::new();
+    let mut ahead = entries().skip(BUILD_AHEAD);
+    for e in entries() {
+        if let Some(a) = ahead.next() {
+            let b = block_of(a.fp);
+            if mine(b, block_range) {
+                prefetch(&blocks[b - block_range.0]);
+            }
+            let i = slot_of(FingerprintTable::split(a.fp));
+            if mine(i, slot_range) {
+                let i = i - slot_range.0;
+                prefetch(&part.keys[i]);
+                prefetch(&part.reasons[i]);
+                prefetch(&part.lists[i]);
+            }
+        }
+        let b = block_of(e.fp);
+        if mine(b, block_range) {
+            BlockBloom::set(&mut blocks[b - block_range.0], e.fp);
+        }
+        let k = FingerprintTable::split(e.fp);
+        let i = slot_of(k);
+        if mine(i, slot_range) {
+            match part.place(i - slot_range.0, k, e.reason, e.list, wrap) {
+                Placed::New => len += 1,
+                Placed::Existing => {}
+                Placed::Overflow => overflow.push(e),
+            }
+        }
+    }
+    (len, overflow)
 }
 
 /// Answers "is this key suppressed, and why" for normalised keys.
@@ -370,29 +573,39 @@ impl Stage for Suppressor {
             return Ok(());
         };
         batch.lists.resize(batch.len(), u16::MAX);
-        // Three passes, so that memory is waited on once per batch rather than once per
-        // recipient: hash every key and prefetch its bloom block; test the bloom filter and
-        // prefetch the table slots of the keys that may be on a list; probe those.
+        // Three passes, so that memory is waited on as little as possible: hash every key;
+        // test the bloom filter, its block for the key PROBE_AHEAD on prefetched; probe the
+        // table for the keys that may be on a list, prefetched the same way. (Prefetching a
+        // whole batch's blocks at once evicts the first before they are tested.)
         let index = &*self.index;
-        let mut fps = Vec::with_capacity(batch.len());
-        for i in 0..batch.len() {
-            let fp = if batch.decisions[i] != Decision::Pending || keys.is_null(i) {
-                0
-            } else {
-                let fp = fingerprint(keys.value(i));
-                index.bloom.prefetch(fp);
-                fp
-            };
-            fps.push(fp);
+        let fps: Vec<u128> = (0..batch.len())
+            .map(|i| {
+                if batch.decisions[i] != Decision::Pending || keys.is_null(i) {
+                    0
+                } else {
+                    fingerprint(keys.value(i))
+                }
+            })
+            .collect();
+        for &fp in fps.iter().take(PROBE_AHEAD) {
+            index.bloom.prefetch(fp);
         }
         let mut maybe = Vec::new();
         for (i, &fp) in fps.iter().enumerate() {
+            if let Some(&a) = fps.get(i + PROBE_AHEAD) {
+                index.bloom.prefetch(a);
+            }
             if fp != 0 && index.bloom.may_contain(fp) {
-                index.table.prefetch(fp);
                 maybe.push(i);
             }
         }
-        for i in maybe {
+        for &i in maybe.iter().take(PROBE_AHEAD) {
+            index.table.prefetch(fps[i]);
+        }
+        for (j, &i) in maybe.iter().enumerate() {
+            if let Some(&a) = maybe.get(j + PROBE_AHEAD) {
+                index.table.prefetch(fps[a]);
+            }
             if let Some((reason, list)) = index.table.get(fps[i]) {
                 batch.decide(i, Decision::Suppressed, reason);
                 batch.lists[i] = list;
@@ -406,6 +619,7 @@ impl Stage for Suppressor {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use std::collections::HashMap;
 
     #[test]
     fn precedence_keeps_blocklist_over_bounce() {
@@ -438,7 +652,86 @@ mod tests {
         assert!(fp < 1_000, "false positives: {fp}");
     }
 
+    /// What a lookup must answer: per key, the reason of the highest-precedence list holding
+    /// it, and the first such list.
+    fn model(lists: &[(Reason, Vec<String>)]) -> HashMap<&str, (Reason, u16)> {
+        let mut m: HashMap<&str, (Reason, u16)> = HashMap::new();
+        for (l, (reason, keys)) in lists.iter().enumerate() {
+            for k in keys {
+                let e = m.entry(k.as_str()).or_insert((*reason, l as u16));
+                if rank(*reason) < rank(e.0) {
+                    *e = (*reason, l as u16);
+                }
+            }
+        }
+        m
+    }
+
+    fn builder(lists: &[(Reason, Vec<String>)]) -> SuppressionIndexBuilder {
+        let mut b = SuppressionIndexBuilder::new();
+        for (i, (reason, keys)) in lists.iter().enumerate() {
+            let l = b.add_list(format!("list{i}"), *reason);
+            if i % 2 == 0 {
+                b.add_fingerprints(l, keys.iter().map(|k| fingerprint(k)).collect());
+            } else {
+                for k in keys {
+                    b.add(l, k);
+                }
+            }
+        }
+        b
+    }
+
+    #[test]
+    fn large_index_built_in_halves_finds_every_key() {
+        // Enough keys for the two-thread build, with keys on several lists and many probes
+        // running past the middle and the end of the table.
+        let key = |i: usize| format!("user{i}@example.com");
+        let lists = vec![
+            (Reason::HardBounce, (0..60_000).map(key).collect::<Vec<_>>()),
+            (Reason::Blocklisted, (50_000..70_000).map(key).collect()),
+            (Reason::Unsubscribed, (65_000..90_000).map(key).collect()),
+        ];
+        let idx = builder(&lists).build();
+        let want = model(&lists);
+        assert_eq!(idx.len(), want.len());
+        for (k, v) in &want {
+            assert_eq!(idx.lookup(k), Some(*v), "{k}");
+        }
+        for i in 90_000..100_000 {
+            assert_eq!(idx.lookup(&key(i)), None);
+        }
+        assert_eq!(idx.lists()[1].keys, 20_000);
+    }
+
     proptest! {
+        /// The index built in two halves answers like the model and like the one-thread
+        /// build, whatever the overlap between lists (small tables: many probes cross the
+        /// middle and the end).
+        #[test]
+        fn halves_build_like_one(
+            lists in proptest::collection::vec(
+                (
+                    proptest::sample::select(PRECEDENCE.to_vec()),
+                    proptest::collection::vec("[a-e]{1,3}@x\\.co", 0..60),
+                ),
+                1..4,
+            ),
+            probes in proptest::collection::vec("[a-e]{1,3}@x\\.co", 0..40),
+        ) {
+            let want = model(&lists);
+            let one = builder(&lists).build_in(1);
+            let two = builder(&lists).build_in(2);
+            prop_assert_eq!(one.len(), want.len());
+            prop_assert_eq!(two.len(), want.len());
+            for p in probes.iter().chain(lists.iter().flat_map(|l| l.1.iter())) {
+                let w = want.get(p.as_str()).copied();
+                prop_assert_eq!(two.lookup(p), w);
+                prop_assert_eq!(one.lookup(p), w);
+                prop_assert_eq!(two.lookup_exact(p), w);
+            }
+        }
+
         /// Bloom filter + exact set answers exactly like the exact set alone.
         #[test]
         fn bloom_plus_set_equals_set(
