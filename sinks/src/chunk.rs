@@ -7,7 +7,8 @@
 //! RLE / bit-packed hybrid, `DELTA_BINARY_PACKED`, definition levels, and the assembly of a
 //! chunk's pages, metadata and offset index, which
 //! [`crate::parts::PartWriter`] splices into a row group next to the columns parquet-rs encodes.
-//! Chunks are uncompressed: what these encodings leave is a few bits or bytes per row.
+//! Chunks are uncompressed (what the dictionary and delta encodings leave is a few bits or
+//! bytes per row), except those of [`crate::text`], whose pages are LZ4_RAW like parquet-rs's.
 
 use arrow_array::ArrayRef;
 use arrow_buffer::{BooleanBuffer, BooleanBufferBuilder, NullBuffer};
@@ -41,10 +42,15 @@ pub(crate) struct Pages {
     valid: BooleanBufferBuilder,
     /// Open page: rows.
     open_rows: usize,
-    /// Encoded data pages and their row counts.
-    done: Vec<(Vec<u8>, usize)>,
+    /// Encoded data pages (compressed if `lz4`), their row counts and uncompressed sizes.
+    done: Vec<(Vec<u8>, usize, usize)>,
     rows: usize,
     nulls: usize,
+    /// Pages are compressed with LZ4_RAW.
+    lz4: bool,
+    /// With `lz4`: the open page encoded, then compressed.
+    raw: Vec<u8>,
+    packed: Vec<u8>,
 }
 
 impl Pages {
@@ -58,7 +64,16 @@ impl Pages {
             done: Vec::new(),
             rows: 0,
             nulls: 0,
+            lz4: false,
+            raw: Vec::new(),
+            packed: Vec::new(),
         }
+    }
+
+    /// The same, with every page compressed with LZ4_RAW.
+    pub fn lz4(mut self) -> Self {
+        self.lz4 = true;
+        self
     }
 
     /// Adds `n` rows to the open page, null where `nulls` says (none when `None`); true
@@ -81,14 +96,41 @@ impl Pages {
             return Ok(());
         }
         let nulls = rows - values;
-        let mut data = Vec::new();
-        def_levels(&mut data, &self.descr, &self.valid.finish(), rows, nulls)?;
-        encode(&mut data);
-        self.done.push((data, rows));
+        let valid = self.valid.finish();
+        let (data, size) = if self.lz4 {
+            // Encoded and compressed in buffers kept from page to page (a fresh buffer of
+            // this size is a fresh mapping, faulted in page by page); the page keeps a copy
+            // of the compressed bytes only.
+            let raw = &mut self.raw;
+            raw.clear();
+            def_levels(raw, &self.descr, &valid, rows, nulls)?;
+            encode(raw);
+            let bound = lz4_flex::block::get_maximum_output_size(raw.len());
+            if self.packed.len() < bound {
+                self.packed.resize(bound, 0);
+            }
+            let n = lz4_flex::block::compress_into(raw, &mut self.packed)
+                .map_err(|e| ParquetError::General(format!("LZ4: {e}")))?;
+            (self.packed[..n].to_vec(), raw.len())
+        } else {
+            let mut data = Vec::new();
+            def_levels(&mut data, &self.descr, &valid, rows, nulls)?;
+            encode(&mut data);
+            let size = data.len();
+            (data, size)
+        };
+        self.done.push((data, rows, size));
         self.nulls += nulls;
         self.valid = BooleanBufferBuilder::new(self.page_rows);
         self.open_rows = 0;
         Ok(())
+    }
+
+    /// Takes over the encoding buffers of `old` (a chunk that is done), so that the next
+    /// chunk does not fault its own in.
+    pub fn reuse_buffers(&mut self, old: &mut Pages) {
+        self.raw = std::mem::take(&mut old.raw);
+        self.packed = std::mem::take(&mut old.packed);
     }
 
     /// Null rows in the pages encoded so far.
@@ -106,6 +148,11 @@ impl Pages {
     ) -> Chunk {
         Chunk {
             descr: self.descr,
+            compression: if self.lz4 {
+                Compression::LZ4_RAW
+            } else {
+                Compression::UNCOMPRESSED
+            },
             dictionary,
             pages: self.done,
             encoding,
@@ -119,10 +166,13 @@ impl Pages {
 /// A column chunk whose pages are encoded.
 pub(crate) struct Chunk {
     descr: ColumnDescPtr,
+    /// Of the data pages (a dictionary page is never compressed here).
+    compression: Compression,
     /// A PLAIN dictionary page and its number of entries.
     dictionary: Option<(Vec<u8>, u32)>,
-    /// Data pages (Parquet v1: levels, then values) and their row counts.
-    pages: Vec<(Vec<u8>, usize)>,
+    /// Data pages (Parquet v1: levels, then values, compressed as a whole), their row counts
+    /// and uncompressed sizes.
+    pages: Vec<(Vec<u8>, usize, usize)>,
     /// The encoding of the data pages' values.
     encoding: Encoding,
     /// Every encoding the chunk uses, for its metadata.
@@ -154,8 +204,9 @@ impl Chunk {
         };
         let mut offsets = OffsetIndexBuilder::new();
         let mut first_data_page = None;
-        for (data, rows) in self.pages {
-            let len = data.len();
+        // Sizes with page headers, as the chunk's metadata counts them.
+        let mut uncompressed = dictionary.as_ref().map_or(0, |d| d.uncompressed_size);
+        for (data, rows, size) in self.pages {
             let spec = writer.write_page(CompressedPage::new(
                 Page::DataPage {
                     buf: Bytes::from(data),
@@ -165,8 +216,9 @@ impl Chunk {
                     rep_level_encoding: Encoding::RLE,
                     statistics: None,
                 },
-                len,
+                size,
             ))?;
+            uncompressed += spec.uncompressed_size;
             first_data_page.get_or_insert(spec.offset);
             offsets.append_row_count(rows as i64);
             offsets.append_offset_and_size(spec.offset as i64, spec.bytes_written as i32);
@@ -178,11 +230,11 @@ impl Chunk {
         // With no rows there is no data page; point past the dictionary, if any.
         let end_of_dictionary = dictionary.as_ref().map_or(0, |d| d.bytes_written);
         let mut meta = ColumnChunkMetaData::builder(self.descr.clone())
-            .set_compression(Compression::UNCOMPRESSED)
+            .set_compression(self.compression)
             .set_encodings(self.encodings)
             .set_num_values(self.rows as i64)
             .set_total_compressed_size(total)
-            .set_total_uncompressed_size(total)
+            .set_total_uncompressed_size(uncompressed as i64)
             .set_dictionary_page_offset(dictionary.map(|d| d.offset as i64))
             .set_data_page_offset(first_data_page.unwrap_or(end_of_dictionary) as i64);
         if let Some(s) = self.statistics {

@@ -64,6 +64,7 @@ impl SubmittedEventSink {
                 ("variant", Own::Dictionary),
                 ("run_id", Own::Dictionary),
                 ("event_type", Own::Dictionary),
+                ("email", Own::Text),
             ],
         )?;
         let one = |v: &str| -> ArrayRef { Arc::new(StringArray::from(vec![v])) };

@@ -88,6 +88,7 @@ impl RecipientLogSink {
                 schema(),
                 writer_properties(&["key", "detail"], &["row", "ifur_line"]),
                 &[
+                    ("key", Own::Text),
                     ("variant", Own::Dictionary),
                     ("decision", Own::Dictionary),
                     ("reason", Own::Dictionary),

@@ -11,6 +11,7 @@ pub mod ifur;
 pub mod ledger;
 pub mod megasys;
 pub mod parts;
+pub mod text;
 
 /// Errors of the file formats this crate reads back.
 #[derive(Debug, thiserror::Error)]

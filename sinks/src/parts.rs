@@ -22,6 +22,7 @@ use parquet::schema::types::{ColumnDescPtr, ColumnPath};
 use crate::chunk::OwnColumn;
 use crate::coded::CodedColumn;
 use crate::delta::DeltaColumn;
+use crate::text::TextColumn;
 
 /// A range of a batch that belongs to one part.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,6 +75,9 @@ pub enum Own {
     /// `DELTA_BYTE_ARRAY` from `Utf8` arrays (see [`crate::delta`]), for unique strings that
     /// share prefixes with the row before.
     DeltaStrings,
+    /// `DELTA_LENGTH_BYTE_ARRAY` with LZ4_RAW pages from `Utf8` arrays (see [`crate::text`]),
+    /// for unique strings that do not; never with statistics.
+    Text,
 }
 
 impl Own {
@@ -87,6 +91,7 @@ impl Own {
         match self {
             Own::Dictionary => Box::new(CodedColumn::new(descr, page_rows, statistics)),
             Own::DeltaStrings => Box::new(DeltaColumn::new(descr, page_rows, statistics)),
+            Own::Text => Box::new(TextColumn::new(descr, page_rows)),
         }
     }
 }
@@ -655,6 +660,82 @@ mod coded_tests {
             1 => Just(Some(String::new())),
             1 => Just(None),
         ]
+    }
+
+    fn address_strategy() -> impl proptest::strategy::Strategy<Value = Option<String>> {
+        use proptest::prelude::*;
+        prop_oneof![
+            6 => "[a-z0-9.]{1,20}@(example\\.com|mail\\.co|d[0-9]{1,3}\\.org)".prop_map(Some),
+            1 => "[^\\x00]{0,40}".prop_map(Some),
+            1 => Just(Some(String::new())),
+            2 => Just(None),
+        ]
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
+        /// Text columns (nullable, empty strings, non-ASCII, batches sliced at row-group
+        /// ends) read back as written across pages and row groups, `DELTA_LENGTH_BYTE_ARRAY`
+        /// in LZ4_RAW pages, with the chunk sizes the pages add up to.
+        #[test]
+        fn text_columns_read_back_as_written(
+            batches in proptest::collection::vec(
+                proptest::collection::vec(address_strategy(), 0..400), 1..6),
+            page_rows in 1usize..200,
+            group_rows in 1usize..700,
+        ) {
+            let d = tempfile::tempdir().unwrap();
+            let schema = Arc::new(Schema::new(vec![
+                Field::new("n", DataType::UInt64, false),
+                Field::new("email", DataType::Utf8, true),
+            ]));
+            let mut w = writer(d.path(), &schema, group_rows, page_rows, &[("email", Own::Text)]);
+            let mut n = 0u64;
+            for b in &batches {
+                let batch = RecordBatch::try_new(
+                    schema.clone(),
+                    vec![
+                        Arc::new(UInt64Array::from_iter_values(n..n + b.len() as u64)),
+                        Arc::new(StringArray::from(b.clone())),
+                    ],
+                )
+                .unwrap();
+                n += b.len() as u64;
+                w.write(0, &batch).unwrap();
+            }
+            let expected: Vec<Option<String>> = batches.concat();
+            w.close_part().unwrap();
+            if expected.is_empty() {
+                return Ok(());
+            }
+            let f = File::open(w.part_path(0)).unwrap();
+            let reader = ParquetRecordBatchReaderBuilder::try_new(f).unwrap();
+            let meta = reader.metadata().clone();
+            let mut got: Vec<Option<String>> = Vec::new();
+            let mut rows = 0u64;
+            for batch in reader.build().unwrap() {
+                let batch = batch.unwrap();
+                let ns = batch.column(0).as_any().downcast_ref::<UInt64Array>().unwrap();
+                proptest::prop_assert!(ns.values().iter().copied().eq(rows..rows + ns.len() as u64));
+                rows += ns.len() as u64;
+                let emails = batch.column(1).as_any().downcast_ref::<StringArray>().unwrap();
+                got.extend(emails.iter().map(|v| v.map(str::to_string)));
+            }
+            proptest::prop_assert_eq!(&got, &expected);
+            for group in meta.row_groups() {
+                let column = group.column(1);
+                proptest::prop_assert_eq!(column.compression(), parquet::basic::Compression::LZ4_RAW);
+                proptest::prop_assert!(column
+                    .encodings()
+                    .any(|e| e == parquet::basic::Encoding::DELTA_LENGTH_BYTE_ARRAY));
+                proptest::prop_assert!(column.statistics().is_none());
+                proptest::prop_assert_eq!(
+                    column.compressed_size(),
+                    column.byte_range().1 as i64
+                );
+                proptest::prop_assert!(column.uncompressed_size() > 0);
+            }
+        }
     }
 
     proptest::proptest! {
