@@ -672,6 +672,66 @@ mod coded_tests {
         ]
     }
 
+    /// Writes `batches` as a part with a row number column `n` and a nullable string column
+    /// `s` in encoding `own`, in row groups and pages of the given sizes, and reads it back:
+    /// the strings read (the row numbers are checked to come back in order) and the file's
+    /// metadata; `None` when there were no rows.
+    fn write_strings_and_read_back(
+        own: Own,
+        batches: &[Vec<Option<String>>],
+        page_rows: usize,
+        group_rows: usize,
+    ) -> Option<(
+        Vec<Option<String>>,
+        parquet::file::metadata::ParquetMetaData,
+    )> {
+        let d = tempfile::tempdir().unwrap();
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("n", DataType::UInt64, false),
+            Field::new("s", DataType::Utf8, true),
+        ]));
+        let mut w = writer(d.path(), &schema, group_rows, page_rows, &[("s", own)]);
+        let mut n = 0u64;
+        for b in batches {
+            let batch = RecordBatch::try_new(
+                schema.clone(),
+                vec![
+                    Arc::new(UInt64Array::from_iter_values(n..n + b.len() as u64)),
+                    Arc::new(StringArray::from(b.clone())),
+                ],
+            )
+            .unwrap();
+            n += b.len() as u64;
+            w.write(0, &batch).unwrap();
+        }
+        w.close_part().unwrap();
+        if n == 0 {
+            return None;
+        }
+        let f = File::open(w.part_path(0)).unwrap();
+        let reader = ParquetRecordBatchReaderBuilder::try_new(f).unwrap();
+        let meta = reader.metadata().as_ref().clone();
+        let mut got: Vec<Option<String>> = Vec::new();
+        let mut rows = 0u64;
+        for batch in reader.build().unwrap() {
+            let batch = batch.unwrap();
+            let ns = batch
+                .column(0)
+                .as_any()
+                .downcast_ref::<UInt64Array>()
+                .unwrap();
+            assert!(ns.values().iter().copied().eq(rows..rows + ns.len() as u64));
+            rows += ns.len() as u64;
+            let strings = batch
+                .column(1)
+                .as_any()
+                .downcast_ref::<StringArray>()
+                .unwrap();
+            got.extend(strings.iter().map(|v| v.map(str::to_string)));
+        }
+        Some((got, meta))
+    }
+
     proptest::proptest! {
         #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
         /// Text columns (nullable, empty strings, non-ASCII, batches sliced at row-group
@@ -684,44 +744,12 @@ mod coded_tests {
             page_rows in 1usize..200,
             group_rows in 1usize..700,
         ) {
-            let d = tempfile::tempdir().unwrap();
-            let schema = Arc::new(Schema::new(vec![
-                Field::new("n", DataType::UInt64, false),
-                Field::new("email", DataType::Utf8, true),
-            ]));
-            let mut w = writer(d.path(), &schema, group_rows, page_rows, &[("email", Own::Text)]);
-            let mut n = 0u64;
-            for b in &batches {
-                let batch = RecordBatch::try_new(
-                    schema.clone(),
-                    vec![
-                        Arc::new(UInt64Array::from_iter_values(n..n + b.len() as u64)),
-                        Arc::new(StringArray::from(b.clone())),
-                    ],
-                )
-                .unwrap();
-                n += b.len() as u64;
-                w.write(0, &batch).unwrap();
-            }
-            let expected: Vec<Option<String>> = batches.concat();
-            w.close_part().unwrap();
-            if expected.is_empty() {
+            let Some((got, meta)) =
+                write_strings_and_read_back(Own::Text, &batches, page_rows, group_rows)
+            else {
                 return Ok(());
-            }
-            let f = File::open(w.part_path(0)).unwrap();
-            let reader = ParquetRecordBatchReaderBuilder::try_new(f).unwrap();
-            let meta = reader.metadata().clone();
-            let mut got: Vec<Option<String>> = Vec::new();
-            let mut rows = 0u64;
-            for batch in reader.build().unwrap() {
-                let batch = batch.unwrap();
-                let ns = batch.column(0).as_any().downcast_ref::<UInt64Array>().unwrap();
-                proptest::prop_assert!(ns.values().iter().copied().eq(rows..rows + ns.len() as u64));
-                rows += ns.len() as u64;
-                let emails = batch.column(1).as_any().downcast_ref::<StringArray>().unwrap();
-                got.extend(emails.iter().map(|v| v.map(str::to_string)));
-            }
-            proptest::prop_assert_eq!(&got, &expected);
+            };
+            proptest::prop_assert_eq!(&got, &batches.concat());
             for group in meta.row_groups() {
                 let column = group.column(1);
                 proptest::prop_assert_eq!(column.compression(), parquet::basic::Compression::LZ4_RAW);
@@ -749,35 +777,16 @@ mod coded_tests {
             page_rows in 1usize..200,
             group_rows in 1usize..700,
         ) {
-            let d = tempfile::tempdir().unwrap();
-            let schema = Arc::new(Schema::new(vec![Field::new("id", DataType::Utf8, true)]));
-            let mut w = writer(d.path(), &schema, group_rows, page_rows, &[("id", Own::DeltaStrings)]);
-            for b in &batches {
-                let batch = RecordBatch::try_new(
-                    schema.clone(),
-                    vec![Arc::new(StringArray::from(b.clone()))],
-                )
-                .unwrap();
-                w.write(0, &batch).unwrap();
-            }
-            let expected: Vec<Option<String>> = batches.concat();
-            w.close_part().unwrap();
-            if expected.is_empty() {
+            let Some((got, meta)) =
+                write_strings_and_read_back(Own::DeltaStrings, &batches, page_rows, group_rows)
+            else {
                 return Ok(());
-            }
-            let f = File::open(w.part_path(0)).unwrap();
-            let reader = ParquetRecordBatchReaderBuilder::try_new(f).unwrap();
-            let meta = reader.metadata().clone();
-            let mut got: Vec<Option<String>> = Vec::new();
-            for batch in reader.build().unwrap() {
-                let batch = batch.unwrap();
-                let ids = batch.column(0).as_any().downcast_ref::<StringArray>().unwrap();
-                got.extend(ids.iter().map(|v| v.map(str::to_string)));
-            }
+            };
+            let expected = batches.concat();
             proptest::prop_assert_eq!(&got, &expected);
             let mut first = 0;
             for group in meta.row_groups() {
-                let column = group.column(0);
+                let column = group.column(1);
                 proptest::prop_assert!(column
                     .encodings()
                     .any(|e| e == parquet::basic::Encoding::DELTA_BYTE_ARRAY));
