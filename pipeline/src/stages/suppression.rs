@@ -94,16 +94,22 @@ impl BlockBloom {
     /// Prefetches the block of `h` ahead of the real probe.
     #[inline]
     fn prefetch(&self, h: u128) {
-        prefetch(&self.blocks[fast_range((h >> 64) as u64, self.blocks.len())]);
+        prefetch(&self.blocks[block_in(h, self.blocks.len())]);
     }
 
     #[inline]
     fn may_contain(&self, h: u128) -> bool {
-        let b = fast_range((h >> 64) as u64, self.blocks.len());
+        let b = block_in(h, self.blocks.len());
         let m = Self::masks(h as u64);
         let block = &self.blocks[b];
         (0..8).all(|i| block[i] & m[i] != 0)
     }
+}
+
+/// The block of fingerprint `h` in a bloom filter of `blocks` blocks.
+#[inline]
+fn block_in(h: u128, blocks: usize) -> usize {
+    fast_range((h >> 64) as u64, blocks)
 }
 
 /// Open-addressing table of fingerprints with linear probing; `[0, 0]` marks an empty slot.
@@ -241,10 +247,12 @@ impl FingerprintTable {
     /// Prefetches the first slot `get(h)` reads, with its reason and list.
     #[inline]
     fn prefetch(&self, h: u128) {
-        let i = self.slot(Self::split(h));
-        prefetch(&self.keys[i]);
-        prefetch(&self.reasons[i]);
-        prefetch(&self.lists[i]);
+        prefetch_slot(
+            &self.keys,
+            &self.reasons,
+            &self.lists,
+            self.slot(Self::split(h)),
+        );
     }
 
     #[inline]
@@ -264,6 +272,34 @@ impl FingerprintTable {
                 i = 0;
             }
         }
+    }
+}
+
+/// Prefetches slot `i` of a table (or of a part of it): its key, reason and list.
+#[inline]
+fn prefetch_slot(keys: &[[u64; 2]], reasons: &[u8], lists: &[u16], i: usize) {
+    prefetch(&keys[i]);
+    prefetch(&reasons[i]);
+    prefetch(&lists[i]);
+}
+
+/// Calls `visit` on each item in order, having first prefetched (with `prefetch`) what the
+/// item `ahead` positions on will read, and the first `ahead` items' before starting: each
+/// item's memory is on its way long before it is visited, and recent enough to be cached
+/// still when it is.
+#[inline(always)]
+fn visit_prefetched<T: Copy>(
+    items: &[T],
+    ahead: usize,
+    prefetch: impl Fn(T),
+    mut visit: impl FnMut(usize, T),
+) {
+    items.iter().take(ahead).for_each(|&t| prefetch(t));
+    for (i, &t) in items.iter().enumerate() {
+        if let Some(&a) = items.get(i + ahead) {
+            prefetch(a);
+        }
+        visit(i, t);
     }
 }
 
@@ -447,7 +483,7 @@ fn fill_part<I: Iterator<Item = Entry>>(
     wrap: bool,
     entries: impl Fn() -> I,
 ) -> (usize, Vec<Entry>) {
-    let block_of = |fp: u128| fast_range((fp >> 64) as u64, totals.0);
+    let block_of = |fp: u128| block_in(fp, totals.0);
     let slot_of = |k: [u64; 2]| slot_in(k, totals.1);
     let mine = |i: usize, r: (usize, usize)| i >= r.0 && i < r.1;
     // Write the part in order before probing it. The memory is fresh from the allocator,
@@ -469,10 +505,7 @@ fn fill_part<I: Iterator<Item = Entry>>(
             }
             let i = slot_of(FingerprintTable::split(a.fp));
             if mine(i, slot_range) {
-                let i = i - slot_range.0;
-                prefetch(&part.keys[i]);
-                prefetch(&part.reasons[i]);
-                prefetch(&part.lists[i]);
+                prefetch_slot(part.keys, part.reasons, part.lists, i - slot_range.0);
             }
         }
         let b = block_of(e.fp);
@@ -587,30 +620,28 @@ impl Stage for Suppressor {
                 }
             })
             .collect();
-        for &fp in fps.iter().take(PROBE_AHEAD) {
-            index.bloom.prefetch(fp);
-        }
         let mut maybe = Vec::new();
-        for (i, &fp) in fps.iter().enumerate() {
-            if let Some(&a) = fps.get(i + PROBE_AHEAD) {
-                index.bloom.prefetch(a);
-            }
-            if fp != 0 && index.bloom.may_contain(fp) {
-                maybe.push(i);
-            }
-        }
-        for &i in maybe.iter().take(PROBE_AHEAD) {
-            index.table.prefetch(fps[i]);
-        }
-        for (j, &i) in maybe.iter().enumerate() {
-            if let Some(&a) = maybe.get(j + PROBE_AHEAD) {
-                index.table.prefetch(fps[a]);
-            }
-            if let Some((reason, list)) = index.table.get(fps[i]) {
-                batch.decide(i, Decision::Suppressed, reason);
-                batch.lists[i] = list;
-            }
-        }
+        visit_prefetched(
+            &fps,
+            PROBE_AHEAD,
+            |fp| index.bloom.prefetch(fp),
+            |i, fp| {
+                if fp != 0 && index.bloom.may_contain(fp) {
+                    maybe.push(i);
+                }
+            },
+        );
+        visit_prefetched(
+            &maybe,
+            PROBE_AHEAD,
+            |i| index.table.prefetch(fps[i]),
+            |_, i| {
+                if let Some((reason, list)) = index.table.get(fps[i]) {
+                    batch.decide(i, Decision::Suppressed, reason);
+                    batch.lists[i] = list;
+                }
+            },
+        );
         Ok(())
     }
 }
