@@ -48,7 +48,7 @@ pub(crate) struct Pages {
     nulls: usize,
     /// Pages are compressed with LZ4_RAW.
     lz4: bool,
-    /// With `lz4`: the open page encoded, then compressed.
+    /// The open page encoded (kept for the next page when `lz4`), and compressed.
     raw: Vec<u8>,
     packed: Vec<u8>,
 }
@@ -96,28 +96,25 @@ impl Pages {
             return Ok(());
         }
         let nulls = rows - values;
-        let valid = self.valid.finish();
-        let (data, size) = if self.lz4 {
-            // Encoded and compressed in buffers kept from page to page (a fresh buffer of
-            // this size is a fresh mapping, faulted in page by page); the page keeps a copy
-            // of the compressed bytes only.
-            let raw = &mut self.raw;
-            raw.clear();
-            def_levels(raw, &self.descr, &valid, rows, nulls)?;
-            encode(raw);
-            let bound = lz4_flex::block::get_maximum_output_size(raw.len());
+        let raw = &mut self.raw;
+        raw.clear();
+        def_levels(raw, &self.descr, &self.valid.finish(), rows, nulls)?;
+        encode(raw);
+        let size = raw.len();
+        let data = if self.lz4 {
+            // Compressed from and into buffers kept from page to page (a fresh buffer of this
+            // size is a fresh mapping, faulted in page by page); the page keeps a copy of the
+            // compressed bytes only.
+            let bound = lz4_flex::block::get_maximum_output_size(size);
             if self.packed.len() < bound {
                 self.packed.resize(bound, 0);
             }
             let n = lz4_flex::block::compress_into(raw, &mut self.packed)
                 .map_err(|e| ParquetError::General(format!("LZ4: {e}")))?;
-            (self.packed[..n].to_vec(), raw.len())
+            self.packed[..n].to_vec()
         } else {
-            let mut data = Vec::new();
-            def_levels(&mut data, &self.descr, &valid, rows, nulls)?;
-            encode(&mut data);
-            let size = data.len();
-            (data, size)
+            // Uncompressed pages are small: the page keeps the buffer itself.
+            std::mem::take(raw)
         };
         self.done.push((data, rows, size));
         self.nulls += nulls;
