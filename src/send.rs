@@ -18,6 +18,7 @@ use broadside_sinks::events::SubmittedEventSink;
 use broadside_sinks::ifur::IfurEncoder;
 use broadside_sinks::ledger::RecipientLogSink;
 use broadside_sinks::megasys::{IfurWriter, IfurWriterConfig};
+use broadside_sinks::text::KeyPacker;
 use broadside_sources::suppression::{load_index, ListToLoad};
 use broadside_sources::{open_source, SizeHint};
 use chrono::Utc;
@@ -295,6 +296,7 @@ pub fn send(opts: &SendOptions) -> Result<RunRecord> {
             )));
         } else if !dry {
             stages.push(Box::new(IfurEncoder::new(par_layout.clone())));
+            stages.push(Box::new(KeyPacker::new()));
         }
         stages
     });

@@ -320,6 +320,22 @@ pub const NO_VARIANT: u8 = u8::MAX;
 /// Variant index meaning "holdout group".
 pub const HOLDOUT_VARIANT: u8 = u8::MAX - 1;
 
+/// The keys of a batch's sendable rows (pending, with a variant, key present), in row order,
+/// as the body of one compressed Parquet data page: `DELTA_LENGTH_BYTE_ARRAY` (the lengths
+/// `DELTA_BINARY_PACKED`, then the values back to back) in one LZ4 block, without definition
+/// levels. Made once on a worker, the block becomes a data page of both the recipient log's
+/// `key` column and the submitted events' `email` column, which hold these keys in this
+/// order, so each address is compressed once rather than once per file.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PackedKeys {
+    /// Batch rows whose keys the block holds, ascending.
+    pub rows: Vec<u32>,
+    /// The LZ4 block.
+    pub block: Vec<u8>,
+    /// Length of the page body before compression.
+    pub raw_len: usize,
+}
+
 /// The unit of flow: a few thousand recipients as Arrow columns plus their decisions so far.
 #[derive(Debug, Clone)]
 pub struct RecipientBatch {
@@ -348,6 +364,8 @@ pub struct RecipientBatch {
     pub payload: Vec<u8>,
     /// End offset in `payload` of each row's line (a row without a line has an empty range).
     pub payload_ends: Vec<u32>,
+    /// The sendable rows' keys, compressed for the Parquet sinks (email sends only).
+    pub packed_keys: Option<PackedKeys>,
     /// Where each sent row went: index into `placement_files`, or `u32::MAX`.
     pub placement_file: Vec<u32>,
     /// 1-based line within that file.
@@ -378,6 +396,7 @@ impl RecipientBatch {
             lists: Vec::new(),
             payload: Vec::new(),
             payload_ends: Vec::new(),
+            packed_keys: None,
             placement_file: Vec::new(),
             placement_line: Vec::new(),
             placement_files: Vec::new(),
@@ -394,6 +413,13 @@ impl RecipientBatch {
     /// True when the batch has no rows.
     pub fn is_empty(&self) -> bool {
         self.decisions.is_empty()
+    }
+
+    /// True when row `i` will be sent unless the ordered stages decide otherwise (billing
+    /// cap, printer): still pending, and given a variant rather than the holdout.
+    #[inline]
+    pub fn sendable(&self, i: usize) -> bool {
+        self.decisions[i] == Decision::Pending && self.variants[i] < HOLDOUT_VARIANT
     }
 
     /// Decides a pending row; rows already decided keep their first decision.

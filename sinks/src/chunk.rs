@@ -12,6 +12,7 @@
 
 use arrow_array::ArrayRef;
 use arrow_buffer::{BooleanBuffer, BooleanBufferBuilder, NullBuffer};
+use broadside_pipeline::model::PackedKeys;
 use bytes::Bytes;
 use parquet::basic::{Compression, Encoding};
 use parquet::column::page::{CompressedPage, Page, PageWriter};
@@ -26,6 +27,14 @@ use parquet::schema::types::ColumnDescPtr;
 pub(crate) trait OwnColumn: Send {
     /// Appends a batch's column.
     fn append(&mut self, column: &ArrayRef) -> Result<()>;
+    /// Appends the keys a worker packed as one page (see [`PackedKeys`]); only text columns
+    /// take them.
+    fn append_packed(&mut self, packed: &PackedKeys) -> Result<()> {
+        let _ = packed;
+        Err(ParquetError::General(
+            "only a text column takes packed keys".into(),
+        ))
+    }
     /// Encodes the chunk and starts an empty one for the next row group.
     fn finish(&mut self) -> Result<(Bytes, ColumnCloseResult)>;
 }
@@ -120,6 +129,29 @@ impl Pages {
         self.nulls += nulls;
         self.valid = BooleanBufferBuilder::new(self.page_rows);
         self.open_rows = 0;
+        Ok(())
+    }
+
+    /// Adds a whole page of `rows` non-null values whose body (what follows the definition
+    /// levels) is the LZ4 block `block` of `raw_len` bytes; the open page must be empty. The
+    /// levels, if the column has any, are spliced in front of the block as literals.
+    pub fn push_packed(&mut self, rows: usize, block: &[u8], raw_len: usize) -> Result<()> {
+        if !self.lz4 || self.open_rows > 0 {
+            return Err(ParquetError::General(format!(
+                "column {}: a packed page needs an LZ4 column with no open page",
+                self.descr.path()
+            )));
+        }
+        if rows == 0 {
+            return Ok(());
+        }
+        let levels = &mut self.raw;
+        levels.clear();
+        def_levels(levels, &self.descr, &BooleanBuffer::new_set(0), rows, 0)?;
+        let mut page = Vec::with_capacity(block.len() + levels.len() + 8);
+        crate::text::prepend_literals(block, levels, &mut page)?;
+        self.done.push((page, rows, raw_len + levels.len()));
+        self.rows += rows;
         Ok(())
     }
 

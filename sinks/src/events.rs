@@ -14,6 +14,7 @@ use arrow_array::{
     Array, ArrayRef, DictionaryArray, Int32Array, RecordBatch, StringArray,
     TimestampMicrosecondArray, UInt32Array,
 };
+use arrow_buffer::{Buffer, OffsetBuffer};
 use arrow_schema::SchemaRef;
 use arrow_select::take::take;
 
@@ -24,7 +25,8 @@ use broadside_pipeline::{Error, Result};
 use chrono::{DateTime, Utc};
 
 use crate::ledger::writer_properties;
-use crate::parts::{Own, PartWriter};
+use crate::parts::{Own, Packed, PartWriter};
+use crate::text::sent_keys_packed;
 
 /// Writes the `submitted` events of one run.
 pub struct SubmittedEventSink {
@@ -39,6 +41,8 @@ pub struct SubmittedEventSink {
     variants: ArrayRef,
     batch_schema: SchemaRef,
     ts_micros: i64,
+    /// Index of the `email` column, where packed keys go.
+    email_column: usize,
 }
 
 impl SubmittedEventSink {
@@ -68,8 +72,12 @@ impl SubmittedEventSink {
             ],
         )?;
         let one = |v: &str| -> ArrayRef { Arc::new(StringArray::from(vec![v])) };
+        let batch_schema = parts.batch_schema();
         Ok(SubmittedEventSink {
-            batch_schema: parts.batch_schema(),
+            email_column: batch_schema
+                .index_of("email")
+                .map_err(|e| Error::sink("submitted events", e.to_string()))?,
+            batch_schema,
             parts,
             part_rows,
             run_id: run_id.into(),
@@ -98,21 +106,40 @@ impl Sink for SubmittedEventSink {
             variants,
             batch_schema,
             ts_micros,
+            email_column,
         } = self;
         let Some(keys) = b.keys.as_ref() else {
             return Ok(());
         };
+        let packed = sent_keys_packed(b);
         parts.write_input_rows(b.first_row, b.len(), *part_rows, |start, end| {
-            // Columns are built whole: the emails are a `take` of the key column, ids are
-            // written without the formatting machinery, the variant and the constants are
-            // dictionary keys (the part writer encodes them from the keys).
-            let sent: Vec<u32> = (start..end)
-                .filter(|&i| b.decisions[i] == Decision::Sent && keys.is_valid(i))
-                .map(|i| i as u32)
-                .collect();
+            // Columns are built whole: the emails are the packed keys' page, or else a `take`
+            // of the key column; ids are written without the formatting machinery; the
+            // variant and the constants are dictionary keys (the part writer encodes them
+            // from the keys).
+            let whole = packed.filter(|_| (start, end) == (0, b.len()));
+            let sent: Vec<u32> = match whole {
+                Some(p) => p.rows.clone(),
+                None => (start..end)
+                    .filter(|&i| b.decisions[i] == Decision::Sent && keys.is_valid(i))
+                    .map(|i| i as u32)
+                    .collect(),
+            };
             let n = sent.len();
-            let email = take(keys, &UInt32Array::from(sent.clone()), None)
-                .map_err(|e| Error::sink("submitted events", e.to_string()))?;
+            let email: ArrayRef = match whole {
+                // Placeholders (empty strings): the page holds every row's email.
+                Some(_) => Arc::new(StringArray::new(
+                    OffsetBuffer::new_zeroed(n),
+                    Buffer::from_vec(Vec::<u8>::new()),
+                    None,
+                )),
+                None => take(keys, &UInt32Array::from(sent.clone()), None)
+                    .map_err(|e| Error::sink("submitted events", e.to_string()))?,
+            };
+            let packed = whole.map(|keys| Packed {
+                column: *email_column,
+                keys,
+            });
             let prefix = format!("sub-{run_id}-");
             let mut ids = StringBuilder::with_capacity(n, n * (prefix.len() + 10));
             let mut digits = itoa_buf();
@@ -149,6 +176,7 @@ impl Sink for SubmittedEventSink {
                     ),
                 ],
             )
+            .map(|batch| (batch, packed))
             .map_err(|e| Error::sink("submitted events", e.to_string()))
         })
     }

@@ -12,7 +12,7 @@
 use std::sync::Arc;
 
 use arrow_array::{Array, StringArray};
-use broadside_pipeline::model::{Decision, RecipientBatch, RecipientLayout, HOLDOUT_VARIANT};
+use broadside_pipeline::model::{RecipientBatch, RecipientLayout};
 use broadside_pipeline::stages::Stage;
 use broadside_pipeline::strings::append_short;
 use broadside_pipeline::Result;
@@ -143,9 +143,7 @@ impl Stage for IfurEncoder {
         ends.clear();
         ends.reserve(batch.len());
         for i in 0..batch.len() {
-            let sendable =
-                batch.decisions[i] == Decision::Pending && batch.variants[i] < HOLDOUT_VARIANT;
-            if sendable {
+            if batch.sendable(i) {
                 payload.push(b'D');
                 if !has_key {
                     payload.push(b'|');
@@ -344,7 +342,7 @@ mod tests {
     /// encoder.
     fn encoded(rows: &[TestRow]) -> RecipientBatch {
         use arrow_array::{ArrayRef, RecordBatch};
-        use broadside_pipeline::model::{Reason, StdField};
+        use broadside_pipeline::model::{Decision, Reason, StdField};
         let layout = Arc::new(RecipientLayout::new(
             &[StdField::Email, StdField::FirstName],
             &["note".to_string()],

@@ -8,14 +8,18 @@ use arrow_array::{
     ArrayRef, DictionaryArray, Int32Array, RecordBatch, StringArray, UInt32Array, UInt64Array,
 };
 use arrow_buffer::{BooleanBuffer, NullBuffer};
-use broadside_pipeline::model::{Decision, Reason, RecipientBatch, HOLDOUT_VARIANT, NO_VARIANT};
+use arrow_select::take::take;
+use broadside_pipeline::model::{
+    Decision, PackedKeys, Reason, RecipientBatch, HOLDOUT_VARIANT, NO_VARIANT,
+};
 use broadside_pipeline::runner::Sink;
 use broadside_pipeline::{Error, Result};
 use parquet::basic::{Compression, Encoding};
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
 use parquet::schema::types::ColumnPath;
 
-use crate::parts::{Own, PartWriter};
+use crate::parts::{segments, Own, Packed, PartWriter};
+use crate::text::sent_keys_packed;
 
 /// Arrow schema of recipient-log files (defined with the store layout, which analytics reads).
 pub use broadside_pipeline::store::ledger_schema as schema;
@@ -46,12 +50,12 @@ pub fn writer_properties(no_dictionary: &[&str], delta: &[&str]) -> WriterProper
     b.build()
 }
 
-/// A dictionary column of `n` rows whose row `i` is `values[key(i)]`, or null. The keys and
+/// A dictionary column whose row `j` is `values[key(order[j])]`, or null. The keys and
 /// their validity are built as two whole buffers rather than pushed row by row.
-fn coded(n: usize, key: impl Fn(usize) -> Option<i32>, values: Vec<&str>) -> ArrayRef {
+fn coded(order: &[usize], key: impl Fn(usize) -> Option<i32>, values: Vec<&str>) -> ArrayRef {
     let keys = Int32Array::new(
-        (0..n).map(|i| key(i).unwrap_or(0)).collect(),
-        nulls(n, |i| key(i).is_some()),
+        order.iter().map(|&i| key(i).unwrap_or(0)).collect(),
+        nulls(order, |i| key(i).is_some()),
     );
     Arc::new(DictionaryArray::<Int32Type>::new(
         keys,
@@ -59,14 +63,20 @@ fn coded(n: usize, key: impl Fn(usize) -> Option<i32>, values: Vec<&str>) -> Arr
     ))
 }
 
-/// The validity buffer of `n` rows, or none when every row is valid.
-fn nulls(n: usize, valid: impl FnMut(usize) -> bool) -> Option<NullBuffer> {
-    Some(NullBuffer::new(BooleanBuffer::collect_bool(n, valid))).filter(|b| b.null_count() > 0)
+/// The validity buffer of rows `order`, or none when every row is valid.
+fn nulls(order: &[usize], valid: impl Fn(usize) -> bool) -> Option<NullBuffer> {
+    Some(NullBuffer::new(BooleanBuffer::collect_bool(
+        order.len(),
+        |j| valid(order[j]),
+    )))
+    .filter(|b| b.null_count() > 0)
 }
 
 /// Writes a run's recipient log under `<store>/recipient_logs/.../run_id=<r>/part-NNNNN.parquet`.
 pub struct RecipientLogSink {
     parts: PartWriter,
+    /// Index of the `key` column, where packed keys go.
+    key_column: usize,
     part_rows: u64,
     variants: Vec<String>,
     lists: Vec<String>,
@@ -82,6 +92,9 @@ impl RecipientLogSink {
         lists: Vec<String>,
     ) -> Result<Self> {
         Ok(RecipientLogSink {
+            key_column: schema()
+                .index_of("key")
+                .map_err(|e| Error::sink("recipient log", e.to_string()))?,
             parts: PartWriter::new(
                 dir,
                 "part",
@@ -103,16 +116,44 @@ impl RecipientLogSink {
         })
     }
 
-    /// Builds the log rows of one whole batch.
-    pub fn log_batch(&self, b: &RecipientBatch) -> Result<RecordBatch> {
+    /// Builds the log rows of one whole batch, in row order; or, with `packed` (keys packed
+    /// for exactly the batch's sent rows, see [`sent_keys_packed`]), its sent rows first and
+    /// then the others, each group in row order, with nulls in the key column where the
+    /// packed page goes. The `row` column keeps each row's input position either way.
+    pub fn log_batch(
+        &self,
+        b: &RecipientBatch,
+        packed: Option<&PackedKeys>,
+    ) -> Result<RecordBatch> {
         let n = b.len();
-        let rows = UInt64Array::from_iter_values((0..n as u64).map(|i| b.first_row + i));
-        let keys: ArrayRef = match &b.keys {
-            Some(k) => Arc::new(k.clone()),
-            None => Arc::new(StringArray::new_null(n)),
+        let order: Vec<usize> = match packed {
+            None => (0..n).collect(),
+            Some(p) => {
+                let mut order: Vec<usize> = Vec::with_capacity(n);
+                order.extend(p.rows.iter().map(|&r| r as usize));
+                order.extend((0..n).filter(|&i| b.decisions[i] != Decision::Sent));
+                order
+            }
         };
+        let n = order.len();
+        let rows = UInt64Array::from_iter_values(order.iter().map(|&i| b.first_row + i as u64));
+        let keys: ArrayRef = match (&b.keys, packed) {
+            (Some(k), None) => Arc::new(k.clone()),
+            (Some(k), Some(p)) => {
+                let k_rows = p.rows.len();
+                let rest = UInt32Array::from_iter(
+                    order
+                        .iter()
+                        .enumerate()
+                        .map(|(j, &i)| (j >= k_rows).then_some(i as u32)),
+                );
+                take(k, &rest, None).map_err(|e| Error::sink("recipient log", e.to_string()))?
+            }
+            (None, _) => Arc::new(StringArray::new_null(n)),
+        };
+        // Every column below is built over `order`: its row `j` is batch row `order[j]`.
         let variant = coded(
-            n,
+            &order,
             |i| {
                 let (v, d) = (b.variants[i], b.decisions[i]);
                 (d == Decision::Sent && v != NO_VARIANT && v != HOLDOUT_VARIANT).then_some(v as i32)
@@ -120,12 +161,12 @@ impl RecipientLogSink {
             self.variants.iter().map(String::as_str).collect(),
         );
         let decision = coded(
-            n,
+            &order,
             |i| Some(b.decisions[i] as i32),
             Decision::ALL.iter().map(|d| d.as_str()).collect(),
         );
         let reason = coded(
-            n,
+            &order,
             |i| (b.reasons[i] != Reason::None).then_some(b.reasons[i] as i32),
             Reason::ALL.iter().map(|r| r.as_str()).collect(),
         );
@@ -133,10 +174,10 @@ impl RecipientLogSink {
         let detail = if b.details.is_empty() {
             StringArray::new_null(n)
         } else {
-            (0..n).map(|i| b.detail(i)).collect()
+            order.iter().map(|&i| b.detail(i)).collect()
         };
         let list = coded(
-            n,
+            &order,
             |i| {
                 (b.decisions[i] == Decision::Suppressed)
                     .then(|| b.lists.get(i).copied())
@@ -148,31 +189,33 @@ impl RecipientLogSink {
         );
         let placed = |i: usize| b.placement_file.get(i).is_some_and(|f| *f != u32::MAX);
         let file = coded(
-            n,
+            &order,
             |i| placed(i).then(|| b.placement_file[i] as i32),
             b.placement_files.iter().map(|s| &**s).collect(),
         );
         let line = UInt32Array::new(
-            (0..n)
-                .map(|i| if placed(i) { b.placement_line[i] } else { 0 })
+            order
+                .iter()
+                .map(|&i| if placed(i) { b.placement_line[i] } else { 0 })
                 .collect(),
-            nulls(n, placed),
+            nulls(&order, placed),
         );
         let mail_state: ArrayRef = if b.mail_states.is_empty() {
             arrow_array::new_null_array(&broadside_pipeline::store::dictionary_utf8(), n)
         } else {
             Arc::new(
-                b.mail_states
+                order
                     .iter()
-                    .copied()
+                    .map(|&i| b.mail_states[i])
                     .collect::<DictionaryArray<Int32Type>>(),
             )
         };
         let printer_id = if b.printer_ids.is_empty() {
             StringArray::new_null(n)
         } else {
-            (0..n)
-                .map(|i| b.printer_ids.get(i).and_then(|p| p.as_deref()))
+            order
+                .iter()
+                .map(|&i| b.printer_ids.get(i).and_then(|p| p.as_deref()))
                 .collect()
         };
         RecordBatch::try_new(
@@ -201,10 +244,16 @@ impl Sink for RecipientLogSink {
     }
 
     fn write(&mut self, b: &RecipientBatch) -> Result<()> {
-        let log = self.log_batch(b)?;
+        // Reordered rows cannot be cut at a part boundary: a batch across one is logged in
+        // row order, its keys encoded here.
+        let packed = sent_keys_packed(b)
+            .filter(|_| segments(b.first_row, b.len(), self.part_rows).len() == 1);
+        let log = self.log_batch(b, packed)?;
+        let key = self.key_column;
         self.parts
             .write_input_rows(b.first_row, b.len(), self.part_rows, |start, end| {
-                Ok(log.slice(start, end - start))
+                let packed = packed.map(|keys| Packed { column: key, keys });
+                Ok((log.slice(start, end - start), packed))
             })
     }
 

@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use arrow_array::RecordBatch;
 use arrow_schema::{Schema, SchemaRef};
+use broadside_pipeline::model::PackedKeys;
 use broadside_pipeline::store::{commit_file, create_dir_all, dictionary_utf8};
 use broadside_pipeline::{Error, Result};
 use parquet::arrow::arrow_writer::{compute_leaves, ArrowColumnWriter, ArrowRowGroupWriterFactory};
@@ -105,6 +106,17 @@ enum Encode {
     Own { own: Own, statistics: bool },
 }
 
+/// Keys packed on a worker ([`PackedKeys`]) that make the first rows of a text column in a
+/// batch written with them: the column's own values in those rows are not read (a sink may
+/// put placeholders there), the rest of the column follows the page as usual.
+#[derive(Debug, Clone, Copy)]
+pub struct Packed<'a> {
+    /// Index of the column in the schema.
+    pub column: usize,
+    /// The page.
+    pub keys: &'a PackedKeys,
+}
+
 /// One column's writer within the open row group.
 enum Slot {
     /// Encoded by parquet-rs.
@@ -154,10 +166,20 @@ impl PartFile {
         })
     }
 
-    fn write(&mut self, batch: &RecordBatch) -> parquet::errors::Result<()> {
+    /// Appends `batch`; with `packed`, the first rows of column `packed.column` are the packed
+    /// keys' page (that column's values in those rows are not read), and the batch goes into
+    /// the open row group whole, which may then hold up to a batch more than the limit.
+    fn write(
+        &mut self,
+        batch: &RecordBatch,
+        packed: Option<Packed<'_>>,
+    ) -> parquet::errors::Result<()> {
         let mut offset = 0;
         while offset < batch.num_rows() {
-            let take = (self.max_group_rows - self.group_rows).min(batch.num_rows() - offset);
+            let take = match packed {
+                Some(_) => batch.num_rows(),
+                None => (self.max_group_rows - self.group_rows).min(batch.num_rows() - offset),
+            };
             if self.group.is_none() {
                 let mut writers = self
                     .factory
@@ -179,24 +201,30 @@ impl PartFile {
                 self.group = Some(slots);
             }
             let slots = self.group.as_mut().expect("row group opened");
-            for ((slot, field), column) in slots
+            for (i, ((slot, field), column)) in slots
                 .iter_mut()
                 .zip(self.schema.fields())
                 .zip(batch.columns())
+                .enumerate()
             {
                 let column = column.slice(offset, take);
-                match slot {
-                    Slot::Arrow(w) => {
+                match (slot, packed) {
+                    (Slot::Own(c), Some(p)) if p.column == i => {
+                        let k = p.keys.rows.len();
+                        c.append_packed(p.keys)?;
+                        c.append(&column.slice(k, take - k))?;
+                    }
+                    (Slot::Arrow(w), _) => {
                         for leaf in compute_leaves(field, &column)? {
                             w.write(&leaf)?;
                         }
                     }
-                    Slot::Own(c) => c.append(&column)?,
+                    (Slot::Own(c), _) => c.append(&column)?,
                 }
             }
             self.group_rows += take;
             offset += take;
-            if self.group_rows == self.max_group_rows {
+            if self.group_rows >= self.max_group_rows {
                 self.flush_group()?;
             }
         }
@@ -327,7 +355,13 @@ impl PartWriter {
     }
 
     /// Appends rows to part `part`, opening it first if needed. Parts must come in order.
-    pub fn write(&mut self, part: u64, batch: &RecordBatch) -> Result<()> {
+    /// With `packed`, see [`Packed`].
+    pub fn write(
+        &mut self,
+        part: u64,
+        batch: &RecordBatch,
+        packed: Option<Packed<'_>>,
+    ) -> Result<()> {
         if batch.num_rows() == 0 {
             return Ok(());
         }
@@ -342,8 +376,24 @@ impl PartWriter {
             None => self.open(part)?,
         }
         let c = self.current.as_mut().expect("opened");
+        if let Some(p) = packed {
+            let k = p.keys.rows.len();
+            let own = matches!(
+                self.columns.get(p.column),
+                Some(Encode::Own { own: Own::Text, .. })
+            );
+            if !own || k > batch.num_rows() {
+                return Err(Error::sink(
+                    c.final_path.display().to_string(),
+                    format!(
+                        "packed keys for column {} ({k} rows) do not fit this batch",
+                        p.column
+                    ),
+                ));
+            }
+        }
         if let Some(w) = c.writer.as_mut() {
-            w.write(batch)
+            w.write(batch, packed)
                 .map_err(|e| Error::sink(c.tmp.display().to_string(), e.to_string()))?;
         }
         c.rows += batch.num_rows() as u64;
@@ -352,17 +402,18 @@ impl PartWriter {
 
     /// Writes what input rows `first_row .. first_row + len` produced, split at part
     /// boundaries (parts of `part_rows` input rows): `build(start, end)` returns the output
-    /// rows for batch rows `start .. end`. Parts that end inside this range are committed.
-    pub fn write_input_rows(
+    /// rows for batch rows `start .. end`, and the keys packed for them if any. Parts that end
+    /// inside this range are committed.
+    pub fn write_input_rows<'a>(
         &mut self,
         first_row: u64,
         len: usize,
         part_rows: u64,
-        mut build: impl FnMut(usize, usize) -> Result<RecordBatch>,
+        mut build: impl FnMut(usize, usize) -> Result<(RecordBatch, Option<Packed<'a>>)>,
     ) -> Result<()> {
         for s in segments(first_row, len, part_rows) {
-            let batch = build(s.start, s.end)?;
-            self.write(s.part, &batch)?;
+            let (batch, packed) = build(s.start, s.end)?;
+            self.write(s.part, &batch, packed)?;
             if s.completes {
                 self.close_part()?;
             }
@@ -551,7 +602,7 @@ mod coded_tests {
                 ],
             )
             .unwrap();
-            w.write(0, &batch).unwrap();
+            w.write(0, &batch, None).unwrap();
             row += len as u64;
         }
         w.close_part().unwrap();
@@ -647,7 +698,7 @@ mod coded_tests {
         .unwrap();
         let batch =
             RecordBatch::try_new(schema, vec![Arc::new(StringArray::from(vec!["a"]))]).unwrap();
-        let err = w.write(0, &batch).unwrap_err().to_string();
+        let err = w.write(0, &batch, None).unwrap_err().to_string();
         assert!(err.contains("Dictionary(Int32, Utf8)"), "{err}");
         assert!(err.contains("t-00000.parquet"), "{err}");
     }
@@ -702,7 +753,7 @@ mod coded_tests {
             )
             .unwrap();
             n += b.len() as u64;
-            w.write(0, &batch).unwrap();
+            w.write(0, &batch, None).unwrap();
         }
         w.close_part().unwrap();
         if n == 0 {

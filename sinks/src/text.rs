@@ -19,6 +19,10 @@ use parquet::column::writer::ColumnCloseResult;
 use parquet::errors::{ParquetError, Result};
 use parquet::schema::types::ColumnDescPtr;
 
+use broadside_pipeline::model::{Decision, PackedKeys, RecipientBatch};
+use broadside_pipeline::stages::Stage;
+use broadside_pipeline::strings::append_short;
+
 use crate::chunk::{delta_binary_packed, OwnColumn, Pages};
 
 /// One row group's worth of a `DELTA_LENGTH_BYTE_ARRAY` string column.
@@ -44,10 +48,8 @@ impl TextColumn {
     /// Encodes the open page: definition levels, lengths, values.
     fn encode_page(&mut self) -> Result<()> {
         let (lengths, bytes) = (&self.lengths, &self.bytes);
-        self.pages.close(lengths.len(), |data| {
-            delta_binary_packed(data, lengths);
-            data.extend_from_slice(bytes);
-        })?;
+        self.pages
+            .close(lengths.len(), |data| encode_body(data, lengths, bytes))?;
         self.lengths.clear();
         self.bytes.clear();
         Ok(())
@@ -88,6 +90,13 @@ impl OwnColumn for TextColumn {
         Ok(())
     }
 
+    /// Closes the open page, then adds the packed keys as a page of their own.
+    fn append_packed(&mut self, packed: &PackedKeys) -> Result<()> {
+        self.encode_page()?;
+        self.pages
+            .push_packed(packed.rows.len(), &packed.block, packed.raw_len)
+    }
+
     /// Encodes the chunk and starts an empty one for the next row group.
     fn finish(&mut self) -> Result<(Bytes, ColumnCloseResult)> {
         self.encode_page()?;
@@ -110,5 +119,177 @@ impl OwnColumn for TextColumn {
                 None,
             )
             .write()
+    }
+}
+
+/// A page body after its definition levels: the lengths, then the values back to back.
+fn encode_body(data: &mut Vec<u8>, lengths: &[u32], bytes: &[u8]) {
+    delta_binary_packed(data, lengths);
+    data.extend_from_slice(bytes);
+}
+
+/// Writes to `out` the LZ4 block `block` with the bytes `prefix` in front of what it
+/// decompresses to. The prefix joins the literals of the block's first sequence (only that
+/// sequence's header is rewritten); the matches after it copy from distances back in the
+/// output, which do not change, and the end-of-block rules count from the end, which does not
+/// move either.
+pub(crate) fn prepend_literals(block: &[u8], prefix: &[u8], out: &mut Vec<u8>) -> Result<()> {
+    let truncated = || ParquetError::General("LZ4 block: truncated first sequence".into());
+    let token = *block.first().ok_or_else(truncated)?;
+    let mut at = 1;
+    let mut literals = usize::from(token >> 4);
+    if literals == 15 {
+        loop {
+            let b = *block.get(at).ok_or_else(truncated)?;
+            at += 1;
+            literals += usize::from(b);
+            if b != 255 {
+                break;
+            }
+        }
+    }
+    let total = literals + prefix.len();
+    out.push(((total.min(15) as u8) << 4) | (token & 0x0F));
+    if total >= 15 {
+        let mut rest = total - 15;
+        while rest >= 255 {
+            out.push(255);
+            rest -= 255;
+        }
+        out.push(rest as u8);
+    }
+    out.extend_from_slice(prefix);
+    out.extend_from_slice(&block[at..]);
+    Ok(())
+}
+
+/// The batch's packed keys if they are exactly its sent rows' keys: every row the ordered
+/// stages left sendable was sent, and every sent row has a key. Otherwise (billing cap or
+/// printer decisions, no packer) the sinks encode the keys themselves.
+pub fn sent_keys_packed(b: &RecipientBatch) -> Option<&PackedKeys> {
+    let packed = b.packed_keys.as_ref()?;
+    let mut expected = packed.rows.iter();
+    for (i, d) in b.decisions.iter().enumerate() {
+        if *d == Decision::Sent && expected.next() != Some(&(i as u32)) {
+            return None;
+        }
+    }
+    expected.next().is_none().then_some(packed)
+}
+
+/// Packs the keys of each batch's sendable rows into one compressed page body
+/// ([`PackedKeys`]), on the worker threads. The recipient log and the submitted events both
+/// store these keys in this order (the log puts a batch's sent rows first), so the two sinks
+/// splice the same block into their files instead of each compressing every address.
+/// A row the ordered stages later decide not to send (billing cap, printer) makes the block
+/// unusable for that batch; the sinks then encode the keys themselves.
+#[derive(Debug, Default)]
+pub struct KeyPacker {
+    lengths: Vec<u32>,
+    bytes: Vec<u8>,
+    raw: Vec<u8>,
+    packed: Vec<u8>,
+}
+
+impl KeyPacker {
+    /// A packer with empty buffers (kept from batch to batch).
+    pub fn new() -> Self {
+        KeyPacker::default()
+    }
+}
+
+impl Stage for KeyPacker {
+    fn name(&self) -> &'static str {
+        "pack-keys"
+    }
+
+    fn process(&mut self, batch: &mut RecipientBatch) -> broadside_pipeline::Result<()> {
+        batch.packed_keys = None;
+        let Some(keys) = batch.keys.as_ref() else {
+            return Ok(());
+        };
+        let (offsets, data) = (keys.value_offsets(), keys.value_data());
+        let mut rows = Vec::with_capacity(batch.len());
+        self.lengths.clear();
+        self.bytes.clear();
+        // Room for every key plus the block copies of `append_short`.
+        self.bytes.reserve(data.len() + 64);
+        for i in 0..batch.len() {
+            if batch.sendable(i) && keys.is_valid(i) {
+                let (start, end) = (offsets[i] as usize, offsets[i + 1] as usize);
+                rows.push(i as u32);
+                self.lengths.push((end - start) as u32);
+                append_short(&mut self.bytes, &data[start..end], data);
+            }
+        }
+        if rows.is_empty() {
+            return Ok(());
+        }
+        self.raw.clear();
+        encode_body(&mut self.raw, &self.lengths, &self.bytes);
+        let bound = lz4_flex::block::get_maximum_output_size(self.raw.len());
+        if self.packed.len() < bound {
+            self.packed.resize(bound, 0);
+        }
+        let n = lz4_flex::block::compress_into(&self.raw, &mut self.packed).map_err(|e| {
+            broadside_pipeline::Error::Stage {
+                stage: "pack-keys".into(),
+                message: format!("LZ4: {e}"),
+            }
+        })?;
+        batch.packed_keys = Some(PackedKeys {
+            rows,
+            block: self.packed[..n].to_vec(),
+            raw_len: self.raw.len(),
+        });
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Bytes with repeats, so that the compressor finds matches (also at the very start).
+    fn repetitive() -> impl Strategy<Value = Vec<u8>> {
+        proptest::collection::vec(
+            prop_oneof![
+                3 => "[a-c]{1,6}".prop_map(String::into_bytes),
+                1 => proptest::collection::vec(any::<u8>(), 0..40),
+            ],
+            0..200,
+        )
+        .prop_map(|parts| parts.concat())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+        /// A block with literals spliced in front decompresses to the prefix followed by the
+        /// original input, whatever the lengths (first sequences of 0, under 15, 15 and over
+        /// 255 literals; prefixes crossing the same thresholds).
+        #[test]
+        fn prepended_literals_decompress_in_front(
+            data in repetitive(),
+            prefix in proptest::collection::vec(any::<u8>(), 0..600),
+        ) {
+            let block = lz4_flex::block::compress(&data);
+            let mut out = Vec::new();
+            prepend_literals(&block, &prefix, &mut out).unwrap();
+            let back = lz4_flex::block::decompress(&out, prefix.len() + data.len()).unwrap();
+            prop_assert_eq!(&back[..prefix.len()], &prefix[..]);
+            prop_assert_eq!(&back[prefix.len()..], &data[..]);
+            if prefix.is_empty() {
+                prop_assert_eq!(out, block);
+            }
+        }
+    }
+
+    #[test]
+    fn a_truncated_first_sequence_is_an_error() {
+        let mut out = Vec::new();
+        assert!(prepend_literals(&[], b"x", &mut out).is_err());
+        // 15 literals announced, then the length bytes end.
+        assert!(prepend_literals(&[0xF0, 255], b"x", &mut out).is_err());
     }
 }
