@@ -48,31 +48,52 @@ pub fn readable_blocks(src: &[u8], within: &[u8]) -> Option<usize> {
     (start >= lo && start - lo + blocks <= within.len()).then_some(blocks)
 }
 
+/// Copies `src` to `dst` and returns its length. `within` is a slice `src` lies in: when the
+/// 16-byte blocks covering `src` stay inside it and `src` is short, whole blocks are moved
+/// (up to 15 bytes past `src`'s end are read, and written past `dst + src.len()`); otherwise
+/// exactly `src` is copied.
+///
+/// # Safety
+/// `dst` must be valid for writes of `src.len()` rounded up to a multiple of 16 bytes, and
+/// must not overlap `within`.
+#[inline(always)]
+pub unsafe fn copy_short(dst: *mut u8, src: &[u8], within: &[u8]) -> usize {
+    match readable_blocks(src, within) {
+        Some(blocks) if src.len() <= SHORT => {
+            let s = src.as_ptr();
+            let mut k = 0;
+            while k < blocks {
+                // SAFETY: the `blocks` bytes read from `src`'s start lie inside `within`
+                // (checked by `readable_blocks`); the caller guarantees room for them at `dst`.
+                unsafe {
+                    let v = std::ptr::read_unaligned(s.add(k).cast::<[u8; 16]>());
+                    std::ptr::write_unaligned(dst.add(k).cast::<[u8; 16]>(), v);
+                }
+                k += 16;
+            }
+        }
+        // SAFETY: the caller guarantees room for `src.len()` bytes at `dst`, apart from `src`.
+        _ => unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst, src.len()) },
+    }
+    src.len()
+}
+
 /// Appends `src` to `dst`. `within` is a slice `src` lies in (its chunk or column buffer):
 /// when the 16-byte blocks covering `src` stay inside `within` and fit in `dst`'s spare
 /// capacity, they are moved whole (the extra bytes land past `dst`'s length, where they are
 /// not part of the vector); otherwise this is `extend_from_slice`.
 #[inline(always)]
 pub fn append_short(dst: &mut Vec<u8>, src: &[u8], within: &[u8]) {
-    match readable_blocks(src, within) {
-        Some(blocks) if src.len() <= SHORT && dst.capacity() - dst.len() >= blocks => {
-            // SAFETY: the `blocks` bytes read from `src`'s start lie inside `within` (checked
-            // by `readable_blocks`), and the `blocks` bytes written lie in `dst`'s spare
-            // capacity; only `src.len()` of them become part of the vector, and those are
-            // exactly `src`'s bytes.
-            unsafe {
-                let s = src.as_ptr();
-                let d = dst.as_mut_ptr().add(dst.len());
-                let mut k = 0;
-                while k < blocks {
-                    let v = std::ptr::read_unaligned(s.add(k).cast::<[u8; 16]>());
-                    std::ptr::write_unaligned(d.add(k).cast::<[u8; 16]>(), v);
-                    k += 16;
-                }
-                dst.set_len(dst.len() + src.len());
-            }
+    if dst.capacity() - dst.len() >= src.len().div_ceil(16) * 16 {
+        // SAFETY: the spare capacity holds `src.len()` rounded up to 16 bytes, and a vector's
+        // spare capacity overlaps no other slice; only `src.len()` bytes become part of the
+        // vector, and those are exactly `src`'s.
+        unsafe {
+            let n = copy_short(dst.as_mut_ptr().add(dst.len()), src, within);
+            dst.set_len(dst.len() + n);
         }
-        _ => dst.extend_from_slice(src),
+    } else {
+        dst.extend_from_slice(src);
     }
 }
 
