@@ -110,11 +110,13 @@ fn load_csv(list: &ListToLoad<'_>) -> Result<Vec<u128>> {
         error: None,
     };
     let mut chunks = Chunker::after_header(rdr, b',');
+    let recycle = chunks.recycler();
     while let Some((chunk, first_line)) = chunks.next_chunk()? {
         cut_records(&chunk, first_line, b',', &mut keys);
         if let Some(e) = keys.error {
             return Err(e);
         }
+        let _ = recycle.try_send(chunk);
     }
     Ok(keys.out)
 }
