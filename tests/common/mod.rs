@@ -104,7 +104,8 @@ fn strings(col: &dyn Array) -> Vec<Option<String>> {
         .collect()
 }
 
-/// Every ledger row of a run, in part order.
+/// Every ledger row of a run, in `row` order (a part lists each batch's sent rows first when
+/// their keys were packed on a worker; see docs/store.md).
 pub fn read_ledger(store: &Path, workspace: &str, campaign: &str, run_id: &str) -> Vec<LedgerRow> {
     let dir = store
         .join("recipient_logs")
@@ -161,6 +162,7 @@ pub fn read_ledger(store: &Path, workspace: &str, campaign: &str, run_id: &str) 
             }
         }
     }
+    out.sort_by_key(|r| r.row);
     out
 }
 
