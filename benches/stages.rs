@@ -15,6 +15,7 @@ use broadside_pipeline::stages::{
 use broadside_sinks::events::SubmittedEventSink;
 use broadside_sinks::ifur::IfurEncoder;
 use broadside_sinks::ledger::RecipientLogSink;
+use broadside_sinks::text::KeyPacker;
 use broadside_sources::csv::CsvSource;
 use broadside_sources::synthetic::{write_recipients_csv, Generator, SyntheticSource, COLUMNS};
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
@@ -208,6 +209,21 @@ fn bench_split_encode(c: &mut Criterion) {
     });
     g.finish();
 
+    let mut g = c.benchmark_group("pack_keys");
+    g.throughput(Throughput::Elements(8192));
+    let mut pack = KeyPacker::new();
+    g.bench_function("batch_8192", |b| {
+        b.iter_batched(
+            || split_batch.clone(),
+            |mut x| {
+                pack.process(&mut x).unwrap();
+                x
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    g.finish();
+
     let mut g = c.benchmark_group("cap");
     g.throughput(Throughput::Elements(8192));
     g.bench_function("batch_8192", |b| {
@@ -223,11 +239,15 @@ fn bench_split_encode(c: &mut Criterion) {
     g.finish();
 }
 
-/// A batch as the sinks see it: validated, split, assigned, and placed in one IFUR file per
-/// variant (the placement the IFUR writer records).
-fn decided_batch() -> RecipientBatch {
+/// A batch as the sinks see it: validated, split, its sent keys packed by a worker if
+/// `packed`, assigned, and placed in one IFUR file per variant (the placement the IFUR writer
+/// records).
+fn decided_batch(packed: bool) -> RecipientBatch {
     let mut batch = validated_batch();
     VariantSplitter::new(&spec()).process(&mut batch).unwrap();
+    if packed {
+        KeyPacker::new().process(&mut batch).unwrap();
+    }
     Assigner.process(&mut batch).unwrap();
     let n = batch.len();
     batch.placement_files = vec!["IFUR_A_00001.txt".into(), "IFUR_B_00001.txt".into()];
@@ -253,40 +273,49 @@ fn write_through(mut sink: impl Sink, batch: &RecipientBatch, batches: u64) {
 }
 
 fn bench_sinks(c: &mut Criterion) {
-    let batch = decided_batch();
     let batches = 25u64;
     let variants = || vec!["A".to_string(), "B".to_string()];
+    // `write_200k`: the sink compresses the keys itself; `write_200k_packed`: a worker did
+    // (`pack_keys`), as in a send.
+    let runs = [
+        ("write_200k", decided_batch(false)),
+        ("write_200k_packed", decided_batch(true)),
+    ];
     let mut g = c.benchmark_group("ledger");
     g.throughput(Throughput::Elements(8192 * batches));
     g.sample_size(10);
-    g.bench_function("write_200k", |b| {
-        b.iter(|| {
-            let dir = tempfile::tempdir().unwrap();
-            let sink = RecipientLogSink::new(dir.path(), 1 << 20, variants(), vec![]).unwrap();
-            write_through(sink, &batch, batches);
-        })
-    });
+    for (name, batch) in &runs {
+        g.bench_function(*name, |b| {
+            b.iter(|| {
+                let dir = tempfile::tempdir().unwrap();
+                let sink = RecipientLogSink::new(dir.path(), 1 << 20, variants(), vec![]).unwrap();
+                write_through(sink, batch, batches);
+            })
+        });
+    }
     g.finish();
 
     let mut g = c.benchmark_group("submitted_events");
     g.throughput(Throughput::Elements(8192 * batches));
     g.sample_size(10);
-    g.bench_function("write_200k", |b| {
-        b.iter(|| {
-            let dir = tempfile::tempdir().unwrap();
-            let sink = SubmittedEventSink::new(
-                dir.path(),
-                "bench",
-                "bench-campaign",
-                "bench-run-0001",
-                variants(),
-                chrono::Utc::now(),
-                1 << 20,
-            )
-            .unwrap();
-            write_through(sink, &batch, batches);
-        })
-    });
+    for (name, batch) in &runs {
+        g.bench_function(*name, |b| {
+            b.iter(|| {
+                let dir = tempfile::tempdir().unwrap();
+                let sink = SubmittedEventSink::new(
+                    dir.path(),
+                    "bench",
+                    "bench-campaign",
+                    "bench-run-0001",
+                    variants(),
+                    chrono::Utc::now(),
+                    1 << 20,
+                )
+                .unwrap();
+                write_through(sink, batch, batches);
+            })
+        });
+    }
     g.finish();
 }
 
