@@ -135,7 +135,16 @@ impl RecipientLogSink {
                 order
             }
         };
-        let n = order.len();
+        if order.len() != n {
+            // Packed rows that are not the sent ones would log some rows twice or not at all.
+            return Err(Error::sink(
+                "recipient log",
+                format!(
+                    "{} rows ordered for a batch of {n}: the packed keys are not its sent rows",
+                    order.len()
+                ),
+            ));
+        }
         let rows = UInt64Array::from_iter_values(order.iter().map(|&i| b.first_row + i as u64));
         let keys: ArrayRef = match (&b.keys, packed) {
             (Some(k), None) => Arc::new(k.clone()),

@@ -219,6 +219,15 @@ fn packed_keys_are_used_only_when_they_are_the_sent_rows() {
             .collect()
     };
     assert!(sent_keys_packed(&decided(0, &rows(Fate::Suppressed), true)).is_some());
-    assert!(sent_keys_packed(&decided(0, &rows(Fate::Capped), true)).is_none());
+    let capped = decided(0, &rows(Fate::Capped), true);
+    assert!(sent_keys_packed(&capped).is_none());
     assert!(sent_keys_packed(&decided(0, &rows(Fate::Sent), false)).is_none());
+    // Forcing such keys on the log is refused rather than logging a row twice.
+    let d = tempfile::tempdir().unwrap();
+    let log = RecipientLogSink::new(d.path(), 100, vec!["a".into(), "b".into()], vec![]).unwrap();
+    let err = log
+        .log_batch(&capped, capped.packed_keys.as_ref())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("not its sent rows"), "{err}");
 }
