@@ -106,9 +106,9 @@ enum Encode {
     Own { own: Own, statistics: bool },
 }
 
-/// Keys packed on a worker ([`PackedKeys`]) that make the first rows of a text column in a
-/// batch written with them: the column's own values in those rows are not read (a sink may
-/// put placeholders there), the rest of the column follows the page as usual.
+/// Keys packed on a worker ([`PackedKeys`]) that stand for the first rows of a text column
+/// of the batch written with them: the column's own values in those rows are not read (a sink
+/// may put placeholders there); its remaining rows follow the packed page as usual.
 #[derive(Debug, Clone, Copy)]
 pub struct Packed<'a> {
     /// Index of the column in the schema.
