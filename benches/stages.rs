@@ -109,22 +109,34 @@ fn bench_csv(c: &mut Criterion) {
     g.finish();
 }
 
-fn bench_validate(c: &mut Criterion) {
-    let mut g = c.benchmark_group("validate");
-    g.throughput(Throughput::Elements(8192));
-    let batch = raw_batch(0);
-    let mut v = Validator::new(&spec(), layout());
-    g.bench_function("batch_8192", |b| {
+/// Benchmarks `stage` on fresh copies of `batch`: group `group`, function `name`, throughput
+/// in the batch's rows.
+fn bench_stage(
+    c: &mut Criterion,
+    group: &str,
+    name: &str,
+    batch: &RecipientBatch,
+    stage: &mut dyn Stage,
+) {
+    let mut g = c.benchmark_group(group);
+    g.throughput(Throughput::Elements(batch.len() as u64));
+    g.bench_function(name, |b| {
         b.iter_batched(
             || batch.clone(),
             |mut x| {
-                v.process(&mut x).unwrap();
+                stage.process(&mut x).unwrap();
                 x
             },
             BatchSize::SmallInput,
         )
     });
     g.finish();
+}
+
+fn bench_validate(c: &mut Criterion) {
+    let batch = raw_batch(0);
+    let mut v = Validator::new(&spec(), layout());
+    bench_stage(c, "validate", "batch_8192", &batch, &mut v);
 }
 
 fn bench_suppress(c: &mut Criterion) {
@@ -160,69 +172,21 @@ fn bench_suppress(c: &mut Criterion) {
     }
     let mut stage = Suppressor::new(Arc::new(builder.build()));
     let batch = validated_batch();
-    let mut g = c.benchmark_group("suppress");
-    g.throughput(Throughput::Elements(8192));
-    g.bench_function("batch_8192_vs_2M", |b| {
-        b.iter_batched(
-            || batch.clone(),
-            |mut x| {
-                stage.process(&mut x).unwrap();
-                x
-            },
-            BatchSize::SmallInput,
-        )
-    });
-    g.finish();
+    bench_stage(c, "suppress", "batch_8192_vs_2M", &batch, &mut stage);
 }
 
 fn bench_split_encode(c: &mut Criterion) {
     let batch = validated_batch();
-    let mut g = c.benchmark_group("split");
-    g.throughput(Throughput::Elements(8192));
     let mut split = VariantSplitter::new(&spec());
-    g.bench_function("batch_8192", |b| {
-        b.iter_batched(
-            || batch.clone(),
-            |mut x| {
-                split.process(&mut x).unwrap();
-                x
-            },
-            BatchSize::SmallInput,
-        )
-    });
-    g.finish();
+    bench_stage(c, "split", "batch_8192", &batch, &mut split);
 
     let mut split_batch = batch.clone();
     split.process(&mut split_batch).unwrap();
-    let mut g = c.benchmark_group("ifur_encode");
-    g.throughput(Throughput::Elements(8192));
     let mut enc = IfurEncoder::new(layout());
-    g.bench_function("batch_8192", |b| {
-        b.iter_batched(
-            || split_batch.clone(),
-            |mut x| {
-                enc.process(&mut x).unwrap();
-                x
-            },
-            BatchSize::SmallInput,
-        )
-    });
-    g.finish();
+    bench_stage(c, "ifur_encode", "batch_8192", &split_batch, &mut enc);
 
-    let mut g = c.benchmark_group("pack_keys");
-    g.throughput(Throughput::Elements(8192));
     let mut pack = KeyPacker::new();
-    g.bench_function("batch_8192", |b| {
-        b.iter_batched(
-            || split_batch.clone(),
-            |mut x| {
-                pack.process(&mut x).unwrap();
-                x
-            },
-            BatchSize::SmallInput,
-        )
-    });
-    g.finish();
+    bench_stage(c, "pack_keys", "batch_8192", &split_batch, &mut pack);
 
     let mut g = c.benchmark_group("cap");
     g.throughput(Throughput::Elements(8192));
