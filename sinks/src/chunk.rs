@@ -39,6 +39,21 @@ pub(crate) trait OwnColumn: Send {
     fn finish(&mut self) -> Result<(Bytes, ColumnCloseResult)>;
 }
 
+/// `raw` compressed as one LZ4 block, through `scratch`, an output buffer kept by the caller
+/// from call to call (a fresh buffer of this size is a fresh mapping, faulted in page by
+/// page); returns a copy of the compressed bytes only.
+pub(crate) fn lz4_block(
+    raw: &[u8],
+    scratch: &mut Vec<u8>,
+) -> std::result::Result<Vec<u8>, lz4_flex::block::CompressError> {
+    let bound = lz4_flex::block::get_maximum_output_size(raw.len());
+    if scratch.len() < bound {
+        scratch.resize(bound, 0);
+    }
+    let n = lz4_flex::block::compress_into(raw, scratch)?;
+    Ok(scratch[..n].to_vec())
+}
+
 /// The data pages of a column chunk being written: the open page's validity and row count,
 /// the pages encoded so far, and the chunk's row and null counts. The column keeps the open
 /// page's values and encodes them when [`Pages::close`] asks.
@@ -111,16 +126,9 @@ impl Pages {
         encode(raw);
         let size = raw.len();
         let data = if self.lz4 {
-            // Compressed from and into buffers kept from page to page (a fresh buffer of this
-            // size is a fresh mapping, faulted in page by page); the page keeps a copy of the
-            // compressed bytes only.
-            let bound = lz4_flex::block::get_maximum_output_size(size);
-            if self.packed.len() < bound {
-                self.packed.resize(bound, 0);
-            }
-            let n = lz4_flex::block::compress_into(raw, &mut self.packed)
-                .map_err(|e| ParquetError::General(format!("LZ4: {e}")))?;
-            self.packed[..n].to_vec()
+            // Compressed from and into buffers kept from page to page.
+            lz4_block(raw, &mut self.packed)
+                .map_err(|e| ParquetError::General(format!("LZ4: {e}")))?
         } else {
             // Uncompressed pages are small: the page keeps the buffer itself.
             std::mem::take(raw)

@@ -23,7 +23,7 @@ use broadside_pipeline::model::{Decision, PackedKeys, RecipientBatch};
 use broadside_pipeline::stages::Stage;
 use broadside_pipeline::strings::append_short;
 
-use crate::chunk::{delta_binary_packed, OwnColumn, Pages};
+use crate::chunk::{delta_binary_packed, lz4_block, OwnColumn, Pages};
 
 /// One row group's worth of a `DELTA_LENGTH_BYTE_ARRAY` string column.
 #[derive(Debug)]
@@ -227,11 +227,7 @@ impl Stage for KeyPacker {
         }
         self.raw.clear();
         encode_body(&mut self.raw, &self.lengths, &self.bytes);
-        let bound = lz4_flex::block::get_maximum_output_size(self.raw.len());
-        if self.packed.len() < bound {
-            self.packed.resize(bound, 0);
-        }
-        let n = lz4_flex::block::compress_into(&self.raw, &mut self.packed).map_err(|e| {
+        let block = lz4_block(&self.raw, &mut self.packed).map_err(|e| {
             broadside_pipeline::Error::Stage {
                 stage: "pack-keys".into(),
                 message: format!("LZ4: {e}"),
@@ -239,7 +235,7 @@ impl Stage for KeyPacker {
         })?;
         batch.packed_keys = Some(PackedKeys {
             rows,
-            block: self.packed[..n].to_vec(),
+            block,
             raw_len: self.raw.len(),
         });
         Ok(())
