@@ -10,8 +10,10 @@
 //! Chunks are uncompressed (what the dictionary and delta encodings leave is a few bits or
 //! bytes per row), except those of [`crate::text`], whose pages are LZ4_RAW like parquet-rs's.
 
-use arrow_array::ArrayRef;
+use arrow_array::cast::AsArray;
+use arrow_array::{ArrayRef, StringArray};
 use arrow_buffer::{BooleanBuffer, BooleanBufferBuilder, NullBuffer};
+use arrow_schema::DataType;
 use broadside_pipeline::model::PackedKeys;
 use bytes::Bytes;
 use parquet::basic::{Compression, Encoding};
@@ -37,6 +39,17 @@ pub(crate) trait OwnColumn: Send {
     }
     /// Encodes the chunk and starts an empty one for the next row group.
     fn finish(&mut self) -> Result<(Bytes, ColumnCloseResult)>;
+}
+
+/// `column` as a `Utf8` string array, the only type a `kind` column (text, delta) takes.
+pub(crate) fn utf8_strings<'a>(column: &'a ArrayRef, kind: &str) -> Result<&'a StringArray> {
+    if column.data_type() != &DataType::Utf8 {
+        return Err(ParquetError::General(format!(
+            "a {kind} column takes Utf8 arrays, not {}",
+            column.data_type()
+        )));
+    }
+    Ok(column.as_string::<i32>())
 }
 
 /// `raw` compressed as one LZ4 block, through `scratch`, an output buffer kept by the caller

@@ -11,18 +11,16 @@
 //! row are left. Pages (about `page_rows` rows) stand alone: each starts from an empty
 //! previous value, as readers that seek to a page expect.
 
-use arrow_array::cast::AsArray;
 use arrow_array::{Array, ArrayRef};
-use arrow_schema::DataType;
 use bytes::Bytes;
 use parquet::basic::Encoding;
 use parquet::column::writer::ColumnCloseResult;
 use parquet::data_type::ByteArray;
-use parquet::errors::{ParquetError, Result};
+use parquet::errors::Result;
 use parquet::file::statistics::Statistics;
 use parquet::schema::types::ColumnDescPtr;
 
-use crate::chunk::{delta_binary_packed, OwnColumn, Pages};
+use crate::chunk::{delta_binary_packed, utf8_strings, OwnColumn, Pages};
 
 /// One row group's worth of a `DELTA_BYTE_ARRAY` string column.
 #[derive(Debug)]
@@ -62,13 +60,7 @@ impl DeltaColumn {
 impl OwnColumn for DeltaColumn {
     /// Appends a `Utf8` array (the only type this column takes).
     fn append(&mut self, column: &ArrayRef) -> Result<()> {
-        if column.data_type() != &DataType::Utf8 {
-            return Err(ParquetError::General(format!(
-                "a delta column takes Utf8 arrays, not {}",
-                column.data_type()
-            )));
-        }
-        let strings = column.as_string::<i32>();
+        let strings = utf8_strings(column, "delta")?;
         let n = strings.len();
         let offsets = strings.value_offsets();
         let data = strings.value_data();

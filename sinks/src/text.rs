@@ -10,9 +10,7 @@
 //! the same LZ4 block codec. An array without nulls is copied as one slice. Min/max
 //! statistics are never kept: unsorted unique strings cannot prune anything.
 
-use arrow_array::cast::AsArray;
 use arrow_array::{Array, ArrayRef};
-use arrow_schema::DataType;
 use bytes::Bytes;
 use parquet::basic::Encoding;
 use parquet::column::writer::ColumnCloseResult;
@@ -23,7 +21,7 @@ use broadside_pipeline::model::{Decision, PackedKeys, RecipientBatch};
 use broadside_pipeline::stages::Stage;
 use broadside_pipeline::strings::append_short;
 
-use crate::chunk::{delta_binary_packed, lz4_block, OwnColumn, Pages};
+use crate::chunk::{delta_binary_packed, lz4_block, utf8_strings, OwnColumn, Pages};
 
 /// One row group's worth of a `DELTA_LENGTH_BYTE_ARRAY` string column.
 #[derive(Debug)]
@@ -59,13 +57,7 @@ impl TextColumn {
 impl OwnColumn for TextColumn {
     /// Appends a `Utf8` array (the only type this column takes).
     fn append(&mut self, column: &ArrayRef) -> Result<()> {
-        if column.data_type() != &DataType::Utf8 {
-            return Err(ParquetError::General(format!(
-                "a text column takes Utf8 arrays, not {}",
-                column.data_type()
-            )));
-        }
-        let strings = column.as_string::<i32>();
+        let strings = utf8_strings(column, "text")?;
         let offsets = strings.value_offsets();
         let data = strings.value_data();
         let nulls = strings.nulls().filter(|b| b.null_count() > 0);
