@@ -102,11 +102,17 @@ pub enum Reason {
     PrinterFailed = 21,
     /// Mail channel: no address1, and the enrichment provider found none.
     EnrichmentFailed = 22,
+    /// An earlier valid row of the run has the same recipient key (or household); the detail
+    /// names that row.
+    Duplicate = 23,
+    /// An earlier run of the campaign already sent to this key (`--exclude-sent`); the detail
+    /// names that run.
+    AlreadySent = 24,
 }
 
 impl Reason {
     /// Every reason, in code order.
-    pub const ALL: [Reason; 23] = [
+    pub const ALL: [Reason; 25] = [
         Reason::None,
         Reason::MissingEmail,
         Reason::InvalidEmail,
@@ -130,6 +136,8 @@ impl Reason {
         Reason::PrinterRejected,
         Reason::PrinterFailed,
         Reason::EnrichmentFailed,
+        Reason::Duplicate,
+        Reason::AlreadySent,
     ];
 
     /// The snake_case code stored in the ledger (empty for [`Reason::None`]).
@@ -158,6 +166,8 @@ impl Reason {
             Reason::PrinterRejected => "printer_rejected",
             Reason::PrinterFailed => "printer_failed",
             Reason::EnrichmentFailed => "enrichment_failed",
+            Reason::Duplicate => "duplicate",
+            Reason::AlreadySent => "already_sent",
         }
     }
 
@@ -197,6 +207,12 @@ impl Reason {
             Reason::PrinterFailed => "the printer could not be reached or kept failing",
             Reason::EnrichmentFailed => {
                 "mail needs address1; the address enrichment provider found none"
+            }
+            Reason::Duplicate => {
+                "an earlier valid row of this run has the same recipient (the detail names it)"
+            }
+            Reason::AlreadySent => {
+                "an earlier run of this campaign already sent to this recipient (the detail names it)"
             }
         }
     }
@@ -377,6 +393,8 @@ pub struct RecipientBatch {
     pub mail_states: Vec<&'static str>,
     /// Mail channel with a printer: the printer's id for each mailed row; empty otherwise.
     pub printer_ids: Vec<Option<Box<str>>>,
+    /// Rows decided `duplicate`, ascending, with the earlier row each repeats.
+    pub duplicates: Vec<crate::stages::dedupe::DuplicateRow>,
 }
 
 impl RecipientBatch {
@@ -402,6 +420,7 @@ impl RecipientBatch {
             placement_files: Vec::new(),
             mail_states: Vec::new(),
             printer_ids: Vec::new(),
+            duplicates: Vec::new(),
         }
     }
 

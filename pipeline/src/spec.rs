@@ -35,6 +35,11 @@ pub struct CampaignSpec {
     /// Holdout (control group) share in percent, `0 <= h < 100`.
     #[serde(default)]
     pub holdout_percent: f64,
+    /// One message per person per run: `true` (the default) skips every later row whose
+    /// recipient key repeats an earlier valid one as `duplicate`; `"household"` (mail) also
+    /// treats one normalised address1 + zip as one recipient; `false` turns it off.
+    #[serde(default)]
+    pub dedupe: Dedupe,
     /// A/B variants with weights and templates; at least one.
     pub variants: Vec<VariantSpec>,
     /// Mail-channel rules.
@@ -687,6 +692,65 @@ impl SuppressionReason {
     }
 }
 
+/// How a run deduplicates its recipients (`dedupe` in the spec).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Dedupe {
+    /// By the recipient key (normalised email, or account number for mail).
+    #[default]
+    Key,
+    /// By the key and, for mail, by household (normalised address1 + zip).
+    Household,
+    /// Not at all: every valid row is decided on its own.
+    Off,
+}
+
+impl Dedupe {
+    /// The name recorded in the run record: `key`, `household` or `off`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Dedupe::Key => "key",
+            Dedupe::Household => "household",
+            Dedupe::Off => "off",
+        }
+    }
+}
+
+impl Serialize for Dedupe {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        match self {
+            Dedupe::Key => s.serialize_bool(true),
+            Dedupe::Off => s.serialize_bool(false),
+            Dedupe::Household => s.serialize_str("household"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Dedupe {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Dedupe;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("true, false, \"key\" or \"household\"")
+            }
+            fn visit_bool<E: serde::de::Error>(self, v: bool) -> std::result::Result<Dedupe, E> {
+                Ok(if v { Dedupe::Key } else { Dedupe::Off })
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> std::result::Result<Dedupe, E> {
+                match v {
+                    "key" => Ok(Dedupe::Key),
+                    "household" => Ok(Dedupe::Household),
+                    "off" => Ok(Dedupe::Off),
+                    other => Err(E::custom(format!(
+                        "dedupe = {other:?} is not a dedupe mode: use true, false, \"key\" or \"household\""
+                    ))),
+                }
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
 /// Limits.
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -885,6 +949,14 @@ impl CampaignSpec {
         }
         if self.channel == Channel::Email && self.printer.is_some() {
             p.push("[printer] is for the mail channel; this campaign's channel is email".into());
+        }
+        if self.dedupe == Dedupe::Household
+            && (self.channel != Channel::Mail || c.address1.is_none() || c.zip.is_none())
+        {
+            p.push(
+                "dedupe = \"household\" needs the mail channel with columns.address1 and columns.zip mapped"
+                    .into(),
+            );
         }
         if c.first_name.is_none() && c.last_name.is_none() {
             p.push("columns.first_name or columns.last_name must be mapped".into());

@@ -1,6 +1,7 @@
 //! Decision stages. Each is a small synchronous transform over one batch.
 
 pub mod cap;
+pub mod dedupe;
 pub mod split;
 pub mod suppression;
 pub mod validate;
@@ -17,6 +18,7 @@ pub trait Stage: Send {
 }
 
 pub use cap::BillingCap;
+pub use dedupe::{Deduplicator, DuplicateResolver, SeenRecipients};
 pub use split::VariantSplitter;
 pub use suppression::{SuppressionIndex, SuppressionIndexBuilder, Suppressor};
 pub use validate::Validator;

@@ -43,8 +43,9 @@ fn fast_range(h: u64, n: usize) -> usize {
 /// Asks the CPU to bring the cache line holding `p` in, without waiting for it: a load would
 /// stall the core on every miss (these tables are larger than the caches), a prefetch
 /// retires at once and lets the misses of a whole batch overlap.
+/// Asks the CPU to bring `p`'s cache line in (x86_64; a no-op elsewhere).
 #[inline(always)]
-fn prefetch<T>(p: &T) {
+pub(crate) fn prefetch<T>(p: &T) {
     #[cfg(target_arch = "x86_64")]
     // SAFETY: a prefetch is only a hint; it never faults and changes no memory.
     unsafe {
@@ -637,8 +638,15 @@ impl Stage for Suppressor {
             |i| index.table.prefetch(fps[i]),
             |_, i| {
                 if let Some((reason, list)) = index.table.get(fps[i]) {
-                    batch.decide(i, Decision::Suppressed, reason);
-                    batch.lists[i] = list;
+                    if reason == Reason::AlreadySent {
+                        // An earlier run's ledger: skipped, naming that run.
+                        batch.decide(i, Decision::Skipped, reason);
+                        let run = &index.lists[list as usize].name;
+                        batch.add_detail(i, format!("sent by run {run}"));
+                    } else {
+                        batch.decide(i, Decision::Suppressed, reason);
+                        batch.lists[i] = list;
+                    }
                 }
             },
         );
