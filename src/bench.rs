@@ -30,6 +30,9 @@ pub struct BenchOptions {
     /// Keep each run's outputs (of the last run of each size).
     #[arg(long)]
     pub keep: bool,
+    /// Share of rows repeating an earlier row's person (skipped as `duplicate`).
+    #[arg(long, default_value_t = 0.005)]
+    pub duplicate_share: f64,
     /// Runs per size; the summary gives the median and the best.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     pub repeat: u32,
@@ -79,8 +82,9 @@ fn run_measured(cmd: &mut Command) -> Result<ChildUsage> {
 
 fn dataset(o: &BenchOptions, rows: u64) -> Result<PathBuf> {
     let dir = o.dir.join(format!(
-        "r{rows}-s{}-{}",
+        "r{rows}-s{}-d{}-{}",
         o.suppressions,
+        o.duplicate_share,
         if o.parquet { "parquet" } else { "csv" }
     ));
     let spec = dir.join("campaign.toml");
@@ -91,6 +95,7 @@ fn dataset(o: &BenchOptions, rows: u64) -> Result<PathBuf> {
             suppressions: o.suppressions,
             overlap: 0.5,
             invalid_share: 0.02,
+            duplicate_share: o.duplicate_share,
             seed: 42,
             parquet: o.parquet,
         })?;

@@ -30,6 +30,10 @@ pub struct GenerateOptions {
     /// Share of deliberately invalid recipient rows.
     #[arg(long, default_value_t = 0.02)]
     pub invalid_share: f64,
+    /// Share of rows that repeat an earlier row's person (same email in another case or
+    /// padding), as exports that list one customer twice do.
+    #[arg(long, default_value_t = 0.0)]
+    pub duplicate_share: f64,
     /// Seed: the same seed gives the same data.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
@@ -69,7 +73,7 @@ fn write_parquet(path: &Path, gen: Generator, rows: u64) -> Result<()> {
 /// Writes the data set and `campaign.toml`; returns the spec path.
 pub fn generate(o: &GenerateOptions) -> Result<PathBuf> {
     std::fs::create_dir_all(&o.out).with_context(|| format!("creating {}", o.out.display()))?;
-    let gen = Generator::new(o.seed, o.invalid_share);
+    let gen = Generator::new(o.seed, o.invalid_share).with_duplicates(o.duplicate_share);
     let started = std::time::Instant::now();
     let source_file = if o.parquet {
         "recipients.parquet"

@@ -117,6 +117,7 @@ pub enum Defect {
 pub struct Generator {
     seed: u64,
     invalid_per_million: u64,
+    duplicate_per_million: u64,
 }
 
 /// One generated recipient (borrowing reusable buffers).
@@ -132,7 +133,29 @@ impl Generator {
         Generator {
             seed,
             invalid_per_million: (invalid_share.clamp(0.0, 1.0) * 1_000_000.0) as u64,
+            duplicate_per_million: 0,
         }
+    }
+
+    /// The same generator where `share` of rows repeat the email of an earlier row (up to
+    /// 100 000 rows back), in another case and padding: the same person exported twice.
+    pub fn with_duplicates(mut self, share: f64) -> Self {
+        self.duplicate_per_million = (share.clamp(0.0, 1.0) * 1_000_000.0) as u64;
+        self
+    }
+
+    /// The earlier row whose person row `i` repeats, if it is a repeat (never itself one).
+    pub fn duplicate_of(&self, i: u64) -> Option<u64> {
+        let repeat = |i: u64| -> Option<u64> {
+            let h = self.h(i, 4);
+            (i > 0 && h % 1_000_000 < self.duplicate_per_million)
+                .then(|| i - 1 - (h >> 24) % i.min(100_000))
+        };
+        let mut at = repeat(i)?;
+        while let Some(earlier) = repeat(at) {
+            at = earlier;
+        }
+        Some(at)
     }
 
     fn h(&self, i: u64, salt: u64) -> u64 {
@@ -158,7 +181,10 @@ impl Generator {
     /// The email of row `i` as written (mixed case, maybe padded); blank or malformed for defects.
     pub fn email(&self, i: u64, out: &mut String) {
         out.clear();
-        let h = self.h(i, 2);
+        // A repeated person has the earlier row's address; only case and padding are its own.
+        let person = self.duplicate_of(i).unwrap_or(i);
+        let h = self.h(person, 2);
+        let look = self.h(i, 2);
         match self.defect(i) {
             Defect::NoEmail => return,
             Defect::BadEmail => {
@@ -173,8 +199,8 @@ impl Generator {
         }
         let first = pick(FIRST, h);
         let last = pick(LAST, h >> 8);
-        let upper = (h >> 40) % 5 == 0;
-        let pad = (h >> 44) % 20 == 0;
+        let upper = (look >> 40) % 5 == 0;
+        let pad = (look >> 44) % 20 == 0;
         if pad {
             out.push(' ');
         }
@@ -187,7 +213,7 @@ impl Generator {
             }
         }
         out.push('.');
-        out.push_str(&i.to_string());
+        out.push_str(&person.to_string());
         out.push('@');
         let d = pick(DOMAINS, h >> 16);
         if upper {
@@ -454,6 +480,26 @@ mod tests {
         let keys: std::collections::HashSet<String> = (0..5_000).filter_map(|i| g.key(i)).collect();
         let with_email = (0..5_000).filter(|i| g.key(*i).is_some()).count();
         assert_eq!(keys.len(), with_email);
+    }
+
+    #[test]
+    fn duplicates_repeat_an_earlier_persons_key() {
+        let g = Generator::new(5, 0.0).with_duplicates(0.01);
+        let mut repeats = 0;
+        for i in 0..50_000 {
+            if let Some(j) = g.duplicate_of(i) {
+                assert!(j < i);
+                assert_eq!(g.duplicate_of(j), None);
+                assert_eq!(g.key(i), g.key(j));
+                repeats += 1;
+            }
+        }
+        assert!(
+            (350..650).contains(&repeats),
+            "{repeats} repeats in 50 000 rows"
+        );
+        let keys: std::collections::HashSet<_> = (0..50_000).filter_map(|i| g.key(i)).collect();
+        assert_eq!(keys.len(), 50_000 - repeats);
     }
 
     #[test]
