@@ -447,6 +447,8 @@ impl Executor for SpecExecutor {
             dry_run: true,
             audience,
             audience_fields: Some(self.fields.clone()),
+            // A sending never repeats what an earlier sending of its campaign sent.
+            repeat: crate::send::Repeat::ExcludeSentIfAny,
             ..Default::default()
         })?;
         Ok(Prepared {
@@ -479,6 +481,8 @@ impl Executor for SpecExecutor {
             run_id: Some(p.handle.clone()),
             audience,
             audience_fields: Some(self.fields.clone()),
+            // A sending never repeats what an earlier sending of its campaign sent.
+            repeat: crate::send::Repeat::ExcludeSentIfAny,
             ..Default::default()
         })?;
         if let Some(queue) = &self.callbacks {

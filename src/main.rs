@@ -67,6 +67,13 @@ enum Command {
         /// Fields conditions may use besides the member defaults (JSON, see docs/campaigns.md).
         #[arg(long, value_name = "FILE.json", requires = "audience")]
         audience_fields: Option<PathBuf>,
+        /// The campaign already has runs: start a new one that sends to everyone again.
+        #[arg(long, conflicts_with_all = ["run_id", "exclude_sent"])]
+        new_run: bool,
+        /// The campaign already has runs: start a new one that skips (`already_sent`) every
+        /// key an earlier run of the campaign sent.
+        #[arg(long)]
+        exclude_sent: bool,
     },
     /// The ERP (SQL Server) source.
     Erp {
@@ -203,6 +210,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             shard,
             audience,
             audience_fields,
+            new_run,
+            exclude_sent,
         } => {
             let audience = audience
                 .map(|p| campaign_cmd::audience_file(&p))
@@ -220,6 +229,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 shard,
                 audience,
                 audience_fields,
+                repeat: match (new_run, exclude_sent) {
+                    (true, _) => send::Repeat::NewRun,
+                    (_, true) => send::Repeat::ExcludeSent,
+                    _ => send::Repeat::Refuse,
+                },
             })?;
         }
         Command::Erp { command } => erp_cmd::run(command)?,

@@ -7,11 +7,15 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use broadside_pipeline::model::StdField;
-use broadside_pipeline::run::{FileFingerprint, RunRecord, RunStatus};
+use broadside_pipeline::run::{
+    base_run_id, campaign_runs, FileFingerprint, RunLock, RunRecord, RunStatus,
+};
 use broadside_pipeline::runner::{self, Assigner, OrderedStage, Pipeline, RunStats, Sink};
+use broadside_pipeline::spec::Dedupe;
 use broadside_pipeline::spec::{CampaignSpec, SourceSpec};
 use broadside_pipeline::stages::{
-    BillingCap, Stage, SuppressionIndex, Suppressor, Validator, VariantSplitter,
+    BillingCap, Deduplicator, DuplicateResolver, SeenRecipients, Stage, SuppressionIndex,
+    Suppressor, Validator, VariantSplitter,
 };
 use broadside_pipeline::store::StoreLayout;
 use broadside_sinks::events::SubmittedEventSink;
@@ -19,7 +23,7 @@ use broadside_sinks::ifur::IfurEncoder;
 use broadside_sinks::ledger::RecipientLogSink;
 use broadside_sinks::megasys::{IfurWriter, IfurWriterConfig};
 use broadside_sinks::text::KeyPacker;
-use broadside_sources::suppression::{load_index, ListToLoad};
+use broadside_sources::suppression::{load_index_with, load_sent_keys, ListToLoad, LoadedList};
 use broadside_sources::{open_source, SizeHint};
 use chrono::Utc;
 use xxhash_rust::xxh3::xxh3_64;
@@ -47,6 +51,24 @@ pub struct SendOptions {
     pub audience: Option<Vec<broadside_campaigns::audience::Condition>>,
     /// The fields conditions may use (default: `FieldMap::member_defaults`).
     pub audience_fields: Option<broadside_campaigns::audience::FieldMap>,
+    /// What a new run does when the campaign already has runs.
+    pub repeat: Repeat,
+}
+
+/// What a new run does when its (workspace, campaign) already has runs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Repeat {
+    /// Refuse, listing the earlier runs and the ways on (the default).
+    #[default]
+    Refuse,
+    /// Send to everyone again (`--new-run`).
+    NewRun,
+    /// Skip, as `already_sent`, every key an earlier run sent (`--exclude-sent`); an error
+    /// when there is no earlier run.
+    ExcludeSent,
+    /// As [`Repeat::ExcludeSent`], and a first run is simply a first run (campaign-service
+    /// sendings).
+    ExcludeSentIfAny,
 }
 
 /// A fresh run id: UTC time plus a random suffix.
@@ -75,7 +97,10 @@ fn input_fingerprint(spec: &CampaignSpec) -> FileFingerprint {
     }
 }
 
-fn load_suppression(spec: &CampaignSpec) -> Result<(SuppressionIndex, Vec<FileFingerprint>, f64)> {
+fn load_suppression(
+    spec: &CampaignSpec,
+    sent_before: Vec<LoadedList>,
+) -> Result<(SuppressionIndex, Vec<FileFingerprint>, f64)> {
     let started = Instant::now();
     let paths: Vec<PathBuf> = spec
         .suppression
@@ -94,7 +119,7 @@ fn load_suppression(spec: &CampaignSpec) -> Result<(SuppressionIndex, Vec<FileFi
             lowercase,
         })
         .collect();
-    let index = load_index(&lists).context("loading suppression lists")?;
+    let index = load_index_with(&lists, sent_before).context("loading suppression lists")?;
     let secs = started.elapsed().as_secs_f64();
     tracing::info!(
         keys = index.len(),
@@ -168,7 +193,44 @@ pub fn send(opts: &SendOptions) -> Result<RunRecord> {
     let record_path = store.run_record(&spec.workspace_id, &run_id);
     let input = input_fingerprint(&spec);
 
-    let (index, list_prints, index_secs) = load_suppression(&spec)?;
+    // One process per run: a second one refuses at once, naming the holder. A new run also
+    // holds its campaign's lock until its record exists, so two sends started together
+    // cannot both find no earlier run.
+    let (_run_lock, campaign_lock) = match opts.dry_run {
+        true => (None, None),
+        false => {
+            let run = RunLock::acquire(
+                &store.run_lock(&spec.workspace_id, &run_id),
+                &format!("run {run_id}"),
+            )?;
+            let campaign = match record_path.exists() {
+                true => None,
+                false => Some(RunLock::acquire(
+                    &store.campaign_lock(&spec.workspace_id, &spec.campaign_id),
+                    &format!("a new run of campaign {}", spec.campaign_id),
+                )?),
+            };
+            (Some(run), campaign)
+        }
+    };
+    let excluded = match (opts.dry_run, record_path.exists()) {
+        (false, true) => RunRecord::load(&record_path)?.excluded_runs,
+        _ => earlier_runs(opts, &spec, &store, &run_id)?,
+    };
+    let sent_before = excluded
+        .iter()
+        .map(|r| {
+            let dir = store.recipient_log_dir(&spec.workspace_id, &spec.campaign_id, r);
+            Ok(LoadedList {
+                name: r.clone(),
+                reason: broadside_pipeline::model::Reason::AlreadySent,
+                fingerprints: load_sent_keys(&dir)
+                    .with_context(|| format!("reading the keys run {r} sent"))?,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+
+    let (index, list_prints, index_secs) = load_suppression(&spec, sent_before)?;
     // Open the source before recording anything: a bad mapping or a missing file is a
     // configuration error, not a failed run.
     let layout = Arc::new(spec.columns.layout());
@@ -255,16 +317,24 @@ pub fn send(opts: &SendOptions) -> Result<RunRecord> {
             elapsed_secs: 0.0,
             rows_per_sec: 0.0,
             error: None,
+            dedupe: Some(spec.dedupe.as_str().to_string()),
+            excluded_runs: excluded.clone(),
         }
     };
     record.suppression_keys = index.len() as u64;
     record.suppression_build_secs = index_secs;
     if !opts.dry_run {
         record.save(&record_path)?;
+        drop(campaign_lock);
         eprintln!("run {run_id}: started (resume with --run-id {run_id})");
     }
 
+    let list_names: Vec<String> = index.lists().iter().map(|l| l.name.clone()).collect();
     let index = Arc::new(index);
+    // One message per person per run: the table every worker and the ordered path share.
+    let seen = (spec.dedupe != Dedupe::Off)
+        .then(|| SeenRecipients::new(spec.dedupe, &run_id, layout.clone()));
+    let par_seen = seen.clone();
     let variants: Vec<(String, String)> = spec
         .variants
         .iter()
@@ -286,6 +356,9 @@ pub fn send(opts: &SendOptions) -> Result<RunRecord> {
         }) {
             stages.push(Box::new(e));
         }
+        if let Some(seen) = &par_seen {
+            stages.push(Box::new(Deduplicator::new(seen.clone())));
+        }
         stages.push(Box::new(Suppressor::new(index.clone())));
         stages.push(Box::new(VariantSplitter::new(&par_spec)));
         if let Some(plan) = &par_mail {
@@ -304,8 +377,12 @@ pub fn send(opts: &SendOptions) -> Result<RunRecord> {
         Some(plan) => plan.cap(spec.caps.billing_cap),
         None => spec.caps.billing_cap,
     };
-    let mut ordered: Vec<Box<dyn OrderedStage>> =
-        vec![Box::new(BillingCap::new(cap)), Box::new(Assigner)];
+    let mut ordered: Vec<Box<dyn OrderedStage>> = Vec::new();
+    if let Some(seen) = &seen {
+        ordered.push(Box::new(DuplicateResolver::new(seen.clone())));
+    }
+    ordered.push(Box::new(BillingCap::new(cap)));
+    ordered.push(Box::new(Assigner));
     let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
     let mut delivered = None;
     let mut manifest = None;
@@ -344,7 +421,7 @@ pub fn send(opts: &SendOptions) -> Result<RunRecord> {
             manifest = Some(writer.manifest());
             ordered.push(Box::new(writer));
         }
-        let lists = index_list_names(&spec);
+        let lists = list_names.clone();
         sinks.push(Box::new(
             RecipientLogSink::new(
                 &store.recipient_log_dir(&spec.workspace_id, &spec.campaign_id, &run_id),
@@ -480,11 +557,81 @@ fn snapshot_ids(spec: &CampaignSpec) -> Vec<String> {
     ids
 }
 
-fn index_list_names(spec: &CampaignSpec) -> Vec<String> {
-    spec.suppression
-        .iter()
-        .map(|l| spec.resolve(&l.path).display().to_string())
-        .collect()
+/// The runs a new run must not repeat: refuses when the campaign has runs and the options
+/// say nothing about them; returns the runs whose sent keys to skip (`--exclude-sent`).
+fn earlier_runs(
+    opts: &SendOptions,
+    spec: &CampaignSpec,
+    store: &StoreLayout,
+    run_id: &str,
+) -> Result<Vec<String>> {
+    let base = base_run_id(run_id);
+    // The other shards of this send are not earlier runs.
+    let runs: Vec<RunRecord> =
+        campaign_runs(&store.runs_dir(&spec.workspace_id), &spec.campaign_id)?
+            .into_iter()
+            .filter(|r| base_run_id(&r.run_id) != base)
+            .collect();
+    match opts.repeat {
+        Repeat::NewRun => Ok(Vec::new()),
+        Repeat::ExcludeSent | Repeat::ExcludeSentIfAny
+            if runs.is_empty() && opts.repeat == Repeat::ExcludeSent =>
+        {
+            bail!(
+                "--exclude-sent: campaign {} has no earlier run in workspace {} (store {}); send without it",
+                spec.campaign_id,
+                spec.workspace_id,
+                store.root().display()
+            )
+        }
+        Repeat::ExcludeSent | Repeat::ExcludeSentIfAny => {
+            // A run still sending has not written all it will send: wait for it.
+            for r in runs
+                .iter()
+                .filter(|r| r.status == RunStatus::Running && !opts.dry_run)
+            {
+                RunLock::acquire(
+                    &store.run_lock(&spec.workspace_id, &r.run_id),
+                    &format!("earlier run {} of campaign {}", r.run_id, spec.campaign_id),
+                )
+                .context("--exclude-sent needs every earlier run stopped")?;
+            }
+            Ok(runs.into_iter().map(|r| r.run_id).collect())
+        }
+        Repeat::Refuse if runs.is_empty() => Ok(Vec::new()),
+        Repeat::Refuse if opts.dry_run => {
+            eprintln!(
+                "note: campaign {} already has {} run(s); a real send needs --run-id R, --new-run or --exclude-sent",
+                spec.campaign_id,
+                runs.len()
+            );
+            Ok(Vec::new())
+        }
+        Repeat::Refuse => {
+            let mut msg = format!(
+                "campaign {} in workspace {} already has {} run(s); sending again would mail its recipients again:\n",
+                spec.campaign_id,
+                spec.workspace_id,
+                runs.len()
+            );
+            for r in &runs {
+                let sent = r.decisions.get("sent").copied().unwrap_or(0);
+                msg.push_str(&format!(
+                    "  {:<28} {:<8} started {}  {} rows, {} sent\n",
+                    r.run_id,
+                    format!("{:?}", r.status).to_lowercase(),
+                    r.started_at.format("%Y-%m-%d %H:%M:%S UTC"),
+                    r.rows,
+                    sent
+                ));
+            }
+            let spec_path = opts.spec.display();
+            msg.push_str(&format!(
+                "choose one:\n  broadside send {spec_path} --run-id RUN      resume that run (a done run has nothing left)\n  broadside send {spec_path} --new-run         a new run that sends to everyone again\n  broadside send {spec_path} --exclude-sent    a new run that skips every key an earlier run sent"
+            ));
+            bail!(msg)
+        }
+    }
 }
 
 fn with_progress<T>(

@@ -49,6 +49,16 @@ pub enum Error {
         /// Why.
         message: String,
     },
+    /// Another process holds the lock of a run or campaign.
+    #[error("{what} is in progress in {holder} (lock {}); wait for it to finish, or stop it", path.display())]
+    Locked {
+        /// What is locked (`run R`, `campaign C`).
+        what: String,
+        /// Who holds it.
+        holder: String,
+        /// The lock file.
+        path: PathBuf,
+    },
     /// A worker thread panicked or a channel closed unexpectedly.
     #[error("pipeline stage {stage} failed: {message}")]
     Stage {

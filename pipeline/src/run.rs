@@ -148,6 +148,14 @@ pub struct RunRecord {
     pub rows_per_sec: f64,
     /// Why the run failed.
     pub error: Option<String>,
+    /// How the run deduplicated its recipients (`key`, `household` or `off`); absent in
+    /// records of runs that did not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dedupe: Option<String>,
+    /// Earlier runs of the campaign whose sent keys this run skipped as `already_sent`
+    /// (`--exclude-sent`); a resume skips the same.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub excluded_runs: Vec<String>,
 }
 
 impl RunRecord {
@@ -205,5 +213,150 @@ impl RunRecord {
             .iter()
             .find(|c| c.decision == d.as_str() && c.reason == r.as_str())
             .map_or(0, |c| c.count)
+    }
+}
+
+/// The run id without a shard suffix (`-sIofN`): the shards of one send share it.
+pub fn base_run_id(run_id: &str) -> &str {
+    if let Some(at) = run_id.rfind("-s") {
+        let tail = &run_id[at + 2..];
+        if let Some((i, n)) = tail.split_once("of") {
+            let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+            if digits(i) && digits(n) {
+                return &run_id[..at];
+            }
+        }
+    }
+    run_id
+}
+
+/// The run records of one campaign in a workspace's run folder, oldest first. Records that
+/// cannot be read are errors naming the file: a run that cannot be seen cannot be excluded.
+pub fn campaign_runs(runs_dir: &Path, campaign_id: &str) -> Result<Vec<RunRecord>> {
+    let entries = match std::fs::read_dir(runs_dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(Error::io(runs_dir, e)),
+    };
+    let mut out = Vec::new();
+    for e in entries {
+        let path = e.map_err(|e| Error::io(runs_dir, e))?.path();
+        if path.extension().is_none_or(|x| x != "json") {
+            continue;
+        }
+        let r = RunRecord::load(&path)?;
+        if r.campaign_id == campaign_id {
+            out.push(r);
+        }
+    }
+    out.sort_by(|a, b| (a.started_at, &a.run_id).cmp(&(b.started_at, &b.run_id)));
+    Ok(out)
+}
+
+/// Who holds a run lock: written into the lock file by its holder.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LockHolder {
+    /// Host name of the holder.
+    pub host: String,
+    /// Its process id.
+    pub pid: u32,
+    /// When it took the lock.
+    pub since: DateTime<Utc>,
+}
+
+/// An exclusive lock on a run (or a campaign), held by this process until dropped.
+///
+/// It is an advisory `flock` on a file in the store: the kernel releases it when the process
+/// ends, however it ends (`kill -9` included), so a stale lock never blocks a resume. It holds
+/// between processes of one host; on a store shared between hosts it holds only where the
+/// file system implements `flock` across hosts (NFS v4 does, most FUSE and SMB mounts do not).
+#[derive(Debug)]
+pub struct RunLock {
+    _file: std::fs::File,
+}
+
+impl RunLock {
+    /// Takes the lock at `path` (created if missing) or refuses at once, naming the holder.
+    pub fn acquire(path: &Path, what: &str) -> Result<RunLock> {
+        use std::io::{Read, Seek, Write};
+        crate::store::create_dir_all(path.parent().unwrap_or(Path::new(".")))?;
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map_err(|e| Error::io(path, e))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let mut text = String::new();
+                let _ = file.read_to_string(&mut text);
+                let holder = match serde_json::from_str::<LockHolder>(text.trim()) {
+                    Ok(h) => format!(
+                        "process {} on host {} since {}",
+                        h.pid,
+                        h.host,
+                        h.since.to_rfc3339()
+                    ),
+                    Err(_) => "a process that is just starting".to_string(),
+                };
+                return Err(Error::Locked {
+                    what: what.to_string(),
+                    holder,
+                    path: path.to_path_buf(),
+                });
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(Error::io(path, e)),
+        }
+        let me = LockHolder {
+            host: host_name(),
+            pid: std::process::id(),
+            since: Utc::now(),
+        };
+        let text = serde_json::to_string(&me).expect("lock holder serialises");
+        file.set_len(0)
+            .and_then(|_| file.rewind())
+            .and_then(|_| file.write_all(text.as_bytes()))
+            .map_err(|e| Error::io(path, e))?;
+        Ok(RunLock { _file: file })
+    }
+}
+
+/// This host's name (the kernel's), or `unknown`.
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+#[cfg(test)]
+mod lock_tests {
+    use super::*;
+
+    #[test]
+    fn shard_suffix_is_stripped_only_when_it_is_one() {
+        assert_eq!(base_run_id("r1-s0of4"), "r1");
+        assert_eq!(base_run_id("spring-sale"), "spring-sale");
+        assert_eq!(base_run_id("a-s1ofx"), "a-s1ofx");
+        assert_eq!(base_run_id("a-sof2"), "a-sof2");
+    }
+
+    #[test]
+    fn a_second_holder_is_refused_naming_the_first_and_a_drop_releases() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("r.lock");
+        let held = RunLock::acquire(&p, "run r").unwrap();
+        let err = RunLock::acquire(&p, "run r").unwrap_err().to_string();
+        assert!(err.contains("run r"), "{err}");
+        assert!(
+            err.contains(&format!("process {}", std::process::id())),
+            "{err}"
+        );
+        drop(held);
+        RunLock::acquire(&p, "run r").unwrap();
     }
 }

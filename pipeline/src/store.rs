@@ -5,6 +5,7 @@
 //! <store>/recipient_logs/workspace_id=<w>/campaign_id=<c>/run_id=<r>/part-NNNNN.parquet
 //! <store>/events/workspace_id=<w>/date=<YYYY-MM-DD>/*.parquet                events
 //! <store>/staging/run_id=<r>/                                                IFUR files being written
+//! <store>/locks/workspace_id=<w>/run_id=<r>.lock                              held by a running send
 //! ```
 
 use std::fs::{self, File};
@@ -49,6 +50,25 @@ impl StoreLayout {
             .join(format!("workspace_id={workspace}"))
             .join(format!("campaign_id={campaign}"))
             .join(format!("run_id={run_id}"))
+    }
+
+    /// The lock file a send holds while it runs (see [`crate::run::RunLock`]).
+    pub fn run_lock(&self, workspace: &str, run_id: &str) -> PathBuf {
+        self.locks_dir(workspace)
+            .join(format!("run_id={run_id}.lock"))
+    }
+
+    /// The lock file held while a new run of a campaign is checked against its earlier runs
+    /// and recorded, so two sends started together cannot both be the first.
+    pub fn campaign_lock(&self, workspace: &str, campaign: &str) -> PathBuf {
+        self.locks_dir(workspace)
+            .join(format!("campaign_id={campaign}.lock"))
+    }
+
+    fn locks_dir(&self, workspace: &str) -> PathBuf {
+        self.root
+            .join("locks")
+            .join(format!("workspace_id={workspace}"))
     }
 
     /// Folder where a run's IFUR files are written before delivery.

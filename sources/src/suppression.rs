@@ -164,8 +164,91 @@ fn load_parquet(list: &ListToLoad<'_>) -> Result<Vec<u128>> {
     Ok(out)
 }
 
+/// The fingerprints of the keys a finished or partial run sent: every `sent` row of the
+/// recipient-log parts in `dir` (a run's `run_id=` folder). Parts being written (`.tmp`) are
+/// not read; a run without parts has sent nothing.
+pub fn load_sent_keys(dir: &Path) -> Result<Vec<u128>> {
+    let mut out = Vec::new();
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(Error::io(dir, e)),
+    };
+    let mut parts: Vec<_> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "parquet"))
+        .collect();
+    parts.sort();
+    for path in parts {
+        let origin = path.display().to_string();
+        let file = File::open(&path).map_err(|e| Error::io(&path, e))?;
+        let builder = ParquetRecordBatchReaderBuilder::try_new(file)
+            .map_err(|e| Error::source(&origin, format!("not a readable Parquet file: {e}")))?;
+        let header: Vec<String> = builder
+            .schema()
+            .fields()
+            .iter()
+            .map(|f| f.name().clone())
+            .collect();
+        let cols = resolve_columns(
+            &origin,
+            &header,
+            &[
+                ("recipient log key".into(), "key".into()),
+                ("recipient log decision".into(), "decision".into()),
+            ],
+        )?;
+        let mask = ProjectionMask::roots(builder.parquet_schema(), cols.iter().copied());
+        let reader = builder
+            .with_projection(mask)
+            .build()
+            .map_err(|e| Error::source(&origin, e.to_string()))?;
+        for batch in reader {
+            let batch = batch.map_err(|e| Error::source(&origin, e.to_string()))?;
+            let utf8 = |name: &str| -> Result<StringArray> {
+                let col = batch
+                    .column_by_name(name)
+                    .ok_or_else(|| Error::source(&origin, format!("no {name} column")))?;
+                let arr = cast(col, &DataType::Utf8)
+                    .map_err(|e| Error::source(&origin, e.to_string()))?;
+                Ok(arr
+                    .as_any()
+                    .downcast_ref::<StringArray>()
+                    .expect("cast to Utf8")
+                    .clone())
+            };
+            let (key, decision) = (utf8("key")?, utf8("decision")?);
+            for i in 0..batch.num_rows() {
+                if key.is_valid(i) && decision.is_valid(i) && decision.value(i) == "sent" {
+                    out.push(fingerprint(key.value(i)));
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// A list already in memory (fingerprints), added to the index after the files.
+#[derive(Debug, Clone)]
+pub struct LoadedList {
+    /// The list's name in the ledger and in `why` (for `already_sent`, the earlier run's id).
+    pub name: String,
+    /// What a match means.
+    pub reason: Reason,
+    /// Its keys' fingerprints.
+    pub fingerprints: Vec<u128>,
+}
+
 /// Loads every list (in parallel, one thread each) and builds the index.
 pub fn load_index(lists: &[ListToLoad<'_>]) -> Result<SuppressionIndex> {
+    load_index_with(lists, Vec::new())
+}
+
+/// Loads every list file, then adds lists already in memory, and builds the index.
+pub fn load_index_with(
+    lists: &[ListToLoad<'_>],
+    loaded_lists: Vec<LoadedList>,
+) -> Result<SuppressionIndex> {
     let loaded: Vec<Result<Vec<u128>>> = std::thread::scope(|s| {
         let handles: Vec<_> = lists
             .iter()
@@ -193,6 +276,10 @@ pub fn load_index(lists: &[ListToLoad<'_>]) -> Result<SuppressionIndex> {
         let fps = fps?;
         let id = builder.add_list(list.path.display().to_string(), list.reason);
         builder.add_fingerprints(id, fps);
+    }
+    for l in loaded_lists {
+        let id = builder.add_list(l.name, l.reason);
+        builder.add_fingerprints(id, l.fingerprints);
     }
     Ok(builder.build())
 }
