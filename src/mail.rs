@@ -15,9 +15,15 @@
 //!   outcome journaled, and each row's final recipient state is computed by walking the
 //!   state machine, so an undocumented path fails loudly.
 //!
+//! Pieces belong to their run: keys are derived from workspace + campaign + run + recipient
+//! (`piece_key`), and each piece's metadata names the run and this attempt
+//! ([`PieceOwner`]). A piece the printer answers with is counted `created` (this attempt made
+//! it) or `returned` (an earlier attempt of the run did); one made for another run fails the
+//! send with an error naming that run, and its row is recorded nothing, never `Sent`.
+//!
 //! Resume: a row in the journal (`<staging>/printer-journal.tsv`, fsynced per batch) is not
 //! submitted again; any other row is, and its idempotency key makes the printer return the
-//! first mailpiece instead of printing a second.
+//! piece an earlier attempt made instead of printing a second.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
@@ -38,8 +44,8 @@ use broadside_printers::batch::{BatchConfig, BatchPrinter};
 use broadside_printers::billing::{self, BillingAccount, RecipientCap};
 use broadside_printers::enrichment::{EnrichmentClient, EnrichmentConfig, EnrichmentRecord};
 use broadside_printers::lob::{
-    Creative, IdempotencyKey, LobClient, LobConfig, MailPiece, PreparedPiece, PrinterStatsSnapshot,
-    SubmitError,
+    Creative, IdempotencyKey, LobClient, LobConfig, MailPiece, Origin, PieceOwner, PreparedPiece,
+    PrinterStatsSnapshot, RunScope, SubmitError,
 };
 use broadside_printers::proof::Template;
 use broadside_printers::state::{RecipientState, SkipReason};
@@ -146,8 +152,8 @@ pub struct MailPlan {
     /// The printer kind.
     pub kind: PrinterKind,
     campaign_id: String,
-    workspace_id: String,
-    run_id: String,
+    /// The run and this attempt of it: pieces' keys and metadata.
+    owner: PieceOwner,
     /// One per variant, in spec order (None for a batch printer without a creative).
     creatives: Vec<Option<CreativeTemplates>>,
     variant_names: Vec<String>,
@@ -353,8 +359,14 @@ impl MailPlan {
         Ok(Some(MailPlan {
             kind: ps.kind,
             campaign_id: spec.campaign_id.clone(),
-            workspace_id: spec.workspace_id.clone(),
-            run_id: run_id.to_string(),
+            owner: PieceOwner {
+                run: RunScope {
+                    workspace_id: spec.workspace_id.clone(),
+                    campaign_id: spec.campaign_id.clone(),
+                    run_id: run_id.to_string(),
+                },
+                attempt_id: attempt_id(),
+            },
             creatives,
             variant_names: spec.variants.iter().map(|v| v.name.clone()).collect(),
             approval,
@@ -377,6 +389,21 @@ impl MailPlan {
     }
 }
 
+/// An id for this attempt of the run (this process): time and process id, hashed. Only its
+/// difference from other attempts' ids matters.
+fn attempt_id() -> String {
+    let now = chrono::Utc::now();
+    let salt = xxhash_rust::xxh3::xxh3_64(
+        format!(
+            "{}-{}",
+            now.timestamp_nanos_opt().unwrap_or(0),
+            std::process::id()
+        )
+        .as_bytes(),
+    );
+    format!("{}-{:08x}", now.format("%Y%m%dT%H%M%S"), salt & 0xffff_ffff)
+}
+
 /// The secret in environment variable `var`, or `None` with a problem saying `what` is read
 /// from it and it is not set.
 fn secret(var: &str, what: &str, problems: &mut Vec<String>) -> Option<String> {
@@ -397,10 +424,11 @@ fn parse_send_date(d: &str) -> Option<chrono::DateTime<chrono::Utc>> {
     Some(day.and_hms_opt(0, 0, 0)?.and_utc())
 }
 
-/// The idempotency key of a recipient's piece: campaign + recipient key, so a recipient gets
-/// one piece per campaign whatever run, attempt or machine submits it.
-fn piece_key(campaign: &str, recipient: &str) -> IdempotencyKey {
-    IdempotencyKey::derive(campaign, recipient, "mail")
+/// The idempotency key of a recipient's piece: workspace + campaign + run + recipient key
+/// (piece `mail`), so a recipient gets one piece per run whatever attempt or machine submits
+/// it, and no other run, campaign or workspace shares the key.
+fn piece_key(run: &RunScope, recipient: &str) -> IdempotencyKey {
+    run.key(recipient, "mail")
 }
 
 /// A row's value in batch column `idx`, unless null or empty.
@@ -487,21 +515,25 @@ impl ProofStage {
         };
         let key = b.key(row).unwrap_or_default();
         let variant_name = &self.plan.variant_names[variant];
+        let mut metadata: BTreeMap<String, String> = self
+            .plan
+            .owner
+            .metadata()
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        metadata.insert("recipient".to_string(), key.to_string());
+        metadata.insert("variant".to_string(), variant_name.clone());
         let piece = MailPiece {
-            key: piece_key(&self.plan.campaign_id, key),
+            key: piece_key(&self.plan.owner.run, key),
             description: Some(format!("{} {variant_name}", self.plan.campaign_id)),
             to,
             from: self.plan.from.clone(),
             creative,
             merge_variables: Map::new(),
-            // What the delivery webhooks bring back (`POST /webhooks/lob`) to file the event.
-            metadata: BTreeMap::from([
-                ("workspace_id".to_string(), self.plan.workspace_id.clone()),
-                ("campaign_id".to_string(), self.plan.campaign_id.clone()),
-                ("run_id".to_string(), self.plan.run_id.clone()),
-                ("recipient".to_string(), key.to_string()),
-                ("variant".to_string(), variant_name.clone()),
-            ]),
+            // What the delivery webhooks bring back (`POST /webhooks/lob`) to file the event,
+            // and what a repeated key brings back to tell whose piece it is.
+            metadata,
         };
         let mut prepared = piece.prepare();
         if let Some(d) = &self.plan.send_date {
@@ -828,8 +860,13 @@ enum Output {
 /// Counters printed at the end of a mail run.
 #[derive(Debug, Clone, Default)]
 pub struct PrintSummary {
-    /// Pieces created in this attempt.
+    /// Pieces the printer confirmed in this attempt (`created` + `returned`).
     pub submitted: u64,
+    /// Pieces this attempt made (batch printers: rows written to this run's files).
+    pub created: u64,
+    /// Pieces the printer returned for their key as made by an earlier attempt of this run
+    /// (made, then the answer or the journal line was lost).
+    pub returned: u64,
     /// Pieces found in the journal (printed by an earlier attempt).
     pub journaled: u64,
     /// Pieces the printer refused or that failed for good.
@@ -837,6 +874,9 @@ pub struct PrintSummary {
     /// The Lob client's counters.
     pub lob: Option<PrinterStatsSnapshot>,
 }
+
+/// A piece's outcome at the printer: its id and whether this attempt made it.
+type Submitted = std::result::Result<(String, Origin), SubmitError>;
 
 /// Submits sent rows to the printer (see the module docs).
 pub struct PrinterStage {
@@ -935,6 +975,7 @@ impl PrinterStage {
         let Output::Lob { client, rt } = &self.out else {
             unreachable!("called for Lob printers only")
         };
+        let owner = &self.plan.owner;
         let pieces: Vec<(usize, PreparedPiece)> = todo
             .into_iter()
             .map(|(row, key)| {
@@ -958,14 +999,13 @@ impl PrinterStage {
         let total = pieces.len();
         let done = std::sync::atomic::AtomicUsize::new(0);
         let done = &done;
-        let results: Vec<(
-            usize,
-            IdempotencyKey,
-            std::result::Result<String, SubmitError>,
-        )> = rt.block_on(async {
+        let results: Vec<(usize, IdempotencyKey, Submitted)> = rt.block_on(async {
             let all =
                 futures::future::join_all(pieces.into_iter().map(|(row, piece)| async move {
-                    let r = client.create_prepared(&piece).await.map(|c| c.id);
+                    let r = client.create_prepared(&piece).await.and_then(|c| {
+                        let origin = owner.origin(&piece.key, &c)?;
+                        Ok((c.id, origin))
+                    });
                     done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     (row, piece.key, r)
                 }));
@@ -985,13 +1025,25 @@ impl PrinterStage {
         });
         let mut lines = String::new();
         let mut fatal = None;
+        let mut other_run = None;
         let mut summary = self.summary.lock().unwrap_or_else(|e| e.into_inner());
         for (row, key, r) in results {
             match r {
-                Ok(id) => {
+                Ok((id, origin)) => {
                     lines.push_str(&format!("{}\t{key}\t{id}\n", b.first_row + row as u64));
                     b.printer_ids[row] = Some(id.into());
                     summary.submitted += 1;
+                    match origin {
+                        Origin::Created => summary.created += 1,
+                        Origin::Returned => summary.returned += 1,
+                    }
+                }
+                // Another run's piece: not this run's, so the row is neither journaled nor
+                // recorded; the send stops (see `other_run`).
+                Err(e @ SubmitError::OtherRun(_)) => {
+                    if other_run.is_none() {
+                        other_run = Some(e.to_string());
+                    }
                 }
                 Err(e) => {
                     if e.stops_the_printer() && fatal.is_none() {
@@ -1013,6 +1065,18 @@ impl PrinterStage {
         self.journal
             .append(&lines)
             .map_err(|e| broadside_pipeline::Error::sink("printer journal", format!("{e:#}")))?;
+        // Failing the send rather than erroring the row: a row recorded `errored` would be
+        // final, while a stopped run records nothing for the batch and can be resumed once
+        // the key's owner is sorted out, so no recipient is lost either way.
+        if let Some(e) = other_run {
+            return Err(broadside_pipeline::Error::sink(
+                "printer",
+                format!(
+                    "a mailpiece of another run came back for this run's key, stopping the send \
+                     (the recipient is not recorded): {e}"
+                ),
+            ));
+        }
         if let Some(f) = fatal {
             return Err(broadside_pipeline::Error::sink(
                 "printer",
@@ -1100,7 +1164,7 @@ impl Stage for PrinterStage {
             if b.decisions[row] != Decision::Sent {
                 continue;
             }
-            let key = piece_key(&self.plan.campaign_id, b.key(row).unwrap_or_default());
+            let key = piece_key(&self.plan.owner.run, b.key(row).unwrap_or_default());
             if let Some(id) = self.journal.get(b.first_row + row as u64, &key) {
                 b.printer_ids[row] = Some(id.into());
                 summary_journaled += 1;
@@ -1117,6 +1181,7 @@ impl Stage for PrinterStage {
         } else if let Output::Batch { printer } = &self.out {
             let mut guard = printer.lock().unwrap_or_else(|e| e.into_inner());
             let p = guard.as_mut().expect("finished only after the run");
+            let written = todo.len() as u64;
             for (row, key) in todo {
                 let to = address(b, &self.layout, row);
                 let vars = merge_vars(b, &self.layout, row);
@@ -1125,6 +1190,10 @@ impl Stage for PrinterStage {
                     .map_err(|e| broadside_pipeline::Error::sink("batch printer", e.to_string()))?;
                 b.printer_ids[row] = Some(file.into());
             }
+            // The run's files are this run's: every row written is created by it.
+            let mut summary = self.summary.lock().unwrap_or_else(|e| e.into_inner());
+            summary.submitted += written;
+            summary.created += written;
         }
         let marks = std::mem::take(&mut b.mail_states);
         b.mail_states = Vec::with_capacity(n);
@@ -1178,8 +1247,13 @@ mod tests {
     fn journal_ignores_a_torn_last_line_and_other_keys() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("j.tsv");
-        let k1 = piece_key("c", "a@x");
-        let k2 = piece_key("c", "b@x");
+        let run = RunScope {
+            workspace_id: "w".into(),
+            campaign_id: "c".into(),
+            run_id: "r".into(),
+        };
+        let k1 = piece_key(&run, "a@x");
+        let k2 = piece_key(&run, "b@x");
         std::fs::write(&p, format!("0\t{k1}\tpsc_1\n1\t{k2}\tpsc_2\n2\t{k2}\tpsc_")).unwrap();
         let j = Journal::open(p).unwrap();
         assert_eq!(j.get(0, &k1), Some("psc_1"));

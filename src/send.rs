@@ -494,8 +494,8 @@ pub fn send(opts: &SendOptions) -> Result<RunRecord> {
             if let Some(p) = &printer {
                 let s = p.summary.lock().unwrap_or_else(|e| e.into_inner()).clone();
                 println!(
-                    "  printer: {} pieces created, {} already printed by an earlier attempt, {} failed",
-                    s.submitted, s.journaled, s.failed
+                    "  printer: {} pieces submitted: {} pieces created, {} returned as made by an earlier attempt of this run; {} already printed by an earlier attempt (journal), {} failed",
+                    s.submitted, s.created, s.returned, s.journaled, s.failed
                 );
                 if let Some(l) = s.lob {
                     println!(

@@ -153,10 +153,14 @@ fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
-/// The recipient (metadata) of each piece the server made; panics on a recipient mailed twice.
-fn pieces_by_recipient(server: &LobServer) -> HashMap<String, (String, String)> {
+/// The recipient (metadata) of each piece the server made for run `run_id` (its metadata's
+/// run); panics on a recipient mailed twice in the run.
+fn pieces_by_recipient(server: &LobServer, run_id: &str) -> HashMap<String, (String, String)> {
     let mut out = HashMap::new();
     for p in server.pieces() {
+        if p.request["metadata"]["run_id"].as_str() != Some(run_id) {
+            continue;
+        }
         let who = p.request["metadata"]["recipient"]
             .as_str()
             .expect("metadata.recipient")
@@ -191,7 +195,7 @@ fn every_mailed_recipient_gets_exactly_one_piece_through_lost_answers() {
 
     let ledger = read_ledger(&dir.path().join("store"), WS, CAMPAIGN, "first");
     assert_eq!(ledger.len(), 300, "one ledger row per recipient");
-    let pieces = pieces_by_recipient(&server);
+    let pieces = pieces_by_recipient(&server, "first");
     let mut sent = 0;
     let mut by_reason: HashMap<String, usize> = HashMap::new();
     for r in &ledger {
@@ -259,7 +263,7 @@ fn every_mailed_recipient_gets_exactly_one_piece_through_lost_answers() {
     );
     assert!(server.max_in_flight() <= 4);
     assert!(
-        stdout.contains(&format!("{sent} pieces created")),
+        stdout.contains(&format!("{sent} pieces created, 0 returned")),
         "{stdout}"
     );
     println!(
@@ -267,19 +271,6 @@ fn every_mailed_recipient_gets_exactly_one_piece_through_lost_answers() {
         pieces.len(),
         server.calls()
     );
-
-    // The same campaign sent again (a new run) prints nothing new: same keys, same pieces.
-    let out = send(&["send", spec.to_str().unwrap(), "--run-id", "again"], true);
-    assert_eq!(
-        pieces_by_recipient(&server).len(),
-        sent,
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    let again = read_ledger(&dir.path().join("store"), WS, CAMPAIGN, "again");
-    for (a, b) in ledger.iter().zip(&again) {
-        assert_eq!(a.printer_id, b.printer_id, "row {}", a.row);
-    }
 }
 
 #[test]
@@ -309,7 +300,7 @@ fn a_printer_refusing_the_key_fails_the_run_and_resume_mails_each_recipient_once
     );
     let ledger = read_ledger(&dir.path().join("store"), WS, CAMPAIGN, "r1");
     assert_eq!(ledger.len(), 120);
-    let pieces = pieces_by_recipient(&server);
+    let pieces = pieces_by_recipient(&server, "r1");
     let sent: HashSet<String> = ledger
         .iter()
         .filter(|r| r.decision == "sent")
@@ -688,7 +679,7 @@ fn recipients_without_an_address_are_enriched_or_skipped() {
     asked.sort_unstable();
     assert_eq!(asked, (0..60).step_by(5).collect::<Vec<u64>>());
     let ledger = read_ledger(&dir.path().join("store"), WS, CAMPAIGN, "e1");
-    let pieces = pieces_by_recipient(&server);
+    let pieces = pieces_by_recipient(&server, "e1");
     let streets: HashMap<String, String> = server
         .pieces()
         .iter()
@@ -795,6 +786,14 @@ country = "country"
     }
     child.kill().unwrap();
     child.wait().unwrap();
+    // Requests the killed send left at the server finish (or are dropped) before counting.
+    while server.in_flight() > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "requests left hanging"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
     let journaled = std::fs::read_to_string(&journal).unwrap().lines().count();
     let before = server.calls();
     let pieces_before = server.pieces().len();
@@ -816,7 +815,7 @@ country = "country"
         .collect();
     // One piece per sent recipient (pieces_by_recipient panics on a second), the one the ledger
     // names.
-    let pieces = pieces_by_recipient(&server);
+    let pieces = pieces_by_recipient(&server, "k1");
     assert_eq!(pieces.len(), sent.len());
     for (key, id) in &sent {
         assert_eq!(&pieces[key].0, id, "{key}");
@@ -832,8 +831,255 @@ country = "country"
         stdout.contains(&format!("{journaled} already printed")),
         "{stdout}"
     );
+    // The pieces made but not journaled came back for the run's keys: counted returned, not
+    // created. (Counted by the attempt their metadata names, the killed one being the first
+    // piece's: a request the killed send left in a socket may still have made a piece.)
+    let all = server.pieces();
+    let killed = all[0].request["metadata"]["attempt_id"].clone();
+    let by_killed = all
+        .iter()
+        .filter(|p| p.request["metadata"]["attempt_id"] == killed)
+        .count();
+    let (created, returned) = (all.len() - by_killed, by_killed - journaled);
+    assert!(returned >= pieces_before - journaled);
+    assert!(
+        stdout.contains(&format!(
+            "{created} pieces created, {returned} returned as made by an earlier attempt"
+        )),
+        "{stdout}"
+    );
     println!(
         "figure mail_kill_resume sent={} journaled_before_kill={journaled} pieces_before_kill={pieces_before} resume_calls={resumed_calls} duplicates=0",
         sent.len()
     );
+}
+
+/// The rows of a run recorded `sent` (none when the run recorded no ledger part).
+fn sent_keys(store: &Path, run_id: &str) -> HashSet<String> {
+    let dir = store.join(format!(
+        "recipient_logs/workspace_id={WS}/campaign_id={CAMPAIGN}/run_id={run_id}"
+    ));
+    if !dir.exists() {
+        return HashSet::new();
+    }
+    read_ledger(store, WS, CAMPAIGN, run_id)
+        .into_iter()
+        .filter(|r| r.decision == "sent")
+        .map(|r| r.key.unwrap())
+        .collect()
+}
+
+/// Recipient `i` of `write_recipients` is mailed when nothing refuses it (the specs of these
+/// tests have no holdout).
+fn mailed(i: usize) -> bool {
+    i % 20 != 7 && i % 25 != 3 && i % 30 != 11
+}
+
+/// Makes recipient `i`'s postcard at the server directly, as another process would: under
+/// `run`'s key for the recipient, with the metadata of `owner`. Returns the piece's id.
+fn precreate(
+    rt: &tokio::runtime::Runtime,
+    server: &LobServer,
+    run: &str,
+    owner: &broadside_printers::lob::PieceOwner,
+    i: usize,
+) -> String {
+    use broadside_printers::lob::{Creative, LobClient, LobConfig, MailPiece, RunScope};
+    let scope = RunScope {
+        workspace_id: WS.into(),
+        campaign_id: CAMPAIGN.into(),
+        run_id: run.into(),
+    };
+    let recipient = format!("A{i:05}");
+    let mut metadata: std::collections::BTreeMap<String, String> = owner
+        .metadata()
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    metadata.insert("recipient".into(), recipient.clone());
+    let piece = MailPiece {
+        // The key `broadside send` derives for the recipient in `run` (piece `mail`).
+        key: scope.key(&recipient, "mail"),
+        description: None,
+        to: broadside_printers::Address {
+            name: Some(format!("First{i} Last{i}")),
+            address_line1: Some(format!("{i} Main St")),
+            address_city: Some("Springfield".into()),
+            address_state: Some("IL".into()),
+            address_zip: Some(format!("627{:02}", i % 100)),
+            address_country: Some("US".into()),
+            ..Default::default()
+        },
+        from: None,
+        creative: Creative::Postcard {
+            front: "<h1>made elsewhere</h1>".into(),
+            back: "<p>made elsewhere</p>".into(),
+            size: None,
+        },
+        merge_variables: serde_json::Map::new(),
+        metadata,
+    };
+    let client = LobClient::new(
+        LobConfig {
+            base_url: server.base_url.clone(),
+            ..LobConfig::default()
+        },
+        KEY,
+    )
+    .unwrap();
+    rt.block_on(client.create(&piece)).unwrap().id
+}
+
+fn owner(run: &str, attempt: &str) -> broadside_printers::lob::PieceOwner {
+    broadside_printers::lob::PieceOwner {
+        run: broadside_printers::lob::RunScope {
+            workspace_id: WS.into(),
+            campaign_id: CAMPAIGN.into(),
+            run_id: run.into(),
+        },
+        attempt_id: attempt.into(),
+    }
+}
+
+/// The case: a second campaign sent with a copy of the first one's spec (same
+/// `campaign_id`) got the first one's pieces back for its keys and recorded them `Sent`.
+#[test]
+fn two_runs_of_one_campaign_spec_each_print_their_own_pieces() {
+    let rt = runtime();
+    let server = rt.block_on(LobServer::start(KEY, Duration::ZERO));
+    let dir = tempfile::tempdir().unwrap();
+    write_recipients(dir.path(), 90);
+    let printer = lob_printer(&server.base_url, "");
+    let first = write_spec(dir.path(), "campaign.toml", CSV_SOURCE, 0.0, &printer);
+    let copy = write_spec(dir.path(), "copy.toml", CSV_SOURCE, 0.0, &printer);
+    send(&["send", first.to_str().unwrap(), "--run-id", "one"], true);
+    let out = send(&["send", copy.to_str().unwrap(), "--run-id", "two"], true);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+
+    let store = dir.path().join("store");
+    let (one, two) = (sent_keys(&store, "one"), sent_keys(&store, "two"));
+    let expect: HashSet<String> = (0..90)
+        .filter(|&i| mailed(i))
+        .map(|i| format!("A{i:05}"))
+        .collect();
+    assert_eq!(one, expect);
+    assert_eq!(two, expect);
+    // Each run made its own piece for every recipient it records sent.
+    assert_eq!(server.pieces().len(), 2 * expect.len());
+    let keys: HashSet<_> = server
+        .pieces()
+        .iter()
+        .map(|p| p.idempotency_key.clone().unwrap())
+        .collect();
+    assert_eq!(keys.len(), 2 * expect.len(), "no key shared between runs");
+    let (p1, p2) = (
+        pieces_by_recipient(&server, "one"),
+        pieces_by_recipient(&server, "two"),
+    );
+    for r in read_ledger(&store, WS, CAMPAIGN, "two")
+        .iter()
+        .filter(|r| r.decision == "sent")
+    {
+        let key = r.key.as_ref().unwrap();
+        assert_eq!(r.printer_id.as_ref(), Some(&p2[key].0), "{key}");
+        assert_ne!(p1[key].0, p2[key].0, "{key}");
+    }
+    assert!(
+        stdout.contains(&format!("{} pieces created, 0 returned", expect.len())),
+        "{stdout}"
+    );
+}
+
+/// Pieces an earlier attempt of the run made (its answers or journal lines lost) come back for
+/// the run's keys on resume: nothing new is printed for them and they count as returned.
+#[test]
+fn a_resume_gets_its_runs_pieces_back_and_counts_them_returned() {
+    let rt = runtime();
+    let server = rt.block_on(LobServer::start(KEY, Duration::ZERO));
+    let dir = tempfile::tempdir().unwrap();
+    write_recipients(dir.path(), 60);
+    let spec_path = write_spec(
+        dir.path(),
+        "campaign.toml",
+        CSV_SOURCE,
+        0.0,
+        &lob_printer(&server.base_url, ""),
+    );
+    let earlier = owner("r2", "an-earlier-attempt");
+    let before: HashMap<String, String> = (0..60)
+        .filter(|&i| mailed(i) && i % 4 == 0)
+        .map(|i| {
+            (
+                format!("A{i:05}"),
+                precreate(&rt, &server, "r2", &earlier, i),
+            )
+        })
+        .collect();
+    let out = send(
+        &["send", spec_path.to_str().unwrap(), "--run-id", "r2"],
+        true,
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let ledger = read_ledger(&dir.path().join("store"), WS, CAMPAIGN, "r2");
+    let sent: Vec<_> = ledger.iter().filter(|r| r.decision == "sent").collect();
+    assert_eq!(sent.len(), (0..60).filter(|&i| mailed(i)).count());
+    // One piece per recipient: the earlier attempt's where there was one.
+    assert_eq!(server.pieces().len(), sent.len());
+    for r in &sent {
+        let key = r.key.as_ref().unwrap();
+        if let Some(id) = before.get(key) {
+            assert_eq!(r.printer_id.as_ref(), Some(id), "{key}");
+        }
+    }
+    assert!(
+        stdout.contains(&format!(
+            "{} pieces submitted: {} pieces created, {} returned as made by an earlier attempt",
+            sent.len(),
+            sent.len() - before.len(),
+            before.len()
+        )),
+        "{stdout}"
+    );
+}
+
+/// A piece made for another run under this run's key: the send stops with an error naming
+/// that run, and the recipient is not recorded `Sent` (nor journaled, so a resume asks again).
+#[test]
+fn a_piece_of_another_run_under_this_runs_key_fails_the_send_naming_that_run() {
+    let rt = runtime();
+    let server = rt.block_on(LobServer::start(KEY, Duration::ZERO));
+    let dir = tempfile::tempdir().unwrap();
+    write_recipients(dir.path(), 40);
+    let spec_path = write_spec(
+        dir.path(),
+        "campaign.toml",
+        CSV_SOURCE,
+        0.0,
+        &lob_printer(&server.base_url, ""),
+    );
+    let foreign = precreate(&rt, &server, "r3", &owner("r-other", "x"), 5);
+    let out = send(
+        &["send", spec_path.to_str().unwrap(), "--run-id", "r3"],
+        false,
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("belongs to run r-other") && err.contains(&foreign),
+        "{err}"
+    );
+    let store = dir.path().join("store");
+    assert_eq!(format!("{:?}", record(&store, WS, "r3").status), "Failed");
+    assert!(!sent_keys(&store, "r3").contains("A00005"));
+    let journal = std::fs::read_to_string(store.join("staging/run_id=r3/printer-journal.tsv"))
+        .unwrap_or_default();
+    assert!(!journal.contains(&foreign), "{journal}");
+    // The printer made nothing for this run's key: the other run's piece is the only one.
+    let key = owner("r3", "").run.key("A00005", "mail");
+    let under_key: Vec<_> = server
+        .pieces()
+        .into_iter()
+        .filter(|p| p.idempotency_key.as_deref() == Some(key.as_str()))
+        .collect();
+    assert_eq!(under_key.len(), 1);
+    assert_eq!(under_key[0].id, foreign);
 }

@@ -6,8 +6,10 @@
 //! place and the folder fsynced, so the printer never sees a partial file. Names are
 //! deterministic per campaign, run and batch number: rewriting a batch after a crash replaces
 //! it whole. The CSV is RFC 4180: a header row, CRLF line ends, fields holding `,`, `"`, CR or
-//! LF quoted with `"` doubled. Columns: `idempotency_key`, the address fields in Lob's names,
-//! then the campaign's merge fields in the order configured.
+//! LF quoted with `"` doubled. Columns: `idempotency_key` (the recipient's key in this run,
+//! [`crate::lob::IdempotencyKey::derive`]: a re-dropped batch of the run repeats it, another
+//! run never does), the address fields in Lob's names, then the campaign's merge fields in the
+//! order configured.
 
 use std::fs::{self, File};
 use std::io::Write;
@@ -254,6 +256,14 @@ mod tests {
         }
     }
 
+    fn run1() -> crate::lob::RunScope {
+        crate::lob::RunScope {
+            workspace_id: "acme".into(),
+            campaign_id: "spring".into(),
+            run_id: "run1".into(),
+        }
+    }
+
     #[test]
     fn batches_of_n_then_the_manifest() {
         let dir = tempfile::tempdir().unwrap();
@@ -266,7 +276,7 @@ mod tests {
         for i in 0..7 {
             let mut merge = serde_json::Map::new();
             merge.insert("offer".into(), format!("{i}0% off").into());
-            let key = IdempotencyKey::derive("spring", &i.to_string(), "letter");
+            let key = run1().key(&i.to_string(), "letter");
             if p.push(&key, &addr(i), &merge).unwrap().is_some() {
                 filled += 1;
             }
@@ -296,7 +306,7 @@ mod tests {
             assert_eq!(hex_sha256(&bytes), f.sha256);
         }
         let last = fs::read_to_string(dir.path().join("spring-run1-00003.csv")).unwrap();
-        let key = IdempotencyKey::derive("spring", "6", "letter");
+        let key = run1().key("6", "letter");
         assert_eq!(
             last,
             format!(

@@ -1,9 +1,16 @@
 //! A Lob-compatible printer client: creates postcards (`POST /v1/postcards`) and letters
 //! (`POST /v1/letters`) with the shapes of Lob's public API (lob/lob-openapi).
 //!
-//! - **Exactly one mailpiece per recipient.** Every request carries an `Idempotency-Key`
-//!   derived from campaign + recipient + piece ([`IdempotencyKey::derive`]), so a retry after
-//!   a lost answer, or a resumed run, gets the first mailpiece back instead of a second one.
+//! - **Exactly one mailpiece per recipient and run.** Every request carries an
+//!   `Idempotency-Key` derived from workspace + campaign + run + recipient + piece
+//!   ([`IdempotencyKey::derive`]), so a retry after a lost answer, or a resumed run, gets the
+//!   first mailpiece back instead of a second one, and nothing else (another run, campaign or
+//!   workspace) shares the key.
+//! - **Pieces belong to their run.** The piece's `metadata` names its run and the attempt that
+//!   made it ([`PieceOwner::metadata`]); Lob answers a repeated key with the first piece, its
+//!   metadata included, so [`PieceOwner::origin`] tells a piece made now from one an earlier
+//!   attempt of the run made, and refuses one made for another run
+//!   ([`SubmitError::OtherRun`]).
 //! - **Retries.** 429 waits `Retry-After` (delta-seconds, capped) and also holds back every
 //!   other request to the same printer; 408, 5xx and transport failures (refused, reset, an
 //!   answer cut short, a timeout) back off exponentially with deterministic jitter up to a cap.
@@ -109,24 +116,53 @@ impl LobConfig {
     }
 }
 
-/// The `Idempotency-Key` of one mailpiece: the same campaign, recipient and piece always give
-/// the same key, on any machine and after any restart.
+/// The run a mailpiece is made for: the scope of its idempotency key and what its metadata
+/// names.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RunScope {
+    /// The workspace.
+    pub workspace_id: String,
+    /// The campaign.
+    pub campaign_id: String,
+    /// The run (a resume keeps it; `--new-run` makes another).
+    pub run_id: String,
+}
+
+impl RunScope {
+    /// The key of `recipient`'s `piece` in this run ([`IdempotencyKey::derive`]).
+    pub fn key(&self, recipient: &str, piece: &str) -> IdempotencyKey {
+        IdempotencyKey::derive(self, recipient, piece)
+    }
+}
+
+/// The `Idempotency-Key` of one mailpiece: the same workspace, campaign, run, recipient and
+/// piece always give the same key, on any machine and after any restart; anything else gives
+/// another.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct IdempotencyKey(String);
 
 impl IdempotencyKey {
-    /// `bs1-` and 48 hex digits of SHA-256 over the length-prefixed parts (so `("ab", "c")`
-    /// and `("a", "bc")` differ). `piece` names the mailpiece within the recipient's campaign
-    /// (e.g. `postcard` or a touch number) for campaigns that mail a recipient more than once.
-    pub fn derive(campaign: &str, recipient: &str, piece: &str) -> IdempotencyKey {
+    /// `bs2-` and 48 hex digits of SHA-256 over the length-prefixed parts workspace, campaign,
+    /// run, recipient, piece (each part's byte length as a little-endian u64, then its bytes,
+    /// so `("ab", "c")` and `("a", "bc")` differ). `piece` names the mailpiece within the
+    /// recipient's run (e.g. `postcard` or a touch number) for campaigns that mail a recipient
+    /// more than once. (`bs1-` keys were campaign + recipient + piece only, shared by every run
+    /// of a campaign.)
+    pub fn derive(run: &RunScope, recipient: &str, piece: &str) -> IdempotencyKey {
         let mut h = Sha256::new();
-        for part in [campaign, recipient, piece] {
+        for part in [
+            run.workspace_id.as_str(),
+            run.campaign_id.as_str(),
+            run.run_id.as_str(),
+            recipient,
+            piece,
+        ] {
             h.update((part.len() as u64).to_le_bytes());
             h.update(part.as_bytes());
         }
         let digest = h.finalize();
         let mut key = String::with_capacity(52);
-        key.push_str("bs1-");
+        key.push_str("bs2-");
         for b in &digest[..24] {
             key.push_str(&format!("{b:02x}"));
         }
@@ -136,6 +172,75 @@ impl IdempotencyKey {
     /// The header value.
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+}
+
+/// Who makes a mailpiece: a run, and the attempt of it (one `broadside send` process; a resume
+/// is another attempt of the same run). Written into the piece's metadata and checked against
+/// every piece the printer answers with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PieceOwner {
+    /// The run.
+    pub run: RunScope,
+    /// Unique to this attempt of the run.
+    pub attempt_id: String,
+}
+
+/// Whether the piece the printer answered with was made now or earlier.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// Made by this attempt (by this request, or by an earlier request of this attempt whose
+    /// answer was lost).
+    Created,
+    /// Made by an earlier attempt of the same run: the printer returned it for the key.
+    Returned,
+}
+
+impl PieceOwner {
+    /// The metadata keys naming the owner.
+    pub const METADATA_KEYS: [&'static str; 4] =
+        ["workspace_id", "campaign_id", "run_id", "attempt_id"];
+
+    /// The metadata entries naming the owner, to put in every piece it creates.
+    pub fn metadata(&self) -> [(&'static str, &str); 4] {
+        let [w, c, r, a] = Self::METADATA_KEYS;
+        [
+            (w, self.run.workspace_id.as_str()),
+            (c, self.run.campaign_id.as_str()),
+            (r, self.run.run_id.as_str()),
+            (a, self.attempt_id.as_str()),
+        ]
+    }
+
+    /// Whose `created` (the printer's answer for `key`) is, by the metadata the printer keeps
+    /// with it: this attempt's, an earlier attempt's of this run, or another run's (an error:
+    /// the piece must not be counted as this run's).
+    pub fn origin(
+        &self,
+        key: &IdempotencyKey,
+        created: &Created,
+    ) -> std::result::Result<Origin, SubmitError> {
+        let meta = |k: &str| created.metadata.get(k).map(String::as_str);
+        let [w, c, r, a] = Self::METADATA_KEYS;
+        let ours = meta(w) == Some(self.run.workspace_id.as_str())
+            && meta(c) == Some(self.run.campaign_id.as_str())
+            && meta(r) == Some(self.run.run_id.as_str());
+        if !ours {
+            let named = |k: &str| meta(k).unwrap_or("(none)").to_string();
+            return Err(SubmitError::OtherRun(Box::new(OtherRunPiece {
+                key: key.to_string(),
+                id: created.id.clone(),
+                run_id: named(r),
+                workspace_id: named(w),
+                campaign_id: named(c),
+                ours: self.run.run_id.clone(),
+            })));
+        }
+        Ok(if meta(a) == Some(self.attempt_id.as_str()) {
+            Origin::Created
+        } else {
+            Origin::Returned
+        })
     }
 }
 
@@ -190,7 +295,8 @@ pub struct MailPiece {
     pub creative: Creative,
     /// Values for the creative's `{{merge_tags}}`.
     pub merge_variables: serde_json::Map<String, serde_json::Value>,
-    /// Up to 20 string pairs stored with the piece (campaign and recipient ids go here).
+    /// Up to 20 string pairs stored with the piece: its owner ([`PieceOwner::metadata`]) and
+    /// recipient go here.
     pub metadata: BTreeMap<String, String>,
 }
 
@@ -260,13 +366,17 @@ impl MailPiece {
     }
 }
 
-/// A mailpiece the printer created.
+/// The mailpiece the printer answered with: the one it created, or for a key it saw before,
+/// the one it created then.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Created {
     /// The printer's id (`psc_…` or `ltr_…`).
     pub id: String,
     /// Requests it took, the successful one included.
     pub attempts: u32,
+    /// The metadata the printer keeps with the piece (what it was created with; string values
+    /// only). [`PieceOwner::origin`] reads whose piece it is from it.
+    pub metadata: BTreeMap<String, String>,
 }
 
 /// Why a mailpiece was not created.
@@ -299,6 +409,31 @@ pub enum SubmitError {
         /// The start of the answer.
         body: String,
     },
+    /// The printer answered the key with a piece another run made ([`PieceOwner::origin`]):
+    /// it is not this run's piece, and nothing was printed for this run.
+    #[error(
+        "idempotency key {} belongs to run {} (workspace {}, campaign {}): the printer returned \
+         its mailpiece {}, which was not made for run {}",
+        .0.key, .0.run_id, .0.workspace_id, .0.campaign_id, .0.id, .0.ours
+    )]
+    OtherRun(Box<OtherRunPiece>),
+}
+
+/// A piece another run made, returned for one of our keys ([`SubmitError::OtherRun`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OtherRunPiece {
+    /// The key.
+    pub key: String,
+    /// The printer's id of the other run's piece.
+    pub id: String,
+    /// The run its metadata names (`(none)` when absent).
+    pub run_id: String,
+    /// The workspace its metadata names.
+    pub workspace_id: String,
+    /// The campaign its metadata names.
+    pub campaign_id: String,
+    /// Our run.
+    pub ours: String,
 }
 
 impl SubmitError {
@@ -467,7 +602,7 @@ struct LobErrorDetail {
 
 /// What one attempt's answer means.
 enum Outcome {
-    Created(String),
+    Created(String, BTreeMap<String, String>),
     Retry { why: String, wait: Option<Duration> },
     Fail(SubmitError),
 }
@@ -583,11 +718,12 @@ impl LobClient {
                 }
             };
             match outcome {
-                Outcome::Created(id) => {
+                Outcome::Created(id, metadata) => {
                     bump(&self.stats.created);
                     return Ok(Created {
                         id,
                         attempts: attempt,
+                        metadata,
                     });
                 }
                 Outcome::Fail(e) => {
@@ -626,11 +762,24 @@ impl LobClient {
         let text =
             || String::from_utf8_lossy(&answer.body[..answer.body.len().min(512)]).into_owned();
         if (200..300).contains(&status) {
-            return match serde_json::from_slice::<serde_json::Value>(&answer.body)
-                .ok()
-                .and_then(|v| v.get("id").and_then(|id| id.as_str()).map(str::to_string))
-            {
-                Some(id) => Outcome::Created(id),
+            let piece = serde_json::from_slice::<serde_json::Value>(&answer.body).ok();
+            let id = piece
+                .as_ref()
+                .and_then(|v| v.get("id")?.as_str())
+                .map(str::to_string);
+            return match id {
+                Some(id) => {
+                    let metadata = piece
+                        .as_ref()
+                        .and_then(|v| v.get("metadata")?.as_object())
+                        .map(|m| {
+                            m.iter()
+                                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    Outcome::Created(id, metadata)
+                }
                 None => Outcome::Fail(SubmitError::BadAnswer {
                     status,
                     body: text(),
@@ -670,25 +819,87 @@ impl LobClient {
 mod tests {
     use super::*;
 
+    fn run(workspace: &str, campaign: &str, run: &str) -> RunScope {
+        RunScope {
+            workspace_id: workspace.into(),
+            campaign_id: campaign.into(),
+            run_id: run.into(),
+        }
+    }
+
     #[test]
-    fn keys_are_deterministic_and_distinct() {
-        let a = IdempotencyKey::derive("c1", "r1", "postcard");
-        assert_eq!(a, IdempotencyKey::derive("c1", "r1", "postcard"));
+    fn keys_are_deterministic_and_distinct_per_run() {
+        let r1 = run("acme", "c1", "run-1");
+        let a = r1.key("r1", "postcard");
+        assert_eq!(a, IdempotencyKey::derive(&r1, "r1", "postcard"));
         assert_eq!(a.as_str().len(), 52);
-        assert!(a.as_str().starts_with("bs1-"));
-        assert_ne!(a, IdempotencyKey::derive("c1", "r2", "postcard"));
-        assert_ne!(a, IdempotencyKey::derive("c2", "r1", "postcard"));
-        assert_ne!(a, IdempotencyKey::derive("c1", "r1", "letter"));
+        assert!(a.as_str().starts_with("bs2-"));
+        assert_ne!(a, r1.key("r2", "postcard"));
+        assert_ne!(a, r1.key("r1", "letter"));
+        // Another run (`--new-run`), campaign or workspace never shares a key.
+        assert_ne!(a, run("acme", "c1", "run-2").key("r1", "postcard"));
+        assert_ne!(a, run("acme", "c2", "run-1").key("r1", "postcard"));
+        assert_ne!(a, run("other", "c1", "run-1").key("r1", "postcard"));
         assert_ne!(
-            IdempotencyKey::derive("ab", "c", ""),
-            IdempotencyKey::derive("a", "bc", "")
+            run("ab", "c", "r").key("", ""),
+            run("a", "bc", "r").key("", "")
+        );
+        assert_ne!(
+            run("w", "c", "r").key("ab", "c"),
+            run("w", "c", "r").key("a", "bc")
         );
         // Pinned: a change here would print every in-flight recipient twice after an upgrade.
         // (Computed independently: Python hashlib over the same length-prefixed parts.)
         assert_eq!(
-            IdempotencyKey::derive("spring", "42", "postcard").to_string(),
-            "bs1-bb29538aba1eae38d6d5b436d632e5995b5d8a7e24d014b5"
+            run("acme", "spring", "20261207T030000-ab12")
+                .key("42", "postcard")
+                .to_string(),
+            "bs2-f716439e3ad2502ec3ec8d33b33ffa3595caa86f11e4bfd4"
         );
+    }
+
+    #[test]
+    fn origin_tells_this_attempt_an_earlier_one_and_another_run() {
+        let owner = PieceOwner {
+            run: run("acme", "spring", "r1"),
+            attempt_id: "a2".into(),
+        };
+        let key = owner.run.key("42", "postcard");
+        let piece = |meta: &[(&str, &str)]| Created {
+            id: "psc_1".into(),
+            attempts: 1,
+            metadata: meta
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        };
+        let mine: Vec<(&str, &str)> = owner.metadata().to_vec();
+        assert_eq!(owner.origin(&key, &piece(&mine)), Ok(Origin::Created));
+        let earlier: Vec<(&str, &str)> = mine
+            .iter()
+            .map(|&(k, v)| (k, if k == "attempt_id" { "a1" } else { v }))
+            .collect();
+        assert_eq!(owner.origin(&key, &piece(&earlier)), Ok(Origin::Returned));
+        let other: Vec<(&str, &str)> = mine
+            .iter()
+            .map(|&(k, v)| (k, if k == "run_id" { "r0" } else { v }))
+            .collect();
+        let e = owner.origin(&key, &piece(&other)).unwrap_err();
+        assert!(matches!(&e, SubmitError::OtherRun(p) if p.run_id == "r0" && p.ours == "r1"));
+        let msg = e.to_string();
+        assert!(
+            msg.contains("belongs to run r0") && msg.contains("psc_1") && msg.contains("run r1"),
+            "{msg}"
+        );
+        assert!(!e.stops_the_printer());
+        // A piece without our metadata is not ours either.
+        let e = owner.origin(&key, &piece(&[])).unwrap_err();
+        assert!(e.to_string().contains("belongs to run (none)"), "{e}");
+        let ws: Vec<(&str, &str)> = mine
+            .iter()
+            .map(|&(k, v)| (k, if k == "workspace_id" { "beta" } else { v }))
+            .collect();
+        assert!(owner.origin(&key, &piece(&ws)).is_err());
     }
 
     #[test]
@@ -698,7 +909,7 @@ mod tests {
             max_backoff_ms: 1000,
             ..LobConfig::default()
         };
-        let key = IdempotencyKey::derive("c", "r", "p");
+        let key = run("w", "c", "run").key("r", "p");
         for (attempt, full) in [
             (1, 100),
             (2, 200),
@@ -777,7 +988,7 @@ mod tests {
         let mut merge = serde_json::Map::new();
         merge.insert("first_name".into(), "Harry".into());
         let piece = MailPiece {
-            key: IdempotencyKey::derive("c", "r", "p"),
+            key: run("w", "c", "run").key("r", "p"),
             description: Some("spring".into()),
             to: to.clone(),
             from: None,

@@ -9,7 +9,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use broadside_printers::lob::{Creative, IdempotencyKey, LobClient, LobConfig, MailPiece};
+use broadside_printers::lob::{Creative, LobClient, LobConfig, MailPiece, RunScope};
 use broadside_printers::Address;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -19,7 +19,12 @@ const KEY: &str = "test_https_key";
 
 fn piece(i: usize) -> MailPiece {
     MailPiece {
-        key: IdempotencyKey::derive("https-test", &format!("acct-{i}"), "postcard"),
+        key: RunScope {
+            workspace_id: "acme".into(),
+            campaign_id: "https-test".into(),
+            run_id: "run-1".into(),
+        }
+        .key(&format!("acct-{i}"), "postcard"),
         description: None,
         to: Address {
             name: Some(format!("Grace Hopper {i}")),

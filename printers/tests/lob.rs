@@ -8,13 +8,26 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use broadside_printers::lob::{
-    Creative, IdempotencyKey, LobClient, LobConfig, MailPiece, Pause, SubmitError, TokioPause,
+    Creative, LobClient, LobConfig, MailPiece, Origin, Pause, PieceOwner, RunScope, SubmitError,
+    TokioPause,
 };
 use broadside_printers::{Address, RecipientState};
 use support::lob_server::{Fault, LobServer};
 
 const KEY: &str = "test_0123456789abcdef";
 const CAMPAIGN: &str = "spring-2026";
+
+/// The run the tests' pieces belong to, in attempt `attempt`.
+fn owner(run_id: &str, attempt: &str) -> PieceOwner {
+    PieceOwner {
+        run: RunScope {
+            workspace_id: "acme".into(),
+            campaign_id: CAMPAIGN.into(),
+            run_id: run_id.into(),
+        },
+        attempt_id: attempt.into(),
+    }
+}
 
 /// Records every wait and returns at once, so retries cost no wall-clock time.
 #[derive(Default)]
@@ -58,10 +71,21 @@ fn client(cfg: LobConfig) -> (Arc<LobClient>, Arc<RecordingPause>) {
 }
 
 fn recipient(i: usize) -> MailPiece {
+    piece_of(&owner("run-1", "attempt-1"), i)
+}
+
+/// Recipient `i`'s postcard in `owner`'s run, its metadata naming the owner.
+fn piece_of(owner: &PieceOwner, i: usize) -> MailPiece {
     let mut merge = serde_json::Map::new();
     merge.insert("first_name".into(), format!("Ada{i}").into());
+    let mut metadata: BTreeMap<String, String> = owner
+        .metadata()
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    metadata.insert("recipient".to_string(), format!("acct-{i}"));
     MailPiece {
-        key: IdempotencyKey::derive(CAMPAIGN, &format!("acct-{i}"), "postcard"),
+        key: owner.run.key(&format!("acct-{i}"), "postcard"),
         description: Some(format!("{CAMPAIGN} acct-{i}")),
         to: Address {
             name: Some(format!("Ada Lovelace {i}")),
@@ -79,10 +103,7 @@ fn recipient(i: usize) -> MailPiece {
             size: Some("4x6".into()),
         },
         merge_variables: merge,
-        metadata: BTreeMap::from([
-            ("campaign".to_string(), CAMPAIGN.to_string()),
-            ("recipient".to_string(), format!("acct-{i}")),
-        ]),
+        metadata,
     }
 }
 
@@ -138,7 +159,7 @@ async fn creates_postcards_and_letters_with_lobs_shapes() {
     assert_eq!(created.attempts, 1);
 
     let letter = MailPiece {
-        key: IdempotencyKey::derive(CAMPAIGN, "acct-1", "letter"),
+        key: owner("run-1", "attempt-1").run.key("acct-1", "letter"),
         from: Some(card.to.clone()),
         creative: Creative::Letter {
             file: "<html>Dear {{first_name}}</html>".into(),
@@ -168,16 +189,55 @@ async fn creates_postcards_and_letters_with_lobs_shapes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_same_key_twice_returns_the_first_mailpiece() {
+async fn the_same_key_twice_returns_the_first_mailpiece_with_its_metadata() {
     let server = LobServer::start(KEY, Duration::ZERO).await;
     let (client, _) = client(config(&server));
-    let piece = recipient(7);
+    let first_attempt = owner("run-1", "attempt-1");
+    let piece = piece_of(&first_attempt, 7);
     let first = client.create(&piece).await.unwrap();
-    // A resumed run submits the same recipient again.
-    let again = client.create(&piece).await.unwrap();
+    assert_eq!(first.metadata, piece.metadata, "Lob keeps the metadata");
+    assert_eq!(
+        first_attempt.origin(&piece.key, &first),
+        Ok(Origin::Created)
+    );
+    // A resumed attempt of the run submits the same recipient again (same key, its own
+    // attempt id): the printer answers with the first piece, as made by the first attempt.
+    let resumed = owner("run-1", "attempt-2");
+    let again = client.create(&piece_of(&resumed, 7)).await.unwrap();
     assert_eq!(first.id, again.id);
+    assert_eq!(again.metadata, piece.metadata);
+    assert_eq!(resumed.origin(&piece.key, &again), Ok(Origin::Returned));
     assert_eq!(server.pieces().len(), 1);
     assert_eq!(server.calls(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_run_has_its_own_keys_and_a_piece_of_another_run_is_refused() {
+    let server = LobServer::start(KEY, Duration::ZERO).await;
+    let (client, _) = client(config(&server));
+    // Two runs of the same campaign: each makes its own piece for the recipient.
+    let (r1, r2) = (owner("run-1", "a"), owner("run-2", "b"));
+    let one = client.create(&piece_of(&r1, 3)).await.unwrap();
+    let two = client.create(&piece_of(&r2, 3)).await.unwrap();
+    assert_ne!(one.id, two.id);
+    assert_eq!(server.pieces().len(), 2);
+    // A piece made under run 3's key with run 1's metadata: run 3 gets it back and refuses it.
+    let r3 = owner("run-3", "c");
+    let squatter = MailPiece {
+        key: r3.run.key("acct-3", "postcard"),
+        ..piece_of(&r1, 3)
+    };
+    client.create(&squatter).await.unwrap();
+    let returned = client.create(&piece_of(&r3, 3)).await.unwrap();
+    assert_eq!(server.pieces().len(), 3, "the replay made nothing");
+    let err = r3
+        .origin(&squatter.key, &returned)
+        .expect_err("another run's piece");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("belongs to run run-1") && msg.contains(&returned.id),
+        "{msg}"
+    );
 }
 
 /// Issue 8 scenario 6, "printer faults: 1 mailpiece per recipient": 429, 500, connections

@@ -2,7 +2,9 @@
 //! answer shapes of Lob's public API (lob/lob-openapi), its error shape
 //! `{"error": {"message", "status_code", "code"}}`, Basic auth with the API key as user, and
 //! idempotency keys (`Idempotency-Key` header or `idempotency_key` query parameter): a key seen
-//! before gets the first answer again and no new mailpiece.
+//! before gets the first answer again, byte for byte (the first piece with the `metadata` it was
+//! created with, whatever the repeated request carries), and no new mailpiece. Like Lob, it
+//! sends no header or field marking an answer as a replay.
 //!
 //! Faults are injected by call number (0 = the first request the server receives, whatever
 //! the endpoint): 429 with `Retry-After`, 500, a connection dropped before the request is
@@ -153,6 +155,11 @@ impl LobServer {
     /// Requests received.
     pub fn calls(&self) -> u64 {
         self.shared.calls.load(Ordering::SeqCst)
+    }
+
+    /// Requests being handled now (a killed client's last requests may still be finishing).
+    pub fn in_flight(&self) -> usize {
+        self.shared.in_flight.load(Ordering::SeqCst)
     }
 
     /// Most requests being handled at the same time.
