@@ -313,6 +313,7 @@ pub fn send(opts: &SendOptions) -> Result<RunRecord> {
             suppression_keys: 0,
             suppression_build_secs: 0.0,
             files: Vec::new(),
+            delivered_missing: Vec::new(),
             stages: Vec::new(),
             elapsed_secs: 0.0,
             rows_per_sec: 0.0,
@@ -415,8 +416,10 @@ pub fn send(opts: &SendOptions) -> Result<RunRecord> {
                 roll_rows: spec.output.ifur_roll_rows,
                 staging: store.staging_dir(&run_id),
                 hot_folder: hot,
+                deliveries: store.delivery_journal(&spec.workspace_id, &run_id),
             })
             .map_err(|e| record_failure(&mut record, &record_path, e.into()))?;
+            record.delivered_missing = writer.delivered_missing();
             delivered = Some(writer.delivered());
             manifest = Some(writer.manifest());
             ordered.push(Box::new(writer));

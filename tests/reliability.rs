@@ -8,11 +8,13 @@
 
 mod common;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fs::File;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use broadside_pipeline::run::RunStatus;
@@ -675,6 +677,329 @@ fn stale_staging_copy_is_removed_on_resume() {
     let left = names_in(&out.staging_dir("stale"), |_| true);
     println!("figure stale_staging_copy left_after_resume={}", left.len());
     assert!(left.is_empty(), "staging copy left behind: {left:?}");
+}
+
+/// A consuming MegaSys: a thread that moves every IFUR file and manifest out of the hot folder
+/// as soon as it appears, as MegaSys does. Each take gets a numbered name in `taken/`, so a file
+/// delivered twice is taken twice and shows twice.
+struct MegaSys {
+    hot: PathBuf,
+    taken: PathBuf,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl MegaSys {
+    fn start(hot: &Path, taken: &Path) -> Self {
+        std::fs::create_dir_all(hot).unwrap();
+        std::fs::create_dir_all(taken).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (from, to, stopped) = (hot.to_path_buf(), taken.to_path_buf(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            let mut seq = 0u64;
+            loop {
+                let last = stopped.load(Ordering::SeqCst);
+                for n in names_in(&from, |n| {
+                    n.ends_with(".ifur") || n.ends_with(".manifest.json")
+                }) {
+                    if take(&from.join(&n), &to.join(format!("{seq:06}-{n}"))) {
+                        seq += 1;
+                    }
+                }
+                if last {
+                    break;
+                }
+                // The consumer's polling interval, not synchronisation.
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        });
+        MegaSys {
+            hot: hot.to_path_buf(),
+            taken: taken.to_path_buf(),
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Every take of a run's files, in take order: (file name, where the taken copy is).
+    fn taken(&self, run: &str) -> Vec<(String, PathBuf)> {
+        let mut v = names_in(&self.taken, |n| {
+            let n = n.get(7..).unwrap_or_default();
+            n.starts_with(&format!("{CAMPAIGN}_{run}_"))
+                || n == format!("{CAMPAIGN}_{run}.manifest.json")
+        });
+        v.sort();
+        v.into_iter()
+            .map(|n| (n[7..].to_string(), self.taken.join(n)))
+            .collect()
+    }
+
+    /// Waits until MegaSys has taken every file of the run that is in the hot folder.
+    fn drain(&self, run: &str) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !names_in(&self.hot, |n| {
+            (n.ends_with(".ifur") || n.ends_with(".manifest.json"))
+                && (n.contains(&format!("_{run}_")) || n.contains(&format!("_{run}.")))
+        })
+        .is_empty()
+        {
+            assert!(
+                Instant::now() < deadline,
+                "MegaSys did not take {run}'s files"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
+
+impl Drop for MegaSys {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Takes one file (false if it is gone); across file systems by copy and removal.
+fn take(from: &Path, to: &Path) -> bool {
+    match std::fs::rename(from, to) {
+        Ok(()) => true,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+        Err(e) if e.kind() == std::io::ErrorKind::CrossesDevices => {
+            std::fs::copy(from, to).unwrap();
+            std::fs::remove_file(from).unwrap();
+            true
+        }
+        Err(e) => panic!("MegaSys cannot take {}: {e}", from.display()),
+    }
+}
+
+/// How a consuming trial stops a send.
+#[derive(Debug, Clone, Copy)]
+enum Kill {
+    /// `BROADSIDE_FAULT`: the send SIGKILLs itself at this point.
+    At(&'static str),
+    /// SIGKILL from outside once MegaSys has taken this many of the run's files.
+    AfterTaken(usize),
+}
+
+/// Figures of the consuming trials.
+#[derive(Debug, Default)]
+struct Consumed {
+    kills: u64,
+    takes: u64,
+    taken_twice: u64,
+    keys_missing: u64,
+    keys_twice: u64,
+    missing_listed: u64,
+}
+
+/// One trial against a consuming MegaSys: the kills, a resume after each (the last one left to
+/// finish), MegaSys taking everything before each resume. Whatever MegaSys took, over all
+/// attempts, must hold every sent key exactly once, and the manifest once.
+fn consumed_trial(
+    out: &Outputs,
+    spec: &Path,
+    megasys: &MegaSys,
+    run: &str,
+    kills: &[Kill],
+) -> Consumed {
+    let mut f = Consumed::default();
+    for (i, kill) in kills.iter().enumerate() {
+        let status = match *kill {
+            Kill::At(point) => send_cmd(spec, run)
+                .env("BROADSIDE_FAULT", point)
+                .status()
+                .unwrap(),
+            Kill::AfterTaken(n) => {
+                let mut child = send_cmd(spec, run).spawn().unwrap();
+                let deadline = Instant::now() + Duration::from_secs(120);
+                while megasys.taken(run).len() < n && child.try_wait().unwrap().is_none() {
+                    assert!(Instant::now() < deadline, "send {run} stalled");
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                let _ = child.kill();
+                child.wait().unwrap()
+            }
+        };
+        assert_eq!(
+            status.signal(),
+            Some(9),
+            "{run}: kill {i} ({kill:?}) did not land: {status}"
+        );
+        f.kills += 1;
+        if let Kill::At("manifest-delivered") = kill {
+            assert_eq!(
+                record(&out.store, WS, run).status,
+                RunStatus::Running,
+                "{run}: the kill should land between the manifest and the run record"
+            );
+        }
+        megasys.drain(run);
+    }
+    let before: BTreeSet<String> = megasys.taken(run).into_iter().map(|t| t.0).collect();
+    let resumed = exe()
+        .args(["send", s(spec), "--run-id", run, "--no-progress"])
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&resumed.stderr);
+    assert!(resumed.status.success(), "resume of {run} failed: {log}");
+    megasys.drain(run);
+
+    // The resume names every delivered file it found gone, in its log and its run record.
+    let rec = record(&out.store, WS, run);
+    assert_eq!(rec.status, RunStatus::Done);
+    assert_eq!(rec.attempts as usize, kills.len() + 1);
+    let listed: BTreeSet<String> = rec.delivered_missing.iter().cloned().collect();
+    assert_eq!(listed.len(), rec.delivered_missing.len());
+    assert_eq!(listed, before, "{run}: delivered_missing");
+    for n in &before {
+        assert!(
+            log.contains(n.as_str()),
+            "{run}: the log does not name {n}: {log}"
+        );
+    }
+    f.missing_listed = listed.len() as u64;
+
+    // Every file taken once, the manifest among them.
+    let taken = megasys.taken(run);
+    f.takes = taken.len() as u64;
+    let mut times: BTreeMap<&str, u64> = BTreeMap::new();
+    for (n, _) in &taken {
+        *times.entry(n.as_str()).or_default() += 1;
+    }
+    f.taken_twice = times.values().map(|t| t - 1).sum();
+    let manifest_name = format!("{CAMPAIGN}_{run}.manifest.json");
+    assert_eq!(
+        times.get(manifest_name.as_str()),
+        Some(&1),
+        "{run}: manifest takes"
+    );
+
+    // Every sent key (from the recipient log) in exactly one line of what MegaSys took.
+    let mut lines: HashMap<String, u64> = HashMap::new();
+    let mut files = BTreeMap::new();
+    for (n, p) in taken.iter().filter(|t| t.0.ends_with(".ifur")) {
+        let parsed = broadside_sinks::ifur::parse(&std::fs::read(p).unwrap())
+            .unwrap_or_else(|e| panic!("{run}: MegaSys took a bad {n}: {e}"));
+        for (key, _) in &parsed.details {
+            *lines.entry(key.clone()).or_default() += 1;
+        }
+        files.insert(n.clone(), parsed);
+    }
+    let sent: HashSet<String> = read_ledger(&out.store, WS, CAMPAIGN, run)
+        .into_iter()
+        .filter(|r| r.decision == "sent")
+        .map(|r| r.key.unwrap())
+        .collect();
+    f.keys_missing = sent.iter().filter(|k| !lines.contains_key(*k)).count() as u64;
+    f.keys_twice = lines.values().map(|n| n - 1).sum();
+    assert!(
+        lines.keys().all(|k| sent.contains(k)),
+        "{run}: MegaSys took lines for recipients not sent"
+    );
+
+    // The manifest MegaSys took lists exactly the files it took, with their trailers.
+    let (_, mpath) = taken.iter().find(|t| t.0 == manifest_name).unwrap();
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(mpath).unwrap()).unwrap();
+    let entries = manifest["files"].as_array().unwrap();
+    assert_eq!(entries.len(), files.len(), "{run}: manifest file count");
+    for e in entries {
+        let p = &files[e["file"].as_str().unwrap()];
+        assert_eq!(e["rows"].as_u64().unwrap(), p.details.len() as u64);
+        assert_eq!(
+            e["checksum"].as_str().unwrap(),
+            format!("{:016x}", p.checksum)
+        );
+    }
+    assert_eq!(manifest["total_rows"].as_u64().unwrap(), sent.len() as u64);
+    let temps = names_in(&out.hot, |n| {
+        n.ends_with(".tmp") && n.contains(&format!("_{run}"))
+    });
+    assert!(
+        temps.is_empty(),
+        "{run}: temp files left in the hot folder: {temps:?}"
+    );
+    f
+}
+
+/// Scenario 9: a MegaSys that consumes the hot folder. Sends are killed at every phase of
+/// delivery (mid-run from outside; between an IFUR file's delivery record and its rename;
+/// after the rename; the same for the manifest; between the manifest and the run record; twice
+/// in a row), then resumed: the union of what MegaSys took holds every sent key exactly once.
+fn consuming_megasys_trials(figure: &str, cross_device: bool) {
+    let d = tempfile::tempdir().unwrap();
+    let spec = campaign(d.path(), 20_000, 500, 4_096);
+    let out = Outputs::of(d.path());
+    std::fs::create_dir_all(&out.hot).unwrap();
+    let _fs = if cross_device {
+        match Tmpfs::mount(&out.hot, "256m") {
+            Some(fs) => Some(fs),
+            None => {
+                println!("figure {figure} skipped=mount-not-permitted");
+                return;
+            }
+        }
+    } else {
+        None
+    };
+    let megasys = MegaSys::start(&out.hot, &d.path().join("megasys/taken"));
+    let base: &[&[Kill]] = &[
+        &[Kill::AfterTaken(2)],
+        &[Kill::At("ifur-recorded:2")],
+        &[Kill::At("ifur-delivered:3")],
+        &[Kill::At("manifest-recorded")],
+        &[Kill::At("manifest-delivered")],
+        &[Kill::At("ifur-recorded:3"), Kill::At("manifest-delivered")],
+        &[
+            Kill::At("ifur-delivered:1"),
+            Kill::AfterTaken(6),
+            Kill::At("manifest-recorded"),
+        ],
+    ];
+    let mut trials = base.to_vec();
+    if cross_device {
+        // Between the staging copy's removal and the landing copy's rename.
+        trials.push(&[Kill::At("ifur-landed:2")]);
+    }
+    let mut total = Consumed::default();
+    for (i, kills) in trials.iter().enumerate() {
+        let f = consumed_trial(&out, &spec, &megasys, &format!("consumed{i}"), kills);
+        total.kills += f.kills;
+        total.takes += f.takes;
+        total.taken_twice += f.taken_twice;
+        total.keys_missing += f.keys_missing;
+        total.keys_twice += f.keys_twice;
+        total.missing_listed += f.missing_listed;
+    }
+    println!(
+        "figure {figure} trials={} kills={} takes={} taken_twice={} keys_missing={} \
+         keys_twice={} delivered_missing_listed={}",
+        trials.len(),
+        total.kills,
+        total.takes,
+        total.taken_twice,
+        total.keys_missing,
+        total.keys_twice,
+        total.missing_listed
+    );
+    assert_eq!(total.taken_twice, 0, "files delivered twice");
+    assert_eq!(total.keys_missing, 0, "sent keys MegaSys never got");
+    assert_eq!(total.keys_twice, 0, "sent keys MegaSys got twice");
+    assert!(total.missing_listed > 0, "no resume found a taken file");
+}
+
+#[test]
+fn consuming_megasys_gets_every_key_once_whatever_the_kill() {
+    consuming_megasys_trials("consuming_megasys", false);
+}
+
+/// The same with the hot folder on its own file system (delivery by copy, then rename).
+#[test]
+fn consuming_megasys_gets_every_key_once_whatever_the_kill_cross_device() {
+    consuming_megasys_trials("consuming_megasys_cross_device", true);
 }
 
 /// Copies the generated inputs (not the outputs) of a campaign folder.

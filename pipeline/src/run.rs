@@ -140,6 +140,10 @@ pub struct RunRecord {
     pub suppression_build_secs: f64,
     /// IFUR files delivered.
     pub files: Vec<DeliveredFile>,
+    /// Files (IFUR files, the manifest) an earlier attempt delivered that were gone from the
+    /// hot folder when this attempt started (taken by MegaSys), so were not delivered again.
+    #[serde(default)]
+    pub delivered_missing: Vec<String>,
     /// Per-stage throughput and back-pressure of the last attempt.
     pub stages: Vec<StageStats>,
     /// Wall-clock seconds of the last attempt.

@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! <store>/campaign_runs/workspace_id=<w>/<run_id>.json                       run records
+//! <store>/campaign_runs/workspace_id=<w>/<run_id>.deliveries.jsonl           delivery journal
 //! <store>/recipient_logs/workspace_id=<w>/campaign_id=<c>/run_id=<r>/part-NNNNN.parquet
 //! <store>/events/workspace_id=<w>/date=<YYYY-MM-DD>/*.parquet                events
 //! <store>/staging/run_id=<r>/                                                IFUR files being written
@@ -41,6 +42,13 @@ impl StoreLayout {
     /// A run record file.
     pub fn run_record(&self, workspace: &str, run_id: &str) -> PathBuf {
         self.runs_dir(workspace).join(format!("{run_id}.json"))
+    }
+
+    /// A run's delivery journal: one JSON line per file handed to MegaSys, appended and
+    /// fsynced before the file is renamed into the hot folder (see docs/store.md).
+    pub fn delivery_journal(&self, workspace: &str, run_id: &str) -> PathBuf {
+        self.runs_dir(workspace)
+            .join(format!("{run_id}.deliveries.jsonl"))
     }
 
     /// Folder of one run's recipient-log parts.

@@ -4,6 +4,7 @@
 
 mod chunk;
 pub mod coded;
+pub mod delivery;
 pub mod delta;
 pub mod direct;
 pub mod events;

@@ -9,6 +9,13 @@
 //! are a pure function of the input and the spec, so a resumed run regenerates the same files:
 //! a file already in the hot folder is not rewritten, only verified (its trailer count and
 //! checksum must equal the regenerated ones, otherwise the input changed and we refuse).
+//!
+//! MegaSys takes files out of the hot folder, so the hot folder alone cannot tell a resume what
+//! was delivered. Each delivery (IFUR file or manifest) is therefore recorded in the run's
+//! [`DeliveryJournal`] after its staged copy is durable and before its rename; a resume delivers
+//! no recorded file again. The staged copy stays until the rename (across file systems: until
+//! the landing copy in the hot folder is durable), so a recorded file whose final name and
+//! staged copies are all gone was taken by MegaSys, never lost (docs/store.md).
 
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
@@ -19,12 +26,13 @@ use broadside_pipeline::model::{Decision, RecipientBatch};
 use broadside_pipeline::run::DeliveredFile;
 use broadside_pipeline::runner::OrderedStage;
 use broadside_pipeline::stages::Stage;
-use broadside_pipeline::store::{create_dir_all, sync_dir, write_atomic};
+use broadside_pipeline::store::{commit_file, create_dir_all, sync_dir, temp_name};
 use broadside_pipeline::{Error, Result};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::Xxh3;
 
+use crate::delivery::{fault_point, DeliveryJournal, DeliveryRecord};
 use crate::direct::{self, Block};
 use crate::ifur::{header_line, read_trailer, trailer_line};
 
@@ -47,6 +55,8 @@ pub struct IfurWriterConfig {
     pub staging: PathBuf,
     /// The MegaSys hot folder.
     pub hot_folder: PathBuf,
+    /// The run's delivery journal (`StoreLayout::delivery_journal`).
+    pub deliveries: PathBuf,
 }
 
 /// The manifest MegaSys waits for before picking a run's files up.
@@ -83,6 +93,8 @@ struct OpenFile {
     final_path: PathBuf,
     /// `None` when the file was already delivered by an earlier attempt: verify only.
     writing: Option<Writing>,
+    /// The earlier attempt's delivery record, if there was one.
+    recorded: Option<DeliveryRecord>,
     hasher: Xxh3,
     rows: u64,
 }
@@ -121,12 +133,13 @@ enum Job {
         tmp_path: Arc<Path>,
         block: Block,
     },
-    /// A file's last bytes; then fsync and delivery into the hot folder.
+    /// A file's last bytes; then fsync, the delivery record and the rename into the hot folder.
     Finish {
         file: Arc<File>,
         tmp_path: Arc<Path>,
         final_path: PathBuf,
         block: Block,
+        record: DeliveryRecord,
     },
 }
 
@@ -148,7 +161,7 @@ struct Committer {
 }
 
 impl Committer {
-    fn start() -> Result<Self> {
+    fn start(journal: Arc<Mutex<DeliveryJournal>>) -> Result<Self> {
         let (tx, rx) = std::sync::mpsc::sync_channel::<Job>(JOBS_IN_FLIGHT);
         let (free_tx, free) = std::sync::mpsc::channel::<Block>();
         let thread = std::thread::Builder::new()
@@ -172,12 +185,19 @@ impl Committer {
                             tmp_path,
                             final_path,
                             block,
+                            record,
                         } => {
                             direct::write_tail(&file, block.bytes())
                                 .and_then(|()| file.sync_all())
                                 .map_err(|e| Error::io(&*tmp_path, e))?;
                             drop(file);
+                            journal
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .record(record)?;
+                            fault_point("ifur-recorded");
                             deliver(&tmp_path, &final_path)?;
+                            fault_point("ifur-delivered");
                             tracing::info!(file = %final_path.display(), "ifur file delivered");
                             block
                         }
@@ -231,22 +251,37 @@ pub struct IfurWriter {
     open: Vec<Option<OpenFile>>,
     next_seq: Vec<u32>,
     delivered: Arc<Mutex<Vec<DeliveredFile>>>,
+    journal: Arc<Mutex<DeliveryJournal>>,
+    /// Recorded deliveries gone from the hot folder when this attempt started.
+    missing: Vec<String>,
     committer: Committer,
 }
 
 impl IfurWriter {
-    /// Creates the staging and hot folders.
+    /// Creates the staging and hot folders, reads the delivery journal and finishes the
+    /// deliveries an earlier attempt recorded but did not rename (see [`recover`]).
     pub fn new(cfg: IfurWriterConfig) -> Result<Self> {
         create_dir_all(&cfg.staging)?;
         create_dir_all(&cfg.hot_folder)?;
+        let journal = DeliveryJournal::open(&cfg.deliveries)?;
+        let missing = recover(&journal, &cfg)?;
+        let journal = Arc::new(Mutex::new(journal));
         let n = cfg.variants.len();
         Ok(IfurWriter {
             open: (0..n).map(|_| None).collect(),
             next_seq: vec![1; n],
             delivered: Arc::new(Mutex::new(Vec::new())),
-            committer: Committer::start()?,
+            committer: Committer::start(journal.clone())?,
+            journal,
+            missing,
             cfg,
         })
+    }
+
+    /// Files (IFUR files, the manifest) an earlier attempt delivered that were gone from the
+    /// hot folder when this one started: taken by MegaSys, and not delivered again.
+    pub fn delivered_missing(&self) -> Vec<String> {
+        self.missing.clone()
     }
 
     /// Handle to the list of delivered files, readable after the run.
@@ -268,9 +303,17 @@ impl IfurWriter {
             seq,
             &self.cfg.fields,
         );
-        let writing = if final_path.exists() {
-            // A cross-device delivery killed between its rename and the removal of the
-            // staging copy leaves that copy behind; nothing else would remove it.
+        let recorded = self
+            .journal
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&name)
+            .cloned();
+        let writing = if recorded.is_some() || final_path.exists() {
+            // Delivered by an earlier attempt (and perhaps taken since). A staging copy left
+            // now is stale: `recover` delivered every recorded file that had not reached the
+            // hot folder, and a cross-device delivery killed by an older version between its
+            // rename and the removal of the staging copy left one behind.
             let _ = fs::remove_file(&tmp_path);
             None
         } else {
@@ -289,6 +332,7 @@ impl IfurWriter {
             seq,
             final_path,
             writing,
+            recorded,
             hasher: Xxh3::new(),
             rows: 0,
         });
@@ -308,12 +352,32 @@ impl IfurWriter {
                     tmp_path: w.tmp_path,
                     final_path: f.final_path.clone(),
                     block: w.block,
+                    record: DeliveryRecord {
+                        file: f.name.to_string(),
+                        rows: f.rows,
+                        checksum: format!("{checksum:016x}"),
+                    },
                 })?;
             }
             None => {
-                let (count, sum) = read_trailer(&f.final_path)
-                    .map_err(|e| Error::sink(f.final_path.display().to_string(), e.to_string()))?;
-                if (count, sum) != (f.rows, checksum) {
+                // The record names what was delivered even once MegaSys has taken the file; a
+                // copy still in the hot folder is checked too (unless it is taken meanwhile).
+                let on_disk = match read_trailer(&f.final_path) {
+                    Ok(t) => Some(t),
+                    Err(_) if f.recorded.is_some() && !f.final_path.exists() => None,
+                    Err(e) => {
+                        return Err(Error::sink(
+                            f.final_path.display().to_string(),
+                            e.to_string(),
+                        ))
+                    }
+                };
+                let recorded = f.recorded.as_ref().map(|r| {
+                    let sum = u64::from_str_radix(&r.checksum, 16).unwrap_or(!checksum);
+                    (r.rows, sum)
+                });
+                let mut found = on_disk.into_iter().chain(recorded);
+                if let Some((count, sum)) = found.find(|t| *t != (f.rows, checksum)) {
                     return Err(Error::Resume {
                         run_id: self.cfg.run_id.clone(),
                         message: format!(
@@ -345,19 +409,61 @@ impl IfurWriter {
         ManifestWriter {
             cfg: self.cfg.clone(),
             delivered: self.delivered.clone(),
+            journal: self.journal.clone(),
         }
     }
+}
+
+/// Finishes what an earlier attempt's journal says it began: every recorded delivery whose final
+/// name is not in the hot folder is either still staged (the kill came between the record and
+/// the rename: the staged copy is complete, as it was fsynced before the record, and is renamed
+/// now) or gone (MegaSys took it). Returns the names of the taken ones.
+fn recover(journal: &DeliveryJournal, cfg: &IfurWriterConfig) -> Result<Vec<String>> {
+    let mut missing = Vec::new();
+    for rec in journal.records() {
+        let final_path = cfg.hot_folder.join(&rec.file);
+        if final_path.exists() {
+            continue;
+        }
+        // An IFUR file is staged in the staging folder, then (across file systems) copied to
+        // its landing name in the hot folder; the manifest is staged under that landing name.
+        let staged = cfg.staging.join(format!("{}.tmp", rec.file));
+        let landing = temp_name(&final_path);
+        if staged.exists() {
+            deliver(&staged, &final_path)?;
+        } else if landing.exists() {
+            commit_file(&landing, &final_path)?;
+        } else {
+            tracing::warn!(
+                file = %rec.file,
+                hot_folder = %cfg.hot_folder.display(),
+                "delivered by an earlier attempt and no longer in the hot folder \
+                 (taken by MegaSys): not delivering it again"
+            );
+            missing.push(rec.file.clone());
+            continue;
+        }
+        tracing::info!(file = %rec.file, "delivery recorded by an earlier attempt completed");
+    }
+    Ok(missing)
 }
 
 /// Writes a run's manifest (the ready signal) from the files an [`IfurWriter`] delivered.
 pub struct ManifestWriter {
     cfg: IfurWriterConfig,
     delivered: Arc<Mutex<Vec<DeliveredFile>>>,
+    journal: Arc<Mutex<DeliveryJournal>>,
 }
 
 impl ManifestWriter {
-    /// Writes the manifest atomically; call it after the pipeline has finished.
+    /// Writes the manifest atomically; call it after the pipeline has finished. A manifest an
+    /// earlier attempt delivered is not written again (MegaSys may have taken it already).
     pub fn write(&self) -> Result<()> {
+        let name = manifest_name(&self.cfg.campaign_id, &self.cfg.run_id);
+        let mut journal = self.journal.lock().unwrap_or_else(|p| p.into_inner());
+        if journal.get(&name).is_some() {
+            return Ok(());
+        }
         let mut files = self
             .delivered
             .lock()
@@ -381,38 +487,54 @@ impl ManifestWriter {
             total_rows: files.iter().map(|f| f.rows).sum(),
             files,
         };
-        let path = self
-            .cfg
-            .hot_folder
-            .join(manifest_name(&self.cfg.campaign_id, &self.cfg.run_id));
+        let path = self.cfg.hot_folder.join(&name);
         let text = serde_json::to_vec_pretty(&manifest).expect("manifest serialises");
-        write_atomic(&path, &text)
+        // write_atomic, with the delivery recorded between the durable temp file and the rename.
+        let tmp = temp_name(&path);
+        File::create(&tmp)
+            .and_then(|mut f| {
+                std::io::Write::write_all(&mut f, &text)?;
+                f.sync_all()
+            })
+            .map_err(|e| Error::io(&tmp, e))?;
+        journal.record(DeliveryRecord {
+            file: name,
+            rows: manifest.total_rows,
+            checksum: format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&text)),
+        })?;
+        fault_point("manifest-recorded");
+        commit_file(&tmp, &path)?;
+        fault_point("manifest-delivered");
+        Ok(())
     }
 }
 
 /// Moves a finished temp file into its final place atomically. Across file systems it copies
 /// to a temporary name inside the target folder first, so the final name never shows a torn file.
+///
+/// Until the final name holds the file, a complete copy stays under the staging name or the
+/// landing name: so a recorded file under none of the three was taken from the hot folder
+/// (see [`recover`]).
 fn deliver(tmp: &Path, final_path: &Path) -> Result<()> {
     let dir = final_path.parent().unwrap_or(Path::new("."));
     match fs::rename(tmp, final_path) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::CrossesDevices => {
-            let landing = dir.join(format!(
-                "{}.tmp",
-                final_path.file_name().unwrap_or_default().to_string_lossy()
-            ));
+            let landing = temp_name(final_path);
             let landed = fs::copy(tmp, &landing)
                 .and_then(|_| File::open(&landing)?.sync_all())
-                .map_err(|e| Error::io(&landing, e))
-                .and_then(|()| {
-                    fs::rename(&landing, final_path).map_err(|e| Error::io(final_path, e))
-                });
+                .map_err(|e| Error::io(&landing, e));
             if let Err(e) = landed {
                 // A partial copy (a full disk) must not stay in the hot folder, holding space.
                 let _ = fs::remove_file(&landing);
                 return Err(e);
             }
+            // The staging copy goes before the rename, not after: a staging copy left next to
+            // a final name that MegaSys has taken would look like a delivery never renamed.
             fs::remove_file(tmp).map_err(|e| Error::io(tmp, e))?;
+            sync_dir(tmp.parent().unwrap_or(Path::new(".")))?;
+            fault_point("ifur-landed");
+            fs::rename(&landing, final_path).map_err(|e| Error::io(final_path, e))?;
         }
         Err(e) => return Err(Error::io(final_path, e)),
     }

@@ -102,6 +102,7 @@ fn writer_and_sent_batch(dir: &Path, roll_rows: u64) -> (IfurWriter, RecipientBa
         roll_rows,
         staging: dir.join("staging"),
         hot_folder: dir.join("hot"),
+        deliveries: dir.join("r1.deliveries.jsonl"),
     })
     .unwrap();
     let mut b = batch(&layout);
@@ -220,6 +221,7 @@ fn files_spanning_many_write_blocks_round_trip() {
         roll_rows: 700,
         staging: dir.path().join("staging"),
         hot_folder: hot.clone(),
+        deliveries: dir.path().join("r1.deliveries.jsonl"),
     })
     .unwrap();
     let n = 2_000;
