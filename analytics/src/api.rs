@@ -804,7 +804,8 @@ mod tests {
             );
         }
         // The document also describes the campaign API (tag `campaigns`, served by the
-        // campaigns crate and checked there); the rest is these routes plus the two webhooks.
+        // campaigns crate and checked there); the rest is these routes plus the three webhook
+        // routes (callback, events, stats).
         let analytics = doc["paths"]
             .as_object()
             .unwrap()
@@ -816,7 +817,13 @@ mod tests {
                     .any(|op| op["tags"] == serde_json::json!(["campaigns"]))
             })
             .count();
-        assert_eq!(analytics, ROUTES.len() + 2);
+        assert_eq!(analytics, ROUTES.len() + 3);
+        for w in ["/webhooks/callback", "/webhooks/events", "/webhooks/stats"] {
+            assert!(
+                doc["paths"].get(w).is_some(),
+                "{w} missing from docs/openapi.json"
+            );
+        }
     }
 
     #[test]

@@ -282,6 +282,10 @@ impl Server {
         cmd.args(["serve", "--listen", "127.0.0.1:0"])
             .args(args)
             .env_remove("BROADSIDE_WEBHOOK_SECRET")
+            .env_remove("BROADSIDE_WEBHOOK_WORKSPACE")
+            .env_remove("BROADSIDE_WEBHOOK_TOKENS")
+            .env_remove("BROADSIDE_LOB_WEBHOOK_SECRET")
+            .env_remove("BROADSIDE_LOB_WEBHOOK_WORKSPACE")
             .env_remove("BROADSIDE_TOKENS")
             .stderr(Stdio::piped());
         for (k, v) in env {
