@@ -268,6 +268,8 @@ pub fn serve(o: &ServeOptions) -> Result<()> {
         bail!("nothing to serve: give --tokens FILE (analytics API), --webhook-tokens FILE (webhooks) and/or --campaigns FILE.db (campaign API)");
     }
     rt.block_on(async {
+        // Installed before listening, so a SIGTERM right after start is a graceful stop too.
+        let stop = stop_signal()?;
         let listener = tokio::net::TcpListener::bind(&o.listen)
             .await
             .with_context(|| format!("listening on {}", o.listen))?;
@@ -277,11 +279,27 @@ pub fn serve(o: &ServeOptions) -> Result<()> {
             listener.local_addr()?
         );
         axum::serve(listener, app)
-            .with_graceful_shutdown(async {
-                let _ = tokio::signal::ctrl_c().await;
-            })
+            .with_graceful_shutdown(stop)
             .await
-            .context("serving HTTP")
+            .context("serving HTTP")?;
+        eprintln!("stopped: requests in flight were answered");
+        Ok(())
+    })
+}
+
+/// Resolves on SIGINT (Ctrl-C) or SIGTERM; axum then stops accepting and finishes the
+/// requests in flight.
+fn stop_signal() -> Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    Ok(async move {
+        let which = futures::future::select(Box::pin(term.recv()), Box::pin(int.recv())).await;
+        let name = match which {
+            futures::future::Either::Left(_) => "SIGTERM",
+            futures::future::Either::Right(_) => "SIGINT",
+        };
+        eprintln!("{name}: stopping, finishing requests in flight");
     })
 }
 

@@ -1,5 +1,5 @@
 //! `broadside serve` end to end: real HTTP requests to the webhook intake land in the store,
-//! each credential only in its own workspace.
+//! each credential only in its own workspace, and a SIGTERM loses nothing acknowledged.
 
 mod common;
 
@@ -7,7 +7,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 use std::path::Path;
 use std::process::Command;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use broadside_analytics::webhook::{signature_header, WebhookCredential};
 
@@ -338,7 +340,8 @@ fn webhook_credentials_write_only_their_own_workspace() {
     assert_eq!(r["counts"]["accepted"], 0, "{r}");
     assert_eq!(r["counts"]["refused_foreign_workspace"], 1, "{r}");
 
-    drop(server);
+    let mut server = server;
+    assert!(server.terminate(Duration::from_secs(30)).success());
     let ids = pyarrow_ids(&store);
     assert_eq!(ids.keys().collect::<Vec<_>>(), ["acme"], "{ids:?}");
     let mut acme_ids = ids["acme"].clone();
@@ -380,4 +383,98 @@ fn read_answer(s: &mut std::net::TcpStream) -> String {
         out.extend_from_slice(&buf[..n]);
     }
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// One HTTP POST that may fail: `Some(status)` when an answer was read.
+fn try_post(addr: &str, auth: &str, body: &str) -> Option<u16> {
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
+    write!(
+        s,
+        "POST /webhooks/events HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nAuthorization: Bearer {auth}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .ok()?;
+    read_answer(&mut s).split(' ').nth(1)?.parse().ok()
+}
+
+/// SIGTERM in the middle of a burst of webhook posts: `serve` stops accepting, answers what
+/// it took, exits cleanly, and every event it acknowledged (2xx) is in the store.
+#[test]
+fn sigterm_during_a_webhook_burst_loses_nothing_acknowledged() {
+    const SENDERS: usize = 6;
+    const PER_REQUEST: usize = 20;
+    let d = tempfile::tempdir().unwrap();
+    let store = d.path().join("store");
+    let secret = "burst-test-secret-0123456789";
+    let mut server = common::Server::start(
+        &["--store", store.to_str().unwrap(), "--rollup-every", "0"],
+        &[
+            ("BROADSIDE_WEBHOOK_SECRET", secret),
+            ("BROADSIDE_WEBHOOK_WORKSPACE", "acme"),
+        ],
+    );
+    let addr = server.addr.clone();
+    let acked = Arc::new(Mutex::new(Vec::<String>::new()));
+    let answered = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let senders: Vec<_> = (0..SENDERS)
+        .map(|t| {
+            let (addr, acked, answered, stop) =
+                (addr.clone(), acked.clone(), answered.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut failures_in_a_row = 0;
+                for r in 0.. {
+                    if stop.load(Ordering::Relaxed) || failures_in_a_row >= 20 {
+                        break;
+                    }
+                    let ids: Vec<String> = (0..PER_REQUEST)
+                        .map(|i| format!("s{t}-r{r}-e{i}"))
+                        .collect();
+                    let body = format!(
+                        "[{}]",
+                        ids.iter()
+                            .map(|id| event(id, None, "complained"))
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    );
+                    match try_post(&addr, secret, &body) {
+                        Some(s) if (200..300).contains(&s) => {
+                            failures_in_a_row = 0;
+                            answered.fetch_add(1, Ordering::Relaxed);
+                            acked.lock().unwrap().extend(ids);
+                        }
+                        Some(s) => panic!("serve answered {s} during the burst"),
+                        // Refused or cut: the server is going away; nothing was acknowledged.
+                        None => failures_in_a_row += 1,
+                    }
+                }
+            })
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while answered.load(Ordering::Relaxed) < 30 {
+        assert!(Instant::now() < deadline, "the burst did not get going");
+        std::thread::yield_now();
+    }
+    let status = server.terminate(Duration::from_secs(30));
+    stop.store(true, Ordering::Relaxed);
+    for s in senders {
+        s.join().unwrap();
+    }
+    assert!(status.success(), "serve exited with {status}");
+    let acked = acked.lock().unwrap().clone();
+    assert!(acked.len() >= 30 * PER_REQUEST);
+    let ids = pyarrow_ids(&store);
+    let stored: BTreeSet<&str> = ids["acme"].iter().map(|s| s.as_str()).collect();
+    let lost: Vec<&String> = acked
+        .iter()
+        .filter(|id| !stored.contains(id.as_str()))
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "{} acknowledged events missing, e.g. {:?}",
+        lost.len(),
+        &lost[..lost.len().min(5)]
+    );
 }
