@@ -177,17 +177,42 @@ pub fn rollup(store: PathBuf, workspace: Option<String>) -> Result<()> {
     Ok(())
 }
 
-/// Runs `broadside token new`: a random token and the token-file entry holding its hash.
-pub fn token_new(name: String, workspaces: Vec<String>) -> Result<()> {
+/// Runs `broadside token new`: a random token and the token-file entry holding its hash; with
+/// `webhook`, a webhook secret bound to one workspace and its `[[webhooks]]` entry.
+pub fn token_new(name: String, workspaces: Vec<String>, webhook: bool) -> Result<()> {
     if workspaces.is_empty() {
         bail!("give at least one --workspace");
+    }
+    if webhook && workspaces.len() != 1 {
+        bail!("a webhook secret writes into exactly one workspace: give one --workspace");
+    }
+    for w in &workspaces {
+        Scope::workspace(w).with_context(|| format!("--workspace {w:?}"))?;
     }
     let mut bytes = [0u8; 24];
     std::fs::File::open("/dev/urandom")
         .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
         .context("reading /dev/urandom")?;
-    let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    let token = format!("bs_{token}");
+    let random: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    if webhook {
+        let secret = format!("bswh_{random}");
+        let entry = broadside_analytics::webhook::WebhookCredential::from_secret(
+            &name,
+            &secret,
+            &workspaces[0],
+        )?;
+        eprintln!("webhook secret (give it to the sender; it is not stored): {secret}");
+        eprintln!(
+            "signing key for Broadside-Signature (HMAC-SHA256; the sha256 below): {}",
+            entry.signing_key()
+        );
+        println!("[[webhooks]]");
+        println!("name = {name:?}");
+        println!("workspace = {:?}", entry.workspace);
+        println!("sha256 = \"{}\"", entry.sha256);
+        return Ok(());
+    }
+    let token = format!("bs_{random}");
     eprintln!("token (give it to the caller; it is not stored): {token}");
     println!("[[tokens]]");
     println!("name = {name:?}");

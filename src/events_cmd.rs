@@ -8,7 +8,10 @@ use anyhow::{bail, Context, Result};
 use broadside_analytics::api::{api_router, ApiConfig, TokenSet};
 use broadside_analytics::query::Catalog;
 use broadside_analytics::suppression::{build_suppression, SuppressionBuildConfig};
-use broadside_analytics::webhook::{webhook_router, WebhookConfig, WebhookSink};
+use broadside_analytics::webhook::{
+    webhook_router, WebhookConfig, WebhookCredential, WebhookCredentials, WebhookSink,
+    DEFAULT_MAX_BODY,
+};
 use broadside_analytics::{
     ingest_file, run_kafka_ingest, FileIngestConfig, IngestHooks, IngestStats, KafkaIngestConfig,
 };
@@ -163,25 +166,36 @@ pub struct ServeOptions {
     /// `broadside token new`). Without it the analytics routes are not served.
     #[arg(long, env = "BROADSIDE_TOKENS")]
     pub tokens: Option<PathBuf>,
-    /// Shared secret webhook callers present as a bearer token or `token=` (16+ characters).
-    /// Without it the webhook routes are not served.
+    /// Webhook credentials file (`[[webhooks]]` with name, workspace and sha256; see
+    /// `broadside token new --webhook`). With it (or --webhook-secret) the webhook routes are
+    /// served.
+    #[arg(long, env = "BROADSIDE_WEBHOOK_TOKENS")]
+    pub webhook_tokens: Option<PathBuf>,
+    /// One webhook secret given in the clear (16+ characters), bound to --webhook-workspace.
     #[arg(long, env = "BROADSIDE_WEBHOOK_SECRET")]
     pub webhook_secret: Option<String>,
+    /// The one workspace events sent with --webhook-secret are filed under.
+    #[arg(long, env = "BROADSIDE_WEBHOOK_WORKSPACE")]
+    pub webhook_workspace: Option<String>,
+    /// Largest webhook request body in bytes; larger ones get 413.
+    #[arg(long, default_value_t = DEFAULT_MAX_BODY)]
+    pub webhook_max_body: usize,
     /// The printer's webhook signing secret: serves `POST /webhooks/lob` (delivery tracking,
     /// checked by `Lob-Signature`) next to the other webhook routes.
-    #[arg(
-        long,
-        env = "BROADSIDE_LOB_WEBHOOK_SECRET",
-        requires = "webhook_secret"
-    )]
+    #[arg(long, env = "BROADSIDE_LOB_WEBHOOK_SECRET")]
     pub lob_webhook_secret: Option<String>,
+    /// The one workspace the printer's tracking events are filed under (needed with
+    /// --lob-webhook-secret).
+    #[arg(long, env = "BROADSIDE_LOB_WEBHOOK_WORKSPACE")]
+    pub lob_webhook_workspace: Option<String>,
     /// Produce accepted webhook events to Kafka instead of writing the store.
     #[arg(long, env = "BROADSIDE_KAFKA_BROKERS")]
     pub brokers: Option<String>,
     /// Topic for produced events.
     #[arg(long, default_value = "broadside.events")]
     pub webhook_topic: String,
-    /// Folder of historical bounce CSV exports that `POST /historical-bounces/backfill` imports.
+    /// Root of historical bounce CSV exports: `POST /historical-bounces/backfill` imports the
+    /// caller's folder `<DIR>/workspace_id=<W>/` only.
     #[arg(long)]
     pub bounce_history: Option<PathBuf>,
     /// Seconds between rollup refreshes (0: never; queries then scan raw events).
@@ -201,20 +215,28 @@ pub fn serve(o: &ServeOptions) -> Result<()> {
         .context("starting the HTTP runtime")?;
     let mut app = axum::Router::new();
     let mut served = Vec::new();
-    if let Some(secret) = &o.webhook_secret {
+    let credentials = webhook_credentials(o)?;
+    if !credentials.is_empty() {
         let sink = match &o.brokers {
             Some(b) => WebhookSink::kafka(b, &o.webhook_topic)?,
             None => WebhookSink::Store {
                 store: o.store.clone(),
             },
         };
-        let cfg = WebhookConfig::new(secret.clone()).with_lob_secret(o.lob_webhook_secret.clone());
+        let cfg = WebhookConfig::new(credentials)
+            .with_max_body(o.webhook_max_body)
+            .with_lob_secret(
+                o.lob_webhook_secret.clone(),
+                o.lob_webhook_workspace.clone(),
+            );
         app = app.merge(webhook_router(cfg, sink)?);
         served.push(if o.lob_webhook_secret.is_some() {
             "webhooks (/webhooks/callback, /webhooks/events, /webhooks/lob)"
         } else {
             "webhooks (/webhooks/callback, /webhooks/events)"
         });
+    } else if o.lob_webhook_secret.is_some() {
+        bail!("--lob-webhook-secret needs the webhook intake: give --webhook-tokens FILE or --webhook-secret S --webhook-workspace W");
     }
     if let Some(tokens) = &o.tokens {
         let tokens = TokenSet::load(tokens)?;
@@ -243,9 +265,11 @@ pub fn serve(o: &ServeOptions) -> Result<()> {
         served.push("campaign API (/campaign)");
     }
     if served.is_empty() {
-        bail!("nothing to serve: give --tokens FILE (analytics API), --webhook-secret (webhooks) and/or --campaigns FILE.db (campaign API)");
+        bail!("nothing to serve: give --tokens FILE (analytics API), --webhook-tokens FILE (webhooks) and/or --campaigns FILE.db (campaign API)");
     }
     rt.block_on(async {
+        // Installed before listening, so a SIGTERM right after start is a graceful stop too.
+        let stop = stop_signal()?;
         let listener = tokio::net::TcpListener::bind(&o.listen)
             .await
             .with_context(|| format!("listening on {}", o.listen))?;
@@ -255,10 +279,46 @@ pub fn serve(o: &ServeOptions) -> Result<()> {
             listener.local_addr()?
         );
         axum::serve(listener, app)
-            .with_graceful_shutdown(async {
-                let _ = tokio::signal::ctrl_c().await;
-            })
+            .with_graceful_shutdown(stop)
             .await
-            .context("serving HTTP")
+            .context("serving HTTP")?;
+        eprintln!("stopped: requests in flight were answered");
+        Ok(())
     })
+}
+
+/// Resolves on SIGINT (Ctrl-C) or SIGTERM; axum then stops accepting and finishes the
+/// requests in flight.
+fn stop_signal() -> Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    Ok(async move {
+        let which = futures::future::select(Box::pin(term.recv()), Box::pin(int.recv())).await;
+        let name = match which {
+            futures::future::Either::Left(_) => "SIGTERM",
+            futures::future::Either::Right(_) => "SIGINT",
+        };
+        eprintln!("{name}: stopping, finishing requests in flight");
+    })
+}
+
+/// The webhook credentials of `serve`: the --webhook-tokens file, plus --webhook-secret bound
+/// to --webhook-workspace. A secret without its workspace is refused.
+fn webhook_credentials(o: &ServeOptions) -> Result<Vec<WebhookCredential>> {
+    let mut out = match &o.webhook_tokens {
+        Some(path) => WebhookCredentials::load(path)?.webhooks,
+        None => Vec::new(),
+    };
+    match (&o.webhook_secret, &o.webhook_workspace) {
+        (Some(secret), Some(ws)) => {
+            out.push(WebhookCredential::from_secret("--webhook-secret", secret, ws)?)
+        }
+        (Some(_), None) => bail!(
+            "--webhook-secret (or BROADSIDE_WEBHOOK_SECRET) writes into one workspace only: add --webhook-workspace W (or BROADSIDE_WEBHOOK_WORKSPACE), or use --webhook-tokens FILE (broadside token new --webhook)"
+        ),
+        (None, Some(_)) => bail!("--webhook-workspace needs --webhook-secret"),
+        (None, None) => {}
+    }
+    Ok(out)
 }

@@ -154,14 +154,19 @@ enum SuppressionCommand {
 
 #[derive(Subcommand)]
 enum TokenCommand {
-    /// Print a new random token and the token-file entry (its SHA-256) for `serve --tokens`.
+    /// Print a new random token and the token-file entry (its SHA-256) for `serve --tokens`,
+    /// or with --webhook a webhook secret and its entry for `serve --webhook-tokens`.
     New {
         /// A name for the token (shown in logs).
         #[arg(long)]
         name: String,
-        /// A workspace the token may read (repeatable).
+        /// A workspace the token may read (repeatable); with --webhook, the one workspace the
+        /// secret writes into.
         #[arg(long = "workspace")]
         workspaces: Vec<String>,
+        /// A webhook credential (`[[webhooks]]` entry) instead of an API token.
+        #[arg(long)]
+        webhook: bool,
     },
 }
 
@@ -271,8 +276,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Sql(o) => analytics_cmd::sql(&o)?,
         Command::Rollup { store, workspace } => analytics_cmd::rollup(store, workspace)?,
         Command::Token {
-            command: TokenCommand::New { name, workspaces },
-        } => analytics_cmd::token_new(name, workspaces)?,
+            command:
+                TokenCommand::New {
+                    name,
+                    workspaces,
+                    webhook,
+                },
+        } => analytics_cmd::token_new(name, workspaces, webhook)?,
         Command::Bounces {
             command:
                 BouncesCommand::Import {

@@ -477,7 +477,9 @@ fn printer_tracking_webhooks_become_delivered_and_bounced_events() {
         &["--store", store.to_str().unwrap(), "--rollup-every", "0"],
         &[
             ("BROADSIDE_WEBHOOK_SECRET", "a-long-enough-test-secret"),
+            ("BROADSIDE_WEBHOOK_WORKSPACE", WS),
             ("BROADSIDE_LOB_WEBHOOK_SECRET", lob_secret),
+            ("BROADSIDE_LOB_WEBHOOK_WORKSPACE", WS),
         ],
     );
     // Lob's webhook envelope: the piece comes back with the metadata the send gave it.

@@ -1,6 +1,17 @@
-//! `broadside serve` end to end: a real HTTP request to the webhook intake lands in the store.
+//! `broadside serve` end to end: real HTTP requests to the webhook intake land in the store,
+//! each credential only in its own workspace, and a SIGTERM loses nothing acknowledged.
 
 mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{Read, Write};
+use std::path::Path;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use broadside_analytics::webhook::{signature_header, WebhookCredential};
 
 fn post(addr: &str, path: &str, token: Option<&str>, body: &str) -> String {
     let auth: Vec<String> = token
@@ -10,6 +21,80 @@ fn post(addr: &str, path: &str, token: Option<&str>, body: &str) -> String {
     common::post_raw(addr, path, &auth, body)
 }
 
+/// The status code and JSON body of a raw HTTP answer.
+fn answer(raw: &str) -> (u16, serde_json::Value) {
+    let status = raw
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status line: {raw:?}"));
+    let body = raw.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    (status, serde_json::from_str(body).unwrap_or_default())
+}
+
+fn event(id: &str, workspace: Option<&str>, kind: &str) -> String {
+    let ws = workspace
+        .map(|w| format!(r#""workspace_id":{},"#, serde_json::json!(w)))
+        .unwrap_or_default();
+    format!(
+        r#"{{"event_id":"{id}",{ws}"campaign_id":"c1","email":"{id}@example.com","event_type":"{kind}","ts":"2026-11-20T10:00:00Z"}}"#
+    )
+}
+
+/// Event ids per workspace in the store, read by pyarrow (an independent Parquet reader;
+/// analytics/ci-setup.sh installs it).
+fn pyarrow_ids(store: &Path) -> BTreeMap<String, Vec<String>> {
+    let events = store.join("events");
+    if !events.exists() {
+        return BTreeMap::new();
+    }
+    let script = r#"
+import json, sys
+import pyarrow.dataset as ds
+t = ds.dataset(sys.argv[1], format="parquet", partitioning="hive").to_table(columns=["workspace_id", "event_id"])
+out = {}
+for w, e in zip(t.column("workspace_id").to_pylist(), t.column("event_id").to_pylist()):
+    out.setdefault(w, []).append(e)
+print(json.dumps(out))
+"#;
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(&events)
+        .output()
+        .expect("running python3 (install pyarrow with analytics/ci-setup.sh)");
+    assert!(
+        out.status.success(),
+        "pyarrow could not read the store (install it with analytics/ci-setup.sh):\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// `broadside token new --webhook`: (secret, signing key, the `[[webhooks]]` entry).
+fn new_webhook_credential(name: &str, workspace: &str) -> (String, String, String) {
+    let out = common::exe()
+        .args(["token", "new", "--webhook", "--name", name])
+        .args(["--workspace", workspace])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    let after = |label: &str| {
+        stderr
+            .lines()
+            .find(|l| l.starts_with(label))
+            .and_then(|l| l.rsplit(' ').next())
+            .unwrap_or_else(|| panic!("no {label:?} in {stderr}"))
+            .to_string()
+    };
+    (
+        after("webhook secret"),
+        after("signing key"),
+        String::from_utf8(out.stdout).unwrap(),
+    )
+}
+
 #[test]
 fn webhook_events_reach_the_store_and_need_the_secret() {
     let d = tempfile::tempdir().unwrap();
@@ -17,7 +102,10 @@ fn webhook_events_reach_the_store_and_need_the_secret() {
     let secret = "a-long-enough-test-secret";
     let server = common::Server::start(
         &["--store", store.to_str().unwrap()],
-        &[("BROADSIDE_WEBHOOK_SECRET", secret)],
+        &[
+            ("BROADSIDE_WEBHOOK_SECRET", secret),
+            ("BROADSIDE_WEBHOOK_WORKSPACE", "demo"),
+        ],
     );
     let addr = server.addr.clone();
     let body = r#"[{"event_id":"w-1","workspace_id":"demo","campaign_id":"c1","email":"a@example.com","event_type":"opened","ts":"2026-11-20T10:00:00Z"},
@@ -49,4 +137,344 @@ fn webhook_events_reach_the_store_and_need_the_secret() {
         })
         .sum();
     assert_eq!(rows, 2);
+}
+
+/// Regression: one shared secret wrote into every workspace named in the body.
+#[test]
+fn a_secret_without_its_workspace_is_refused_at_start() {
+    let out = common::exe()
+        .args(["serve", "--listen", "127.0.0.1:0", "--rollup-every", "0"])
+        .env_remove("BROADSIDE_WEBHOOK_WORKSPACE")
+        .env_remove("BROADSIDE_WEBHOOK_TOKENS")
+        .env_remove("BROADSIDE_TOKENS")
+        .env("BROADSIDE_WEBHOOK_SECRET", "a-long-enough-test-secret")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--webhook-workspace"), "{err}");
+}
+
+/// Credential of workspace A × events naming A, B, none and traversal-looking ids, in every
+/// credential form: only A's events are stored, the rest is refused with its own status and
+/// counted.
+#[test]
+fn webhook_credentials_write_only_their_own_workspace() {
+    let d = tempfile::tempdir().unwrap();
+    let store = d.path().join("store");
+    let (acme, acme_key, acme_entry) = new_webhook_credential("acme-esp", "acme");
+    let (rival, _, rival_entry) = new_webhook_credential("rival-esp", "rival");
+    let creds = d.path().join("webhooks.toml");
+    std::fs::write(&creds, format!("{acme_entry}\n{rival_entry}")).unwrap();
+    let server = common::Server::start(
+        &[
+            "--store",
+            store.to_str().unwrap(),
+            "--rollup-every",
+            "0",
+            "--webhook-tokens",
+            creds.to_str().unwrap(),
+            "--webhook-max-body",
+            "4096",
+        ],
+        &[],
+    );
+    let addr = server.addr.clone();
+    let events =
+        |token: &str, body: &str| answer(&post(&addr, "/webhooks/events", Some(token), body));
+    let mut stored = BTreeSet::new();
+
+    // Naming A, and naming none: filed under A.
+    let (s, v) = events(&acme, &event("a-named", Some("acme"), "complained"));
+    assert_eq!((s, v["accepted"].as_u64()), (200, Some(1)), "{v}");
+    stored.insert("a-named");
+    let (s, v) = events(&acme, &event("a-none", None, "unsubscribed"));
+    assert_eq!((s, v["accepted"].as_u64()), (200, Some(1)), "{v}");
+    stored.insert("a-none");
+
+    // Naming B: refused whole (the A event in the same batch too), the field named, counted.
+    let (s, v) = events(&acme, &event("b-named", Some("rival"), "complained"));
+    assert_eq!(s, 403, "{v}");
+    assert_eq!(
+        (
+            v["reason"].as_str(),
+            v["field"].as_str(),
+            v["refused"].as_u64()
+        ),
+        (Some("foreign_workspace"), Some("workspace_id"), Some(1)),
+        "{v}"
+    );
+    let mixed = format!(
+        "[{},{},{}]",
+        event("mix-a", Some("acme"), "complained"),
+        event("mix-b1", Some("rival"), "complained"),
+        event("mix-b2", Some(" rival "), "unsubscribed")
+    );
+    let (s, v) = events(&acme, &mixed);
+    assert_eq!((s, v["refused"].as_u64()), (403, Some(2)), "{v}");
+    assert_eq!(v["items"][0]["index"], 1, "{v}");
+
+    // Traversal-looking ids never name a folder.
+    for bad in [
+        "../rival",
+        "acme/../rival",
+        "..",
+        "rival/x",
+        "acme\\..\\rival",
+        ".acme",
+    ] {
+        let (s, v) = events(&acme, &event("t", Some(bad), "complained"));
+        assert_eq!(s, 400, "{bad}: {v}");
+        assert_eq!(
+            v["errors"][0]["reason"], "invalid_workspace_id",
+            "{bad}: {v}"
+        );
+    }
+
+    // The callback form (`token=`, documented as weaker) follows the same rule.
+    let form = "event=complained&when=1763632800&email=cb%40example.com";
+    let cb = |q: &str| {
+        answer(&common::post_raw(
+            &addr,
+            &format!("/webhooks/callback?{q}"),
+            &[],
+            form,
+        ))
+    };
+    let (s, v) = cb(&format!("campaign_id=c1&workspace_id=rival&token={acme}"));
+    assert_eq!((s, v["field"].as_str()), (403, Some("workspace_id")), "{v}");
+    let (s, v) = cb(&format!("campaign_id=c1&token={acme}"));
+    assert_eq!((s, v["accepted"].as_u64()), (200, Some(1)), "{v}");
+
+    // The signature form: A's key, A's event; a tampered body, a stale timestamp and
+    // B's key naming A are refused.
+    let key = WebhookCredential {
+        name: "acme-esp".into(),
+        workspace: "acme".into(),
+        sha256: acme_key.clone(),
+    };
+    let signed = |cred: &WebhookCredential, t: i64, signed_body: &str, sent_body: &str| {
+        let sig = format!(
+            "Broadside-Signature: {}",
+            signature_header(cred, t, signed_body.as_bytes())
+        );
+        answer(&common::post_raw(
+            &addr,
+            "/webhooks/events",
+            &[sig],
+            sent_body,
+        ))
+    };
+    let now = chrono::Utc::now().timestamp();
+    let body = event("a-signed", None, "complained");
+    let (s, v) = signed(&key, now, &body, &body);
+    assert_eq!((s, v["accepted"].as_u64()), (200, Some(1)), "{v}");
+    stored.insert("a-signed");
+    let other = event("a-tampered", None, "complained");
+    let (s, v) = signed(&key, now, &body, &other);
+    assert_eq!(
+        (s, v["reason"].as_str()),
+        (401, Some("unauthorized")),
+        "{v}"
+    );
+    let stale = event("a-stale", None, "complained");
+    let (s, v) = signed(&key, now - 301, &stale, &stale);
+    assert_eq!(s, 401, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("300 s"), "{v}");
+    let rival_key = WebhookCredential {
+        name: "rival-esp".into(),
+        workspace: "rival".into(),
+        sha256: broadside_analytics::api::token_hash(&rival),
+    };
+    let into_a = event("r-into-a", Some("acme"), "complained");
+    let (s, v) = signed(&rival_key, now, &into_a, &into_a);
+    assert_eq!((s, v["workspace_id"].as_str()), (403, Some("rival")), "{v}");
+
+    // Unknown credentials and oversized bodies.
+    let (s, v) = events(
+        "bswh_not-a-credential-at-all",
+        &event("u", Some("acme"), "opened"),
+    );
+    assert_eq!(
+        (s, v["reason"].as_str()),
+        (401, Some("unauthorized")),
+        "{v}"
+    );
+    let (s, v) = answer(&common::post_raw(&addr, "/webhooks/events", &[], "[]"));
+    assert_eq!(s, 401, "{v}");
+    let big = format!("[{}]", vec![event("big", None, "opened"); 40].join(","));
+    assert!(big.len() > 4096);
+    // Answered before the body is read: the server may reset the connection after answering.
+    let (s, v) = answer(&exchange(
+        &addr,
+        &format!(
+            "POST /webhooks/events HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {acme}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{big}",
+            big.len()
+        ),
+    ));
+    assert_eq!(
+        (s, v["reason"].as_str()),
+        (413, Some("body_too_large")),
+        "{v}"
+    );
+
+    // The counters the refusals went to.
+    let stats = |token: &str| {
+        answer(&exchange(
+            &addr,
+            &format!(
+                "GET /webhooks/stats HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+            ),
+        ))
+    };
+    let (s, a) = stats(&acme);
+    assert_eq!(s, 200, "{a}");
+    assert_eq!(a["workspace_id"], "acme");
+    assert_eq!(a["counts"]["accepted"], 4, "{a}");
+    assert_eq!(a["counts"]["refused_foreign_workspace"], 3, "{a}");
+    assert_eq!(a["counts"]["refused_foreign_events"], 4, "{a}");
+    assert_eq!(a["counts"]["refused_invalid"], 6, "{a}");
+    assert_eq!(a["server"]["refused_unauthorized"], 4, "{a}");
+    assert_eq!(a["server"]["refused_too_large"], 1, "{a}");
+    let (_, r) = stats(&rival);
+    assert_eq!(r["counts"]["accepted"], 0, "{r}");
+    assert_eq!(r["counts"]["refused_foreign_workspace"], 1, "{r}");
+
+    let mut server = server;
+    assert!(server.terminate(Duration::from_secs(30)).success());
+    let ids = pyarrow_ids(&store);
+    assert_eq!(ids.keys().collect::<Vec<_>>(), ["acme"], "{ids:?}");
+    let mut acme_ids = ids["acme"].clone();
+    acme_ids.sort();
+    let cb_id = acme_ids
+        .iter()
+        .find(|i| i.starts_with("cb-"))
+        .cloned()
+        .expect("the callback's event");
+    let mut want: Vec<String> = stored.iter().map(|s| s.to_string()).collect();
+    want.push(cb_id);
+    want.sort();
+    assert_eq!(acme_ids, want);
+    // Nothing outside the store's workspace folders either.
+    let dirs: Vec<String> = std::fs::read_dir(store.join("events"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    assert_eq!(dirs, ["workspace_id=acme"]);
+    assert!(!store.join("rival").exists());
+}
+
+/// Sends a raw request and returns what was read until the server closed, even when it
+/// closed with a reset (as after answering without reading a large body).
+fn exchange(addr: &str, request: &str) -> String {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let _ = s.write_all(request.as_bytes());
+    read_answer(&mut s)
+}
+
+fn read_answer(s: &mut std::net::TcpStream) -> String {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 8192];
+    while let Ok(n) = s.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        out.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// One HTTP POST that may fail: `Some(status)` when an answer was read.
+fn try_post(addr: &str, auth: &str, body: &str) -> Option<u16> {
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
+    write!(
+        s,
+        "POST /webhooks/events HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nAuthorization: Bearer {auth}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .ok()?;
+    read_answer(&mut s).split(' ').nth(1)?.parse().ok()
+}
+
+/// SIGTERM in the middle of a burst of webhook posts: `serve` stops accepting, answers what
+/// it took, exits cleanly, and every event it acknowledged (2xx) is in the store.
+#[test]
+fn sigterm_during_a_webhook_burst_loses_nothing_acknowledged() {
+    const SENDERS: usize = 6;
+    const PER_REQUEST: usize = 20;
+    let d = tempfile::tempdir().unwrap();
+    let store = d.path().join("store");
+    let secret = "burst-test-secret-0123456789";
+    let mut server = common::Server::start(
+        &["--store", store.to_str().unwrap(), "--rollup-every", "0"],
+        &[
+            ("BROADSIDE_WEBHOOK_SECRET", secret),
+            ("BROADSIDE_WEBHOOK_WORKSPACE", "acme"),
+        ],
+    );
+    let addr = server.addr.clone();
+    let acked = Arc::new(Mutex::new(Vec::<String>::new()));
+    let answered = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let senders: Vec<_> = (0..SENDERS)
+        .map(|t| {
+            let (addr, acked, answered, stop) =
+                (addr.clone(), acked.clone(), answered.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut failures_in_a_row = 0;
+                for r in 0.. {
+                    if stop.load(Ordering::Relaxed) || failures_in_a_row >= 20 {
+                        break;
+                    }
+                    let ids: Vec<String> = (0..PER_REQUEST)
+                        .map(|i| format!("s{t}-r{r}-e{i}"))
+                        .collect();
+                    let body = format!(
+                        "[{}]",
+                        ids.iter()
+                            .map(|id| event(id, None, "complained"))
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    );
+                    match try_post(&addr, secret, &body) {
+                        Some(s) if (200..300).contains(&s) => {
+                            failures_in_a_row = 0;
+                            answered.fetch_add(1, Ordering::Relaxed);
+                            acked.lock().unwrap().extend(ids);
+                        }
+                        Some(s) => panic!("serve answered {s} during the burst"),
+                        // Refused or cut: the server is going away; nothing was acknowledged.
+                        None => failures_in_a_row += 1,
+                    }
+                }
+            })
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while answered.load(Ordering::Relaxed) < 30 {
+        assert!(Instant::now() < deadline, "the burst did not get going");
+        std::thread::yield_now();
+    }
+    let status = server.terminate(Duration::from_secs(30));
+    stop.store(true, Ordering::Relaxed);
+    for s in senders {
+        s.join().unwrap();
+    }
+    assert!(status.success(), "serve exited with {status}");
+    let acked = acked.lock().unwrap().clone();
+    assert!(acked.len() >= 30 * PER_REQUEST);
+    let ids = pyarrow_ids(&store);
+    let stored: BTreeSet<&str> = ids["acme"].iter().map(|s| s.as_str()).collect();
+    let lost: Vec<&String> = acked
+        .iter()
+        .filter(|id| !stored.contains(id.as_str()))
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "{} acknowledged events missing, e.g. {:?}",
+        lost.len(),
+        &lost[..lost.len().min(5)]
+    );
 }

@@ -141,9 +141,15 @@ pub struct ApiConfig {
     pub catalog: Catalog,
     /// Accepted tokens.
     pub tokens: TokenSet,
-    /// Folder of historical bounce CSV exports that `POST /historical-bounces/backfill` imports.
+    /// Root of historical bounce CSV exports: `POST /historical-bounces/backfill` imports the
+    /// caller's folder `<bounce_history>/workspace_id=<W>/` only.
     pub bounce_history: Option<PathBuf>,
 }
+
+/// Finished backfill jobs kept for `GET /historical-bounces/backfill/{job_id}`; the oldest
+/// finished are forgotten first. Records live in memory: a restart forgets them (the imported
+/// rows stay in the store).
+pub const BACKFILL_JOBS_KEPT: usize = 100;
 
 struct ApiState {
     catalog: Catalog,
@@ -546,13 +552,33 @@ async fn backfill(
     if b.full_backfill == since.is_some() {
         return Err(bad("give exactly one of full_backfill: true or since"));
     }
-    let Some(source) = s.bounce_history.clone() else {
+    let Some(root) = s.bounce_history.clone() else {
         return Err(ApiError(
             StatusCode::CONFLICT,
             "no bounce history source configured (broadside serve --bounce-history DIR)".into(),
         ));
     };
+    // Only the caller's own folder: the root holds every workspace's exports.
+    let source = historical::workspace_source(&root, &ws);
+    if !source.is_dir() {
+        return Err(ApiError(
+            StatusCode::CONFLICT,
+            format!("no bounce history for workspace {ws:?} (folder workspace_id={ws} under --bounce-history)"),
+        ));
+    }
     let id = format!("bf-{}", s.next_job.fetch_add(1, Ordering::Relaxed));
+    {
+        let jobs = s.jobs.lock().expect("jobs lock");
+        if let Some(j) = jobs
+            .values()
+            .find(|j| j.workspace_id == ws && j.status == "running")
+        {
+            return Err(ApiError(
+                StatusCode::CONFLICT,
+                format!("backfill {} of this workspace is still running", j.job_id),
+            ));
+        }
+    }
     let job = BackfillJob {
         job_id: id.clone(),
         workspace_id: ws.clone(),
@@ -597,6 +623,7 @@ async fn backfill(
                 }
             }
         }
+        prune_jobs(&mut jobs, BACKFILL_JOBS_KEPT);
     });
     Ok((
         StatusCode::ACCEPTED,
@@ -606,6 +633,21 @@ async fn backfill(
             "status_url": format!("/historical-bounces/backfill/{id}"),
         })),
     ))
+}
+
+/// Forgets the oldest finished jobs beyond `keep`; running jobs stay.
+fn prune_jobs(jobs: &mut BTreeMap<String, BackfillJob>, keep: usize) {
+    let mut finished: Vec<(DateTime<Utc>, String)> = jobs
+        .values()
+        .filter_map(|j| j.finished_at.map(|t| (t, j.job_id.clone())))
+        .collect();
+    if finished.len() <= keep {
+        return;
+    }
+    finished.sort();
+    for (_, id) in &finished[..finished.len() - keep] {
+        jobs.remove(id);
+    }
 }
 
 async fn backfill_status(
@@ -762,7 +804,8 @@ mod tests {
             );
         }
         // The document also describes the campaign API (tag `campaigns`, served by the
-        // campaigns crate and checked there); the rest is these routes plus the two webhooks.
+        // campaigns crate and checked there); the rest is these routes plus the three webhook
+        // routes (callback, events, stats).
         let analytics = doc["paths"]
             .as_object()
             .unwrap()
@@ -774,7 +817,34 @@ mod tests {
                     .any(|op| op["tags"] == serde_json::json!(["campaigns"]))
             })
             .count();
-        assert_eq!(analytics, ROUTES.len() + 2);
+        assert_eq!(analytics, ROUTES.len() + 3);
+        for w in ["/webhooks/callback", "/webhooks/events", "/webhooks/stats"] {
+            assert!(
+                doc["paths"].get(w).is_some(),
+                "{w} missing from docs/openapi.json"
+            );
+        }
+    }
+
+    #[test]
+    fn finished_backfill_jobs_are_pruned_oldest_first() {
+        let job = |n: i64, done: bool| BackfillJob {
+            job_id: format!("bf-{n}"),
+            workspace_id: "acme".into(),
+            status: if done { "done" } else { "running" },
+            started_at: DateTime::from_timestamp(n, 0).unwrap(),
+            finished_at: done.then(|| DateTime::from_timestamp(1000 + n, 0).unwrap()),
+            report: None,
+            error: None,
+        };
+        let mut jobs: BTreeMap<String, BackfillJob> = (1..=12)
+            .map(|n| job(n, n != 3))
+            .map(|j| (j.job_id.clone(), j))
+            .collect();
+        prune_jobs(&mut jobs, 4);
+        let mut left: Vec<&str> = jobs.keys().map(|k| k.as_str()).collect();
+        left.sort_by_key(|k| k[3..].parse::<u32>().unwrap());
+        assert_eq!(left, ["bf-3", "bf-9", "bf-10", "bf-11", "bf-12"]);
     }
 
     #[test]

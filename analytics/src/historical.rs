@@ -71,6 +71,12 @@ pub struct ImportReport {
     pub replaced: usize,
 }
 
+/// A workspace's own folder of bounce exports under a root shared by workspaces:
+/// `<root>/workspace_id=<workspace>/` (`workspace` must be a valid workspace id).
+pub fn workspace_source(root: &Path, workspace: &str) -> PathBuf {
+    root.join(format!("workspace_id={workspace}"))
+}
+
 /// The CSV files of a source folder, sorted (or the path itself when it is a file).
 pub fn source_files(source: &Path) -> Result<Vec<PathBuf>> {
     if source.is_file() {

@@ -39,6 +39,8 @@ pub enum CallbackRejection {
     MissingEvent,
     /// The callback does not decode ([`decode_event`]'s reason).
     Invalid(DeadLetterReason),
+    /// The callback names a workspace other than the credential's (the value given).
+    ForeignWorkspace(String),
 }
 
 /// The callback as the JSON callback shape ([`crate::decode`]), so it goes through the one
@@ -75,7 +77,33 @@ pub fn decode_callback(
     body: &[u8],
     query: &[(String, String)],
 ) -> Result<Vec<EventRow<'static>>, CallbackRejection> {
-    let obj = callback_record(body, query);
+    decode_record(callback_record(body, query))
+}
+
+/// [`decode_callback`] for a credential bound to `workspace`: a callback without
+/// `workspace_id` is filed under `workspace`, one naming another workspace is refused.
+pub fn decode_callback_for(
+    body: &[u8],
+    query: &[(String, String)],
+    workspace: &str,
+) -> Result<Vec<EventRow<'static>>, CallbackRejection> {
+    let mut obj = callback_record(body, query);
+    match obj.get("workspace_id") {
+        None => {
+            obj.insert("workspace_id".into(), Value::String(workspace.into()));
+        }
+        Some(Value::String(w)) if w.trim() != workspace && !w.trim().is_empty() => {
+            // A value the decoder refuses anyway (traversal, separators) keeps its reason.
+            if crate::decode::valid_workspace_id(w.trim()) {
+                return Err(CallbackRejection::ForeignWorkspace(w.clone()));
+            }
+        }
+        Some(_) => {}
+    }
+    decode_record(obj)
+}
+
+fn decode_record(obj: Map<String, Value>) -> Result<Vec<EventRow<'static>>, CallbackRejection> {
     if !obj.contains_key("event") {
         return Err(CallbackRejection::MissingEvent);
     }
@@ -106,11 +134,85 @@ pub enum BatchRejection {
     },
     /// Items that do not decode, with their positions, in order.
     InvalidItems(Vec<(usize, DeadLetterReason)>),
+    /// Items naming a workspace other than the credential's: positions and the value given.
+    /// Takes precedence over [`BatchRejection::InvalidItems`].
+    ForeignWorkspace(Vec<(usize, String)>),
 }
 
 /// Decodes a JSON batch: an array of events, one object, or NDJSON, each item in either
 /// accepted shape. An empty body is an empty batch.
 pub fn decode_batch(body: &[u8]) -> Result<Vec<EventRow<'static>>, BatchRejection> {
+    let items = batch_items(body)?;
+    let mut rows = Vec::new();
+    let mut invalid = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        match decode_event(item.get().as_bytes()) {
+            Ok(d) => rows.extend(d.rows().iter().cloned().map(EventRow::into_owned)),
+            Err(r) => invalid.push((i, r)),
+        }
+    }
+    if invalid.is_empty() {
+        Ok(rows)
+    } else {
+        Err(BatchRejection::InvalidItems(invalid))
+    }
+}
+
+/// [`decode_batch`] for a credential bound to `workspace`: an item without `workspace_id` is
+/// filed under `workspace`; items naming another (valid) workspace refuse the whole batch
+/// with [`BatchRejection::ForeignWorkspace`]. Nothing of a refused batch is kept.
+pub fn decode_batch_for(
+    body: &[u8],
+    workspace: &str,
+) -> Result<Vec<EventRow<'static>>, BatchRejection> {
+    let items = batch_items(body)?;
+    let mut rows = Vec::new();
+    let mut invalid = Vec::new();
+    let mut foreign = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        let decoded = match decode_event(item.get().as_bytes()) {
+            Err(DeadLetterReason::MissingField {
+                field: "workspace_id",
+            }) => with_workspace(item.get(), workspace).and_then(|b| {
+                decode_event(&b).map(|d| {
+                    d.rows()
+                        .iter()
+                        .cloned()
+                        .map(EventRow::into_owned)
+                        .collect::<Vec<_>>()
+                })
+            }),
+            other => other.map(|d| d.rows().iter().cloned().map(EventRow::into_owned).collect()),
+        };
+        match decoded {
+            Ok(item_rows) => match item_rows.iter().find(|r| r.workspace_id != workspace) {
+                Some(r) => foreign.push((i, r.workspace_id.to_string())),
+                None => rows.extend(item_rows),
+            },
+            Err(r) => invalid.push((i, r)),
+        }
+    }
+    if !foreign.is_empty() {
+        Err(BatchRejection::ForeignWorkspace(foreign))
+    } else if !invalid.is_empty() {
+        Err(BatchRejection::InvalidItems(invalid))
+    } else {
+        Ok(rows)
+    }
+}
+
+/// The item with `"workspace_id": workspace` added (it had none, or `null`).
+fn with_workspace(item: &str, workspace: &str) -> Result<Vec<u8>, DeadLetterReason> {
+    let mut obj: Map<String, Value> =
+        serde_json::from_str(item).map_err(|e| DeadLetterReason::WrongType {
+            detail: e.to_string(),
+        })?;
+    obj.insert("workspace_id".into(), Value::String(workspace.into()));
+    Ok(serde_json::to_vec(&obj).expect("a JSON object serialises"))
+}
+
+/// The items of a batch body, not yet decoded.
+fn batch_items(body: &[u8]) -> Result<Vec<Box<RawValue>>, BatchRejection> {
     let trimmed = body.trim_ascii();
     let items: Vec<Box<RawValue>> = if trimmed.starts_with(b"[") {
         serde_json::from_slice(trimmed).map_err(|e| BatchRejection::MalformedArray {
@@ -131,19 +233,7 @@ pub fn decode_batch(body: &[u8]) -> Result<Vec<EventRow<'static>>, BatchRejectio
         }
         v
     };
-    let mut rows = Vec::new();
-    let mut invalid = Vec::new();
-    for (i, item) in items.iter().enumerate() {
-        match decode_event(item.get().as_bytes()) {
-            Ok(d) => rows.extend(d.rows().iter().cloned().map(EventRow::into_owned)),
-            Err(r) => invalid.push((i, r)),
-        }
-    }
-    if invalid.is_empty() {
-        Ok(rows)
-    } else {
-        Err(BatchRejection::InvalidItems(invalid))
-    }
+    Ok(items)
 }
 
 #[cfg(test)]
@@ -194,5 +284,81 @@ mod tests {
             Err(BatchRejection::MalformedLine { index: 1, .. })
         ));
         assert_eq!(decode_batch(b"  \n "), Ok(Vec::new()));
+    }
+
+    #[test]
+    fn bound_batch_fills_in_and_refuses_other_workspaces() {
+        let item = |ws: &str| {
+            format!(
+                r#"{{"event_id":"e{ws}","campaign_id":"c","email":"a@b.co","event_type":"complained","ts":1{ws}}}"#
+            )
+        };
+        let named = |id: &str, ws: &str| {
+            format!(
+                r#"{{"event_id":"{id}","workspace_id":"{ws}","campaign_id":"c","email":"a@b.co","event_type":"unsubscribed","ts":1}}"#
+            )
+        };
+        let rows = decode_batch_for(
+            format!("[{},{}]", item(""), named("a", "acme")).as_bytes(),
+            "acme",
+        )
+        .unwrap();
+        assert_eq!(rows.len(), 2);
+        assert!(rows.iter().all(|r| r.workspace_id == "acme"));
+        // `null` is no workspace either.
+        let null = r#"{"event_id":"n","workspace_id":null,"campaign_id":"c","email":"a@b.co","event_type":"opened","ts":1}"#;
+        assert_eq!(
+            decode_batch_for(null.as_bytes(), "acme").unwrap()[0].workspace_id,
+            "acme"
+        );
+        let body = format!(
+            "{}\n{}\n{}",
+            named("a", "acme"),
+            named("b", "rival"),
+            named("c", "rival")
+        );
+        assert_eq!(
+            decode_batch_for(body.as_bytes(), "acme"),
+            Err(BatchRejection::ForeignWorkspace(vec![
+                (1, "rival".into()),
+                (2, "rival".into())
+            ]))
+        );
+        // Traversal-looking ids are invalid before they are foreign.
+        for bad in ["../acme", "acme/../rival", ".acme", "acme/x"] {
+            match decode_batch_for(named("t", bad).as_bytes(), "acme") {
+                Err(BatchRejection::InvalidItems(items)) => {
+                    assert_eq!(items[0].1.code(), "invalid_workspace_id", "{bad}")
+                }
+                other => panic!("{bad}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn bound_callback_fills_in_and_refuses_other_workspaces() {
+        let body = b"event=complained&when=1772359200&email=ann%40example.com";
+        let rows = decode_callback_for(body, &pairs("campaign_id=42"), "acme").unwrap();
+        assert_eq!(rows[0].workspace_id, "acme");
+        assert_eq!(
+            decode_callback_for(body, &pairs("workspace_id=rival&campaign_id=42"), "acme"),
+            Err(CallbackRejection::ForeignWorkspace("rival".into()))
+        );
+        assert!(matches!(
+            decode_callback_for(
+                body,
+                &pairs("workspace_id=..%2Facme&campaign_id=42"),
+                "acme"
+            ),
+            Err(CallbackRejection::Invalid(
+                DeadLetterReason::InvalidWorkspaceId { .. }
+            ))
+        ));
+        assert_eq!(
+            decode_callback_for(body, &pairs("workspace_id=acme&campaign_id=42"), "acme").unwrap()
+                [0]
+            .workspace_id,
+            "acme"
+        );
     }
 }

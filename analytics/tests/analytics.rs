@@ -702,8 +702,20 @@ fn event_pages_cover_every_row_once() -> Result<()> {
 fn historical_bounces_backfill_list_and_export() -> Result<()> {
     let (dir, _) = store_with_events()?;
     let store = dir.path().join("store");
-    let history = dir.path().join("bounce-history");
+    let root = dir.path().join("bounce-history");
+    // Only the caller's folder is imported: not the root's files, not another workspace's.
+    let history = root.join("workspace_id=acme");
     std::fs::create_dir_all(&history)?;
+    std::fs::create_dir_all(root.join("workspace_id=canary"))?;
+    for other in [
+        root.join("loose.csv"),
+        root.join("workspace_id=canary/c.csv"),
+    ] {
+        std::fs::write(
+            other,
+            "email,type,account_number,date\nrival@x.co,hard,R-1,2026-01-05\n",
+        )?;
+    }
     std::fs::write(
         history.join("export-1.csv"),
         "email,type,account_number,date\nAnn@X.co,hard,A-1,2026-01-05\n\"o,dd\"@x.co,soft,A-2,2026-02-01\nbob@x.co,hard,,2025-12-31\n",

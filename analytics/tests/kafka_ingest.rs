@@ -632,29 +632,35 @@ fn real_broker_from_env_round_trip() -> Result<()> {
 fn webhook_events_through_kafka_land_exactly_once() -> Result<()> {
     use axum::body::Body;
     use axum::http::{Request, StatusCode};
-    use broadside_analytics::webhook::{webhook_router, WebhookConfig, WebhookSink};
+    use broadside_analytics::webhook::{
+        webhook_router, WebhookConfig, WebhookCredential, WebhookSink,
+    };
     use http_body_util::BodyExt;
     use tower::ServiceExt;
 
-    const SECRET: &str = "0123456789abcdef-secret";
+    // event_json alternates acme's and globex's events; each workspace posts with its own.
+    const SECRETS: [&str; 2] = ["0123456789abcdef-acme", "0123456789abcdef-globex"];
     const BATCHES: usize = 6;
     const PER_BATCH: usize = 50;
     let broker = Broker::start()?;
     let store = tempfile::tempdir()?;
     create_topic(&broker.brokers, "hooks", PARTITIONS)?;
     let app = webhook_router(
-        WebhookConfig::new(SECRET),
+        WebhookConfig::new(vec![
+            WebhookCredential::from_secret("acme", SECRETS[0], "acme")?,
+            WebhookCredential::from_secret("globex", SECRETS[1], "globex")?,
+        ]),
         WebhookSink::kafka(&broker.brokers, "hooks")?,
     )?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
         .build()?;
-    let post = |body: String| -> Result<(StatusCode, serde_json::Value)> {
+    let post = |ws: usize, body: String| -> Result<(StatusCode, serde_json::Value)> {
         rt.block_on(async {
             let req = Request::post("/webhooks/events")
                 .header("content-type", "application/json")
-                .header("authorization", format!("Bearer {SECRET}"))
+                .header("authorization", format!("Bearer {}", SECRETS[ws]))
                 .body(Body::from(body))?;
             let resp = app.clone().oneshot(req).await?;
             let status = resp.status();
@@ -662,23 +668,28 @@ fn webhook_events_through_kafka_land_exactly_once() -> Result<()> {
             Ok((status, serde_json::from_slice(&bytes)?))
         })
     };
-    let batch = |b: usize| -> String {
+    // The events of batch `b` that belong to workspace `ws` (event_json: `i % 2`).
+    let batch = |b: usize, ws: usize| -> String {
         let items: Vec<String> = (b * PER_BATCH..(b + 1) * PER_BATCH)
+            .filter(|i| i % 2 == ws)
             .map(|i| String::from_utf8(event_json(i)).unwrap())
             .collect();
         format!("[{}]", items.join(","))
     };
+    let half = (PER_BATCH / 2) as u64;
     for b in 0..BATCHES {
-        let (s, body) = post(batch(b))?;
-        assert_eq!(s, StatusCode::OK, "{body}");
-        assert_eq!(body["accepted"].as_u64(), Some(PER_BATCH as u64), "{body}");
+        for ws in 0..2 {
+            let (s, body) = post(ws, batch(b, ws))?;
+            assert_eq!(s, StatusCode::OK, "{body}");
+            assert_eq!(body["accepted"].as_u64(), Some(half), "{body}");
+        }
     }
     // The provider redelivers a batch it did not see answered: nothing new goes to Kafka.
-    let (s, body) = post(batch(2))?;
+    let (s, body) = post(0, batch(2, 0))?;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(
         (body["accepted"].as_u64(), body["duplicates"].as_u64()),
-        (Some(0), Some(PER_BATCH as u64)),
+        (Some(0), Some(half)),
         "{body}"
     );
 

@@ -10,7 +10,7 @@ use axum::http::{Request, StatusCode};
 use broadside_analytics::suppression::{
     build_suppression, SuppressionBuildConfig, SuppressionReason,
 };
-use broadside_analytics::webhook::{webhook_router, WebhookConfig, WebhookSink};
+use broadside_analytics::webhook::{webhook_router, WebhookConfig, WebhookCredential, WebhookSink};
 use broadside_analytics::{ingest_file, FileIngestConfig, IngestHooks};
 use common::*;
 use http_body_util::BodyExt;
@@ -135,10 +135,14 @@ async fn post(
 #[tokio::test]
 async fn webhooks_authenticate_decode_dedupe_and_store() -> Result<()> {
     const SECRET: &str = "0123456789abcdef-secret";
+    const GLOBEX: &str = "0123456789abcdef-globex";
     let dir = tempfile::tempdir()?;
     let store = dir.path().to_path_buf();
     let app = webhook_router(
-        WebhookConfig::new(SECRET),
+        WebhookConfig::new(vec![
+            WebhookCredential::from_secret("acme", SECRET, "acme")?,
+            WebhookCredential::from_secret("globex", GLOBEX, "globex")?,
+        ]),
         WebhookSink::Store {
             store: store.clone(),
         },
@@ -164,11 +168,21 @@ async fn webhooks_authenticate_decode_dedupe_and_store() -> Result<()> {
         (StatusCode::OK, Some(0), Some(2))
     );
 
-    let batch = format!(
-        "[{},{}]",
-        String::from_utf8(event_json(1))?,
-        String::from_utf8(event_json(2))?
-    );
+    // event_json(1) is globex's, event_json(2) acme's: each with its own workspace's secret.
+    for (i, secret) in [(1, GLOBEX), (2, SECRET)] {
+        let batch = format!("[{}]", String::from_utf8(event_json(i))?);
+        let (s, body) = post(
+            &app,
+            "/webhooks/events",
+            "application/json",
+            Some(secret),
+            &batch,
+        )
+        .await;
+        assert_eq!((s, body["accepted"].as_u64()), (StatusCode::OK, Some(1)));
+    }
+    // acme's secret cannot write globex's event.
+    let batch = format!("[{}]", String::from_utf8(event_json(3))?);
     let (s, body) = post(
         &app,
         "/webhooks/events",
@@ -177,7 +191,11 @@ async fn webhooks_authenticate_decode_dedupe_and_store() -> Result<()> {
         &batch,
     )
     .await;
-    assert_eq!((s, body["accepted"].as_u64()), (StatusCode::OK, Some(2)));
+    assert_eq!(s, StatusCode::FORBIDDEN, "{body}");
+    assert_eq!(
+        (body["field"].as_str(), body["refused"].as_u64()),
+        (Some("workspace_id"), Some(1))
+    );
     let bad = r#"[{"event_id":"x","workspace_id":"acme","campaign_id":"c","email":"a@b.co","event_type":"nope","ts":1}]"#;
     let (s, body) = post(
         &app,

@@ -5,11 +5,14 @@
 //! Asserted: the body's pairs written back as a form decode to the same result (ids
 //! included: dedup relies on a redelivered callback getting the same ids); an accepted
 //! callback gives exactly one row per `email`/`email[n]` value, in order, with that email;
-//! every row is valid and, produced to Kafka as `to_event` JSON, decodes to the same row.
+//! every row is valid and, produced to Kafka as `to_event` JSON, decodes to the same row;
+//! bound to a workspace (`decode_callback_for`), every accepted row is that workspace's.
 #![no_main]
 
 use broadside_fuzz::decode::{decode_event, valid_workspace_id};
-use broadside_fuzz::intake::{decode_callback, is_email_key, query_pairs, CallbackRejection};
+use broadside_fuzz::intake::{
+    decode_callback, decode_callback_for, is_email_key, query_pairs, CallbackRejection,
+};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -21,6 +24,9 @@ fuzz_target!(|data: &[u8]| {
     let query = String::from_utf8_lossy(query);
     let query = query_pairs(Some(&query));
     let result = decode_callback(body, &query);
+    if let Ok(rows) = decode_callback_for(body, &query, "fuzz") {
+        assert!(rows.iter().all(|r| r.workspace_id == "fuzz"));
+    }
 
     let body_pairs: Vec<(String, String)> = form_urlencoded::parse(body).into_owned().collect();
     let rewritten = form_urlencoded::Serializer::new(String::new())
@@ -57,5 +63,6 @@ fuzz_target!(|data: &[u8]| {
         }
         Err(CallbackRejection::MissingEvent) => assert!(!all().any(|(k, _)| k == "event")),
         Err(CallbackRejection::Invalid(reason)) => assert!(!reason.code().is_empty()),
+        Err(CallbackRejection::ForeignWorkspace(_)) => unreachable!("no workspace is bound"),
     }
 });

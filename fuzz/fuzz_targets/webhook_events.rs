@@ -7,10 +7,14 @@
 #![no_main]
 
 use broadside_fuzz::decode::valid_workspace_id;
-use broadside_fuzz::intake::{decode_batch, BatchRejection};
+use broadside_fuzz::intake::{decode_batch, decode_batch_for, BatchRejection};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
+    // Bound to a workspace, nothing accepted belongs to another.
+    if let Ok(rows) = decode_batch_for(data, "fuzz") {
+        assert!(rows.iter().all(|r| r.workspace_id == "fuzz"));
+    }
     match decode_batch(data) {
         Ok(rows) => {
             for row in &rows {
@@ -37,5 +41,6 @@ fuzz_target!(|data: &[u8]| {
             assert!(items.iter().all(|(_, r)| !r.code().is_empty()));
         }
         Err(BatchRejection::MalformedArray { .. } | BatchRejection::MalformedLine { .. }) => {}
+        Err(BatchRejection::ForeignWorkspace(_)) => unreachable!("no workspace is bound"),
     }
 });

@@ -282,6 +282,10 @@ impl Server {
         cmd.args(["serve", "--listen", "127.0.0.1:0"])
             .args(args)
             .env_remove("BROADSIDE_WEBHOOK_SECRET")
+            .env_remove("BROADSIDE_WEBHOOK_WORKSPACE")
+            .env_remove("BROADSIDE_WEBHOOK_TOKENS")
+            .env_remove("BROADSIDE_LOB_WEBHOOK_SECRET")
+            .env_remove("BROADSIDE_LOB_WEBHOOK_WORKSPACE")
             .env_remove("BROADSIDE_TOKENS")
             .stderr(Stdio::piped());
         for (k, v) in env {
@@ -302,6 +306,26 @@ impl Server {
             lines.for_each(|l| eprintln!("serve: {}", l.unwrap_or_default()))
         });
         Server { child, addr }
+    }
+}
+
+impl Server {
+    /// Sends SIGTERM and waits (at most `deadline`) for the exit status.
+    pub fn terminate(&mut self, deadline: std::time::Duration) -> std::process::ExitStatus {
+        // SAFETY: kill(2) on our own child's pid has no memory effects.
+        let rc = unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        assert_eq!(rc, 0, "kill -TERM {}", self.child.id());
+        let until = std::time::Instant::now() + deadline;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                std::time::Instant::now() < until,
+                "serve did not stop within {deadline:?} of SIGTERM"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
     }
 }
 
