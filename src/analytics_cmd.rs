@@ -8,26 +8,36 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use broadside_analytics::api::token_hash;
 use broadside_analytics::historical::{self, parse_time, ImportRequest};
-use broadside_analytics::query::sql::{run_sql, write_batches, Format};
+use broadside_analytics::query::sql::{run_sql, write_batches, Batches, Format, Truncation};
 use broadside_analytics::query::{Catalog, Limits, Scope};
 
 /// Per-query limits (shared by `sql` and `serve`).
 #[derive(Debug, Clone, clap::Args)]
 pub struct LimitOptions {
-    /// Memory one query may use for sorts, joins and aggregates (MiB).
-    #[arg(long, default_value_t = 2048)]
-    pub query_memory_mb: usize,
+    /// Memory one query may use for sorts, joins, aggregates and its answer's own buffers (MiB).
+    #[arg(long, default_value_t = 2048, value_parser = clap::value_parser!(u64).range(1..=1 << 30))]
+    pub query_memory_mb: u64,
     /// Seconds after which a query is cancelled.
     #[arg(long, default_value_t = 60)]
     pub query_timeout_secs: u64,
+    /// Most rows an analyst SQL answer holds; the query stops there and the answer says it was
+    /// truncated.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub sql_max_rows: u64,
+    /// Most MiB an analyst SQL answer holds (JSON rows for `serve`, Arrow data for `sql`); the
+    /// query stops there and the answer says it was truncated.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=1 << 30))]
+    pub sql_max_mb: u64,
 }
 
 impl LimitOptions {
     /// As catalog limits.
     pub fn limits(&self) -> Limits {
         Limits {
-            memory_bytes: self.query_memory_mb << 20,
+            memory_bytes: (self.query_memory_mb as usize) << 20,
             timeout: Duration::from_secs(self.query_timeout_secs),
+            max_rows: self.sql_max_rows as usize,
+            max_bytes: (self.sql_max_mb as usize) << 20,
             ..Limits::default()
         }
     }
@@ -89,8 +99,10 @@ pub fn sql(o: &SqlOptions) -> Result<()> {
         .context("starting the query runtime")?;
     let run_one = |text: &str| -> Result<()> {
         let started = Instant::now();
-        let batches = rt.block_on(run_sql(&catalog, &scope, text))?;
-        let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
+        let mut sink = Batches::default();
+        let answer = rt.block_on(run_sql(&catalog, &scope, text, &mut sink))?;
+        let batches = sink.batches;
+        let rows = answer.rows;
         match &o.output {
             Some(path) => {
                 let tmp = path.with_extension("tmp");
@@ -103,9 +115,22 @@ pub fn sql(o: &SqlOptions) -> Result<()> {
             }
             None => write_batches(&batches, format, std::io::stdout())?,
         }
+        // Said whether or not stderr is a terminal: a cut result must not pass for a whole one.
+        match answer.truncated {
+            Some(Truncation::RowLimit) => eprintln!(
+                "truncated: the first {rows} rows (the row limit, --sql-max-rows {})",
+                o.limits.sql_max_rows
+            ),
+            Some(Truncation::ByteLimit) => eprintln!(
+                "truncated: {rows} rows (the byte limit, --sql-max-mb {})",
+                o.limits.sql_max_mb
+            ),
+            None => {}
+        }
         if std::io::stderr().is_terminal() {
             eprintln!("{rows} rows in {:.3} s", started.elapsed().as_secs_f64());
         }
+        drop(answer);
         Ok(())
     };
     if let Some(text) = &o.sql {

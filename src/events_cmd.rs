@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{bail, Context, Result};
-use broadside_analytics::api::{api_router, ApiConfig, TokenSet};
+use broadside_analytics::api::{api_router, ApiConfig, SqlConcurrency, TokenSet};
 use broadside_analytics::query::Catalog;
 use broadside_analytics::suppression::{build_suppression, SuppressionBuildConfig};
 use broadside_analytics::webhook::{
@@ -203,6 +203,13 @@ pub struct ServeOptions {
     pub rollup_every: u64,
     #[command(flatten)]
     pub limits: crate::analytics_cmd::LimitOptions,
+    /// `POST /sql` queries running at once, all tokens together (more get 429 with
+    /// Retry-After). Analyst SQL holds at most this many times --query-memory-mb.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    pub sql_concurrency: u64,
+    /// `POST /sql` queries running at once for one token (more get 429 with Retry-After).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    pub sql_concurrency_per_token: u64,
     #[command(flatten)]
     pub campaigns: crate::campaign_cmd::CampaignServeOptions,
 }
@@ -250,6 +257,10 @@ pub fn serve(o: &ServeOptions) -> Result<()> {
             catalog,
             tokens,
             bounce_history: o.bounce_history.clone(),
+            sql: SqlConcurrency {
+                overall: o.sql_concurrency as usize,
+                per_token: o.sql_concurrency_per_token as usize,
+            },
         }));
         served.push("analytics API (see /openapi.json)");
     }

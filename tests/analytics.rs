@@ -210,3 +210,68 @@ fn api_and_sql_agree_with_the_ledger_of_a_real_send() {
         "{stderr}"
     );
 }
+
+/// `/campaign-runs/` pages like the other lists: newest first, `limit` per page, a cursor.
+#[test]
+fn run_list_is_paginated_newest_first() {
+    let d = tempfile::tempdir().unwrap();
+    let spec = generate(d.path(), 200, 10, &[]);
+    let store = d.path().join("store");
+    run(&["send", spec.to_str().unwrap(), "--run-id", "r1"], true);
+    // Four more records of the same shape, started later than r1.
+    let dir = store.join("campaign_runs/workspace_id=demo");
+    let base: Value = serde_json::from_slice(&std::fs::read(dir.join("r1.json")).unwrap()).unwrap();
+    for i in 2..=5 {
+        let mut r = base.clone();
+        r["run_id"] = format!("r{i}").into();
+        r["started_at"] = format!("2099-01-0{i}T00:00:00Z").into();
+        std::fs::write(dir.join(format!("r{i}.json")), r.to_string()).unwrap();
+    }
+    let out = run(
+        &["token", "new", "--name", "t", "--workspace", "demo"],
+        true,
+    );
+    let tokens = d.path().join("tokens.toml");
+    std::fs::write(&tokens, &out.stdout).unwrap();
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    let token = stderr.split_whitespace().last().unwrap().to_string();
+    let server = serve(&store, &tokens);
+
+    let mut seen = Vec::new();
+    let mut path = "/campaign-runs/?limit=2".to_string();
+    loop {
+        let (status, body) = get(&server.addr, &path, &token, "demo");
+        assert_eq!(status, 200, "{body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        let items = v["items"].as_array().unwrap();
+        assert!(items.len() <= 2, "{body}");
+        seen.extend(
+            items
+                .iter()
+                .map(|i| i["run_id"].as_str().unwrap().to_string()),
+        );
+        match v["next_cursor"].as_str() {
+            Some(c) => path = format!("/campaign-runs/?limit=2&cursor={c}"),
+            None => break,
+        }
+    }
+    assert_eq!(seen, ["r5", "r4", "r3", "r2", "r1"]);
+    let (status, body) = get(
+        &server.addr,
+        "/campaign-runs/?status=done&limit=1",
+        &token,
+        "demo",
+    );
+    assert_eq!(status, 200);
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["items"][0]["run_id"], "r5");
+    assert!(v["next_cursor"].is_string());
+    for bad in [
+        "/campaign-runs/?limit=0",
+        "/campaign-runs/?limit=1001",
+        "/campaign-runs/?cursor=zz",
+    ] {
+        let (status, body) = get(&server.addr, bad, &token, "demo");
+        assert_eq!(status, 400, "{bad}: {body}");
+    }
+}

@@ -87,6 +87,7 @@ fn main() -> anyhow::Result<()> {
             }],
         },
         bounce_history: None,
+        sql: Default::default(),
     });
     let campaign = "c042";
     let time = |uri: String| -> anyhow::Result<(f64, f64, usize)> {

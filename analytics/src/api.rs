@@ -7,15 +7,19 @@
 //! read ([`TokenSet`]). No or unknown token: 401; a workspace the token may not read (or an
 //! invalid id): 403; a `workspace_id` query parameter that differs from the header: 403. The
 //! workspace then scopes the DataFusion session: its tables only list that workspace's files.
+//!
+//! `POST /sql` runs within the catalog's [`Limits`] (rows, bytes, memory, time) and behind a
+//! concurrency gate ([`SqlConcurrency`]): past it the answer is `429` with `Retry-After`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use axum::body::{Body, Bytes};
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path as UrlPath, Request, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -25,6 +29,7 @@ use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::error::{Error, Result};
 use crate::historical::{self, ImportReport, ImportRequest};
@@ -32,17 +37,17 @@ use crate::params::{
     self, parse_event_type, parse_instant, parse_tz, Granularity, ParamError, Params,
 };
 use crate::query::lists::{self, EventFilter, HistoricalFilter, LogFilter};
-use crate::query::runs::load_runs;
-use crate::query::sql::run_sql;
+use crate::query::runs::{list_runs, load_runs, RunFilter};
+use crate::query::sql::{run_sql, JsonRows, Truncation};
 use crate::query::stats::{campaign_statistics, StatsQuery};
 use crate::query::timeseries::{time_series, SeriesQuery};
-use crate::query::{Catalog, QueryError, Scope};
+use crate::query::{Catalog, Limits, QueryError, Scope};
 
 /// The OpenAPI document (checked in as docs/openapi.json).
 pub const OPENAPI: &str = include_str!("../../docs/openapi.json");
 
-/// Most rows `POST /sql` returns (the answer says when it truncated).
-pub const SQL_MAX_ROWS: usize = 10_000;
+/// Seconds a caller turned away by the SQL concurrency gate is told to wait (`Retry-After`).
+pub const SQL_RETRY_AFTER_SECS: u64 = 1;
 
 /// One configured token.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -144,6 +149,78 @@ pub struct ApiConfig {
     /// Root of historical bounce CSV exports: `POST /historical-bounces/backfill` imports the
     /// caller's folder `<bounce_history>/workspace_id=<W>/` only.
     pub bounce_history: Option<PathBuf>,
+    /// How many `POST /sql` queries may run at once.
+    pub sql: SqlConcurrency,
+}
+
+/// How many analyst SQL queries may run at once. Each running query holds up to
+/// [`Limits::memory_bytes`], so analyst SQL holds at most `overall` times that.
+#[derive(Debug, Clone, Copy)]
+pub struct SqlConcurrency {
+    /// Queries running at once, all tokens together.
+    pub overall: usize,
+    /// Queries running at once for one token.
+    pub per_token: usize,
+}
+
+impl Default for SqlConcurrency {
+    fn default() -> Self {
+        SqlConcurrency {
+            overall: 4,
+            per_token: 2,
+        }
+    }
+}
+
+/// Admits `POST /sql` queries within [`SqlConcurrency`]; never waits (a full gate is a 429).
+struct SqlGate {
+    limits: SqlConcurrency,
+    overall: Arc<Semaphore>,
+    per_token: Mutex<HashMap<String, Arc<Semaphore>>>,
+}
+
+/// A running query's places in the gate, given back when dropped.
+struct Admitted {
+    _token: OwnedSemaphorePermit,
+    _overall: OwnedSemaphorePermit,
+}
+
+impl SqlGate {
+    fn new(limits: SqlConcurrency) -> SqlGate {
+        SqlGate {
+            limits,
+            overall: Arc::new(Semaphore::new(limits.overall)),
+            per_token: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn enter(&self, token: &Caller) -> std::result::Result<Admitted, ApiError> {
+        // Keyed by the token's hash: the map holds at most one entry per configured token.
+        let mine = self
+            .per_token
+            .lock()
+            .expect("sql gate lock")
+            .entry(token.key.clone())
+            .or_insert_with(|| Arc::new(Semaphore::new(self.limits.per_token)))
+            .clone();
+        let busy = |msg: String| ApiError::busy(msg, SQL_RETRY_AFTER_SECS);
+        let token_permit = mine.try_acquire_owned().map_err(|_| {
+            busy(format!(
+                "token {:?} already runs {} SQL queries (the per-token limit); retry when one ends",
+                token.name, self.limits.per_token
+            ))
+        })?;
+        let overall = self.overall.clone().try_acquire_owned().map_err(|_| {
+            busy(format!(
+                "the server already runs {} SQL queries (the overall limit); retry shortly",
+                self.limits.overall
+            ))
+        })?;
+        Ok(Admitted {
+            _token: token_permit,
+            _overall: overall,
+        })
+    }
 }
 
 /// Finished backfill jobs kept for `GET /historical-bounces/backfill/{job_id}`; the oldest
@@ -157,19 +234,45 @@ struct ApiState {
     bounce_history: Option<PathBuf>,
     jobs: Mutex<BTreeMap<String, BackfillJob>>,
     next_job: AtomicU64,
+    sql_gate: SqlGate,
 }
 
 /// The workspace a request was authorised for.
 #[derive(Debug, Clone)]
 struct Ws(String);
 
+/// The token a request was authorised with.
+#[derive(Debug, Clone)]
+struct Caller {
+    /// The token's name (for messages and logs).
+    name: String,
+    /// The token's hash, lowercase (a key per token).
+    key: String,
+}
+
 /// A JSON error response.
 #[derive(Debug)]
-pub struct ApiError(StatusCode, String);
+pub struct ApiError(StatusCode, String, Option<u64>);
+
+impl ApiError {
+    fn new(status: StatusCode, msg: impl Into<String>) -> ApiError {
+        ApiError(status, msg.into(), None)
+    }
+
+    /// `429 Too Many Requests` with `Retry-After: secs`.
+    fn busy(msg: String, secs: u64) -> ApiError {
+        ApiError(StatusCode::TOO_MANY_REQUESTS, msg, Some(secs))
+    }
+}
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.0, Json(json!({"error": self.1}))).into_response()
+        let mut r = (self.0, Json(json!({"error": self.1}))).into_response();
+        if let Some(secs) = self.2 {
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        r
     }
 }
 
@@ -179,24 +282,25 @@ impl From<QueryError> for ApiError {
             QueryError::BadRequest(_) => StatusCode::BAD_REQUEST,
             QueryError::NotFound(_) => StatusCode::NOT_FOUND,
             QueryError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            _ if e.is_memory_limit() => StatusCode::UNPROCESSABLE_ENTITY,
             _ if e.is_client_error() => StatusCode::BAD_REQUEST,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
         if status == StatusCode::INTERNAL_SERVER_ERROR {
             tracing::error!(error = %e, "query failed");
         }
-        ApiError(status, e.to_string())
+        ApiError::new(status, e.to_string())
     }
 }
 
 impl From<ParamError> for ApiError {
     fn from(e: ParamError) -> Self {
-        ApiError(StatusCode::BAD_REQUEST, e.0)
+        ApiError::new(StatusCode::BAD_REQUEST, e.0)
     }
 }
 
 fn bad(msg: impl Into<String>) -> ApiError {
-    ApiError(StatusCode::BAD_REQUEST, msg.into())
+    ApiError::new(StatusCode::BAD_REQUEST, msg)
 }
 
 type ApiResult<T> = std::result::Result<T, ApiError>;
@@ -209,6 +313,7 @@ pub fn api_router(cfg: ApiConfig) -> Router {
         bounce_history: cfg.bounce_history,
         jobs: Mutex::new(BTreeMap::new()),
         next_job: AtomicU64::new(1),
+        sql_gate: SqlGate::new(cfg.sql),
     });
     let authed = Router::new()
         .route("/campaign-statistics/", get(statistics))
@@ -254,8 +359,8 @@ async fn auth(
     mut req: Request,
     next: Next,
 ) -> std::result::Result<Response, ApiError> {
-    let unauthorized = |m: &str| ApiError(StatusCode::UNAUTHORIZED, m.to_string());
-    let forbidden = |m: String| ApiError(StatusCode::FORBIDDEN, m);
+    let unauthorized = |m: &str| ApiError::new(StatusCode::UNAUTHORIZED, m.to_string());
+    let forbidden = |m: String| ApiError::new(StatusCode::FORBIDDEN, m);
     let token = req
         .headers()
         .get(header::AUTHORIZATION)
@@ -291,7 +396,12 @@ async fn auth(
             "workspace_id query parameter {q:?} differs from the header {ws:?}"
         )));
     }
+    let caller = Caller {
+        name: entry.name.clone(),
+        key: entry.sha256.to_ascii_lowercase(),
+    };
     req.extensions_mut().insert(Ws(ws));
+    req.extensions_mut().insert(caller);
     Ok(next.run(req).await)
 }
 
@@ -336,7 +446,7 @@ async fn campaign_stats(
     )
     .await?;
     let one = stats.into_iter().next().ok_or_else(|| {
-        ApiError(
+        ApiError::new(
             StatusCode::NOT_FOUND,
             format!("no events of campaign {campaign_id:?}"),
         )
@@ -553,15 +663,15 @@ async fn backfill(
         return Err(bad("give exactly one of full_backfill: true or since"));
     }
     let Some(root) = s.bounce_history.clone() else {
-        return Err(ApiError(
+        return Err(ApiError::new(
             StatusCode::CONFLICT,
-            "no bounce history source configured (broadside serve --bounce-history DIR)".into(),
+            "no bounce history source configured (broadside serve --bounce-history DIR)",
         ));
     };
     // Only the caller's own folder: the root holds every workspace's exports.
     let source = historical::workspace_source(&root, &ws);
     if !source.is_dir() {
-        return Err(ApiError(
+        return Err(ApiError::new(
             StatusCode::CONFLICT,
             format!("no bounce history for workspace {ws:?} (folder workspace_id={ws} under --bounce-history)"),
         ));
@@ -573,7 +683,7 @@ async fn backfill(
             .values()
             .find(|j| j.workspace_id == ws && j.status == "running")
         {
-            return Err(ApiError(
+            return Err(ApiError::new(
                 StatusCode::CONFLICT,
                 format!("backfill {} of this workspace is still running", j.job_id),
             ));
@@ -660,7 +770,7 @@ async fn backfill_status(
         .filter(|j| j.workspace_id == ws)
         .cloned()
         .map(Json)
-        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no backfill job {id:?}")))
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no backfill job {id:?}")))
 }
 
 async fn runs(
@@ -669,19 +779,18 @@ async fn runs(
     axum::extract::RawQuery(q): axum::extract::RawQuery,
 ) -> ApiResult<Json<Value>> {
     let p = Params::parse(q.as_deref(), params::RUNS_PARAMS)?;
+    let filter = RunFilter {
+        campaign_id: p.text("campaign_id"),
+        status: p.text("status"),
+    };
+    let (limit, cursor) = (p.limit()?, p.get("cursor").map(str::to_string));
     let store = s.catalog.store().to_path_buf();
-    let runs = tokio::task::spawn_blocking(move || load_runs(&store, Some(&ws)))
-        .await
-        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
-    let (campaign, status) = (p.text("campaign_id"), p.text("status"));
-    let items: Vec<Value> = runs
-        .into_iter()
-        .rev()
-        .filter(|r| campaign.as_ref().is_none_or(|c| *c == r.campaign_id))
-        .map(|r| serde_json::to_value(r).expect("run serialises"))
-        .filter(|r| status.as_ref().is_none_or(|st| r["status"] == *st.as_str()))
-        .collect();
-    Ok(Json(json!({ "items": items })))
+    let page = tokio::task::spawn_blocking(move || {
+        list_runs(&store, &ws, &filter, limit, cursor.as_deref())
+    })
+    .await
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    Ok(Json(serde_json::to_value(page).expect("page serialises")))
 }
 
 async fn run(
@@ -692,11 +801,11 @@ async fn run(
     let store = s.catalog.store().to_path_buf();
     let runs = tokio::task::spawn_blocking(move || load_runs(&store, Some(&ws)))
         .await
-        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
     runs.into_iter()
         .find(|r| r.run_id == id)
         .map(|r| Json(serde_json::to_value(r).expect("run serialises")))
-        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no run {id:?}")))
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no run {id:?}")))
 }
 
 async fn logs(
@@ -732,13 +841,15 @@ struct SqlBody {
 }
 
 /// `POST /sql` with `{"sql": "..."}` (or the statement as a text body): the caller's workspace
-/// only, read-only, at most [`SQL_MAX_ROWS`] rows.
+/// only, read-only, within the catalog's [`Limits`] and the [`SqlConcurrency`] gate.
 async fn sql(
     State(s): State<Arc<ApiState>>,
     Extension(Ws(ws)): Extension<Ws>,
+    Extension(caller): Extension<Caller>,
     headers: HeaderMap,
-    body: Bytes,
-) -> ApiResult<Json<Value>> {
+    body: std::result::Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    let body = body.map_err(|e| ApiError::new(e.status(), e.body_text()))?;
     let is_json = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -750,23 +861,56 @@ async fn sql(
     } else {
         String::from_utf8(body.to_vec()).map_err(|_| bad("body is not UTF-8"))?
     };
-    let batches = run_sql(&s.catalog, &Scope::Workspace(ws), &text).await?;
-    let columns: Vec<String> = batches
-        .first()
-        .map(|b| {
-            b.schema()
-                .fields()
-                .iter()
-                .map(|f| f.name().clone())
-                .collect()
-        })
-        .unwrap_or_default();
-    let mut rows = lists::rows_to_json(&batches)?;
-    let truncated = rows.len() > SQL_MAX_ROWS;
-    rows.truncate(SQL_MAX_ROWS);
-    Ok(Json(
-        json!({"columns": columns, "rows": rows, "truncated": truncated}),
-    ))
+    drop(body);
+    let _admitted = s.sql_gate.enter(&caller)?;
+    let limits: Limits = s.catalog.limits();
+    let mut rows = JsonRows::after(b"{\"rows\":[");
+    let answer = run_sql(&s.catalog, &Scope::Workspace(ws), &text, &mut rows).await?;
+    let columns: Vec<&String> = answer.schema.fields().iter().map(|f| f.name()).collect();
+    let reason = answer.truncated.map(|t| match t {
+        Truncation::RowLimit => format!(
+            "row limit: the answer holds the first {} rows",
+            limits.max_rows
+        ),
+        Truncation::ByteLimit => format!(
+            "byte limit: the next row would take the rows past {} bytes of JSON",
+            limits.max_bytes
+        ),
+    });
+    let tail = json!({
+        "columns": columns,
+        "row_count": answer.rows,
+        "truncated": answer.truncated.is_some(),
+        "truncated_by": answer.truncated,
+        "truncated_reason": reason,
+    })
+    .to_string();
+    // `],` then the tail object's fields (its braces dropped) close the answer object.
+    let suffix = format!("],{}", &tail[1..]);
+    let text = rows.finish(suffix.as_bytes(), &answer.reservation)?;
+    // The reservation travels with the bytes: the answer counts against the pool until the
+    // connection has written it.
+    let body = Bytes::from_owner(ReservedText {
+        text,
+        _reservation: answer.reservation,
+    });
+    Ok((
+        [(header::CONTENT_TYPE, "application/json")],
+        Body::from(body),
+    )
+        .into_response())
+}
+
+/// An answer's text and its memory reservation, freed together.
+struct ReservedText {
+    text: Vec<u8>,
+    _reservation: datafusion::execution::memory_pool::MemoryReservation,
+}
+
+impl AsRef<[u8]> for ReservedText {
+    fn as_ref(&self) -> &[u8] {
+        &self.text
+    }
 }
 
 /// The route paths (for checking the OpenAPI document covers them).

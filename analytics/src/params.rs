@@ -74,7 +74,7 @@ pub const HISTORICAL_LIST_PARAMS: &[&str] = &[
 ];
 
 /// Parameters of `/campaign-runs/`.
-pub const RUNS_PARAMS: &[&str] = &["campaign_id", "status"];
+pub const RUNS_PARAMS: &[&str] = &["campaign_id", "status", "limit", "cursor"];
 
 /// Parameters of `/campaign-recipient-logs/`.
 pub const LOGS_PARAMS: &[&str] = &[

@@ -418,6 +418,7 @@ fn api(store: &Path) -> axum::Router {
             ],
         },
         bounce_history: Some(store.parent().unwrap().join("bounce-history")),
+        sql: Default::default(),
     })
 }
 
@@ -830,6 +831,103 @@ fn historical_bounces_backfill_list_and_export() -> Result<()> {
         )
         .await;
         assert_eq!(status, StatusCode::BAD_REQUEST);
+    });
+    Ok(())
+}
+
+/// `POST /sql` stops at the row and byte limits while the query runs (and says so), refuses
+/// the row-fabricating table functions, and answers a query past its memory limit with 422.
+#[test]
+fn sql_answers_stop_at_their_limits() -> Result<()> {
+    let (dir, _) = store_with_events()?;
+    let store = dir.path().join("store");
+    let limits = broadside_analytics::query::Limits {
+        max_rows: 50,
+        max_bytes: 1000,
+        memory_bytes: 8 << 20,
+        ..Default::default()
+    };
+    let app = api_router(ApiConfig {
+        catalog: Catalog::new(&store).with_limits(limits),
+        tokens: TokenSet {
+            tokens: vec![TokenEntry {
+                name: "acme".into(),
+                sha256: token_hash(ACME_TOKEN),
+                workspaces: vec!["acme".into()],
+            }],
+        },
+        bounce_history: None,
+        sql: Default::default(),
+    });
+    let rt = runtime();
+    rt.block_on(async {
+        let sql = |q: &str| serde_json::json!({ "sql": q }).to_string();
+        let ask = |q: String| {
+            let app = app.clone();
+            async move { call(&app, "POST", "/sql", Some(ACME_TOKEN), Some("acme"), &q).await }
+        };
+        let values = (0..100)
+            .map(|i| format!("({i})"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let v = format!("WITH v(x) AS (VALUES {values}) ");
+
+        // Rows: a 10⁶-row cross join answers with the first 50.
+        let (status, text) = ask(sql(&format!(
+            "{v}SELECT a.x * 10000 + b.x * 100 + c.x AS k FROM v a, v b, v c ORDER BY k"
+        )))
+        .await;
+        assert_eq!(status, StatusCode::OK, "{text}");
+        let a: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(a["truncated"], true);
+        assert_eq!(a["truncated_by"], "row_limit");
+        assert_eq!(a["row_count"], 50);
+        assert_eq!(a["columns"], serde_json::json!(["k"]));
+        let keys: Vec<u64> = a["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["k"].as_u64().unwrap())
+            .collect();
+        assert_eq!(keys, (0..50).collect::<Vec<u64>>());
+
+        // Bytes: rows of ~110 bytes stop before the rows' JSON passes 1000 bytes.
+        let (status, text) =
+            ask(sql(&format!("{v}SELECT x, repeat('y', 100) AS pad FROM v"))).await;
+        assert_eq!(status, StatusCode::OK, "{text}");
+        let a: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(a["truncated_by"], "byte_limit", "{text}");
+        let rows = a["rows"].as_array().unwrap();
+        let rows_json = serde_json::to_string(rows).unwrap();
+        assert!(rows_json.len() <= 1000 + 2, "{} bytes", rows_json.len());
+        assert!((7..=9).contains(&rows.len()), "{} rows", rows.len());
+
+        // Exactly at the limit is not truncated; an empty answer still has its columns.
+        let (_, text) = ask(sql(&format!("{v}SELECT x FROM v LIMIT 50"))).await;
+        let a: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(
+            (a["truncated"].clone(), a["row_count"].clone()),
+            (false.into(), 50.into())
+        );
+        assert_eq!(a["truncated_by"], Value::Null);
+        let (_, text) = ask(sql("SELECT event_id FROM events WHERE false")).await;
+        let a: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(a["columns"], serde_json::json!(["event_id"]));
+        assert_eq!(a["rows"], serde_json::json!([]));
+
+        for f in ["range(1000000000)", "generate_series(1, 1000000000)"] {
+            let (status, text) = ask(sql(&format!("SELECT count(*) FROM {f}"))).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{f}: {text}");
+            assert!(text.contains("not found"), "{text}");
+        }
+
+        // Memory: a million distinct keys need more than 8 MiB; no spilling to disk.
+        let (status, text) = ask(sql(&format!(
+            "{v}SELECT count(DISTINCT a.x * 10000 + b.x * 100 + c.x) AS n FROM v a, v b, v c"
+        )))
+        .await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{text}");
+        assert!(text.contains("esources exhausted"), "{text}");
     });
     Ok(())
 }

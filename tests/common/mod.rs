@@ -307,6 +307,11 @@ impl Server {
         });
         Server { child, addr }
     }
+
+    /// The server's process id (for reading its memory from /proc).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
 }
 
 impl Server {

@@ -24,6 +24,7 @@ use datafusion::execution::cache::cache_manager::{
 };
 use datafusion::execution::cache::default_cache::DefaultCache;
 use datafusion::execution::cache::TableScopedPath;
+use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::logical_expr::{create_udf, ColumnarValue, Volatility};
 use datafusion::prelude::{col, lit, SessionConfig, SessionContext};
@@ -63,6 +64,11 @@ pub struct Limits {
     pub timeout: Duration,
     /// Partitions each scan is split into (threads working on one query).
     pub target_partitions: usize,
+    /// Most rows an analyst SQL answer holds; the query stops there and says it truncated.
+    pub max_rows: usize,
+    /// Most bytes an analyst SQL answer holds (JSON rows for the API, Arrow data for the
+    /// command line); the query stops there and says it truncated.
+    pub max_bytes: usize,
 }
 
 impl Default for Limits {
@@ -71,6 +77,8 @@ impl Default for Limits {
             memory_bytes: 2 << 30,
             timeout: Duration::from_secs(60),
             target_partitions: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            max_rows: 10_000,
+            max_bytes: 64 << 20,
         }
     }
 }
@@ -145,6 +153,10 @@ pub const ROLLUP_HOURLY_MONTHLY: &str = "rollups/hourly_monthly";
 /// Folder (under the store) of closed months of distinct recipients, one file per month.
 pub const ROLLUP_UNIQUES_MONTHLY: &str = "rollups/uniques_monthly";
 
+/// Table functions DataFusion registers by default that fabricate any number of rows from
+/// nothing (`SELECT * FROM range(1e12)`); analyst sessions do not have them.
+pub const REMOVED_TABLE_FUNCTIONS: [&str; 2] = ["range", "generate_series"];
+
 /// Names of the tables every session has.
 pub const TABLES: [&str; 9] = [
     "events",
@@ -184,12 +196,34 @@ impl Catalog {
         self.limits
     }
 
-    /// A fresh session holding the scope's tables and the `email_hash` function.
+    /// A fresh session for analyst SQL: [`Catalog::session`] without the table functions that
+    /// fabricate unbounded rows ([`REMOVED_TABLE_FUNCTIONS`]) and without spilling to disk, so
+    /// the memory limit is where an analyst query stops (temporary files would be an unbounded
+    /// resource of their own).
+    pub fn analyst_session(&self, scope: &Scope) -> QueryResult<SessionContext> {
+        let ctx = self.session_with(scope, false)?;
+        for f in REMOVED_TABLE_FUNCTIONS {
+            ctx.deregister_udtf(f);
+        }
+        Ok(ctx)
+    }
+
+    /// A fresh session holding the scope's tables and the `email_hash` function, with a memory
+    /// pool of its own ([`Limits::memory_bytes`]).
     pub fn session(&self, scope: &Scope) -> QueryResult<SessionContext> {
-        let runtime = RuntimeEnvBuilder::new()
+        self.session_with(scope, true)
+    }
+
+    fn session_with(&self, scope: &Scope, spill: bool) -> QueryResult<SessionContext> {
+        let mut runtime = RuntimeEnvBuilder::new()
             .with_memory_limit(self.limits.memory_bytes, 1.0)
-            .with_cache_manager(self.caches.config())
-            .build_arc()?;
+            .with_cache_manager(self.caches.config());
+        if !spill {
+            runtime = runtime.with_disk_manager_builder(
+                DiskManagerBuilder::default().with_mode(DiskManagerMode::Disabled),
+            );
+        }
+        let runtime = runtime.build_arc()?;
         let mut config = SessionConfig::new()
             .with_target_partitions(self.limits.target_partitions)
             .with_information_schema(true);

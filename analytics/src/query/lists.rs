@@ -480,11 +480,11 @@ pub fn plain(b: &RecordBatch) -> QueryResult<RecordBatch> {
     )?)
 }
 
-fn hex_encode(b: &[u8]) -> String {
+pub(crate) fn hex_encode(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-fn hex_decode(s: &str) -> Option<Vec<u8>> {
+pub(crate) fn hex_decode(s: &str) -> Option<Vec<u8>> {
     if s.len() % 2 != 0 || s.len() > 4096 {
         return None;
     }

@@ -63,6 +63,14 @@ impl QueryError {
         }
     }
 
+    /// Whether the query was stopped by its memory limit.
+    pub fn is_memory_limit(&self) -> bool {
+        matches!(self, QueryError::DataFusion(e) if matches!(
+            e.find_root(),
+            datafusion::error::DataFusionError::ResourcesExhausted(_)
+        ))
+    }
+
     /// Whether the caller, not the server, is at fault.
     pub fn is_client_error(&self) -> bool {
         match self {

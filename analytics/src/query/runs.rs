@@ -2,8 +2,11 @@
 //!
 //! Run records are few (one per send) and small, so they are read into memory per session.
 //! The table flattens the counts analysts filter on and keeps the whole record in `record`
-//! (JSON text) for the API's detail view.
+//! (JSON text) for the API's detail view. The API's list ([`list_runs`]) reads the records one
+//! at a time and keeps only the page it answers with.
 
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -15,7 +18,10 @@ use arrow_schema::{DataType, SchemaRef};
 use broadside_pipeline::run::RunRecord;
 use datafusion::datasource::MemTable;
 
+use chrono::{DateTime, Utc};
+
 use crate::query::catalog::{schema_of, ts_type};
+use crate::query::lists::{hex_decode, hex_encode, Page, MAX_PAGE};
 use crate::query::{dir_entries, QueryError, QueryResult};
 
 /// Schema of the `campaign_runs` table.
@@ -69,6 +75,118 @@ pub fn load_runs(store: &Path, ws: Option<&str>) -> QueryResult<Vec<RunRecord>> 
     }
     runs.sort_by(|a, b| (a.started_at, &a.run_id).cmp(&(b.started_at, &b.run_id)));
     Ok(runs)
+}
+
+/// Filters of the run list.
+#[derive(Debug, Clone, Default)]
+pub struct RunFilter {
+    /// Campaign.
+    pub campaign_id: Option<String>,
+    /// Status (`running`, `done`, `failed`).
+    pub status: Option<String>,
+}
+
+/// A run in the list's order: newest start first, then run id (descending).
+struct Listed {
+    key: (DateTime<Utc>, String),
+    record: RunRecord,
+}
+
+impl PartialEq for Listed {
+    fn eq(&self, other: &Self) -> bool {
+        self.key == other.key
+    }
+}
+impl Eq for Listed {}
+impl PartialOrd for Listed {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Listed {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.key.cmp(&other.key)
+    }
+}
+
+/// One page of a workspace's runs, newest first, keyset-paginated like the other lists
+/// (`next_cursor` names the last run's start and id). Records are read one at a time and at
+/// most `limit + 1` are held.
+pub fn list_runs(
+    store: &Path,
+    ws: &str,
+    filter: &RunFilter,
+    limit: usize,
+    cursor: Option<&str>,
+) -> QueryResult<Page> {
+    if limit == 0 || limit > MAX_PAGE {
+        return Err(QueryError::BadRequest(format!(
+            "limit must be 1..={MAX_PAGE}"
+        )));
+    }
+    let before = cursor.map(decode_cursor).transpose()?;
+    let dir = store
+        .join("campaign_runs")
+        .join(format!("workspace_id={ws}"));
+    // The `limit + 1` newest matching runs: a min-heap whose top is the oldest kept.
+    let mut kept: BinaryHeap<Reverse<Listed>> = BinaryHeap::with_capacity(limit + 2);
+    for entry in dir_entries(&dir)? {
+        let path = entry.path();
+        if path.extension().is_none_or(|x| x != "json") {
+            continue;
+        }
+        let r = RunRecord::load(&path).map_err(|e| QueryError::Corrupt {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        if filter
+            .campaign_id
+            .as_ref()
+            .is_some_and(|c| *c != r.campaign_id)
+        {
+            continue;
+        }
+        if let Some(st) = &filter.status {
+            if serde_json::to_value(r.status)?.as_str() != Some(st.as_str()) {
+                continue;
+            }
+        }
+        let key = (r.started_at, r.run_id.clone());
+        if before.as_ref().is_some_and(|b| key >= *b) {
+            continue;
+        }
+        kept.push(Reverse(Listed { key, record: r }));
+        if kept.len() > limit + 1 {
+            kept.pop();
+        }
+    }
+    let mut runs: Vec<Listed> = kept.into_iter().map(|Reverse(l)| l).collect();
+    runs.sort_by(|a, b| b.cmp(a));
+    let next_cursor = if runs.len() > limit {
+        runs.truncate(limit);
+        runs.last().map(|l| encode_cursor(&l.key)).transpose()?
+    } else {
+        None
+    };
+    let items = runs
+        .into_iter()
+        .map(|l| serde_json::to_value(l.record))
+        .collect::<Result<_, _>>()?;
+    Ok(Page { items, next_cursor })
+}
+
+fn encode_cursor((at, id): &(DateTime<Utc>, String)) -> QueryResult<String> {
+    Ok(hex_encode(&serde_json::to_vec(&(
+        at.timestamp_micros(),
+        id,
+    ))?))
+}
+
+fn decode_cursor(cursor: &str) -> QueryResult<(DateTime<Utc>, String)> {
+    let bad = || QueryError::BadRequest(format!("invalid cursor {cursor:?}"));
+    let bytes = hex_decode(cursor).ok_or_else(bad)?;
+    let (us, id): (i64, String) = serde_json::from_slice(&bytes).map_err(|_| bad())?;
+    Ok((DateTime::from_timestamp_micros(us).ok_or_else(bad)?, id))
 }
 
 /// The `campaign_runs` table of a scope.
