@@ -139,7 +139,7 @@ pub fn sql(o: &SqlOptions) -> Result<()> {
     let stdin = std::io::stdin();
     let interactive = stdin.is_terminal();
     if interactive {
-        eprintln!("broadside sql on {} — end statements with ';', \\q to quit; tables: events, bounce_events, recipient_logs, campaign_runs, historical_bounces, rollup_hourly, rollup_uniques, rollup_hourly_monthly, rollup_uniques_monthly", o.store.display());
+        eprintln!("broadside sql on {} — end statements with ';', \\q to quit; tables: events, bounce_events, recipient_logs, campaign_runs, historical_bounces, rollup_hourly, rollup_uniques, rollup_hourly_monthly, rollup_uniques_monthly, ingest_gaps", o.store.display());
     }
     let mut pending = String::new();
     let mut failed = false;

@@ -13,22 +13,44 @@ use broadside_analytics::webhook::{
     DEFAULT_MAX_BODY,
 };
 use broadside_analytics::{
-    ingest_file, run_kafka_ingest, FileIngestConfig, IngestHooks, IngestStats, KafkaIngestConfig,
+    ingest_file_until, run_kafka_ingest, FileIngestConfig, IngestHooks, IngestStats,
+    KafkaIngestConfig, OnGap,
 };
 
 /// Set by SIGINT/SIGTERM: long-running commands commit what they hold and stop.
 static SHUTDOWN: AtomicBool = AtomicBool::new(false);
 
-extern "C" fn on_signal(_: libc::c_int) {
-    SHUTDOWN.store(true, Ordering::SeqCst);
-}
-
-fn install_shutdown_handler() {
-    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-    unsafe {
-        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
-        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
-    }
+/// Sets [`SHUTDOWN`] on the first SIGINT or SIGTERM, from a thread of its own running a
+/// small tokio runtime (the signal handlers are tokio's, registered before this returns).
+fn install_shutdown_handler() -> Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .context("starting the signal runtime")?;
+    let (mut int, mut term) = rt
+        .block_on(async {
+            Ok::<_, std::io::Error>((
+                signal(SignalKind::interrupt())?,
+                signal(SignalKind::terminate())?,
+            ))
+        })
+        .context("installing the SIGINT/SIGTERM handlers")?;
+    std::thread::Builder::new()
+        .name("shutdown-signal".into())
+        .spawn(move || {
+            rt.block_on(std::future::poll_fn(|cx| {
+                if int.poll_recv(cx).is_ready() || term.poll_recv(cx).is_ready() {
+                    std::task::Poll::Ready(())
+                } else {
+                    std::task::Poll::Pending
+                }
+            }));
+            tracing::info!("stop signal received; committing what is buffered");
+            SHUTDOWN.store(true, Ordering::SeqCst);
+        })
+        .context("starting the signal thread")?;
+    Ok(())
 }
 
 /// Options of `broadside ingest`.
@@ -67,6 +89,23 @@ pub struct IngestOptions {
     /// Kafka: threads that decode, encode and commit (default: one per core).
     #[arg(long, default_value_t = 0)]
     pub writers: usize,
+    /// Kafka: commit a partition once no record arrived for this long (ms; default 2000).
+    #[arg(long)]
+    pub idle_ms: Option<u64>,
+    /// Kafka: when a partition's offsets do not continue from the store's position (records
+    /// deleted by retention, topic re-created): `stop` with an error naming topic, partition
+    /// and offsets, or `record` the gap in the `ingest_gaps` table and continue.
+    #[arg(long, value_enum, default_value_t = OnGapArg::Stop)]
+    pub on_gap: OnGapArg,
+}
+
+/// `--on-gap` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnGapArg {
+    /// Stop with an error.
+    Stop,
+    /// Record the gap in `ingest_gaps` and continue.
+    Record,
 }
 
 fn parse_kv(s: &str) -> Result<(String, String), String> {
@@ -77,8 +116,8 @@ fn parse_kv(s: &str) -> Result<(String, String), String> {
 
 fn print_stats(what: &str, s: &IngestStats) {
     println!(
-        "{what}: {} records, {} event rows, {} dead letters, {} files, {} commits ({} already committed, skipped)",
-        s.records, s.rows, s.dead_letters, s.files, s.commits, s.skipped_committed
+        "{what}: {} records, {} event rows, {} dead letters, {} files, {} commits ({} already committed, skipped; {} gaps recorded)",
+        s.records, s.rows, s.dead_letters, s.files, s.commits, s.skipped_committed, s.gaps
     );
 }
 
@@ -96,8 +135,9 @@ pub fn ingest(o: &IngestOptions) -> Result<()> {
         if let Some(n) = o.max_records {
             cfg.flush.max_records = n;
         }
-        let stats =
-            ingest_file(&cfg, &hooks).with_context(|| format!("ingesting {}", path.display()))?;
+        install_shutdown_handler()?;
+        let stats = ingest_file_until(&cfg, &hooks, &SHUTDOWN)
+            .with_context(|| format!("ingesting {}", path.display()))?;
         print_stats(&format!("ingested {}", path.display()), &stats);
         return Ok(());
     }
@@ -116,9 +156,16 @@ pub fn ingest(o: &IngestOptions) -> Result<()> {
     if let Some(ms) = o.max_latency_ms {
         cfg.flush.max_latency_ms = ms;
     }
+    if let Some(ms) = o.idle_ms {
+        cfg.flush.idle_ms = ms;
+    }
     cfg.exit_when_idle_ms = o.exit_when_idle_ms;
     cfg.writers = o.writers;
-    install_shutdown_handler();
+    cfg.on_gap = match o.on_gap {
+        OnGapArg::Stop => OnGap::Stop,
+        OnGapArg::Record => OnGap::Record,
+    };
+    install_shutdown_handler()?;
     let stats = run_kafka_ingest(&cfg, hooks, &SHUTDOWN)?;
     print_stats(&format!("ingested {}", o.topics.join(",")), &stats);
     Ok(())

@@ -58,6 +58,34 @@ pub enum Error {
         /// One line per problem.
         problems: Vec<String>,
     },
+    /// A Kafka partition's offsets do not continue from the store's committed position:
+    /// records were deleted before the store read them, or the topic was re-created.
+    /// `broadside ingest --on-gap record` records such a gap in `ingest_gaps` and goes on.
+    #[error(
+        "topic {topic} partition {partition}: {}; the store's committed position is offset \
+         {store_next}, the partition holds offsets {low}..{high} (low..high watermark). \
+         Nothing after the gap was ingested; rerun with `--on-gap record` to record the gap \
+         in the ingest_gaps table and continue",
+        if *recreated {
+            "the high watermark is below the store's position (topic re-created?)"
+        } else {
+            "the first available offset is beyond the store's position (records deleted by retention?)"
+        }
+    )]
+    IngestGap {
+        /// The topic.
+        topic: String,
+        /// The partition.
+        partition: i32,
+        /// Whether the high watermark is below the store's position (else the low one is above it).
+        recreated: bool,
+        /// The first offset the store has not committed.
+        store_next: i64,
+        /// The partition's low watermark (first available offset).
+        low: i64,
+        /// The partition's high watermark (offset after the last record).
+        high: i64,
+    },
     /// An input file line could not be read (names file and line).
     #[error("{}:{line}: {message}", path.display())]
     Input {

@@ -4,6 +4,14 @@
 //! is recovered from its newest commit manifest and the consumer is positioned at the
 //! offset after it. Group offsets are still committed after each store commit, but only
 //! so that lag shows in the usual Kafka tools.
+//!
+//! Nothing is skipped silently: on assignment the store's position is checked against the
+//! partition's watermarks (once per assignment, not per record). A position below the low
+//! watermark (records deleted by retention) or above the high watermark (topic re-created)
+//! stops the ingest with [`Error::IngestGap`], or with [`OnGap::Record`] is written to the
+//! `ingest_gaps` table ([`crate::gaps`]) and the ingest goes on. A position that falls out of
+//! range while consuming stops the ingest (`auto.offset.reset=error`); the restart then
+//! checks it as above.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -23,6 +31,7 @@ use serde::Deserialize;
 use crate::buffer::StreamBuffer;
 use crate::commit::{CommitOutcome, Committer, StreamId, WriteSettings};
 use crate::error::{Error, Result};
+use crate::gaps::{record_gap, GapKind, IngestGap};
 
 /// When buffered records are committed: whichever limit is reached first.
 #[derive(Debug, Clone, Deserialize)]
@@ -89,6 +98,18 @@ impl FlushPolicy {
     }
 }
 
+/// What the ingest does when a partition's offsets do not continue from the store's position.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnGap {
+    /// Stop with [`Error::IngestGap`], naming topic, partition and offsets (the default).
+    #[default]
+    Stop,
+    /// Record the gap in the `ingest_gaps` table and continue at the first available
+    /// offset (for a re-created topic, in a new generation of the partition's stream).
+    Record,
+}
+
 /// Configuration of `broadside ingest` from Kafka.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -116,15 +137,22 @@ pub struct KafkaIngestConfig {
     /// partitions); 0 means one per core (CLI: `--writers`).
     #[serde(default)]
     pub writers: usize,
+    /// What to do about a gap between the store's position and the partition's offsets
+    /// (CLI: `--on-gap stop|record`).
+    #[serde(default)]
+    pub on_gap: OnGap,
 }
 
-/// librdkafka properties the ingest sets itself; overriding them would break exactly-once.
-const OWNED_OPTIONS: [&str; 5] = [
+/// librdkafka properties the ingest sets itself; overriding them would break exactly-once
+/// (`auto.offset.reset` would let the consumer jump over a gap without a word).
+const OWNED_OPTIONS: [&str; 7] = [
     "enable.auto.commit",
     "enable.auto.offset.store",
     "group.id",
     "bootstrap.servers",
     "partition.assignment.strategy",
+    "auto.offset.reset",
+    "isolation.level",
 ];
 
 impl KafkaIngestConfig {
@@ -139,6 +167,7 @@ impl KafkaIngestConfig {
             kafka_options: BTreeMap::new(),
             exit_when_idle_ms: None,
             writers: 0,
+            on_gap: OnGap::Stop,
         }
     }
 
@@ -199,6 +228,8 @@ pub struct IngestStats {
     pub skipped_committed: u64,
     /// Commits lost to another writer (a partition moved while we held it).
     pub conflicts: u64,
+    /// Gaps recorded in `ingest_gaps` (only with [`OnGap::Record`]).
+    pub gaps: u64,
 }
 
 impl IngestStats {
@@ -380,23 +411,118 @@ impl Shared {
         let _ = self.workers[worker].send(job);
     }
 
-    fn stream_id(topic: &str, partition: i32) -> StreamId {
+    /// The stream of a partition in `generation` (0 until the topic is first re-created
+    /// under `--on-gap record`; each re-creation starts the offsets, and so the commit
+    /// chain, anew in a folder of its own).
+    fn stream_id(topic: &str, partition: i32, generation: u32) -> StreamId {
         let mut dead_fields = serde_json::Map::new();
         dead_fields.insert("source".into(), "kafka".into());
         dead_fields.insert("topic".into(), topic.into());
         dead_fields.insert("partition".into(), partition.into());
+        let mut state_rel = partition_state_rel(topic, partition);
+        let mut dead_rel = PathBuf::from("dead_letters/kafka")
+            .join(format!("topic={topic}"))
+            .join(format!("partition={partition}"));
+        let mut prefix = format!("kafka-{topic}-{partition}");
+        let mut describe = format!("topic {topic} partition {partition}");
+        if generation > 0 {
+            dead_fields.insert("generation".into(), generation.into());
+            state_rel.push(format!("generation={generation}"));
+            dead_rel.push(format!("generation={generation}"));
+            prefix.push_str(&format!("-g{generation}"));
+            describe.push_str(&format!(" (generation {generation})"));
+        }
         StreamId {
-            state_rel: PathBuf::from("_ingest/kafka")
-                .join(format!("topic={topic}"))
-                .join(format!("partition={partition}")),
-            dead_rel: PathBuf::from("dead_letters/kafka")
-                .join(format!("topic={topic}"))
-                .join(format!("partition={partition}")),
-            prefix: format!("kafka-{topic}-{partition}"),
-            describe: format!("topic {topic} partition {partition}"),
+            state_rel,
+            dead_rel,
+            prefix,
+            describe,
             dead_fields,
             offset_field: "offset",
         }
+    }
+
+    /// Recovers a newly assigned partition from the store and checks the store's position
+    /// against the partition's watermarks. Returns the committer and where to consume from.
+    fn open_partition(
+        &self,
+        consumer: &BaseConsumer<IngestContext>,
+        topic: &str,
+        partition: i32,
+    ) -> Result<(Committer, Offset)> {
+        let store = &self.cfg.store;
+        let settings = self.cfg.flush.write_settings();
+        let generation = current_generation(store, topic, partition)?;
+        let committer = Committer::open(
+            store,
+            Shared::stream_id(topic, partition, generation),
+            0,
+            settings,
+        )?;
+        let next = committer.next();
+        if next == 0 {
+            // Nothing committed yet: start at the first record the partition still has.
+            return Ok((committer, Offset::Beginning));
+        }
+        let (low, high) = consumer
+            .fetch_watermarks(topic, partition, Duration::from_secs(30))
+            .map_err(|e| {
+                Error::kafka(
+                    format!("topic {topic} partition {partition}: reading the watermarks"),
+                    e,
+                )
+            })?;
+        let recreated = high < next;
+        if !recreated && low <= next {
+            return Ok((committer, Offset::Offset(next)));
+        }
+        if self.cfg.on_gap == OnGap::Stop {
+            return Err(Error::IngestGap {
+                topic: topic.to_string(),
+                partition,
+                recreated,
+                store_next: next,
+                low,
+                high,
+            });
+        }
+        let gap = IngestGap {
+            topic: topic.to_string(),
+            partition,
+            kind: if recreated {
+                GapKind::Recreated
+            } else {
+                GapKind::Retention
+            },
+            from: next,
+            to: low,
+            generation,
+            seen_at_us: chrono::Utc::now().timestamp_micros(),
+        };
+        record_gap(store, &gap)?;
+        locked(&self.stats).gaps += 1;
+        tracing::warn!(
+            topic,
+            partition,
+            kind = gap.kind.as_str(),
+            store_next = next,
+            low,
+            high,
+            "ingest gap recorded in ingest_gaps; continuing"
+        );
+        if !recreated {
+            // The first commit's range starts at `next` and so spans the gap; its rows start
+            // at `low`.
+            return Ok((committer, Offset::Offset(low)));
+        }
+        let generation = generation + 1;
+        let fresh = Committer::open(
+            store,
+            Shared::stream_id(topic, partition, generation),
+            0,
+            settings,
+        )?;
+        Ok((fresh, Offset::Beginning))
     }
 
     /// Hands a partition's pending records to its writer.
@@ -605,6 +731,37 @@ fn commit(
     Ok(())
 }
 
+/// A partition's state folder (generation 0), relative to the store.
+fn partition_state_rel(topic: &str, partition: i32) -> PathBuf {
+    PathBuf::from("_ingest/kafka")
+        .join(format!("topic={topic}"))
+        .join(format!("partition={partition}"))
+}
+
+/// The newest generation of a partition's stream: the highest `generation=N` folder in its
+/// state folder, 0 when there is none.
+fn current_generation(store: &std::path::Path, topic: &str, partition: i32) -> Result<u32> {
+    let dir = store.join(partition_state_rel(topic, partition));
+    let rd = match std::fs::read_dir(&dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(Error::io(&dir, e)),
+    };
+    let mut newest = 0;
+    for entry in rd {
+        let entry = entry.map_err(|e| Error::io(&dir, e))?;
+        if let Some(n) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.strip_prefix("generation="))
+            .and_then(|n| n.parse::<u32>().ok())
+        {
+            newest = newest.max(n);
+        }
+    }
+    Ok(newest)
+}
+
 /// The consumer context: positions assigned partitions from the store and commits
 /// revoked ones before letting them go.
 struct IngestContext {
@@ -644,14 +801,11 @@ impl ConsumerContext for IngestContext {
                     .map(|e| (e.topic().to_string(), e.partition()))
                     .collect();
                 for (topic, partition) in assigned {
-                    let id = Shared::stream_id(&topic, partition);
-                    match Committer::open(&sh.cfg.store, id, 0, sh.cfg.flush.write_settings()) {
-                        Ok(committer) => {
+                    match sh.open_partition(consumer, &topic, partition) {
+                        Ok((committer, start)) => {
                             let next = committer.next();
-                            if let Err(e) =
-                                tpl.set_partition_offset(&topic, partition, Offset::Offset(next))
-                            {
-                                sh.fail(Error::kafka(format!("topic {topic} partition {partition}: positioning at offset {next}"), e));
+                            if let Err(e) = tpl.set_partition_offset(&topic, partition, start) {
+                                sh.fail(Error::kafka(format!("topic {topic} partition {partition}: positioning at offset {start:?}"), e));
                             }
                             tracing::info!(
                                 topic,
@@ -827,8 +981,11 @@ fn consume(
         .set("enable.auto.offset.store", "false")
         // Eager protocols only: the rebalance callback assigns whole sets with offsets.
         .set("partition.assignment.strategy", "range,roundrobin")
-        // Only used when the store's offset is no longer on the broker (retention).
-        .set("auto.offset.reset", "earliest")
+        // A position the broker no longer has is an error, never a silent jump (see the
+        // module docs); the position is checked against the watermarks on assignment.
+        .set("auto.offset.reset", "error")
+        // Records of aborted transactions are never ingested.
+        .set("isolation.level", "read_committed")
         // librdkafka pauses a partition's fetching for this long once its local queue holds
         // `queued.min.messages` (100 000): 1 s by default, which stalls the ingest every time
         // it has drained a full queue (it drains 100 000 records in well under a second).
@@ -916,6 +1073,21 @@ fn consume(
                     }
                     buffered_bytes = 0;
                 }
+            }
+            Some(Err(KafkaError::MessageConsumption(RDKafkaErrorCode::AutoOffsetReset))) => {
+                // The position fell out of the partition's range while consuming (retention
+                // caught up with it, or the topic was re-created): `auto.offset.reset=error`
+                // stops here instead of jumping. A restart checks every partition on
+                // assignment and names the gap (or records it with `--on-gap record`).
+                break Err(Error::kafka(
+                    format!(
+                        "consuming {}: a partition's offset is out of range (records deleted \
+                         or topic re-created); restart the ingest to see which partition and \
+                         offsets",
+                        cfg.topics.join(",")
+                    ),
+                    KafkaError::MessageConsumption(RDKafkaErrorCode::AutoOffsetReset),
+                ));
             }
             Some(Err(KafkaError::MessageConsumption(RDKafkaErrorCode::BadMessage))) => {
                 // librdkafka skips a message set it cannot parse; carrying on would leave

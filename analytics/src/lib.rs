@@ -4,6 +4,7 @@
 //! - [`kafka`]: Kafka → Parquet ingest as a consumer-group member, exactly once;
 //! - [`file`]: the same store fed from an NDJSON file (embedded default);
 //! - [`commit`]: the commit protocol both use;
+//! - [`gaps`]: the `ingest_gaps` table (offset ranges the store will never hold);
 //! - [`intake`]: the webhook bodies (provider callback forms, JSON batches) parsed to rows;
 //! - [`webhook`]: the HTTP intake for provider callbacks and JSON batches;
 //! - [`suppression`]: suppression lists built from bounces, complaints and unsubscribes;
@@ -23,6 +24,7 @@ pub mod commit;
 pub mod decode;
 pub mod error;
 pub mod file;
+pub mod gaps;
 pub mod historical;
 pub mod intake;
 pub mod kafka;
@@ -35,7 +37,7 @@ pub mod webhook;
 
 pub use broadside_pipeline::event;
 pub use error::{Error, Result};
-pub use file::{ingest_file, FileIngestConfig};
+pub use file::{ingest_file, ingest_file_until, FileIdentity, FileIngestConfig};
 pub use kafka::{
-    run_kafka_ingest, CommitInfo, FlushPolicy, IngestHooks, IngestStats, KafkaIngestConfig,
+    run_kafka_ingest, CommitInfo, FlushPolicy, IngestHooks, IngestStats, KafkaIngestConfig, OnGap,
 };

@@ -781,3 +781,175 @@ fn a_lost_commit_race_resumes_after_the_winner() -> Result<()> {
     assert_exactly_once(&ids, (0..N).map(|i| format!("ev-{i:08}")));
     Ok(())
 }
+
+/// Events `range` of a one-partition topic (offset = event number when produced from 0).
+fn one_partition(range: std::ops::Range<usize>) -> Vec<(i32, Vec<u8>)> {
+    range.map(|i| (0, event_json(i))).collect()
+}
+
+/// Runs the ingest worker on `topic` until it has drained it (or failed).
+fn ingest_once(
+    broker: &Broker,
+    group: &str,
+    store: &std::path::Path,
+    extra: &[&str],
+) -> Result<WorkerRun> {
+    // Long enough for the group to form and assign before the ingest counts as idle.
+    let mut args = vec!["--exit-when-idle-ms", "8000"];
+    args.extend_from_slice(extra);
+    run_worker_to_exit(
+        &broker.brokers,
+        group,
+        "events",
+        store,
+        &args,
+        Duration::from_secs(120),
+    )
+}
+
+/// Regression (issue: ingest skipped data silently): a topic deleted and re-created while the
+/// ingest was stopped has offsets below the store's position; the consumer used to seek past
+/// the new records without a word.
+///
+/// librdkafka's mock cluster cannot delete a topic, so "re-created" is a fresh cluster whose
+/// `events` topic holds 10 records (high watermark 10) while the store's position is 50.
+/// Default: the ingest stops with an error naming topic, partition and both offsets, and
+/// writes nothing. `--on-gap record`: the gap is a row of `ingest_gaps`, and the new topic's
+/// 10 records land (in generation 1 of the partition's stream); a later run finds no gap.
+#[test]
+fn recreated_topic_stops_or_records_the_gap() -> Result<()> {
+    let store = tempfile::tempdir()?;
+    {
+        let old = Broker::start_mock()?;
+        create_topic(&old.brokers, "events", 1)?;
+        produce(&old.brokers, "events", &one_partition(0..50))?;
+        let run = ingest_once(&old, "g-old", store.path(), &[])?;
+        assert!(run.status.success(), "{}", run.stderr);
+        assert_eq!(committed_rows(store.path())?, 50);
+    }
+    let new = Broker::start_mock()?;
+    create_topic(&new.brokers, "events", 1)?;
+    produce(&new.brokers, "events", &one_partition(50..60))?;
+
+    let stopped = ingest_once(&new, "g-new-1", store.path(), &[])?;
+    assert!(!stopped.status.success(), "a gap must not end in success");
+    assert!(
+        stopped.stderr.contains("topic events partition 0")
+            && stopped.stderr.contains("offset 50")
+            && stopped.stderr.contains("offsets 0..10")
+            && stopped.stderr.contains("re-created"),
+        "the error names topic, partition and offsets: {}",
+        stopped.stderr
+    );
+    assert!(!stopped.stdout.contains("DONE"), "{}", stopped.stdout);
+    assert_eq!(
+        committed_rows(store.path())?,
+        50,
+        "nothing written past a gap"
+    );
+
+    let recorded = ingest_once(&new, "g-new-2", store.path(), &["--on-gap", "record"])?;
+    assert!(recorded.status.success(), "{}", recorded.stderr);
+    assert!(
+        recorded.stdout.contains("DONE 10 10 0 1"),
+        "{}",
+        recorded.stdout
+    );
+    assert_exactly_once(
+        &read_event_ids(store.path())?,
+        (0..60).map(|i| format!("ev-{i:08}")),
+    );
+    let gaps = sql_rows(
+        store.path(),
+        "SELECT topic, partition, kind, from_offset, to_offset, generation FROM ingest_gaps",
+    )?;
+    assert_eq!(
+        gaps,
+        vec![
+            serde_json::json!({"topic": "events", "partition": 0, "kind": "recreated",
+            "from_offset": 50, "to_offset": 0, "generation": 0})
+        ]
+    );
+
+    // The new topic is now the store's generation 1: more records continue it, no new gap.
+    produce(&new.brokers, "events", &one_partition(60..65))?;
+    let after = ingest_once(&new, "g-new-3", store.path(), &[])?;
+    assert!(after.status.success(), "{}", after.stderr);
+    assert!(after.stdout.contains("DONE 5 5 0 0"), "{}", after.stdout);
+    assert_exactly_once(
+        &read_event_ids(store.path())?,
+        (0..65).map(|i| format!("ev-{i:08}")),
+    );
+    Ok(())
+}
+
+/// An event padded to about 100 KiB (the padding is an ignored field).
+fn padded_event(i: usize) -> Vec<u8> {
+    let pad = "x".repeat(100 * 1024);
+    String::from_utf8(event_json(i))
+        .unwrap()
+        .replace(r#"{"ignored":true}"#, &format!(r#"{{"pad":"{pad}"}}"#))
+        .into_bytes()
+}
+
+/// Regression (issue: ingest skipped data silently): records deleted by retention before the
+/// store read them were jumped over (`auto.offset.reset=earliest`).
+///
+/// Retention is simulated by the mock cluster's own log limit: it drops a partition's oldest
+/// message sets once the partition holds more than 5 MiB, so producing 70 records of 100 KiB
+/// while the ingest is stopped moves the low watermark past the store's position (20).
+#[test]
+fn retention_gap_stops_or_records_the_gap() -> Result<()> {
+    let store = tempfile::tempdir()?;
+    let broker = Broker::start_mock()?;
+    create_topic(&broker.brokers, "events", 1)?;
+    produce(&broker.brokers, "events", &one_partition(0..20))?;
+    let run = ingest_once(&broker, "g1", store.path(), &[])?;
+    assert!(run.status.success(), "{}", run.stderr);
+    assert_eq!(committed_rows(store.path())?, 20);
+
+    let end = 90;
+    let big: Vec<(i32, Vec<u8>)> = (20..end).map(|i| (0, padded_event(i))).collect();
+    for chunk in big.chunks(5) {
+        produce(&broker.brokers, "events", chunk)?;
+    }
+    let (low, high) = watermarks(&broker.brokers, "events", 1)?[0];
+    assert_eq!(high, end as i64);
+    assert!(
+        low > 20,
+        "the mock kept every record (low watermark {low}); no gap to test"
+    );
+
+    let stopped = ingest_once(&broker, "g2", store.path(), &[])?;
+    assert!(!stopped.status.success(), "a gap must not end in success");
+    assert!(
+        stopped.stderr.contains("topic events partition 0")
+            && stopped.stderr.contains("offset 20")
+            && stopped.stderr.contains(&format!("offsets {low}..{high}"))
+            && stopped.stderr.contains("retention"),
+        "the error names topic, partition and offsets: {}",
+        stopped.stderr
+    );
+    assert_eq!(
+        committed_rows(store.path())?,
+        20,
+        "nothing written past a gap"
+    );
+
+    let recorded = ingest_once(&broker, "g3", store.path(), &["--on-gap", "record"])?;
+    assert!(recorded.status.success(), "{}", recorded.stderr);
+    let expected: Vec<String> = (0..20)
+        .chain(low as usize..end)
+        .map(|i| format!("ev-{i:08}"))
+        .collect();
+    assert_exactly_once(&read_event_ids(store.path())?, expected);
+    let gaps = sql_rows(
+        store.path(),
+        "SELECT kind, from_offset, to_offset FROM ingest_gaps",
+    )?;
+    assert_eq!(
+        gaps,
+        vec![serde_json::json!({"kind": "retention", "from_offset": 20, "to_offset": low})]
+    );
+    Ok(())
+}

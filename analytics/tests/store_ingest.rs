@@ -60,6 +60,95 @@ fn file_ingest_resumes_by_line_and_never_duplicates() -> Result<()> {
     Ok(())
 }
 
+fn write_events(path: &std::path::Path, range: std::ops::Range<usize>) -> Result<()> {
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?;
+    for i in range {
+        f.write_all(&event_json(i))?;
+        f.write_all(b"\n")?;
+    }
+    Ok(())
+}
+
+/// Regression (issue: ingest skipped data silently): a file rotated or replaced at the same
+/// path was taken for the old one and its first lines skipped as "already committed", and a
+/// half-written last line was committed as a dead letter, its completed version never read.
+/// A file is now known by device, inode and first line; a last line without its newline
+/// waits for the next run.
+#[test]
+fn rotated_file_and_half_written_line_land_exactly_once() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let store = dir.path().join("store");
+    let input = dir.path().join("events.ndjson");
+    write_events(&input, 0..100)?;
+    let mut cfg = FileIngestConfig::new(&input, &store);
+    cfg.flush.max_records = 30;
+    assert_eq!(ingest_file(&cfg, &IngestHooks::default())?.rows, 100);
+
+    // Rotation: the file moves away, a new one starts at the same path, its last line
+    // half written.
+    let rotated = dir.path().join("events.ndjson.1");
+    std::fs::rename(&input, &rotated)?;
+    write_events(&input, 100..150)?;
+    let line150 = event_json(150);
+    let (head, tail) = line150.split_at(40);
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&input)?
+        .write_all(head)?;
+    let second = ingest_file(&cfg, &IngestHooks::default())?;
+    assert_eq!((second.rows, second.dead_letters), (50, 0));
+    assert!(
+        dead_letters(&store)?.is_empty(),
+        "a half line is no dead letter"
+    );
+
+    // The rotated file under its new name is still the same file: nothing new in it.
+    let moved = ingest_file(
+        &FileIngestConfig::new(&rotated, &store),
+        &IngestHooks::default(),
+    )?;
+    assert_eq!((moved.rows, moved.skipped_committed), (0, 100));
+
+    // The half line is completed and another follows: both land, once.
+    {
+        let mut f = std::fs::OpenOptions::new().append(true).open(&input)?;
+        f.write_all(tail)?;
+        f.write_all(b"\n")?;
+    }
+    write_events(&input, 151..152)?;
+    assert_eq!(ingest_file(&cfg, &IngestHooks::default())?.rows, 2);
+
+    // Replaced in place (same inode, truncated and rewritten): a new file too.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(&input)?;
+    write_events(&input, 152..160)?;
+    assert_eq!(ingest_file(&cfg, &IngestHooks::default())?.rows, 8);
+    assert_eq!(ingest_file(&cfg, &IngestHooks::default())?.rows, 0);
+
+    assert_exactly_once(
+        &read_event_ids(&store)?,
+        (0..160).map(|i| format!("ev-{i:08}")),
+    );
+    assert!(dead_letters(&store)?.is_empty());
+
+    // An explicit source id follows the file it was started with, and refuses another.
+    let mut named = FileIngestConfig::new(&rotated, &store);
+    named.source_id = Some("feed".into());
+    assert_eq!(ingest_file(&named, &IngestHooks::default())?.rows, 100);
+    named.path = input.clone();
+    let err = ingest_file(&named, &IngestHooks::default()).unwrap_err();
+    assert!(
+        err.to_string().contains("is not the file source `feed`"),
+        "{err}"
+    );
+    Ok(())
+}
+
 #[test]
 fn suppression_build_collects_hard_bounces_complaints_unsubscribes() -> Result<()> {
     let dir = tempfile::tempdir()?;

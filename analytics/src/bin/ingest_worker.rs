@@ -8,14 +8,14 @@
 //!
 //! Prints `ASSIGN <topic> <partition> <resume offset>` on every partition assignment,
 //! `COMMIT <start> <end> <rows> <dead_letters> <stream>` after every commit and
-//! `DONE <records> <rows> <dead_letters>` on a clean exit. SIGINT/SIGTERM stop it cleanly
+//! `DONE <records> <rows> <dead_letters> <gaps recorded>` on a clean exit. SIGINT/SIGTERM stop it cleanly
 //! (everything buffered is committed first).
 
 use std::io::Write;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use broadside_analytics::{run_kafka_ingest, IngestHooks, KafkaIngestConfig};
+use broadside_analytics::{run_kafka_ingest, IngestHooks, KafkaIngestConfig, OnGap};
 
 static STOP: AtomicBool = AtomicBool::new(false);
 
@@ -38,6 +38,13 @@ fn parse_args() -> Result<KafkaIngestConfig, String> {
             "--max-latency-ms" => cfg.flush.max_latency_ms = num(&value)?,
             "--idle-ms" => cfg.flush.idle_ms = num(&value)?,
             "--exit-when-idle-ms" => cfg.exit_when_idle_ms = Some(num(&value)?),
+            "--on-gap" => {
+                cfg.on_gap = match value.as_str() {
+                    "stop" => OnGap::Stop,
+                    "record" => OnGap::Record,
+                    v => return Err(format!("--on-gap {v}: expected stop or record")),
+                }
+            }
             "-X" => {
                 let (k, v) = value.split_once('=').ok_or("-X takes key=value")?;
                 cfg.kafka_options.insert(k.into(), v.into());
@@ -81,8 +88,8 @@ fn main() -> ExitCode {
     match run_kafka_ingest(&cfg, hooks, &STOP) {
         Ok(stats) => {
             println!(
-                "DONE {} {} {}",
-                stats.records, stats.rows, stats.dead_letters
+                "DONE {} {} {} {}",
+                stats.records, stats.rows, stats.dead_letters, stats.gaps
             );
             ExitCode::SUCCESS
         }

@@ -158,7 +158,7 @@ pub const ROLLUP_UNIQUES_MONTHLY: &str = "rollups/uniques_monthly";
 pub const REMOVED_TABLE_FUNCTIONS: [&str; 2] = ["range", "generate_series"];
 
 /// Names of the tables every session has.
-pub const TABLES: [&str; 9] = [
+pub const TABLES: [&str; 10] = [
     "events",
     "bounce_events",
     "recipient_logs",
@@ -168,6 +168,7 @@ pub const TABLES: [&str; 9] = [
     "rollup_uniques",
     "rollup_hourly_monthly",
     "rollup_uniques_monthly",
+    "ingest_gaps",
 ];
 
 impl Catalog {
@@ -296,6 +297,13 @@ impl Catalog {
             .filter(col("event_type").eq(lit("bounced")))?
             .into_view();
         ctx.register_table("bounce_events", bounces)?;
+        // Gaps belong to a Kafka partition, not to a workspace: every scope sees the same rows
+        // (topic, partition and offsets, no event data), since a gap may hide any workspace's
+        // events.
+        ctx.register_table(
+            "ingest_gaps",
+            self.store_wide_listing(crate::gaps::GAPS_DIR, crate::gaps::gaps_schema())?,
+        )?;
         Ok(ctx)
     }
 
@@ -306,6 +314,27 @@ impl Catalog {
             p.push(format!("workspace_id={w}"));
         }
         p
+    }
+
+    /// A table of files directly under `<store>/<table>/`, with no workspace folders.
+    fn store_wide_listing(
+        &self,
+        table: &str,
+        file_schema: SchemaRef,
+    ) -> QueryResult<Arc<ListingTable>> {
+        let dir = self.store.join(table);
+        let abs = std::path::absolute(&dir).map_err(|e| QueryError::io(&dir, e))?;
+        let mut text = abs.to_string_lossy().into_owned();
+        if !text.ends_with('/') {
+            text.push('/');
+        }
+        let url = ListingTableUrl::parse(&text)?;
+        let options =
+            ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");
+        let config = ListingTableConfig::new(url)
+            .with_listing_options(options)
+            .with_schema(file_schema);
+        Ok(Arc::new(ListingTable::try_new(config)?))
     }
 
     fn listing(

@@ -686,3 +686,85 @@ print(",".join(f"{f.name}:{f.type}:{'null' if f.nullable else 'notnull'}" for f 
     let schema = lines.next().context("no schema")?.to_string();
     Ok((rows, distinct, schema))
 }
+
+/// What a finished `ingest_worker` run printed.
+pub struct WorkerRun {
+    pub status: std::process::ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs `ingest_worker` until it exits by itself (give `--exit-when-idle-ms`, or expect it to
+/// fail), killing it after `timeout`; returns its exit status and output.
+pub fn run_worker_to_exit(
+    brokers: &str,
+    group: &str,
+    topic: &str,
+    store: &Path,
+    extra: &[&str],
+    timeout: Duration,
+) -> Result<WorkerRun> {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ingest_worker"))
+        .args(["--brokers", brokers, "--group", group, "--topic", topic])
+        .arg("--store")
+        .arg(store)
+        .args(["--idle-ms", "300", "-X", "session.timeout.ms=6000"])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("spawning ingest_worker")?;
+    let read = |mut r: Box<dyn std::io::Read + Send>| {
+        std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = r.read_to_string(&mut s);
+            s
+        })
+    };
+    let out = read(Box::new(child.stdout.take().expect("piped")));
+    let err = read(Box::new(child.stderr.take().expect("piped")));
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(s) = child.try_wait()? {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!(
+                "ingest_worker did not exit within {timeout:?}; stderr:\n{}",
+                err.join().unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    Ok(WorkerRun {
+        status,
+        stdout: out.join().unwrap_or_default(),
+        stderr: err.join().unwrap_or_default(),
+    })
+}
+
+/// Rows of `SELECT ...` over the store's catalog (all workspaces), as JSON objects.
+pub fn sql_rows(store: &Path, sql: &str) -> Result<Vec<serde_json::Value>> {
+    use broadside_analytics::query::{Catalog, Scope};
+    let catalog = Catalog::new(store);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let batches = rt.block_on(broadside_analytics::query::sql::run_sql(
+        &catalog,
+        &Scope::All,
+        sql,
+    ))?;
+    let mut out = Vec::new();
+    broadside_analytics::query::sql::write_batches(
+        &batches,
+        broadside_analytics::query::sql::Format::Json,
+        &mut out,
+    )?;
+    String::from_utf8(out)?
+        .lines()
+        .map(|l| Ok(serde_json::from_str(l)?))
+        .collect()
+}
