@@ -67,8 +67,9 @@ enum Command {
         /// Fields conditions may use besides the member defaults (JSON, see docs/campaigns.md).
         #[arg(long, value_name = "FILE.json", requires = "audience")]
         audience_fields: Option<PathBuf>,
-        /// The campaign already has runs: start a new one that sends to everyone again.
-        #[arg(long, conflicts_with_all = ["run_id", "exclude_sent"])]
+        /// The campaign already has runs: start a new one that sends to everyone again (with
+        /// `--run-id R`, named R; R must not exist yet).
+        #[arg(long, conflicts_with = "exclude_sent")]
         new_run: bool,
         /// The campaign already has runs: start a new one that skips (`already_sent`) every
         /// key an earlier run of the campaign sent.

@@ -192,7 +192,14 @@ pub fn send(opts: &SendOptions) -> Result<RunRecord> {
     };
     let record_path = store.run_record(&spec.workspace_id, &run_id);
     let input = input_fingerprint(&spec);
+    if opts.repeat == Repeat::NewRun && opts.run_id.is_some() && record_path.exists() {
+        bail!(
+            "--new-run starts a new run, but run {run_id} exists: resume it with --run-id {run_id} alone, or name the new run differently"
+        );
+    }
 
+    // Templates are configuration: checked before anything else.
+    check_templates(&spec)?;
     // One process per run: a second one refuses at once, naming the holder. A new run also
     // holds its campaign's lock until its record exists, so two sends started together
     // cannot both find no earlier run.
@@ -234,7 +241,6 @@ pub fn send(opts: &SendOptions) -> Result<RunRecord> {
     // Open the source before recording anything: a bad mapping or a missing file is a
     // configuration error, not a failed run.
     let layout = Arc::new(spec.columns.layout());
-    check_templates(&spec)?;
     // Mail through a printer: settings, creatives and billing are checked before anything is
     // recorded (billing that is not ready fails closed here).
     let mail = crate::mail::MailPlan::load(&spec, &layout, &run_id)?.map(Arc::new);

@@ -318,7 +318,13 @@ fn a_sending_with_conditions_sends_exactly_the_rows_they_select() {
             true,
         );
         let id = c["id"].as_i64().unwrap().to_string();
-        std::fs::copy(&spec, dir.path().join(format!("{id}.toml"))).unwrap();
+        // Each service campaign sends as its own campaign id (one id's sendings never reach
+        // a key twice).
+        copy_spec_as(
+            &spec,
+            &dir.path().join(format!("{id}.toml")),
+            &format!("west-{id}"),
+        );
         let (s, _) = campaign(
             db,
             &[
@@ -350,7 +356,7 @@ fn a_sending_with_conditions_sends_exactly_the_rows_they_select() {
         let run_id = sending_run_id(sending);
         let store = dir.path().join("store");
         // one ledger row per audience member, nobody else; rows numbered in source order
-        let ledger = common::read_ledger(&store, "demo", "generated-42", &run_id);
+        let ledger = common::read_ledger(&store, "demo", &format!("west-{id}"), &run_id);
         let rows: Vec<u64> = ledger.iter().map(|r| r.row).collect();
         assert_eq!(rows, (0..expect.len() as u64).collect::<Vec<_>>());
         let mut keys: Vec<String> = ledger
@@ -364,7 +370,7 @@ fn a_sending_with_conditions_sends_exactly_the_rows_they_select() {
         assert!(record.audience.is_some());
         // everything sent went out as a submitted event, and only audience members
         let mut submitted: Vec<String> =
-            common::submitted_event_rows(&store, "demo", "generated-42", &run_id)
+            common::submitted_event_rows(&store, "demo", &format!("west-{id}"), &run_id)
                 .into_iter()
                 .map(|(_, email, _)| email.trim().to_lowercase())
                 .collect();
@@ -558,7 +564,11 @@ fn engagement_events_reach_the_event_callback_once_across_passes_and_restarts() 
         }
         let (c, _) = campaign(db_s, &args, true);
         let id = c["id"].as_i64().unwrap().to_string();
-        std::fs::copy(&spec, dir.path().join(format!("{id}.toml"))).unwrap();
+        copy_spec_as(
+            &spec,
+            &dir.path().join(format!("{id}.toml")),
+            &format!("cb-{id}"),
+        );
         campaign(db_s, &["schedule", &id, "--now", "--ready"], true);
         runs.push(id);
     }
@@ -570,12 +580,13 @@ fn engagement_events_reach_the_event_callback_once_across_passes_and_restarts() 
         run_ids.push(sending_run_id(&st["sendings"][0]));
     }
     let (run_a, run_b) = (run_ids[0].as_str(), run_ids[1].as_str());
-    let a: Vec<String> = common::submitted_event_rows(&store, "demo", "generated-42", run_a)
+    let (cid_a, cid_b) = (format!("cb-{}", runs[0]), format!("cb-{}", runs[1]));
+    let a: Vec<String> = common::submitted_event_rows(&store, "demo", &cid_a, run_a)
         .into_iter()
         .map(|(_, email, _)| email)
         .take(5)
         .collect();
-    let b = common::submitted_event_rows(&store, "demo", "generated-42", run_b)[0]
+    let b = common::submitted_event_rows(&store, "demo", &cid_b, run_b)[0]
         .1
         .clone();
     assert!(
@@ -584,7 +595,7 @@ fn engagement_events_reach_the_event_callback_once_across_passes_and_restarts() 
     );
     got.lock().unwrap().clear();
 
-    let camp = "generated-42";
+    let camp = cid_a.as_str();
     let lines = [
         event_line("demo", camp, Some(run_a), &a[0], "delivered"),
         event_line("demo", camp, Some(run_a), &a[1], "delivered"),
@@ -595,7 +606,7 @@ fn engagement_events_reach_the_event_callback_once_across_passes_and_restarts() 
         // not a callback event
         event_line("demo", camp, Some(run_a), &a[4], "unsubscribed"),
         // campaign B has no callback
-        event_line("demo", camp, Some(run_b), &b, "delivered"),
+        event_line("demo", &cid_b, Some(run_b), &b, "delivered"),
         // the run of A, but stored under another workspace or claiming another campaign
         event_line("other", camp, Some(run_a), "x1@elsewhere.test", "delivered"),
         event_line(
@@ -1219,4 +1230,15 @@ fn template_contents_are_checked_and_synced_when_they_change() {
         err.contains("variant A") && err.contains("{{voucher}}"),
         "{err}"
     );
+}
+
+/// Copies a generated spec under another campaign id.
+fn copy_spec_as(spec: &std::path::Path, to: &std::path::Path, campaign_id: &str) {
+    let text = std::fs::read_to_string(spec).unwrap();
+    assert!(text.contains("campaign_id = \"generated-42\""));
+    let text = text.replace(
+        "campaign_id = \"generated-42\"",
+        &format!("campaign_id = \"{campaign_id}\""),
+    );
+    std::fs::write(to, text).unwrap();
 }

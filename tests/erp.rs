@@ -243,7 +243,7 @@ fn erp_send_decides_exactly_like_the_same_rows_from_csv() {
         &["send", e.csv_spec.to_str().unwrap(), "--run-id", "csv"],
         true,
     );
-    let out = send(&spec, &["--run-id", "erp"], true);
+    let out = send(&spec, &["--run-id", "erp", "--new-run"], true);
     assert!(String::from_utf8_lossy(&out.stdout).contains("30000 recipients"));
 
     let erp = assert_outputs_agree(e.dir.path(), "erp", 30_000);
@@ -297,7 +297,13 @@ fn shards_add_up_exactly_to_the_unsharded_run() {
     for i in 0..n {
         let out = send(
             &spec,
-            &["--run-id", "sh", "--shard", &format!("{i}/{n}")],
+            &[
+                "--run-id",
+                "sh",
+                "--shard",
+                &format!("{i}/{n}"),
+                "--new-run",
+            ],
             true,
         );
         let run_id = format!("sh-s{i}of{n}");
@@ -344,7 +350,7 @@ fn shards_add_up_exactly_to_the_unsharded_run() {
         ),
     )
     .unwrap();
-    let out = send(&capped, &["--shard", "0/2"], false);
+    let out = send(&capped, &["--shard", "0/2", "--new-run"], false);
     assert!(String::from_utf8_lossy(&out.stderr).contains("billing_cap"));
     let out = run(
         &["send", e.csv_spec.to_str().unwrap(), "--shard", "0/2"],
@@ -378,7 +384,7 @@ fn a_failed_erp_run_is_not_finished_and_resumes_once_the_data_is_fixed() {
     std::fs::write(&broken, text).unwrap();
     let bridge = Bridge::start(&e.dir.path().join("broken"), &[("customers", &broken)]);
     let spec = erp_spec(&e, "erp2.toml", &source_block(bridge.port, ""));
-    let out = send(&spec, &["--run-id", "r1"], false);
+    let out = send(&spec, &["--run-id", "r1", "--new-run"], false);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("rows 15000 and 15001"), "{err}");
     assert!(err.contains("\"customer_id\""), "{err}");

@@ -97,7 +97,7 @@ fn hard_bounces_from_events_suppress_the_next_send() {
         ));
     }
     std::fs::write(&spec, spec_text).unwrap();
-    run(&["send", s, "--run-id", "after"], true);
+    run(&["send", s, "--run-id", "after", "--new-run"], true);
 
     let after = read_ledger(&store, "demo", "generated-42", "after");
     let decision = |k: &str| {

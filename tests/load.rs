@@ -339,6 +339,12 @@ fn api_under_concurrent_clients() {
             s(&tokens),
             "--rollup-every",
             "0",
+            // Every client shares one token and may ask SQL: the per-token gate (tested in
+            // tests/serve.rs) is opened wide so the load measures the API, not the gate.
+            "--sql-concurrency",
+            "256",
+            "--sql-concurrency-per-token",
+            "256",
         ],
         &[],
     );

@@ -332,7 +332,10 @@ fn billing_not_ready_fails_closed_before_anything_is_printed() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("BILLING_NOT_READY"), "{err}");
     assert_eq!(server.calls(), 0);
-    assert!(!dir.path().join("store").exists(), "nothing recorded");
+    assert!(
+        !dir.path().join("store").join("campaign_runs").exists(),
+        "nothing recorded"
+    );
 
     // No billing table at all fails closed too.
     let no_billing = lob_printer(&server.base_url, "");
@@ -955,7 +958,16 @@ fn two_runs_of_one_campaign_spec_each_print_their_own_pieces() {
     let first = write_spec(dir.path(), "campaign.toml", CSV_SOURCE, 0.0, &printer);
     let copy = write_spec(dir.path(), "copy.toml", CSV_SOURCE, 0.0, &printer);
     send(&["send", first.to_str().unwrap(), "--run-id", "one"], true);
-    let out = send(&["send", copy.to_str().unwrap(), "--run-id", "two"], true);
+    let out = send(
+        &[
+            "send",
+            copy.to_str().unwrap(),
+            "--run-id",
+            "two",
+            "--new-run",
+        ],
+        true,
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
 
     let store = dir.path().join("store");

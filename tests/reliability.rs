@@ -77,6 +77,7 @@ fn s(p: &Path) -> &str {
 fn send_cmd(spec: &Path, run_id: &str) -> Command {
     let mut c = exe();
     c.args(["send", s(spec), "--run-id", run_id, "--no-progress"])
+        .args(new_run_flag(spec, run_id))
         .stdout(Stdio::null())
         .stderr(Stdio::null());
     c
@@ -499,6 +500,7 @@ fn kill_trial(
     }
     let resumed = exe()
         .args(["send", s(spec), "--run-id", run, "--no-progress"])
+        .args(new_run_flag(spec, run))
         .output()
         .unwrap();
     assert!(
@@ -841,6 +843,7 @@ fn consumed_trial(
     let before: BTreeSet<String> = megasys.taken(run).into_iter().map(|t| t.0).collect();
     let resumed = exe()
         .args(["send", s(spec), "--run-id", run, "--no-progress"])
+        .args(new_run_flag(spec, run))
         .output()
         .unwrap();
     let log = String::from_utf8_lossy(&resumed.stderr);
@@ -1202,10 +1205,9 @@ fn assert_resumes(
 }
 
 fn run_ok(spec: &Path, run_id: &str) {
-    run(
-        &["send", s(spec), "--run-id", run_id, "--no-progress"],
-        true,
-    );
+    let mut args = vec!["send", s(spec), "--run-id", run_id, "--no-progress"];
+    args.extend(new_run_flag(spec, run_id));
+    run(&args, true);
 }
 
 /// Scenario 8, disk full: the hot folder is a small tmpfs (so delivery is a cross-device

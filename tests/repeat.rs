@@ -14,6 +14,16 @@ use common::*;
 const WS: &str = "demo";
 const CAMPAIGN: &str = "generated-42";
 
+fn small_parts(spec: &Path) {
+    let text = std::fs::read_to_string(spec).unwrap();
+    assert!(text.contains("[output]"));
+    std::fs::write(
+        spec,
+        text.replace("[output]", "[output]\nledger_part_rows = 5000"),
+    )
+    .unwrap();
+}
+
 fn stderr(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
@@ -101,7 +111,7 @@ fn duplicates_in_one_export_are_sent_once_whatever_the_workers() {
         &["--duplicate-share", "0.02", "--invalid-share", "0.05"],
     );
     // A small ledger part size puts repeats across part (and batch) boundaries.
-    set_spec(&spec, "ledger_part_rows", "5000");
+    small_parts(&spec);
     run(
         &[
             "send",
@@ -140,7 +150,7 @@ fn duplicates_in_one_export_are_sent_once_whatever_the_workers() {
         2_000,
         &["--duplicate-share", "0.02", "--invalid-share", "0.05"],
     );
-    set_spec(&spec1, "ledger_part_rows", "5000");
+    small_parts(&spec1);
     run(
         &[
             "send",
@@ -228,11 +238,15 @@ fn a_repeat_send_is_refused_until_told_how() {
     // --exclude-sent with nothing before it is a mistake.
     let out = run(&["send", spec_s, "--exclude-sent"], false);
     assert!(stderr(&out).contains("no earlier run"), "{}", stderr(&out));
-    // --new-run names no run.
-    let out = run(&["send", spec_s, "--new-run", "--run-id", "x"], false);
-    assert!(stderr(&out).contains("--run-id"), "{}", stderr(&out));
-
     run(&["send", spec_s], true);
+    // --new-run cannot name a run that exists (that would be a resume).
+    let existing = run_ids(&store)[0].clone();
+    let out = run(&["send", spec_s, "--new-run", "--run-id", &existing], false);
+    assert!(
+        stderr(&out).contains("--new-run starts a new run"),
+        "{}",
+        stderr(&out)
+    );
     let first = run_ids(&store);
     assert_eq!(first.len(), 1);
     let first_ledger = read_ledger(&store, WS, CAMPAIGN, &first[0]);
@@ -427,7 +441,7 @@ fn two_sends_started_together_on_one_run_never_both_run() {
     for o in &outs {
         let text = format!("{}{}", String::from_utf8_lossy(&o.stdout), stderr(o));
         assert!(
-            o.status.success() || text.contains("is in progress in process"),
+            o.status.success() || text.contains("run same is in progress in"),
             "the other one refuses, naming the holder: {text}"
         );
     }

@@ -403,3 +403,11 @@ pub fn post_raw(addr: &str, path: &str, headers: &[String], body: &str) -> Strin
     s.read_to_string(&mut out).unwrap();
     out
 }
+
+/// `--new-run` when `run_id` is not yet a run of the spec's store (the campaign may already
+/// have other runs, which a new run must acknowledge), nothing when it is (a resume).
+pub fn new_run_flag(spec: &Path, run_id: &str) -> Option<&'static str> {
+    let spec = broadside_pipeline::spec::CampaignSpec::load(spec).ok()?;
+    let store = broadside_pipeline::store::StoreLayout::new(spec.resolve(&spec.output.store));
+    (!store.run_record(&spec.workspace_id, run_id).exists()).then_some("--new-run")
+}

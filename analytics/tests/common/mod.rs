@@ -752,14 +752,17 @@ pub fn sql_rows(store: &Path, sql: &str) -> Result<Vec<serde_json::Value>> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let batches = rt.block_on(broadside_analytics::query::sql::run_sql(
+    let mut sink = broadside_analytics::query::sql::Batches::default();
+    let answer = rt.block_on(broadside_analytics::query::sql::run_sql(
         &catalog,
         &Scope::All,
         sql,
+        &mut sink,
     ))?;
+    assert!(answer.truncated.is_none(), "{sql}: answer truncated");
     let mut out = Vec::new();
     broadside_analytics::query::sql::write_batches(
-        &batches,
+        &sink.batches,
         broadside_analytics::query::sql::Format::Json,
         &mut out,
     )?;

@@ -10,11 +10,11 @@
 //! earlier batch has left the workers) looks such rows up again and corrects them. Displacements
 //! are rare (two rows of one key in flight at once), so the ordered path costs almost nothing.
 //!
-//! Keys are compared by a 128-bit fingerprint keyed by the run id (xxh3-128): 96 of its bits
-//! are kept (64 + 24 stored, 8 choose the shard), so two different keys of a 50M-recipient send
-//! share a fingerprint with probability below 2⁻⁴⁵ (about 3·10⁻¹⁴). A table slot is 16 bytes
-//! (fingerprint and the first row); the table holds one slot per distinct valid key and grows
-//! by doubling at 3/4 load.
+//! Keys are compared by a 128-bit fingerprint keyed by the run id (xxh3-128): 92 of its bits
+//! are kept (64 + 20 stored, 8 choose the shard), so two different keys of a 50M-recipient send
+//! share a fingerprint with probability below 2⁻⁴¹ (about 5·10⁻¹³). A table slot is 16 bytes
+//! (fingerprint and the first row's input position); the table holds one slot per distinct
+//! valid key and grows by doubling at 3/4 load.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -31,13 +31,29 @@ use crate::spec::Dedupe;
 const SHARDS: usize = 256;
 /// How many rows ahead a shard's slot is prefetched.
 const PROBE_AHEAD: usize = 8;
-/// Rows are stored plus one, so an all-zero slot is empty; 40 bits hold 10¹² rows.
-const ROW_BITS: u32 = 40;
+/// A row's place in the input, as workers know it before input row numbers are assigned:
+/// the batch's sequence number, then the row within the batch (batches hold fewer than 2²⁰
+/// rows). Stored plus one, so an all-zero slot is empty.
+const ROW_BITS: u32 = 44;
 const ROW_MASK: u64 = (1 << ROW_BITS) - 1;
+const IN_BATCH_BITS: u32 = 20;
+
+/// The input position of row `i` of batch `seq` (ordered like input rows).
+fn position(seq: u64, i: usize) -> Result<u64> {
+    if i >= 1 << IN_BATCH_BITS || seq >= 1 << (ROW_BITS - IN_BATCH_BITS) {
+        return Err(crate::error::Error::Stage {
+            stage: "dedupe".into(),
+            message: format!(
+                "batch {seq} row {i} is beyond what deduplication can number (2^24 batches of 2^20 rows); set dedupe = false for this input"
+            ),
+        });
+    }
+    Ok(seq << IN_BATCH_BITS | i as u64)
+}
 /// Seed offset of the household fingerprints, so a key and an address never meet.
 const HOUSEHOLD_SEED: u64 = 0x9e37_79b9_7f4a_7c15;
 
-/// A recipient fingerprint: shard, the 64 bits that place it in its shard, 24 more.
+/// A recipient fingerprint: shard, the 64 bits that place it in its shard, 20 more.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Fingerprint {
     shard: u8,
@@ -52,12 +68,12 @@ impl Fingerprint {
         Fingerprint {
             shard: (hi >> 56) as u8,
             a: h as u64,
-            b: ((hi >> 32) & 0xff_ffff) as u32,
+            b: ((hi >> 32) & 0xf_ffff) as u32,
         }
     }
 }
 
-/// One shard: open addressing with linear probing over `[a, b << 40 | row + 1]` slots.
+/// One shard: open addressing with linear probing over `[a, b << 44 | position + 1]` slots.
 #[derive(Default)]
 struct Shard {
     slots: Vec<[u64; 2]>,
@@ -229,15 +245,16 @@ fn household_key(
     !addr.trim().is_empty() && buf.len() > 1
 }
 
-/// A batch row found to repeat an earlier row: `(row in batch, earliest input row seen, the
-/// rows the worker compared with)`; the ordered path turns it into the ledger's detail.
+/// A batch row found to repeat an earlier row: `(row in batch, input position of the earliest
+/// occurrence, the positions the worker compared with)`; the ordered path turns it into the
+/// ledger's detail.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DuplicateRow {
     /// Row within the batch.
     pub row: u32,
-    /// Input row of the earlier occurrence it repeats.
+    /// Input position (batch sequence and row) of the earlier occurrence it repeats.
     pub first: u64,
-    /// The smallest rows the table held for each fingerprint when the worker looked.
+    /// The smallest positions the table held for each fingerprint when the worker looked.
     seen: [Option<u64>; 2],
 }
 
@@ -319,7 +336,7 @@ impl Stage for Deduplicator {
                 if let Some(ahead) = group.get(x + PROBE_AHEAD) {
                     s.prefetch(ahead.2);
                 }
-                let row = b.first_row + i as u64;
+                let row = position(b.seq, i as usize)?;
                 let (prev, lost) = s.insert_min(fp, row);
                 if let Some(l) = lost {
                     displaced.push(l);
@@ -359,6 +376,8 @@ impl Stage for Deduplicator {
 pub struct DuplicateResolver {
     seen: Arc<SeenRecipients>,
     buf: Vec<u8>,
+    /// Input row number of each batch's first row, by sequence number (batches come in order).
+    first_rows: Vec<u64>,
 }
 
 impl DuplicateResolver {
@@ -367,13 +386,14 @@ impl DuplicateResolver {
         DuplicateResolver {
             seen,
             buf: Vec::new(),
+            first_rows: Vec::new(),
         }
     }
 
     /// The earliest input row before `row` with one of the row's fingerprints: every such row
     /// is in the table, as every earlier batch has left the workers.
     fn earliest(&mut self, b: &RecipientBatch, i: usize) -> Option<u64> {
-        let row = b.first_row + i as u64;
+        let row = position(b.seq, i).ok()?;
         self.seen
             .fingerprints(b, i, &mut self.buf)
             .into_iter()
@@ -390,7 +410,13 @@ impl Stage for DuplicateResolver {
     }
 
     fn process(&mut self, b: &mut RecipientBatch) -> Result<()> {
-        let (lo, hi) = (b.first_row, b.first_row + b.len() as u64);
+        let seq = b.seq as usize;
+        if self.first_rows.len() <= seq {
+            self.first_rows.resize(seq + 1, 0);
+        }
+        self.first_rows[seq] = b.first_row;
+        let lo = position(b.seq, 0)?;
+        let hi = lo + b.len() as u64;
         // Rows to look up again: those that lost their slot to a smaller row (a worker may have
         // let them through, or named a later first row), and duplicates whose earlier row lost
         // its slot (an even earlier row may exist).
@@ -444,8 +470,10 @@ impl Stage for DuplicateResolver {
         }
         for x in 0..b.duplicates.len() {
             let (i, first) = (b.duplicates[x].row as usize, b.duplicates[x].first);
+            let (seq, at) = (first >> IN_BATCH_BITS, first & ((1 << IN_BATCH_BITS) - 1));
+            let row = self.first_rows[seq as usize] + at;
             // 1-based, as `why` numbers input rows.
-            b.add_detail(i, format!("same recipient as input row {}", first + 1));
+            b.add_detail(i, format!("same recipient as input row {}", row + 1));
         }
         Ok(())
     }
