@@ -121,9 +121,14 @@ fn load_csv(list: &ListToLoad<'_>) -> Result<Vec<u128>> {
     Ok(keys.out)
 }
 
-fn load_parquet(list: &ListToLoad<'_>) -> Result<Vec<u128>> {
-    let origin = list.path.display().to_string();
-    let file = File::open(list.path).map_err(|e| Error::io(list.path, e))?;
+/// A reader of the named columns of a Parquet file (`(what, column)` pairs name them in
+/// errors), in file order.
+fn read_parquet_columns(
+    path: &Path,
+    columns: &[(String, String)],
+) -> Result<parquet::arrow::arrow_reader::ParquetRecordBatchReader> {
+    let origin = path.display().to_string();
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
     let builder = ParquetRecordBatchReaderBuilder::try_new(file)
         .map_err(|e| Error::source(&origin, format!("not a readable Parquet file: {e}")))?;
     let header: Vec<String> = builder
@@ -132,16 +137,20 @@ fn load_parquet(list: &ListToLoad<'_>) -> Result<Vec<u128>> {
         .iter()
         .map(|f| f.name().clone())
         .collect();
-    let col = resolve_columns(
-        &origin,
-        &header,
-        &[("suppression.column".into(), list.column.to_string())],
-    )?[0];
-    let mask = ProjectionMask::roots(builder.parquet_schema(), [col]);
-    let reader = builder
+    let cols = resolve_columns(&origin, &header, columns)?;
+    let mask = ProjectionMask::roots(builder.parquet_schema(), cols);
+    builder
         .with_projection(mask)
         .build()
-        .map_err(|e| Error::source(&origin, e.to_string()))?;
+        .map_err(|e| Error::source(&origin, e.to_string()))
+}
+
+fn load_parquet(list: &ListToLoad<'_>) -> Result<Vec<u128>> {
+    let origin = list.path.display().to_string();
+    let reader = read_parquet_columns(
+        list.path,
+        &[("suppression.column".into(), list.column.to_string())],
+    )?;
     let mut out = Vec::new();
     let mut buf = String::new();
     for batch in reader {
@@ -181,28 +190,13 @@ pub fn load_sent_keys(dir: &Path) -> Result<Vec<u128>> {
     parts.sort();
     for path in parts {
         let origin = path.display().to_string();
-        let file = File::open(&path).map_err(|e| Error::io(&path, e))?;
-        let builder = ParquetRecordBatchReaderBuilder::try_new(file)
-            .map_err(|e| Error::source(&origin, format!("not a readable Parquet file: {e}")))?;
-        let header: Vec<String> = builder
-            .schema()
-            .fields()
-            .iter()
-            .map(|f| f.name().clone())
-            .collect();
-        let cols = resolve_columns(
-            &origin,
-            &header,
+        let reader = read_parquet_columns(
+            &path,
             &[
                 ("recipient log key".into(), "key".into()),
                 ("recipient log decision".into(), "decision".into()),
             ],
         )?;
-        let mask = ProjectionMask::roots(builder.parquet_schema(), cols.iter().copied());
-        let reader = builder
-            .with_projection(mask)
-            .build()
-            .map_err(|e| Error::source(&origin, e.to_string()))?;
         for batch in reader {
             let batch = batch.map_err(|e| Error::source(&origin, e.to_string()))?;
             let utf8 = |name: &str| -> Result<StringArray> {

@@ -199,8 +199,8 @@ impl Generator {
         }
         let first = pick(FIRST, h);
         let last = pick(LAST, h >> 8);
-        let upper = (look >> 40) % 5 == 0;
-        let pad = (look >> 44) % 20 == 0;
+        let upper = (look >> 40).is_multiple_of(5);
+        let pad = (look >> 44).is_multiple_of(20);
         if pad {
             out.push(' ');
         }
@@ -251,7 +251,7 @@ impl Generator {
             if d == Defect::StarName {
                 f[1].push('*');
             }
-            if (h >> 8) % 50 != 0 {
+            if !(h >> 8).is_multiple_of(50) {
                 f[2].push_str(pick(LAST, h2 >> 8));
             }
         }
@@ -263,7 +263,7 @@ impl Generator {
                 pick(STREETS, h >> 24)
             ));
         }
-        if (h >> 30) % 7 == 0 {
+        if (h >> 30).is_multiple_of(7) {
             f[5].push_str(&format!("Apt {}", 1 + (h >> 34) % 400));
         }
         let (city, state, zip) = CITIES[((h >> 40) % CITIES.len() as u64) as usize];
