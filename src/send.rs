@@ -203,26 +203,28 @@ pub fn send(opts: &SendOptions) -> Result<RunRecord> {
     // One process per run: a second one refuses at once, naming the holder. A new run also
     // holds its campaign's lock until its record exists, so two sends started together
     // cannot both find no earlier run.
-    let (_run_lock, campaign_lock) = match opts.dry_run {
-        true => (None, None),
-        false => {
-            let run = RunLock::acquire(
-                &store.run_lock(&spec.workspace_id, &run_id),
-                &format!("run {run_id}"),
-            )?;
-            let campaign = match record_path.exists() {
-                true => None,
-                false => Some(RunLock::acquire(
-                    &store.campaign_lock(&spec.workspace_id, &spec.campaign_id),
-                    &format!("a new run of campaign {}", spec.campaign_id),
-                )?),
-            };
-            (Some(run), campaign)
-        }
+    let _run_lock = match opts.dry_run {
+        true => None,
+        false => Some(RunLock::acquire(
+            &store.run_lock(&spec.workspace_id, &run_id),
+            &format!("run {run_id}"),
+        )?),
     };
-    let excluded = match (opts.dry_run, record_path.exists()) {
-        (false, true) => RunRecord::load(&record_path)?.excluded_runs,
-        _ => earlier_runs(opts, &spec, &store, &run_id)?,
+    // The run's record, read once under its lock: a resume when there is one.
+    let previous = match !opts.dry_run && record_path.exists() {
+        true => Some(RunRecord::load(&record_path)?),
+        false => None,
+    };
+    let campaign_lock = match (opts.dry_run, &previous) {
+        (false, None) => Some(RunLock::acquire(
+            &store.campaign_lock(&spec.workspace_id, &spec.campaign_id),
+            &format!("a new run of campaign {}", spec.campaign_id),
+        )?),
+        _ => None,
+    };
+    let excluded = match &previous {
+        Some(r) => r.excluded_runs.clone(),
+        None => earlier_runs(opts, &spec, &store, &run_id)?,
     };
     let sent_before = excluded
         .iter()
@@ -255,8 +257,7 @@ pub fn send(opts: &SendOptions) -> Result<RunRecord> {
     };
     let audience_print = audience.as_ref().map(|a| a.fingerprint().to_string());
 
-    let mut record = if !opts.dry_run && record_path.exists() {
-        let mut r = RunRecord::load(&record_path)?;
+    let mut record = if let Some(mut r) = previous {
         if r.status == RunStatus::Done {
             println!(
                 "run {run_id} is already done ({} recipients); nothing to do",

@@ -87,23 +87,31 @@ impl Shard {
         if (self.len + 1) * 4 > self.slots.len() * 3 {
             self.grow();
         }
+        let tag = (fp.b as u64) << ROW_BITS;
+        let i = self.probe(fp);
+        let s = &mut self.slots[i];
+        if s[1] == 0 {
+            *s = [fp.a, tag | (row + 1)];
+            self.len += 1;
+            return (None, None);
+        }
+        let old = (s[1] & ROW_MASK) - 1;
+        if row < old {
+            s[1] = tag | (row + 1);
+            return (Some(old), Some(old));
+        }
+        (Some(old), None)
+    }
+
+    /// The slot holding `fp`, or the empty slot where it would go (the table is never full).
+    fn probe(&self, fp: Fingerprint) -> usize {
         let mask = self.slots.len() - 1;
         let mut i = (fp.a as usize) & mask;
         let tag = (fp.b as u64) << ROW_BITS;
         loop {
-            let s = &mut self.slots[i];
-            if s[1] == 0 {
-                *s = [fp.a, tag | (row + 1)];
-                self.len += 1;
-                return (None, None);
-            }
-            if s[0] == fp.a && s[1] & !ROW_MASK == tag {
-                let old = (s[1] & ROW_MASK) - 1;
-                if row < old {
-                    s[1] = tag | (row + 1);
-                    return (Some(old), Some(old));
-                }
-                return (Some(old), None);
+            let s = &self.slots[i];
+            if s[1] == 0 || (s[0] == fp.a && s[1] & !ROW_MASK == tag) {
+                return i;
             }
             i = (i + 1) & mask;
         }
@@ -125,19 +133,8 @@ impl Shard {
         if self.slots.is_empty() {
             return None;
         }
-        let mask = self.slots.len() - 1;
-        let mut i = (fp.a as usize) & mask;
-        let tag = (fp.b as u64) << ROW_BITS;
-        loop {
-            let s = &self.slots[i];
-            if s[1] == 0 {
-                return None;
-            }
-            if s[0] == fp.a && s[1] & !ROW_MASK == tag {
-                return Some((s[1] & ROW_MASK) - 1);
-            }
-            i = (i + 1) & mask;
-        }
+        let s = &self.slots[self.probe(fp)];
+        (s[1] != 0).then(|| (s[1] & ROW_MASK) - 1)
     }
 
     fn grow(&mut self) {
