@@ -556,6 +556,29 @@ impl Shard {
         }
         Ok(Shard { index, count })
     }
+
+    /// The shard a recipient belongs to, by its key normalised as the validate stage does
+    /// (trimmed; an email also lowercased), so every spelling of one person lands in one shard
+    /// and deduplication holds across shards. Rows without a key go to shard 0, where the
+    /// validate stage skips them with a reason.
+    pub fn of_key(key_field: StdField, raw: Option<&str>, count: u32) -> u32 {
+        let Some(k) = raw.map(crate::strings::trimmed).filter(|k| !k.is_empty()) else {
+            return 0;
+        };
+        let h = match key_field {
+            StdField::Email if k.is_ascii() => {
+                xxhash_rust::xxh3::xxh3_64(k.to_ascii_lowercase().as_bytes())
+            }
+            StdField::Email => xxhash_rust::xxh3::xxh3_64(k.to_lowercase().as_bytes()),
+            _ => xxhash_rust::xxh3::xxh3_64(k.as_bytes()),
+        };
+        (h % count.max(1) as u64) as u32
+    }
+
+    /// Whether this shard holds the recipient with key `raw` (see [`Shard::of_key`]).
+    pub fn holds(&self, key_field: StdField, raw: Option<&str>) -> bool {
+        Shard::of_key(key_field, raw, self.count) == self.index
+    }
 }
 
 impl std::fmt::Display for Shard {

@@ -63,7 +63,8 @@ pub fn open_source(
                     "caps.billing_cap cannot be split across shards (each shard would apply the whole cap); run unsharded or drop the cap",
                 ));
             }
-            let settings = erp::ErpSettings::new(e, |p| spec.resolve(p));
+            let mut settings = erp::ErpSettings::new(e, |p| spec.resolve(p));
+            settings.recipient_key = spec.key_field();
             let s = erp::ErpSource::open(settings, &mapping, layout)?;
             let h = s.size_hint();
             Ok((Box::new(s), h))

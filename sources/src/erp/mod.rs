@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use arrow_array::builder::StringBuilder;
 use arrow_array::{ArrayRef, RecordBatch};
-use broadside_pipeline::model::{RecipientBatch, RecipientLayout};
+use broadside_pipeline::model::{RecipientBatch, RecipientLayout, StdField};
 use broadside_pipeline::runner::{Source, SourceItem};
 use broadside_pipeline::spec::{ErpEncryption, ErpSourceSpec};
 use broadside_pipeline::{Error, Result};
@@ -32,7 +32,7 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_util::compat::{Compat, TokioAsyncWriteCompatExt};
 
-pub use sql::{fingerprint, probe_sql, quote_ident, read_sql, ShardHash, ALIAS};
+pub use sql::{fingerprint, probe_sql, quote_ident, read_sql, ALIAS};
 pub use types::{column_type_name, text_form, value_type_name, write_text, TextForm};
 
 use crate::{SizeHint, BATCH_ROWS};
@@ -55,6 +55,8 @@ pub struct ErpSettings {
     pub spec: ErpSourceSpec,
     /// The password's source.
     pub password: PasswordSource,
+    /// The recipient key field a shard is decided on (see `Shard::holds`).
+    pub recipient_key: StdField,
 }
 
 impl ErpSettings {
@@ -69,6 +71,7 @@ impl ErpSettings {
         ErpSettings {
             spec: spec.clone(),
             password,
+            recipient_key: StdField::Email,
         }
     }
 
@@ -411,6 +414,7 @@ impl ErpSource {
         let (tx, mut rx) = mpsc::channel::<Msg>(1);
         let mapping = mapping.to_vec();
         let io_origin = origin.clone();
+        let io_layout = layout.clone();
         let io = std::thread::Builder::new()
             .name("bs-erp".into())
             .spawn(move || {
@@ -427,7 +431,7 @@ impl ErpSource {
                         return;
                     }
                 };
-                rt.block_on(read(settings, mapping, tx));
+                rt.block_on(read(settings, mapping, io_layout, tx));
             })
             .map_err(|e| {
                 Error::source(&origin, format!("cannot start the ERP reader thread: {e}"))
@@ -475,7 +479,12 @@ impl Drop for ErpSource {
 }
 
 /// The I/O side: connect, probe, read, hand over batches.
-async fn read(settings: ErpSettings, mapping: Vec<(String, String)>, tx: mpsc::Sender<Msg>) {
+async fn read(
+    settings: ErpSettings,
+    mapping: Vec<(String, String)>,
+    layout: Arc<RecipientLayout>,
+    tx: mpsc::Sender<Msg>,
+) {
     let origin = settings.origin();
     let fail = |e: Error| {
         let tx = tx.clone();
@@ -496,20 +505,25 @@ async fn read(settings: ErpSettings, mapping: Vec<(String, String)>, tx: mpsc::S
         Ok(p) => Arc::new(p),
         Err(e) => return fail(e).await,
     };
-    let shard = s.shard.map(|sh| {
-        let hash = if plan.key.2 == TextForm::Integer {
-            ShardHash::Modulo
-        } else {
-            ShardHash::Checksum
-        };
-        (sh, hash)
-    });
     let key_name = plan.key.1.clone();
     let params = sql::read_params(s);
-    let q = sql::bind(
-        read_sql(&s.query, &key_name, s.audience.as_ref(), shard),
-        &params,
-    );
+    let q = sql::bind(read_sql(&s.query, &key_name, s.audience.as_ref()), &params);
+    // A shard keeps the rows whose recipient key hashes to it (the layout column of the key).
+    let shard = match (s.shard, layout.index(settings.recipient_key)) {
+        (Some(sh), Some(col)) => Some((sh, plan.columns[col].0, plan.columns[col].2)),
+        (Some(_), None) => {
+            return fail(Error::source(
+                &origin,
+                format!(
+                    "--shard needs the recipient key ({}) mapped in [columns]",
+                    settings.recipient_key.name()
+                ),
+            ))
+            .await
+        }
+        (None, _) => None,
+    };
+    let mut key_text = String::new();
     let mut stream = match q.query(&mut client).await {
         Ok(st) => st,
         Err(e) => return fail(query_error(&origin, "the query failed", e)).await,
@@ -519,6 +533,8 @@ async fn read(settings: ErpSettings, mapping: Vec<(String, String)>, tx: mpsc::S
     }
     let mut key_check = KeyCheck::new(&key_name, plan.key.0);
     let mut batch: Vec<Row> = Vec::with_capacity(BATCH_ROWS);
+    // Rows of the result, and rows of this shard (the run's input rows).
+    let mut read_rows = 0u64;
     let mut rows = 0u64;
     loop {
         let item = tokio::select! {
@@ -527,10 +543,28 @@ async fn read(settings: ErpSettings, mapping: Vec<(String, String)>, tx: mpsc::S
         };
         match item {
             Ok(Some(QueryItem::Row(r))) => {
-                rows += 1;
-                if let Err(m) = key_check.check(&r, rows) {
+                read_rows += 1;
+                if let Err(m) = key_check.check(&r, read_rows) {
                     return fail(Error::source(&origin, m)).await;
                 }
+                if let Some((sh, col, form)) = shard {
+                    let raw = match r.get_column_data(col) {
+                        Ok(v) => write_text(form, v, &mut key_text),
+                        Err(e) => Err(e.to_string()),
+                    };
+                    match raw {
+                        Ok(present) => {
+                            if !sh.holds(settings.recipient_key, present.then_some(&*key_text)) {
+                                continue;
+                            }
+                        }
+                        Err(m) => {
+                            let m = format!("row {read_rows} of the result, recipient key: {m}");
+                            return fail(Error::source(&origin, m)).await;
+                        }
+                    }
+                }
+                rows += 1;
                 batch.push(r);
                 if batch.len() == BATCH_ROWS {
                     let rows_out = std::mem::replace(&mut batch, Vec::with_capacity(BATCH_ROWS));
@@ -558,7 +592,7 @@ async fn read(settings: ErpSettings, mapping: Vec<(String, String)>, tx: mpsc::S
             }
             Ok(None) => break,
             Err(e) => {
-                let what = format!("reading row {} of the result", rows + 1);
+                let what = format!("reading row {} of the result", read_rows + 1);
                 return fail(query_error(&origin, &what, e)).await;
             }
         }

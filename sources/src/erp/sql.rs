@@ -3,7 +3,7 @@
 
 use broadside_pipeline::spec::{
     parse_datetime, parse_decimal, ErpAudience, ErpParam, ErpParamType, ErpParamValue,
-    ErpSourceSpec, Shard,
+    ErpSourceSpec,
 };
 use tiberius::numeric::Numeric;
 use tiberius::Query;
@@ -26,54 +26,17 @@ pub fn probe_sql(query: &str, limit: u32) -> String {
     )
 }
 
-/// How the shard predicate hashes the key.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ShardHash {
-    /// Integer keys: the key modulo N (stable, and evenly spread for sequential ids).
-    Modulo,
-    /// Other keys: `CHECKSUM(key)` modulo N (stable for a given collation).
-    Checksum,
-}
-
-/// The predicate that selects shard `i` of `n`: every row satisfies exactly one shard's
-/// predicate (NULL keys go to shard 0, where the read refuses them as in an unsharded run).
-pub fn shard_predicate(key: &str, shard: Shard, hash: ShardHash) -> String {
-    let k = format!("{ALIAS}.{}", quote_ident(key));
-    let n = shard.count;
-    // Modulo before ABS: ABS(INT_MIN) would overflow, ABS(x % n) cannot. Every integer lands
-    // in exactly one of 0..n.
-    let h = match hash {
-        ShardHash::Modulo => format!("ABS({k} % {n})"),
-        ShardHash::Checksum => format!("ABS(CHECKSUM({k}) % {n})"),
-    };
-    if shard.index == 0 {
-        format!("({h} = 0 OR {k} IS NULL)")
-    } else {
-        format!("{h} = {}", shard.index)
-    }
-}
-
 /// The full read: the query in key order, restricted to the audience (a WHERE fragment over
-/// `bs_source` whose values are parameters, see [`ErpAudience`]) and to the shard.
-pub fn read_sql(
-    query: &str,
-    key: &str,
-    audience: Option<&ErpAudience>,
-    shard: Option<(Shard, ShardHash)>,
-) -> String {
+/// `bs_source` whose values are parameters, see [`ErpAudience`]). A shard reads the whole
+/// result and keeps its recipients (see `Shard::holds`): the shard is decided on the recipient
+/// key normalised exactly as the pipeline does, which no T-SQL expression reproduces.
+pub fn read_sql(query: &str, key: &str, audience: Option<&ErpAudience>) -> String {
     let mut sql = format!(
         "SELECT * FROM (\n{}\n) AS {ALIAS}",
         query.trim().trim_end_matches(';')
     );
-    let mut preds = Vec::new();
     if let Some(a) = audience {
-        preds.push(format!("({})", a.where_sql));
-    }
-    if let Some((s, h)) = shard {
-        preds.push(shard_predicate(key, s, h));
-    }
-    if !preds.is_empty() {
-        sql.push_str(&format!("\nWHERE {}", preds.join("\n  AND ")));
+        sql.push_str(&format!("\nWHERE ({})", a.where_sql));
     }
     sql.push_str(&format!("\nORDER BY {ALIAS}.{}", quote_ident(key)));
     sql
@@ -155,6 +118,7 @@ pub fn fingerprint(e: &ErpSourceSpec) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use broadside_pipeline::spec::Shard;
 
     #[test]
     fn identifiers_are_quoted() {
@@ -163,29 +127,18 @@ mod tests {
     }
 
     #[test]
-    fn the_read_orders_by_the_key_and_shards_cover_every_row_once() {
+    fn the_read_orders_by_the_key() {
         let q = "SELECT Id, Email FROM dbo.Customers WHERE Active = @P1;";
-        let full = read_sql(q, "Id", None, None);
-        assert!(full.ends_with("ORDER BY bs_source.[Id]"), "{full}");
-        assert!(!full.contains(';'), "{full}");
-        let s0 = read_sql(
-            q,
-            "Id",
-            None,
-            Some((Shard { index: 0, count: 3 }, ShardHash::Modulo)),
-        );
+        let full = read_sql(q, "Id", None);
         assert!(
-            s0.contains(
-                "\nWHERE (ABS(bs_source.[Id] % 3) = 0 OR bs_source.[Id] IS NULL)\nORDER BY"
-            ),
-            "{s0}"
+            full.ends_with(") AS bs_source\nORDER BY bs_source.[Id]"),
+            "{full}"
         );
-        let s2 = shard_predicate("Email", Shard { index: 2, count: 3 }, ShardHash::Checksum);
-        assert_eq!(s2, "ABS(CHECKSUM(bs_source.[Email]) % 3) = 2");
+        assert!(!full.contains(';'), "{full}");
     }
 
     #[test]
-    fn the_audience_is_a_where_with_parameters_before_the_shard_and_the_order() {
+    fn the_audience_is_a_where_with_parameters_before_the_order() {
         let q = "SELECT Id, Country FROM dbo.Customers WHERE Active = @P1";
         let a = ErpAudience {
             where_sql: "(bs_source.[Country] = @P2)".into(),
@@ -194,15 +147,10 @@ mod tests {
                 value: Some(ErpParamValue::Text("O'Brien".into())),
             }],
         };
-        let sql = read_sql(
-            q,
-            "Id",
-            Some(&a),
-            Some((Shard { index: 1, count: 2 }, ShardHash::Modulo)),
-        );
+        let sql = read_sql(q, "Id", Some(&a));
         assert!(
             sql.ends_with(
-                ") AS bs_source\nWHERE ((bs_source.[Country] = @P2))\n  AND ABS(bs_source.[Id] % 2) = 1\nORDER BY bs_source.[Id]"
+                ") AS bs_source\nWHERE ((bs_source.[Country] = @P2))\nORDER BY bs_source.[Id]"
             ),
             "{sql}"
         );
