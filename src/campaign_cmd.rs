@@ -438,6 +438,16 @@ fn files_under(dir: &Path, depth: usize) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
+/// What a sending's run does about earlier runs of its campaign: skip the keys they sent
+/// (`already_sent`) unless the sending says `"exclude_sent": false`.
+fn repeat_of(s: &Sending) -> crate::send::Repeat {
+    if s.recipients.include_sent {
+        crate::send::Repeat::NewRun
+    } else {
+        crate::send::Repeat::ExcludeSentIfAny
+    }
+}
+
 impl Executor for SpecExecutor {
     fn prepare(&self, s: &Sending) -> std::result::Result<Prepared, StepError> {
         let (spec, audience) = self.plan(s).map_err(|e| format!("{e:#}"))?;
@@ -447,8 +457,7 @@ impl Executor for SpecExecutor {
             dry_run: true,
             audience,
             audience_fields: Some(self.fields.clone()),
-            // A sending never repeats what an earlier sending of its campaign sent.
-            repeat: crate::send::Repeat::ExcludeSentIfAny,
+            repeat: repeat_of(s),
             ..Default::default()
         })?;
         Ok(Prepared {
@@ -481,8 +490,7 @@ impl Executor for SpecExecutor {
             run_id: Some(p.handle.clone()),
             audience,
             audience_fields: Some(self.fields.clone()),
-            // A sending never repeats what an earlier sending of its campaign sent.
-            repeat: crate::send::Repeat::ExcludeSentIfAny,
+            repeat: repeat_of(s),
             ..Default::default()
         })?;
         if let Some(queue) = &self.callbacks {
@@ -579,6 +587,10 @@ pub enum CampaignCommand {
         /// `[{"email": "ann@example.com", "properties": {"first_name": "Ann"}}, {"member_id": 7}]`.
         #[arg(long, value_name = "JSON")]
         recipients: Option<String>,
+        /// Send to everyone again, including those an earlier sending of the campaign reached
+        /// (`"exclude_sent": false`); by default they are skipped as `already_sent`.
+        #[arg(long)]
+        include_sent: bool,
     },
     /// Move a campaign to another state (DRAFT, SCHEDULED, READY, CANCELLED), as `PUT` does.
     State {
@@ -668,6 +680,7 @@ pub fn run(o: CampaignOptions) -> Result<()> {
             ready,
             audience,
             recipients,
+            include_sent,
         } => {
             let schedule = match (immediate, at, in_) {
                 (true, _, _) => json!({"type": "immediate", "prescheduled": prescheduled}),
@@ -687,6 +700,9 @@ pub fn run(o: CampaignOptions) -> Result<()> {
             if let Some(r) = recipients {
                 payload["recipients"] = serde_json::from_str(&r)
                     .map_err(|e| anyhow::anyhow!("recipients: --recipients is not JSON: {e}"))?;
+            }
+            if include_sent {
+                payload["exclude_sent"] = json!(false);
             }
             let obj = payload.as_object().expect("an object");
             let (schedule, timing) = sending_schedule(obj, &ScheduleConfig::default(), now)?;

@@ -71,6 +71,53 @@ fn a_ready_campaign_is_sent_once_through_its_spec() {
 }
 
 #[test]
+fn a_later_sending_skips_whom_an_earlier_one_reached_unless_it_includes_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = common::generate(dir.path(), 300, 30, &[]);
+    let db = dir.path().join("campaigns.db");
+    let db = db.to_str().unwrap();
+    let specs = dir.path().to_str().unwrap();
+    let (c, _) = campaign(db, &["create", "--name", "Again", "--list", "7"], true);
+    let id = c["id"].as_i64().unwrap().to_string();
+    std::fs::copy(&spec, dir.path().join(format!("{id}.toml"))).unwrap();
+
+    // Three sendings of one campaign (a finished campaign takes no more), run in the order
+    // they were added: the default, the default again, and one that includes everyone.
+    let mut sendings = Vec::new();
+    for extra in [&[][..], &[][..], &["--include-sent"][..]] {
+        let mut args = vec!["schedule", &id, "--now", "--ready"];
+        args.extend_from_slice(extra);
+        let (s, _) = campaign(db, &args, true);
+        assert_eq!(s["sending"]["exclude_sent"], extra.is_empty(), "{s}");
+        sendings.push(s["sending"].clone());
+    }
+    let (_, log) = campaign(db, &["run", "--specs", specs], true);
+    assert!(log.contains("scheduler pass: 6 steps"), "{log}");
+    let ledger =
+        |run: &str| common::read_ledger(&dir.path().join("store"), "demo", "generated-42", run);
+    let count = |run: &str, decision: &str, reason: Option<&str>| {
+        let ledger = ledger(run);
+        assert_eq!(ledger.len(), 300);
+        ledger
+            .iter()
+            .filter(|r| r.decision == decision && r.reason.as_deref() == reason)
+            .count()
+    };
+    let runs: Vec<String> = sendings.iter().map(sending_run_id).collect();
+    let sent = count(&runs[0], "sent", None);
+    assert!(sent > 200, "{sent}");
+    assert_eq!(count(&runs[1], "sent", None), 0);
+    assert_eq!(count(&runs[1], "skipped", Some("already_sent")), sent);
+    let first = format!("sent by run {}", runs[0]);
+    assert!(ledger(&runs[1])
+        .iter()
+        .filter(|r| r.reason.as_deref() == Some("already_sent"))
+        .all(|r| r.detail.as_deref() == Some(first.as_str())));
+    assert_eq!(count(&runs[2], "sent", None), sent);
+    assert_eq!(count(&runs[2], "skipped", Some("already_sent")), 0);
+}
+
+#[test]
 fn schedule_errors_name_the_option() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("campaigns.db");

@@ -289,6 +289,7 @@ pub fn sending_json(s: &Sending) -> Value {
         "audience": s.recipients.audience,
         "recipients": s.recipients.recipients,
         "channels_preference": s.recipients.channels_preference,
+        "exclude_sent": !s.recipients.include_sent,
         "recipient_count": s.recipient_count,
         "error": s.error,
         "created_at": format_instant(s.created_at),

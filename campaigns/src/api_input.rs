@@ -19,12 +19,13 @@ use crate::state::{CampaignState, SendingStatus};
 use crate::store::CampaignFields;
 
 /// The fields `POST /campaign/{id}/sendings` accepts.
-pub const SENDING_FIELDS: [&str; 5] = [
+pub const SENDING_FIELDS: [&str; 6] = [
     "schedule",
     "draft",
     "audience",
     "recipients",
     "channels_preference",
+    "exclude_sent",
 ];
 
 /// The fields `PUT /campaign/{id}/sendings/{sid}` accepts.

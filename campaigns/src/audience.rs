@@ -710,6 +710,10 @@ pub struct Recipients {
     pub recipients: Vec<InlineRecipient>,
     /// Channels in order of preference.
     pub channels_preference: Vec<Channel>,
+    /// Send to everyone again, including keys an earlier sending of the campaign reached
+    /// (`"exclude_sent": false` in the API). By default a sending skips them as `already_sent`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub include_sent: bool,
 }
 
 impl Recipients {
@@ -755,10 +759,21 @@ impl Recipients {
                 recipients.push(r);
             }
         }
+        let include_sent = match obj.get("exclude_sent") {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(b)) => !b,
+            Some(v) => {
+                return Err(Error::invalid(
+                    "exclude_sent",
+                    format!("must be true or false, not {v}"),
+                ))
+            }
+        };
         Ok(Recipients {
             audience,
             recipients,
             channels_preference,
+            include_sent,
         })
     }
 }
@@ -1103,6 +1118,10 @@ mod tests {
             (
                 json!({"channels_preference": []}),
                 "channels_preference: must name",
+            ),
+            (
+                json!({"exclude_sent": "no"}),
+                "exclude_sent: must be true or false, not \"no\"",
             ),
         ];
         for (v, expect) in table {
