@@ -1234,6 +1234,37 @@ hot_folder = "hot"
     }
 
     #[test]
+    fn every_spelling_of_one_recipient_lands_in_one_shard() {
+        let e = StdField::Email;
+        for n in [2, 3, 7] {
+            for (a, b) in [
+                ("ann@x.org", " Ann@X.ORG\t"),
+                ("åsa@døme.no", "ÅSA@DØME.NO"),
+            ] {
+                assert_eq!(Shard::of_key(e, Some(a), n), Shard::of_key(e, Some(b), n));
+            }
+            assert_eq!(Shard::of_key(e, None, n), 0);
+            assert_eq!(Shard::of_key(e, Some("  "), n), 0);
+            // An account number is trimmed, not lowercased (as the validate stage keys it).
+            let acct = StdField::AccountNumber;
+            assert_eq!(
+                Shard::of_key(acct, Some(" A-17 "), n),
+                Shard::of_key(acct, Some("A-17"), n)
+            );
+        }
+        // Keys spread over the shards.
+        let mut counts = [0u32; 4];
+        for i in 0..4000 {
+            counts[Shard::of_key(e, Some(&format!("p{i}@example.com")), 4) as usize] += 1;
+        }
+        assert!(counts.iter().all(|c| *c > 800), "{counts:?}");
+        assert!(
+            Shard { index: 1, count: 4 }.holds(e, Some("p1@example.com"))
+                == (Shard::of_key(e, Some("P1@example.com"), 4) == 1)
+        );
+    }
+
+    #[test]
     fn shards_parse() {
         assert_eq!(Shard::parse("2/4").unwrap(), Shard { index: 2, count: 4 });
         assert!(Shard::parse("4/4").is_err());
