@@ -341,7 +341,16 @@ pub fn send(opts: &SendOptions) -> Result<RunRecord> {
     let index = Arc::new(index);
     // One message per person per run: the table every worker and the ordered path share.
     let seen = (spec.dedupe != Dedupe::Off)
-        .then(|| SeenRecipients::new(spec.dedupe, &run_id, layout.clone()));
+        .then(|| {
+            // The working file of fingerprints lives beside the run records (a dry run writes
+            // nothing in the store).
+            let work_dir = match opts.dry_run {
+                true => std::env::temp_dir(),
+                false => store.runs_dir(&spec.workspace_id),
+            };
+            SeenRecipients::new(spec.dedupe, &run_id, layout.clone(), &work_dir)
+        })
+        .transpose()?;
     let par_seen = seen.clone();
     let variants: Vec<(String, String)> = spec
         .variants

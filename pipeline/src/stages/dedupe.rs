@@ -2,49 +2,60 @@
 //! (or, with `dedupe = "household"`, its household) are skipped as `duplicate`.
 //!
 //! The first valid occurrence in input order wins, whatever the number of workers. Workers
-//! decide as they go against a shared table that keeps, for each key fingerprint, the smallest
-//! input row seen so far ([`Deduplicator`], before suppression, so a duplicate never reaches the
+//! decide as they go against a shared table that keeps, for each key, the smallest input row
+//! seen so far ([`Deduplicator`], before suppression, so a duplicate never reaches the
 //! encoders). A worker can only be wrong when a smaller row of the same key is still in flight
 //! on another worker; the row that smaller one later displaces from the table is flagged, and
 //! the ordered path ([`DuplicateResolver`], which sees batches in input order after every
 //! earlier batch has left the workers) looks such rows up again and corrects them. Displacements
 //! are rare (two rows of one key in flight at once), so the ordered path costs almost nothing.
 //!
-//! Keys are compared by a 128-bit fingerprint keyed by the run id (xxh3-128): 92 of its bits
-//! are kept (64 + 20 stored, 8 choose the shard), so two different keys of a 50M-recipient send
-//! share a fingerprint with probability below 2⁻⁴¹ (about 5·10⁻¹³). A table slot is 16 bytes
-//! (fingerprint and the first row's input position); the table holds one slot per distinct
-//! valid key and grows by doubling at 3/4 load.
+//! Memory is 8 bytes per distinct key: a table slot holds the first row's input position and a
+//! 24-bit tag of the key's 128-bit fingerprint (xxh3-128 keyed by the run id). The fingerprints
+//! themselves go to a working file beside the run records, 16 bytes per row at the row's place,
+//! written before the batch touches the table. A slot whose tag matches is confirmed by reading
+//! its row's fingerprint back, so two keys are the same only when their full 128-bit
+//! fingerprints are (the chance that two different keys of a 50M-recipient send share one is
+//! below 2⁻⁷⁶). Reads happen for repeats and for the rare tag collisions (about one in 2²⁴
+//! probes), never for a first occurrence that finds no match. The file is unlinked as soon as
+//! it is created, so it disappears with the process.
 
 use std::collections::HashSet;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arrow_array::{Array, StringArray};
 use xxhash_rust::xxh3::xxh3_128_with_seed;
 
 use super::Stage;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::model::{Decision, Reason, RecipientBatch, RecipientLayout, StdField, NO_VARIANT};
 use crate::runner::OrderedStage;
 use crate::spec::Dedupe;
 
-const SHARDS: usize = 256;
+const SHARD_BITS: u32 = 6;
+const SHARDS: usize = 1 << SHARD_BITS;
 /// How many rows ahead a shard's slot is prefetched.
 const PROBE_AHEAD: usize = 8;
 /// A row's place in the input, as workers know it before input row numbers are assigned:
 /// the batch's sequence number, then the row within the batch (batches hold fewer than 2²⁰
 /// rows). Stored plus one, so an all-zero slot is empty.
-const ROW_BITS: u32 = 44;
-const ROW_MASK: u64 = (1 << ROW_BITS) - 1;
+const POS_BITS: u32 = 40;
+const POS_MASK: u64 = (1 << POS_BITS) - 1;
 const IN_BATCH_BITS: u32 = 20;
+/// Bits of a slot left for the key's tag.
+const TAG_BITS: u32 = 64 - POS_BITS;
 
 /// The input position of row `i` of batch `seq` (ordered like input rows).
 fn position(seq: u64, i: usize) -> Result<u64> {
-    if i >= 1 << IN_BATCH_BITS || seq >= 1 << (ROW_BITS - IN_BATCH_BITS) {
-        return Err(crate::error::Error::Stage {
+    if i >= 1 << IN_BATCH_BITS || seq >= (1 << (POS_BITS - IN_BATCH_BITS)) - 1 {
+        return Err(Error::Stage {
             stage: "dedupe".into(),
             message: format!(
-                "batch {seq} row {i} is beyond what deduplication can number (2^24 batches of 2^20 rows); set dedupe = false for this input"
+                "batch {seq} row {i} is beyond what deduplication can number (2^20 batches of 2^20 rows); set dedupe = false for this input"
             ),
         });
     }
@@ -53,100 +64,218 @@ fn position(seq: u64, i: usize) -> Result<u64> {
 /// Seed offset of the household fingerprints, so a key and an address never meet.
 const HOUSEHOLD_SEED: u64 = 0x9e37_79b9_7f4a_7c15;
 
-/// A recipient fingerprint: shard, the 64 bits that place it in its shard, 20 more.
+/// A recipient fingerprint: its 128 bits (never 0), the shard and the tag taken from them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Fingerprint {
+    full: u128,
     shard: u8,
-    a: u64,
-    b: u32,
+    tag: u64,
 }
 
 impl Fingerprint {
     fn of(bytes: &[u8], seed: u64) -> Fingerprint {
-        let h = xxh3_128_with_seed(bytes, seed);
-        let hi = (h >> 64) as u64;
+        let full = xxh3_128_with_seed(bytes, seed).max(1);
+        let hi = (full >> 64) as u64;
         Fingerprint {
-            shard: (hi >> 56) as u8,
-            a: h as u64,
-            b: ((hi >> 32) & 0xf_ffff) as u32,
+            full,
+            shard: (hi >> (64 - SHARD_BITS)) as u8,
+            tag: hi & ((1 << TAG_BITS) - 1),
         }
     }
 }
 
-/// One shard: open addressing with linear probing over `[a, b << 44 | position + 1]` slots.
+/// Huge pages: 2 MiB.
+const HUGE_PAGE: usize = 2 << 20;
+const SLOT_BYTES: usize = std::mem::size_of::<u64>();
+
+/// A shard's slots, zeroed and resident. Past 2 MiB they start on a 2 MiB boundary and the
+/// kernel is asked to back them with huge pages: probes land at random in a table far larger
+/// than the caches, and with 4 KiB pages each one also missed the TLB (perf put half of the
+/// stage's time on the page walks behind its prefetches).
+#[derive(Default)]
+struct Slots {
+    buf: Vec<u64>,
+    base: usize,
+    len: usize,
+}
+
+impl Slots {
+    fn zeroed(len: usize) -> Slots {
+        let huge = len * SLOT_BYTES >= HUGE_PAGE;
+        let pad = if huge { HUGE_PAGE / SLOT_BYTES } else { 0 };
+        let mut buf = vec![0u64; len + pad];
+        let base = match huge {
+            true => buf.as_ptr().align_offset(HUGE_PAGE).min(pad),
+            false => 0,
+        };
+        #[cfg(target_os = "linux")]
+        if huge {
+            let start = buf[base..].as_mut_ptr();
+            // SAFETY: the range lies inside `buf`'s allocation; the advice changes how the
+            // kernel backs the pages, not their contents. A refusal is harmless.
+            unsafe {
+                libc::madvise(
+                    start.cast(),
+                    (len * SLOT_BYTES) & !(HUGE_PAGE - 1),
+                    libc::MADV_HUGEPAGE,
+                )
+            };
+        }
+        // Each page is written once before any probe reads it: a probe reading it first maps
+        // the shared zero page, and the write after it then copies the page and shoots down
+        // every core's TLB entry for it (perf: 6 % of a 10M send's CPU).
+        for s in buf[base..base + len].iter_mut().step_by(4096 / SLOT_BYTES) {
+            // SAFETY: `s` is a valid, aligned, exclusive reference into `buf`.
+            unsafe { std::ptr::write_volatile(s, 0) };
+        }
+        Slots { buf, base, len }
+    }
+}
+
+impl std::ops::Deref for Slots {
+    type Target = [u64];
+    fn deref(&self) -> &[u64] {
+        &self.buf[self.base..self.base + self.len]
+    }
+}
+
+impl std::ops::DerefMut for Slots {
+    fn deref_mut(&mut self) -> &mut [u64] {
+        &mut self.buf[self.base..self.base + self.len]
+    }
+}
+
+/// One shard: open addressing with linear probing over `tag << 40 | position + 1` slots, the
+/// home slot chosen by the tag. Grows by half at 85 % load.
 #[derive(Default)]
 struct Shard {
-    slots: Vec<[u64; 2]>,
+    slots: Slots,
     len: usize,
 }
 
 impl Shard {
-    /// The smallest row recorded for `fp` before this call, after recording `row` (which
-    /// replaces a larger one). Returns `(previous smallest, displaced row)`.
-    fn insert_min(&mut self, fp: Fingerprint, row: u64) -> (Option<u64>, Option<u64>) {
-        if (self.len + 1) * 4 > self.slots.len() * 3 {
-            self.grow();
-        }
-        let tag = (fp.b as u64) << ROW_BITS;
-        let i = self.probe(fp);
-        let s = &mut self.slots[i];
-        if s[1] == 0 {
-            *s = [fp.a, tag | (row + 1)];
-            self.len += 1;
-            return (None, None);
-        }
-        let old = (s[1] & ROW_MASK) - 1;
-        if row < old {
-            s[1] = tag | (row + 1);
-            return (Some(old), Some(old));
-        }
-        (Some(old), None)
-    }
-
-    /// The slot holding `fp`, or the empty slot where it would go (the table is never full).
-    fn probe(&self, fp: Fingerprint) -> usize {
-        let mask = self.slots.len() - 1;
-        let mut i = (fp.a as usize) & mask;
-        let tag = (fp.b as u64) << ROW_BITS;
-        loop {
-            let s = &self.slots[i];
-            if s[1] == 0 || (s[0] == fp.a && s[1] & !ROW_MASK == tag) {
-                return i;
-            }
-            i = (i + 1) & mask;
-        }
+    fn home(&self, tag: u64) -> usize {
+        (((tag << POS_BITS) as u128 * self.slots.len() as u128) >> 64) as usize
     }
 
     /// Brings the slot `fp` starts probing at into the cache.
     #[inline]
-    fn prefetch(&self, fp: Fingerprint) {
-        if let Some(s) = self
-            .slots
-            .get((fp.a as usize) & self.slots.len().wrapping_sub(1))
-        {
-            super::suppression::prefetch(s);
+    fn prefetch(&self, fp: &Fingerprint) {
+        if !self.slots.is_empty() {
+            super::suppression::prefetch(&self.slots[self.home(fp.tag)]);
         }
     }
 
-    /// The smallest row recorded for `fp`.
-    fn get(&self, fp: Fingerprint) -> Option<u64> {
-        if self.slots.is_empty() {
-            return None;
-        }
-        let s = &self.slots[self.probe(fp)];
-        (s[1] != 0).then(|| (s[1] & ROW_MASK) - 1)
-    }
-
-    fn grow(&mut self) {
-        let cap = (self.slots.len() * 2).max(64);
-        let old = std::mem::replace(&mut self.slots, vec![[0, 0]; cap]);
-        let mask = cap - 1;
-        for s in old.into_iter().filter(|s| s[1] != 0) {
-            let mut i = (s[0] as usize) & mask;
-            while self.slots[i][1] != 0 {
-                i = (i + 1) & mask;
+    fn make_room(&mut self) {
+        if (self.len + 1) * 20 > self.slots.len() * 17 {
+            let cap = (self.slots.len() * 3 / 2).max(64);
+            let old = std::mem::replace(&mut self.slots, Slots::zeroed(cap));
+            for &s in old.iter().filter(|s| **s != 0) {
+                let mut i = self.home(s >> POS_BITS);
+                while self.slots[i] != 0 {
+                    i = if i + 1 == cap { 0 } else { i + 1 };
+                }
+                self.slots[i] = s;
             }
-            self.slots[i] = s;
+        }
+    }
+}
+
+/// The fingerprints of every batch's rows, at `offset(batch) + row * stride`, in a file that
+/// exists only while the process holds it.
+struct Fingerprints {
+    file: File,
+    /// Bytes per row: 16 per fingerprint kind (key; household).
+    stride: u64,
+    end: AtomicU64,
+    /// Where each batch's rows start, by sequence number (`u64::MAX`: not written).
+    offsets: Mutex<Vec<u64>>,
+    path: std::path::PathBuf,
+}
+
+impl Fingerprints {
+    fn create(dir: &Path, run_id: &str, kinds: u64) -> Result<Fingerprints> {
+        let fail = |what: &str, e: std::io::Error| Error::Stage {
+            stage: "dedupe".into(),
+            message: format!("{what} its working file in {}: {e}", dir.display()),
+        };
+        std::fs::create_dir_all(dir).map_err(|e| fail("creating the folder of", e))?;
+        let safe: String = run_id
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        let path = dir.join(format!(".dedupe-{safe}-{}.tmp", std::process::id()));
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .map_err(|e| fail("creating", e))?;
+        // Unlinked at once where the platform allows: it goes with the process, killed or not.
+        let kept = std::fs::remove_file(&path).is_err();
+        Ok(Fingerprints {
+            file,
+            stride: 16 * kinds,
+            end: AtomicU64::new(0),
+            offsets: Mutex::default(),
+            path: if kept { path } else { Default::default() },
+        })
+    }
+
+    /// Writes one batch's rows (`fps[row * kinds + kind]`, 0 where a row has none).
+    fn write(&self, seq: u64, fps: &[u128]) -> Result<()> {
+        let bytes: Vec<u8> = fps.iter().flat_map(|f| f.to_le_bytes()).collect();
+        let at = self.end.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        self.file
+            .write_all_at(&bytes, at)
+            .map_err(|e| Error::Stage {
+                stage: "dedupe".into(),
+                message: format!("writing its working file: {e}"),
+            })?;
+        let mut o = lock(&self.offsets);
+        if o.len() <= seq as usize {
+            o.resize(seq as usize + 1, u64::MAX);
+        }
+        o[seq as usize] = at;
+        Ok(())
+    }
+
+    /// Whether the row at input position `pos` has fingerprint `full`.
+    fn row_has(&self, pos: u64, full: u128) -> Result<bool> {
+        let (seq, row) = (pos >> IN_BATCH_BITS, pos & ((1 << IN_BATCH_BITS) - 1));
+        let start = lock(&self.offsets)
+            .get(seq as usize)
+            .copied()
+            .filter(|o| *o != u64::MAX)
+            .ok_or_else(|| Error::Stage {
+                stage: "dedupe".into(),
+                message: format!("batch {seq} is in the table but not in the working file"),
+            })?;
+        let mut buf = [0u8; 32];
+        let buf = &mut buf[..self.stride as usize];
+        self.file
+            .read_exact_at(buf, start + row * self.stride)
+            .map_err(|e| Error::Stage {
+                stage: "dedupe".into(),
+                message: format!("reading its working file: {e}"),
+            })?;
+        Ok(buf
+            .chunks_exact(16)
+            .any(|c| u128::from_le_bytes(c.try_into().expect("16 bytes")) == full))
+    }
+}
+
+impl Drop for Fingerprints {
+    fn drop(&mut self) {
+        if !self.path.as_os_str().is_empty() {
+            let _ = std::fs::remove_file(&self.path);
         }
     }
 }
@@ -157,6 +286,7 @@ pub struct SeenRecipients {
     seed: u64,
     layout: Arc<RecipientLayout>,
     shards: Box<[Mutex<Shard>]>,
+    fingerprints: Fingerprints,
     /// Rows that lost their table slot to a smaller row after a worker had decided them.
     displaced: Mutex<HashSet<u64>>,
 }
@@ -171,21 +301,34 @@ impl std::fmt::Debug for SeenRecipients {
 }
 
 impl SeenRecipients {
-    /// An empty table for one run; `run_id` keys the fingerprints (a resume gets the same).
-    /// Rows are compared by the key the validate stage derived (`RecipientBatch::keys`).
-    pub fn new(mode: Dedupe, run_id: &str, layout: Arc<RecipientLayout>) -> Arc<Self> {
-        Arc::new(SeenRecipients {
+    /// An empty table for one run; `run_id` keys the fingerprints (a resume gets the same),
+    /// and `work_dir` holds the working file of fingerprints while the run lasts. Rows are
+    /// compared by the key the validate stage derived (`RecipientBatch::keys`).
+    pub fn new(
+        mode: Dedupe,
+        run_id: &str,
+        layout: Arc<RecipientLayout>,
+        work_dir: &Path,
+    ) -> Result<Arc<Self>> {
+        let kinds = if mode == Dedupe::Household { 2 } else { 1 };
+        Ok(Arc::new(SeenRecipients {
             mode,
             seed: xxhash_rust::xxh3::xxh3_64(run_id.as_bytes()),
             layout,
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            fingerprints: Fingerprints::create(work_dir, run_id, kinds)?,
             displaced: Mutex::default(),
-        })
+        }))
     }
 
-    /// Distinct fingerprints recorded (keys plus households).
+    /// Distinct keys recorded (keys plus households).
     pub fn distinct(&self) -> usize {
         self.shards.iter().map(|s| lock(s).len).sum()
+    }
+
+    /// Fingerprint kinds per row: the key, and with `dedupe = "household"` the household.
+    fn kinds(&self) -> usize {
+        self.fingerprints.stride as usize / 16
     }
 
     /// The fingerprints of row `i` (key, then household), if it has them.
@@ -202,6 +345,60 @@ impl SeenRecipients {
             _ => None,
         };
         [key, household]
+    }
+
+    /// The slot holding `fp` with the smallest position recorded for it, or the empty slot
+    /// where it would go (the table is never full).
+    fn find(&self, s: &Shard, fp: &Fingerprint) -> Result<(usize, Option<u64>)> {
+        let cap = s.slots.len();
+        let mut i = s.home(fp.tag);
+        loop {
+            let v = s.slots[i];
+            if v == 0 {
+                return Ok((i, None));
+            }
+            if v >> POS_BITS == fp.tag {
+                let pos = (v & POS_MASK) - 1;
+                if self.fingerprints.row_has(pos, fp.full)? {
+                    return Ok((i, Some(pos)));
+                }
+            }
+            i = if i + 1 == cap { 0 } else { i + 1 };
+        }
+    }
+
+    /// The smallest position recorded for `fp` before this call, after recording `pos` (which
+    /// replaces a larger one). Returns `(previous smallest, displaced position)`.
+    fn insert_min(
+        &self,
+        s: &mut Shard,
+        fp: &Fingerprint,
+        pos: u64,
+    ) -> Result<(Option<u64>, Option<u64>)> {
+        s.make_room();
+        let (i, old) = self.find(s, fp)?;
+        let slot = fp.tag << POS_BITS | (pos + 1);
+        Ok(match old {
+            None => {
+                s.slots[i] = slot;
+                s.len += 1;
+                (None, None)
+            }
+            Some(old) if pos < old => {
+                s.slots[i] = slot;
+                (Some(old), Some(old))
+            }
+            Some(old) => (Some(old), None),
+        })
+    }
+
+    /// The smallest position recorded for `fp`.
+    fn get(&self, fp: &Fingerprint) -> Result<Option<u64>> {
+        let s = lock(&self.shards[fp.shard as usize]);
+        if s.slots.is_empty() {
+            return Ok(None);
+        }
+        Ok(self.find(&s, fp)?.1)
     }
 }
 
@@ -278,6 +475,10 @@ impl Stage for Deduplicator {
 
     fn process(&mut self, b: &mut RecipientBatch) -> Result<()> {
         let n = b.len();
+        let kinds = self.seen.kinds();
+        // Every row's fingerprints go to the working file before the batch touches the table,
+        // so any slot naming one of its rows can be confirmed.
+        let mut fps = vec![0u128; n * kinds];
         // Group the rows' fingerprints by shard (a stable counting sort: rows stay ascending
         // within each), so each shard is locked once per batch and rows of one key are seen
         // in input order.
@@ -295,10 +496,17 @@ impl Stage for Deduplicator {
             {
                 if let Some(fp) = fp {
                     counts[fp.shard as usize + 1] += 1;
+                    fps[i * kinds + k] = fp.full;
                     found.push((i as u32, k as u8, fp));
                 }
             }
         }
+        if found.is_empty() {
+            return Ok(());
+        }
+        position(b.seq, n.saturating_sub(1))?;
+        self.seen.fingerprints.write(b.seq, &fps)?;
+        drop(fps);
         for s in 1..=SHARDS {
             counts[s] += counts[s - 1];
         }
@@ -307,9 +515,9 @@ impl Stage for Deduplicator {
                 0u32,
                 0u8,
                 Fingerprint {
+                    full: 0,
                     shard: 0,
-                    a: 0,
-                    b: 0
+                    tag: 0
                 }
             );
             found.len()
@@ -329,17 +537,17 @@ impl Stage for Deduplicator {
                 continue;
             }
             let mut s = lock(&self.seen.shards[shard]);
-            for (x, &(i, k, fp)) in group.iter().enumerate() {
+            for (x, (i, k, fp)) in group.iter().enumerate() {
                 if let Some(ahead) = group.get(x + PROBE_AHEAD) {
-                    s.prefetch(ahead.2);
+                    s.prefetch(&ahead.2);
                 }
-                let row = position(b.seq, i as usize)?;
-                let (prev, lost) = s.insert_min(fp, row);
+                let row = position(b.seq, *i as usize)?;
+                let (prev, lost) = self.seen.insert_min(&mut s, fp, row)?;
                 if let Some(l) = lost {
                     displaced.push(l);
                 }
                 if let Some(p) = prev.filter(|p| *p < row) {
-                    earlier.push((i, k, p));
+                    earlier.push((*i, *k, p));
                 }
             }
         }
@@ -389,15 +597,20 @@ impl DuplicateResolver {
 
     /// The earliest input row before `row` with one of the row's fingerprints: every such row
     /// is in the table, as every earlier batch has left the workers.
-    fn earliest(&mut self, b: &RecipientBatch, i: usize) -> Option<u64> {
-        let row = position(b.seq, i).ok()?;
-        self.seen
+    fn earliest(&mut self, b: &RecipientBatch, i: usize) -> Result<Option<u64>> {
+        let row = position(b.seq, i)?;
+        let mut first: Option<u64> = None;
+        for fp in self
+            .seen
             .fingerprints(b, i, &mut self.buf)
             .into_iter()
             .flatten()
-            .filter_map(|fp| lock(&self.seen.shards[fp.shard as usize]).get(fp))
-            .filter(|first| *first < row)
-            .min()
+        {
+            if let Some(p) = self.seen.get(&fp)?.filter(|p| *p < row) {
+                first = Some(first.map_or(p, |f| f.min(p)));
+            }
+        }
+        Ok(first)
     }
 }
 
@@ -439,7 +652,7 @@ impl Stage for DuplicateResolver {
         again.sort_unstable();
         again.dedup();
         for i in again {
-            let Some(first) = self.earliest(b, i) else {
+            let Some(first) = self.earliest(b, i)? else {
                 continue;
             };
             match b.duplicates.binary_search_by_key(&(i as u32), |d| d.row) {
@@ -551,7 +764,8 @@ mod tests {
     /// Runs the stages as the runner may: workers take batches in `order`, the ordered path
     /// takes each batch once it and every earlier one left the workers.
     fn run(rows: &[Row], cuts: &[usize], order: &[usize], mode: Dedupe) -> Vec<Option<u64>> {
-        let seen = SeenRecipients::new(mode, "run-1", layout());
+        let dir = tempfile::tempdir().unwrap();
+        let seen = SeenRecipients::new(mode, "run-1", layout(), dir.path()).unwrap();
         let mut batches: Vec<RecipientBatch> = Vec::new();
         let mut start = 0;
         for (seq, &end) in cuts.iter().chain(std::iter::once(&rows.len())).enumerate() {
@@ -661,8 +875,55 @@ mod tests {
     }
 
     #[test]
+    fn large_slot_arrays_start_on_a_huge_page_and_are_zeroed() {
+        for len in [64, HUGE_PAGE / SLOT_BYTES, 3 << 18] {
+            let mut s = Slots::zeroed(len);
+            assert_eq!(s.len(), len);
+            assert!(s.iter().all(|x| *x == 0));
+            if len * SLOT_BYTES >= HUGE_PAGE {
+                assert_eq!(s.as_ptr() as usize % HUGE_PAGE, 0, "{len}");
+            }
+            s[len - 1] = 7;
+            assert_eq!(s[len - 1], 7);
+        }
+    }
+
+    #[test]
+    fn keys_sharing_a_tag_stay_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        let seen = SeenRecipients::new(Dedupe::Key, "r", layout(), dir.path()).unwrap();
+        let a = Fingerprint::of(b"ann@x.org", seen.seed);
+        // Another key forced into the same shard with the same tag: only the working file's
+        // full fingerprint tells them apart.
+        let b = Fingerprint {
+            shard: a.shard,
+            tag: a.tag,
+            ..Fingerprint::of(b"bob@x.org", seen.seed)
+        };
+        assert_ne!(a.full, b.full);
+        seen.fingerprints
+            .write(0, &[a.full, b.full, a.full])
+            .unwrap();
+        let mut s = lock(&seen.shards[a.shard as usize]);
+        assert_eq!(seen.insert_min(&mut s, &a, 0).unwrap(), (None, None));
+        assert_eq!(seen.insert_min(&mut s, &b, 1).unwrap(), (None, None));
+        assert_eq!(seen.insert_min(&mut s, &a, 2).unwrap(), (Some(0), None));
+        assert_eq!(s.len, 2);
+        drop(s);
+        assert_eq!(seen.get(&a).unwrap(), Some(0));
+        assert_eq!(seen.get(&b).unwrap(), Some(1));
+        let c = Fingerprint {
+            shard: a.shard,
+            tag: a.tag,
+            ..Fingerprint::of(b"cy@x.org", seen.seed)
+        };
+        assert_eq!(seen.get(&c).unwrap(), None);
+    }
+
+    #[test]
     fn the_table_grows_and_keeps_every_key() {
-        let seen = SeenRecipients::new(Dedupe::Key, "r", layout());
+        let dir = tempfile::tempdir().unwrap();
+        let seen = SeenRecipients::new(Dedupe::Key, "r", layout(), dir.path()).unwrap();
         let rows: Vec<Row> = (0..20_000)
             .map(|i| (Some(format!("k{}", i % 15_000)), None, None, true))
             .collect();
