@@ -2,7 +2,7 @@
 //! wired to `broadside_analytics`.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 
 use anyhow::{bail, Context, Result};
 use broadside_analytics::api::{api_router, ApiConfig, SqlConcurrency, TokenSet};
@@ -20,37 +20,10 @@ use broadside_analytics::{
 /// Set by SIGINT/SIGTERM: long-running commands commit what they hold and stop.
 static SHUTDOWN: AtomicBool = AtomicBool::new(false);
 
-/// Sets [`SHUTDOWN`] on the first SIGINT or SIGTERM, from a thread of its own running a
-/// small tokio runtime (the signal handlers are tokio's, registered before this returns).
+/// Sets [`SHUTDOWN`] on the first SIGINT or SIGTERM.
 fn install_shutdown_handler() -> Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_io()
-        .build()
-        .context("starting the signal runtime")?;
-    let (mut int, mut term) = rt
-        .block_on(async {
-            Ok::<_, std::io::Error>((
-                signal(SignalKind::interrupt())?,
-                signal(SignalKind::terminate())?,
-            ))
-        })
-        .context("installing the SIGINT/SIGTERM handlers")?;
-    std::thread::Builder::new()
-        .name("shutdown-signal".into())
-        .spawn(move || {
-            rt.block_on(std::future::poll_fn(|cx| {
-                if int.poll_recv(cx).is_ready() || term.poll_recv(cx).is_ready() {
-                    std::task::Poll::Ready(())
-                } else {
-                    std::task::Poll::Pending
-                }
-            }));
-            tracing::info!("stop signal received; committing what is buffered");
-            SHUTDOWN.store(true, Ordering::SeqCst);
-        })
-        .context("starting the signal thread")?;
-    Ok(())
+    broadside_analytics::stop::set_on_stop_signal(&SHUTDOWN)
+        .context("installing the SIGINT/SIGTERM handlers")
 }
 
 /// Options of `broadside ingest`.

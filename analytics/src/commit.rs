@@ -18,6 +18,8 @@
 //! longer be committed (roll back) and resumes at `end + 1`. Final names are
 //! `<prefix>-<start>-<end>.parquet`; since ranges never overlap, names never collide.
 
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine as _;
 use std::fs::{self, File};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
@@ -383,7 +385,7 @@ impl Committer {
             rec.insert("detail".into(), d.reason.to_string().into());
             match std::str::from_utf8(&d.payload) {
                 Ok(s) => rec.insert("payload".into(), s.into()),
-                Err(_) => rec.insert("payload_base64".into(), base64(&d.payload).into()),
+                Err(_) => rec.insert("payload_base64".into(), STANDARD.encode(&d.payload).into()),
             };
             serde_json::to_writer(&mut out, &rec).expect("dead letter serializes");
             out.push(b'\n');
@@ -446,25 +448,6 @@ fn read_manifest(path: &Path) -> Result<Manifest> {
         .map_err(|e| Error::state(path, format!("unreadable manifest: {e}")))
 }
 
-/// Standard base64 (RFC 4648, padded), for dead letters that are not UTF-8.
-pub(crate) fn base64(bytes: &[u8]) -> String {
-    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut s = String::with_capacity(bytes.len().div_ceil(3) * 4);
-    for c in bytes.chunks(3) {
-        let n = (u32::from(c[0]) << 16)
-            | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
-            | u32::from(*c.get(2).unwrap_or(&0));
-        for i in 0..4 {
-            if i <= c.len() {
-                s.push(A[(n >> (18 - 6 * i)) as usize & 63] as char);
-            } else {
-                s.push('=');
-            }
-        }
-    }
-    s
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -497,14 +480,6 @@ mod tests {
 
     fn offsets_end_marker() -> i64 {
         -1
-    }
-
-    #[test]
-    fn base64_matches_rfc4648_vectors() {
-        assert_eq!(base64(b""), "");
-        assert_eq!(base64(b"f"), "Zg==");
-        assert_eq!(base64(b"fo"), "Zm8=");
-        assert_eq!(base64(b"foobar"), "Zm9vYmFy");
     }
 
     #[test]

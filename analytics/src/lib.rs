@@ -31,6 +31,7 @@ pub mod kafka;
 pub mod params;
 pub mod query;
 pub mod rollup;
+pub mod stop;
 pub mod suppression;
 pub mod synth;
 pub mod webhook;

@@ -226,28 +226,9 @@ pub async fn send(
 
 /// `Basic` credentials for a user with an empty password (how Lob takes its API key).
 pub fn basic_auth(user: &str) -> String {
-    format!("Basic {}", base64(format!("{user}:").as_bytes()))
-}
-
-fn base64(input: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(input.len().div_ceil(3) * 4);
-    for chunk in input.chunks(3) {
-        let b = [
-            chunk[0],
-            chunk.get(1).copied().unwrap_or(0),
-            chunk.get(2).copied().unwrap_or(0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
+    use base64::Engine;
+    let coded = base64::engine::general_purpose::STANDARD.encode(format!("{user}:"));
+    format!("Basic {coded}")
 }
 
 #[cfg(test)]
@@ -255,19 +236,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn base64_matches_rfc_4648_vectors() {
-        for (plain, coded) in [
-            ("", ""),
-            ("f", "Zg=="),
-            ("fo", "Zm8="),
-            ("foo", "Zm9v"),
-            ("foob", "Zm9vYg=="),
-            ("fooba", "Zm9vYmE="),
-            ("foobar", "Zm9vYmFy"),
-        ] {
-            assert_eq!(base64(plain.as_bytes()), coded, "{plain:?}");
-        }
+    fn basic_credentials_are_base64_of_user_and_empty_password() {
         assert_eq!(basic_auth("test_key"), "Basic dGVzdF9rZXk6");
+        assert_eq!(basic_auth("f"), "Basic Zjo=");
     }
 
     #[test]

@@ -13,15 +13,11 @@
 
 use std::io::Write;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 
 use broadside_analytics::{run_kafka_ingest, IngestHooks, KafkaIngestConfig, OnGap};
 
 static STOP: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    STOP.store(true, Ordering::SeqCst);
-}
 
 fn parse_args() -> Result<KafkaIngestConfig, String> {
     let mut cfg = KafkaIngestConfig::new("", "", &[], "");
@@ -63,10 +59,9 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-    unsafe {
-        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
-        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    if let Err(e) = broadside_analytics::stop::set_on_stop_signal(&STOP) {
+        eprintln!("ingest_worker: cannot install the SIGINT/SIGTERM handlers: {e}");
+        return ExitCode::FAILURE;
     }
     let hooks = IngestHooks {
         on_commit: Some(Box::new(|c| {
