@@ -139,7 +139,12 @@ pub fn serve_parts(
         let mut cfg = RelayConfig::new(holder());
         cfg.every_secs = o.callback_relay_every;
         cfg.lease_secs = (3 * o.callback_relay_every as i64).max(300);
-        let relay = EventRelay::new(db, &store.join("events"), queue.clone(), cfg)?;
+        let relay = EventRelay::new(
+            db,
+            &broadside_pipeline::event::events_dir(&store),
+            queue.clone(),
+            cfg,
+        )?;
         let every = Duration::from_secs(o.callback_relay_every);
         std::thread::Builder::new()
             .name("callback-relay".into())
@@ -371,7 +376,7 @@ impl SpecExecutor {
             return Ok(0);
         };
         let spec = broadside_pipeline::spec::CampaignSpec::load(spec_path)?;
-        let events = spec.resolve(&spec.output.store).join("events");
+        let events = broadside_pipeline::event::events_dir(&spec.resolve(&spec.output.store));
         let prefix = format!("submitted-{run_id}-");
         let mut n = 0;
         for file in files_under(&events, 2)? {

@@ -93,7 +93,7 @@ struct Source {
 
 /// The dates (`YYYY-MM-DD`) that have an event partition in a workspace, sorted.
 pub fn event_dates(store: &Path, ws: &str) -> QueryResult<Vec<String>> {
-    let dir = store.join("events").join(format!("workspace_id={ws}"));
+    let dir = broadside_pipeline::event::events_dir(store).join(format!("workspace_id={ws}"));
     partition_values(&dir, "date", |d| {
         NaiveDate::parse_from_str(d, "%Y-%m-%d").is_ok()
     })
@@ -596,7 +596,7 @@ fn distinct_uniques(b: &RecordBatch) -> QueryResult<RecordBatch> {
 /// Workspaces that have events.
 pub fn list_workspaces(store: &Path) -> QueryResult<Vec<String>> {
     partition_values(
-        &store.join("events"),
+        &broadside_pipeline::event::events_dir(store),
         "workspace_id",
         crate::decode::valid_workspace_id,
     )

@@ -130,9 +130,7 @@ pub fn build_suppression(cfg: &SuppressionBuildConfig) -> Result<SuppressionSnap
         .collect();
     let mut sources = Vec::new();
 
-    let ws_dir = cfg
-        .store
-        .join("events")
+    let ws_dir = broadside_pipeline::event::events_dir(&cfg.store)
         .join(format!("workspace_id={}", cfg.workspace_id));
     for file in parquet_files(&ws_dir)? {
         let rows = scan_event_file(&file, &mut sets)?;

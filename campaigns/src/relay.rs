@@ -256,59 +256,15 @@ impl Drop for EventRelay {
 }
 
 /// Engagement event files under `events` in name order: (path relative to `events`, path,
-/// workspace). `submitted-*` files (the executor relays those) and files under construction
-/// (not `.parquet`) are left out.
+/// workspace). `submitted-*` files (the executor relays those) are left out.
 fn event_files(events: &Path) -> Result<Vec<(String, PathBuf, String)>> {
-    let list = |dir: &Path| -> Result<Vec<PathBuf>> {
-        let mut out = Vec::new();
-        let entries = match std::fs::read_dir(dir) {
-            Ok(e) => e,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
-            Err(e) => {
-                return Err(Error::EventFile {
-                    path: dir.to_path_buf(),
-                    message: format!("listing: {e}"),
-                })
-            }
-        };
-        for e in entries {
-            let e = e.map_err(|e| Error::EventFile {
-                path: dir.to_path_buf(),
-                message: format!("listing: {e}"),
-            })?;
-            out.push(e.path());
-        }
-        out.sort();
-        Ok(out)
-    };
-    let name = |p: &Path| {
-        p.file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or_default()
-            .to_string()
-    };
-    let mut out = Vec::new();
-    for ws_dir in list(events)? {
-        let ws_name = name(&ws_dir);
-        let Some(workspace) = ws_name.strip_prefix("workspace_id=") else {
-            continue;
-        };
-        if !ws_dir.is_dir() {
-            continue;
-        }
-        for date_dir in list(&ws_dir)? {
-            let date = name(&date_dir);
-            if !date.starts_with("date=") || !date_dir.is_dir() {
-                continue;
-            }
-            for file in list(&date_dir)? {
-                let f = name(&file);
-                if !f.ends_with(".parquet") || f.starts_with("submitted-") || !file.is_file() {
-                    continue;
-                }
-                out.push((format!("{ws_name}/{date}/{f}"), file, workspace.to_string()));
-            }
-        }
-    }
-    Ok(out)
+    Ok(broadside_pipeline::event::committed_files(events)
+        .map_err(|(path, e)| Error::EventFile {
+            path,
+            message: format!("listing: {e}"),
+        })?
+        .into_iter()
+        .filter(|f| !f.name.starts_with("submitted-"))
+        .map(|f| (f.relative(), f.path, f.workspace))
+        .collect())
 }

@@ -145,12 +145,86 @@ pub fn file_schema() -> SchemaRef {
     ]))
 }
 
+/// The events table: `<store>/events`, hive-partitioned by `workspace_id` and `date`.
+pub fn events_dir(store: &Path) -> PathBuf {
+    store.join("events")
+}
+
 /// The folder holding one workspace's events of one day.
 pub fn partition_dir(store: &Path, workspace_id: &str, date: NaiveDate) -> PathBuf {
-    store
-        .join("events")
+    events_dir(store)
         .join(format!("workspace_id={workspace_id}"))
         .join(format!("date={}", date.format("%Y-%m-%d")))
+}
+
+/// One committed event file of the events table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventFile {
+    /// Its workspace (the `workspace_id` partition).
+    pub workspace: String,
+    /// Its day, `YYYY-MM-DD` (the `date` partition).
+    pub date: String,
+    /// The file name.
+    pub name: String,
+    /// Where it is.
+    pub path: PathBuf,
+}
+
+impl EventFile {
+    /// `workspace_id=W/date=D/NAME`: the file's place within the events table.
+    pub fn relative(&self) -> String {
+        format!(
+            "workspace_id={}/date={}/{}",
+            self.workspace, self.date, self.name
+        )
+    }
+}
+
+/// The committed files (`*.parquet`; files being written have other names) under an events
+/// table folder, in path order. A missing folder has none. Errors name the folder listed.
+pub fn committed_files(events: &Path) -> Result<Vec<EventFile>, (PathBuf, std::io::Error)> {
+    let list = |dir: &Path| -> Result<Vec<(String, PathBuf)>, (PathBuf, std::io::Error)> {
+        let mut out = Vec::new();
+        let entries = match std::fs::read_dir(dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+            Err(e) => return Err((dir.to_path_buf(), e)),
+        };
+        for e in entries {
+            let e = e.map_err(|e| (dir.to_path_buf(), e))?;
+            out.push((e.file_name().to_string_lossy().into_owned(), e.path()));
+        }
+        out.sort();
+        Ok(out)
+    };
+    let mut out = Vec::new();
+    for (ws_name, ws_dir) in list(events)? {
+        let Some(workspace) = ws_name.strip_prefix("workspace_id=") else {
+            continue;
+        };
+        if !ws_dir.is_dir() {
+            continue;
+        }
+        for (date_name, date_dir) in list(&ws_dir)? {
+            let Some(date) = date_name.strip_prefix("date=") else {
+                continue;
+            };
+            if !date_dir.is_dir() {
+                continue;
+            }
+            for (name, path) in list(&date_dir)? {
+                if name.ends_with(".parquet") && path.is_file() {
+                    out.push(EventFile {
+                        workspace: workspace.to_string(),
+                        date: date.to_string(),
+                        name,
+                        path,
+                    });
+                }
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Builds event record batches column by column.
