@@ -141,7 +141,7 @@ pub fn serve_parts(
         cfg.lease_secs = (3 * o.callback_relay_every as i64).max(300);
         let relay = EventRelay::new(
             db,
-            &broadside_pipeline::event::events_dir(&store),
+            &broadside_pipeline::event::events_dir(store),
             queue.clone(),
             cfg,
         )?;
