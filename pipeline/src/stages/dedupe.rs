@@ -64,23 +64,25 @@ fn position(seq: u64, i: usize) -> Result<u64> {
 /// Seed offset of the household fingerprints, so a key and an address never meet.
 const HOUSEHOLD_SEED: u64 = 0x9e37_79b9_7f4a_7c15;
 
-/// A recipient fingerprint: its 128 bits (never 0), the shard and the tag taken from them.
+/// A recipient fingerprint: 128 bits (never 0); the shard and the tag are taken from them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Fingerprint {
     full: u128,
-    shard: u8,
-    tag: u64,
 }
 
 impl Fingerprint {
     fn of(bytes: &[u8], seed: u64) -> Fingerprint {
-        let full = xxh3_128_with_seed(bytes, seed).max(1);
-        let hi = (full >> 64) as u64;
         Fingerprint {
-            full,
-            shard: (hi >> (64 - SHARD_BITS)) as u8,
-            tag: hi & ((1 << TAG_BITS) - 1),
+            full: xxh3_128_with_seed(bytes, seed).max(1),
         }
+    }
+
+    fn shard(&self) -> usize {
+        (self.full >> (128 - SHARD_BITS)) as usize
+    }
+
+    fn tag(&self) -> u64 {
+        (self.full >> 64) as u64 & ((1 << TAG_BITS) - 1)
     }
 }
 
@@ -88,60 +90,106 @@ impl Fingerprint {
 const HUGE_PAGE: usize = 2 << 20;
 const SLOT_BYTES: usize = std::mem::size_of::<u64>();
 
-/// A shard's slots, zeroed and resident. Past 2 MiB they start on a 2 MiB boundary and the
-/// kernel is asked to back them with huge pages: probes land at random in a table far larger
-/// than the caches, and with 4 KiB pages each one also missed the TLB (perf put half of the
-/// stage's time on the page walks behind its prefetches).
-#[derive(Default)]
+/// A shard's slots, zeroed and resident, in a mapping of their own that goes back to the system
+/// when the shard grows (through the allocator, freed tables stayed resident in its arenas).
+/// Past 2 MiB they start on a 2 MiB boundary and the kernel is asked to back them with huge
+/// pages: probes land at random in a table far larger than the caches, and with 4 KiB pages
+/// each one also missed the TLB (perf put half of the stage's time on the page walks behind
+/// its prefetches).
 struct Slots {
-    buf: Vec<u64>,
-    base: usize,
+    map: *mut libc::c_void,
+    map_len: usize,
+    slots: *mut u64,
     len: usize,
+}
+
+// SAFETY: `Slots` owns its mapping exclusively, like a `Box<[u64]>`.
+unsafe impl Send for Slots {}
+// SAFETY: shared access only reads through `&[u64]`.
+unsafe impl Sync for Slots {}
+
+impl Default for Slots {
+    fn default() -> Slots {
+        Slots {
+            map: std::ptr::null_mut(),
+            map_len: 0,
+            slots: std::ptr::NonNull::dangling().as_ptr(),
+            len: 0,
+        }
+    }
 }
 
 impl Slots {
     fn zeroed(len: usize) -> Slots {
-        let huge = len * SLOT_BYTES >= HUGE_PAGE;
-        let pad = if huge { HUGE_PAGE / SLOT_BYTES } else { 0 };
-        let mut buf = vec![0u64; len + pad];
-        let base = match huge {
-            true => buf.as_ptr().align_offset(HUGE_PAGE).min(pad),
-            false => 0,
+        let bytes = len * SLOT_BYTES;
+        let huge = bytes >= HUGE_PAGE;
+        let map_len = bytes + if huge { HUGE_PAGE } else { 0 };
+        // SAFETY: an anonymous private mapping; the result is checked below.
+        let map = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                map_len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
         };
+        if map == libc::MAP_FAILED {
+            std::alloc::handle_alloc_error(
+                std::alloc::Layout::array::<u64>(len).expect("a table size"),
+            );
+        }
+        let skip = if huge {
+            (map as usize).next_multiple_of(HUGE_PAGE) - map as usize
+        } else {
+            0
+        };
+        // SAFETY: `skip + bytes <= map_len`, inside the mapping.
+        let slots = unsafe { map.cast::<u8>().add(skip) }.cast::<u64>();
         #[cfg(target_os = "linux")]
         if huge {
-            let start = buf[base..].as_mut_ptr();
-            // SAFETY: the range lies inside `buf`'s allocation; the advice changes how the
-            // kernel backs the pages, not their contents. A refusal is harmless.
-            unsafe {
-                libc::madvise(
-                    start.cast(),
-                    (len * SLOT_BYTES) & !(HUGE_PAGE - 1),
-                    libc::MADV_HUGEPAGE,
-                )
-            };
+            // SAFETY: the range lies inside the mapping; the advice changes how the kernel
+            // backs the pages, not their contents. A refusal is harmless.
+            unsafe { libc::madvise(slots.cast(), bytes & !(HUGE_PAGE - 1), libc::MADV_HUGEPAGE) };
         }
         // Each page is written once before any probe reads it: a probe reading it first maps
         // the shared zero page, and the write after it then copies the page and shoots down
         // every core's TLB entry for it (perf: 6 % of a 10M send's CPU).
-        for s in buf[base..base + len].iter_mut().step_by(4096 / SLOT_BYTES) {
-            // SAFETY: `s` is a valid, aligned, exclusive reference into `buf`.
-            unsafe { std::ptr::write_volatile(s, 0) };
+        for i in (0..len).step_by(4096 / SLOT_BYTES) {
+            // SAFETY: `i < len`, inside the slots, which nothing else references yet.
+            unsafe { std::ptr::write_volatile(slots.add(i), 0) };
         }
-        Slots { buf, base, len }
+        Slots {
+            map,
+            map_len,
+            slots,
+            len,
+        }
+    }
+}
+
+impl Drop for Slots {
+    fn drop(&mut self) {
+        if !self.map.is_null() {
+            // SAFETY: the mapping was made by `zeroed` and nothing borrows it any more.
+            unsafe { libc::munmap(self.map, self.map_len) };
+        }
     }
 }
 
 impl std::ops::Deref for Slots {
     type Target = [u64];
     fn deref(&self) -> &[u64] {
-        &self.buf[self.base..self.base + self.len]
+        // SAFETY: `len` initialised (zeroed) slots owned by `self`.
+        unsafe { std::slice::from_raw_parts(self.slots, self.len) }
     }
 }
 
 impl std::ops::DerefMut for Slots {
     fn deref_mut(&mut self) -> &mut [u64] {
-        &mut self.buf[self.base..self.base + self.len]
+        // SAFETY: as for `deref`, and `&mut self` is exclusive.
+        unsafe { std::slice::from_raw_parts_mut(self.slots, self.len) }
     }
 }
 
@@ -162,7 +210,7 @@ impl Shard {
     #[inline]
     fn prefetch(&self, fp: &Fingerprint) {
         if !self.slots.is_empty() {
-            super::suppression::prefetch(&self.slots[self.home(fp.tag)]);
+            super::suppression::prefetch(&self.slots[self.home(fp.tag())]);
         }
     }
 
@@ -229,12 +277,12 @@ impl Fingerprints {
         })
     }
 
-    /// Writes one batch's rows (`fps[row * kinds + kind]`, 0 where a row has none).
-    fn write(&self, seq: u64, fps: &[u128]) -> Result<()> {
-        let bytes: Vec<u8> = fps.iter().flat_map(|f| f.to_le_bytes()).collect();
+    /// Writes one batch's rows: `bytes[(row * kinds + kind) * 16..][..16]` is the row's
+    /// fingerprint of that kind, little-endian (0 where a row has none).
+    fn write(&self, seq: u64, bytes: &[u8]) -> Result<()> {
         let at = self.end.fetch_add(bytes.len() as u64, Ordering::Relaxed);
         self.file
-            .write_all_at(&bytes, at)
+            .write_all_at(bytes, at)
             .map_err(|e| Error::Stage {
                 stage: "dedupe".into(),
                 message: format!("writing its working file: {e}"),
@@ -351,13 +399,14 @@ impl SeenRecipients {
     /// where it would go (the table is never full).
     fn find(&self, s: &Shard, fp: &Fingerprint) -> Result<(usize, Option<u64>)> {
         let cap = s.slots.len();
-        let mut i = s.home(fp.tag);
+        let tag = fp.tag();
+        let mut i = s.home(tag);
         loop {
             let v = s.slots[i];
             if v == 0 {
                 return Ok((i, None));
             }
-            if v >> POS_BITS == fp.tag {
+            if v >> POS_BITS == tag {
                 let pos = (v & POS_MASK) - 1;
                 if self.fingerprints.row_has(pos, fp.full)? {
                     return Ok((i, Some(pos)));
@@ -377,7 +426,7 @@ impl SeenRecipients {
     ) -> Result<(Option<u64>, Option<u64>)> {
         s.make_room();
         let (i, old) = self.find(s, fp)?;
-        let slot = fp.tag << POS_BITS | (pos + 1);
+        let slot = fp.tag() << POS_BITS | (pos + 1);
         Ok(match old {
             None => {
                 s.slots[i] = slot;
@@ -394,7 +443,7 @@ impl SeenRecipients {
 
     /// The smallest position recorded for `fp`.
     fn get(&self, fp: &Fingerprint) -> Result<Option<u64>> {
-        let s = lock(&self.shards[fp.shard as usize]);
+        let s = lock(&self.shards[fp.shard()]);
         if s.slots.is_empty() {
             return Ok(None);
         }
@@ -478,11 +527,11 @@ impl Stage for Deduplicator {
         let kinds = self.seen.kinds();
         // Every row's fingerprints go to the working file before the batch touches the table,
         // so any slot naming one of its rows can be confirmed.
-        let mut fps = vec![0u128; n * kinds];
+        let mut fps = vec![0u8; n * kinds * 16];
         // Group the rows' fingerprints by shard (a stable counting sort: rows stay ascending
         // within each), so each shard is locked once per batch and rows of one key are seen
         // in input order.
-        let mut found: Vec<(u32, u8, Fingerprint)> = Vec::with_capacity(n);
+        let mut found: Vec<(Fingerprint, u32, u8)> = Vec::with_capacity(n);
         let mut counts = [0u32; SHARDS + 1];
         for i in 0..n {
             if b.decisions[i] != Decision::Pending {
@@ -495,9 +544,9 @@ impl Stage for Deduplicator {
                 .enumerate()
             {
                 if let Some(fp) = fp {
-                    counts[fp.shard as usize + 1] += 1;
-                    fps[i * kinds + k] = fp.full;
-                    found.push((i as u32, k as u8, fp));
+                    counts[fp.shard() + 1] += 1;
+                    fps[(i * kinds + k) * 16..][..16].copy_from_slice(&fp.full.to_le_bytes());
+                    found.push((fp, i as u32, k as u8));
                 }
             }
         }
@@ -510,21 +559,10 @@ impl Stage for Deduplicator {
         for s in 1..=SHARDS {
             counts[s] += counts[s - 1];
         }
-        let mut entries = vec![
-            (
-                0u32,
-                0u8,
-                Fingerprint {
-                    full: 0,
-                    shard: 0,
-                    tag: 0
-                }
-            );
-            found.len()
-        ];
+        let mut entries = vec![(Fingerprint { full: 0 }, 0u32, 0u8); found.len()];
         let mut next = counts;
         for e in found {
-            let at = &mut next[e.2.shard as usize];
+            let at = &mut next[e.0.shard()];
             entries[*at as usize] = e;
             *at += 1;
         }
@@ -537,9 +575,9 @@ impl Stage for Deduplicator {
                 continue;
             }
             let mut s = lock(&self.seen.shards[shard]);
-            for (x, (i, k, fp)) in group.iter().enumerate() {
+            for (x, (fp, i, k)) in group.iter().enumerate() {
                 if let Some(ahead) = group.get(x + PROBE_AHEAD) {
-                    s.prefetch(&ahead.2);
+                    s.prefetch(&ahead.0);
                 }
                 let row = position(b.seq, *i as usize)?;
                 let (prev, lost) = self.seen.insert_min(&mut s, fp, row)?;
@@ -895,16 +933,23 @@ mod tests {
         let a = Fingerprint::of(b"ann@x.org", seen.seed);
         // Another key forced into the same shard with the same tag: only the working file's
         // full fingerprint tells them apart.
-        let b = Fingerprint {
-            shard: a.shard,
-            tag: a.tag,
-            ..Fingerprint::of(b"bob@x.org", seen.seed)
+        let same_tag = |other: &[u8]| {
+            let o = Fingerprint::of(other, seen.seed).full;
+            let mask = (((1u128 << TAG_BITS) - 1) << 64)
+                | (((1u128 << SHARD_BITS) - 1) << (128 - SHARD_BITS));
+            Fingerprint {
+                full: (o & !mask) | (a.full & mask),
+            }
         };
+        let b = same_tag(b"bob@x.org");
+        assert_eq!((b.shard(), b.tag()), (a.shard(), a.tag()));
         assert_ne!(a.full, b.full);
-        seen.fingerprints
-            .write(0, &[a.full, b.full, a.full])
-            .unwrap();
-        let mut s = lock(&seen.shards[a.shard as usize]);
+        let bytes: Vec<u8> = [a.full, b.full, a.full]
+            .iter()
+            .flat_map(|f| f.to_le_bytes())
+            .collect();
+        seen.fingerprints.write(0, &bytes).unwrap();
+        let mut s = lock(&seen.shards[a.shard()]);
         assert_eq!(seen.insert_min(&mut s, &a, 0).unwrap(), (None, None));
         assert_eq!(seen.insert_min(&mut s, &b, 1).unwrap(), (None, None));
         assert_eq!(seen.insert_min(&mut s, &a, 2).unwrap(), (Some(0), None));
@@ -912,11 +957,7 @@ mod tests {
         drop(s);
         assert_eq!(seen.get(&a).unwrap(), Some(0));
         assert_eq!(seen.get(&b).unwrap(), Some(1));
-        let c = Fingerprint {
-            shard: a.shard,
-            tag: a.tag,
-            ..Fingerprint::of(b"cy@x.org", seen.seed)
-        };
+        let c = same_tag(b"cy@x.org");
         assert_eq!(seen.get(&c).unwrap(), None);
     }
 
