@@ -1261,14 +1261,43 @@ fn disk_full_hot_folder_fails_clearly_and_resumes() {
 /// `RLIMIT_FSIZE`, so writes past the limit fail with EFBIG mid-run.
 #[test]
 fn file_size_limit_fails_clearly_and_resumes() {
+    // The sinks meet the limit (the deduplication stage's working file, which grows by 16
+    // bytes per row from the first batch on, is tested on its own below).
+    let (before, c, rows) = send_under_file_size_limit(false, "efbig");
+    assert!(!before.is_empty(), "the fault should land mid-run");
+    println!(
+        "figure file_size_limit error=EFBIG committed_kept={} missing={} duplicates={} \
+         ledger_rows={}/{rows}",
+        before.len(),
+        c.missing,
+        c.duplicates,
+        c.ledger_rows
+    );
+}
+
+#[test]
+fn a_working_file_over_the_file_size_limit_fails_clearly_and_resumes() {
+    let (_, c, rows) = send_under_file_size_limit(true, "efbig-dedupe");
+    assert_eq!((c.missing, c.duplicates), (0, 0));
+    assert_eq!(c.ledger_rows, rows);
+}
+
+/// Sends 20 000 rows under a 120 kB file size limit (`RLIMIT_FSIZE`, SIGXFSZ ignored so writes
+/// fail with EFBIG), checks the failure is clean and names the file, then resumes without the
+/// limit. Returns what was committed before the fault and the resume's check.
+fn send_under_file_size_limit(dedupe: bool, run: &str) -> (BTreeMap<PathBuf, Vec<u8>>, Check, u64) {
     let d = tempfile::tempdir().unwrap();
     let rows = 20_000;
     // Small IFUR files (500 lines) commit under the limit; a ledger or event part (16 384
     // rows, written at its close) does not.
     let spec = campaign(d.path(), rows, 500, 16_384);
+    if !dedupe {
+        let text = std::fs::read_to_string(&spec).unwrap();
+        std::fs::write(&spec, format!("dedupe = false\n{text}")).unwrap();
+    }
     let out = Outputs::of(d.path());
     let mut cmd = exe();
-    cmd.args(["send", s(&spec), "--run-id", "efbig", "--no-progress"]);
+    cmd.args(["send", s(&spec), "--run-id", run, "--no-progress"]);
     // SAFETY: only async-signal-safe calls between fork and exec.
     unsafe {
         cmd.pre_exec(|| {
@@ -1291,17 +1320,17 @@ fn file_size_limit_fails_clearly_and_resumes() {
     );
     let stderr = String::from_utf8_lossy(&failed.stderr).to_string();
     assert!(stderr.contains("File too large"), "{stderr}");
-    let before = assert_failed_cleanly(&out, "efbig", &stderr, &d.path().display().to_string());
-    assert!(!before.is_empty(), "the fault should land mid-run");
-    let c = assert_resumes(&out, &spec, "efbig", rows, &before);
-    println!(
-        "figure file_size_limit error=EFBIG committed_kept={} missing={} duplicates={} \
-         ledger_rows={}/{rows}",
-        before.len(),
-        c.missing,
-        c.duplicates,
-        c.ledger_rows
-    );
+    let must_name = match dedupe {
+        true => out
+            .store
+            .join(format!("campaign_runs/workspace_id={WS}/.dedupe-{run}-"))
+            .display()
+            .to_string(),
+        false => d.path().display().to_string(),
+    };
+    let before = assert_failed_cleanly(&out, run, &stderr, &must_name);
+    let c = assert_resumes(&out, &spec, run, rows, &before);
+    (before, c, rows)
 }
 
 /// Whether mode 0o500 stops this process from writing (it does not for root).

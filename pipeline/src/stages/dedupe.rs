@@ -238,7 +238,10 @@ struct Fingerprints {
     end: AtomicU64,
     /// Where each batch's rows start, by sequence number (`u64::MAX`: not written).
     offsets: Mutex<Vec<u64>>,
+    /// Its name, for messages (unlinked at once where the platform allows).
     path: std::path::PathBuf,
+    /// Whether it is still linked, to be removed on drop.
+    linked: bool,
 }
 
 impl Fingerprints {
@@ -267,13 +270,14 @@ impl Fingerprints {
             .open(&path)
             .map_err(|e| fail("creating", e))?;
         // Unlinked at once where the platform allows: it goes with the process, killed or not.
-        let kept = std::fs::remove_file(&path).is_err();
+        let linked = std::fs::remove_file(&path).is_err();
         Ok(Fingerprints {
             file,
             stride: 16 * kinds,
             end: AtomicU64::new(0),
             offsets: Mutex::default(),
-            path: if kept { path } else { Default::default() },
+            path,
+            linked,
         })
     }
 
@@ -285,7 +289,7 @@ impl Fingerprints {
             .write_all_at(bytes, at)
             .map_err(|e| Error::Stage {
                 stage: "dedupe".into(),
-                message: format!("writing its working file: {e}"),
+                message: format!("writing its working file {}: {e}", self.path.display()),
             })?;
         let mut o = lock(&self.offsets);
         if o.len() <= seq as usize {
@@ -312,7 +316,7 @@ impl Fingerprints {
             .read_exact_at(buf, start + row * self.stride)
             .map_err(|e| Error::Stage {
                 stage: "dedupe".into(),
-                message: format!("reading its working file: {e}"),
+                message: format!("reading its working file {}: {e}", self.path.display()),
             })?;
         Ok(buf
             .chunks_exact(16)
@@ -322,7 +326,7 @@ impl Fingerprints {
 
 impl Drop for Fingerprints {
     fn drop(&mut self) {
-        if !self.path.as_os_str().is_empty() {
+        if self.linked {
             let _ = std::fs::remove_file(&self.path);
         }
     }
