@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use broadside_campaigns::api::{
-    campaign_json, campaign_router, check_audience, sending_json, sending_schedule, system_clock,
-    Access, CampaignApiConfig, TokenGrant,
+    campaign_json, campaign_router, check_audience, schedule_draft, sending_detail, sending_json,
+    sending_schedule, system_clock, Access, CampaignApiConfig, TokenGrant,
 };
 use broadside_campaigns::audience::{Audience, Condition, FieldMap, Recipients};
 use broadside_campaigns::schedule::{parse_instant_text, ScheduleConfig};
@@ -443,6 +443,42 @@ fn files_under(dir: &Path, depth: usize) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
+impl SpecExecutor {
+    /// Records the sending's send run (its id, the spec's workspace and campaign id), after
+    /// checking that the spec belongs to the campaign's workspace: a send is never recorded
+    /// under another tenant.
+    fn record_run(
+        &self,
+        s: &Sending,
+        run: &str,
+        spec: &Path,
+    ) -> std::result::Result<(), StepError> {
+        let loaded = broadside_pipeline::spec::CampaignSpec::load(spec)?;
+        let store = Store::open(&self.db)?;
+        let campaign = store.campaign_by_id(s.campaign_id)?;
+        if loaded.workspace_id != campaign.workspace_id {
+            return Err(format!(
+                "{}: workspace_id {:?} is not the workspace of campaign {} ({:?})",
+                spec.display(),
+                loaded.workspace_id,
+                campaign.id,
+                campaign.workspace_id
+            )
+            .into());
+        }
+        store.record_sending_run(
+            &SendingRun {
+                run_id: run.to_string(),
+                sending_id: s.id,
+                workspace_id: loaded.workspace_id,
+                campaign_key: loaded.campaign_id,
+            },
+            chrono::Utc::now().timestamp(),
+        )?;
+        Ok(())
+    }
+}
+
 /// What a sending's run does about earlier runs of its campaign: skip the keys they sent
 /// (`already_sent`) unless the sending says `"exclude_sent": false`.
 fn repeat_of(s: &Sending) -> crate::send::Repeat {
@@ -456,6 +492,8 @@ fn repeat_of(s: &Sending) -> crate::send::Repeat {
 impl Executor for SpecExecutor {
     fn prepare(&self, s: &Sending) -> std::result::Result<Prepared, StepError> {
         let (spec, audience) = self.plan(s).map_err(|e| format!("{e:#}"))?;
+        // Recorded before anything is sent, so the sending shows its run id from here on.
+        self.record_run(s, &run_id(s), &spec)?;
         self.sync_templates(&spec).map_err(|e| format!("{e:#}"))?;
         let record = crate::send::send(&crate::send::SendOptions {
             spec,
@@ -468,6 +506,7 @@ impl Executor for SpecExecutor {
         Ok(Prepared {
             recipients: record.rows,
             handle: run_id(s),
+            decisions: record.decisions,
         })
     }
 
@@ -479,17 +518,8 @@ impl Executor for SpecExecutor {
     ) -> std::result::Result<(), StepError> {
         let (spec, audience) = self.plan(s).map_err(|e| format!("{e:#}"))?;
         // Before the run writes an event: the relay maps the run's events to this sending by
-        // run id, workspace and campaign id.
-        let loaded = broadside_pipeline::spec::CampaignSpec::load(&spec)?;
-        Store::open(&self.db)?.record_sending_run(
-            &SendingRun {
-                run_id: p.handle.clone(),
-                sending_id: s.id,
-                workspace_id: loaded.workspace_id.clone(),
-                campaign_key: loaded.campaign_id.clone(),
-            },
-            chrono::Utc::now().timestamp(),
-        )?;
+        // run id, workspace and campaign id (the spec may have changed since preparation).
+        self.record_run(s, &p.handle, &spec)?;
         crate::send::send(&crate::send::SendOptions {
             spec: spec.clone(),
             run_id: Some(p.handle.clone()),
@@ -716,22 +746,10 @@ pub fn run(o: CampaignOptions) -> Result<()> {
             let fields = crate::audience::allowed_fields(o.audience_fields.as_deref())?;
             check_audience(&recipients, &fields, &campaign)?;
             let sending = store.create_sending(ws, id, &schedule, timing, &recipients, now)?;
-            let mut targets = Vec::new();
-            if campaign.state == CampaignState::Draft {
-                targets.push(CampaignState::Scheduled);
-            }
-            if ready
-                && matches!(
-                    campaign.state,
-                    CampaignState::Draft | CampaignState::Scheduled
-                )
-            {
-                targets.push(CampaignState::Ready);
-            }
-            let mut c = campaign;
-            for t in targets {
+            let mut c = schedule_draft(&store, &campaign, now)?;
+            if ready && c.state == CampaignState::Scheduled {
                 let f = CampaignFields {
-                    state: Some(t),
+                    state: Some(CampaignState::Ready),
                     ..Default::default()
                 };
                 c = store.update_campaign(ws, id, &f, now)?;
@@ -768,9 +786,7 @@ pub fn run(o: CampaignOptions) -> Result<()> {
             let c = store.campaign(ws, id)?;
             let mut sendings = Vec::new();
             for s in store.sendings(ws, id)? {
-                let mut v = sending_json(&s);
-                v["runs"] = serde_json::to_value(store.runs(s.id)?)?;
-                sendings.push(v);
+                sendings.push(sending_detail(&store, &s)?);
             }
             print(&json!({"campaign": campaign_json(&c), "sendings": sendings}));
         }

@@ -5,8 +5,15 @@ mod common;
 
 use serde_json::Value;
 
+/// The workspace of the generated specs, where these tests' campaigns live.
+const WS: &str = "demo";
+
 fn campaign(db: &str, args: &[&str], ok: bool) -> (Value, String) {
-    let mut all = vec!["campaign", "--db", db];
+    campaign_in(db, WS, args, ok)
+}
+
+fn campaign_in(db: &str, ws: &str, args: &[&str], ok: bool) -> (Value, String) {
+    let mut all = vec!["campaign", "--db", db, "--workspace", ws];
     all.extend_from_slice(args);
     let out = common::run(&all, ok);
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -45,6 +52,26 @@ fn a_ready_campaign_is_sent_once_through_its_spec() {
     let sending = &st["sendings"][0];
     assert_eq!(sending["status"], "transmitted");
     assert_eq!(sending["recipient_count"], 300);
+    // preparation's decisions cover every resolved row
+    let decided: u64 = sending["decisions"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|n| n.as_u64().unwrap())
+        .sum();
+    assert_eq!(decided, 300, "{sending}");
+    // the sending names its send run and leads to it in the analytics API
+    let run = sending_run_id(sending);
+    assert_eq!(sending["run_id"], run.as_str());
+    assert_eq!(sending["ledger_campaign_id"], "generated-42");
+    assert_eq!(
+        sending["links"],
+        serde_json::json!({
+            "run": format!("/campaign-runs/{run}"),
+            "statistics": "/campaign-statistics/generated-42",
+            "recipient_logs": format!("/campaign-recipient-logs/?run_id={run}"),
+        })
+    );
     let steps: Vec<&str> = sending["runs"]
         .as_array()
         .unwrap()
@@ -115,6 +142,40 @@ fn a_later_sending_skips_whom_an_earlier_one_reached_unless_it_includes_them() {
         .all(|r| r.detail.as_deref() == Some(first.as_str())));
     assert_eq!(count(&runs[2], "sent", None), sent);
     assert_eq!(count(&runs[2], "skipped", Some("already_sent")), 0);
+}
+
+#[test]
+fn a_spec_of_another_workspace_is_refused_before_anything_is_sent() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = common::generate(dir.path(), 20, 0, &[]);
+    let db = dir.path().join("campaigns.db");
+    let db = db.to_str().unwrap();
+    let specs = dir.path().to_str().unwrap();
+    // a campaign of workspace `rival` whose spec file is the `demo` workspace's
+    let (c, _) = campaign_in(db, "rival", &["create", "--name", "X", "--list", "7"], true);
+    let id = c["id"].as_i64().unwrap();
+    std::fs::copy(&spec, dir.path().join(format!("{id}.toml"))).unwrap();
+    campaign_in(
+        db,
+        "rival",
+        &["schedule", &id.to_string(), "--now", "--ready"],
+        true,
+    );
+    campaign_in(db, "rival", &["run", "--specs", specs], true);
+    let (st, _) = campaign_in(db, "rival", &["status", &id.to_string()], true);
+    let sending = &st["sendings"][0];
+    assert_eq!(sending["status"], "failed", "{st}");
+    let err = sending["error"].as_str().unwrap();
+    assert!(
+        err.contains(&format!(
+            "workspace_id \"demo\" is not the workspace of campaign {id} (\"rival\")"
+        )),
+        "{err}"
+    );
+    assert!(sending["run_id"].is_null(), "{sending}");
+    // nothing was written for either workspace
+    assert!(!dir.path().join("store").exists());
+    assert!(!dir.path().join("megasys").exists());
 }
 
 #[test]
@@ -343,7 +404,7 @@ fn a_sending_with_conditions_sends_exactly_the_rows_they_select() {
     let store = broadside_campaigns::store::Store::open(std::path::Path::new(db)).unwrap();
     let stored = store
         .create_audience(
-            "default",
+            WS,
             "west",
             &serde_json::from_value::<Vec<broadside_campaigns::audience::Condition>>(
                 conditions.clone(),
@@ -1145,6 +1206,7 @@ fn an_audience_and_inline_recipients_are_sent_once_each() {
         let handle = serde_json::to_string(&broadside_campaigns::scheduler::Prepared {
             recipients: 12,
             handle: run_id.clone(),
+            decisions: Default::default(),
         })
         .unwrap();
         let patch = broadside_campaigns::store::StatusPatch {

@@ -40,7 +40,9 @@ use crate::api_input::{
 use crate::audience::{Audience, Conditions, FieldMap, Recipients};
 use crate::error::{Error, Result};
 use crate::schedule::{format_instant, ScheduleConfig};
-use crate::store::{Campaign, Sending, Store};
+use crate::scheduler::Prepared;
+use crate::state::{CampaignState, SendingStatus};
+use crate::store::{Campaign, CampaignFields, Sending, Store};
 
 /// Moved to [`crate::api_input`] (request parsing without a server); kept here for callers.
 pub use crate::api_input::{check_callback_url, sending_schedule};
@@ -292,10 +294,44 @@ pub fn sending_json(s: &Sending) -> Value {
         "channels_preference": s.recipients.channels_preference,
         "exclude_sent": !s.recipients.include_sent,
         "recipient_count": s.recipient_count,
+        "decisions": prepared_decisions(s),
         "error": s.error,
         "created_at": format_instant(s.created_at),
         "updated_at": format_instant(s.updated_at),
     })
+}
+
+/// How preparation decided the sending's recipients, when it recorded that (`null` before).
+fn prepared_decisions(s: &Sending) -> Value {
+    s.prepared
+        .as_deref()
+        .and_then(|p| serde_json::from_str::<Prepared>(p).ok())
+        .filter(|p| !p.decisions.is_empty())
+        .map_or(Value::Null, |p| json!(p.decisions))
+}
+
+/// A sending with what it did: its execution steps (`runs`), and its send run with the
+/// analytics links that lead to it. The send run's `campaign_id` in the ledger, events and
+/// statistics is the campaign spec's `campaign_id` (`ledger_campaign_id` here), which is not
+/// the campaign service's numeric id.
+pub fn sending_detail(store: &Store, s: &Sending) -> Result<Value> {
+    let mut v = sending_json(s);
+    v["runs"] = serde_json::to_value(store.runs(s.id)?).expect("runs serialise");
+    // The binary's executor gives a sending one run id; the last recorded one is current.
+    let send_runs = store.sending_runs(s.id)?;
+    let latest = send_runs.last();
+    v["run_id"] = json!(latest.map(|r| &r.run_id));
+    v["ledger_campaign_id"] = json!(latest.map(|r| &r.campaign_key));
+    // Run and campaign ids are letters, digits, '-' and '_' (the spec validator's rule): no
+    // escaping needed in a path or a query.
+    v["links"] = latest.map_or(Value::Null, |r| {
+        json!({
+            "run": format!("/campaign-runs/{}", r.run_id),
+            "statistics": format!("/campaign-statistics/{}", r.campaign_key),
+            "recipient_logs": format!("/campaign-recipient-logs/?run_id={}", r.run_id),
+        })
+    });
+    Ok(v)
 }
 
 async fn list_campaigns(
@@ -390,13 +426,31 @@ async fn create_sending(
     } = sending_request(&body)?;
     let sd = st
         .run(move |s, cfg, now| {
-            check_audience(&recipients, &cfg.fields, &s.campaign(&ws, id)?)?;
+            let campaign = s.campaign(&ws, id)?;
+            check_audience(&recipients, &cfg.fields, &campaign)?;
             let schedule = schedule?;
             let timing = resolve_sending_schedule(&schedule, &cfg.schedule, now)?;
-            s.create_sending(&ws, id, &schedule, timing, &recipients, now)
+            let sending = s.create_sending(&ws, id, &schedule, timing, &recipients, now)?;
+            if sending.status != SendingStatus::Draft {
+                schedule_draft(s, &campaign, now)?;
+            }
+            Ok(sending)
         })
         .await?;
     Ok((StatusCode::CREATED, Json(sending_json(&sd))))
+}
+
+/// A DRAFT campaign that gets a scheduled sending moves to SCHEDULED, through the API as through
+/// `broadside campaign schedule`; it still needs READY before the scheduler sends.
+pub fn schedule_draft(store: &Store, campaign: &Campaign, now: i64) -> Result<Campaign> {
+    if campaign.state != CampaignState::Draft {
+        return Ok(campaign.clone());
+    }
+    let fields = CampaignFields {
+        state: Some(CampaignState::Scheduled),
+        ..Default::default()
+    };
+    store.update_campaign(&campaign.workspace_id, campaign.id, &fields, now)
 }
 
 async fn get_sending(
@@ -404,7 +458,7 @@ async fn get_sending(
     Extension(Ws(ws)): Extension<Ws>,
     Path((id, sid)): Path<(i64, i64)>,
 ) -> ApiResult<Json<Value>> {
-    let (sd, runs) = st
+    let v = st
         .run(move |s, _, _| {
             let sd = s.sending(&ws, sid)?;
             if sd.campaign_id != id {
@@ -413,11 +467,9 @@ async fn get_sending(
                     id: sid,
                 });
             }
-            Ok((sd, s.runs(sid)?))
+            sending_detail(s, &sd)
         })
         .await?;
-    let mut v = sending_json(&sd);
-    v["runs"] = serde_json::to_value(runs).expect("runs serialise");
     Ok(Json(v))
 }
 

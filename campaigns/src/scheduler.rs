@@ -28,6 +28,10 @@ pub struct Prepared {
     pub recipients: u64,
     /// The executor's handle to the dispatches (a run id, a folder), stored with the sending.
     pub handle: String,
+    /// How preparation decided the resolved recipients (`sent`, `skipped`, `suppressed`,
+    /// `holdout`…, as the send's run record counts them), when the executor knows.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub decisions: std::collections::BTreeMap<String, u64>,
 }
 
 /// What an executor step failure says.
@@ -429,6 +433,7 @@ mod tests {
             Ok(Prepared {
                 recipients: self.recipients,
                 handle: format!("run-{}", s.id),
+                decisions: Default::default(),
             })
         }
         fn transmit(

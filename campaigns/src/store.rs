@@ -1074,6 +1074,29 @@ impl Store {
         Ok(())
     }
 
+    /// The send runs recorded for a sending, oldest first.
+    pub fn sending_runs(&self, sending_id: i64) -> Result<Vec<SendingRun>> {
+        self.db
+            .query(
+                "SELECT run_id, sending_id, workspace_id, campaign_key FROM sending_runs
+                 WHERE sending_id = ?1 ORDER BY recorded_at, run_id",
+                values![sending_id],
+            )
+            .and_then(|rows| {
+                rows.iter()
+                    .map(|r| {
+                        Ok(SendingRun {
+                            run_id: r.get(0)?,
+                            sending_id: r.get(1)?,
+                            workspace_id: r.get(2)?,
+                            campaign_key: r.get(3)?,
+                        })
+                    })
+                    .collect()
+            })
+            .map_err(self.err(format!("listing the runs of sending {sending_id}")))
+    }
+
     /// The sending run with this id, its campaign and the campaign's callback (`None` for a
     /// deleted campaign); `None` when no sending recorded the run.
     pub fn run_callback(&self, run_id: &str) -> Result<Option<RunCallback>> {

@@ -278,6 +278,33 @@ async fn workspaces_and_tokens() {
 }
 
 #[tokio::test]
+async fn a_scheduled_sending_moves_a_draft_campaign_to_scheduled() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = app(&dir, Access::Open);
+    let (_, c) = call(&app, "POST", "/campaign", Some(json!({"name": "x"}))).await;
+    let url = format!("/campaign/{}", c["id"]);
+    let state = || async { call(&app, "GET", &url, None).await.1["state"].clone() };
+    // a draft sending (no schedule) leaves the campaign a draft
+    let body = json!({"recipients": [{"email": "a@b.no"}]});
+    let (s, _) = call(&app, "POST", &format!("{url}/sendings"), Some(body)).await;
+    assert_eq!(s, StatusCode::CREATED);
+    assert_eq!(state().await, "DRAFT");
+    let body = json!({"schedule": {"type": "immediate"}, "recipients": [{"email": "a@b.no"}]});
+    let (s, sd) = call(&app, "POST", &format!("{url}/sendings"), Some(body)).await;
+    assert_eq!(
+        (s, sd["status"].as_str()),
+        (StatusCode::CREATED, Some("scheduled"))
+    );
+    assert_eq!(state().await, "SCHEDULED");
+    // the sending has not been prepared: no decisions, no send run yet
+    let (_, one) = call(&app, "GET", &format!("{url}/sendings/{}", sd["id"]), None).await;
+    assert_eq!(one["decisions"], Value::Null, "{one}");
+    assert_eq!(one["run_id"], Value::Null, "{one}");
+    assert_eq!(one["links"], Value::Null, "{one}");
+    assert_eq!(one["runs"], json!([]), "{one}");
+}
+
+#[tokio::test]
 async fn sendings_schedules_audiences_and_cancellation() {
     let dir = tempfile::tempdir().unwrap();
     let app = app(&dir, Access::Open);
