@@ -2,18 +2,20 @@
 //! `broadside serve`: the `/campaign` routes and the scheduler, wired to the send pipeline.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use broadside_campaigns::api::{
-    campaign_json, campaign_router, check_audience, schedule_draft, sending_detail, sending_json,
-    sending_schedule, system_clock, Access, CampaignApiConfig, TokenGrant,
+    campaign_json, campaign_router, check_audience, check_ready, schedule_draft, sending_detail,
+    sending_json, sending_schedule, system_clock, Access, CampaignApiConfig, ReadyCheck,
+    TokenGrant,
 };
 use broadside_campaigns::audience::{Audience, Condition, FieldMap, Recipients};
 use broadside_campaigns::schedule::{parse_instant_text, ScheduleConfig};
 use broadside_campaigns::scheduler::{Executor, Prepared, Scheduler, SchedulerConfig, StepError};
 use broadside_campaigns::state::CampaignState;
-use broadside_campaigns::store::{CampaignFields, Sending, SendingRun, Store};
+use broadside_campaigns::store::{Campaign, CampaignFields, Sending, SendingRun, Store};
 use broadside_campaigns::templates::TemplateSync;
 use serde_json::{json, Value};
 
@@ -128,6 +130,10 @@ pub fn serve_parts(
         fields: fields.clone(),
         access,
         clock: system_clock(),
+        ready_check: o
+            .campaign_specs
+            .as_deref()
+            .map(|specs| ready_check(specs, Some(store))),
     })?;
     let cb = CallbackConfig {
         window_secs: o.callback_window,
@@ -479,6 +485,92 @@ impl SpecExecutor {
     }
 }
 
+/// What keeps campaign `c` from being READY in this process, in words (empty: nothing): its
+/// spec `<specs>/<id>.toml` must exist, be valid and belong to the campaign's workspace; a
+/// file source and every suppression list must exist; the ERP password and the printer's API key must be where the spec
+/// says (an environment variable of this process, or a readable file); printer creatives must
+/// fit the columns. The source itself is not read: that is preparation's work.
+/// With `store` (the store a `serve` reads), the spec must write its runs there too, or its
+/// links, statistics and event callbacks would never find them.
+pub fn readiness(specs: &Path, store: Option<&Path>, c: &Campaign) -> Vec<String> {
+    use broadside_pipeline::spec::{CampaignSpec, SourceSpec};
+    let path = specs.join(format!("{}.toml", c.id));
+    if !path.is_file() {
+        return vec![format!("no campaign spec {}", path.display())];
+    }
+    let spec = match CampaignSpec::load(&path) {
+        Ok(spec) => spec,
+        Err(e) => return vec![e.to_string()],
+    };
+    let mut missing = Vec::new();
+    if spec.workspace_id != c.workspace_id {
+        missing.push(format!(
+            "{}: workspace_id {:?} is not the campaign's workspace {:?}",
+            path.display(),
+            spec.workspace_id,
+            c.workspace_id
+        ));
+    }
+    if let Some(store) = store {
+        let same = |p: &Path| {
+            std::fs::canonicalize(p)
+                .or_else(|_| std::path::absolute(p))
+                .ok()
+        };
+        let writes = spec.resolve(&spec.output.store);
+        if same(&writes) != same(store) {
+            missing.push(format!(
+                "{}: output.store {} is not the store this server reads ({}): its runs and events would not be found",
+                path.display(),
+                writes.display(),
+                store.display()
+            ));
+        }
+    }
+    let file = |p: &Path, what: &str, missing: &mut Vec<String>| {
+        let full = spec.resolve(p);
+        if !full.is_file() {
+            missing.push(format!(
+                "{}: {what} {} is not a file",
+                path.display(),
+                full.display()
+            ));
+        }
+    };
+    match &spec.source {
+        SourceSpec::Csv(s) => file(&s.path, "source.path", &mut missing),
+        SourceSpec::Parquet(s) => file(&s.path, "source.path", &mut missing),
+        SourceSpec::Erp(e) => {
+            if let Some(var) = &e.password_env {
+                if std::env::var_os(var).is_none() {
+                    missing.push(format!(
+                        "{}: source.password_env {var} is not set in this process",
+                        path.display()
+                    ));
+                }
+            }
+            if let Some(f) = &e.password_file {
+                file(f, "source.password_file", &mut missing);
+            }
+        }
+        SourceSpec::Synthetic(_) => {}
+    }
+    for (i, list) in spec.suppression.iter().enumerate() {
+        file(&list.path, &format!("suppression[{i}].path"), &mut missing);
+    }
+    if let Err(e) = crate::mail::MailPlan::load(&spec, &spec.columns.layout(), "readiness") {
+        missing.push(format!("{}: {e:#}", path.display()));
+    }
+    missing
+}
+
+/// The READY check of a process that sends through the specs in `specs` (and serves `store`).
+fn ready_check(specs: &Path, store: Option<&Path>) -> ReadyCheck {
+    let specs = specs.to_path_buf();
+    let store = store.map(Path::to_path_buf);
+    Arc::new(move |c| readiness(&specs, store.as_deref(), c))
+}
+
 /// What a sending's run does about earlier runs of its campaign: skip the keys they sent
 /// (`already_sent`) unless the sending says `"exclude_sent": false`.
 fn repeat_of(s: &Sending) -> crate::send::Repeat {
@@ -502,7 +594,8 @@ impl Executor for SpecExecutor {
             audience_fields: Some(self.fields.clone()),
             repeat: repeat_of(s),
             ..Default::default()
-        })?;
+        })
+        .map_err(|e| format!("{e:#}"))?;
         Ok(Prepared {
             recipients: record.rows,
             handle: run_id(s),
@@ -527,7 +620,8 @@ impl Executor for SpecExecutor {
             audience_fields: Some(self.fields.clone()),
             repeat: repeat_of(s),
             ..Default::default()
-        })?;
+        })
+        .map_err(|e| format!("{e:#}"))?;
         if let Some(queue) = &self.callbacks {
             // The send is done whatever happens to its callbacks: log, do not fail it.
             match self.replay_submitted(queue, s, &spec, &p.handle) {
@@ -626,6 +720,10 @@ pub enum CampaignCommand {
         /// (`"exclude_sent": false`); by default they are skipped as `already_sent`.
         #[arg(long)]
         include_sent: bool,
+        /// Folder of campaign specs: READY is refused, naming what is missing, until the
+        /// campaign's spec resolves (as `serve --campaign-specs` checks it).
+        #[arg(long, env = "BROADSIDE_CAMPAIGN_SPECS", value_name = "DIR")]
+        specs: Option<PathBuf>,
     },
     /// Move a campaign to another state (DRAFT, SCHEDULED, READY, CANCELLED), as `PUT` does.
     State {
@@ -633,6 +731,10 @@ pub enum CampaignCommand {
         id: i64,
         /// The state.
         state: String,
+        /// Folder of campaign specs: READY is refused, naming what is missing, until the
+        /// campaign's spec resolves (as `serve --campaign-specs` checks it).
+        #[arg(long, env = "BROADSIDE_CAMPAIGN_SPECS", value_name = "DIR")]
+        specs: Option<PathBuf>,
     },
     /// Cancel a campaign (and its pending sendings), or one sending.
     Cancel {
@@ -716,6 +818,7 @@ pub fn run(o: CampaignOptions) -> Result<()> {
             audience,
             recipients,
             include_sent,
+            specs,
         } => {
             let schedule = match (immediate, at, in_) {
                 (true, _, _) => json!({"type": "immediate", "prescheduled": prescheduled}),
@@ -745,6 +848,13 @@ pub fn run(o: CampaignOptions) -> Result<()> {
             let campaign = store.campaign(ws, id)?;
             let fields = crate::audience::allowed_fields(o.audience_fields.as_deref())?;
             check_audience(&recipients, &fields, &campaign)?;
+            let check = specs.as_deref().map(|specs| ready_check(specs, None));
+            if ready {
+                // Before the sending is added: a refusal leaves the campaign as it was.
+                let mut would_be = campaign.clone();
+                would_be.state = CampaignState::Scheduled;
+                check_ready(check.as_ref(), &would_be, Some(CampaignState::Ready))?;
+            }
             let sending = store.create_sending(ws, id, &schedule, timing, &recipients, now)?;
             let mut c = schedule_draft(&store, &campaign, now)?;
             if ready && c.state == CampaignState::Scheduled {
@@ -756,11 +866,13 @@ pub fn run(o: CampaignOptions) -> Result<()> {
             }
             print(&json!({"campaign": campaign_json(&c), "sending": sending_json(&sending)}));
         }
-        CampaignCommand::State { id, state } => {
+        CampaignCommand::State { id, state, specs } => {
             let f = CampaignFields {
                 state: Some(state.parse()?),
                 ..Default::default()
             };
+            let check = specs.as_deref().map(|specs| ready_check(specs, None));
+            check_ready(check.as_ref(), &store.campaign(ws, id)?, f.state)?;
             print(&campaign_json(&store.update_campaign(ws, id, &f, now)?));
         }
         CampaignCommand::Cancel { id, sending } => match sending {

@@ -179,6 +179,141 @@ fn a_spec_of_another_workspace_is_refused_before_anything_is_sent() {
 }
 
 #[test]
+fn ready_is_refused_with_what_is_missing_until_the_spec_resolves() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = common::generate(dir.path(), 20, 0, &[]);
+    let db = dir.path().join("campaigns.db");
+    let db = db.to_str().unwrap();
+    let specs = dir.path().join("specs");
+    std::fs::create_dir(&specs).unwrap();
+    let specs_s = specs.to_str().unwrap();
+    let (c, _) = campaign(db, &["create", "--name", "R", "--list", "7"], true);
+    let id = c["id"].as_i64().unwrap().to_string();
+    let target = specs.join(format!("{id}.toml"));
+
+    let (_, err) = campaign(
+        db,
+        &["schedule", &id, "--now", "--ready", "--specs", specs_s],
+        false,
+    );
+    assert!(
+        err.contains(&format!(
+            "campaign {id} is not ready: no campaign spec {}",
+            target.display()
+        )),
+        "{err}"
+    );
+    // refused before anything changed: no sending, still a draft
+    let (st, _) = campaign(db, &["status", &id], true);
+    assert_eq!(st["campaign"]["state"], "DRAFT", "{st}");
+    assert_eq!(st["sendings"], serde_json::json!([]));
+
+    // the spec of another workspace, moved away from its source file: both are named
+    let text = std::fs::read_to_string(&spec).unwrap();
+    std::fs::write(
+        &target,
+        text.replace("workspace_id = \"demo\"", "workspace_id = \"rival\""),
+    )
+    .unwrap();
+    campaign(db, &["schedule", &id, "--now"], true);
+    let (_, err) = campaign(db, &["state", &id, "READY", "--specs", specs_s], false);
+    assert!(
+        err.contains("workspace_id \"rival\" is not the campaign's workspace \"demo\""),
+        "{err}"
+    );
+    let source = specs.join("recipients.csv");
+    assert!(
+        err.contains(&format!("source.path {} is not a file", source.display())),
+        "{err}"
+    );
+    assert!(err.contains("suppression[0].path"), "{err}");
+    let (st, _) = campaign(db, &["status", &id], true);
+    assert_eq!(st["campaign"]["state"], "SCHEDULED", "{st}");
+
+    // once it resolves, READY is taken
+    // (relative paths resolve against the spec's folder)
+    let fixed = text.replace("path = \"", &format!("path = \"{}/", dir.path().display()));
+    std::fs::write(&target, fixed).unwrap();
+    let (c, err) = campaign(db, &["state", &id, "READY", "--specs", specs_s], true);
+    assert_eq!(c["state"], "READY", "{err}");
+}
+
+/// One HTTP/1.1 request over a fresh connection; the status and the JSON body.
+fn http(addr: &str, method: &str, path: &str, body: &str) -> (u16, Value) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nworkspace_id: {WS}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let status = out[9..12].parse().unwrap();
+    let (_, body) = out.split_once("\r\n\r\n").unwrap();
+    (status, serde_json::from_str(body).unwrap_or(Value::Null))
+}
+
+#[test]
+fn serve_refuses_ready_for_a_spec_writing_to_another_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = common::generate(dir.path(), 20, 0, &[]);
+    let specs = dir.path().join("specs");
+    std::fs::create_dir(&specs).unwrap();
+    let store = dir.path().join("store");
+    let db = dir.path().join("campaigns.db");
+    let server = common::Server::start(
+        &[
+            "--store",
+            store.to_str().unwrap(),
+            "--campaigns",
+            db.to_str().unwrap(),
+            "--campaign-specs",
+            specs.to_str().unwrap(),
+            "--rollup-every",
+            "0",
+        ],
+        &[],
+    );
+    let (status, c) = http(
+        &server.addr,
+        "POST",
+        "/campaign",
+        r#"{"name": "S", "list": 7}"#,
+    );
+    assert_eq!(status, 201, "{c}");
+    let url = format!("/campaign/{}", c["id"]);
+    // the spec in the specs folder, its inputs found, but `store = "store"` now resolves to
+    // <specs>/store, not the store this server reads
+    let text = std::fs::read_to_string(&spec)
+        .unwrap()
+        .replace("path = \"", &format!("path = \"{}/", dir.path().display()));
+    let target = specs.join(format!("{}.toml", c["id"]));
+    std::fs::write(&target, &text).unwrap();
+    let (status, v) = http(&server.addr, "PUT", &url, r#"{"state": "SCHEDULED"}"#);
+    assert_eq!(status, 200, "{v}");
+    let (status, v) = http(&server.addr, "PUT", &url, r#"{"state": "READY"}"#);
+    assert_eq!(status, 409, "{v}");
+    let missing = v["missing"].as_array().unwrap();
+    assert_eq!(missing.len(), 1, "{v}");
+    let m = missing[0].as_str().unwrap();
+    assert!(
+        m.contains(&format!("output.store {}", specs.join("store").display()))
+            && m.contains("is not the store this server reads"),
+        "{m}"
+    );
+    // pointed at the served store, it is ready
+    let fixed = text.replace(
+        "store = \"store\"",
+        &format!("store = {:?}", store.display().to_string()),
+    );
+    std::fs::write(&target, fixed).unwrap();
+    let (status, v) = http(&server.addr, "PUT", &url, r#"{"state": "READY"}"#);
+    assert_eq!((status, v["state"].as_str()), (200, Some("READY")), "{v}");
+}
+
+#[test]
 fn schedule_errors_name_the_option() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("campaigns.db");

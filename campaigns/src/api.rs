@@ -89,6 +89,32 @@ pub struct CampaignApiConfig {
     pub access: Access,
     /// The clock.
     pub clock: Clock,
+    /// What keeps a campaign from being READY in this process (`None`: nothing is checked).
+    pub ready_check: Option<ReadyCheck>,
+}
+
+/// Says what keeps a campaign from being READY (an empty list: nothing). The binary checks
+/// that the campaign's spec resolves: file, workspace, source, secrets, printer creatives.
+pub type ReadyCheck = Arc<dyn Fn(&Campaign) -> Vec<String> + Send + Sync>;
+
+/// Refuses a change that would make `c` READY while `check` finds something missing. A
+/// campaign that is READY already is not checked again.
+pub fn check_ready(
+    check: Option<&ReadyCheck>,
+    c: &Campaign,
+    to: Option<CampaignState>,
+) -> Result<()> {
+    let Some(check) = check else {
+        return Ok(());
+    };
+    if to != Some(CampaignState::Ready) || c.state == CampaignState::Ready {
+        return Ok(());
+    }
+    let missing = check(c);
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(Error::NotReady { id: c.id, missing })
 }
 
 struct ApiState {
@@ -124,6 +150,10 @@ impl From<Error> for ApiError {
                 json!({"error": msg, "field": "state", "state": from, "requested": to, "allowed": allowed}),
             ),
             Error::NotFound { .. } => ApiError(StatusCode::NOT_FOUND, json!({"error": msg})),
+            Error::NotReady { missing, .. } => ApiError(
+                StatusCode::CONFLICT,
+                json!({"error": msg, "field": "state", "requested": "READY", "missing": missing}),
+            ),
             other => {
                 tracing::error!(error = %other, "campaign API failed");
                 ApiError(StatusCode::INTERNAL_SERVER_ERROR, json!({"error": msg}))
@@ -349,7 +379,18 @@ async fn create_campaign(
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     let fields = campaign_request(&body, true)?;
     let c = st
-        .run(move |s, _, now| s.create_campaign(&ws, &fields, now))
+        .run(move |s, cfg, now| {
+            if cfg.ready_check.is_some() && fields.state == Some(CampaignState::Ready) {
+                // Its spec is found by its id, which it does not have yet.
+                return Err(Error::Invalid {
+                    field: "state".into(),
+                    message: "a campaign becomes READY once its spec resolves: create it \
+                              DRAFT or SCHEDULED, then set READY"
+                        .into(),
+                });
+            }
+            s.create_campaign(&ws, &fields, now)
+        })
         .await?;
     Ok((StatusCode::CREATED, Json(campaign_json(&c))))
 }
@@ -371,7 +412,14 @@ async fn update_campaign(
 ) -> ApiResult<Json<Value>> {
     let fields = campaign_request(&body, false)?;
     let c = st
-        .run(move |s, _, now| s.update_campaign(&ws, id, &fields, now))
+        .run(move |s, cfg, now| {
+            check_ready(
+                cfg.ready_check.as_ref(),
+                &s.campaign(&ws, id)?,
+                fields.state,
+            )?;
+            s.update_campaign(&ws, id, &fields, now)
+        })
         .await?;
     Ok(Json(campaign_json(&c)))
 }

@@ -34,6 +34,14 @@ pub enum Error {
         /// The states it may go to.
         allowed: Vec<String>,
     },
+    /// A campaign cannot become READY: what its sendings need does not resolve here.
+    #[error("campaign {id} is not ready: {}", missing.join("; "))]
+    NotReady {
+        /// The campaign.
+        id: i64,
+        /// Each thing missing (a spec file, a secret, a source file), in words.
+        missing: Vec<String>,
+    },
     /// The thing does not exist (or belongs to another workspace).
     #[error("{what} {id} not found")]
     NotFound {

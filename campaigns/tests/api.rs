@@ -21,6 +21,7 @@ fn app(dir: &tempfile::TempDir, access: Access) -> Router {
         fields: FieldMap::member_defaults(),
         access,
         clock: Arc::new(|| T0),
+        ready_check: None,
     })
     .unwrap()
 }
@@ -275,6 +276,72 @@ async fn workspaces_and_tokens() {
     assert_eq!(s, StatusCode::NOT_FOUND);
     let (s, _) = call_as(&open, Some("ws1"), None, "GET", &url, None).await;
     assert_eq!(s, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn ready_is_refused_with_what_is_missing_until_the_check_passes() {
+    let dir = tempfile::tempdir().unwrap();
+    // The check the binary plugs in looks for the campaign's spec; this one for a marker file.
+    let markers = dir.path().to_path_buf();
+    let check: broadside_campaigns::api::ReadyCheck = Arc::new(move |c| {
+        let marker = markers.join(format!("{}.ok", c.id));
+        match marker.is_file() {
+            true => vec![],
+            false => vec![format!("no marker {}", marker.display())],
+        }
+    });
+    let app = campaign_router(CampaignApiConfig {
+        store: dir.path().join("campaigns.db"),
+        schedule: ScheduleConfig::default(),
+        fields: FieldMap::member_defaults(),
+        access: Access::Open,
+        clock: Arc::new(|| T0),
+        ready_check: Some(check),
+    })
+    .unwrap();
+    let (s, v) = call(
+        &app,
+        "POST",
+        "/campaign",
+        Some(json!({"name": "x", "state": "READY"})),
+    )
+    .await;
+    assert_eq!(
+        (s, v["field"].as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, Some("state")),
+        "{v}"
+    );
+    let (_, c) = call(
+        &app,
+        "POST",
+        "/campaign",
+        Some(json!({"name": "x", "state": "SCHEDULED"})),
+    )
+    .await;
+    let url = format!("/campaign/{}", c["id"]);
+    let ready = Some(json!({"state": "READY"}));
+    let (s, v) = call(&app, "PUT", &url, ready.clone()).await;
+    assert_eq!(s, StatusCode::CONFLICT, "{v}");
+    let marker = dir.path().join(format!("{}.ok", c["id"]));
+    assert_eq!(
+        v["missing"],
+        json!([format!("no marker {}", marker.display())])
+    );
+    assert_eq!(v["requested"], "READY");
+    // refused, so still editable where it was
+    let (_, now) = call(&app, "GET", &url, None).await;
+    assert_eq!(now["state"], "SCHEDULED");
+    std::fs::write(&marker, "").unwrap();
+    let (s, v) = call(&app, "PUT", &url, ready).await;
+    assert_eq!(
+        (s, v["state"].as_str()),
+        (StatusCode::OK, Some("READY")),
+        "{v}"
+    );
+    // other edits of a READY campaign are not checked again
+    std::fs::remove_file(&marker).unwrap();
+    let (s, v) = call(&app, "PUT", &url, Some(json!({"name": "y"}))).await;
+    assert_eq!((s, v["name"].as_str()), (StatusCode::OK, Some("y")), "{v}");
 }
 
 #[tokio::test]
