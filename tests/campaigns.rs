@@ -238,18 +238,9 @@ fn ready_is_refused_with_what_is_missing_until_the_spec_resolves() {
     assert_eq!(c["state"], "READY", "{err}");
 }
 
-/// One HTTP/1.1 request over a fresh connection; the status and the JSON body.
+/// One HTTP/1.1 request in workspace `WS`; the status and the JSON body.
 fn http(addr: &str, method: &str, path: &str, body: &str) -> (u16, Value) {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nworkspace_id: {WS}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
+    let out = common::request_raw(addr, method, path, &[format!("workspace_id: {WS}")], body);
     let status = out[9..12].parse().unwrap();
     let (_, body) = out.split_once("\r\n\r\n").unwrap();
     (status, serde_json::from_str(body).unwrap_or(Value::Null))

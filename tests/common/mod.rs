@@ -390,12 +390,17 @@ pub fn serve_local(app: axum::Router) -> (tokio::runtime::Runtime, std::net::Soc
 /// POSTs `body` over a fresh HTTP/1.1 connection with extra `headers` (`Name: value` lines)
 /// and returns the whole raw answer (status line, headers, body).
 pub fn post_raw(addr: &str, path: &str, headers: &[String], body: &str) -> String {
+    request_raw(addr, "POST", path, headers, body)
+}
+
+/// `post_raw` with another method.
+pub fn request_raw(addr: &str, method: &str, path: &str, headers: &[String], body: &str) -> String {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr).unwrap();
     let extra: String = headers.iter().map(|h| format!("{h}\r\n")).collect();
     write!(
         s,
-        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n{extra}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n{extra}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     )
     .unwrap();
