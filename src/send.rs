@@ -239,6 +239,18 @@ pub fn send(opts: &SendOptions) -> Result<RunRecord> {
         })
         .collect::<Result<Vec<_>>>()?;
 
+    // What the workspace's own events say, as a snapshot kept with the run: a resume decides
+    // with the lists the run started with.
+    let _snapshot_scratch = match spec.store_suppression && spec.key_field() == StdField::Email {
+        true => Some(add_store_suppression(
+            &mut spec,
+            &store,
+            &run_id,
+            previous.is_some(),
+            opts.dry_run,
+        )?),
+        false => None,
+    };
     let (index, list_prints, index_secs) = load_suppression(&spec, sent_before)?;
     // Open the source before recording anything: a bad mapping or a missing file is a
     // configuration error, not a failed run.
@@ -558,6 +570,89 @@ fn record_failure(record: &mut RunRecord, path: &Path, e: anyhow::Error) -> anyh
     let run_id = &record.run_id;
     eprintln!("run {run_id} failed; fix the cause and resume with --run-id {run_id}");
     e
+}
+
+/// A dry run's snapshot folder, removed when the send is done with it.
+struct Scratch(Option<PathBuf>);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if let Some(dir) = &self.0 {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// Builds (or, on resume, finds) the run's snapshot of the workspace's suppressions from the
+/// store's events (`<store>/campaign_runs/workspace_id=W/<run>.suppression/`, a temporary
+/// folder for a dry run) and adds its lists to the spec's.
+fn add_store_suppression(
+    spec: &mut CampaignSpec,
+    store: &StoreLayout,
+    run_id: &str,
+    resuming: bool,
+    dry_run: bool,
+) -> Result<Scratch> {
+    use broadside_analytics::suppression::{build_suppression, SuppressionBuildConfig};
+    use broadside_pipeline::spec::{SuppressionListSpec, SuppressionReason};
+    let record = store.run_record(&spec.workspace_id, run_id);
+    let (dir, scratch) = match dry_run {
+        true => {
+            let d = std::env::temp_dir().join(format!(
+                "broadside-suppression-{}-{run_id}",
+                std::process::id()
+            ));
+            (d.clone(), Scratch(Some(d)))
+        }
+        false => (record.with_extension("suppression"), Scratch(None)),
+    };
+    // The lists are added to the spec, whose relative paths are the spec folder's.
+    let dir = std::path::absolute(&dir).with_context(|| format!("resolving {}", dir.display()))?;
+    let snapshot = dir.join("snapshot.json");
+    // A resumed run keeps the snapshot it started with. Its record exists, so it had one,
+    // unless it started without store suppression: then it goes on without.
+    if resuming && !snapshot.is_file() {
+        return Ok(scratch);
+    }
+    if !resuming {
+        let started = Instant::now();
+        let snap = build_suppression(&SuppressionBuildConfig {
+            store: store.root().to_path_buf(),
+            workspace_id: spec.workspace_id.clone(),
+            out_dir: dir.clone(),
+            bounce_csvs: Vec::new(),
+        })
+        .with_context(|| {
+            format!(
+                "building the store's suppression snapshot in {}",
+                dir.display()
+            )
+        })?;
+        let counts: Vec<String> = snap
+            .lists
+            .iter()
+            .map(|(reason, l)| format!("{}={}", reason.as_str(), l.count))
+            .collect();
+        tracing::info!(
+            snapshot = %snap.snapshot_id,
+            lists = %counts.join(" "),
+            event_files = snap.sources.len(),
+            secs = started.elapsed().as_secs_f64(),
+            "store suppression snapshot built"
+        );
+    }
+    for (file, reason) in [
+        ("hard_bounce.csv", SuppressionReason::HardBounce),
+        ("complaint.csv", SuppressionReason::Complaint),
+        ("unsubscribed.csv", SuppressionReason::Unsubscribed),
+    ] {
+        spec.suppression.push(SuppressionListSpec {
+            path: dir.join(file),
+            reason,
+            column: "email".into(),
+        });
+    }
+    Ok(scratch)
 }
 
 /// The snapshot ids of `snapshot.json` files beside the spec's suppression lists.

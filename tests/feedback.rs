@@ -129,3 +129,116 @@ fn hard_bounces_from_events_suppress_the_next_send() {
     let rec = record(&store, "demo", "after");
     assert_eq!(rec.suppression_snapshots, vec![snapshot]);
 }
+
+/// Without any list in the spec, a send suppresses what the workspace's events in the store
+/// say, from a snapshot it keeps with the run; another workspace's events do not count, and
+/// `store_suppression = false` turns it off.
+#[test]
+fn the_next_send_suppresses_from_the_store_by_itself() {
+    let d = tempfile::tempdir().unwrap();
+    let spec = generate(d.path(), 2_000, 0, &["--invalid-share", "0"]);
+    let s = spec.to_str().unwrap();
+    let store = d.path().join("store");
+    run(&["send", s, "--run-id", "first"], true);
+    let sent: Vec<String> = read_ledger(&store, "demo", "generated-42", "first")
+        .into_iter()
+        .filter(|r| r.decision == "sent")
+        .map(|r| r.key.unwrap())
+        .take(40)
+        .collect();
+    assert_eq!(sent.len(), 40);
+
+    // 10 hard bounces, 10 complaints, 10 unsubscribes in `demo`; 10 hard bounces of other
+    // recipients in `rival`, which must not reach demo's send.
+    let events = d.path().join("events.ndjson");
+    let mut f = std::fs::File::create(&events).unwrap();
+    for (i, email) in sent.iter().enumerate() {
+        let (ws, kind, bounce) = match i {
+            0..10 => ("demo", "bounced", "\"hard\""),
+            10..20 => ("demo", "complained", "null"),
+            20..30 => ("demo", "unsubscribed", "null"),
+            _ => ("rival", "bounced", "\"hard\""),
+        };
+        writeln!(
+            f,
+            r#"{{"event_id":"fb-{i}","workspace_id":"{ws}","campaign_id":"generated-42","email":" {email} ","event_type":"{kind}","bounce_type":{bounce},"ts":"2026-11-21T10:00:00Z"}}"#
+        )
+        .unwrap();
+    }
+    drop(f);
+    run(
+        &[
+            "ingest",
+            "--store",
+            store.to_str().unwrap(),
+            "--from",
+            events.to_str().unwrap(),
+        ],
+        true,
+    );
+
+    // from the data set's folder, the spec and its store named by relative paths
+    let out = exe()
+        .current_dir(d.path())
+        .args(["send", "campaign.toml", "--run-id", "next", "--new-run"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ledger = read_ledger(&store, "demo", "generated-42", "next");
+    let row = |k: &str| ledger.iter().find(|r| r.key.as_deref() == Some(k)).unwrap();
+    for (i, email) in sent.iter().enumerate() {
+        let r = row(email);
+        let expect = match i {
+            0..10 => ("suppressed", Some("hard_bounce")),
+            10..20 => ("suppressed", Some("complaint")),
+            20..30 => ("suppressed", Some("unsubscribed")),
+            _ => ("sent", None),
+        };
+        assert_eq!(
+            (r.decision.as_str(), r.reason.as_deref()),
+            expect,
+            "{email}"
+        );
+    }
+    // the snapshot is kept with the run and named in its record
+    let folder = store.join("campaign_runs/workspace_id=demo/next.suppression");
+    let snap: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(folder.join("snapshot.json")).unwrap()).unwrap();
+    for list in ["hard_bounce", "complaint", "unsubscribed"] {
+        assert_eq!(snap["lists"][list]["count"], 10, "{snap}");
+    }
+    let rec = record(&store, "demo", "next");
+    assert_eq!(
+        rec.suppression_snapshots,
+        vec![snap["snapshot_id"].as_str().unwrap().to_string()]
+    );
+    // `why` names the list that matched
+    let out = run(
+        &["why", "next", &sent[0], "--store", store.to_str().unwrap()],
+        true,
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!(
+            "matched suppression list {}",
+            folder.join("hard_bounce.csv").display()
+        )),
+        "{text}"
+    );
+
+    // turned off, everyone is sent again
+    let text = std::fs::read_to_string(&spec).unwrap();
+    std::fs::write(&spec, format!("store_suppression = false\n{text}")).unwrap();
+    run(&["send", s, "--run-id", "off", "--new-run"], true);
+    let off = read_ledger(&store, "demo", "generated-42", "off");
+    assert!(sent.iter().all(|k| off
+        .iter()
+        .any(|r| r.key.as_deref() == Some(k) && r.decision == "sent")));
+    assert!(record(&store, "demo", "off")
+        .suppression_snapshots
+        .is_empty());
+}

@@ -29,6 +29,11 @@ pub struct CampaignSpec {
     /// Suppression lists, each with the reason it carries.
     #[serde(default)]
     pub suppression: Vec<SuppressionListSpec>,
+    /// Email channel: also suppress what the workspace's events in the store say (hard
+    /// bounces, complaints, unsubscribes), from a snapshot built when the run starts and kept
+    /// with it. `true` by default.
+    #[serde(default = "yes")]
+    pub store_suppression: bool,
     /// Billing cap and other limits.
     #[serde(default)]
     pub caps: Caps,
@@ -58,6 +63,10 @@ pub struct CampaignSpec {
     /// Directory relative paths are resolved against (the spec file's directory); not read from TOML.
     #[serde(skip)]
     pub base_dir: PathBuf,
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn default_workspace() -> String {
