@@ -15,19 +15,6 @@ for round in 1 2 3; do
   for mode in on off; do
     rm -rf "$D/store" "$D/megasys" "$D/out"
     sync
-    python3 - "$B" "$D/campaign_$mode.toml" "$mode" "$rows" <<'PY'
-import resource, subprocess, sys, time
-b, spec, mode, rows = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-t = time.time()
-p = subprocess.run([b, "send", spec, "--run-id", "ab", "--no-progress"], capture_output=True, text=True)
-wall = time.time() - t
-ru = resource.getrusage(resource.RUSAGE_CHILDREN)
-if p.returncode != 0:
-    sys.exit(p.stderr)
-dups = [l.split()[-1] for l in p.stdout.splitlines() if l.strip().startswith("duplicate")]
-print(f"dedupe={mode} wall_s={wall:.2f} mrows_per_s={rows / wall / 1e6:.2f} "
-      f"cpu_s={ru.ru_utime + ru.ru_stime:.2f} peak_rss_mb={ru.ru_maxrss / 1024:.0f} "
-      f"duplicates={dups[0] if dups else 0}")
-PY
+    python3 "$(dirname "$0")/send-once.py" "$B" "$D/campaign_$mode.toml" "$rows" "dedupe=$mode" duplicate
   done
 done

@@ -7,6 +7,33 @@ use std::io::Write;
 
 use common::*;
 
+/// The first `n` keys run `run` of the generated campaign sent.
+fn first_sent(store: &std::path::Path, run_id: &str, n: usize) -> Vec<String> {
+    let sent: Vec<String> = read_ledger(store, "demo", "generated-42", run_id)
+        .into_iter()
+        .filter(|r| r.decision == "sent")
+        .map(|r| r.key.unwrap())
+        .take(n)
+        .collect();
+    assert_eq!(sent.len(), n);
+    sent
+}
+
+/// `broadside ingest --from FILE` into `store`; its summary.
+fn ingest(store: &std::path::Path, events: &std::path::Path) -> String {
+    let out = run(
+        &[
+            "ingest",
+            "--store",
+            store.to_str().unwrap(),
+            "--from",
+            events.to_str().unwrap(),
+        ],
+        true,
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 #[test]
 fn hard_bounces_from_events_suppress_the_next_send() {
     let d = tempfile::tempdir().unwrap();
@@ -14,13 +41,7 @@ fn hard_bounces_from_events_suppress_the_next_send() {
     let s = spec.to_str().unwrap();
     let store = d.path().join("store");
     run(&["send", s, "--run-id", "before"], true);
-    let sent: Vec<String> = read_ledger(&store, "demo", "generated-42", "before")
-        .into_iter()
-        .filter(|r| r.decision == "sent")
-        .map(|r| r.key.unwrap())
-        .take(40)
-        .collect();
-    assert_eq!(sent.len(), 40);
+    let sent = first_sent(&store, "before", 40);
 
     // 20 hard bounces, 10 soft bounces (must not suppress), 10 complaints, one bad line.
     let events = d.path().join("events.ndjson");
@@ -41,33 +62,13 @@ fn hard_bounces_from_events_suppress_the_next_send() {
     writeln!(f, "{{not json").unwrap();
     drop(f);
 
-    let out = run(
-        &[
-            "ingest",
-            "--store",
-            store.to_str().unwrap(),
-            "--from",
-            events.to_str().unwrap(),
-        ],
-        true,
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = ingest(&store, &events);
     assert!(
         text.contains("40 event rows") && text.contains("1 dead letters"),
         "{text}"
     );
     // Ingesting the same file again adds nothing.
-    let out = run(
-        &[
-            "ingest",
-            "--store",
-            store.to_str().unwrap(),
-            "--from",
-            events.to_str().unwrap(),
-        ],
-        true,
-    );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("0 event rows"));
+    assert!(ingest(&store, &events).contains("0 event rows"));
 
     let lists = d.path().join("lists");
     let out = run(
@@ -140,13 +141,7 @@ fn the_next_send_suppresses_from_the_store_by_itself() {
     let s = spec.to_str().unwrap();
     let store = d.path().join("store");
     run(&["send", s, "--run-id", "first"], true);
-    let sent: Vec<String> = read_ledger(&store, "demo", "generated-42", "first")
-        .into_iter()
-        .filter(|r| r.decision == "sent")
-        .map(|r| r.key.unwrap())
-        .take(40)
-        .collect();
-    assert_eq!(sent.len(), 40);
+    let sent = first_sent(&store, "first", 40);
 
     // 10 hard bounces, 10 complaints, 10 unsubscribes in `demo`; 10 hard bounces of other
     // recipients in `rival`, which must not reach demo's send.
@@ -166,16 +161,7 @@ fn the_next_send_suppresses_from_the_store_by_itself() {
         .unwrap();
     }
     drop(f);
-    run(
-        &[
-            "ingest",
-            "--store",
-            store.to_str().unwrap(),
-            "--from",
-            events.to_str().unwrap(),
-        ],
-        true,
-    );
+    ingest(&store, &events);
 
     // from the data set's folder, the spec and its store named by relative paths
     let out = exe()
