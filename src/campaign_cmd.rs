@@ -383,7 +383,10 @@ impl SpecExecutor {
         };
         let spec = broadside_pipeline::spec::CampaignSpec::load(spec_path)?;
         let events = broadside_pipeline::event::events_dir(&spec.resolve(&spec.output.store));
-        let prefix = format!("submitted-{run_id}-");
+        let prefix = format!(
+            "{}-",
+            broadside_pipeline::event::submitted_file_stem(run_id)
+        );
         let mut n = 0;
         for file in files_under(&events, 2)? {
             let name = file
@@ -462,15 +465,8 @@ impl SpecExecutor {
         let loaded = broadside_pipeline::spec::CampaignSpec::load(spec)?;
         let store = Store::open(&self.db)?;
         let campaign = store.campaign_by_id(s.campaign_id)?;
-        if loaded.workspace_id != campaign.workspace_id {
-            return Err(format!(
-                "{}: workspace_id {:?} is not the workspace of campaign {} ({:?})",
-                spec.display(),
-                loaded.workspace_id,
-                campaign.id,
-                campaign.workspace_id
-            )
-            .into());
+        if let Some(wrong) = other_workspace(spec, &loaded, &campaign) {
+            return Err(wrong.into());
         }
         store.record_sending_run(
             &SendingRun {
@@ -483,6 +479,23 @@ impl SpecExecutor {
         )?;
         Ok(())
     }
+}
+
+/// Why a campaign's spec may not be sent for it: a spec of another workspace (`None`: none).
+fn other_workspace(
+    path: &Path,
+    spec: &broadside_pipeline::spec::CampaignSpec,
+    c: &Campaign,
+) -> Option<String> {
+    (spec.workspace_id != c.workspace_id).then(|| {
+        format!(
+            "{}: workspace_id {:?} is not the workspace of campaign {} ({:?})",
+            path.display(),
+            spec.workspace_id,
+            c.id,
+            c.workspace_id
+        )
+    })
 }
 
 /// What keeps campaign `c` from being READY in this process, in words (empty: nothing): its
@@ -502,15 +515,7 @@ pub fn readiness(specs: &Path, store: Option<&Path>, c: &Campaign) -> Vec<String
         Ok(spec) => spec,
         Err(e) => return vec![e.to_string()],
     };
-    let mut missing = Vec::new();
-    if spec.workspace_id != c.workspace_id {
-        missing.push(format!(
-            "{}: workspace_id {:?} is not the campaign's workspace {:?}",
-            path.display(),
-            spec.workspace_id,
-            c.workspace_id
-        ));
-    }
+    let mut missing: Vec<String> = other_workspace(&path, &spec, c).into_iter().collect();
     if let Some(store) = store {
         let same = |p: &Path| {
             std::fs::canonicalize(p)

@@ -593,7 +593,9 @@ fn add_store_suppression(
     resuming: bool,
     dry_run: bool,
 ) -> Result<Scratch> {
-    use broadside_analytics::suppression::{build_suppression, SuppressionBuildConfig};
+    use broadside_analytics::suppression::{
+        build_suppression, SuppressionBuildConfig, SuppressionReason as Found,
+    };
     use broadside_pipeline::spec::{SuppressionListSpec, SuppressionReason};
     let record = store.run_record(&spec.workspace_id, run_id);
     let (dir, scratch) = match dry_run {
@@ -641,13 +643,14 @@ fn add_store_suppression(
             "store suppression snapshot built"
         );
     }
-    for (file, reason) in [
-        ("hard_bounce.csv", SuppressionReason::HardBounce),
-        ("complaint.csv", SuppressionReason::Complaint),
-        ("unsubscribed.csv", SuppressionReason::Unsubscribed),
-    ] {
+    for found in Found::ALL {
+        let reason = match found {
+            Found::HardBounce => SuppressionReason::HardBounce,
+            Found::Complaint => SuppressionReason::Complaint,
+            Found::Unsubscribed => SuppressionReason::Unsubscribed,
+        };
         spec.suppression.push(SuppressionListSpec {
-            path: dir.join(file),
+            path: dir.join(found.file_name()),
             reason,
             column: "email".into(),
         });

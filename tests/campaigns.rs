@@ -218,7 +218,9 @@ fn ready_is_refused_with_what_is_missing_until_the_spec_resolves() {
     campaign(db, &["schedule", &id, "--now"], true);
     let (_, err) = campaign(db, &["state", &id, "READY", "--specs", specs_s], false);
     assert!(
-        err.contains("workspace_id \"rival\" is not the campaign's workspace \"demo\""),
+        err.contains(&format!(
+            "workspace_id \"rival\" is not the workspace of campaign {id} (\"demo\")"
+        )),
         "{err}"
     );
     let source = specs.join("recipients.csv");

@@ -214,10 +214,9 @@ fn parquet_files(dir: &Path) -> Result<Vec<PathBuf>> {
             if p.is_dir() {
                 stack.push(p);
             } else if p.extension().is_some_and(|x| x == "parquet")
-                // A send's own `submitted` events never say bounce, complaint or unsubscribe.
-                && !p
-                    .file_name()
-                    .is_some_and(|n| n.to_string_lossy().starts_with("submitted-"))
+                && !p.file_name().is_some_and(|n| {
+                    broadside_pipeline::event::is_submitted_file(&n.to_string_lossy())
+                })
             {
                 out.push(p);
             }

@@ -264,7 +264,7 @@ fn event_files(events: &Path) -> Result<Vec<(String, PathBuf, String)>> {
             message: format!("listing: {e}"),
         })?
         .into_iter()
-        .filter(|f| !f.name.starts_with("submitted-"))
+        .filter(|f| !broadside_pipeline::event::is_submitted_file(&f.name))
         .map(|f| (f.relative(), f.path, f.workspace))
         .collect())
 }

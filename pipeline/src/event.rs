@@ -157,6 +157,17 @@ pub fn partition_dir(store: &Path, workspace_id: &str, date: NaiveDate) -> PathB
         .join(format!("date={}", date.format("%Y-%m-%d")))
 }
 
+/// How the files of a send's own `submitted` events are named: `submitted-<run id>-NNNNN.parquet`.
+pub fn submitted_file_stem(run_id: &str) -> String {
+    format!("submitted-{run_id}")
+}
+
+/// Whether an event file holds a send's own `submitted` events (which never say bounce,
+/// complaint or unsubscribe, and are no engagement to relay).
+pub fn is_submitted_file(name: &str) -> bool {
+    name.starts_with("submitted-")
+}
+
 /// One committed event file of the events table.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EventFile {

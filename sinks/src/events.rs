@@ -59,7 +59,7 @@ impl SubmittedEventSink {
         let dir = partition_dir(store, workspace_id, started_at.date_naive());
         let parts = PartWriter::new(
             &dir,
-            format!("submitted-{run_id}"),
+            broadside_pipeline::event::submitted_file_stem(run_id),
             file_schema(),
             writer_properties(&["event_id", "email"], &["ts"]),
             &[
