@@ -89,8 +89,8 @@ fn parse_kv(s: &str) -> Result<(String, String), String> {
 
 fn print_stats(what: &str, s: &IngestStats) {
     println!(
-        "{what}: {} records, {} event rows, {} dead letters, {} files, {} commits ({} already committed, skipped; {} gaps recorded)",
-        s.records, s.rows, s.dead_letters, s.files, s.commits, s.skipped_committed, s.gaps
+        "{what}: {} records, {} event rows ({} attributed from the ledger), {} dead letters, {} files, {} commits ({} already committed, skipped; {} gaps recorded)",
+        s.records, s.rows, s.attributed, s.dead_letters, s.files, s.commits, s.skipped_committed, s.gaps
     );
 }
 
@@ -156,6 +156,7 @@ pub fn suppression_build(
         workspace_id: workspace,
         out_dir: out.clone(),
         bounce_csvs: bounces,
+        soft_bounces: Default::default(),
     })?;
     println!(
         "suppression snapshot {} in {}",
@@ -164,7 +165,7 @@ pub fn suppression_build(
     );
     for (reason, list) in &snap.lists {
         println!(
-            "  {:<14} {:>10} addresses  {}",
+            "  {:<20} {:>10} addresses  {}",
             reason.as_str(),
             list.count,
             list.file
@@ -246,9 +247,7 @@ pub fn serve(o: &ServeOptions) -> Result<()> {
     if !credentials.is_empty() {
         let sink = match &o.brokers {
             Some(b) => WebhookSink::kafka(b, &o.webhook_topic)?,
-            None => WebhookSink::Store {
-                store: o.store.clone(),
-            },
+            None => WebhookSink::store(&o.store),
         };
         let cfg = WebhookConfig::new(credentials)
             .with_max_body(o.webhook_max_body)

@@ -135,8 +135,9 @@ enum Command {
 
 #[derive(Subcommand)]
 enum SuppressionCommand {
-    /// Turn hard bounces, complaints and unsubscribes (events and bounce CSVs) into the
-    /// suppression lists a send uses, with a snapshot record.
+    /// Turn hard bounces, complaints, unsubscribes and repeated soft bounces (events, imported
+    /// historical bounces and bounce CSVs) into the suppression lists a send uses, with a
+    /// snapshot record.
     Build {
         /// Store root.
         #[arg(long, default_value = "store")]

@@ -241,16 +241,13 @@ pub fn send(opts: &SendOptions) -> Result<RunRecord> {
 
     // What the workspace's own events say, as a snapshot kept with the run: a resume decides
     // with the lists the run started with.
-    let _snapshot_scratch = match spec.store_suppression && spec.key_field() == StdField::Email {
-        true => Some(add_store_suppression(
-            &mut spec,
-            &store,
-            &run_id,
-            previous.is_some(),
-            opts.dry_run,
-        )?),
-        false => None,
-    };
+    let (_snapshot_scratch, store_suppression) =
+        match spec.store_suppression && spec.key_field() == StdField::Email {
+            true => {
+                add_store_suppression(&mut spec, &store, &run_id, previous.is_some(), opts.dry_run)?
+            }
+            false => (Scratch(None), None),
+        };
     let (index, list_prints, index_secs) = load_suppression(&spec, sent_before)?;
     // Open the source before recording anything: a bad mapping or a missing file is a
     // configuration error, not a failed run.
@@ -339,6 +336,7 @@ pub fn send(opts: &SendOptions) -> Result<RunRecord> {
             error: None,
             dedupe: Some(spec.dedupe.as_str().to_string()),
             excluded_runs: excluded.clone(),
+            store_suppression,
         }
     };
     record.suppression_keys = index.len() as u64;
@@ -592,10 +590,11 @@ fn add_store_suppression(
     run_id: &str,
     resuming: bool,
     dry_run: bool,
-) -> Result<Scratch> {
+) -> Result<(Scratch, Option<broadside_pipeline::run::StoreSuppression>)> {
     use broadside_analytics::suppression::{
-        build_suppression, SuppressionBuildConfig, SuppressionReason as Found,
+        build_suppression, SuppressionBuildConfig, SuppressionReason as Found, SuppressionSnapshot,
     };
+    use broadside_pipeline::run::StoreSuppression;
     use broadside_pipeline::spec::{SuppressionListSpec, SuppressionReason};
     let record = store.run_record(&spec.workspace_id, run_id);
     let (dir, scratch) = match dry_run {
@@ -614,8 +613,9 @@ fn add_store_suppression(
     // A resumed run keeps the snapshot it started with. Its record exists, so it had one,
     // unless it started without store suppression: then it goes on without.
     if resuming && !snapshot.is_file() {
-        return Ok(scratch);
+        return Ok((scratch, None));
     }
+    let mut build_secs = 0.0;
     if !resuming {
         let started = Instant::now();
         let snap = build_suppression(&SuppressionBuildConfig {
@@ -623,6 +623,7 @@ fn add_store_suppression(
             workspace_id: spec.workspace_id.clone(),
             out_dir: dir.clone(),
             bounce_csvs: Vec::new(),
+            soft_bounces: Default::default(),
         })
         .with_context(|| {
             format!(
@@ -642,20 +643,42 @@ fn add_store_suppression(
             secs = started.elapsed().as_secs_f64(),
             "store suppression snapshot built"
         );
+        build_secs = started.elapsed().as_secs_f64();
     }
+    let snap = SuppressionSnapshot::load(&snapshot)?;
+    let (event_rows, event_files, historical_rows, historical_files) = snap.source_counts();
+    let summary = StoreSuppression {
+        snapshot_id: snap.snapshot_id.clone(),
+        lists: snap
+            .lists
+            .iter()
+            .map(|(r, l)| (r.as_str().to_string(), l.count))
+            .collect(),
+        event_rows,
+        event_files,
+        historical_rows,
+        historical_files,
+        build_secs,
+    };
     for found in Found::ALL {
         let reason = match found {
             Found::HardBounce => SuppressionReason::HardBounce,
             Found::Complaint => SuppressionReason::Complaint,
             Found::Unsubscribed => SuppressionReason::Unsubscribed,
+            Found::SoftBounceRepeated => SuppressionReason::SoftBounceRepeated,
         };
+        let path = dir.join(found.file_name());
+        // A resumed run started from a snapshot without this list decides without it.
+        if resuming && !path.is_file() {
+            continue;
+        }
         spec.suppression.push(SuppressionListSpec {
-            path: dir.join(found.file_name()),
+            path,
             reason,
             column: "email".into(),
         });
     }
-    Ok(scratch)
+    Ok((scratch, Some(summary)))
 }
 
 /// The snapshot ids of `snapshot.json` files beside the spec's suppression lists.

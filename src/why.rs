@@ -142,10 +142,42 @@ pub fn why(store: &Path, run_id: &str, key: &str) -> Result<()> {
         }
         if let Some(l) = e.list {
             println!("  matched suppression list {l}");
+            for line in list_evidence(store, Path::new(&l), key)? {
+                println!("    {line}");
+            }
         }
         if let Some(d) = e.detail {
             println!("  {d}");
         }
     }
     Ok(())
+}
+
+/// For a list of a store suppression snapshot (a `snapshot.json` beside it, built from this
+/// store): the events or imported bounces that put `key` on it.
+fn list_evidence(store: &Path, list: &Path, key: &str) -> Result<Vec<String>> {
+    use broadside_analytics::suppression::{evidence, SuppressionReason, SuppressionSnapshot};
+    let Some(snapshot) = list.parent().map(|d| d.join("snapshot.json")) else {
+        return Ok(Vec::new());
+    };
+    if !snapshot.is_file() {
+        return Ok(Vec::new());
+    }
+    let snap = SuppressionSnapshot::load(&snapshot)?;
+    let Some(reason) = SuppressionReason::ALL.into_iter().find(|r| {
+        list.file_name()
+            .is_some_and(|n| n == r.file_name().as_str())
+    }) else {
+        return Ok(Vec::new());
+    };
+    let found = evidence(store, &snap, key, reason)
+        .with_context(|| format!("searching the sources of {}", snapshot.display()))?;
+    Ok(if found.is_empty() {
+        vec![format!(
+            "(no source of {} names it: the snapshot read other files than this store holds)",
+            snapshot.display()
+        )]
+    } else {
+        found
+    })
 }

@@ -4,10 +4,10 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::io::Write;
 use std::process::Stdio;
 
+use common::api_get as get;
 use common::*;
 use serde_json::Value;
 
@@ -17,25 +17,6 @@ fn serve(store: &std::path::Path, tokens: &std::path::Path) -> Server {
         &["--store", store, "--tokens", tokens, "--rollup-every", "0"],
         &[],
     )
-}
-
-fn get(addr: &str, path: &str, token: &str, ws: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nworkspace_id: {ws}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    let status: u16 = out[9..12].parse().unwrap();
-    let body = out
-        .split_once("\r\n\r\n")
-        .map(|x| x.1)
-        .unwrap_or("")
-        .to_string();
-    // The API answers with Content-Length (no chunking) for JSON.
-    (status, body)
 }
 
 #[test]
@@ -50,21 +31,7 @@ fn api_and_sql_agree_with_the_ledger_of_a_real_send() {
         *decisions.entry(r.decision.clone()).or_default() += 1;
     }
 
-    // A token from `broadside token new`.
-    let out = run(
-        &["token", "new", "--name", "test", "--workspace", "demo"],
-        true,
-    );
-    let tokens = d.path().join("tokens.toml");
-    std::fs::write(&tokens, &out.stdout).unwrap();
-    let stderr = String::from_utf8(out.stderr).unwrap();
-    let token = stderr.split_whitespace().last().unwrap().to_string();
-    assert!(token.starts_with("bs_"), "{stderr}");
-    assert!(
-        !String::from_utf8_lossy(&out.stdout).contains(&token),
-        "token stored in clear"
-    );
-
+    let (tokens, token) = new_token(d.path(), "demo");
     let server = serve(&store, &tokens);
     let (status, body) = get(&server.addr, "/campaign-runs/r1", &token, "demo");
     assert_eq!(status, 200, "{body}");
@@ -273,5 +240,198 @@ fn run_list_is_paginated_newest_first() {
     ] {
         let (status, body) = get(&server.addr, bad, &token, "demo");
         assert_eq!(status, 400, "{bad}: {body}");
+    }
+}
+
+/// Engagement events that arrive without a variant or run id get them from the ledger when
+/// they are ingested, so the statistics per variant are the same whether or not the provider
+/// echoes the variant; a value the event carries is kept, other workspaces and addresses the
+/// campaign never sent are left alone, and an event goes to the run that had last sent before
+/// it happened.
+#[test]
+fn events_without_a_variant_are_attributed_from_the_ledger() {
+    let d = tempfile::tempdir().unwrap();
+    let spec = generate(d.path(), 2_000, 0, &["--invalid-share", "0"]);
+    let s = spec.to_str().unwrap();
+    let store = d.path().join("store");
+    run(&["send", s, "--run-id", "r1"], true);
+    run(&["send", s, "--run-id", "r2", "--new-run"], true);
+    let (r1_start, r2_start) = (
+        record(&store, "demo", "r1").started_at,
+        record(&store, "demo", "r2").started_at,
+    );
+    assert!(r1_start < r2_start);
+    let sent: Vec<(String, String)> = read_ledger(&store, "demo", "generated-42", "r1")
+        .into_iter()
+        .filter(|r| r.decision == "sent")
+        .map(|r| (r.key.unwrap(), r.variant.unwrap()))
+        .take(300)
+        .collect();
+    assert_eq!(sent.len(), 300);
+    let variants: std::collections::BTreeSet<&str> = sent.iter().map(|(_, v)| v.as_str()).collect();
+    assert!(variants.len() >= 2, "{variants:?}");
+    let sent_r2: BTreeMap<String, String> = read_ledger(&store, "demo", "generated-42", "r2")
+        .into_iter()
+        .filter(|r| r.decision == "sent")
+        .map(|r| (r.key.unwrap(), r.variant.unwrap()))
+        .collect();
+
+    // Independent expectation: (variant, run, event type) → events.
+    let mut want: BTreeMap<(Option<String>, Option<String>, String), u64> = BTreeMap::new();
+    let mut add = |v: Option<&str>, r: Option<&str>, t: &str| {
+        *want
+            .entry((v.map(String::from), r.map(String::from), t.to_string()))
+            .or_default() += 1;
+    };
+    let ts =
+        |t: chrono::DateTime<chrono::Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+    let events = d.path().join("events.ndjson");
+    let mut f = std::fs::File::create(&events).unwrap();
+    let mut attributed = 0;
+    for (i, (key, variant)) in sent.iter().enumerate() {
+        // Even rows echo the variant and run, odd rows carry neither (and another spelling).
+        let (echo, email) = if i % 2 == 0 {
+            (
+                format!(r#","variant":"{variant}","run_id":"r1""#),
+                key.clone(),
+            )
+        } else {
+            attributed += 1;
+            (String::new(), format!(" {} ", key.to_uppercase()))
+        };
+        writeln!(
+            f,
+            r#"{{"event_id":"o-{i}","workspace_id":"demo","campaign_id":"generated-42","email":"{email}","event_type":"opened","ts":"{}"{echo}}}"#,
+            ts(r1_start)
+        )
+        .unwrap();
+        add(Some(variant), Some("r1"), "opened");
+        // Every third recipient clicks after the second run started: that run's send.
+        if i % 3 == 0 {
+            attributed += 1;
+            writeln!(
+                f,
+                r#"{{"event_id":"c-{i}","workspace_id":"demo","campaign_id":"generated-42","email":"{key}","event_type":"clicked","url":"https://x.example/","ts":"{}"}}"#,
+                ts(r2_start)
+            )
+            .unwrap();
+            add(Some(&sent_r2[key]), Some("r2"), "clicked");
+        }
+    }
+    // The provider's own variant wins over the ledger's; the run is still filled in.
+    let (k0, v0) = &sent[0];
+    let other = variants.iter().find(|v| *v != v0).unwrap();
+    writeln!(
+        f,
+        r#"{{"event_id":"x-own","workspace_id":"demo","campaign_id":"generated-42","email":"{k0}","event_type":"opened","variant":"{other}","ts":"{}"}}"#,
+        ts(r1_start)
+    )
+    .unwrap();
+    attributed += 1;
+    add(Some(other), Some("r1"), "opened");
+    // Not sent by the campaign, another campaign, another workspace: left as they came.
+    for (id, ws, campaign, email) in [
+        ("x-nobody", "demo", "generated-42", "nobody@nowhere.example"),
+        ("x-campaign", "demo", "other-campaign", k0.as_str()),
+        ("x-rival", "rival", "generated-42", k0.as_str()),
+    ] {
+        writeln!(
+            f,
+            r#"{{"event_id":"{id}","workspace_id":"{ws}","campaign_id":"{campaign}","email":"{email}","event_type":"opened","ts":"{}"}}"#,
+            ts(r1_start)
+        )
+        .unwrap();
+    }
+    add(None, None, "opened"); // x-nobody; the other two are not this campaign's
+    drop(f);
+
+    let out = run(
+        &[
+            "ingest",
+            "--store",
+            store.to_str().unwrap(),
+            "--from",
+            events.to_str().unwrap(),
+        ],
+        true,
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!("({attributed} attributed from the ledger)")),
+        "{text}"
+    );
+
+    // What was stored, read back through SQL.
+    let out = run(
+        &[
+            "sql",
+            "--store",
+            store.to_str().unwrap(),
+            "--workspace",
+            "demo",
+            "--format",
+            "json",
+            "SELECT variant, run_id, event_type, count(*) AS n FROM events WHERE event_type <> 'submitted' AND campaign_id = 'generated-42' GROUP BY variant, run_id, event_type",
+        ],
+        true,
+    );
+    // one JSON object per line
+    let rows: Vec<Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let s = |v: &Value| v.as_str().map(String::from);
+    let got: BTreeMap<(Option<String>, Option<String>, String), u64> = rows
+        .iter()
+        .map(|r| {
+            (
+                (
+                    s(&r["variant"]),
+                    s(&r["run_id"]),
+                    s(&r["event_type"]).unwrap(),
+                ),
+                r["n"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(got, want);
+    let out = run(
+        &[
+            "sql",
+            "--store",
+            store.to_str().unwrap(),
+            "--format",
+            "csv",
+            "SELECT event_id FROM events WHERE event_id LIKE 'x-%' AND variant IS NULL AND run_id IS NULL ORDER BY event_id",
+        ],
+        true,
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .collect::<Vec<_>>(),
+        ["event_id", "x-campaign", "x-nobody", "x-rival"]
+    );
+
+    // The statistics API: opens per variant are the ledger's, whatever the provider echoed.
+    let (tokens, token) = new_token(d.path(), "demo");
+    let server = serve(&store, &tokens);
+    let (status, body) = get(
+        &server.addr,
+        "/campaign-statistics/generated-42",
+        &token,
+        "demo",
+    );
+    assert_eq!(status, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    for variant in v["variants"].as_array().unwrap() {
+        let name = variant["variant"].as_str();
+        let opened: u64 = want
+            .iter()
+            .filter(|((v, _, t), _)| v.as_deref() == name && t == "opened")
+            .map(|(_, n)| n)
+            .sum();
+        assert_eq!(variant["opens"], opened, "{name:?}: {variant}");
     }
 }

@@ -228,3 +228,121 @@ fn the_next_send_suppresses_from_the_store_by_itself() {
         .suppression_snapshots
         .is_empty());
 }
+
+/// Repeated soft bounces (3 in the 30 days before the run, events and imported bounces
+/// together) and imported hard bounces suppress the next send; the run record counts the
+/// snapshot's lists and sources, and `why` names the events or the import behind a decision.
+#[test]
+fn repeated_soft_bounces_and_imported_bounces_suppress_and_why_names_them() {
+    let d = tempfile::tempdir().unwrap();
+    let spec = generate(d.path(), 2_000, 0, &["--invalid-share", "0"]);
+    let s = spec.to_str().unwrap();
+    let store = d.path().join("store");
+    let st = store.to_str().unwrap();
+    run(&["send", s, "--run-id", "first"], true);
+    let sent = first_sent(&store, "first", 25);
+    let now = chrono::Utc::now();
+    let ago = |days: i64| (now - chrono::Duration::days(days)).to_rfc3339();
+
+    let events = d.path().join("events.ndjson");
+    let mut f = std::fs::File::create(&events).unwrap();
+    let soft = |f: &mut std::fs::File, i: usize, n: usize, days: i64| {
+        writeln!(
+            f,
+            r#"{{"event_id":"sb-{i}-{n}","workspace_id":"demo","campaign_id":"generated-42","email":"{}","event_type":"bounced","bounce_type":"soft","ts":"{}"}}"#,
+            sent[i],
+            ago(days)
+        )
+        .unwrap();
+    };
+    for i in 0..5 {
+        // three soft bounces this month: suppressed
+        (0..3).for_each(|n| soft(&mut f, i, n, 1 + n as i64));
+    }
+    for i in 5..10 {
+        // two: not yet
+        (0..2).for_each(|n| soft(&mut f, i, n, 1));
+    }
+    for i in 10..15 {
+        // three, but two of them older than the window: not suppressed
+        soft(&mut f, i, 0, 2);
+        soft(&mut f, i, 1, 40);
+        soft(&mut f, i, 2, 45);
+    }
+    for i in 20..25 {
+        // two soft bounce events and one imported below: three together
+        (0..2).for_each(|n| soft(&mut f, i, n, 3));
+    }
+    drop(f);
+    ingest(&store, &events);
+
+    let export = d.path().join("export.csv");
+    let mut csv = String::from("email,bounce_type,bounced_at\n");
+    for k in &sent[15..20] {
+        csv.push_str(&format!("{k},hard,2025-01-02\n"));
+    }
+    for k in &sent[20..25] {
+        csv.push_str(&format!("{k},soft,{}\n", ago(4)));
+    }
+    std::fs::write(&export, csv).unwrap();
+    let ex = export.to_str().unwrap();
+    run(
+        &[
+            "bounces",
+            "import",
+            ex,
+            "--store",
+            st,
+            "--workspace",
+            "demo",
+        ],
+        true,
+    );
+
+    run(&["send", s, "--run-id", "next", "--new-run"], true);
+    let ledger = read_ledger(&store, "demo", "generated-42", "next");
+    let row = |k: &str| ledger.iter().find(|r| r.key.as_deref() == Some(k)).unwrap();
+    for (i, k) in sent.iter().enumerate() {
+        let want = match i {
+            0..5 | 20..25 => ("suppressed", Some("soft_bounce_repeated")),
+            15..20 => ("suppressed", Some("hard_bounce")),
+            _ => ("sent", None),
+        };
+        let r = row(k);
+        assert_eq!((r.decision.as_str(), r.reason.as_deref()), want, "{i} {k}");
+    }
+    let rec = record(&store, "demo", "next");
+    let sup = rec
+        .store_suppression
+        .expect("the run used a store snapshot");
+    assert_eq!(sup.lists["soft_bounce_repeated"], 10);
+    assert_eq!(sup.lists["hard_bounce"], 5);
+    assert_eq!(sup.historical_files, 1);
+    assert_eq!(sup.historical_rows, 10); // 5 hard + 5 soft inside the window
+    assert_eq!(sup.event_rows, 3 * 5 + 2 * 5 + 5 + 2 * 5); // soft bounces inside the window
+    assert_eq!(rec.suppression_snapshots, vec![sup.snapshot_id]);
+
+    let why = |k: &str| {
+        let out = run(&["why", "next", k, "--store", st], true);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let text = why(&sent[0]);
+    for n in 0..3 {
+        assert!(
+            text.contains(&format!("event sb-0-{n}: bounced (soft)")),
+            "{text}"
+        );
+    }
+    let text = why(&sent[21]);
+    assert!(
+        text.contains("event sb-21-0")
+            && text.contains("imported soft bounce")
+            && text.contains("export.csv"),
+        "{text}"
+    );
+    let text = why(&sent[15]);
+    assert!(
+        text.contains("imported hard bounce at 2025-01-02T00:00:00Z (export export.csv)"),
+        "{text}"
+    );
+}

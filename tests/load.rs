@@ -596,7 +596,9 @@ fn ingest_run(dir: &Path, input: &Path, events: u64, max_records: Option<usize>)
         "ingest of {events} events failed ({status}):\n{stdout}\n{stderr}"
     );
     assert!(
-        stdout.contains(&format!("{events} event rows, 0 dead letters")),
+        stdout.contains(&format!(
+            "{events} event rows (0 attributed from the ledger), 0 dead letters"
+        )),
         "{stdout}"
     );
     std::fs::remove_dir_all(&store).unwrap();

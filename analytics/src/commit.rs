@@ -24,8 +24,10 @@ use std::fs::{self, File};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use arrow_array::RecordBatch;
 use broadside_pipeline::event::{file_schema, partition_dir};
 use broadside_pipeline::store::{commit_file, create_dir_all, sync_dir};
 use parquet::arrow::ArrowWriter;
@@ -34,6 +36,7 @@ use parquet::file::properties::{EnabledStatistics, WriterProperties};
 use parquet::schema::types::ColumnPath;
 use serde::{Deserialize, Serialize};
 
+use crate::attribution::Attribution;
 use crate::buffer::{DeadLetter, Pending};
 use crate::error::{Error, Result};
 
@@ -114,6 +117,8 @@ pub enum CommitOutcome {
         dead_letters: u64,
         /// Data files written.
         files: u64,
+        /// Event rows whose variant or run came from the ledger.
+        attributed: u64,
     },
     /// Another writer committed from the same start first; nothing of ours was kept.
     /// Consumption must resume at `next`.
@@ -130,6 +135,8 @@ pub(crate) struct Committer {
     initial: i64,
     next: i64,
     settings: WriteSettings,
+    /// Fills events' missing variant and run from the ledger before they are written.
+    attribution: Option<Arc<Attribution>>,
 }
 
 static NONCE: AtomicU64 = AtomicU64::new(0);
@@ -177,9 +184,16 @@ impl Committer {
             initial,
             next: initial,
             settings,
+            attribution: None,
         };
         c.recover()?;
         Ok(c)
+    }
+
+    /// Attributes the events of each commit from the ledger ([`Attribution`]).
+    pub(crate) fn with_attribution(mut self, a: Arc<Attribution>) -> Self {
+        self.attribution = Some(a);
+        self
     }
 
     /// The first offset not yet committed.
@@ -260,7 +274,7 @@ impl Committer {
     }
 
     /// Commits `[next, end]` with the given rows and dead letters.
-    pub(crate) fn commit(&mut self, end: i64, pending: Pending) -> Result<CommitOutcome> {
+    pub(crate) fn commit(&mut self, end: i64, mut pending: Pending) -> Result<CommitOutcome> {
         let start = self.next;
         if end < start {
             return Err(Error::state(
@@ -275,6 +289,17 @@ impl Committer {
         let staging_rel = self.id.state_rel.join("staging");
         let mut files = Vec::with_capacity(pending.partitions.len());
         let mut total_rows = 0u64;
+        let mut attributed = 0u64;
+        if let Some(a) = &self.attribution {
+            for part in &mut pending.partitions {
+                for b in &mut part.batches {
+                    let taken = std::mem::replace(b, RecordBatch::new_empty(file_schema()));
+                    let (batch, n) = a.apply(&part.workspace_id, taken)?;
+                    *b = batch;
+                    attributed += n;
+                }
+            }
+        }
         for (i, part) in pending.partitions.iter().enumerate() {
             let staged = staging_rel.join(format!("{start:020}-{end:020}-{n}-{i}.parquet"));
             let fin = partition_dir(Path::new(""), &part.workspace_id, part.date)
@@ -343,6 +368,7 @@ impl Committer {
             rows: total_rows,
             dead_letters: pending.dead.len() as u64,
             files: manifest.files.len() as u64,
+            attributed,
         })
     }
 
@@ -492,7 +518,8 @@ mod tests {
             CommitOutcome::Committed {
                 rows: 10,
                 dead_letters: 1,
-                files: 1
+                files: 1,
+                attributed: 0
             }
         ));
         assert_eq!(

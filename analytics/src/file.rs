@@ -22,6 +22,7 @@ use std::time::Instant;
 use serde::Deserialize;
 use xxhash_rust::xxh3::xxh3_64;
 
+use crate::attribution::Attribution;
 use crate::buffer::StreamBuffer;
 use crate::commit::{CommitOutcome, Committer, StreamId};
 use crate::error::{Error, Result};
@@ -166,7 +167,8 @@ pub fn ingest_file_until(
         offset_field: "line",
     };
     let state_dir = cfg.store.join(&id.state_rel);
-    let mut committer = Committer::open(&cfg.store, id, 1, cfg.flush.write_settings())?;
+    let mut committer = Committer::open(&cfg.store, id, 1, cfg.flush.write_settings())?
+        .with_attribution(Attribution::new(&cfg.store));
     check_fingerprint(&state_dir, &identity, &source_id, &cfg.path)?;
     let mut f = f;
     std::io::Seek::rewind(&mut f).map_err(|e| Error::io(&cfg.path, e))?;
@@ -270,8 +272,10 @@ fn commit(
             rows,
             dead_letters,
             files,
+            attributed,
         } => {
             stats.add_commit(records, rows, dead_letters, files);
+            stats.attributed += attributed;
             if let Some(h) = &hooks.on_commit {
                 h(&CommitInfo {
                     stream: committer.describe().to_string(),

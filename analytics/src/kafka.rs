@@ -28,6 +28,7 @@ use rdkafka::types::{RDKafkaErrorCode, RDKafkaRespErr};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use serde::Deserialize;
 
+use crate::attribution::Attribution;
 use crate::buffer::StreamBuffer;
 use crate::commit::{CommitOutcome, Committer, StreamId, WriteSettings};
 use crate::error::{Error, Result};
@@ -230,6 +231,9 @@ pub struct IngestStats {
     pub conflicts: u64,
     /// Gaps recorded in `ingest_gaps` (only with [`OnGap::Record`]).
     pub gaps: u64,
+    /// Event rows whose missing variant or run id came from the ledger
+    /// ([`crate::attribution`]).
+    pub attributed: u64,
 }
 
 impl IngestStats {
@@ -395,6 +399,8 @@ struct Shared {
     /// Source of epochs (assignments and post-conflict restarts).
     epochs: AtomicU64,
     chunks: ChunkPool,
+    /// Variant and run of events that lack them, from the ledger.
+    attribution: Arc<Attribution>,
 }
 
 fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -458,7 +464,8 @@ impl Shared {
             Shared::stream_id(topic, partition, generation),
             0,
             settings,
-        )?;
+        )?
+        .with_attribution(self.attribution.clone());
         let next = committer.next();
         if next == 0 {
             // Nothing committed yet: start at the first record the partition still has.
@@ -521,7 +528,8 @@ impl Shared {
             Shared::stream_id(topic, partition, generation),
             0,
             settings,
-        )?;
+        )?
+        .with_attribution(self.attribution.clone());
         Ok((fresh, Offset::Beginning))
     }
 
@@ -702,8 +710,13 @@ fn commit(
             rows,
             dead_letters,
             files,
+            attributed,
         } => {
-            locked(&shared.stats).add_commit(records, rows, dead_letters, files);
+            {
+                let mut stats = locked(&shared.stats);
+                stats.add_commit(records, rows, dead_letters, files);
+                stats.attributed += attributed;
+            }
             locked(&shared.committed).insert(key.clone(), end + 1);
             if let Some(h) = &shared.hooks.on_commit {
                 h(&CommitInfo {
@@ -931,6 +944,7 @@ pub fn run_kafka_ingest(
         workers: queues,
         epochs: AtomicU64::new(1),
         chunks: ChunkPool::default(),
+        attribution: Attribution::new(&cfg.store),
     });
     let handles: Vec<_> = receivers
         .into_iter()

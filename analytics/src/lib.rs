@@ -19,6 +19,7 @@
 #![warn(missing_docs)]
 
 pub mod api;
+pub mod attribution;
 pub mod buffer;
 pub mod commit;
 pub mod decode;

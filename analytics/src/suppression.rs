@@ -1,17 +1,18 @@
 //! Bounce feedback: suppression lists built from the event store.
 //!
 //! `broadside suppression build` scans a workspace's events for hard bounces,
-//! complaints and unsubscribes (plus imported historical bounce CSVs) and writes one
-//! CSV per reason (header `email`, addresses trimmed, lowercased, deduplicated, sorted)
-//! and a `snapshot.json` describing them. The send path loads the CSVs as suppression
-//! lists and records the snapshot's id in its run record.
+//! complaints, unsubscribes and repeated soft bounces, plus its imported historical bounces
+//! (`historical_bounces/`) and any bounce CSVs given, and writes one CSV per reason (header
+//! `email`, addresses trimmed, lowercased, deduplicated, sorted) and a `snapshot.json`
+//! describing them. The send path loads the CSVs as suppression lists and records the
+//! snapshot's id in its run record; [`evidence`] finds what put an address on a list.
 
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 
-use arrow_array::{Array, StringArray};
+use arrow_array::{Array, StringArray, TimestampMicrosecondArray};
 use broadside_pipeline::store::write_atomic;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::arrow::ProjectionMask;
@@ -31,14 +32,17 @@ pub enum SuppressionReason {
     Complaint,
     /// An unsubscribe.
     Unsubscribed,
+    /// Soft bounces at or over the [`SoftBouncePolicy`] threshold within its window.
+    SoftBounceRepeated,
 }
 
 impl SuppressionReason {
     /// Every reason.
-    pub const ALL: [SuppressionReason; 3] = [
+    pub const ALL: [SuppressionReason; 4] = [
         SuppressionReason::HardBounce,
         SuppressionReason::Complaint,
         SuppressionReason::Unsubscribed,
+        SuppressionReason::SoftBounceRepeated,
     ];
 
     /// The name used in file names and the snapshot.
@@ -47,6 +51,7 @@ impl SuppressionReason {
             SuppressionReason::HardBounce => "hard_bounce",
             SuppressionReason::Complaint => "complaint",
             SuppressionReason::Unsubscribed => "unsubscribed",
+            SuppressionReason::SoftBounceRepeated => "soft_bounce_repeated",
         }
     }
 
@@ -71,6 +76,30 @@ pub struct SuppressionBuildConfig {
     /// (CLI: `--bounces FILE`, repeatable).
     #[serde(default)]
     pub bounce_csvs: Vec<PathBuf>,
+    /// When soft bounces suppress.
+    #[serde(default)]
+    pub soft_bounces: SoftBouncePolicy,
+}
+
+/// Repeated soft bounces suppress: an address with at least `threshold` soft bounces (events
+/// and imported historical bounces together) in the `window_days` days before the build goes on
+/// the `soft_bounce_repeated` list. A `threshold` of 0 turns it off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SoftBouncePolicy {
+    /// Soft bounces that suppress (default 3).
+    pub threshold: u32,
+    /// Days before the build they are counted in (default 30).
+    pub window_days: u32,
+}
+
+impl Default for SoftBouncePolicy {
+    fn default() -> Self {
+        SoftBouncePolicy {
+            threshold: 3,
+            window_days: 30,
+        }
+    }
 }
 
 /// One input of a snapshot.
@@ -104,9 +133,40 @@ pub struct SuppressionSnapshot {
     pub created_at: String,
     /// Output lists by reason.
     pub lists: BTreeMap<SuppressionReason, SnapshotList>,
-    /// Event Parquet files and bounce CSVs read.
+    /// Event Parquet files, historical bounce imports and bounce CSVs read.
     pub sources: Vec<SnapshotSource>,
+    /// The soft-bounce policy applied.
+    #[serde(default)]
+    pub soft_bounces: SoftBouncePolicy,
 }
+
+impl SuppressionSnapshot {
+    /// Reads a `snapshot.json`.
+    pub fn load(path: &Path) -> Result<SuppressionSnapshot> {
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        serde_json::from_slice(&bytes)
+            .map_err(|e| Error::state(path, format!("not a suppression snapshot: {e}")))
+    }
+
+    /// Addresses read from the event store and from historical imports (before
+    /// deduplication): (event rows, event files, historical rows, historical files).
+    pub fn source_counts(&self) -> (u64, u64, u64, u64) {
+        let mut c = (0, 0, 0, 0);
+        for s in &self.sources {
+            if s.path.starts_with("events") {
+                c.0 += s.rows;
+                c.1 += 1;
+            } else if s.path.starts_with(HISTORICAL_DIR) {
+                c.2 += s.rows;
+                c.3 += 1;
+            }
+        }
+        c
+    }
+}
+
+/// The store folder of imported historical bounces ([`crate::historical`]).
+pub const HISTORICAL_DIR: &str = "historical_bounces";
 
 /// Normalises an address for suppression: trimmed, lowercased.
 pub fn normalize_email(e: &str) -> String {
@@ -131,11 +191,24 @@ pub fn build_suppression(cfg: &SuppressionBuildConfig) -> Result<SuppressionSnap
         .map(|r| (r, Vec::new()))
         .collect();
     let mut sources = Vec::new();
+    let policy = cfg.soft_bounces;
+    let since_us = (chrono::Utc::now() - chrono::Duration::days(i64::from(policy.window_days)))
+        .timestamp_micros();
+    // Normalised addresses of the soft bounces inside the window, one per bounce.
+    let mut soft: Vec<String> = Vec::new();
 
-    let ws_dir = broadside_pipeline::event::events_dir(&cfg.store)
-        .join(format!("workspace_id={}", cfg.workspace_id));
+    let ws = format!("workspace_id={}", cfg.workspace_id);
+    let ws_dir = broadside_pipeline::event::events_dir(&cfg.store).join(&ws);
     for file in parquet_files(&ws_dir)? {
-        let rows = scan_event_file(&file, &mut sets)?;
+        let rows = scan_event_file(&file, since_us, &mut sets, &mut soft)?;
+        let rel = file.strip_prefix(&cfg.store).unwrap_or(&file).to_path_buf();
+        sources.push(SnapshotSource { path: rel, rows });
+    }
+    for file in parquet_files(&cfg.store.join(HISTORICAL_DIR).join(&ws))? {
+        let hard = sets
+            .get_mut(&SuppressionReason::HardBounce)
+            .expect("all reasons");
+        let rows = scan_historical_file(&file, since_us, hard, &mut soft)?;
         let rel = file.strip_prefix(&cfg.store).unwrap_or(&file).to_path_buf();
         sources.push(SnapshotSource { path: rel, rows });
     }
@@ -149,6 +222,18 @@ pub fn build_suppression(cfg: &SuppressionBuildConfig) -> Result<SuppressionSnap
             path: csv.clone(),
             rows,
         });
+    }
+
+    if policy.threshold > 0 {
+        soft.sort_unstable();
+        let repeated = sets
+            .get_mut(&SuppressionReason::SoftBounceRepeated)
+            .expect("all reasons");
+        for run in soft.chunk_by(|a, b| a == b) {
+            if run.len() >= policy.threshold as usize {
+                repeated.push(run[0].clone());
+            }
+        }
     }
 
     let mut lists = BTreeMap::new();
@@ -184,6 +269,7 @@ pub fn build_suppression(cfg: &SuppressionBuildConfig) -> Result<SuppressionSnap
         created_at: chrono::Utc::now().to_rfc3339(),
         lists,
         sources,
+        soft_bounces: policy,
     };
     // Written last: a snapshot.json always describes complete lists.
     let json = serde_json::to_vec_pretty(&snapshot).expect("snapshot serializes");
@@ -226,10 +312,14 @@ fn parquet_files(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
-fn scan_event_file(
+/// The string columns `names` and, unless `ts` is empty, the timestamp column `ts` of a
+/// Parquet file, batch by batch.
+fn read_columns(
     path: &Path,
-    sets: &mut BTreeMap<SuppressionReason, Vec<String>>,
-) -> Result<u64> {
+    names: &[&str],
+    ts: &str,
+    mut each: impl FnMut(&[&StringArray], Option<&TimestampMicrosecondArray>) -> Result<()>,
+) -> Result<()> {
     let f = File::open(path).map_err(|e| Error::io(path, e))?;
     let builder =
         ParquetRecordBatchReaderBuilder::try_new(f).map_err(|e| Error::parquet(path, e))?;
@@ -237,16 +327,18 @@ fn scan_event_file(
     let idx = |name: &str| {
         schema
             .index_of(name)
-            .map_err(|_| Error::state(path, format!("event file has no `{name}` column")))
+            .map_err(|_| Error::state(path, format!("file has no `{name}` column")))
     };
-    let (email, etype, btype) = (idx("email")?, idx("event_type")?, idx("bounce_type")?);
-    let mask = ProjectionMask::roots(builder.parquet_schema(), [email, etype, btype]);
+    let mut roots = names.iter().map(|n| idx(n)).collect::<Result<Vec<_>>>()?;
+    if !ts.is_empty() {
+        roots.push(idx(ts)?);
+    }
+    let mask = ProjectionMask::roots(builder.parquet_schema(), roots);
     let reader = builder
         .with_projection(mask)
         .with_batch_size(8192)
         .build()
         .map_err(|e| Error::parquet(path, e))?;
-    let mut rows = 0;
     for batch in reader {
         let batch = batch.map_err(|e| {
             Error::parquet(
@@ -254,35 +346,216 @@ fn scan_event_file(
                 parquet::errors::ParquetError::ArrowError(e.to_string()),
             )
         })?;
-        let s = |i: usize| {
-            batch
-                .column(i)
-                .as_any()
-                .downcast_ref::<StringArray>()
-                .ok_or_else(|| Error::state(path, "email/event_type/bounce_type must be utf8"))
+        let cols = names
+            .iter()
+            .map(|n| {
+                batch
+                    .column_by_name(n)
+                    .and_then(|c| c.as_any().downcast_ref::<StringArray>())
+                    .ok_or_else(|| Error::state(path, format!("`{n}` must be utf8")))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let t = match ts {
+            "" => None,
+            n => Some(
+                batch
+                    .column_by_name(n)
+                    .and_then(|c| c.as_any().downcast_ref::<TimestampMicrosecondArray>())
+                    .ok_or_else(|| Error::state(path, format!("`{n}` must be a µs timestamp")))?,
+            ),
         };
-        // Projected columns come back in file order: email, event_type, bounce_type.
-        let (emails, types, bounces) = (s(0)?, s(1)?, s(2)?);
-        for i in 0..batch.num_rows() {
-            if emails.is_null(i) || types.is_null(i) {
+        each(&cols, t)?;
+    }
+    Ok(())
+}
+
+/// Which list an event puts its address on, if any; soft bounces count toward
+/// [`SuppressionReason::SoftBounceRepeated`] and return `None`.
+fn event_reason(event_type: &str, bounce_type: Option<&str>) -> Option<SuppressionReason> {
+    match event_type {
+        "bounced" if bounce_type.is_none_or(|b| b == "hard") => Some(SuppressionReason::HardBounce),
+        "complained" => Some(SuppressionReason::Complaint),
+        "unsubscribed" => Some(SuppressionReason::Unsubscribed),
+        _ => None,
+    }
+}
+
+fn scan_event_file(
+    path: &Path,
+    since_us: i64,
+    sets: &mut BTreeMap<SuppressionReason, Vec<String>>,
+    soft: &mut Vec<String>,
+) -> Result<u64> {
+    let mut rows = 0;
+    read_columns(
+        path,
+        &["email", "event_type", "bounce_type"],
+        "ts",
+        |c, ts| {
+            let (emails, types, bounces) = (c[0], c[1], c[2]);
+            let ts = ts.expect("asked for ts");
+            for i in 0..emails.len() {
+                if emails.is_null(i) || types.is_null(i) {
+                    continue;
+                }
+                let bounce = (!bounces.is_null(i)).then(|| bounces.value(i));
+                let reason = event_reason(types.value(i), bounce);
+                let soft_in_window = reason.is_none()
+                    && types.value(i) == "bounced"
+                    && !ts.is_null(i)
+                    && ts.value(i) >= since_us;
+                if reason.is_none() && !soft_in_window {
+                    continue;
+                }
+                let e = normalize_email(emails.value(i));
+                if e.is_empty() {
+                    continue;
+                }
+                rows += 1;
+                match reason {
+                    Some(r) => sets.get_mut(&r).expect("all reasons").push(e),
+                    None => soft.push(e),
+                }
+            }
+            Ok(())
+        },
+    )?;
+    Ok(rows)
+}
+
+/// Hard bounces of a historical import go on the hard-bounce list; soft ones inside the
+/// window (or without a date: none) count toward the soft-bounce policy.
+fn scan_historical_file(
+    path: &Path,
+    since_us: i64,
+    hard: &mut Vec<String>,
+    soft: &mut Vec<String>,
+) -> Result<u64> {
+    let mut rows = 0;
+    read_columns(path, &["email", "bounce_type"], "bounced_at", |c, ts| {
+        let (emails, types) = (c[0], c[1]);
+        let ts = ts.expect("asked for bounced_at");
+        for i in 0..emails.len() {
+            if emails.is_null(i) {
                 continue;
             }
-            let reason = match types.value(i) {
-                "bounced" if bounces.is_null(i) || bounces.value(i) == "hard" => {
-                    SuppressionReason::HardBounce
-                }
-                "complained" => SuppressionReason::Complaint,
-                "unsubscribed" => SuppressionReason::Unsubscribed,
-                _ => continue,
-            };
+            let is_hard = types.is_null(i) || types.value(i) != "soft";
+            if !is_hard && (ts.is_null(i) || ts.value(i) < since_us) {
+                continue;
+            }
             let e = normalize_email(emails.value(i));
-            if !e.is_empty() {
-                sets.get_mut(&reason).expect("all reasons").push(e);
-                rows += 1;
+            if e.is_empty() {
+                continue;
+            }
+            rows += 1;
+            if is_hard {
+                hard.push(e)
+            } else {
+                soft.push(e)
             }
         }
-    }
+        Ok(())
+    })?;
     Ok(rows)
+}
+
+/// What put `email` on the snapshot's `reason` list: one line per event or imported bounce
+/// among the files the snapshot read (bounce CSVs given to the build are not searched), in the
+/// order the build read them. Empty when nothing did (the address is not on that list).
+pub fn evidence(
+    store: &Path,
+    snapshot: &SuppressionSnapshot,
+    email: &str,
+    reason: SuppressionReason,
+) -> Result<Vec<String>> {
+    let key = normalize_email(email);
+    let created = chrono::DateTime::parse_from_rfc3339(&snapshot.created_at)
+        .map(|t| t.with_timezone(&chrono::Utc))
+        .map_err(|e| Error::state(store, format!("snapshot created_at: {e}")))?;
+    let since_us = (created - chrono::Duration::days(i64::from(snapshot.soft_bounces.window_days)))
+        .timestamp_micros();
+    let soft = reason == SuppressionReason::SoftBounceRepeated;
+    let when = |ts: Option<&TimestampMicrosecondArray>, i: usize| {
+        ts.filter(|t| !t.is_null(i))
+            .and_then(|t| chrono::DateTime::from_timestamp_micros(t.value(i)))
+            .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+            .unwrap_or_else(|| "an unknown time".into())
+    };
+    let mut out = Vec::new();
+    for src in &snapshot.sources {
+        let path = store.join(&src.path);
+        if src.path.starts_with("events") {
+            read_columns(
+                &path,
+                &["event_id", "email", "event_type", "bounce_type"],
+                "ts",
+                |c, ts| {
+                    let t = ts.expect("asked for ts");
+                    for i in 0..c[0].len() {
+                        if c[1].is_null(i)
+                            || c[2].is_null(i)
+                            || normalize_email(c[1].value(i)) != key
+                        {
+                            continue;
+                        }
+                        let bounce = (!c[3].is_null(i)).then(|| c[3].value(i));
+                        let hit = match event_reason(c[2].value(i), bounce) {
+                            Some(r) => r == reason,
+                            None => {
+                                soft && c[2].value(i) == "bounced"
+                                    && !t.is_null(i)
+                                    && t.value(i) >= since_us
+                            }
+                        };
+                        if hit {
+                            let kind = bounce.map(|b| format!(" ({b})")).unwrap_or_default();
+                            out.push(format!(
+                                "event {}: {}{kind} at {}, in {}",
+                                c[0].value(i),
+                                c[2].value(i),
+                                when(ts, i),
+                                src.path.display()
+                            ));
+                        }
+                    }
+                    Ok(())
+                },
+            )?;
+        } else if src.path.starts_with(HISTORICAL_DIR) {
+            read_columns(
+                &path,
+                &["email", "bounce_type", "source"],
+                "bounced_at",
+                |c, ts| {
+                    let t = ts.expect("asked for bounced_at");
+                    for i in 0..c[0].len() {
+                        if c[0].is_null(i) || normalize_email(c[0].value(i)) != key {
+                            continue;
+                        }
+                        let is_hard = c[1].is_null(i) || c[1].value(i) != "soft";
+                        let hit = match reason {
+                            SuppressionReason::HardBounce => is_hard,
+                            SuppressionReason::SoftBounceRepeated => {
+                                !is_hard && !t.is_null(i) && t.value(i) >= since_us
+                            }
+                            _ => false,
+                        };
+                        if hit {
+                            out.push(format!(
+                                "imported {} bounce at {} (export {}), in {}",
+                                if is_hard { "hard" } else { "soft" },
+                                when(ts, i),
+                                if c[2].is_null(i) { "?" } else { c[2].value(i) },
+                                src.path.display()
+                            ));
+                        }
+                    }
+                    Ok(())
+                },
+            )?;
+        }
+    }
+    Ok(out)
 }
 
 /// Splits one CSV line (RFC 4180 quoting; no embedded newlines in bounce exports).

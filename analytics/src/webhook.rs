@@ -52,6 +52,7 @@ use tokio::sync::oneshot;
 use xxhash_rust::xxh3::Xxh3;
 
 use crate::api::token_hash;
+use crate::attribution::Attribution;
 use crate::decode::EventRow;
 use crate::error::{Error, Result};
 use crate::intake::{
@@ -284,6 +285,8 @@ pub enum WebhookSink {
     Store {
         /// Store root.
         store: PathBuf,
+        /// Variant and run of events that lack them, from the ledger.
+        attribution: Arc<Attribution>,
     },
     /// Produced to the events topic (JSON, DESIGN.md shape, keyed by event id), for
     /// `broadside ingest` to pick up.
@@ -296,6 +299,14 @@ pub enum WebhookSink {
 }
 
 impl WebhookSink {
+    /// The embedded default: events written to `<store>/events/`, attributed from the ledger.
+    pub fn store(store: &Path) -> WebhookSink {
+        WebhookSink::Store {
+            store: store.to_path_buf(),
+            attribution: Attribution::new(store),
+        }
+    }
+
     /// A Kafka sink producing to `topic` on `brokers` (idempotent producer, acks=all).
     pub fn kafka(brokers: &str, topic: &str) -> Result<WebhookSink> {
         let producer = ClientConfig::new()
@@ -858,9 +869,9 @@ async fn deliver(
         Ok(())
     } else {
         match &state.sink {
-            WebhookSink::Store { store } => {
-                let store = store.clone();
-                tokio::task::spawn_blocking(move || write_rows(&store, &keep))
+            WebhookSink::Store { store, attribution } => {
+                let (store, attribution) = (store.clone(), attribution.clone());
+                tokio::task::spawn_blocking(move || write_rows(&store, &attribution, &keep))
                     .await
                     .map_err(|e| e.to_string())
                     .and_then(|r| r.map_err(|e| e.to_string()))
@@ -928,7 +939,7 @@ async fn produce_rows(
 }
 
 /// Writes accepted rows as one Parquet file per partition, named after the ids it holds.
-fn write_rows(store: &Path, rows: &[EventRow<'static>]) -> Result<()> {
+fn write_rows(store: &Path, attribution: &Attribution, rows: &[EventRow<'static>]) -> Result<()> {
     let mut groups: Vec<(&str, NaiveDate, Vec<&EventRow<'static>>)> = Vec::new();
     for r in rows {
         let d = r.date();
@@ -955,7 +966,7 @@ fn write_rows(store: &Path, rows: &[EventRow<'static>]) -> Result<()> {
         for r in &rows {
             r.push_into(&mut b);
         }
-        let batch = b.finish()?;
+        let (batch, _) = attribution.apply(ws, b.finish()?)?;
         let tmp = temp_name(&path);
         let file = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
         let sync = file.try_clone().map_err(|e| Error::io(&tmp, e))?;

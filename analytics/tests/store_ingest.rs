@@ -179,6 +179,7 @@ fn suppression_build_collects_hard_bounces_complaints_unsubscribes() -> Result<(
         workspace_id: "acme".into(),
         out_dir: out.clone(),
         bounce_csvs: vec![csv],
+        soft_bounces: Default::default(),
     };
     let snap = build_suppression(&cfg)?;
     let read = |r: SuppressionReason| std::fs::read_to_string(out.join(r.file_name())).unwrap();
@@ -232,9 +233,7 @@ async fn webhooks_authenticate_decode_dedupe_and_store() -> Result<()> {
             WebhookCredential::from_secret("acme", SECRET, "acme")?,
             WebhookCredential::from_secret("globex", GLOBEX, "globex")?,
         ]),
-        WebhookSink::Store {
-            store: store.clone(),
-        },
+        WebhookSink::store(&store),
     )?;
     let form = "event=bounced&when=1700000000&email%5B0%5D=a%40x.io&email%5B1%5D=b%40x.io";
     let uri = format!("/webhooks/callback?workspace_id=acme&campaign_id=42&token={SECRET}");

@@ -108,11 +108,13 @@ pub enum Reason {
     /// An earlier run of the campaign already sent to this key (`--exclude-sent`); the detail
     /// names that run.
     AlreadySent = 24,
+    /// On the repeated-soft-bounce list of the store's suppression snapshot.
+    SoftBounceRepeated = 25,
 }
 
 impl Reason {
     /// Every reason, in code order.
-    pub const ALL: [Reason; 25] = [
+    pub const ALL: [Reason; 26] = [
         Reason::None,
         Reason::MissingEmail,
         Reason::InvalidEmail,
@@ -138,6 +140,7 @@ impl Reason {
         Reason::EnrichmentFailed,
         Reason::Duplicate,
         Reason::AlreadySent,
+        Reason::SoftBounceRepeated,
     ];
 
     /// The snake_case code stored in the ledger (empty for [`Reason::None`]).
@@ -168,6 +171,7 @@ impl Reason {
             Reason::EnrichmentFailed => "enrichment_failed",
             Reason::Duplicate => "duplicate",
             Reason::AlreadySent => "already_sent",
+            Reason::SoftBounceRepeated => "soft_bounce_repeated",
         }
     }
 
@@ -213,6 +217,9 @@ impl Reason {
             }
             Reason::AlreadySent => {
                 "an earlier run of this campaign already sent to this recipient (the detail names it)"
+            }
+            Reason::SoftBounceRepeated => {
+                "the address soft-bounced repeatedly (the store's soft-bounce policy)"
             }
         }
     }

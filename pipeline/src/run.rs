@@ -160,6 +160,30 @@ pub struct RunRecord {
     /// (`--exclude-sent`); a resume skips the same.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub excluded_runs: Vec<String>,
+    /// The suppression snapshot the run built from the store (`store_suppression`), with
+    /// its counts; absent when the run did not use one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store_suppression: Option<StoreSuppression>,
+}
+
+/// A run's suppression snapshot from the store: what it held and what it was built from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoreSuppression {
+    /// The snapshot's id (also in `suppression_snapshots`).
+    pub snapshot_id: String,
+    /// Distinct addresses per list (`hard_bounce`, `complaint`, `unsubscribed`,
+    /// `soft_bounce_repeated`).
+    pub lists: BTreeMap<String, u64>,
+    /// Addresses read from the workspace's event files (before deduplication).
+    pub event_rows: u64,
+    /// Event files read.
+    pub event_files: u64,
+    /// Addresses read from imported historical bounces.
+    pub historical_rows: u64,
+    /// Historical import files read.
+    pub historical_files: u64,
+    /// Seconds the build took (0 when a resume reused it).
+    pub build_secs: f64,
 }
 
 impl RunRecord {

@@ -710,6 +710,8 @@ pub enum SuppressionReason {
     Complaint,
     /// Organisation blocklist.
     Blocklist,
+    /// Repeated soft bounces (the store's suppression snapshot).
+    SoftBounceRepeated,
 }
 
 impl SuppressionReason {
@@ -720,6 +722,7 @@ impl SuppressionReason {
             SuppressionReason::Unsubscribed => Reason::Unsubscribed,
             SuppressionReason::Complaint => Reason::Complaint,
             SuppressionReason::Blocklist => Reason::Blocklisted,
+            SuppressionReason::SoftBounceRepeated => Reason::SoftBounceRepeated,
         }
     }
 }

@@ -416,3 +416,40 @@ pub fn new_run_flag(spec: &Path, run_id: &str) -> Option<&'static str> {
     let store = broadside_pipeline::store::StoreLayout::new(spec.resolve(&spec.output.store));
     (!store.run_record(&spec.workspace_id, run_id).exists()).then_some("--new-run")
 }
+
+/// `GET path` on the analytics API with a bearer token and workspace header: (status, body).
+pub fn api_get(addr: &str, path: &str, token: &str, ws: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nworkspace_id: {ws}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let status: u16 = out[9..12].parse().unwrap();
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|x| x.1)
+        .unwrap_or("")
+        .to_string();
+    // The API answers with Content-Length (no chunking) for JSON.
+    (status, body)
+}
+
+/// A token of workspace `ws` from `broadside token new`, stored in `<dir>/tokens.toml`:
+/// (tokens file, token).
+pub fn new_token(dir: &Path, ws: &str) -> (PathBuf, String) {
+    let out = run(&["token", "new", "--name", "test", "--workspace", ws], true);
+    let tokens = dir.join("tokens.toml");
+    std::fs::write(&tokens, &out.stdout).unwrap();
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    let token = stderr.split_whitespace().last().unwrap().to_string();
+    assert!(token.starts_with("bs_"), "{stderr}");
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains(&token),
+        "token stored in clear"
+    );
+    (tokens, token)
+}

@@ -15,11 +15,12 @@ use crate::error::Result;
 use crate::model::{Decision, Reason, RecipientBatch};
 
 /// Suppression-list precedence when a key is on several lists: the first wins.
-const PRECEDENCE: [Reason; 4] = [
+const PRECEDENCE: [Reason; 5] = [
     Reason::Blocklisted,
     Reason::Complaint,
     Reason::Unsubscribed,
     Reason::HardBounce,
+    Reason::SoftBounceRepeated,
 ];
 
 fn rank(r: Reason) -> usize {
