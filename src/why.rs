@@ -29,6 +29,8 @@ pub struct LedgerEntry {
     pub list: Option<String>,
     /// IFUR file and detail line.
     pub ifur: Option<(String, u32)>,
+    /// Mail with a printer: the state at the end of the run, and the printer's piece id.
+    pub mail: Option<(String, Option<String>)>,
 }
 
 /// Finds a run's record anywhere in the store.
@@ -99,6 +101,9 @@ pub fn lookup(store: &Path, record: &RunRecord, key: &str) -> Result<Vec<LedgerE
                     detail: text(&batch, "detail", i)?,
                     list: text(&batch, "suppression_list", i)?,
                     ifur: file.zip(line),
+                    mail: text(&batch, "mail_state", i)?
+                        .map(|m| Ok::<_, anyhow::Error>((m, text(&batch, "printer_id", i)?)))
+                        .transpose()?,
                 });
             }
         }
@@ -149,8 +154,52 @@ pub fn why(store: &Path, run_id: &str, key: &str) -> Result<()> {
         if let Some(d) = e.detail {
             println!("  {d}");
         }
+        if let Some((state, piece)) = &e.mail {
+            let piece = piece
+                .as_deref()
+                .map(|p| format!(", printer piece {p}"))
+                .unwrap_or_default();
+            println!("  mail state at the end of the run: {state}{piece}");
+            let now = mail_state_now(store, &record, key, state)?;
+            match (&now.event_id, now.at) {
+                (Some(id), Some(at)) => println!(
+                    "  mail state now: {} (tracking event {id} at {})",
+                    now.state,
+                    at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+                ),
+                _ => println!(
+                    "  mail state now: {} (no tracking event moved it)",
+                    now.state
+                ),
+            }
+        }
     }
     Ok(())
+}
+
+/// The recipient's mail state now: the ledger's, moved on by the printer's tracking events.
+fn mail_state_now(
+    store: &Path,
+    record: &RunRecord,
+    key: &str,
+    state: &str,
+) -> Result<broadside_analytics::query::mail::MailStateNow> {
+    use broadside_analytics::query::{mail::current_mail_states, Catalog};
+    let key = key.trim().to_string();
+    let catalog = Catalog::new(store);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting a runtime for the tracking query")?;
+    let mut now = rt
+        .block_on(current_mail_states(
+            &catalog,
+            &record.workspace_id,
+            &record.run_id,
+            &[(key.clone(), state.to_string())],
+        ))
+        .context("reading the printer's tracking events")?;
+    Ok(now.remove(&key).expect("asked for this key"))
 }
 
 /// For a list of a store suppression snapshot (a `snapshot.json` beside it, built from this

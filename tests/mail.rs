@@ -476,8 +476,16 @@ fn printer_tracking_webhooks_become_delivered_and_bounced_events() {
 
     let store = dir.path().join("store");
     let lob_secret = "lob-webhook-signing-secret";
+    let (tokens, token) = new_token(dir.path(), WS);
     let serve = Server::start(
-        &["--store", store.to_str().unwrap(), "--rollup-every", "0"],
+        &[
+            "--store",
+            store.to_str().unwrap(),
+            "--rollup-every",
+            "0",
+            "--tokens",
+            tokens.to_str().unwrap(),
+        ],
         &[
             ("BROADSIDE_WEBHOOK_SECRET", "a-long-enough-test-secret"),
             ("BROADSIDE_WEBHOOK_WORKSPACE", WS),
@@ -524,6 +532,68 @@ fn printer_tracking_webhooks_become_delivered_and_bounced_events() {
         transit.starts_with("HTTP/1.1 200") && transit.contains("\"accepted\":0"),
         "{transit}"
     );
+
+    // The recipient logs show each mailed recipient's state now: delivered → Received,
+    // returned → Returned, in transit (not recorded) → still Sent.
+    let who = |i: usize| {
+        pieces[i].request["metadata"]["recipient"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let ledger = read_ledger(&store, WS, CAMPAIGN, "t1");
+    for (i, want, event) in [
+        (0, "Received", Some("lob-evt_1")),
+        (1, "Returned", Some("lob-evt_2")),
+        (2, "Sent", None),
+    ] {
+        let r = ledger
+            .iter()
+            .find(|r| r.key.as_deref() == Some(who(i).as_str()))
+            .unwrap();
+        assert_eq!(r.mail_state.as_deref(), Some("Sent"));
+        let (status, body) = api_get(
+            &serve.addr,
+            &format!("/campaign-recipient-logs/t1:{}", r.row),
+            &token,
+            WS,
+        );
+        assert_eq!(status, 200, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["mail_state"], "Sent", "{v}");
+        assert_eq!(v["current_mail_state"], want, "{v}");
+        assert_eq!(v["mail_state_event"].as_str(), event, "{v}");
+        let (status, body) = api_get(
+            &serve.addr,
+            &format!("/campaign-recipient-logs/?run_id=t1&key={}", who(i)),
+            &token,
+            WS,
+        );
+        assert_eq!(status, 200, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["items"][0]["current_mail_state"], want, "{v}");
+
+        let out = run(
+            &["why", "t1", &who(i), "--store", store.to_str().unwrap()],
+            true,
+        );
+        let text = String::from_utf8_lossy(&out.stdout);
+        let line = match event {
+            Some(e) => {
+                format!("mail state now: {want} (tracking event {e} at 2026-12-01T10:00:00Z)")
+            }
+            None => "mail state now: Sent (no tracking event moved it)".to_string(),
+        };
+        assert!(text.contains(&line), "{text}");
+    }
+    // Another workspace's token sees none of it.
+    let (status, _) = api_get(
+        &serve.addr,
+        &format!("/campaign-recipient-logs/?run_id=t1&key={}", who(0)),
+        &token,
+        "other",
+    );
+    assert_eq!(status, 403);
     drop(serve);
 
     // The events store holds exactly the two events, filed under the piece's campaign and run.
@@ -574,12 +644,6 @@ fn printer_tracking_webhooks_become_delivered_and_bounced_events() {
         }
     }
     got.sort();
-    let who = |i: usize| {
-        pieces[i].request["metadata"]["recipient"]
-            .as_str()
-            .unwrap()
-            .to_string()
-    };
     assert_eq!(
         got,
         vec![

@@ -1,7 +1,7 @@
 //! The mail recipient state machine (seed 004), kept per recipient in the send ledger.
 //!
 //! ```text
-//! Pending → ProofingStaged → Proofing → Proofed → SendingStaged → Sending → Sent → Received
+//! Pending → ProofingStaged → Proofing → Proofed → SendingStaged → Sending → Sent → Received | Returned
 //!                                  ↘ Error    ↘ Scheduled → Sent       ↺ SendingStaged, ↘ Error
 //! Pending → AddressEnrichable → AddressEnriching → Pending | Skipped(EnrichmentFailed | NoAddress)
 //! Pending → Skipped(NoAddress | International | CapExceeded | PrinterApprovalFailed)
@@ -138,6 +138,8 @@ pub enum RecipientState {
     Sent,
     /// Delivered, as reported by the printer's webhooks.
     Received,
+    /// Returned to the sender, as reported by the printer's webhooks.
+    Returned,
     /// Created at the printer with a future mail date.
     Scheduled,
     /// Control group member: not mailed on purpose.
@@ -173,6 +175,7 @@ enum Kind {
     Sending,
     Sent,
     Received,
+    Returned,
     Scheduled,
     Holdout,
     Skipped(SkipReason),
@@ -206,6 +209,7 @@ impl RecipientState {
             S::Sending,
             S::Sent,
             S::Received,
+            S::Returned,
             S::Scheduled,
             S::Holdout,
         ];
@@ -231,6 +235,7 @@ impl RecipientState {
             S::Sending => Kind::Sending,
             S::Sent => Kind::Sent,
             S::Received => Kind::Received,
+            S::Returned => Kind::Returned,
             S::Scheduled => Kind::Scheduled,
             S::Holdout => Kind::Holdout,
             S::Skipped { reason } => Kind::Skipped(*reason),
@@ -252,6 +257,7 @@ impl RecipientState {
             S::Sending => "Sending",
             S::Sent => "Sent",
             S::Received => "Received",
+            S::Returned => "Returned",
             S::Scheduled => "Scheduled",
             S::Holdout => "Holdout",
             S::Skipped { .. } => "Skipped",
@@ -289,6 +295,7 @@ impl RecipientState {
                 | (K::Sending, K::SendingStaged)
                 | (K::Sending, K::Error)
                 | (K::Sent, K::Received)
+                | (K::Sent, K::Returned)
                 | (K::Scheduled, K::Sent)
                 | (K::AddressEnrichable, K::AddressEnriching)
                 | (K::AddressEnriching, K::Pending)
@@ -297,6 +304,14 @@ impl RecipientState {
                     K::Skipped(R::EnrichmentFailed | R::NoAddress)
                 )
         )
+    }
+
+    /// The state a ledger's `mail_state` names, for the states without data (`Skipped` and
+    /// `Error` carry a reason or message the column does not hold: `None`).
+    pub fn from_name(name: &str) -> Option<RecipientState> {
+        Self::samples()
+            .into_iter()
+            .find(|s| s.name() == name && !matches!(s, S::Skipped { .. } | S::Error { .. }))
     }
 
     /// Whether no edge leaves this state.
@@ -380,6 +395,7 @@ mod tests {
         ("Sending", "SendingStaged"),
         ("Sending", "Error"),
         ("Sent", "Received"),
+        ("Sent", "Returned"),
         ("Scheduled", "Sent"),
         ("AddressEnrichable", "AddressEnriching"),
         ("AddressEnriching", "Pending"),
@@ -390,7 +406,7 @@ mod tests {
     #[test]
     fn every_pair_is_allowed_or_refused_as_documented() {
         let states = RecipientState::samples();
-        assert_eq!(states.len(), 19);
+        assert_eq!(states.len(), 20);
         let mut allowed = 0;
         for from in &states {
             for to in &states {
@@ -412,7 +428,7 @@ mod tests {
             }
         }
         assert_eq!(allowed, EDGES.len());
-        assert_eq!(states.len() * states.len() - allowed, 361 - 23);
+        assert_eq!(states.len() * states.len() - allowed, 400 - 24);
     }
 
     #[test]
@@ -435,9 +451,16 @@ mod tests {
             .filter(|s| s.is_final())
             .map(|s| s.name().to_string())
             .collect();
-        // Every skip reason plus Received, Holdout, Error and Blacklisted.
-        assert_eq!(finals.len(), 5 + 4);
-        for name in ["Received", "Holdout", "Error", "Blacklisted", "Skipped"] {
+        // Every skip reason plus Received, Returned, Holdout, Error and Blacklisted.
+        assert_eq!(finals.len(), 5 + 5);
+        for name in [
+            "Received",
+            "Returned",
+            "Holdout",
+            "Error",
+            "Blacklisted",
+            "Skipped",
+        ] {
             assert!(finals.iter().any(|f| f == name), "{name} should be final");
         }
     }
@@ -470,6 +493,15 @@ mod tests {
     }
 
     #[test]
+    fn ledger_names_give_the_states_without_data() {
+        assert_eq!(RecipientState::from_name("Sent"), Some(S::Sent));
+        assert_eq!(RecipientState::from_name("Returned"), Some(S::Returned));
+        assert_eq!(RecipientState::from_name("Skipped"), None);
+        assert_eq!(RecipientState::from_name("Error"), None);
+        assert_eq!(RecipientState::from_name("sent"), None);
+    }
+
+    #[test]
     fn states_round_trip_through_json() {
         for s in RecipientState::samples() {
             let json = serde_json::to_string(&s).unwrap();
@@ -497,7 +529,7 @@ mod tests {
         /// Random event sequences: every accepted step is a documented edge, every refused step
         /// leaves the state as it was, and the state is always one of the documented shapes.
         #[test]
-        fn random_walks_stay_on_the_graph(steps in proptest::collection::vec(0usize..19, 0..64)) {
+        fn random_walks_stay_on_the_graph(steps in proptest::collection::vec(0usize..20, 0..64)) {
             let states = RecipientState::samples();
             let mut s = RecipientState::Pending;
             for i in steps {

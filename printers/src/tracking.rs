@@ -5,8 +5,8 @@
 //! A webhook is trusted only when `Lob-Signature` is the hex HMAC-SHA256, keyed with the
 //! webhook secret, of `{Lob-Signature-Timestamp}.{raw body}` and the timestamp is within the
 //! tolerance of now (a replayed old delivery is refused). Printers deliver webhooks at least
-//! once and out of order, so applying one is idempotent: a delivered piece stays Received
-//! whatever arrives later, and a repeat changes nothing.
+//! once and out of order, so applying one is idempotent: a delivered piece stays Received and a
+//! returned one Returned whatever arrives later, and a repeat changes nothing.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -195,29 +195,55 @@ impl TrackingUpdate {
     }
 
     /// The states the recipient moves through, in order (empty when nothing changes). A
-    /// Scheduled piece that is mailed or later becomes Sent; a delivered piece Received.
+    /// Scheduled piece that is mailed or later becomes Sent; a delivered piece Received, a
+    /// returned one Returned.
     pub fn transitions(
         &self,
         current: &RecipientState,
     ) -> Result<Vec<RecipientState>, TrackingError> {
+        self.milestone.transitions(&self.piece_id, current)
+    }
+}
+
+impl Milestone {
+    /// The milestone of a recorded tracking event type (the inverse of
+    /// [`TrackingUpdate::event_type`]): `delivered`, and `bounced` for a returned piece.
+    pub fn of_event_type(event_type: &str) -> Option<Milestone> {
+        match event_type {
+            "delivered" => Some(Milestone::Delivered),
+            "bounced" => Some(Milestone::Returned),
+            _ => None,
+        }
+    }
+
+    /// The states a recipient in `current` moves through on this milestone of piece `piece`.
+    pub fn transitions(
+        &self,
+        piece: &str,
+        current: &RecipientState,
+    ) -> Result<Vec<RecipientState>, TrackingError> {
+        use RecipientState as S;
         let moving = matches!(
-            self.milestone,
+            self,
             Milestone::Mailed | Milestone::InTransit | Milestone::Delivered | Milestone::Returned
         );
         let mut path = Vec::new();
         match current {
-            RecipientState::Scheduled if moving => path.push(RecipientState::Sent),
-            RecipientState::Scheduled | RecipientState::Sent | RecipientState::Received => {}
+            S::Scheduled if moving => path.push(S::Sent),
+            S::Scheduled | S::Sent | S::Received | S::Returned => {}
             other if moving => {
                 return Err(TrackingError::NotSent {
-                    piece: self.piece_id.clone(),
+                    piece: piece.to_string(),
                     state: other.clone(),
                 })
             }
             _ => {}
         }
-        if self.milestone == Milestone::Delivered && *current != RecipientState::Received {
-            path.push(RecipientState::Received);
+        let settled = matches!(current, S::Received | S::Returned);
+        match self {
+            Milestone::Delivered if !settled => path.push(S::Received),
+            Milestone::Returned if !settled => path.push(S::Returned),
+            _ => {}
         }
         Ok(path)
     }
@@ -332,7 +358,14 @@ mod tests {
             ("mailed", S::Scheduled, vec![S::Sent]),
             ("mailed", S::Sent, vec![]),
             ("in_transit", S::Received, vec![]),
-            ("returned_to_sender", S::Sent, vec![]),
+            ("returned_to_sender", S::Sent, vec![S::Returned]),
+            (
+                "returned_to_sender",
+                S::Scheduled,
+                vec![S::Sent, S::Returned],
+            ),
+            ("delivered", S::Returned, vec![]),
+            ("returned_to_sender", S::Received, vec![]),
             ("rendered_pdf", S::Sending, vec![]),
         ];
         for (kind, from, want) in cases {

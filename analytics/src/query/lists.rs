@@ -245,7 +245,50 @@ pub async fn list_logs(
     for item in &mut page.items {
         add_log_id(item);
     }
+    add_mail_states(catalog, ws, &mut page.items).await?;
     Ok(page)
+}
+
+/// Adds `current_mail_state` (and `mail_state_event`, `mail_state_at`) to the items with a
+/// `mail_state`: the ledger's state moved on by the printer's tracking events
+/// ([`crate::query::mail`]).
+async fn add_mail_states(
+    catalog: &Catalog,
+    ws: &str,
+    items: &mut [serde_json::Value],
+) -> QueryResult<()> {
+    let text = |v: &serde_json::Value, k: &str| v.get(k).and_then(|x| x.as_str()).map(String::from);
+    let mut runs: std::collections::BTreeMap<String, Vec<(String, String)>> = Default::default();
+    for item in items.iter() {
+        if let (Some(run), Some(key), Some(state)) = (
+            text(item, "run_id"),
+            text(item, "key"),
+            text(item, "mail_state"),
+        ) {
+            runs.entry(run).or_default().push((key, state));
+        }
+    }
+    for (run, ledger) in runs {
+        let now = crate::query::mail::current_mail_states(catalog, ws, &run, &ledger).await?;
+        for item in items.iter_mut() {
+            if text(item, "run_id").as_deref() != Some(run.as_str()) {
+                continue;
+            }
+            let Some(n) = text(item, "key").and_then(|k| now.get(&k)) else {
+                continue;
+            };
+            if let Some(o) = item.as_object_mut() {
+                o.insert("current_mail_state".into(), n.state.clone().into());
+                o.insert("mail_state_event".into(), n.event_id.clone().into());
+                o.insert(
+                    "mail_state_at".into(),
+                    n.at.map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true))
+                        .into(),
+                );
+            }
+        }
+    }
+    Ok(())
 }
 
 fn add_log_id(item: &mut serde_json::Value) {
@@ -282,6 +325,7 @@ pub async fn get_log(catalog: &Catalog, ws: &str, id: &str) -> QueryResult<serde
         .next()
         .ok_or_else(|| QueryError::NotFound(format!("no recipient log {id:?}")))?;
     add_log_id(&mut item);
+    add_mail_states(catalog, ws, std::slice::from_mut(&mut item)).await?;
     Ok(item)
 }
 

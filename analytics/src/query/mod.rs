@@ -4,11 +4,13 @@
 //! - [`stats`]: campaign statistics (counts, uniques, rates) per campaign and variant;
 //! - [`timeseries`]: event counts per hour/day/week/month bucket in a time zone, gaps filled;
 //! - [`lists`]: filtered, paginated rows (events, bounces, recipient logs, historical bounces);
+//! - [`mail`]: a mailed recipient's state now, from the ledger and the printer's tracking;
 //! - [`runs`]: campaign run records;
 //! - [`sql`]: read-only analyst SQL with limits.
 
 pub mod catalog;
 pub mod lists;
+pub mod mail;
 pub mod runs;
 pub mod sql;
 pub mod stats;
