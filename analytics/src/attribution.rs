@@ -224,7 +224,7 @@ impl Attribution {
                 let at = campaigns
                     .binary_search(&campaign.value(i))
                     .expect("every wanted campaign is listed");
-                if let Some(idx) = indexes[at] {
+                if let Some(idx) = indexes[at].filter(|x| !x.entries.is_empty()) {
                     let key = normalize_email(email.value(i));
                     got = idx.lookup(&key, own_run, ts.value(i));
                 }
