@@ -345,17 +345,7 @@ fn events_without_a_variant_are_attributed_from_the_ledger() {
     add(None, None, "opened"); // x-nobody; the other two are not this campaign's
     drop(f);
 
-    let out = run(
-        &[
-            "ingest",
-            "--store",
-            store.to_str().unwrap(),
-            "--from",
-            events.to_str().unwrap(),
-        ],
-        true,
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = ingest(&store, &events);
     assert!(
         text.contains(&format!("({attributed} attributed from the ledger)")),
         "{text}"

@@ -19,21 +19,6 @@ fn first_sent(store: &std::path::Path, run_id: &str, n: usize) -> Vec<String> {
     sent
 }
 
-/// `broadside ingest --from FILE` into `store`; its summary.
-fn ingest(store: &std::path::Path, events: &std::path::Path) -> String {
-    let out = run(
-        &[
-            "ingest",
-            "--store",
-            store.to_str().unwrap(),
-            "--from",
-            events.to_str().unwrap(),
-        ],
-        true,
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 #[test]
 fn hard_bounces_from_events_suppress_the_next_send() {
     let d = tempfile::tempdir().unwrap();

@@ -22,18 +22,15 @@
 //! a million; it costs an event's variant, never a send decision.
 
 use std::collections::{BTreeSet, HashMap};
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use arrow_array::{Array, ArrayRef, RecordBatch, StringArray, TimestampMicrosecondArray};
-use arrow_schema::DataType;
 use broadside_pipeline::run::campaign_runs;
 use broadside_pipeline::store::StoreLayout;
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-use parquet::arrow::ProjectionMask;
 use xxhash_rust::xxh3::xxh3_64;
 
+use crate::columns::read_columns;
 use crate::error::{Error, Result};
 use crate::suppression::normalize_email;
 
@@ -363,40 +360,9 @@ fn ledger_parts(
 
 /// Adds the sent rows of one ledger part to the index.
 fn read_part(path: &Path, run: u32, idx: &mut CampaignIndex) -> Result<()> {
-    let f = File::open(path).map_err(|e| Error::io(path, e))?;
-    let builder =
-        ParquetRecordBatchReaderBuilder::try_new(f).map_err(|e| Error::parquet(path, e))?;
-    let schema = builder.schema().clone();
-    let col = |name: &str| {
-        schema
-            .index_of(name)
-            .map_err(|_| Error::state(path, format!("recipient log has no `{name}` column")))
-    };
-    let (key, variant, decision) = (col("key")?, col("variant")?, col("decision")?);
-    let mask = ProjectionMask::roots(builder.parquet_schema(), [key, variant, decision]);
-    let reader = builder
-        .with_projection(mask)
-        .with_batch_size(64 * 1024)
-        .build()
-        .map_err(|e| Error::parquet(path, e))?;
-    for batch in reader {
-        let batch = batch.map_err(|e| {
-            Error::parquet(
-                path,
-                parquet::errors::ParquetError::ArrowError(e.to_string()),
-            )
-        })?;
-        let utf8 = |name: &str| -> Result<StringArray> {
-            let c = batch.column_by_name(name).expect("projected");
-            let c = arrow_cast::cast(c, &DataType::Utf8)
-                .map_err(|e| Error::state(path, format!("column `{name}`: {e}")))?;
-            Ok(c.as_any()
-                .downcast_ref::<StringArray>()
-                .expect("cast to utf8")
-                .clone())
-        };
-        let (keys, variants, decisions) = (utf8("key")?, utf8("variant")?, utf8("decision")?);
-        for i in 0..batch.num_rows() {
+    read_columns(path, &["key", "variant", "decision"], "", |c, _| {
+        let (keys, variants, decisions) = (c[0], c[1], c[2]);
+        for i in 0..keys.len() {
             if decisions.is_null(i)
                 || decisions.value(i) != "sent"
                 || keys.is_null(i)
@@ -411,6 +377,6 @@ fn read_part(path: &Path, run: u32, idx: &mut CampaignIndex) -> Result<()> {
                 variant,
             });
         }
-    }
-    Ok(())
+        Ok(())
+    })
 }

@@ -21,6 +21,7 @@
 pub mod api;
 pub mod attribution;
 pub mod buffer;
+mod columns;
 pub mod commit;
 pub mod decode;
 pub mod error;

@@ -12,13 +12,12 @@ use std::fs::File;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 
-use arrow_array::{Array, StringArray, TimestampMicrosecondArray};
+use arrow_array::{Array, TimestampMicrosecondArray};
 use broadside_pipeline::store::write_atomic;
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-use parquet::arrow::ProjectionMask;
 use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::xxh3_64;
 
+use crate::columns::read_columns;
 use crate::decode::valid_workspace_id;
 use crate::error::{Error, Result};
 
@@ -310,63 +309,6 @@ fn parquet_files(dir: &Path) -> Result<Vec<PathBuf>> {
     }
     out.sort();
     Ok(out)
-}
-
-/// The string columns `names` and, unless `ts` is empty, the timestamp column `ts` of a
-/// Parquet file, batch by batch.
-fn read_columns(
-    path: &Path,
-    names: &[&str],
-    ts: &str,
-    mut each: impl FnMut(&[&StringArray], Option<&TimestampMicrosecondArray>) -> Result<()>,
-) -> Result<()> {
-    let f = File::open(path).map_err(|e| Error::io(path, e))?;
-    let builder =
-        ParquetRecordBatchReaderBuilder::try_new(f).map_err(|e| Error::parquet(path, e))?;
-    let schema = builder.schema().clone();
-    let idx = |name: &str| {
-        schema
-            .index_of(name)
-            .map_err(|_| Error::state(path, format!("file has no `{name}` column")))
-    };
-    let mut roots = names.iter().map(|n| idx(n)).collect::<Result<Vec<_>>>()?;
-    if !ts.is_empty() {
-        roots.push(idx(ts)?);
-    }
-    let mask = ProjectionMask::roots(builder.parquet_schema(), roots);
-    let reader = builder
-        .with_projection(mask)
-        .with_batch_size(8192)
-        .build()
-        .map_err(|e| Error::parquet(path, e))?;
-    for batch in reader {
-        let batch = batch.map_err(|e| {
-            Error::parquet(
-                path,
-                parquet::errors::ParquetError::ArrowError(e.to_string()),
-            )
-        })?;
-        let cols = names
-            .iter()
-            .map(|n| {
-                batch
-                    .column_by_name(n)
-                    .and_then(|c| c.as_any().downcast_ref::<StringArray>())
-                    .ok_or_else(|| Error::state(path, format!("`{n}` must be utf8")))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let t = match ts {
-            "" => None,
-            n => Some(
-                batch
-                    .column_by_name(n)
-                    .and_then(|c| c.as_any().downcast_ref::<TimestampMicrosecondArray>())
-                    .ok_or_else(|| Error::state(path, format!("`{n}` must be a µs timestamp")))?,
-            ),
-        };
-        each(&cols, t)?;
-    }
-    Ok(())
 }
 
 /// Which list an event puts its address on, if any; soft bounces count toward

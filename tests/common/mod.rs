@@ -453,3 +453,18 @@ pub fn new_token(dir: &Path, ws: &str) -> (PathBuf, String) {
     );
     (tokens, token)
 }
+
+/// `broadside ingest --from FILE` into `store`; its summary.
+pub fn ingest(store: &Path, events: &Path) -> String {
+    let out = run(
+        &[
+            "ingest",
+            "--store",
+            store.to_str().unwrap(),
+            "--from",
+            events.to_str().unwrap(),
+        ],
+        true,
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
