@@ -58,7 +58,7 @@ pub struct SqlOptions {
     /// on a terminal, ending each statement with `;`).
     pub sql: Option<String>,
     /// Store root.
-    #[arg(long, default_value = "store")]
+    #[arg(long, default_value = "store", value_parser = broadside_pipeline::store::store_arg)]
     pub store: PathBuf,
     /// Only this workspace's rows (tables then have no workspace_id column). Default: every
     /// workspace, with a workspace_id column.

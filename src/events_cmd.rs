@@ -30,7 +30,7 @@ fn install_shutdown_handler() -> Result<()> {
 #[derive(Debug, Clone, clap::Args)]
 pub struct IngestOptions {
     /// Store root; events land under `<store>/events/`.
-    #[arg(long, default_value = "store")]
+    #[arg(long, default_value = "store", value_parser = broadside_pipeline::store::store_arg)]
     pub store: PathBuf,
     /// Ingest this NDJSON file (one event per line) instead of Kafka.
     #[arg(long)]
@@ -181,7 +181,7 @@ pub struct ServeOptions {
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub listen: String,
     /// Store root: events are written here (unless --brokers is given) and queried from here.
-    #[arg(long, default_value = "store")]
+    #[arg(long, default_value = "store", value_parser = broadside_pipeline::store::store_arg)]
     pub store: PathBuf,
     /// Token file for the analytics API (`[[tokens]]` with sha256 and workspaces; see
     /// `broadside token new`). Without it the analytics routes are not served.

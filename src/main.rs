@@ -90,7 +90,7 @@ enum Command {
         /// The recipient key (email, or account number for mail campaigns).
         key: String,
         /// Store root of the run (default: the store of --spec, else ./store).
-        #[arg(long)]
+        #[arg(long, value_parser = broadside_pipeline::store::store_arg)]
         store: Option<PathBuf>,
         /// Take the store root from this campaign spec.
         #[arg(long)]
@@ -111,7 +111,7 @@ enum Command {
     /// Bring the hourly rollups up to date with the event store.
     Rollup {
         /// Store root.
-        #[arg(long, default_value = "store")]
+        #[arg(long, default_value = "store", value_parser = broadside_pipeline::store::store_arg)]
         store: PathBuf,
         /// Only this workspace.
         #[arg(long)]
@@ -140,7 +140,7 @@ enum SuppressionCommand {
     /// snapshot record.
     Build {
         /// Store root.
-        #[arg(long, default_value = "store")]
+        #[arg(long, default_value = "store", value_parser = broadside_pipeline::store::store_arg)]
         store: PathBuf,
         /// Workspace whose events are scanned.
         #[arg(long)]
@@ -180,7 +180,7 @@ enum BouncesCommand {
         #[arg(required = true)]
         sources: Vec<PathBuf>,
         /// Store root.
-        #[arg(long, default_value = "store")]
+        #[arg(long, default_value = "store", value_parser = broadside_pipeline::store::store_arg)]
         store: PathBuf,
         /// Workspace the bounces belong to.
         #[arg(long)]

@@ -503,3 +503,40 @@ fn parquet_source_gives_the_same_decisions_as_csv() {
         );
     }
 }
+
+/// A store named by a URL is refused, in a spec and on the command line, before anything is
+/// written: no folder called `s3:` appears.
+#[test]
+fn a_store_named_by_a_url_is_refused_before_anything_is_written() {
+    let d = tempfile::tempdir().unwrap();
+    let spec = generate(d.path(), 100, 0, &[]);
+    set_spec(&spec, "store", "\"s3://bucket/store\"");
+    let out = exe()
+        .current_dir(d.path())
+        .args(["send", "campaign.toml"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("output.store") && err.contains("\"s3://bucket/store\" is a s3:// URL"),
+        "{err}"
+    );
+    for args in [
+        &["sql", "--store", "s3://bucket/store", "SELECT 1"][..],
+        &[
+            "ingest",
+            "--store",
+            "gs://bucket/store",
+            "--from",
+            "x.ndjson",
+        ][..],
+        &["serve", "--store", "file:///tmp/store"][..],
+    ] {
+        let out = exe().current_dir(d.path()).args(args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}");
+        assert!(err.contains("local or mounted folder"), "{args:?}: {err}");
+    }
+    assert!(!d.path().join("s3:").exists() && !d.path().join("gs:").exists());
+}

@@ -949,6 +949,9 @@ impl CampaignSpec {
         if self.caps.billing_cap == Some(0) {
             p.push("caps.billing_cap must be greater than 0 (omit it for no cap)".into());
         }
+        if let Err(e) = crate::store::check_store_location(&self.output.store) {
+            p.push(format!("output.store: {e}"));
+        }
         if self.output.ifur_roll_rows == 0 {
             p.push("output.ifur_roll_rows must be greater than 0".into());
         }

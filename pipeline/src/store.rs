@@ -85,6 +85,36 @@ impl StoreLayout {
     }
 }
 
+/// Refuses a store named by a URL (`s3://bucket/store`, `gs://…`, `file:///…`): the store
+/// is a local or mounted folder, and such a name would otherwise become a folder called `s3:`
+/// in the working directory. The error says so and names the value.
+pub fn check_store_location(store: &Path) -> std::result::Result<(), String> {
+    let s = store.to_string_lossy();
+    let scheme = s
+        .split_once("://")
+        .map(|(scheme, _)| scheme)
+        .filter(|scheme| {
+            !scheme.is_empty()
+                && scheme
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+        });
+    match scheme {
+        Some(scheme) => Err(format!(
+            "store {s:?} is a {scheme}:// URL; the store must be a local or mounted folder \
+             (object storage is not supported: mount the bucket, or give a path such as /mnt/store)"
+        )),
+        None => Ok(()),
+    }
+}
+
+/// `--store` on the command line: a path, refused when it is a URL ([`check_store_location`]).
+pub fn store_arg(s: &str) -> std::result::Result<PathBuf, String> {
+    let p = PathBuf::from(s);
+    check_store_location(&p)?;
+    Ok(p)
+}
+
 /// Creates a folder and its parents, naming it on failure.
 pub fn create_dir_all(p: &Path) -> Result<()> {
     fs::create_dir_all(p).map_err(|e| Error::io(p, e))
@@ -154,6 +184,26 @@ pub fn ledger_schema() -> arrow_schema::SchemaRef {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_store_named_by_a_url_is_refused() {
+        for bad in [
+            "s3://bucket/store",
+            "gs://b/x",
+            "file:///tmp/store",
+            "az://c/d",
+        ] {
+            let e = check_store_location(Path::new(bad)).unwrap_err();
+            assert!(
+                e.contains(bad) && e.contains("local or mounted folder"),
+                "{e}"
+            );
+            assert!(store_arg(bad).is_err());
+        }
+        for good in ["store", "/mnt/store", "./a:b/store", "dir/with://inside"] {
+            assert!(check_store_location(Path::new(good)).is_ok(), "{good}");
+        }
+    }
 
     #[test]
     fn write_atomic_replaces_and_leaves_no_temp() {
