@@ -19,6 +19,17 @@ fn serve(store: &std::path::Path, tokens: &std::path::Path) -> Server {
     )
 }
 
+/// `broadside sql --store STORE [--workspace demo] --format FORMAT QUERY`: its stdout.
+fn sql(store: &std::path::Path, demo_only: bool, format: &str, query: &str) -> String {
+    let store = store.to_str().unwrap();
+    let mut args = vec!["sql", "--store", store];
+    if demo_only {
+        args.extend(["--workspace", "demo"]);
+    }
+    args.extend(["--format", format, query]);
+    String::from_utf8(run(&args, true).stdout).unwrap()
+}
+
 #[test]
 fn api_and_sql_agree_with_the_ledger_of_a_real_send() {
     let d = tempfile::tempdir().unwrap();
@@ -121,20 +132,12 @@ fn api_and_sql_agree_with_the_ledger_of_a_real_send() {
     drop(server);
 
     // The same numbers through `broadside sql`, as CSV.
-    let out = run(
-        &[
-            "sql",
-            "--store",
-            store.to_str().unwrap(),
-            "--workspace",
-            "demo",
-            "--format",
-            "csv",
-            "SELECT decision, count(*) AS n FROM recipient_logs WHERE run_id = 'r1' GROUP BY decision ORDER BY decision",
-        ],
+    let text = sql(
+        &store,
         true,
+        "csv",
+        "SELECT decision, count(*) AS n FROM recipient_logs WHERE run_id = 'r1' GROUP BY decision ORDER BY decision",
     );
-    let text = String::from_utf8(out.stdout).unwrap();
     let mut lines = text.lines();
     assert_eq!(lines.next(), Some("decision,n"));
     let from_sql: BTreeMap<String, u64> = lines
@@ -352,22 +355,14 @@ fn events_without_a_variant_are_attributed_from_the_ledger() {
     );
 
     // What was stored, read back through SQL.
-    let out = run(
-        &[
-            "sql",
-            "--store",
-            store.to_str().unwrap(),
-            "--workspace",
-            "demo",
-            "--format",
-            "json",
-            "SELECT variant, run_id, event_type, count(*) AS n FROM events WHERE event_type <> 'submitted' AND campaign_id = 'generated-42' GROUP BY variant, run_id, event_type",
-        ],
+    let text = sql(
+        &store,
         true,
+        "json",
+        "SELECT variant, run_id, event_type, count(*) AS n FROM events WHERE event_type <> 'submitted' AND campaign_id = 'generated-42' GROUP BY variant, run_id, event_type",
     );
     // one JSON object per line
-    let rows: Vec<Value> = String::from_utf8(out.stdout)
-        .unwrap()
+    let rows: Vec<Value> = text
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
@@ -386,21 +381,14 @@ fn events_without_a_variant_are_attributed_from_the_ledger() {
         })
         .collect();
     assert_eq!(got, want);
-    let out = run(
-        &[
-            "sql",
-            "--store",
-            store.to_str().unwrap(),
-            "--format",
-            "csv",
-            "SELECT event_id FROM events WHERE event_id LIKE 'x-%' AND variant IS NULL AND run_id IS NULL ORDER BY event_id",
-        ],
-        true,
+    let text = sql(
+        &store,
+        false,
+        "csv",
+        "SELECT event_id FROM events WHERE event_id LIKE 'x-%' AND variant IS NULL AND run_id IS NULL ORDER BY event_id",
     );
     assert_eq!(
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .collect::<Vec<_>>(),
+        text.lines().collect::<Vec<_>>(),
         ["event_id", "x-campaign", "x-nobody", "x-rival"]
     );
 
