@@ -615,8 +615,10 @@ fn add_store_suppression(
     if resuming && !snapshot.is_file() {
         return Ok((scratch, None));
     }
-    let mut build_secs = 0.0;
-    if !resuming {
+    // A resumed run reads the snapshot it started with; a new one builds it.
+    let (snap, build_secs) = if resuming {
+        (SuppressionSnapshot::load(&snapshot)?, 0.0)
+    } else {
         let started = Instant::now();
         let snap = build_suppression(&SuppressionBuildConfig {
             store: store.root().to_path_buf(),
@@ -631,21 +633,8 @@ fn add_store_suppression(
                 dir.display()
             )
         })?;
-        let counts: Vec<String> = snap
-            .lists
-            .iter()
-            .map(|(reason, l)| format!("{}={}", reason.as_str(), l.count))
-            .collect();
-        tracing::info!(
-            snapshot = %snap.snapshot_id,
-            lists = %counts.join(" "),
-            event_files = snap.sources.len(),
-            secs = started.elapsed().as_secs_f64(),
-            "store suppression snapshot built"
-        );
-        build_secs = started.elapsed().as_secs_f64();
-    }
-    let snap = SuppressionSnapshot::load(&snapshot)?;
+        (snap, started.elapsed().as_secs_f64())
+    };
     let (event_rows, event_files, historical_rows, historical_files) = snap.source_counts();
     let summary = StoreSuppression {
         snapshot_id: snap.snapshot_id.clone(),
@@ -660,6 +649,21 @@ fn add_store_suppression(
         historical_files,
         build_secs,
     };
+    if !resuming {
+        let counts: Vec<String> = summary
+            .lists
+            .iter()
+            .map(|(r, n)| format!("{r}={n}"))
+            .collect();
+        tracing::info!(
+            snapshot = %summary.snapshot_id,
+            lists = %counts.join(" "),
+            event_files,
+            historical_files,
+            secs = build_secs,
+            "store suppression snapshot built"
+        );
+    }
     for found in Found::ALL {
         let reason = match found {
             Found::HardBounce => SuppressionReason::HardBounce,
@@ -667,13 +671,12 @@ fn add_store_suppression(
             Found::Unsubscribed => SuppressionReason::Unsubscribed,
             Found::SoftBounceRepeated => SuppressionReason::SoftBounceRepeated,
         };
-        let path = dir.join(found.file_name());
         // A resumed run started from a snapshot without this list decides without it.
-        if resuming && !path.is_file() {
+        if !snap.lists.contains_key(&found) {
             continue;
         }
         spec.suppression.push(SuppressionListSpec {
-            path,
+            path: dir.join(found.file_name()),
             reason,
             column: "email".into(),
         });

@@ -12,9 +12,10 @@
 //! came.
 //!
 //! Per campaign the index holds about 20 bytes per sent address (a 64-bit xxh3 of the address,
-//! run and variant numbers, sorted, and a bucket directory over the hash's top bits), loaded from the campaign's ledger parts the first time an event of
-//! the campaign needs it and topped up with the parts that appeared since whenever a later
-//! batch needs it again (parts are immutable once they have their final name). Campaigns not
+//! run and variant numbers, sorted, and a bucket directory over the hash's top bits), loaded
+//! from the campaign's ledger parts the first time an event of the campaign needs it and topped
+//! up with the parts that appeared since whenever a later batch needs it again (parts are
+//! immutable once they have their final name). Campaigns not
 //! used for longest are dropped when the indexes together pass the memory budget.
 //!
 //! Two sent addresses with one 64-bit hash could give each other's events the wrong variant:
@@ -30,7 +31,7 @@ use broadside_pipeline::run::campaign_runs;
 use broadside_pipeline::store::StoreLayout;
 use xxhash_rust::xxh3::xxh3_64;
 
-use crate::columns::read_columns;
+use crate::columns::{opt, read_columns};
 use crate::error::{Error, Result};
 use crate::suppression::normalize_email;
 
@@ -245,8 +246,7 @@ impl Attribution {
         let mut new_run: Vec<Option<&str>> = Vec::with_capacity(batch.num_rows());
         let mut filled = 0u64;
         for i in 0..batch.num_rows() {
-            let own_variant = (!variant.is_null(i)).then(|| variant.value(i));
-            let own_run = (!run.is_null(i)).then(|| run.value(i));
+            let (own_variant, own_run) = (opt(variant, i), opt(run, i));
             let mut got = None;
             if wants(i) {
                 let at = campaigns

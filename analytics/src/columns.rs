@@ -5,7 +5,7 @@ use std::fs::File;
 use std::path::Path;
 
 use arrow_array::cast::AsArray;
-use arrow_array::{StringArray, TimestampMicrosecondArray};
+use arrow_array::{Array, StringArray, TimestampMicrosecondArray};
 use arrow_schema::DataType;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::arrow::ProjectionMask;
@@ -68,4 +68,14 @@ pub(crate) fn read_columns(
         each(&cols, t)?;
     }
     Ok(())
+}
+
+/// The value of row `i` of a nullable text column.
+pub(crate) fn opt(c: &StringArray, i: usize) -> Option<&str> {
+    (!c.is_null(i)).then(|| c.value(i))
+}
+
+/// The value of row `i` of a nullable timestamp column.
+pub(crate) fn opt_ts(c: &TimestampMicrosecondArray, i: usize) -> Option<i64> {
+    (!c.is_null(i)).then(|| c.value(i))
 }

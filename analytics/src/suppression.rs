@@ -17,7 +17,7 @@ use broadside_pipeline::store::write_atomic;
 use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::xxh3_64;
 
-use crate::columns::read_columns;
+use crate::columns::{opt, opt_ts, read_columns};
 use crate::decode::valid_workspace_id;
 use crate::error::{Error, Result};
 
@@ -90,6 +90,13 @@ pub struct SoftBouncePolicy {
     pub threshold: u32,
     /// Days before the build they are counted in (default 30).
     pub window_days: u32,
+}
+
+impl SoftBouncePolicy {
+    /// The first instant (µs since the epoch) whose soft bounces count for a build at `at`.
+    pub fn since_us(&self, at: chrono::DateTime<chrono::Utc>) -> i64 {
+        (at - chrono::Duration::days(i64::from(self.window_days))).timestamp_micros()
+    }
 }
 
 impl Default for SoftBouncePolicy {
@@ -191,8 +198,10 @@ pub fn build_suppression(cfg: &SuppressionBuildConfig) -> Result<SuppressionSnap
         .collect();
     let mut sources = Vec::new();
     let policy = cfg.soft_bounces;
-    let since_us = (chrono::Utc::now() - chrono::Duration::days(i64::from(policy.window_days)))
-        .timestamp_micros();
+    // One instant for the window and the snapshot's `created_at`, so `evidence` (which counts
+    // back from `created_at`) sees the same window.
+    let now = chrono::Utc::now();
+    let since_us = policy.since_us(now);
     // Normalised addresses of the soft bounces inside the window, one per bounce.
     let mut soft: Vec<String> = Vec::new();
 
@@ -265,7 +274,7 @@ pub fn build_suppression(cfg: &SuppressionBuildConfig) -> Result<SuppressionSnap
     let snapshot = SuppressionSnapshot {
         snapshot_id: format!("sup-{:016x}", id_hash.digest()),
         workspace_id: cfg.workspace_id.clone(),
-        created_at: chrono::Utc::now().to_rfc3339(),
+        created_at: now.to_rfc3339(),
         lists,
         sources,
         soft_bounces: policy,
@@ -311,14 +320,41 @@ fn parquet_files(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
-/// Which list an event puts its address on, if any; soft bounces count toward
-/// [`SuppressionReason::SoftBounceRepeated`] and return `None`.
-fn event_reason(event_type: &str, bounce_type: Option<&str>) -> Option<SuppressionReason> {
-    match event_type {
-        "bounced" if bounce_type.is_none_or(|b| b == "hard") => Some(SuppressionReason::HardBounce),
-        "complained" => Some(SuppressionReason::Complaint),
-        "unsubscribed" => Some(SuppressionReason::Unsubscribed),
+/// The list an event puts its address on: a hard bounce (`bounced` without a bounce type
+/// counts as hard), a complaint, an unsubscribe, or — for another bounce at or after `since_us`
+/// — [`SuppressionReason::SoftBounceRepeated`], meaning one soft bounce counted toward the
+/// policy. `None` for everything else.
+fn event_list(
+    event_type: &str,
+    bounce_type: Option<&str>,
+    ts_us: Option<i64>,
+    since_us: i64,
+) -> Option<SuppressionReason> {
+    match (event_type, bounce_type) {
+        ("bounced", None | Some("hard")) => Some(SuppressionReason::HardBounce),
+        ("bounced", Some(_)) if ts_us.is_some_and(|t| t >= since_us) => {
+            Some(SuppressionReason::SoftBounceRepeated)
+        }
+        ("complained", _) => Some(SuppressionReason::Complaint),
+        ("unsubscribed", _) => Some(SuppressionReason::Unsubscribed),
         _ => None,
+    }
+}
+
+/// The list an imported historical bounce puts its address on: a hard one (or one without a
+/// type) always, a soft one only at or after `since_us` (counted toward the policy; without a
+/// date it does not count).
+fn historical_list(
+    bounce_type: Option<&str>,
+    bounced_at_us: Option<i64>,
+    since_us: i64,
+) -> Option<SuppressionReason> {
+    match bounce_type {
+        Some("soft") if bounced_at_us.is_some_and(|t| t >= since_us) => {
+            Some(SuppressionReason::SoftBounceRepeated)
+        }
+        Some("soft") => None,
+        _ => Some(SuppressionReason::HardBounce),
     }
 }
 
@@ -340,23 +376,19 @@ fn scan_event_file(
                 if emails.is_null(i) || types.is_null(i) {
                     continue;
                 }
-                let bounce = (!bounces.is_null(i)).then(|| bounces.value(i));
-                let reason = event_reason(types.value(i), bounce);
-                let soft_in_window = reason.is_none()
-                    && types.value(i) == "bounced"
-                    && !ts.is_null(i)
-                    && ts.value(i) >= since_us;
-                if reason.is_none() && !soft_in_window {
+                let Some(list) =
+                    event_list(types.value(i), opt(bounces, i), opt_ts(ts, i), since_us)
+                else {
                     continue;
-                }
+                };
                 let e = normalize_email(emails.value(i));
                 if e.is_empty() {
                     continue;
                 }
                 rows += 1;
-                match reason {
-                    Some(r) => sets.get_mut(&r).expect("all reasons").push(e),
-                    None => soft.push(e),
+                match list {
+                    SuppressionReason::SoftBounceRepeated => soft.push(e),
+                    r => sets.get_mut(&r).expect("all reasons").push(e),
                 }
             }
             Ok(())
@@ -366,7 +398,7 @@ fn scan_event_file(
 }
 
 /// Hard bounces of a historical import go on the hard-bounce list; soft ones inside the
-/// window (or without a date: none) count toward the soft-bounce policy.
+/// window count toward the soft-bounce policy ([`historical_list`]).
 fn scan_historical_file(
     path: &Path,
     since_us: i64,
@@ -381,19 +413,17 @@ fn scan_historical_file(
             if emails.is_null(i) {
                 continue;
             }
-            let is_hard = types.is_null(i) || types.value(i) != "soft";
-            if !is_hard && (ts.is_null(i) || ts.value(i) < since_us) {
+            let Some(list) = historical_list(opt(types, i), opt_ts(ts, i), since_us) else {
                 continue;
-            }
+            };
             let e = normalize_email(emails.value(i));
             if e.is_empty() {
                 continue;
             }
             rows += 1;
-            if is_hard {
-                hard.push(e)
-            } else {
-                soft.push(e)
+            match list {
+                SuppressionReason::SoftBounceRepeated => soft.push(e),
+                _ => hard.push(e),
             }
         }
         Ok(())
@@ -414,12 +444,10 @@ pub fn evidence(
     let created = chrono::DateTime::parse_from_rfc3339(&snapshot.created_at)
         .map(|t| t.with_timezone(&chrono::Utc))
         .map_err(|e| Error::state(store, format!("snapshot created_at: {e}")))?;
-    let since_us = (created - chrono::Duration::days(i64::from(snapshot.soft_bounces.window_days)))
-        .timestamp_micros();
-    let soft = reason == SuppressionReason::SoftBounceRepeated;
+    let since_us = snapshot.soft_bounces.since_us(created);
     let when = |ts: Option<&TimestampMicrosecondArray>, i: usize| {
-        ts.filter(|t| !t.is_null(i))
-            .and_then(|t| chrono::DateTime::from_timestamp_micros(t.value(i)))
+        ts.and_then(|t| opt_ts(t, i))
+            .and_then(chrono::DateTime::from_timestamp_micros)
             .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
             .unwrap_or_else(|| "an unknown time".into())
     };
@@ -440,16 +468,9 @@ pub fn evidence(
                         {
                             continue;
                         }
-                        let bounce = (!c[3].is_null(i)).then(|| c[3].value(i));
-                        let hit = match event_reason(c[2].value(i), bounce) {
-                            Some(r) => r == reason,
-                            None => {
-                                soft && c[2].value(i) == "bounced"
-                                    && !t.is_null(i)
-                                    && t.value(i) >= since_us
-                            }
-                        };
-                        if hit {
+                        let bounce = opt(c[3], i);
+                        if event_list(c[2].value(i), bounce, opt_ts(t, i), since_us) == Some(reason)
+                        {
                             let kind = bounce.map(|b| format!(" ({b})")).unwrap_or_default();
                             out.push(format!(
                                 "event {}: {}{kind} at {}, in {}",
@@ -474,20 +495,16 @@ pub fn evidence(
                         if c[0].is_null(i) || normalize_email(c[0].value(i)) != key {
                             continue;
                         }
-                        let is_hard = c[1].is_null(i) || c[1].value(i) != "soft";
-                        let hit = match reason {
-                            SuppressionReason::HardBounce => is_hard,
-                            SuppressionReason::SoftBounceRepeated => {
-                                !is_hard && !t.is_null(i) && t.value(i) >= since_us
-                            }
-                            _ => false,
-                        };
-                        if hit {
+                        let list = historical_list(opt(c[1], i), opt_ts(t, i), since_us);
+                        if list == Some(reason) {
+                            let kind = match list {
+                                Some(SuppressionReason::SoftBounceRepeated) => "soft",
+                                _ => "hard",
+                            };
                             out.push(format!(
-                                "imported {} bounce at {} (export {}), in {}",
-                                if is_hard { "hard" } else { "soft" },
+                                "imported {kind} bounce at {} (export {}), in {}",
                                 when(ts, i),
-                                if c[2].is_null(i) { "?" } else { c[2].value(i) },
+                                opt(c[2], i).unwrap_or("?"),
                                 src.path.display()
                             ));
                         }
