@@ -358,11 +358,7 @@ fn ledger_parts(
     workspace: &str,
     campaign: &str,
 ) -> Result<Vec<(String, PathBuf)>> {
-    let dir = store
-        .recipient_log_dir(workspace, campaign, "x")
-        .parent()
-        .expect("run folder has a parent")
-        .to_path_buf();
+    let dir = store.campaign_log_dir(workspace, campaign);
     let mut out = Vec::new();
     let runs = match std::fs::read_dir(&dir) {
         Ok(rd) => rd,

@@ -794,6 +794,10 @@ async fn lob_tracking(State(state): State<Arc<WebhookState>>, req: Request) -> R
     }
 }
 
+/// The prefix of the event id of every printer tracking event (`lob-<printer event id>`), by
+/// which the mail state readers ([`crate::query::mail`]) find them.
+pub const LOB_EVENT_PREFIX: &str = "lob-";
+
 /// The event a tracking update is recorded as, or why it is not recorded.
 fn lob_event_row(
     u: &broadside_printers::tracking::TrackingUpdate,
@@ -829,7 +833,7 @@ fn lob_event_row(
         .filter(|t| crate::decode::writable_year(*t))
         .unwrap_or_else(|| chrono::Utc::now().timestamp_micros());
     Ok(EventRow {
-        event_id: format!("lob-{}", u.event_id).into(),
+        event_id: format!("{LOB_EVENT_PREFIX}{}", u.event_id).into(),
         workspace_id: workspace.into(),
         campaign_id: campaign.into(),
         variant: meta("variant").map(Into::into),

@@ -51,12 +51,17 @@ impl StoreLayout {
             .join(format!("{run_id}.deliveries.jsonl"))
     }
 
-    /// Folder of one run's recipient-log parts.
-    pub fn recipient_log_dir(&self, workspace: &str, campaign: &str, run_id: &str) -> PathBuf {
+    /// Folder of one campaign's recipient logs: a `run_id=<r>` folder per run.
+    pub fn campaign_log_dir(&self, workspace: &str, campaign: &str) -> PathBuf {
         self.root
             .join("recipient_logs")
             .join(format!("workspace_id={workspace}"))
             .join(format!("campaign_id={campaign}"))
+    }
+
+    /// Folder of one run's recipient-log parts.
+    pub fn recipient_log_dir(&self, workspace: &str, campaign: &str, run_id: &str) -> PathBuf {
+        self.campaign_log_dir(workspace, campaign)
             .join(format!("run_id={run_id}"))
     }
 

@@ -22,6 +22,7 @@ use broadside_printers::tracking::Milestone;
 
 use crate::query::stats::strings;
 use crate::query::{for_each_batch, Catalog, QueryResult, Scope};
+use crate::webhook::LOB_EVENT_PREFIX;
 
 /// A mailed recipient's state now.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -60,7 +61,7 @@ pub async fn current_mail_states(
         let ctx = catalog.session(&Scope::Workspace(ws.to_string()))?;
         let filter: Expr = col("run_id")
             .eq(lit(run_id))
-            .and(starts_with(col("event_id"), lit("lob-")))
+            .and(starts_with(col("event_id"), lit(LOB_EVENT_PREFIX)))
             .and(col("event_type").in_list(vec![lit("delivered"), lit("bounced")], false))
             .and(col("email").in_list(keys, false));
         let df = ctx
