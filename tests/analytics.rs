@@ -44,9 +44,7 @@ fn api_and_sql_agree_with_the_ledger_of_a_real_send() {
 
     let (tokens, token) = new_token(d.path(), "demo");
     let server = serve(&store, &tokens);
-    let (status, body) = get(&server.addr, "/campaign-runs/r1", &token, "demo");
-    assert_eq!(status, 200, "{body}");
-    let record: Value = serde_json::from_str(&body).unwrap();
+    let record = api_get_ok(&server.addr, "/campaign-runs/r1", &token, "demo");
     assert_eq!(record["status"], "done");
     assert_eq!(record["rows"], ledger.len() as u64);
     for (d, n) in &decisions {
@@ -79,14 +77,12 @@ fn api_and_sql_agree_with_the_ledger_of_a_real_send() {
     let mut got = Vec::new();
     let mut cursor = String::new();
     loop {
-        let (status, body) = get(
+        let v = api_get_ok(
             &server.addr,
             &format!("/campaign-recipient-logs/?run_id=r1&decision=suppressed&limit=50{cursor}"),
             &token,
             "demo",
         );
-        assert_eq!(status, 200, "{body}");
-        let v: Value = serde_json::from_str(&body).unwrap();
         for i in v["items"].as_array().unwrap() {
             got.push((
                 i["row"].as_u64().unwrap(),
@@ -100,26 +96,22 @@ fn api_and_sql_agree_with_the_ledger_of_a_real_send() {
     }
     assert_eq!(got, want);
     let first = &ledger[want[0].0 as usize];
-    let (status, body) = get(
+    let v = api_get_ok(
         &server.addr,
         &format!("/campaign-recipient-logs/r1:{}", first.row),
         &token,
         "demo",
     );
-    assert_eq!(status, 200, "{body}");
-    let v: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["key"].as_str(), first.key.as_deref());
     assert_eq!(v["suppression_list"].as_str(), first.list.as_deref());
 
     // Statistics: one submitted event per sent recipient, per variant.
-    let (status, body) = get(
+    let v = api_get_ok(
         &server.addr,
         "/campaign-statistics/generated-42",
         &token,
         "demo",
     );
-    assert_eq!(status, 200, "{body}");
-    let v: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["totals"]["submitted"], decisions["sent"]);
     for variant in v["variants"].as_array().unwrap() {
         let name = variant["variant"].as_str().unwrap();
@@ -210,11 +202,9 @@ fn run_list_is_paginated_newest_first() {
     let mut seen = Vec::new();
     let mut path = "/campaign-runs/?limit=2".to_string();
     loop {
-        let (status, body) = get(&server.addr, &path, &token, "demo");
-        assert_eq!(status, 200, "{body}");
-        let v: Value = serde_json::from_str(&body).unwrap();
+        let v = api_get_ok(&server.addr, &path, &token, "demo");
         let items = v["items"].as_array().unwrap();
-        assert!(items.len() <= 2, "{body}");
+        assert!(items.len() <= 2, "{v}");
         seen.extend(
             items
                 .iter()
@@ -395,14 +385,12 @@ fn events_without_a_variant_are_attributed_from_the_ledger() {
     // The statistics API: opens per variant are the ledger's, whatever the provider echoed.
     let (tokens, token) = new_token(d.path(), "demo");
     let server = serve(&store, &tokens);
-    let (status, body) = get(
+    let v = api_get_ok(
         &server.addr,
         "/campaign-statistics/generated-42",
         &token,
         "demo",
     );
-    assert_eq!(status, 200, "{body}");
-    let v: Value = serde_json::from_str(&body).unwrap();
     for variant in v["variants"].as_array().unwrap() {
         let name = variant["variant"].as_str();
         let opened: u64 = want

@@ -552,25 +552,21 @@ fn printer_tracking_webhooks_become_delivered_and_bounced_events() {
             .find(|r| r.key.as_deref() == Some(who(i).as_str()))
             .unwrap();
         assert_eq!(r.mail_state.as_deref(), Some("Sent"));
-        let (status, body) = api_get(
+        let v = api_get_ok(
             &serve.addr,
             &format!("/campaign-recipient-logs/t1:{}", r.row),
             &token,
             WS,
         );
-        assert_eq!(status, 200, "{body}");
-        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
         assert_eq!(v["mail_state"], "Sent", "{v}");
         assert_eq!(v["current_mail_state"], want, "{v}");
         assert_eq!(v["mail_state_event"].as_str(), event, "{v}");
-        let (status, body) = api_get(
+        let v = api_get_ok(
             &serve.addr,
             &format!("/campaign-recipient-logs/?run_id=t1&key={}", who(i)),
             &token,
             WS,
         );
-        assert_eq!(status, 200, "{body}");
-        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
         assert_eq!(v["items"][0]["current_mail_state"], want, "{v}");
 
         let out = run(

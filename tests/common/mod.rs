@@ -438,6 +438,13 @@ pub fn api_get(addr: &str, path: &str, token: &str, ws: &str) -> (u16, String) {
     (status, body)
 }
 
+/// `GET path` on the analytics API that must answer `200`: the JSON body.
+pub fn api_get_ok(addr: &str, path: &str, token: &str, ws: &str) -> serde_json::Value {
+    let (status, body) = api_get(addr, path, token, ws);
+    assert_eq!(status, 200, "GET {path}: {body}");
+    serde_json::from_str(&body).unwrap()
+}
+
 /// A token of workspace `ws` from `broadside token new`, stored in `<dir>/tokens.toml`:
 /// (tokens file, token).
 pub fn new_token(dir: &Path, ws: &str) -> (PathBuf, String) {
