@@ -213,10 +213,7 @@ pub fn build_suppression(cfg: &SuppressionBuildConfig) -> Result<SuppressionSnap
         sources.push(SnapshotSource { path: rel, rows });
     }
     for file in parquet_files(&cfg.store.join(HISTORICAL_DIR).join(&ws))? {
-        let hard = sets
-            .get_mut(&SuppressionReason::HardBounce)
-            .expect("all reasons");
-        let rows = scan_historical_file(&file, since_us, hard, &mut soft)?;
+        let rows = scan_historical_file(&file, since_us, &mut sets, &mut soft)?;
         let rel = file.strip_prefix(&cfg.store).unwrap_or(&file).to_path_buf();
         sources.push(SnapshotSource { path: rel, rows });
     }
@@ -358,6 +355,25 @@ fn historical_list(
     }
 }
 
+/// Puts a normalised address on `list`, or, for a soft bounce, counts it toward the policy;
+/// false (nothing added) when the address is blank.
+fn add(
+    email: &str,
+    list: SuppressionReason,
+    sets: &mut BTreeMap<SuppressionReason, Vec<String>>,
+    soft: &mut Vec<String>,
+) -> bool {
+    let e = normalize_email(email);
+    if e.is_empty() {
+        return false;
+    }
+    match list {
+        SuppressionReason::SoftBounceRepeated => soft.push(e),
+        r => sets.get_mut(&r).expect("all reasons").push(e),
+    }
+    true
+}
+
 fn scan_event_file(
     path: &Path,
     since_us: i64,
@@ -376,19 +392,10 @@ fn scan_event_file(
                 if emails.is_null(i) || types.is_null(i) {
                     continue;
                 }
-                let Some(list) =
+                if let Some(list) =
                     event_list(types.value(i), opt(bounces, i), opt_ts(ts, i), since_us)
-                else {
-                    continue;
-                };
-                let e = normalize_email(emails.value(i));
-                if e.is_empty() {
-                    continue;
-                }
-                rows += 1;
-                match list {
-                    SuppressionReason::SoftBounceRepeated => soft.push(e),
-                    r => sets.get_mut(&r).expect("all reasons").push(e),
+                {
+                    rows += u64::from(add(emails.value(i), list, sets, soft));
                 }
             }
             Ok(())
@@ -402,7 +409,7 @@ fn scan_event_file(
 fn scan_historical_file(
     path: &Path,
     since_us: i64,
-    hard: &mut Vec<String>,
+    sets: &mut BTreeMap<SuppressionReason, Vec<String>>,
     soft: &mut Vec<String>,
 ) -> Result<u64> {
     let mut rows = 0;
@@ -413,17 +420,8 @@ fn scan_historical_file(
             if emails.is_null(i) {
                 continue;
             }
-            let Some(list) = historical_list(opt(types, i), opt_ts(ts, i), since_us) else {
-                continue;
-            };
-            let e = normalize_email(emails.value(i));
-            if e.is_empty() {
-                continue;
-            }
-            rows += 1;
-            match list {
-                SuppressionReason::SoftBounceRepeated => soft.push(e),
-                _ => hard.push(e),
+            if let Some(list) = historical_list(opt(types, i), opt_ts(ts, i), since_us) {
+                rows += u64::from(add(emails.value(i), list, sets, soft));
             }
         }
         Ok(())
