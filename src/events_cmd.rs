@@ -70,6 +70,10 @@ pub struct IngestOptions {
     /// and offsets, or `record` the gap in the `ingest_gaps` table and continue.
     #[arg(long, value_enum, default_value_t = OnGapArg::Stop)]
     pub on_gap: OnGapArg,
+    /// Serve Prometheus metrics (`GET /metrics`: records, bytes, commits, dead letters,
+    /// buffered bytes, consumer lag per partition) on this address; see docs/metrics.md.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<String>,
 }
 
 /// `--on-gap` values.
@@ -96,6 +100,9 @@ fn print_stats(what: &str, s: &IngestStats) {
 
 /// Runs `broadside ingest`.
 pub fn ingest(o: &IngestOptions) -> Result<()> {
+    if let Some(addr) = &o.metrics_listen {
+        crate::metrics::listen(addr)?;
+    }
     let hooks = IngestHooks {
         on_commit: Some(Box::new(|c| {
             tracing::info!(stream = %c.stream, start = c.start, end = c.end, rows = c.rows, dead_letters = c.dead_letters, "committed");
@@ -233,6 +240,10 @@ pub struct ServeOptions {
     pub sql_concurrency_per_token: u64,
     #[command(flatten)]
     pub campaigns: crate::campaign_cmd::CampaignServeOptions,
+    /// Serve `GET /metrics` on this address instead of on --listen (for a scrape port that
+    /// is not exposed with the API); see docs/metrics.md.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<String>,
 }
 
 /// Runs `broadside serve` (analytics API and/or webhook intake) until SIGINT/SIGTERM.
@@ -243,6 +254,8 @@ pub fn serve(o: &ServeOptions) -> Result<()> {
         .context("starting the HTTP runtime")?;
     let mut app = axum::Router::new();
     let mut served = Vec::new();
+    let metrics = crate::metrics::install()?;
+    crate::metrics::spawn_upkeep(rt.handle(), metrics.clone());
     let credentials = webhook_credentials(o)?;
     if !credentials.is_empty() {
         let sink = match &o.brokers {
@@ -296,6 +309,18 @@ pub fn serve(o: &ServeOptions) -> Result<()> {
     }
     if served.is_empty() {
         bail!("nothing to serve: give --tokens FILE (analytics API), --webhook-tokens FILE (webhooks) and/or --campaigns FILE.db (campaign API)");
+    }
+    // Every routed request is counted and timed by its route template; /metrics itself is
+    // merged after, so scrapes are not.
+    app = app.route_layer(axum::middleware::from_fn(crate::metrics::track_http));
+    match &o.metrics_listen {
+        None => {
+            app = app.merge(crate::metrics::router(metrics));
+            served.push("metrics (/metrics)");
+        }
+        Some(addr) => {
+            crate::metrics::listen(addr)?;
+        }
     }
     rt.block_on(async {
         // Installed before listening, so a SIGTERM right after start is a graceful stop too.

@@ -8,6 +8,7 @@ mod erp_cmd;
 mod events_cmd;
 mod generate;
 mod mail;
+mod metrics;
 mod progress;
 mod send;
 mod why;
@@ -75,6 +76,10 @@ enum Command {
         /// key an earlier run of the campaign sent.
         #[arg(long)]
         exclude_sent: bool,
+        /// Serve Prometheus metrics (`GET /metrics`: rows per decision, stage times, rows/s,
+        /// ETA) on this address while the send runs; see docs/metrics.md.
+        #[arg(long, value_name = "ADDR")]
+        metrics_listen: Option<String>,
     },
     /// The ERP (SQL Server) source.
     Erp {
@@ -219,7 +224,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             audience_fields,
             new_run,
             exclude_sent,
+            metrics_listen,
         } => {
+            if let Some(addr) = &metrics_listen {
+                metrics::listen(addr)?;
+            }
             let audience = audience
                 .map(|p| campaign_cmd::audience_file(&p))
                 .transpose()?;

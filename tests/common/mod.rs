@@ -298,7 +298,10 @@ impl Server {
                 .next()
                 .expect("serve exited before listening")
                 .unwrap();
-            if let Some((_, rest)) = line.split_once(" on http://") {
+            if let Some((_, rest)) = line
+                .strip_prefix("serving ")
+                .and_then(|l| l.split_once(" on http://"))
+            {
                 break rest.trim().to_string();
             }
         };
