@@ -205,12 +205,16 @@ impl SqlGate {
             .clone();
         let busy = |msg: String| ApiError::busy(msg, SQL_RETRY_AFTER_SECS);
         let token_permit = mine.try_acquire_owned().map_err(|_| {
+            metrics::counter!("broadside_sql_queries_refused_total", "reason" => "token_limit")
+                .increment(1);
             busy(format!(
                 "token {:?} already runs {} SQL queries (the per-token limit); retry when one ends",
                 token.name, self.limits.per_token
             ))
         })?;
         let overall = self.overall.clone().try_acquire_owned().map_err(|_| {
+            metrics::counter!("broadside_sql_queries_refused_total", "reason" => "overall_limit")
+                .increment(1);
             busy(format!(
                 "the server already runs {} SQL queries (the overall limit); retry shortly",
                 self.limits.overall
@@ -220,6 +224,22 @@ impl SqlGate {
             _token: token_permit,
             _overall: overall,
         })
+    }
+}
+
+/// Counts a running `POST /sql` query in `broadside_sql_queries_running` while it lives.
+struct Running;
+
+impl Running {
+    fn sql() -> Running {
+        metrics::gauge!("broadside_sql_queries_running").increment(1.0);
+        Running
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        metrics::gauge!("broadside_sql_queries_running").decrement(1.0);
     }
 }
 
@@ -863,9 +883,20 @@ async fn sql(
     };
     drop(body);
     let _admitted = s.sql_gate.enter(&caller)?;
+    let _running = Running::sql();
     let limits: Limits = s.catalog.limits();
     let mut rows = JsonRows::after(b"{\"rows\":[");
-    let answer = run_sql(&s.catalog, &Scope::Workspace(ws), &text, &mut rows).await?;
+    let answer = run_sql(&s.catalog, &Scope::Workspace(ws), &text, &mut rows)
+        .await
+        .inspect_err(|e| {
+            let reason = match e {
+                QueryError::Timeout(_) => "timeout",
+                _ if e.is_memory_limit() => "memory_limit",
+                _ => return,
+            };
+            metrics::counter!("broadside_sql_queries_refused_total", "reason" => reason)
+                .increment(1);
+        })?;
     let columns: Vec<&String> = answer.schema.fields().iter().map(|f| f.name()).collect();
     let reason = answer.truncated.map(|t| match t {
         Truncation::RowLimit => format!(

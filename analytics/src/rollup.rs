@@ -769,7 +769,17 @@ impl RollupWriter {
 pub fn spawn_refresher(catalog: Arc<Catalog>, every: std::time::Duration) {
     tokio::spawn(async move {
         loop {
-            match refresh(&catalog, None).await {
+            let started = std::time::Instant::now();
+            let outcome = refresh(&catalog, None).await;
+            metrics::histogram!("broadside_rollup_refresh_duration_seconds")
+                .record(started.elapsed().as_secs_f64());
+            let label = if outcome.is_ok() { "ok" } else { "failed" };
+            metrics::counter!("broadside_rollup_refreshes_total", "outcome" => label).increment(1);
+            if outcome.is_ok() {
+                metrics::gauge!("broadside_rollup_last_success_timestamp_seconds")
+                    .set(chrono::Utc::now().timestamp_micros() as f64 / 1e6);
+            }
+            match outcome {
                 Ok(r) if r.built + r.months_built > 0 => tracing::info!(
                     built = r.built,
                     current = r.current,

@@ -379,6 +379,14 @@ struct ServerCounts {
     too_large: AtomicU64,
 }
 
+impl ServerCounts {
+    fn refused_unauthorized(&self) {
+        self.unauthorized.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("broadside_webhook_requests_refused_total", "reason" => "unauthorized")
+            .increment(1);
+    }
+}
+
 struct WebhookState {
     credentials: Vec<WebhookCredential>,
     lob_secret: Option<String>,
@@ -448,7 +456,7 @@ async fn authenticate(
     let (parts, body) = req.into_parts();
     let body = read_body(state, &parts.headers, body).await?;
     let unauthorized = |m: String| {
-        state.server.unauthorized.fetch_add(1, Ordering::Relaxed);
+        state.server.refused_unauthorized();
         tracing::warn!(reason = %m, "webhook credential refused");
         reject(
             StatusCode::UNAUTHORIZED,
@@ -499,6 +507,8 @@ async fn read_body(
 ) -> std::result::Result<Bytes, Response> {
     let too_large = || {
         state.server.too_large.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("broadside_webhook_requests_refused_total", "reason" => "too_large")
+            .increment(1);
         reject(
             StatusCode::PAYLOAD_TOO_LARGE,
             json!({
@@ -607,6 +617,14 @@ fn foreign(state: &WebhookState, c: &WebhookCredential, items: Value, events: us
         n.refused_foreign_workspace += 1;
         n.refused_foreign_events += events as u64;
     });
+    metrics::counter!("broadside_webhook_requests_refused_total", "reason" => "foreign_workspace")
+        .increment(1);
+    metrics::counter!(
+        "broadside_webhook_events_total",
+        "workspace" => c.workspace.clone(),
+        "outcome" => "refused"
+    )
+    .increment(events as u64);
     tracing::warn!(credential = %c.name, workspace = %c.workspace, events, "webhook events for another workspace refused");
     reject(
         StatusCode::FORBIDDEN,
@@ -626,6 +644,8 @@ fn foreign(state: &WebhookState, c: &WebhookCredential, items: Value, events: us
 
 fn invalid(state: &WebhookState, c: &WebhookCredential, body: Value) -> Response {
     state.count(&c.workspace, |n| n.refused_invalid += 1);
+    metrics::counter!("broadside_webhook_requests_refused_total", "reason" => "invalid")
+        .increment(1);
     reject(StatusCode::BAD_REQUEST, body)
 }
 
@@ -763,7 +783,7 @@ async fn lob_tracking(State(state): State<Arc<WebhookState>>, req: Request) -> R
         now_ms,
         LOB_TOLERANCE,
     ) {
-        state.server.unauthorized.fetch_add(1, Ordering::Relaxed);
+        state.server.refused_unauthorized();
         return reject(
             StatusCode::UNAUTHORIZED,
             json!({"error": e.to_string(), "reason": "unauthorized"}),
@@ -889,6 +909,14 @@ async fn deliver(
                 n.accepted += accepted as u64;
                 n.duplicates += duplicates as u64;
             });
+            for (outcome, n) in [("accepted", accepted), ("duplicate", duplicates)] {
+                metrics::counter!(
+                    "broadside_webhook_events_total",
+                    "workspace" => workspace.to_string(),
+                    "outcome" => outcome
+                )
+                .increment(n as u64);
+            }
             (
                 StatusCode::OK,
                 Json(json!({"accepted": accepted, "duplicates": duplicates})),
@@ -902,6 +930,7 @@ async fn deliver(
                 .unwrap_or_else(|p| p.into_inner())
                 .release(&ids);
             tracing::error!(error = %e, "webhook delivery failed");
+            metrics::counter!("broadside_webhook_delivery_failures_total").increment(1);
             reject(
                 StatusCode::SERVICE_UNAVAILABLE,
                 json!({"error": format!("could not store events: {e}")}),

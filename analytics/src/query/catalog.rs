@@ -5,6 +5,7 @@
 //! workspace are never listed, whatever the query says. Only the analyst command line, run by
 //! someone who can read the store's files anyway, may open the all-workspaces scope.
 
+use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,6 +26,10 @@ use datafusion::execution::cache::cache_manager::{
 use datafusion::execution::cache::default_cache::DefaultCache;
 use datafusion::execution::cache::TableScopedPath;
 use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
+use datafusion::execution::memory_pool::{
+    GreedyMemoryPool, MemoryConsumer, MemoryLimit, MemoryPool, MemoryReservation,
+    TrackConsumersPool,
+};
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::logical_expr::{create_udf, ColumnarValue, Volatility};
 use datafusion::prelude::{col, lit, SessionConfig, SessionContext};
@@ -217,7 +222,10 @@ impl Catalog {
 
     fn session_with(&self, scope: &Scope, spill: bool) -> QueryResult<SessionContext> {
         let mut runtime = RuntimeEnvBuilder::new()
-            .with_memory_limit(self.limits.memory_bytes, 1.0)
+            .with_memory_pool(Arc::new(MeteredPool(TrackConsumersPool::new(
+                GreedyMemoryPool::new(self.limits.memory_bytes),
+                NonZeroUsize::new(5).expect("non-zero"),
+            ))))
             .with_cache_manager(self.caches.config());
         if !spill {
             runtime = runtime.with_disk_manager_builder(
@@ -425,4 +433,57 @@ pub fn schema_of(fields: &[(&str, DataType, bool)]) -> SchemaRef {
             .map(|(n, t, null)| Field::new(*n, t.clone(), *null))
             .collect::<Vec<_>>(),
     ))
+}
+
+/// A query's memory pool that also keeps `broadside_query_memory_bytes` (all running queries
+/// of the process together) up to date; limits and their errors are the inner pool's.
+#[derive(Debug)]
+struct MeteredPool<P>(P);
+
+impl<P: MemoryPool> std::fmt::Display for MeteredPool<P> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(&self.0, f)
+    }
+}
+
+impl<P: MemoryPool> MemoryPool for MeteredPool<P> {
+    fn name(&self) -> &str {
+        self.0.name()
+    }
+
+    fn register(&self, consumer: &MemoryConsumer) {
+        self.0.register(consumer)
+    }
+
+    fn unregister(&self, consumer: &MemoryConsumer) {
+        self.0.unregister(consumer)
+    }
+
+    fn grow(&self, reservation: &MemoryReservation, additional: usize) {
+        self.0.grow(reservation, additional);
+        metrics::gauge!("broadside_query_memory_bytes").increment(additional as f64);
+    }
+
+    fn shrink(&self, reservation: &MemoryReservation, shrink: usize) {
+        self.0.shrink(reservation, shrink);
+        metrics::gauge!("broadside_query_memory_bytes").decrement(shrink as f64);
+    }
+
+    fn try_grow(
+        &self,
+        reservation: &MemoryReservation,
+        additional: usize,
+    ) -> datafusion::error::Result<()> {
+        self.0.try_grow(reservation, additional)?;
+        metrics::gauge!("broadside_query_memory_bytes").increment(additional as f64);
+        Ok(())
+    }
+
+    fn reserved(&self) -> usize {
+        self.0.reserved()
+    }
+
+    fn memory_limit(&self) -> MemoryLimit {
+        self.0.memory_limit()
+    }
 }
