@@ -274,7 +274,29 @@ impl Committer {
     }
 
     /// Commits `[next, end]` with the given rows and dead letters.
-    pub(crate) fn commit(&mut self, end: i64, mut pending: Pending) -> Result<CommitOutcome> {
+    pub(crate) fn commit(&mut self, end: i64, pending: Pending) -> Result<CommitOutcome> {
+        let started = std::time::Instant::now();
+        let outcome = self.commit_range(end, pending)?;
+        match &outcome {
+            CommitOutcome::Committed {
+                rows, dead_letters, ..
+            } => {
+                metrics::counter!("broadside_ingest_commits_total").increment(1);
+                metrics::counter!("broadside_ingest_event_rows_total").increment(*rows);
+                metrics::counter!("broadside_ingest_dead_letters_total").increment(*dead_letters);
+                metrics::histogram!("broadside_ingest_commit_duration_seconds")
+                    .record(started.elapsed().as_secs_f64());
+                metrics::gauge!("broadside_ingest_last_commit_timestamp_seconds")
+                    .set(chrono::Utc::now().timestamp_micros() as f64 / 1e6);
+            }
+            CommitOutcome::Conflict { .. } => {
+                metrics::counter!("broadside_ingest_commit_conflicts_total").increment(1)
+            }
+        }
+        Ok(outcome)
+    }
+
+    fn commit_range(&mut self, end: i64, mut pending: Pending) -> Result<CommitOutcome> {
         let start = self.next;
         if end < start {
             return Err(Error::state(

@@ -266,6 +266,9 @@ fn commit(
 ) -> Result<()> {
     let start = committer.next();
     let records = buffer.records as u64;
+    metrics::counter!("broadside_ingest_records_total", "source" => "file").increment(records);
+    metrics::counter!("broadside_ingest_bytes_total", "source" => "file")
+        .increment(buffer.bytes as u64);
     let pending = buffer.take()?;
     match committer.commit(end, pending)? {
         CommitOutcome::Committed {

@@ -384,6 +384,10 @@ struct PollState {
     first_at: Option<Instant>,
     /// When the newest one arrived (idle flush).
     last_at: Option<Instant>,
+    /// Records and payload bytes consumed since the metrics last saw them (published with
+    /// the timers, not per record).
+    metered_records: u64,
+    metered_bytes: u64,
 }
 
 struct Shared {
@@ -782,6 +786,31 @@ struct IngestContext {
 }
 
 impl ClientContext for IngestContext {
+    /// `broadside_ingest_consumer_lag_records` per partition: the broker's last stable offset
+    /// (the high watermark when no transaction is open) minus the store's next offset, for
+    /// the partitions this process holds; 0 for the others it knows of (held by another
+    /// member, or revoked), so a sum over processes counts each partition once.
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        let committed = locked(&self.shared.committed);
+        for (topic, t) in &statistics.topics {
+            for (&partition, p) in &t.partitions {
+                if partition < 0 {
+                    continue; // librdkafka's internal "unassigned" partition
+                }
+                let lag = match committed.get(&(topic.clone(), partition)) {
+                    Some(&next) if p.ls_offset >= 0 => (p.ls_offset - next).max(0),
+                    _ => 0,
+                };
+                metrics::gauge!(
+                    "broadside_ingest_consumer_lag_records",
+                    "topic" => topic.clone(),
+                    "partition" => partition.to_string()
+                )
+                .set(lag as f64);
+            }
+        }
+    }
+
     fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, log_message: &str) {
         use rdkafka::config::RDKafkaLogLevel as L;
         match level {
@@ -851,6 +880,8 @@ impl ConsumerContext for IngestContext {
                                     unflushed_bytes: 0,
                                     first_at: None,
                                     last_at: None,
+                                    metered_records: 0,
+                                    metered_bytes: 0,
                                 },
                             ));
                         }
@@ -1003,7 +1034,10 @@ fn consume(
         // librdkafka pauses a partition's fetching for this long once its local queue holds
         // `queued.min.messages` (100 000): 1 s by default, which stalls the ingest every time
         // it has drained a full queue (it drains 100 000 records in well under a second).
-        .set("fetch.queue.backoff.ms", FETCH_QUEUE_BACKOFF_MS);
+        .set("fetch.queue.backoff.ms", FETCH_QUEUE_BACKOFF_MS)
+        // librdkafka's statistics (every second) give each partition's last stable offset:
+        // the consumer lag metric ([`IngestContext::stats`]).
+        .set("statistics.interval.ms", "1000");
     for (k, v) in &cfg.kafka_options {
         cc.set(k, v);
     }
@@ -1072,6 +1106,8 @@ fn consume(
                 st.unflushed_bytes += payload.len();
                 st.first_at.get_or_insert(now);
                 st.last_at = Some(now);
+                st.metered_records += 1;
+                st.metered_bytes += payload.len() as u64;
                 buffered_bytes += payload.len();
                 if st.unflushed_records >= policy.max_records
                     || st.unflushed_bytes >= policy.max_bytes
@@ -1124,6 +1160,7 @@ fn consume(
         if now.duration_since(last_timer_check) >= Duration::from_millis(50) {
             last_timer_check = now;
             let mut parts = locked(&shared.partitions);
+            publish_metrics(&mut parts, buffered_bytes);
             for (key, st) in parts.iter_mut() {
                 let due = match (st.first_at, st.last_at) {
                     (Some(first), Some(last)) => {
@@ -1167,6 +1204,21 @@ fn consume(
     result?;
     consumer.unsubscribe();
     Ok(())
+}
+
+/// Publishes what the polling thread counted since the last call: records and bytes per
+/// topic, and the bytes buffered.
+fn publish_metrics(parts: &mut [(Key, PollState)], buffered_bytes: usize) {
+    for ((topic, _), st) in parts.iter_mut() {
+        if st.metered_records > 0 {
+            let source = topic.clone();
+            metrics::counter!("broadside_ingest_records_total", "source" => source.clone())
+                .increment(std::mem::take(&mut st.metered_records));
+            metrics::counter!("broadside_ingest_bytes_total", "source" => source)
+                .increment(std::mem::take(&mut st.metered_bytes));
+        }
+    }
+    metrics::gauge!("broadside_ingest_buffered_bytes").set(buffered_bytes as f64);
 }
 
 /// Handles the writers' reports: a conflict restarts the partition at the winner's end with
