@@ -39,10 +39,19 @@ impl Progress {
         }
     }
 
-    /// Shows `rows` decided so far.
+    /// Shows `rows` decided so far (and publishes the send's rate and ETA as metrics).
     pub fn update(&mut self, rows: u64) {
-        let Some(bar) = &self.bar else { return };
         let rate = rows as f64 / self.started.elapsed().as_secs_f64().max(1e-3);
+        metrics::gauge!("broadside_send_rows_per_second").set(rate);
+        let expected = self.hint.total_rows.unwrap_or(0);
+        metrics::gauge!("broadside_send_rows_expected").set(expected as f64);
+        let eta = if expected > rows && rate > 0.0 {
+            (expected - rows) as f64 / rate
+        } else {
+            0.0
+        };
+        metrics::gauge!("broadside_send_eta_seconds").set(eta);
+        let Some(bar) = &self.bar else { return };
         match (&self.hint.total_rows, &self.hint.bytes) {
             (Some(_), _) | (None, None) => bar.set_position(rows),
             (None, Some((_, read))) => bar.set_position(read.load(Ordering::Relaxed)),
@@ -50,11 +59,28 @@ impl Progress {
         bar.set_message(format!("{rows} rows, {:.2} M rows/s", rate / 1e6));
     }
 
-    /// Clears the bar.
+    /// Clears the bar; the ETA of a send that ended is 0.
     pub fn finish(&mut self, rows: u64) {
         self.update(rows);
+        metrics::gauge!("broadside_send_eta_seconds").set(0.0);
         if let Some(bar) = self.bar.take() {
             bar.finish_and_clear();
         }
+    }
+}
+
+/// Counts a send in `broadside_send_runs_running` while it lives.
+pub struct Running;
+
+impl Running {
+    pub fn start() -> Running {
+        metrics::gauge!("broadside_send_runs_running").increment(1.0);
+        Running
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        metrics::gauge!("broadside_send_runs_running").decrement(1.0);
     }
 }

@@ -490,7 +490,10 @@ pub fn send(opts: &SendOptions) -> Result<RunRecord> {
         progress: counter.clone(),
         variants: spec.variants.len(),
     };
-    let result = with_progress(opts.progress, counter, hint, || runner::run(pipeline));
+    let result = {
+        let _running = crate::progress::Running::start();
+        with_progress(opts.progress, counter, hint, || runner::run(pipeline))
+    };
 
     match result {
         Ok(stats) => {
@@ -510,6 +513,9 @@ pub fn send(opts: &SendOptions) -> Result<RunRecord> {
             }
             record.status = RunStatus::Done;
             record.finished_at = Some(Utc::now());
+            if !opts.dry_run {
+                metrics::counter!("broadside_send_runs_total", "outcome" => "done").increment(1);
+            }
             if !opts.dry_run {
                 record.save(&record_path)?;
                 let staging = store.staging_dir(&run_id);
@@ -562,6 +568,7 @@ pub fn check_templates(spec: &CampaignSpec) -> Result<Vec<(String, String)>> {
 fn record_failure(record: &mut RunRecord, path: &Path, e: anyhow::Error) -> anyhow::Error {
     record.status = RunStatus::Failed;
     record.error = Some(e.to_string());
+    metrics::counter!("broadside_send_runs_total", "outcome" => "failed").increment(1);
     if let Err(save) = record.save(path) {
         tracing::error!(error = %save, "could not record the failure");
     }

@@ -203,21 +203,58 @@ impl Failure {
     }
 }
 
+/// One thread's time per stage, also published as it goes (`broadside_send_stage_*`; the
+/// metric handles are looked up once per stage and thread).
 #[derive(Default)]
 struct Timer {
-    by_stage: HashMap<&'static str, (u64, Duration)>,
+    by_stage: HashMap<&'static str, StageTime>,
     order: Vec<&'static str>,
     blocked: Duration,
+    /// The stage that ran last: waiting for downstream capacity is charged to it.
+    last: &'static str,
+    blocked_gauge: Option<(&'static str, metrics::Gauge)>,
+}
+
+struct StageTime {
+    rows: u64,
+    busy: Duration,
+    rows_metric: metrics::Counter,
+    busy_metric: metrics::Gauge,
 }
 
 impl Timer {
     fn add(&mut self, name: &'static str, rows: usize, d: Duration) {
         let e = self.by_stage.entry(name).or_insert_with(|| {
             self.order.push(name);
-            (0, Duration::ZERO)
+            StageTime {
+                rows: 0,
+                busy: Duration::ZERO,
+                rows_metric: metrics::counter!("broadside_send_stage_rows_total", "stage" => name),
+                busy_metric: metrics::gauge!("broadside_send_stage_busy_seconds", "stage" => name),
+            }
         });
-        e.0 += rows as u64;
-        e.1 += d;
+        e.rows += rows as u64;
+        e.busy += d;
+        e.rows_metric.increment(rows as u64);
+        e.busy_metric.increment(d.as_secs_f64());
+        self.last = name;
+    }
+
+    /// Time the thread waited for downstream capacity (or, for the source, for a permit).
+    fn block(&mut self, d: Duration) {
+        self.blocked += d;
+        let stage = if self.last.is_empty() {
+            "read"
+        } else {
+            self.last
+        };
+        if self.blocked_gauge.as_ref().is_none_or(|(n, _)| *n != stage) {
+            let g = metrics::gauge!("broadside_send_stage_blocked_seconds", "stage" => stage);
+            self.blocked_gauge = Some((stage, g));
+        }
+        if let Some((_, g)) = &self.blocked_gauge {
+            g.increment(d.as_secs_f64());
+        }
     }
 
     fn into_stats(self, blocked_name: &'static str) -> Vec<StageStats> {
@@ -225,7 +262,7 @@ impl Timer {
             .order
             .iter()
             .map(|n| {
-                let (rows, d) = self.by_stage[n];
+                let (rows, d) = (self.by_stage[n].rows, self.by_stage[n].busy);
                 StageStats {
                     name: n.to_string(),
                     rows,
@@ -241,6 +278,59 @@ impl Timer {
             last.blocked_secs = self.blocked.as_secs_f64();
         }
         out
+    }
+}
+
+/// Cells of a (decision, reason) tally.
+const TALLY: usize = Decision::ALL.len() * Reason::ALL.len();
+
+/// Rows per (decision, reason) of a run, counted per batch into a flat table and published
+/// per batch as `broadside_send_rows_total`.
+struct Decided {
+    totals: Box<[u64; TALLY]>,
+    counters: Vec<Option<metrics::Counter>>,
+}
+
+impl Default for Decided {
+    fn default() -> Self {
+        Decided {
+            totals: Box::new([0; TALLY]),
+            counters: vec![None; TALLY],
+        }
+    }
+}
+
+impl Decided {
+    fn cell(i: usize) -> (Decision, Reason) {
+        (
+            Decision::ALL[i / Reason::ALL.len()],
+            Reason::ALL[i % Reason::ALL.len()],
+        )
+    }
+
+    fn add(&mut self, tally: &[u64; TALLY]) {
+        for (i, &n) in tally.iter().enumerate().filter(|(_, n)| **n > 0) {
+            self.totals[i] += n;
+            self.counters[i]
+                .get_or_insert_with(|| {
+                    let (d, r) = Decided::cell(i);
+                    metrics::counter!(
+                        "broadside_send_rows_total",
+                        "decision" => d.as_str(),
+                        "reason" => if r == Reason::None { "none" } else { r.as_str() }
+                    )
+                })
+                .increment(n);
+        }
+    }
+
+    fn counts(&self) -> BTreeMap<(Decision, Reason), u64> {
+        self.totals
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| **n > 0)
+            .map(|(i, &n)| (Decided::cell(i), n))
+            .collect()
     }
 }
 
@@ -332,7 +422,7 @@ pub fn run(p: Pipeline) -> Result<RunStats> {
                 if permit_rx.recv().is_err() {
                     break;
                 }
-                t.blocked += w.elapsed();
+                t.block(w.elapsed());
                 let s = Instant::now();
                 let next = source.next_item();
                 match next {
@@ -346,7 +436,7 @@ pub fn run(p: Pipeline) -> Result<RunStats> {
                         if work_tx.send(Work { seq, item }).is_err() {
                             break;
                         }
-                        t.blocked += w.elapsed();
+                        t.block(w.elapsed());
                         seq += 1;
                     }
                     Ok(None) => break,
@@ -401,7 +491,7 @@ pub fn run(p: Pipeline) -> Result<RunStats> {
                     if tx.send(b).is_err() {
                         break;
                     }
-                    t.blocked += w.elapsed();
+                    t.block(w.elapsed());
                 }
                 t.into_stats("")
             }));
@@ -447,6 +537,7 @@ pub fn run(p: Pipeline) -> Result<RunStats> {
             sent_per_variant: vec![0; variants],
             ..RunStats::default()
         };
+        let mut decided = Decided::default();
         'outer: loop {
             let b = crossbeam_channel::select! {
                 recv(done_rx) -> b => match b {
@@ -471,8 +562,9 @@ pub fn run(p: Pipeline) -> Result<RunStats> {
                     t.add(st.name(), b.len(), s.elapsed());
                 }
                 rs.rows += b.len() as u64;
+                let mut tally = [0u64; TALLY];
                 for i in 0..b.len() {
-                    *rs.counts.entry((b.decisions[i], b.reasons[i])).or_default() += 1;
+                    tally[b.decisions[i] as usize * Reason::ALL.len() + b.reasons[i] as usize] += 1;
                     match b.decisions[i] {
                         Decision::Sent => {
                             if let Some(c) = rs.sent_per_variant.get_mut(b.variants[i] as usize) {
@@ -483,6 +575,7 @@ pub fn run(p: Pipeline) -> Result<RunStats> {
                         _ => {}
                     }
                 }
+                decided.add(&tally);
                 progress.fetch_add(b.len() as u64, Ordering::Relaxed);
                 let shared = Arc::new(b);
                 for tx in &sink_txs {
@@ -490,12 +583,13 @@ pub fn run(p: Pipeline) -> Result<RunStats> {
                     if tx.send(shared.clone()).is_err() {
                         break 'outer;
                     }
-                    t.blocked += w.elapsed();
+                    t.block(w.elapsed());
                 }
                 // The batch is out of the reorder window: let the source read another.
                 let _ = permit_tx.send(());
             }
         }
+        rs.counts = decided.counts();
         drop(done_rx);
         drop(permit_tx);
         if !failure.is_set() && !pending.is_empty() {
@@ -556,4 +650,19 @@ pub fn run(p: Pipeline) -> Result<RunStats> {
     let mut stats = stats;
     stats.elapsed_secs = started.elapsed().as_secs_f64();
     Ok(stats)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tally_cells_map_back_to_their_decision_and_reason() {
+        for d in Decision::ALL {
+            for r in Reason::ALL {
+                let i = d as usize * Reason::ALL.len() + r as usize;
+                assert_eq!(Decided::cell(i), (d, r));
+            }
+        }
+    }
 }
