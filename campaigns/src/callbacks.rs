@@ -151,6 +151,8 @@ pub struct CallbackPost {
     pub body: String,
     /// Addresses in it.
     pub count: usize,
+    /// The earliest event time in it (unix seconds; the form's `when`).
+    pub when: i64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -261,6 +263,7 @@ fn post(k: &Key, b: Bucket) -> CallbackPost {
         url: k.url.clone(),
         body: form.finish(),
         count: b.addresses.len(),
+        when: b.first_when,
     }
 }
 
@@ -328,6 +331,8 @@ impl CallbackQueue {
             Ok(()) => true,
             Err(_) => {
                 self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("broadside_callback_events_total", "outcome" => "dropped")
+                    .increment(1);
                 false
             }
         }
@@ -420,6 +425,12 @@ impl CallbackWorker {
                         self.stats
                             .events_posted
                             .fetch_add(p.count as u64, Ordering::Relaxed);
+                        metrics::counter!("broadside_callback_posts_total", "outcome" => "posted")
+                            .increment(1);
+                        metrics::counter!("broadside_callback_events_total", "outcome" => "posted")
+                            .increment(p.count as u64);
+                        metrics::histogram!("broadside_callback_delay_seconds")
+                            .record(((self.clock)() - p.when).max(0) as f64);
                         break;
                     }
                     Ok(status) => {
@@ -436,10 +447,15 @@ impl CallbackWorker {
                     self.stats
                         .events_failed
                         .fetch_add(p.count as u64, Ordering::Relaxed);
+                    metrics::counter!("broadside_callback_posts_total", "outcome" => "failed")
+                        .increment(1);
+                    metrics::counter!("broadside_callback_events_total", "outcome" => "failed")
+                        .increment(p.count as u64);
                     tracing::error!(url = %p.url, campaign = p.campaign_id, events = p.count, "event callback given up");
                     break;
                 }
                 self.stats.retries.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("broadside_callback_retries_total").increment(1);
                 let shift = (attempt - 1).min(16);
                 let delay = self.cfg.backoff_ms.saturating_mul(1 << shift).min(60_000);
                 tokio::time::sleep(Duration::from_millis(delay)).await;

@@ -164,6 +164,8 @@ impl EventRelay {
         }
         pass.files = done.len() as u64;
         self.store.mark_relayed(&done, now)?;
+        metrics::counter!("broadside_callback_relay_files_total").increment(pass.files);
+        metrics::gauge!("broadside_callback_relay_last_pass_timestamp_seconds").set(now as f64);
         Ok(pass)
     }
 
