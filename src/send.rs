@@ -190,6 +190,14 @@ pub fn send(opts: &SendOptions) -> Result<RunRecord> {
         Some(s) => format!("{run_id}-s{}of{}", s.index, s.count),
         None => run_id,
     };
+    // Every log line of the send (its stage threads' included) carries these.
+    let _span = tracing::info_span!(
+        "send",
+        workspace_id = %spec.workspace_id,
+        campaign_id = %spec.campaign_id,
+        run_id = %run_id
+    )
+    .entered();
     let record_path = store.run_record(&spec.workspace_id, &run_id);
     let input = input_fingerprint(&spec);
     if opts.repeat == Repeat::NewRun && opts.run_id.is_some() && record_path.exists() {
@@ -791,9 +799,11 @@ fn with_progress<T>(
     f: impl FnOnce() -> T,
 ) -> T {
     let stop = Arc::new(AtomicBool::new(false));
+    let span = tracing::Span::current();
     std::thread::scope(|s| {
         let stop2 = stop.clone();
         let reporter = s.spawn(move || {
+            let _span = span.entered();
             let mut p = Progress::new(show, hint);
             let mut last_log = Instant::now();
             while !stop2.load(Ordering::Relaxed) {

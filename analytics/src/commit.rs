@@ -275,6 +275,13 @@ impl Committer {
 
     /// Commits `[next, end]` with the given rows and dead letters.
     pub(crate) fn commit(&mut self, end: i64, pending: Pending) -> Result<CommitOutcome> {
+        let _span = tracing::info_span!(
+            "commit",
+            stream = %self.id.describe,
+            start = self.next,
+            end
+        )
+        .entered();
         let started = std::time::Instant::now();
         let outcome = self.commit_range(end, pending)?;
         match &outcome {

@@ -171,6 +171,13 @@ impl<E: Executor> Scheduler<E> {
         while steps < max_steps {
             // Re-read under the lease: another process may have moved it since the query.
             let s = self.store.sending_by_id(id)?;
+            let _span = tracing::info_span!(
+                "scheduler_step",
+                campaign_id = s.campaign_id,
+                sending_id = s.id,
+                status = %s.status
+            )
+            .entered();
             match self.step(&s, now)? {
                 Step::Advanced => steps += 1,
                 Step::Idle => break,

@@ -370,9 +370,12 @@ fn named<'scope, 'env, F>(
 where
     F: FnOnce() -> Vec<StageStats> + Send + 'scope,
 {
+    // The thread's span is a child of the caller's (the send's), so its log lines carry the
+    // run's ids.
+    let span = tracing::info_span!("stage", thread = %name);
     std::thread::Builder::new()
         .name(name)
-        .spawn_scoped(scope, f)
+        .spawn_scoped(scope, move || span.in_scope(f))
         .expect("spawning a pipeline thread")
 }
 
