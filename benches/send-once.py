@@ -3,7 +3,7 @@
 time, rows/s, the child's CPU seconds and peak RSS (getrusage), and the count the send's
 summary gives for one decision or reason line.
 
-    benches/send-once.py BINARY SPEC ROWS LABEL COUNTED
+    benches/send-once.py BINARY SPEC ROWS LABEL COUNTED [EXTRA ARGUMENTS OF send...]
 """
 import resource
 import subprocess
@@ -11,8 +11,9 @@ import sys
 import time
 
 binary, spec, rows, label, counted = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]
+extra = sys.argv[6:]
 start = time.time()
-p = subprocess.run([binary, "send", spec, "--run-id", "ab", "--no-progress"], capture_output=True, text=True)
+p = subprocess.run([binary, "send", spec, "--run-id", "ab", "--no-progress", *extra], capture_output=True, text=True)
 wall = time.time() - start
 ru = resource.getrusage(resource.RUSAGE_CHILDREN)
 if p.returncode != 0:
