@@ -295,6 +295,8 @@ pub fn serve(o: &ServeOptions) -> Result<()> {
             },
         }));
         served.push("analytics API (see /openapi.json)");
+        app = app.merge(crate::ui::router());
+        served.push("dashboard (/)");
     }
     let campaigns = crate::campaign_cmd::serve_parts(
         &o.campaigns,

@@ -11,6 +11,7 @@ mod mail;
 mod metrics;
 mod progress;
 mod send;
+mod ui;
 mod why;
 
 use std::io::IsTerminal;

@@ -287,6 +287,7 @@ impl Server {
             .env_remove("BROADSIDE_LOB_WEBHOOK_SECRET")
             .env_remove("BROADSIDE_LOB_WEBHOOK_WORKSPACE")
             .env_remove("BROADSIDE_TOKENS")
+            .env_remove("BROADSIDE_UI_DIR")
             .stderr(Stdio::piped());
         for (k, v) in env {
             cmd.env(k, v);
