@@ -227,11 +227,40 @@ fn pct(s: &str) -> String {
         .collect()
 }
 
+/// Where each page's screenshot is kept (a test artifact): `<target>/tmp/ui-screenshots/`,
+/// named after the fragment without its token.
+fn screenshot_path(fragment: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("ui-screenshots");
+    std::fs::create_dir_all(&dir).unwrap();
+    let name: String = fragment
+        .split('&')
+        .filter(|p| !p.starts_with("token="))
+        .collect::<Vec<_>>()
+        .join("_")
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(80)
+        .collect();
+    dir.join(format!(
+        "{}.png",
+        if name.is_empty() { "login" } else { &name }
+    ))
+}
+
 /// Loads `http://ADDR/#FRAGMENT` in a fresh headless Chromium profile and returns the DOM once
-/// the page's fetches are done (Chromium's virtual time budget): the raw text and its tree.
+/// the page's fetches are done (Chromium's virtual time budget): the raw text and its tree. A
+/// screenshot of the page is kept ([`screenshot_path`]).
 fn dump(addr: &str, fragment: &str) -> (String, El) {
     let profile = tempfile::tempdir().unwrap();
     let url = format!("http://{addr}/#{fragment}");
+    let shot = screenshot_path(fragment);
+    let _ = std::fs::remove_file(&shot);
     let child = Command::new(chromium())
         .args([
             "--headless",
@@ -245,7 +274,9 @@ fn dump(addr: &str, fragment: &str) -> (String, El) {
             "--disable-dev-shm-usage",
         ])
         .arg(format!("--user-data-dir={}", profile.path().display()))
-        .args(["--virtual-time-budget=10000", "--dump-dom"])
+        .args(["--virtual-time-budget=10000", "--window-size=1280,1000"])
+        .arg(format!("--screenshot={}", shot.display()))
+        .arg("--dump-dom")
         .arg(&url)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -271,6 +302,12 @@ fn dump(addr: &str, fragment: &str) -> (String, El) {
         "chromium {:?} for {url}\nstdout:\n{html}\nstderr:\n{}",
         out.status,
         String::from_utf8_lossy(&out.stderr)
+    );
+    let png = std::fs::read(&shot).unwrap_or_default();
+    assert!(
+        png.starts_with(b"\x89PNG"),
+        "no screenshot of {url} in {}",
+        shot.display()
     );
     let dom = parse_dom(&html);
     (html, dom)
@@ -406,6 +443,15 @@ fn dashboard_pages_show_what_the_api_answers() {
             writeln!(f, "{e}").unwrap();
         }
     }
+    // Another tenant's campaign in the same store, with events for the same people.
+    for (i, r) in sent.iter().enumerate().take(5) {
+        let e = serde_json::json!({
+            "event_id": format!("rival-{i}"), "workspace_id": "rival",
+            "campaign_id": "rival-secret-campaign", "event_type": "opened",
+            "email": r.key.as_deref().unwrap(), "ts": "2026-03-10T09:00:00Z",
+        });
+        writeln!(f, "{e}").unwrap();
+    }
     drop(f);
     ingest(&store, &events);
 
@@ -457,6 +503,14 @@ fn dashboard_pages_show_what_the_api_answers() {
         assert_eq!(link.attr("href"), Some(format!("#/campaign/{id}").as_str()));
         assert_figures(row, &item["totals"], id);
     }
+    let (html, _) = dump(
+        addr,
+        &format!("token={token}&workspace={WS}&page=/campaigns"),
+    );
+    assert!(
+        !html.contains("rival-secret-campaign"),
+        "another workspace's campaign is listed"
+    );
 
     // 2. Campaign: variants, time series (chosen types, zone, granularity), runs.
     let stats = api_get_ok(
