@@ -257,6 +257,7 @@ pub fn serve(o: &ServeOptions) -> Result<()> {
     let metrics = crate::metrics::install()?;
     crate::metrics::spawn_upkeep(rt.handle(), metrics.clone());
     let credentials = webhook_credentials(o)?;
+    let webhooks_served = !credentials.is_empty();
     if !credentials.is_empty() {
         let sink = match &o.brokers {
             Some(b) => WebhookSink::kafka(b, &o.webhook_topic)?,
@@ -305,6 +306,7 @@ pub fn serve(o: &ServeOptions) -> Result<()> {
         &o.listen,
         rt.handle(),
     )?;
+    let campaigns_served = campaigns.is_some();
     if let Some(r) = campaigns {
         app = app.merge(r);
         served.push("campaign API (/campaign)");
@@ -312,9 +314,36 @@ pub fn serve(o: &ServeOptions) -> Result<()> {
     if served.is_empty() {
         bail!("nothing to serve: give --tokens FILE (analytics API), --webhook-tokens FILE (webhooks) and/or --campaigns FILE.db (campaign API)");
     }
+    // The API document of exactly the routes mounted here.
+    let doc = broadside_analytics::api::openapi_for(
+        o.tokens.is_some(),
+        webhooks_served,
+        webhooks_served && o.lob_webhook_secret.is_some(),
+        campaigns_served,
+    )
+    .to_string();
+    app = app.route(
+        "/openapi.json",
+        axum::routing::get(move || {
+            let doc = doc.clone();
+            async move {
+                (
+                    [(axum::http::header::CONTENT_TYPE, "application/json")],
+                    doc,
+                )
+            }
+        }),
+    );
+    // Unknown paths and methods answer in the API's JSON error shape.
+    app = app
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed);
     // Every routed request is counted and timed by its route template; /metrics itself is
     // merged after, so scrapes are not.
     app = app.route_layer(axum::middleware::from_fn(crate::metrics::track_http));
+    // Errors raised before a handler runs (a path segment that is not a number, a body over
+    // the limit) come as text from axum: give them the API's JSON error shape too.
+    app = app.layer(axum::middleware::map_response(json_errors));
     match &o.metrics_listen {
         None => {
             app = app.merge(crate::metrics::router(metrics));
@@ -342,6 +371,65 @@ pub fn serve(o: &ServeOptions) -> Result<()> {
         eprintln!("stopped: requests in flight were answered");
         Ok(())
     })
+}
+
+/// An error answer that is not JSON (axum's extractor rejections are plain text) becomes
+/// `{"error": "<its text>"}` with the same status and headers.
+async fn json_errors(res: axum::response::Response) -> axum::response::Response {
+    use axum::http::header;
+    let status = res.status();
+    let is_json = res
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return res;
+    }
+    let (mut parts, body) = res.into_parts();
+    let bytes = axum::body::to_bytes(body, 64 << 10)
+        .await
+        .unwrap_or_default();
+    let text = String::from_utf8_lossy(&bytes).trim().to_string();
+    let error = if text.is_empty() {
+        status.canonical_reason().unwrap_or("error").to_string()
+    } else {
+        text
+    };
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        axum::http::HeaderValue::from_static("application/json"),
+    );
+    parts.headers.remove(header::CONTENT_LENGTH);
+    axum::response::Response::from_parts(
+        parts,
+        axum::body::Body::from(serde_json::json!({ "error": error }).to_string()),
+    )
+}
+
+/// `404` for a path no route serves, as `{"error": …}`.
+async fn not_found(uri: axum::http::Uri) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    (
+        axum::http::StatusCode::NOT_FOUND,
+        axum::Json(serde_json::json!({"error": format!("no route {}", uri.path())})),
+    )
+        .into_response()
+}
+
+/// `405` for a method a route does not take, as `{"error": …}` (axum adds `Allow`).
+async fn method_not_allowed(
+    method: axum::http::Method,
+    uri: axum::http::Uri,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    (
+        axum::http::StatusCode::METHOD_NOT_ALLOWED,
+        axum::Json(serde_json::json!({
+            "error": format!("{} does not take {method}", uri.path())
+        })),
+    )
+        .into_response()
 }
 
 /// Resolves on SIGINT (Ctrl-C) or SIGTERM; axum then stops accepting and finishes the

@@ -367,11 +367,30 @@ pub fn api_router(cfg: ApiConfig) -> Router {
         .with_state(state);
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
-        .route(
-            "/openapi.json",
-            get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }),
-        )
         .merge(authed)
+}
+
+/// The OpenAPI document of what one server mounts: the routes of the parts it serves
+/// (by tag: `analytics`, `webhooks`, `campaigns`; `/webhooks/lob` only with the printer's
+/// secret), plus `/healthz` and `/openapi.json`.
+pub fn openapi_for(analytics: bool, webhooks: bool, lob: bool, campaigns: bool) -> Value {
+    let mut doc: Value = serde_json::from_str(OPENAPI).expect("docs/openapi.json parses");
+    let paths = doc["paths"].as_object_mut().expect("paths");
+    paths.retain(|path, ops| {
+        let tagged = |t: &str| {
+            ops.as_object()
+                .is_some_and(|o| o.values().any(|op| op["tags"] == json!([t])))
+        };
+        match path.as_str() {
+            "/healthz" | "/openapi.json" => true,
+            "/webhooks/lob" => lob,
+            _ if tagged("analytics") => analytics,
+            _ if tagged("webhooks") => webhooks,
+            _ if tagged("campaigns") => campaigns,
+            _ => false,
+        }
+    });
+    doc
 }
 
 async fn auth(
@@ -980,7 +999,7 @@ mod tests {
         }
         // The document also describes the campaign API (tag `campaigns`, served by the
         // campaigns crate and checked there); the rest is these routes plus the three webhook
-        // routes (callback, events, stats).
+        // routes (callback, events, stats, lob).
         let analytics = doc["paths"]
             .as_object()
             .unwrap()
@@ -992,13 +1011,35 @@ mod tests {
                     .any(|op| op["tags"] == serde_json::json!(["campaigns"]))
             })
             .count();
-        assert_eq!(analytics, ROUTES.len() + 3);
-        for w in ["/webhooks/callback", "/webhooks/events", "/webhooks/stats"] {
+        assert_eq!(analytics, ROUTES.len() + 4);
+        for w in [
+            "/webhooks/callback",
+            "/webhooks/events",
+            "/webhooks/stats",
+            "/webhooks/lob",
+        ] {
             assert!(
                 doc["paths"].get(w).is_some(),
                 "{w} missing from docs/openapi.json"
             );
         }
+    }
+
+    /// The document's `time_zone` values are exactly the zones the server parses.
+    #[test]
+    fn openapi_time_zones_are_the_servers() {
+        let names: Vec<&str> = chrono_tz::TZ_VARIANTS.iter().map(|t| t.name()).collect();
+        let doc: Value = serde_json::from_str(OPENAPI).unwrap();
+        let listed: Vec<&str> = doc["components"]["schemas"]["TimeZone"]["enum"]
+            .as_array()
+            .map(|a| a.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        assert_eq!(
+            listed,
+            names,
+            "components.schemas.TimeZone.enum should be {}",
+            serde_json::to_string(&names).unwrap()
+        );
     }
 
     #[test]

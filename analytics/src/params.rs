@@ -157,7 +157,8 @@ impl Params {
     }
 
     /// `date_from` (inclusive) and `date_to` (a date is inclusive of the whole day; an instant
-    /// is exclusive); `from` must be before `to`.
+    /// is exclusive). A range whose `from` is not before its `to` holds no instant: it selects
+    /// nothing (not an error, so that every well-formed pair of dates is an answerable question).
     pub fn range(&self) -> Result<Range, ParamError> {
         let from = self
             .get("date_from")
@@ -167,11 +168,6 @@ impl Params {
             .get("date_to")
             .map(|s| parse_instant(s, true))
             .transpose()?;
-        if let (Some(f), Some(t)) = (from, to) {
-            if f >= t {
-                return Err(bad("date_from must be before date_to"));
-            }
-        }
         Ok((from, to))
     }
 
@@ -310,11 +306,13 @@ mod tests {
         .unwrap();
         let (from, to) = p.range().unwrap();
         assert_eq!(to.unwrap() - from.unwrap(), chrono::TimeDelta::days(1));
+        // Reversed: an empty range, not an error.
         let p = Params::parse(
             Some("date_from=2026-03-02&date_to=2026-03-01"),
             STATISTICS_PARAMS,
         );
-        assert!(p.unwrap().range().is_err());
+        let (from, to) = p.unwrap().range().unwrap();
+        assert!(from.unwrap() > to.unwrap());
     }
 
     /// Found by fuzzing (`api_params`): `%Y` reads signed and five-digit years, so

@@ -11,7 +11,7 @@ use arrow_schema::DataType;
 use chrono::{DateTime, Utc};
 use datafusion::logical_expr::{col, lit, Expr};
 use datafusion::prelude::SessionContext;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use crate::query::stats::{and_time_range, strings, ts_lit};
 use crate::query::{collect, Catalog, QueryError, QueryResult, Scope};
@@ -19,11 +19,57 @@ use crate::query::{collect, Catalog, QueryError, QueryResult, Scope};
 pub use crate::params::{DEFAULT_PAGE, MAX_PAGE};
 
 /// One value of a sort key, as carried in a cursor.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(untagged)]
+#[derive(Debug, Clone, PartialEq)]
 enum KeyValue {
-    Int(u64),
+    /// A timestamp's microseconds since the epoch.
+    Micros(i64),
+    Unsigned(u64),
     Text(String),
+}
+
+impl KeyValue {
+    /// The cursor form: decimal for numbers, lowercase hex of the UTF-8 for text.
+    fn encode(&self) -> String {
+        match self {
+            KeyValue::Micros(us) => us.to_string(),
+            KeyValue::Unsigned(n) => n.to_string(),
+            KeyValue::Text(s) => hex_encode(s.as_bytes()),
+        }
+    }
+
+    /// Reads one cursor part of the given kind. Every part matching the documented pattern
+    /// (`-?[0-9]{1,18}`, `[0-9]{1,19}`, `([0-9a-f]{2}){0,2048}`) reads, so a cursor of the
+    /// right shape is never refused (it names a position, taken as it is).
+    fn decode(kind: Kind, s: &str) -> Option<KeyValue> {
+        let digits = |t: &str, max: usize| {
+            !t.is_empty() && t.len() <= max && t.bytes().all(|b| b.is_ascii_digit())
+        };
+        match kind {
+            Kind::Timestamp => {
+                let ok = digits(s.strip_prefix('-').unwrap_or(s), 18);
+                ok.then(|| s.parse().ok().map(KeyValue::Micros))?
+            }
+            Kind::Unsigned => digits(s, 19).then(|| s.parse().ok().map(KeyValue::Unsigned))?,
+            Kind::Text => {
+                let lower = s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+                let bytes = hex_decode(s).filter(|_| lower)?;
+                Some(KeyValue::Text(String::from_utf8_lossy(&bytes).into_owned()))
+            }
+        }
+    }
+}
+
+/// A cursor: the last row's two key values, `FIRST.SECOND`.
+fn encode_cursor(a: &KeyValue, b: &KeyValue) -> String {
+    format!("{}.{}", a.encode(), b.encode())
+}
+
+fn decode_cursor(order: Order, cursor: &str) -> Option<(KeyValue, KeyValue)> {
+    let (a, b) = cursor.split_once('.')?;
+    Some((
+        KeyValue::decode(order.first.1, a)?,
+        KeyValue::decode(order.second.1, b)?,
+    ))
 }
 
 /// How a listed table is ordered: two key columns, the first a timestamp or a string, the
@@ -447,19 +493,15 @@ async fn list(
 /// `key > cursor` in the order's lexicographic sense.
 fn after(order: Order, cursor: &str) -> QueryResult<Expr> {
     let bad = || QueryError::BadRequest(format!("invalid cursor {cursor:?}"));
-    let bytes = hex_decode(cursor).ok_or_else(bad)?;
-    let (a, b): (KeyValue, KeyValue) = serde_json::from_slice(&bytes).map_err(|_| bad())?;
-    let value = |k: Kind, v: KeyValue| -> QueryResult<Expr> {
-        Ok(match (k, v) {
-            (Kind::Timestamp, KeyValue::Int(us)) => {
-                ts_lit(DateTime::from_timestamp_micros(us as i64).ok_or_else(bad)?)
-            }
-            (Kind::Text, KeyValue::Text(s)) => lit(s),
-            (Kind::Unsigned, KeyValue::Int(n)) => lit(n),
-            _ => return Err(bad()),
+    let (a, b) = decode_cursor(order, cursor).ok_or_else(bad)?;
+    let value = |v: KeyValue| -> QueryResult<Expr> {
+        Ok(match v {
+            KeyValue::Micros(us) => ts_lit(DateTime::from_timestamp_micros(us).ok_or_else(bad)?),
+            KeyValue::Text(s) => lit(s),
+            KeyValue::Unsigned(n) => lit(n),
         })
     };
-    let (a, b) = (value(order.first.1, a)?, value(order.second.1, b)?);
+    let (a, b) = (value(a)?, value(b)?);
     let (c1, c2) = (col(order.first.0), col(order.second.0));
     Ok(c1.clone().gt(a.clone()).or(c1.eq(a).and(c2.gt(b))))
 }
@@ -471,18 +513,17 @@ fn cursor_of(order: Order, batches: &[RecordBatch], mut row: usize) -> QueryResu
                 let c = b.column_by_name(name).expect("key column selected");
                 Ok(match kind {
                     Kind::Timestamp => {
-                        KeyValue::Int(c.as_primitive::<TimestampMicrosecondType>().value(row) as u64)
+                        KeyValue::Micros(c.as_primitive::<TimestampMicrosecondType>().value(row))
                     }
                     Kind::Text => KeyValue::Text(strings(b, name)?.value(row).to_string()),
-                    Kind::Unsigned => KeyValue::Int(
+                    Kind::Unsigned => KeyValue::Unsigned(
                         arrow_cast::cast(c, &DataType::UInt64)?
                             .as_primitive::<UInt64Type>()
                             .value(row),
                     ),
                 })
             };
-            let k = (key(order.first)?, key(order.second)?);
-            return Ok(hex_encode(&serde_json::to_vec(&k)?));
+            return Ok(encode_cursor(&key(order.first)?, &key(order.second)?));
         }
         row -= b.num_rows();
     }
@@ -544,11 +585,30 @@ mod tests {
 
     #[test]
     fn cursors_round_trip_and_reject_garbage() {
-        let c = hex_encode(br#"[1,"x"]"#);
-        assert_eq!(hex_decode(&c).unwrap(), br#"[1,"x"]"#);
-        assert!(after(EVENT_ORDER, &c).is_ok());
-        assert!(after(EVENT_ORDER, "zz").is_err());
-        assert!(after(EVENT_ORDER, &hex_encode(br#"["x","y"]"#)).is_err());
-        assert!(after(LOG_ORDER, &hex_encode(br#"["r",5]"#)).is_ok());
+        let ts = KeyValue::Micros(-1_000_000);
+        let id = KeyValue::Text("évent:1".into());
+        let c = encode_cursor(&ts, &id);
+        assert_eq!(decode_cursor(EVENT_ORDER, &c), Some((ts, id)));
+        let c = encode_cursor(&KeyValue::Text("r1".into()), &KeyValue::Unsigned(5));
+        assert_eq!(c, "7231.5");
+        assert!(after(LOG_ORDER, &c).is_ok());
+        assert!(after(EVENT_ORDER, &c).is_err(), "kinds in the wrong places");
+        for garbage in [
+            "zz",
+            "",
+            ".",
+            "1.",
+            "1.x",
+            "1.ABCD",
+            "1.abc",
+            "1234567890123456789.00",
+        ] {
+            assert!(after(EVENT_ORDER, garbage).is_err(), "{garbage:?}");
+        }
+        // Any cursor of the documented shape reads (the position is taken as it is).
+        for shaped in ["0.", "-999999999999999999.ff", "999999999999999999.00c3"] {
+            assert!(after(EVENT_ORDER, shaped).is_ok(), "{shaped:?}");
+        }
+        assert!(after(LOG_ORDER, ".9999999999999999999").is_ok());
     }
 }

@@ -175,18 +175,31 @@ pub fn list_runs(
     Ok(Page { items, next_cursor })
 }
 
+/// `MICROS.HEX(run id)`, the same shape as the event lists' cursors.
 fn encode_cursor((at, id): &(DateTime<Utc>, String)) -> QueryResult<String> {
-    Ok(hex_encode(&serde_json::to_vec(&(
+    Ok(format!(
+        "{}.{}",
         at.timestamp_micros(),
-        id,
-    ))?))
+        hex_encode(id.as_bytes())
+    ))
 }
 
 fn decode_cursor(cursor: &str) -> QueryResult<(DateTime<Utc>, String)> {
     let bad = || QueryError::BadRequest(format!("invalid cursor {cursor:?}"));
-    let bytes = hex_decode(cursor).ok_or_else(bad)?;
-    let (us, id): (i64, String) = serde_json::from_slice(&bytes).map_err(|_| bad())?;
-    Ok((DateTime::from_timestamp_micros(us).ok_or_else(bad)?, id))
+    let (us, id) = cursor.split_once('.').ok_or_else(bad)?;
+    let digits = us.strip_prefix('-').unwrap_or(us);
+    if digits.is_empty() || digits.len() > 18 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
+    if !id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        return Err(bad());
+    }
+    let id = hex_decode(id).ok_or_else(bad)?;
+    let us: i64 = us.parse().map_err(|_| bad())?;
+    Ok((
+        DateTime::from_timestamp_micros(us).ok_or_else(bad)?,
+        String::from_utf8_lossy(&id).into_owned(),
+    ))
 }
 
 /// The `campaign_runs` table of a scope.
