@@ -133,7 +133,8 @@ enum Command {
         #[command(subcommand)]
         command: BouncesCommand,
     },
-    /// End-to-end capacity benchmark: rows/s per stage and peak RSS per campaign size.
+    /// Capacity benchmark: sends per size, workers and format, event ingest and API queries,
+    /// with a JSON + HTML report and a fitted projection (see `broadside bench --help`).
     Bench(bench::BenchOptions),
     /// Campaigns and their sendings in a campaign store (ops twins of the `/campaign` API).
     Campaign(campaign_cmd::CampaignOptions),
