@@ -18,8 +18,11 @@ use common::{ingest, new_token, Server};
 /// report unless it found nothing.
 fn schemathesis(addr: &str, filter: &[&str], headers: &[String]) {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    // Its working files (.schemathesis/) go to a scratch folder, not the checkout.
+    let scratch = tempfile::tempdir().unwrap();
     let mut cmd = Command::new("schemathesis");
-    cmd.arg("--config-file")
+    cmd.current_dir(scratch.path())
+        .arg("--config-file")
         .arg(root.join("tests/api-contract/schemathesis.toml"))
         .arg("run")
         .arg(format!("http://{addr}/openapi.json"))
