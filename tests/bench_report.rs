@@ -7,7 +7,6 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 
 use broadside_pipeline::run::RunRecord;
 use serde_json::Value;
@@ -42,18 +41,7 @@ fn count_events(store: &str) -> u64 {
 
 /// Runs Debian's headless Chromium on the page: (dumped DOM, stderr).
 fn chromium_dump(page: &Path, profile: &Path) -> (String, String) {
-    let out = Command::new("/usr/bin/chromium")
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-        ])
-        .arg(format!("--user-data-dir={}", profile.display()))
+    let out = common::headless_chromium(profile)
         .args([
             "--enable-logging=stderr",
             "--v=0",
@@ -62,7 +50,7 @@ fn chromium_dump(page: &Path, profile: &Path) -> (String, String) {
         ])
         .arg(format!("file://{}", page.display()))
         .output()
-        .expect("/usr/bin/chromium runs");
+        .expect("chromium runs");
     assert!(out.status.success(), "chromium: {out:?}");
     (
         String::from_utf8_lossy(&out.stdout).into_owned(),

@@ -12,7 +12,7 @@ mod common;
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use common::*;
@@ -202,18 +202,6 @@ impl El {
 
 // ---------- the browser ----------
 
-fn chromium() -> PathBuf {
-    let path = std::env::var_os("BROADSIDE_CHROMIUM")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/usr/bin/chromium"));
-    assert!(
-        path.exists(),
-        "{} is missing: install Chromium (deploy/ci-setup.sh) or set BROADSIDE_CHROMIUM",
-        path.display()
-    );
-    path
-}
-
 /// Percent-encodes everything but unreserved characters (Chromium's command line mishandles
 /// some raw characters, such as `'`, in a URL).
 fn pct(s: &str) -> String {
@@ -261,19 +249,7 @@ fn dump(addr: &str, fragment: &str) -> (String, El) {
     let url = format!("http://{addr}/#{fragment}");
     let shot = screenshot_path(fragment);
     let _ = std::fs::remove_file(&shot);
-    let child = Command::new(chromium())
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--disable-dev-shm-usage",
-        ])
-        .arg(format!("--user-data-dir={}", profile.path().display()))
+    let child = headless_chromium(profile.path())
         .args(["--virtual-time-budget=10000", "--window-size=1280,1000"])
         .arg(format!("--screenshot={}", shot.display()))
         .arg("--dump-dom")

@@ -479,3 +479,31 @@ pub fn ingest(store: &Path, events: &Path) -> String {
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// Debian's headless Chromium (or `BROADSIDE_CHROMIUM`) with a fresh profile in `profile`, the
+/// flags a closed machine needs (no background networking, no sandbox as root), and no page
+/// yet: the caller adds its own flags and the URL.
+pub fn headless_chromium(profile: &Path) -> Command {
+    let path = std::env::var_os("BROADSIDE_CHROMIUM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/usr/bin/chromium"));
+    assert!(
+        path.exists(),
+        "{} is missing: install Chromium (deploy/ci-setup.sh) or set BROADSIDE_CHROMIUM",
+        path.display()
+    );
+    let mut c = Command::new(path);
+    c.args([
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+    ])
+    .arg(format!("--user-data-dir={}", profile.display()));
+    c
+}
