@@ -685,6 +685,8 @@ fn span<'a>(line: &'a serde_json::Value, name: &str) -> Option<&'a serde_json::V
 fn json_logs_carry_the_send_span_with_workspace_campaign_and_run() {
     let d = tempfile::tempdir().unwrap();
     let spec = common::generate(&d.path().join("gen"), 3_000, 50, &[]);
+    // Small IFUR files: some are finished by the writer stage while it runs, inside its span.
+    common::set_spec(&spec, "ifur_roll_rows", "500");
     let out = common::run_env(
         &[
             "--log-format",
@@ -695,7 +697,7 @@ fn json_logs_carry_the_send_span_with_workspace_campaign_and_run() {
             "--run-id",
             "traced",
         ],
-        &[("BROADSIDE_LOG", "info")],
+        &[("BROADSIDE_LOG", "debug")],
         true,
     );
     let lines = json_lines(&out.stderr);
@@ -707,12 +709,22 @@ fn json_logs_carry_the_send_span_with_workspace_campaign_and_run() {
         !finished.is_empty(),
         "no `ifur file finished` line: {lines:?}"
     );
-    for l in finished {
+    for l in &finished {
         let s = span(l, "send").unwrap_or_else(|| panic!("no send span: {l}"));
         assert_eq!(s["run_id"], "traced", "{l}");
         assert_eq!(s["campaign_id"], "generated-42", "{l}");
         assert_eq!(s["workspace_id"], "demo", "{l}");
     }
+    // Files rolled while the run goes are finished inside the writer stage's span.
+    let in_stage: Vec<_> = finished.iter().filter_map(|l| span(l, "stage")).collect();
+    assert!(
+        !in_stage.is_empty(),
+        "no line inside a stage span: {finished:?}"
+    );
+    assert!(
+        in_stage.iter().all(|s| s["stage"] == "ifur-write"),
+        "{in_stage:?}"
+    );
 }
 
 #[test]

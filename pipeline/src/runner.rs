@@ -361,6 +361,11 @@ fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
         .unwrap_or_else(|| "panic".into())
 }
 
+/// A debug-level span around one stage's work on one batch (free when debug is off).
+fn stage_span(stage: &'static str, rows: usize) -> tracing::span::EnteredSpan {
+    tracing::debug_span!("stage", stage, rows).entered()
+}
+
 /// Spawns a named scoped thread (names show in `top -H`, profilers and panic messages).
 fn named<'scope, 'env, F>(
     scope: &'scope std::thread::Scope<'scope, 'env>,
@@ -372,7 +377,7 @@ where
 {
     // The thread's span is a child of the caller's (the send's), so its log lines carry the
     // run's ids.
-    let span = tracing::info_span!("stage", thread = %name);
+    let span = tracing::info_span!("thread", thread = %name);
     std::thread::Builder::new()
         .name(name)
         .spawn_scoped(scope, move || span.in_scope(f))
@@ -484,6 +489,7 @@ pub fn run(p: Pipeline) -> Result<RunStats> {
                     b.seq = work.seq;
                     for st in stages.iter_mut() {
                         let s = Instant::now();
+                        let _span = stage_span(st.name(), b.len());
                         if let Err(e) = st.process(&mut b) {
                             f.set(e);
                             return t.into_stats("");
@@ -512,6 +518,7 @@ pub fn run(p: Pipeline) -> Result<RunStats> {
                 let name = sink.name();
                 for b in rx.iter() {
                     let s = Instant::now();
+                    let _span = stage_span(name, b.len());
                     if let Err(e) = sink.write(&b) {
                         f.set(e);
                         sink.abort();
@@ -558,6 +565,7 @@ pub fn run(p: Pipeline) -> Result<RunStats> {
                 b.first_row = rs.rows;
                 for st in ordered.iter_mut() {
                     let s = Instant::now();
+                    let _span = stage_span(st.name(), b.len());
                     if let Err(e) = st.process(&mut b) {
                         failure.set(e);
                         break 'outer;
