@@ -14,4 +14,4 @@ if [ ${#need[@]} -gt 0 ]; then
     apt-get update
     apt-get install -y --no-install-recommends "${need[@]}"
 fi
-echo "deploy and dashboard check dependencies ready: $(promtool --version 2>&1 | head -n 1); $(chromium --version 2>&1 | head -n 1)"
+echo "deploy and dashboard check dependencies ready: $(promtool --version 2>&1 | head -n 1); $(command -v chromium)"
