@@ -2,11 +2,11 @@
 //! plain HTTP/1.1 requests over a `TcpStream`.
 
 use std::collections::VecDeque;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
@@ -215,13 +215,14 @@ impl Drop for Server {
 pub struct Answer {
     /// Status code.
     pub status: u16,
-    /// Body (de-chunked).
+    /// Body.
     pub body: Vec<u8>,
     /// Seconds from connect to the last byte.
     pub secs: f64,
 }
 
-/// One HTTP/1.1 request over a fresh connection (`Connection: close`).
+/// One request over a fresh connection, through the shared HTTP client (`broadside-net`):
+/// status, body and the seconds from connecting to the last byte.
 pub fn http(
     addr: &str,
     method: &str,
@@ -229,68 +230,26 @@ pub fn http(
     headers: &[(&str, &str)],
     body: &[u8],
 ) -> Result<Answer> {
+    let endpoint = broadside_net::Endpoint::parse(&format!("http://{addr}"))
+        .map_err(|e| anyhow::anyhow!("{addr}: {e}"))?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the HTTP client's runtime")?;
     let started = Instant::now();
-    let mut s = std::net::TcpStream::connect(addr).with_context(|| format!("connecting {addr}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(600)))?;
-    let _ = s.set_nodelay(true);
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    req.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
-    let mut msg = req.into_bytes();
-    msg.extend_from_slice(body);
-    s.write_all(&msg)
-        .with_context(|| format!("{method} {path}: sending"))?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw)
-        .with_context(|| format!("{method} {path}: reading the answer"))?;
-    let secs = started.elapsed().as_secs_f64();
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .with_context(|| format!("{method} {path}: no HTTP header in the answer"))?;
-    let head = String::from_utf8_lossy(&raw[..split]).to_string();
-    let status: u16 = head
-        .get(9..12)
-        .and_then(|s| s.parse().ok())
-        .with_context(|| format!("{method} {path}: bad status line {head:?}"))?;
-    let mut body = raw[split + 4..].to_vec();
-    if head.lines().any(|l| {
-        let l = l.to_ascii_lowercase();
-        l.starts_with("transfer-encoding:") && l.contains("chunked")
-    }) {
-        body = dechunk(&body);
-    }
-    Ok(Answer { status, body, secs })
-}
-
-/// Decodes a chunked body (what could be decoded).
-fn dechunk(mut b: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    loop {
-        let Some(eol) = b.windows(2).position(|w| w == b"\r\n") else {
-            return out;
-        };
-        let size = std::str::from_utf8(&b[..eol])
-            .ok()
-            .and_then(|s| usize::from_str_radix(s.split(';').next()?.trim(), 16).ok())
-            .unwrap_or(0);
-        if size == 0 || b.len() < eol + 2 + size {
-            return out;
-        }
-        out.extend_from_slice(&b[eol + 2..eol + 2 + size]);
-        b = &b[(eol + 4 + size).min(b.len())..];
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn dechunks() {
-        assert_eq!(
-            super::dechunk(b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"),
-            b"abcde"
-        );
-    }
+    let a = rt
+        .block_on(broadside_net::send(
+            method,
+            &endpoint,
+            path,
+            &[],
+            headers,
+            body.to_vec(),
+        ))
+        .map_err(|e| anyhow::anyhow!("{method} {path}: {e}"))?;
+    Ok(Answer {
+        status: a.status,
+        body: a.body.to_vec(),
+        secs: started.elapsed().as_secs_f64(),
+    })
 }
