@@ -227,6 +227,31 @@ impl SqlGate {
     }
 }
 
+/// Analyst SQL runs on a runtime of its own (`bs-sql` threads). A CPU-bound plan yields
+/// seldom; on the runtime that answers HTTP it would hold those threads, and every other
+/// request (other tenants', health checks, webhooks) would wait for it, its time limit
+/// included. Here the operating system shares the cores between both runtimes' threads.
+fn sql_runtime() -> &'static tokio::runtime::Runtime {
+    static RT: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(std::thread::available_parallelism().map_or(2, |n| n.get()))
+            .thread_name("bs-sql")
+            .enable_all()
+            .build()
+            .expect("starting the SQL runtime")
+    })
+}
+
+/// Aborts a spawned task when dropped.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Counts a running `POST /sql` query in `broadside_sql_queries_running` while it lives.
 struct Running;
 
@@ -904,18 +929,27 @@ async fn sql(
     let _admitted = s.sql_gate.enter(&caller)?;
     let _running = Running::sql();
     let limits: Limits = s.catalog.limits();
-    let mut rows = JsonRows::after(b"{\"rows\":[");
-    let answer = run_sql(&s.catalog, &Scope::Workspace(ws), &text, &mut rows)
+    // The plan runs on the SQL runtime; the task is aborted if this request is dropped (the
+    // client went away), as the plan was when it ran here.
+    let catalog = s.catalog.clone();
+    let task = sql_runtime().spawn(async move {
+        let mut rows = JsonRows::after(b"{\"rows\":[");
+        let answer = run_sql(&catalog, &Scope::Workspace(ws), &text, &mut rows).await;
+        (answer, rows)
+    });
+    let abort = AbortOnDrop(task.abort_handle());
+    let (answer, rows) = task
         .await
-        .inspect_err(|e| {
-            let reason = match e {
-                QueryError::Timeout(_) => "timeout",
-                _ if e.is_memory_limit() => "memory_limit",
-                _ => return,
-            };
-            metrics::counter!("broadside_sql_queries_refused_total", "reason" => reason)
-                .increment(1);
-        })?;
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("SQL task: {e}")))?;
+    drop(abort);
+    let answer = answer.inspect_err(|e| {
+        let reason = match e {
+            QueryError::Timeout(_) => "timeout",
+            _ if e.is_memory_limit() => "memory_limit",
+            _ => return,
+        };
+        metrics::counter!("broadside_sql_queries_refused_total", "reason" => reason).increment(1);
+    })?;
     let columns: Vec<&String> = answer.schema.fields().iter().map(|f| f.name()).collect();
     let reason = answer.truncated.map(|t| match t {
         Truncation::RowLimit => format!(
