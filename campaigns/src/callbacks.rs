@@ -284,6 +284,41 @@ pub struct CallbackStats {
     pub events_failed: AtomicU64,
 }
 
+impl CallbackStats {
+    /// An event the full queue turned away.
+    fn dropped(&self) {
+        self.dropped.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("broadside_callback_events_total", "outcome" => "dropped").increment(1);
+    }
+
+    /// A POST of `events` answered 2xx, `delay_secs` after its earliest event.
+    fn posted(&self, events: usize, delay_secs: i64) {
+        self.posted.fetch_add(1, Ordering::Relaxed);
+        self.events_posted
+            .fetch_add(events as u64, Ordering::Relaxed);
+        metrics::counter!("broadside_callback_posts_total", "outcome" => "posted").increment(1);
+        metrics::counter!("broadside_callback_events_total", "outcome" => "posted")
+            .increment(events as u64);
+        metrics::histogram!("broadside_callback_delay_seconds").record(delay_secs.max(0) as f64);
+    }
+
+    /// A POST of `events` given up on.
+    fn failed(&self, events: usize) {
+        self.failed.fetch_add(1, Ordering::Relaxed);
+        self.events_failed
+            .fetch_add(events as u64, Ordering::Relaxed);
+        metrics::counter!("broadside_callback_posts_total", "outcome" => "failed").increment(1);
+        metrics::counter!("broadside_callback_events_total", "outcome" => "failed")
+            .increment(events as u64);
+    }
+
+    /// A POST tried again.
+    fn retried(&self) {
+        self.retries.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("broadside_callback_retries_total").increment(1);
+    }
+}
+
 enum Msg {
     Event(LifecycleEvent),
     Flush(oneshot::Sender<()>),
@@ -330,9 +365,7 @@ impl CallbackQueue {
         match self.tx.try_send(Msg::Event(ev)) {
             Ok(()) => true,
             Err(_) => {
-                self.stats.dropped.fetch_add(1, Ordering::Relaxed);
-                metrics::counter!("broadside_callback_events_total", "outcome" => "dropped")
-                    .increment(1);
+                self.stats.dropped();
                 false
             }
         }
@@ -421,16 +454,7 @@ impl CallbackWorker {
                 };
                 let retry = match outcome {
                     Ok(status) if (200..300).contains(&status) => {
-                        self.stats.posted.fetch_add(1, Ordering::Relaxed);
-                        self.stats
-                            .events_posted
-                            .fetch_add(p.count as u64, Ordering::Relaxed);
-                        metrics::counter!("broadside_callback_posts_total", "outcome" => "posted")
-                            .increment(1);
-                        metrics::counter!("broadside_callback_events_total", "outcome" => "posted")
-                            .increment(p.count as u64);
-                        metrics::histogram!("broadside_callback_delay_seconds")
-                            .record(((self.clock)() - p.when).max(0) as f64);
+                        self.stats.posted(p.count, (self.clock)() - p.when);
                         break;
                     }
                     Ok(status) => {
@@ -443,19 +467,11 @@ impl CallbackWorker {
                     }
                 };
                 if !retry || attempt >= self.cfg.max_attempts {
-                    self.stats.failed.fetch_add(1, Ordering::Relaxed);
-                    self.stats
-                        .events_failed
-                        .fetch_add(p.count as u64, Ordering::Relaxed);
-                    metrics::counter!("broadside_callback_posts_total", "outcome" => "failed")
-                        .increment(1);
-                    metrics::counter!("broadside_callback_events_total", "outcome" => "failed")
-                        .increment(p.count as u64);
+                    self.stats.failed(p.count);
                     tracing::error!(url = %p.url, campaign = p.campaign_id, events = p.count, "event callback given up");
                     break;
                 }
-                self.stats.retries.fetch_add(1, Ordering::Relaxed);
-                metrics::counter!("broadside_callback_retries_total").increment(1);
+                self.stats.retried();
                 let shift = (attempt - 1).min(16);
                 let delay = self.cfg.backoff_ms.saturating_mul(1 << shift).min(60_000);
                 tokio::time::sleep(Duration::from_millis(delay)).await;
