@@ -380,9 +380,17 @@ struct ServerCounts {
 }
 
 impl ServerCounts {
+    /// A missing, unknown or badly signed credential (401), here and in the metrics.
     fn refused_unauthorized(&self) {
         self.unauthorized.fetch_add(1, Ordering::Relaxed);
         metrics::counter!("broadside_webhook_requests_refused_total", "reason" => "unauthorized")
+            .increment(1);
+    }
+
+    /// A body over the limit (413), here and in the metrics.
+    fn refused_too_large(&self) {
+        self.too_large.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("broadside_webhook_requests_refused_total", "reason" => "too_large")
             .increment(1);
     }
 }
@@ -506,9 +514,7 @@ async fn read_body(
     body: axum::body::Body,
 ) -> std::result::Result<Bytes, Response> {
     let too_large = || {
-        state.server.too_large.fetch_add(1, Ordering::Relaxed);
-        metrics::counter!("broadside_webhook_requests_refused_total", "reason" => "too_large")
-            .increment(1);
+        state.server.refused_too_large();
         reject(
             StatusCode::PAYLOAD_TOO_LARGE,
             json!({
