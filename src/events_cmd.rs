@@ -255,7 +255,6 @@ pub fn serve(o: &ServeOptions) -> Result<()> {
     let mut app = axum::Router::new();
     let mut served = Vec::new();
     let metrics = crate::metrics::install()?;
-    crate::metrics::spawn_upkeep(rt.handle(), metrics.clone());
     let credentials = webhook_credentials(o)?;
     let webhooks_served = !credentials.is_empty();
     if !credentials.is_empty() {
@@ -346,9 +345,11 @@ pub fn serve(o: &ServeOptions) -> Result<()> {
     app = app.layer(axum::middleware::map_response(json_errors));
     match &o.metrics_listen {
         None => {
+            crate::metrics::spawn_upkeep(rt.handle(), metrics.clone());
             app = app.merge(crate::metrics::router(metrics));
             served.push("metrics (/metrics)");
         }
+        // The endpoint's own thread runs the recorder's upkeep.
         Some(addr) => {
             crate::metrics::listen(addr)?;
         }
