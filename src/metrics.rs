@@ -82,7 +82,7 @@ pub const CATALOGUE: &[Metric] = &[
     m("broadside_ingest_commit_conflicts_total", Counter, "", "Commits that lost to another writer of the same stream (a zombie or a rebalance)."),
     m("broadside_ingest_last_commit_timestamp_seconds", Gauge, "", "Unix time of the last commit."),
     m("broadside_ingest_buffered_bytes", Gauge, "", "Payload bytes consumed and not yet committed."),
-    m("broadside_ingest_consumer_lag_records", Gauge, "topic,partition", "Records in the partition past the store's position (high watermark minus the next offset to commit)."),
+    m("broadside_ingest_consumer_lag_records", Gauge, "topic,partition", "Records in the partition past the store's position (last stable offset, the high watermark when no transaction is open, minus the next offset to commit)."),
     // Send
     m("broadside_send_runs_total", Counter, "outcome", "Sends finished, by outcome (done, failed)."),
     m("broadside_send_runs_running", Gauge, "", "Sends running now."),
