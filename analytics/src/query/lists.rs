@@ -64,6 +64,20 @@ fn encode_cursor(a: &KeyValue, b: &KeyValue) -> String {
     format!("{}.{}", a.encode(), b.encode())
 }
 
+/// The `MICROS.HEX` cursor of a list ordered by a time and a text id (the events' order; the
+/// runs list, newest first, uses the same shape).
+pub(crate) fn encode_time_cursor(micros: i64, id: &str) -> String {
+    encode_cursor(&KeyValue::Micros(micros), &KeyValue::Text(id.to_string()))
+}
+
+/// Reads a [`encode_time_cursor`] cursor; `None` when it is not of that shape.
+pub(crate) fn decode_time_cursor(cursor: &str) -> Option<(i64, String)> {
+    match decode_cursor(EVENT_ORDER, cursor)? {
+        (KeyValue::Micros(us), KeyValue::Text(id)) => Some((us, id)),
+        _ => None,
+    }
+}
+
 fn decode_cursor(order: Order, cursor: &str) -> Option<(KeyValue, KeyValue)> {
     let (a, b) = cursor.split_once('.')?;
     Some((
@@ -565,11 +579,11 @@ pub fn plain(b: &RecordBatch) -> QueryResult<RecordBatch> {
     )?)
 }
 
-pub(crate) fn hex_encode(b: &[u8]) -> String {
+fn hex_encode(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-pub(crate) fn hex_decode(s: &str) -> Option<Vec<u8>> {
+fn hex_decode(s: &str) -> Option<Vec<u8>> {
     if !s.len().is_multiple_of(2) || s.len() > 4096 {
         return None;
     }

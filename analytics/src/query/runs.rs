@@ -21,7 +21,7 @@ use datafusion::datasource::MemTable;
 use chrono::{DateTime, Utc};
 
 use crate::query::catalog::{schema_of, ts_type};
-use crate::query::lists::{hex_decode, hex_encode, Page, MAX_PAGE};
+use crate::query::lists::{decode_time_cursor, encode_time_cursor, Page, MAX_PAGE};
 use crate::query::{dir_entries, QueryError, QueryResult};
 
 /// Schema of the `campaign_runs` table.
@@ -175,31 +175,15 @@ pub fn list_runs(
     Ok(Page { items, next_cursor })
 }
 
-/// `MICROS.HEX(run id)`, the same shape as the event lists' cursors.
+/// `MICROS.HEX(run id)`, the event lists' cursor shape.
 fn encode_cursor((at, id): &(DateTime<Utc>, String)) -> QueryResult<String> {
-    Ok(format!(
-        "{}.{}",
-        at.timestamp_micros(),
-        hex_encode(id.as_bytes())
-    ))
+    Ok(encode_time_cursor(at.timestamp_micros(), id))
 }
 
 fn decode_cursor(cursor: &str) -> QueryResult<(DateTime<Utc>, String)> {
     let bad = || QueryError::BadRequest(format!("invalid cursor {cursor:?}"));
-    let (us, id) = cursor.split_once('.').ok_or_else(bad)?;
-    let digits = us.strip_prefix('-').unwrap_or(us);
-    if digits.is_empty() || digits.len() > 18 || !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(bad());
-    }
-    if !id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
-        return Err(bad());
-    }
-    let id = hex_decode(id).ok_or_else(bad)?;
-    let us: i64 = us.parse().map_err(|_| bad())?;
-    Ok((
-        DateTime::from_timestamp_micros(us).ok_or_else(bad)?,
-        String::from_utf8_lossy(&id).into_owned(),
-    ))
+    let (us, id) = decode_time_cursor(cursor).ok_or_else(bad)?;
+    Ok((DateTime::from_timestamp_micros(us).ok_or_else(bad)?, id))
 }
 
 /// The `campaign_runs` table of a scope.
