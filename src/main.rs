@@ -159,6 +159,42 @@ enum SuppressionCommand {
         #[arg(long = "bounces")]
         bounces: Vec<PathBuf>,
     },
+    /// The workspace's organisation blocklist in the store, which every send's store
+    /// suppression snapshot reads (reason `blocklisted`).
+    Blocklist {
+        #[command(subcommand)]
+        command: BlocklistCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum BlocklistCommand {
+    /// Put a CSV (header with an `email` column) on the blocklist, replacing the file of the
+    /// same name; a bad row refuses the whole file.
+    Import {
+        /// The CSV.
+        file: PathBuf,
+        /// Store root.
+        #[arg(long, default_value = "store", value_parser = broadside_pipeline::store::store_arg)]
+        store: PathBuf,
+        /// Workspace.
+        #[arg(long)]
+        workspace: String,
+        /// Name of the list on the blocklist (default: the file's name without extension).
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Take a named file off the blocklist.
+    Remove {
+        /// Its name.
+        name: String,
+        /// Store root.
+        #[arg(long, default_value = "store", value_parser = broadside_pipeline::store::store_arg)]
+        store: PathBuf,
+        /// Workspace.
+        #[arg(long)]
+        workspace: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -285,6 +321,41 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     bounces,
                 },
         } => events_cmd::suppression_build(store, workspace, out, bounces)?,
+        Command::Suppression {
+            command: SuppressionCommand::Blocklist { command },
+        } => match command {
+            BlocklistCommand::Import {
+                file,
+                store,
+                workspace,
+                name,
+            } => {
+                let name = match name {
+                    Some(n) => n,
+                    None => file
+                        .file_stem()
+                        .map(|s| s.to_string_lossy().into_owned())
+                        .unwrap_or_default(),
+                };
+                let n = broadside_analytics::suppression::import_blocklist(
+                    &store, &workspace, &name, &file,
+                )?;
+                println!(
+                    "blocklist {name} of workspace {workspace}: {n} addresses from {}",
+                    file.display()
+                );
+            }
+            BlocklistCommand::Remove {
+                name,
+                store,
+                workspace,
+            } => {
+                if !broadside_analytics::suppression::remove_blocklist(&store, &workspace, &name)? {
+                    anyhow::bail!("workspace {workspace} has no blocklist {name}");
+                }
+                println!("blocklist {name} of workspace {workspace} removed");
+            }
+        },
         Command::Serve(o) => events_cmd::serve(&o)?,
         Command::Sql(o) => analytics_cmd::sql(&o)?,
         Command::Rollup { store, workspace } => analytics_cmd::rollup(store, workspace)?,

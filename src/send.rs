@@ -650,7 +650,7 @@ fn add_store_suppression(
         })?;
         (snap, started.elapsed().as_secs_f64())
     };
-    let (event_rows, event_files, historical_rows, historical_files) = snap.source_counts();
+    let c = snap.source_counts();
     let summary = StoreSuppression {
         snapshot_id: snap.snapshot_id.clone(),
         lists: snap
@@ -658,10 +658,12 @@ fn add_store_suppression(
             .iter()
             .map(|(r, l)| (r.as_str().to_string(), l.count))
             .collect(),
-        event_rows,
-        event_files,
-        historical_rows,
-        historical_files,
+        event_rows: c.event_rows,
+        event_files: c.event_files,
+        historical_rows: c.historical_rows,
+        historical_files: c.historical_files,
+        blocklist_rows: c.blocklist_rows,
+        blocklist_files: c.blocklist_files,
         build_secs,
     };
     if !resuming {
@@ -673,8 +675,9 @@ fn add_store_suppression(
         tracing::info!(
             snapshot = %summary.snapshot_id,
             lists = %counts.join(" "),
-            event_files,
-            historical_files,
+            event_files = c.event_files,
+            historical_files = c.historical_files,
+            blocklist_files = c.blocklist_files,
             secs = build_secs,
             "store suppression snapshot built"
         );
@@ -685,6 +688,7 @@ fn add_store_suppression(
             Found::Complaint => SuppressionReason::Complaint,
             Found::Unsubscribed => SuppressionReason::Unsubscribed,
             Found::SoftBounceRepeated => SuppressionReason::SoftBounceRepeated,
+            Found::Blocklist => SuppressionReason::Blocklist,
         };
         // A resumed run started from a snapshot without this list decides without it.
         if !snap.lists.contains_key(&found) {

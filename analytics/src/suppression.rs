@@ -2,7 +2,8 @@
 //!
 //! `broadside suppression build` scans a workspace's events for hard bounces,
 //! complaints, unsubscribes and repeated soft bounces, plus its imported historical bounces
-//! (`historical_bounces/`) and any bounce CSVs given, and writes one CSV per reason (header
+//! (`historical_bounces/`), its organisation blocklist (`blocklist/`, see
+//! [`import_blocklist`]) and any bounce CSVs given, and writes one CSV per reason (header
 //! `email`, addresses trimmed, lowercased, deduplicated, sorted) and a `snapshot.json`
 //! describing them. The send path loads the CSVs as suppression lists and records the
 //! snapshot's id in its run record; [`evidence`] finds what put an address on a list.
@@ -33,15 +34,18 @@ pub enum SuppressionReason {
     Unsubscribed,
     /// Soft bounces at or over the [`SoftBouncePolicy`] threshold within its window.
     SoftBounceRepeated,
+    /// On the workspace's organisation blocklist ([`import_blocklist`]).
+    Blocklist,
 }
 
 impl SuppressionReason {
     /// Every reason.
-    pub const ALL: [SuppressionReason; 4] = [
+    pub const ALL: [SuppressionReason; 5] = [
         SuppressionReason::HardBounce,
         SuppressionReason::Complaint,
         SuppressionReason::Unsubscribed,
         SuppressionReason::SoftBounceRepeated,
+        SuppressionReason::Blocklist,
     ];
 
     /// The name used in file names and the snapshot.
@@ -51,6 +55,7 @@ impl SuppressionReason {
             SuppressionReason::Complaint => "complaint",
             SuppressionReason::Unsubscribed => "unsubscribed",
             SuppressionReason::SoftBounceRepeated => "soft_bounce_repeated",
+            SuppressionReason::Blocklist => "blocklist",
         }
     }
 
@@ -154,25 +159,143 @@ impl SuppressionSnapshot {
             .map_err(|e| Error::state(path, format!("not a suppression snapshot: {e}")))
     }
 
-    /// Addresses read from the event store and from historical imports (before
-    /// deduplication): (event rows, event files, historical rows, historical files).
-    pub fn source_counts(&self) -> (u64, u64, u64, u64) {
-        let mut c = (0, 0, 0, 0);
+    /// Addresses read from each kind of store source (before deduplication), and its files.
+    pub fn source_counts(&self) -> SourceCounts {
+        let mut c = SourceCounts::default();
         for s in &self.sources {
-            if s.path.starts_with("events") {
-                c.0 += s.rows;
-                c.1 += 1;
+            let (rows, files) = if s.path.starts_with("events") {
+                (&mut c.event_rows, &mut c.event_files)
             } else if s.path.starts_with(HISTORICAL_DIR) {
-                c.2 += s.rows;
-                c.3 += 1;
-            }
+                (&mut c.historical_rows, &mut c.historical_files)
+            } else if s.path.starts_with(BLOCKLIST_DIR) {
+                (&mut c.blocklist_rows, &mut c.blocklist_files)
+            } else {
+                continue;
+            };
+            *rows += s.rows;
+            *files += 1;
         }
         c
     }
 }
 
+/// What a snapshot read from the store, per kind of source ([`SuppressionSnapshot::source_counts`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SourceCounts {
+    /// Addresses read from the workspace's event files.
+    pub event_rows: u64,
+    /// Event files read.
+    pub event_files: u64,
+    /// Addresses read from imported historical bounces.
+    pub historical_rows: u64,
+    /// Historical import files read.
+    pub historical_files: u64,
+    /// Addresses read from the organisation blocklist.
+    pub blocklist_rows: u64,
+    /// Blocklist files read.
+    pub blocklist_files: u64,
+}
+
 /// The store folder of imported historical bounces ([`crate::historical`]).
 pub const HISTORICAL_DIR: &str = "historical_bounces";
+
+/// The store folder of the organisation blocklists: `blocklist/workspace_id=W/<name>.csv`.
+pub const BLOCKLIST_DIR: &str = "blocklist";
+
+/// The folder of workspace `ws`'s blocklist files.
+pub fn blocklist_dir(store: &Path, ws: &str) -> PathBuf {
+    store.join(BLOCKLIST_DIR).join(format!("workspace_id={ws}"))
+}
+
+/// Puts a CSV (header with an `email` column) on workspace `ws`'s organisation blocklist as
+/// `name` (replacing an earlier file of that name), after reading it whole: a file with a bad
+/// row is refused, naming the row, and the blocklist stays as it was. Returns the addresses
+/// it holds. Every send's store suppression snapshot reads every blocklist file.
+pub fn import_blocklist(store: &Path, ws: &str, name: &str, csv: &Path) -> Result<u64> {
+    let bad = |m: String| Error::Config {
+        what: "blocklist import",
+        problems: vec![m],
+    };
+    if !valid_workspace_id(ws) {
+        return Err(bad(format!(
+            "workspace_id `{ws}` is not a valid workspace id"
+        )));
+    }
+    if !valid_workspace_id(name) {
+        return Err(bad(format!(
+            "blocklist name `{name}` must be letters, digits, '-' or '_'"
+        )));
+    }
+    let mut set = Vec::new();
+    let rows = scan_blocklist_csv(csv, &mut set, |_, _| {})?;
+    let bytes = std::fs::read(csv).map_err(|e| Error::io(csv, e))?;
+    let dir = blocklist_dir(store, ws);
+    std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+    write_atomic(&dir.join(format!("{name}.csv")), &bytes)?;
+    Ok(rows)
+}
+
+/// Takes blocklist file `name` off workspace `ws`'s blocklist; false if there was none.
+pub fn remove_blocklist(store: &Path, ws: &str, name: &str) -> Result<bool> {
+    if !valid_workspace_id(ws) || !valid_workspace_id(name) {
+        return Ok(false);
+    }
+    let path = blocklist_dir(store, ws).join(format!("{name}.csv"));
+    match std::fs::remove_file(&path) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(Error::io(&path, e)),
+    }
+}
+
+/// Reads a blocklist CSV's addresses (every row; blank addresses skipped), calling `each`
+/// with each normalised address and its line.
+fn scan_blocklist_csv(
+    path: &Path,
+    set: &mut Vec<String>,
+    mut each: impl FnMut(&str, u64),
+) -> Result<u64> {
+    let mut csv = BounceCsv::open(path)?;
+    let email = csv.email;
+    let mut rows = 0;
+    while let Some((n, fields)) = csv.next_row()? {
+        let Some(e) = fields.get(email) else {
+            return Err(csv.error(
+                n,
+                format!(
+                    "row has {} fields, the email column is #{}",
+                    fields.len(),
+                    email + 1
+                ),
+            ));
+        };
+        let e = normalize_email(e);
+        if !e.is_empty() {
+            each(&e, n);
+            set.push(e);
+            rows += 1;
+        }
+    }
+    Ok(rows)
+}
+
+/// The CSV files of a blocklist folder, sorted (none if it does not exist).
+fn csv_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let rd = match std::fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(Error::io(dir, e)),
+    };
+    let mut out = Vec::new();
+    for e in rd {
+        let p = e.map_err(|e| Error::io(dir, e))?.path();
+        if p.is_file() && p.extension().is_some_and(|x| x == "csv") {
+            out.push(p);
+        }
+    }
+    out.sort();
+    Ok(out)
+}
 
 /// Normalises an address for suppression: trimmed, lowercased.
 pub fn normalize_email(e: &str) -> String {
@@ -214,6 +337,16 @@ pub fn build_suppression(cfg: &SuppressionBuildConfig) -> Result<SuppressionSnap
     }
     for file in parquet_files(&cfg.store.join(HISTORICAL_DIR).join(&ws))? {
         let rows = scan_historical_file(&file, since_us, &mut sets, &mut soft)?;
+        let rel = file.strip_prefix(&cfg.store).unwrap_or(&file).to_path_buf();
+        sources.push(SnapshotSource { path: rel, rows });
+    }
+    for file in csv_files(&blocklist_dir(&cfg.store, &cfg.workspace_id))? {
+        let rows = scan_blocklist_csv(
+            &file,
+            sets.get_mut(&SuppressionReason::Blocklist)
+                .expect("all reasons"),
+            |_, _| {},
+        )?;
         let rel = file.strip_prefix(&cfg.store).unwrap_or(&file).to_path_buf();
         sources.push(SnapshotSource { path: rel, rows });
     }
@@ -482,6 +615,17 @@ pub fn evidence(
                     Ok(())
                 },
             )?;
+        } else if src.path.starts_with(BLOCKLIST_DIR) {
+            if reason == SuppressionReason::Blocklist {
+                scan_blocklist_csv(&path, &mut Vec::new(), |e, line| {
+                    if e == key {
+                        out.push(format!(
+                            "on the organisation blocklist: {} line {line}",
+                            src.path.display()
+                        ));
+                    }
+                })?;
+            }
         } else if src.path.starts_with(HISTORICAL_DIR) {
             read_columns(
                 &path,
@@ -664,5 +808,55 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("b.csv:1") && err.contains("email"), "{err}");
+    }
+
+    #[test]
+    fn the_blocklist_is_in_every_snapshot_of_its_workspace_only_and_evidence_names_its_line() {
+        let d = tempfile::tempdir().unwrap();
+        let store = d.path().join("store");
+        let csv = d.path().join("legal.csv");
+        std::fs::write(&csv, "id,email\n1, Ann@X.io \n2,\n3,bob@x.io\n").unwrap();
+        assert_eq!(import_blocklist(&store, "ws1", "legal", &csv).unwrap(), 2);
+        // a bad file is refused whole, naming its row, and the list stays as it was
+        std::fs::write(&csv, "id,email\n1,carl@x.io\n2\n").unwrap();
+        let err = import_blocklist(&store, "ws1", "legal", &csv)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("legal.csv:3"), "{err}");
+        assert!(import_blocklist(&store, "ws1", "../x", &csv).is_err());
+        let build = |ws: &str, out: &str| {
+            build_suppression(&SuppressionBuildConfig {
+                store: store.clone(),
+                workspace_id: ws.into(),
+                out_dir: d.path().join(out),
+                bounce_csvs: Vec::new(),
+                soft_bounces: SoftBouncePolicy::default(),
+            })
+            .unwrap()
+        };
+        let snap = build("ws1", "s1");
+        assert_eq!(snap.lists[&SuppressionReason::Blocklist].count, 2);
+        let listed = std::fs::read_to_string(d.path().join("s1/blocklist.csv")).unwrap();
+        assert_eq!(listed, "email\nann@x.io\nbob@x.io\n");
+        assert_eq!(
+            evidence(&store, &snap, "ANN@x.io", SuppressionReason::Blocklist).unwrap(),
+            ["on the organisation blocklist: blocklist/workspace_id=ws1/legal.csv line 2"]
+        );
+        assert!(
+            evidence(&store, &snap, "ann@x.io", SuppressionReason::HardBounce)
+                .unwrap()
+                .is_empty()
+        );
+        // another workspace's snapshot does not read it
+        assert_eq!(
+            build("ws2", "s2").lists[&SuppressionReason::Blocklist].count,
+            0
+        );
+        assert!(remove_blocklist(&store, "ws1", "legal").unwrap());
+        assert!(!remove_blocklist(&store, "ws1", "legal").unwrap());
+        assert_eq!(
+            build("ws1", "s3").lists[&SuppressionReason::Blocklist].count,
+            0
+        );
     }
 }

@@ -172,7 +172,7 @@ pub struct StoreSuppression {
     /// The snapshot's id (also in `suppression_snapshots`).
     pub snapshot_id: String,
     /// Distinct addresses per list (`hard_bounce`, `complaint`, `unsubscribed`,
-    /// `soft_bounce_repeated`).
+    /// `soft_bounce_repeated`, `blocklist`).
     pub lists: BTreeMap<String, u64>,
     /// Addresses read from the workspace's event files (before deduplication).
     pub event_rows: u64,
@@ -182,6 +182,12 @@ pub struct StoreSuppression {
     pub historical_rows: u64,
     /// Historical import files read.
     pub historical_files: u64,
+    /// Addresses read from the workspace's organisation blocklist files.
+    #[serde(default)]
+    pub blocklist_rows: u64,
+    /// Blocklist files read.
+    #[serde(default)]
+    pub blocklist_files: u64,
     /// Seconds the build took (0 when a resume reused it).
     pub build_secs: f64,
 }
