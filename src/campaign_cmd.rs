@@ -7,16 +7,17 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use broadside_campaigns::api::{
-    campaign_json, campaign_router, check_audience, check_ready, schedule_draft, sending_detail,
-    sending_json, sending_schedule, system_clock, Access, CampaignApiConfig, ReadyCheck,
-    TokenGrant,
+    campaign_json, campaign_router, check_audience, check_ready, create_with_default_sending,
+    schedule_draft, sending_detail, sending_json, sending_schedule, system_clock, Access,
+    CampaignApiConfig, ReadyCheck, TokenGrant,
 };
 use broadside_campaigns::audience::{Audience, Condition, FieldMap, Recipients};
 use broadside_campaigns::schedule::{parse_instant_text, ScheduleConfig};
 use broadside_campaigns::scheduler::{Executor, Prepared, Scheduler, SchedulerConfig, StepError};
+use broadside_campaigns::send_config::SendConfigs;
 use broadside_campaigns::state::CampaignState;
 use broadside_campaigns::store::{Campaign, CampaignFields, Sending, SendingRun, Store};
-use broadside_campaigns::templates::TemplateSync;
+use broadside_campaigns::templates::{Template, TemplateSync};
 use serde_json::{json, Value};
 
 use arrow_array::{Array, StringArray, TimestampMicrosecondArray};
@@ -133,7 +134,8 @@ pub fn serve_parts(
         ready_check: o
             .campaign_specs
             .as_deref()
-            .map(|specs| ready_check(specs, Some(store))),
+            .map(|specs| ready_check(specs, Some(store), o.creative_api.is_some())),
+        send_configs: o.campaign_specs.as_deref().map(SendConfigs::new),
     })?;
     let cb = CallbackConfig {
         window_secs: o.callback_window,
@@ -242,13 +244,10 @@ fn run_id(s: &Sending) -> String {
 }
 
 impl SpecExecutor {
-    /// The campaign's spec file.
+    /// The spec the sending's campaign is sent with ([`campaign_spec_path`]).
     fn spec(&self, s: &Sending) -> std::result::Result<PathBuf, StepError> {
-        let p = self.specs.join(format!("{}.toml", s.campaign_id));
-        if !p.is_file() {
-            return Err(format!("no campaign spec {}", p.display()).into());
-        }
-        Ok(p)
+        let campaign = Store::open(&self.db)?.campaign_by_id(s.campaign_id)?;
+        Ok(campaign_spec_path(&self.specs, &campaign)?)
     }
 
     /// The spec a sending is sent with and the audience restricting its source: the campaign
@@ -290,6 +289,24 @@ impl SpecExecutor {
     /// `None` sends to the whole spec source.
     fn audience(&self, s: &Sending) -> Result<Option<Vec<Condition>>> {
         Ok(match &s.recipients.audience {
+            // A sending to the campaign's list goes to its segment, when it has one.
+            None if s.recipients.recipients.is_empty() => {
+                let store = Store::open(&self.db)?;
+                let c = store.campaign_by_id(s.campaign_id)?;
+                match c.segments.as_slice() {
+                    [] => None,
+                    [id] => Some(
+                        store
+                            .audience(&c.workspace_id, *id)
+                            .with_context(|| format!("campaign {}: segment {id}", c.id))?,
+                    ),
+                    more => bail!(
+                        "campaign {}: {} segments; a sending honours one (segments[1] and later cannot be combined)",
+                        c.id,
+                        more.len()
+                    ),
+                }
+            }
             None => None,
             Some(Audience::Inline { conditions }) => Some(conditions.clone()),
             Some(Audience::Reference { id }) => {
@@ -305,17 +322,39 @@ impl SpecExecutor {
     }
 }
 
+/// The spec campaign `c` is sent with: the one assembled from its send configuration given
+/// through the API (written as `<specs>/<id>.api.toml`, see
+/// [`broadside_campaigns::send_config`]), else the spec file `<specs>/<id>.toml`.
+pub fn campaign_spec_path(specs: &Path, c: &Campaign) -> std::result::Result<PathBuf, String> {
+    if let Some(p) = SendConfigs::new(specs).write_spec(c)? {
+        return Ok(p);
+    }
+    let p = specs.join(format!("{}.toml", c.id));
+    if !p.is_file() {
+        return Err(format!(
+            "no campaign spec {} and no send configuration (PUT /campaign/{}/spec)",
+            p.display(),
+            c.id
+        ));
+    }
+    Ok(p)
+}
+
 impl SpecExecutor {
     /// With a creative API, checks each variant's template content against the spec's columns
     /// and PUTs it there when its hash changed since the last sync (the campaign store keeps
     /// the hashes). A refused sync fails the preparation: the email system would merge an
     /// outdated template.
-    fn sync_templates(&self, spec: &Path) -> Result<()> {
+    fn sync_templates(&self, s: &Sending, spec: &Path) -> Result<()> {
         // Without a creative API there is nothing to sync: the dry-run send of the preparation
-        // checks the templates' tags.
+        // checks the templates' tags (and READY refused a campaign with a sender domain).
         let Some(api) = &self.creative else {
             return Ok(());
         };
+        let campaign = Store::open(&self.db)?.campaign_by_id(s.campaign_id)?;
+        let domain = SendConfigs::new(&self.specs)
+            .sender_domain(&campaign)
+            .map_err(|e| anyhow::anyhow!("campaign {}: {e}", campaign.id))?;
         let loaded = broadside_pipeline::spec::CampaignSpec::load(spec)?;
         let contents = crate::send::check_templates(&loaded)?;
         if contents.is_empty() {
@@ -332,8 +371,11 @@ impl SpecExecutor {
             let outcome = rt.block_on(api.sync(
                 &store,
                 &loaded.workspace_id,
-                &name,
-                &content,
+                &Template {
+                    name: &name,
+                    content: &content,
+                    sender_domain: domain.as_deref(),
+                },
                 &columns,
                 chrono::Utc::now().timestamp(),
             ))?;
@@ -505,17 +547,24 @@ fn other_workspace(
 /// fit the columns. The source itself is not read: that is preparation's work.
 /// With `store` (the store a `serve` reads), the spec must write its runs there too, or its
 /// links, statistics and event callbacks would never find them.
-pub fn readiness(specs: &Path, store: Option<&Path>, c: &Campaign) -> Vec<String> {
+pub fn readiness(specs: &Path, store: Option<&Path>, creative: bool, c: &Campaign) -> Vec<String> {
     use broadside_pipeline::spec::{CampaignSpec, SourceSpec};
-    let path = specs.join(format!("{}.toml", c.id));
-    if !path.is_file() {
-        return vec![format!("no campaign spec {}", path.display())];
-    }
+    let path = match campaign_spec_path(specs, c) {
+        Ok(p) => p,
+        Err(e) => return vec![e],
+    };
     let spec = match CampaignSpec::load(&path) {
         Ok(spec) => spec,
         Err(e) => return vec![e.to_string()],
     };
     let mut missing: Vec<String> = other_workspace(&path, &spec, c).into_iter().collect();
+    match SendConfigs::new(specs).sender_domain(c) {
+        Err(e) => missing.push(e),
+        Ok(Some(d)) if !creative => missing.push(format!(
+            "domain: the sender domain {d} reaches the email system through the creative API, and this process has none (--creative-api)"
+        )),
+        Ok(_) => {}
+    }
     if let Some(store) = store {
         let same = |p: &Path| {
             std::fs::canonicalize(p)
@@ -569,11 +618,18 @@ pub fn readiness(specs: &Path, store: Option<&Path>, c: &Campaign) -> Vec<String
     missing
 }
 
+/// Whether the creative API a `campaign run` of this environment would sync templates to is
+/// set (`BROADSIDE_CREATIVE_API`): the CLI's READY check counts a sender domain as honoured
+/// only then.
+fn creative_api_configured() -> bool {
+    std::env::var_os("BROADSIDE_CREATIVE_API").is_some_and(|v| !v.is_empty())
+}
+
 /// The READY check of a process that sends through the specs in `specs` (and serves `store`).
-fn ready_check(specs: &Path, store: Option<&Path>) -> ReadyCheck {
+fn ready_check(specs: &Path, store: Option<&Path>, creative: bool) -> ReadyCheck {
     let specs = specs.to_path_buf();
     let store = store.map(Path::to_path_buf);
-    Arc::new(move |c| readiness(&specs, store.as_deref(), c))
+    Arc::new(move |c| readiness(&specs, store.as_deref(), creative, c))
 }
 
 /// What a sending's run does about earlier runs of its campaign: skip the keys they sent
@@ -591,7 +647,8 @@ impl Executor for SpecExecutor {
         let (spec, audience) = self.plan(s).map_err(|e| format!("{e:#}"))?;
         // Recorded before anything is sent, so the sending shows its run id from here on.
         self.record_run(s, &run_id(s), &spec)?;
-        self.sync_templates(&spec).map_err(|e| format!("{e:#}"))?;
+        self.sync_templates(s, &spec)
+            .map_err(|e| format!("{e:#}"))?;
         let record = crate::send::send(&crate::send::SendOptions {
             spec,
             dry_run: true,
@@ -741,6 +798,26 @@ pub enum CampaignCommand {
         #[arg(long, env = "BROADSIDE_CAMPAIGN_SPECS", value_name = "DIR")]
         specs: Option<PathBuf>,
     },
+    /// Print a campaign's send configuration (TOML, as `GET /campaign/{id}/spec` answers), for
+    /// review in version control.
+    Export {
+        /// Campaign id.
+        id: i64,
+        /// Write it to this file instead of standard output.
+        #[arg(long, value_name = "FILE.toml")]
+        out: Option<PathBuf>,
+    },
+    /// Set a campaign's send configuration from a TOML file (as `PUT /campaign/{id}/spec`
+    /// does), checked against the operator's sources file in the specs folder.
+    Import {
+        /// Campaign id.
+        id: i64,
+        /// The configuration (`broadside campaign export` writes one).
+        file: PathBuf,
+        /// Folder of campaign specs holding the operator's `sources.toml`.
+        #[arg(long, env = "BROADSIDE_CAMPAIGN_SPECS", value_name = "DIR")]
+        specs: PathBuf,
+    },
     /// Cancel a campaign (and its pending sendings), or one sending.
     Cancel {
         /// Campaign id.
@@ -811,7 +888,40 @@ pub fn run(o: CampaignOptions) -> Result<()> {
                         .transpose()?,
                 ),
             };
-            print(&campaign_json(&store.create_campaign(ws, &fields, now)?));
+            let c =
+                create_with_default_sending(&store, ws, &fields, &ScheduleConfig::default(), now)?;
+            print(&campaign_json(&c));
+        }
+        CampaignCommand::Export { id, out } => {
+            let c = store.campaign(ws, id)?;
+            let Some(text) = c.send_spec else {
+                bail!(
+                    "campaign {id} has no send configuration (broadside campaign import sets one)"
+                );
+            };
+            match out {
+                Some(path) => std::fs::write(&path, text)
+                    .with_context(|| format!("writing {}", path.display()))?,
+                None => print!("{text}"),
+            }
+        }
+        CampaignCommand::Import { id, file, specs } => {
+            let body =
+                std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            let c = store.campaign(ws, id)?;
+            let text = broadside_campaigns::api::check_spec(
+                Some(&SendConfigs::new(&specs)),
+                &c,
+                &body,
+                false,
+            )
+            .with_context(|| format!("{}", file.display()))?;
+            print(&campaign_json(&store.set_send_spec(
+                ws,
+                id,
+                Some(&text),
+                now,
+            )?));
         }
         CampaignCommand::Schedule {
             id,
@@ -853,7 +963,9 @@ pub fn run(o: CampaignOptions) -> Result<()> {
             let campaign = store.campaign(ws, id)?;
             let fields = crate::audience::allowed_fields(o.audience_fields.as_deref())?;
             check_audience(&recipients, &fields, &campaign)?;
-            let check = specs.as_deref().map(|specs| ready_check(specs, None));
+            let check = specs
+                .as_deref()
+                .map(|specs| ready_check(specs, None, creative_api_configured()));
             if ready {
                 // Before the sending is added: a refusal leaves the campaign as it was.
                 let mut would_be = campaign.clone();
@@ -876,7 +988,9 @@ pub fn run(o: CampaignOptions) -> Result<()> {
                 state: Some(state.parse()?),
                 ..Default::default()
             };
-            let check = specs.as_deref().map(|specs| ready_check(specs, None));
+            let check = specs
+                .as_deref()
+                .map(|specs| ready_check(specs, None, creative_api_configured()));
             check_ready(check.as_ref(), &store.campaign(ws, id)?, f.state)?;
             print(&campaign_json(&store.update_campaign(ws, id, &f, now)?));
         }

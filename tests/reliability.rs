@@ -2125,6 +2125,24 @@ fn campaign_api_isolation_matrix_over_tcp() {
         ("DELETE", "/campaign/{id}", format!("/campaign/{c}"), ""),
         (
             "GET",
+            "/campaign/{id}/spec",
+            format!("/campaign/{c}/spec"),
+            "",
+        ),
+        (
+            "PUT",
+            "/campaign/{id}/spec",
+            format!("/campaign/{c}/spec"),
+            "channel = \"email\"",
+        ),
+        (
+            "DELETE",
+            "/campaign/{id}/spec",
+            format!("/campaign/{c}/spec"),
+            "",
+        ),
+        (
+            "GET",
             "/campaign/{id}/sendings",
             format!("/campaign/{c}/sendings"),
             "",

@@ -91,6 +91,10 @@ pub struct CampaignApiConfig {
     pub clock: Clock,
     /// What keeps a campaign from being READY in this process (`None`: nothing is checked).
     pub ready_check: Option<ReadyCheck>,
+    /// Where send configurations given through the API are checked and assembled (the
+    /// campaign specs folder and its operator's sources file); `None`: this process does not
+    /// send, and `PUT /campaign/{id}/spec` is refused.
+    pub send_configs: Option<crate::send_config::SendConfigs>,
 }
 
 /// Says what keeps a campaign from being READY (an empty list: nothing). The binary checks
@@ -150,6 +154,10 @@ impl From<Error> for ApiError {
                 json!({"error": msg, "field": "state", "state": from, "requested": to, "allowed": allowed}),
             ),
             Error::NotFound { .. } => ApiError(StatusCode::NOT_FOUND, json!({"error": msg})),
+            Error::BadSpec { problems, .. } => ApiError(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                json!({"error": msg, "field": "spec", "problems": problems}),
+            ),
             Error::NotReady { missing, .. } => ApiError(
                 StatusCode::CONFLICT,
                 json!({"error": msg, "field": "state", "requested": "READY", "missing": missing}),
@@ -178,6 +186,10 @@ pub fn campaign_router(cfg: CampaignApiConfig) -> Result<Router> {
             get(get_campaign)
                 .put(update_campaign)
                 .delete(delete_campaign),
+        )
+        .route(
+            "/campaign/{id}/spec",
+            get(get_spec).put(put_spec).delete(delete_spec),
         )
         .route(
             "/campaign/{id}/sendings",
@@ -304,6 +316,8 @@ pub fn campaign_json(c: &Campaign) -> Value {
         "when": c.when.map(format_instant),
         "when_unix": c.when,
         "event_callback": c.event_callback,
+        "spec": c.send_spec.as_ref().map(|_| format!("/campaign/{}/spec", c.id)),
+        "default_sending": c.default_sending,
         "created_at": format_instant(c.created_at),
         "updated_at": format_instant(c.updated_at),
     })
@@ -389,10 +403,190 @@ async fn create_campaign(
                         .into(),
                 });
             }
-            s.create_campaign(&ws, &fields, now)
+            check_names(cfg, &ws, &fields)?;
+            create_with_default_sending(s, &ws, &fields, &cfg.schedule, now)
         })
         .await?;
     Ok((StatusCode::CREATED, Json(campaign_json(&c))))
+}
+
+/// In a process that sends, a campaign's `domain` must be a sender domain the operator defined
+/// for the workspace (its templates are synced with it).
+/// Likewise its `list` must be served by one of the workspace's named sources, where the
+/// operator defined some.
+fn check_names(cfg: &CampaignApiConfig, ws: &str, f: &CampaignFields) -> Result<()> {
+    let Some(configs) = &cfg.send_configs else {
+        return Ok(());
+    };
+    if let Some(Some(d)) = f.domain {
+        configs
+            .domain(ws, d)
+            .map_err(|e| Error::invalid("domain", e.trim_start_matches("domain: ").to_string()))?;
+    }
+    if let Some(Some(list)) = f.list {
+        configs
+            .check_list(ws, list)
+            .map_err(|e| Error::invalid("list", e))?;
+    }
+    Ok(())
+}
+
+/// Checks the fields a campaign is created or edited with against what sends can honour
+/// (`cur`: the campaign being edited): its segments must be one stored audience of the
+/// workspace (a sending to the list goes to that audience), and a `when` needs a list (it
+/// schedules the default sending to the list). Returns the `when` schedule's timing.
+pub fn check_campaign_fields(
+    store: &Store,
+    ws: &str,
+    f: &CampaignFields,
+    cur: Option<&Campaign>,
+    cfg: &ScheduleConfig,
+    now: i64,
+) -> Result<Option<crate::schedule::Timing>> {
+    if let Some(segments) = &f.segments {
+        if segments.len() > 1 {
+            return Err(Error::invalid(
+                "segments[1]",
+                "a campaign has at most one segment: a stored audience whose conditions select \
+                 the list's recipients (conditions are ANDed; store one audience for the whole \
+                 selection)",
+            ));
+        }
+        for (i, id) in segments.iter().enumerate() {
+            match store.audience(ws, *id) {
+                Ok(_) => {}
+                Err(Error::NotFound { .. }) => {
+                    return Err(Error::invalid(
+                        format!("segments[{i}]"),
+                        format!("audience {id} does not exist in this workspace (POST /audience stores one)"),
+                    ))
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    let Some(Some(at)) = f.when else {
+        return Ok(None);
+    };
+    let list = match f.list {
+        Some(l) => l,
+        None => cur.and_then(|c| c.list),
+    };
+    if list.is_none() {
+        return Err(Error::invalid(
+            "when",
+            "schedules the campaign's default sending to its list, and the campaign has no list: \
+             give it a list, or leave `when` out and add sendings",
+        ));
+    }
+    let schedule = default_schedule(at);
+    resolve_sending_schedule(&schedule, cfg, now).map_err(|e| match e {
+        Error::Invalid { message, .. } => Error::invalid("when", message),
+        other => other,
+    })
+}
+
+fn default_schedule(at: i64) -> crate::schedule::Schedule {
+    crate::schedule::Schedule {
+        when: crate::schedule::When::Absolute { at },
+        prescheduled: false,
+    }
+}
+
+/// Creates a campaign; with a `when`, also its default sending (to its list and segment, at
+/// that instant), which makes it SCHEDULED.
+pub fn create_with_default_sending(
+    s: &Store,
+    ws: &str,
+    fields: &CampaignFields,
+    cfg: &ScheduleConfig,
+    now: i64,
+) -> Result<Campaign> {
+    let timing = check_campaign_fields(s, ws, fields, None, cfg, now)?;
+    let c = s.create_campaign(ws, fields, now)?;
+    match (fields.when.flatten(), timing) {
+        (Some(at), Some(t)) => set_default_sending(s, &c, at, t, now),
+        _ => Ok(c),
+    }
+}
+
+/// Edits a campaign; a changed `when` reschedules its default sending (created if it has none
+/// yet), and `when: null` cancels it. A default sending that already started cannot move.
+pub fn update_with_default_sending(
+    s: &Store,
+    ws: &str,
+    id: i64,
+    fields: &CampaignFields,
+    cfg: &ScheduleConfig,
+    now: i64,
+) -> Result<Campaign> {
+    let cur = s.campaign(ws, id)?;
+    let timing = check_campaign_fields(s, ws, fields, Some(&cur), cfg, now)?;
+    if fields.when.is_some() {
+        if let Some(sid) = cur.default_sending {
+            let sd = s.sending(ws, sid)?;
+            if !sd.status.reschedulable() && !sd.status.is_final() {
+                return Err(Error::invalid(
+                    "when",
+                    format!(
+                        "the default sending {sid} is already {}; its time cannot change",
+                        sd.status.as_str()
+                    ),
+                ));
+            }
+        }
+    }
+    let c = s.update_campaign(ws, id, fields, now)?;
+    match (fields.when, timing) {
+        (Some(Some(at)), Some(t)) => set_default_sending(s, &c, at, t, now),
+        (Some(None), _) => {
+            if let Some(sid) = c.default_sending {
+                if s.sending(ws, sid)?.status.reschedulable() {
+                    s.cancel_sending(ws, sid, now)?;
+                }
+                s.set_default_sending(ws, c.id, None)?;
+            }
+            s.campaign(ws, c.id)
+        }
+        _ => Ok(c),
+    }
+}
+
+/// Schedules campaign `c`'s default sending at `at`: reschedules the pending one, or creates
+/// one (to the campaign's list and segment, default channels, earlier sendings' keys
+/// excluded) and moves a DRAFT campaign to SCHEDULED.
+fn set_default_sending(
+    s: &Store,
+    c: &Campaign,
+    at: i64,
+    timing: crate::schedule::Timing,
+    now: i64,
+) -> Result<Campaign> {
+    let schedule = default_schedule(at);
+    let pending = match c.default_sending {
+        Some(sid) => Some(s.sending(&c.workspace_id, sid)?).filter(|sd| sd.status.reschedulable()),
+        None => None,
+    };
+    match pending {
+        Some(sd) => {
+            s.reschedule_sending(&c.workspace_id, sd.id, &schedule, Some(timing), now)?;
+        }
+        None => {
+            let recipients = sending_request(b"{}")
+                .map_err(|e| Error::invalid("when", e.to_string()))?
+                .recipients;
+            let sd = s.create_sending(
+                &c.workspace_id,
+                c.id,
+                &schedule,
+                Some(timing),
+                &recipients,
+                now,
+            )?;
+            s.set_default_sending(&c.workspace_id, c.id, Some(sd.id))?;
+        }
+    }
+    schedule_draft(s, &s.campaign(&c.workspace_id, c.id)?, now)
 }
 
 async fn get_campaign(
@@ -418,8 +612,92 @@ async fn update_campaign(
                 &s.campaign(&ws, id)?,
                 fields.state,
             )?;
-            s.update_campaign(&ws, id, &fields, now)
+            check_names(cfg, &ws, &fields)?;
+            update_with_default_sending(s, &ws, id, &fields, &cfg.schedule, now)
         })
+        .await?;
+    Ok(Json(campaign_json(&c)))
+}
+
+/// The TOML media type a send configuration is answered with.
+const TOML: &str = "application/toml; charset=utf-8";
+
+async fn get_spec(
+    State(st): State<Arc<ApiState>>,
+    Extension(Ws(ws)): Extension<Ws>,
+    Path(id): Path<i64>,
+) -> ApiResult<Response> {
+    let c = st.run(move |s, _, _| s.campaign(&ws, id)).await?;
+    match c.send_spec {
+        Some(text) => Ok(([(header::CONTENT_TYPE, TOML)], text).into_response()),
+        None => Err(ApiError(
+            StatusCode::NOT_FOUND,
+            json!({"error": format!("campaign {id} has no send configuration (PUT /campaign/{id}/spec sets one)")}),
+        )),
+    }
+}
+
+/// Checks a send configuration (TOML text, or a JSON object with `Content-Type:
+/// application/json`) for campaign `c`; the text to store.
+pub fn check_spec(
+    configs: Option<&crate::send_config::SendConfigs>,
+    c: &Campaign,
+    body: &[u8],
+    json_body: bool,
+) -> Result<String> {
+    let Some(configs) = configs else {
+        return Err(Error::invalid(
+            "spec",
+            "this server does not send campaigns (no campaign specs folder), so it cannot check a send configuration",
+        ));
+    };
+    let bad = |problems| Error::BadSpec { id: c.id, problems };
+    let text = if json_body {
+        let v: Value = serde_json::from_slice(body)
+            .map_err(|e| bad(vec![format!("body is not valid JSON: {e}")]))?;
+        if !v.is_object() {
+            return Err(bad(vec![
+                "a JSON send configuration must be an object".into()
+            ]));
+        }
+        crate::send_config::json_to_toml(&v).map_err(|e| bad(vec![e]))?
+    } else {
+        String::from_utf8(body.to_vec())
+            .map_err(|_| bad(vec!["the configuration is not UTF-8 text".into()]))?
+    };
+    configs.assemble(c, &text).map_err(bad)?;
+    Ok(text)
+}
+
+async fn put_spec(
+    State(st): State<Arc<ApiState>>,
+    Extension(Ws(ws)): Extension<Ws>,
+    Path(id): Path<i64>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let json_body = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim_start().starts_with("application/json"));
+    let c = st
+        .run(move |s, cfg, now| {
+            let c = s.campaign(&ws, id)?;
+            let text = check_spec(cfg.send_configs.as_ref(), &c, &body, json_body)?;
+            s.set_send_spec(&ws, id, Some(&text), now)
+        })
+        .await?;
+    let text = c.send_spec.unwrap_or_default();
+    Ok(([(header::CONTENT_TYPE, TOML)], text).into_response())
+}
+
+async fn delete_spec(
+    State(st): State<Arc<ApiState>>,
+    Extension(Ws(ws)): Extension<Ws>,
+    Path(id): Path<i64>,
+) -> ApiResult<Json<Value>> {
+    let c = st
+        .run(move |s, _, now| s.set_send_spec(&ws, id, None, now))
         .await?;
     Ok(Json(campaign_json(&c)))
 }

@@ -42,6 +42,15 @@ pub enum Error {
         /// Each thing missing (a spec file, a secret, a source file), in words.
         missing: Vec<String>,
     },
+    /// A campaign's send configuration does not validate: each problem names its field, as the
+    /// spec file's validator words it.
+    #[error("campaign {id}: the send configuration is not valid: {}", problems.join("; "))]
+    BadSpec {
+        /// The campaign.
+        id: i64,
+        /// One entry per problem.
+        problems: Vec<String>,
+    },
     /// The thing does not exist (or belongs to another workspace).
     #[error("{what} {id} not found")]
     NotFound {

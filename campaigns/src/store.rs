@@ -109,6 +109,10 @@ const MIGRATIONS: &[&str] = &[
         events BIGINT NOT NULL,
         relayed_at BIGINT NOT NULL
     );",
+    // 3: a campaign's send configuration given through the API (TOML text), and the sending
+    // its `when` scheduled
+    "ALTER TABLE campaigns ADD COLUMN send_spec TEXT;
+    ALTER TABLE campaigns ADD COLUMN default_sending BIGINT;",
 ];
 
 /// The lease key the event relay takes in `leases` (sending ids start at 1), so one process
@@ -164,6 +168,12 @@ pub struct Campaign {
     pub created_at: i64,
     /// Last changed (unix seconds).
     pub updated_at: i64,
+    /// Its send configuration as given through the API (`PUT /campaign/{id}/spec`, `broadside
+    /// campaign import`): TOML text, validated when written. `None`: sent through the spec file
+    /// `<campaign specs>/<id>.toml`, if any.
+    pub send_spec: Option<String>,
+    /// The sending its `when` scheduled (the campaign's default sending), if any.
+    pub default_sending: Option<i64>,
 }
 
 /// The editable fields of a campaign; `None` leaves a field as it is on update.
@@ -263,7 +273,7 @@ const SENDING_COLS: &str =
     "s.id, s.campaign_id, s.status, s.schedule, s.desired_at, s.prepare_at, \
      s.fail_at, s.recipients, s.prepared, s.recipient_count, s.error, s.created_at, s.updated_at";
 const CAMPAIGN_COLS: &str = "id, workspace_id, name, domain, list_id, segments, state, send_at, \
-     event_callback, created_at, updated_at";
+     event_callback, created_at, updated_at, send_spec, default_sending";
 
 impl Store {
     /// Opens (creating if needed) and migrates the store at `location`: a SQLite file, or a
@@ -608,6 +618,49 @@ impl Store {
             }
             self.campaign(ws, id)
         })
+    }
+
+    /// Sets (or with `None` removes) a campaign's send configuration, already validated by the
+    /// caller. Only while the campaign is DRAFT or SCHEDULED: a READY campaign was checked with
+    /// the configuration it has (take it back to SCHEDULED to change it), and from SENDING on
+    /// its configuration is history.
+    pub fn set_send_spec(
+        &self,
+        ws: &str,
+        id: i64,
+        spec: Option<&str>,
+        now: i64,
+    ) -> Result<Campaign> {
+        self.tx(|| {
+            let cur = self.campaign(ws, id)?;
+            if !matches!(cur.state, CampaignState::Draft | CampaignState::Scheduled) {
+                return Err(Error::Transition {
+                    entity: "campaign",
+                    id,
+                    from: cur.state.to_string(),
+                    to: "(send configuration edited)".into(),
+                    allowed: Vec::new(),
+                });
+            }
+            self.db
+                .execute(
+                    "UPDATE campaigns SET send_spec = ?3, updated_at = ?4 WHERE id = ?1 AND workspace_id = ?2",
+                    values![id, ws, spec, now],
+                )
+                .map_err(self.err(format!("setting campaign {id}'s send configuration")))?;
+            self.campaign(ws, id)
+        })
+    }
+
+    /// Records the sending a campaign's `when` scheduled (`None`: none any more).
+    pub fn set_default_sending(&self, ws: &str, id: i64, sending: Option<i64>) -> Result<()> {
+        self.db
+            .execute(
+                "UPDATE campaigns SET default_sending = ?3 WHERE id = ?1 AND workspace_id = ?2",
+                values![id, ws, sending],
+            )
+            .map_err(self.err(format!("recording campaign {id}'s default sending")))?;
+        Ok(())
     }
 
     /// Deletes a campaign (kept for history, hidden from the API) and cancels its pending
@@ -1212,6 +1265,8 @@ fn campaign_row(r: &Row) -> std::result::Result<Campaign, StoreError> {
         event_callback: r.get(8)?,
         created_at: r.get(9)?,
         updated_at: r.get(10)?,
+        send_spec: r.get(11)?,
+        default_sending: r.get(12)?,
     })
 }
 

@@ -4,8 +4,9 @@
 //! A merge tag is `{{name}}` (spaces inside the braces are allowed; a name is letters, digits,
 //! `_` and `.`). [`check_merge_tags`] lists every tag that no source column resolves and every
 //! unclosed `{{`, with line numbers. [`TemplateSync`] PUTs a template's content to the creative
-//! API (`PUT {endpoint}/templates/{name}`, JSON `name`, `content`, `content_hash`) only when its
-//! SHA-256 differs from the last content synced; the store remembers both hashes.
+//! API (`PUT {endpoint}/templates/{name}`, JSON `name`, `content`, `content_hash`, and
+//! `sender_domain` when the campaign has one) only when its SHA-256 (with the sender domain)
+//! differs from the last content synced; the store remembers both hashes.
 
 use std::collections::BTreeSet;
 
@@ -101,6 +102,17 @@ pub enum SyncOutcome {
     },
 }
 
+/// One template to sync: its name, its content and the sender domain it is sent from.
+#[derive(Debug, Clone, Copy)]
+pub struct Template<'a> {
+    /// The template's name in the email system.
+    pub name: &'a str,
+    /// Its content.
+    pub content: &'a str,
+    /// The campaign's sender domain, if it has one.
+    pub sender_domain: Option<&'a str>,
+}
+
 /// The email system's creative API.
 #[derive(Debug, Clone)]
 pub struct TemplateSync {
@@ -111,9 +123,9 @@ pub struct TemplateSync {
 }
 
 impl TemplateSync {
-    /// Checks `content` against `columns`, records it, and PUTs it to the creative API when its
-    /// hash differs from the last synced one. A failed PUT leaves it unsynced, so the next
-    /// call tries again.
+    /// Checks `content` against `columns`, records it, and PUTs it to the creative API (with
+    /// the campaign's sender domain, if any) when its hash differs from the last synced one. A
+    /// failed PUT leaves it unsynced, so the next call tries again.
     ///
     /// The store is used before and after the request, never across it, but the future
     /// borrows it: run it on the thread that owns the store.
@@ -121,11 +133,15 @@ impl TemplateSync {
         &self,
         store: &Store,
         ws: &str,
-        name: &str,
-        content: &str,
+        template: &Template<'_>,
         columns: &[&str],
         now: i64,
     ) -> Result<SyncOutcome> {
+        let Template {
+            name,
+            content,
+            sender_domain,
+        } = *template;
         let valid_name = !name.is_empty()
             && name
                 .bytes()
@@ -137,13 +153,23 @@ impl TemplateSync {
             ));
         }
         check_merge_tags(name, content, columns)?;
-        let hash = content_hash(content);
+        // What the email system holds is the content and the domain it is sent from: a new
+        // domain syncs again.
+        let hash = match sender_domain {
+            None => content_hash(content),
+            Some(d) => content_hash(&format!("{content}\0sender_domain={d}")),
+        };
         let synced = store.save_template(ws, name, content, &hash, now)?;
         if synced.as_deref() == Some(hash.as_str()) {
             return Ok(SyncOutcome::Unchanged);
         }
         let url = format!("{}/templates/{name}", self.endpoint.trim_end_matches('/'));
-        let body = json!({"name": name, "content": content, "content_hash": hash}).to_string();
+        let mut body =
+            json!({"name": name, "content": content, "content_hash": content_hash(content)});
+        if let Some(d) = sender_domain {
+            body["sender_domain"] = json!(d);
+        }
+        let body = body.to_string();
         let fail = |message: String| Error::CreativeSync {
             name: name.to_string(),
             url: url.clone(),
@@ -157,7 +183,9 @@ impl TemplateSync {
             return Err(fail(format!("answered {status}: {}", answer.trim())));
         }
         store.mark_template_synced(ws, name, &hash, now)?;
-        Ok(SyncOutcome::Synced { content_hash: hash })
+        Ok(SyncOutcome::Synced {
+            content_hash: content_hash(content),
+        })
     }
 }
 

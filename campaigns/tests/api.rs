@@ -22,6 +22,7 @@ fn app(dir: &tempfile::TempDir, access: Access) -> Router {
         access,
         clock: Arc::new(|| T0),
         ready_check: None,
+        send_configs: None,
     })
     .unwrap()
 }
@@ -65,30 +66,62 @@ async fn call(app: &Router, method: &str, uri: &str, body: Option<Value>) -> (St
 async fn campaign_lifecycle_through_the_api() {
     let dir = tempfile::tempdir().unwrap();
     let app = app(&dir, Access::Open);
+    let (s, a) = call(
+        &app,
+        "POST",
+        "/audience",
+        Some(
+            json!({"name": "Oslo", "conditions": [{"condition_group": "member_properties",
+                    "field": "city", "operator": "match", "value": "Oslo"}]}),
+        ),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{a}");
     let (s, c) = call(
         &app,
         "POST",
         "/campaign",
-        Some(json!({"name": "Spring", "domain": 3, "list": 7, "segments[]": [1, 2],
+        Some(json!({"name": "Spring", "domain": 3, "list": 7, "segments[]": [a["id"]],
                     "when": "2023-11-20T10:00:00+01:00", "event_callback": "http://cb.example/hook?k=v"})),
     )
     .await;
     assert_eq!(s, StatusCode::CREATED, "{c}");
-    assert_eq!(c["state"], "DRAFT");
+    // its `when` scheduled its default sending, to the list (and segment), which made it
+    // SCHEDULED
+    assert_eq!(c["state"], "SCHEDULED");
     assert_eq!(c["when"], "2023-11-20T09:00:00Z");
-    assert_eq!(c["segments"], json!([1, 2]));
-    assert_eq!(c["allowed_states"], json!(["SCHEDULED", "CANCELLED"]));
+    assert_eq!(c["segments"], json!([a["id"]]));
+    assert_eq!(c["spec"], Value::Null);
+    assert_eq!(c["allowed_states"], json!(["DRAFT", "READY", "CANCELLED"]));
     let id = c["id"].as_i64().unwrap();
     let url = format!("/campaign/{id}");
+    let (s, sendings) = call(&app, "GET", &format!("{url}/sendings"), None).await;
+    assert_eq!(s, StatusCode::OK);
+    let sendings = sendings.as_array().unwrap().clone();
+    assert_eq!(sendings.len(), 1, "{sendings:?}");
+    assert_eq!(c["default_sending"], sendings[0]["id"]);
+    assert_eq!(
+        (
+            sendings[0]["status"].as_str(),
+            sendings[0]["desired_at"].as_str(),
+            &sendings[0]["audience"]
+        ),
+        (
+            Some("scheduled"),
+            Some("2023-11-20T09:00:00Z"),
+            &Value::Null
+        )
+    );
 
     let (s, got) = call(&app, "GET", &url, None).await;
     assert_eq!((s, got.clone()), (StatusCode::OK, c.clone()));
 
-    for (to, expect) in [("SCHEDULED", StatusCode::OK), ("READY", StatusCode::OK)] {
-        let (s, v) = call(&app, "PUT", &url, Some(json!({"state": to}))).await;
-        assert_eq!(s, expect, "{v}");
-        assert_eq!(v["state"], to);
-    }
+    let (s, v) = call(&app, "PUT", &url, Some(json!({"state": "READY"}))).await;
+    assert_eq!(
+        (s, v["state"].as_str()),
+        (StatusCode::OK, Some("READY")),
+        "{v}"
+    );
     // READY may not go back to DRAFT directly, and SENDING is the scheduler's
     for to in ["DRAFT", "SENDING", "DONE"] {
         let (s, v) = call(&app, "PUT", &url, Some(json!({"state": to}))).await;
@@ -113,6 +146,19 @@ async fn campaign_lifecycle_through_the_api() {
         ),
         (Some("Spring 2"), Some(1_700_100_000), json!([]))
     );
+    // the default sending moved with it
+    let sid = c["default_sending"].as_i64().unwrap();
+    let (_, sd) = call(&app, "GET", &format!("{url}/sendings/{sid}"), None).await;
+    assert_eq!(sd["desired_at"], "2023-11-16T02:00:00Z", "{sd}");
+    // and `when: null` cancels it
+    let (s, v) = call(&app, "PUT", &url, Some(json!({"when": null}))).await;
+    assert_eq!(
+        (s, &v["default_sending"]),
+        (StatusCode::OK, &Value::Null),
+        "{v}"
+    );
+    let (_, sd) = call(&app, "GET", &format!("{url}/sendings/{sid}"), None).await;
+    assert_eq!(sd["status"], "cancelled", "{sd}");
 
     let (s, list) = call(&app, "GET", "/campaign", None).await;
     assert_eq!(s, StatusCode::OK);
@@ -123,6 +169,90 @@ async fn campaign_lifecycle_through_the_api() {
     let (s, v) = call(&app, "GET", &url, None).await;
     assert_eq!(s, StatusCode::NOT_FOUND, "{v}");
     assert_eq!(v["error"], format!("campaign {id} not found"));
+}
+
+/// What a campaign's fields must resolve to: one stored segment, a list for `when`.
+#[tokio::test]
+async fn segments_and_when_that_sends_cannot_honour_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = app(&dir, Access::Open);
+    for (body, field, words) in [
+        (
+            json!({"name": "x", "list": 7, "segments": [1, 2]}),
+            "segments[1]",
+            "at most one segment",
+        ),
+        (
+            json!({"name": "x", "list": 7, "segments": [9]}),
+            "segments[0]",
+            "audience 9 does not exist in this workspace",
+        ),
+        (
+            json!({"name": "x", "when": T0 + 3600}),
+            "when",
+            "the campaign has no list",
+        ),
+        (
+            json!({"name": "x", "list": 7, "when": T0 - 86_400}),
+            "when",
+            "in the past",
+        ),
+    ] {
+        let (s, v) = call(&app, "POST", "/campaign", Some(body.clone())).await;
+        assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{body}: {v}");
+        assert_eq!(v["field"], field, "{v}");
+        assert!(v["error"].as_str().unwrap().contains(words), "{v}");
+    }
+    // nothing was created by the refusals
+    let (_, list) = call(&app, "GET", "/campaign", None).await;
+    assert_eq!(list, json!([]));
+    // an audience of another workspace is not a segment here
+    let (s, a) = call_as(
+        &app,
+        Some("ws2"),
+        None,
+        "POST",
+        "/audience",
+        Some(r#"{"name": "a", "conditions": []}"#),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{a}");
+    let (s, v) = call(
+        &app,
+        "POST",
+        "/campaign",
+        Some(json!({"name": "x", "list": 7, "segments": [a["id"]]})),
+    )
+    .await;
+    assert_eq!(
+        (s, v["field"].as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, Some("segments[0]")),
+        "{v}"
+    );
+    // a campaign without a send-capable process cannot take a send configuration
+    let (_, c) = call(
+        &app,
+        "POST",
+        "/campaign",
+        Some(json!({"name": "y", "list": 7})),
+    )
+    .await;
+    let (s, v) = call_as(
+        &app,
+        Some("ws1"),
+        None,
+        "PUT",
+        &format!("/campaign/{}/spec", c["id"]),
+        Some("channel = \"email\""),
+    )
+    .await;
+    assert_eq!(
+        (s, v["field"].as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, Some("spec")),
+        "{v}"
+    );
+    let (s, v) = call(&app, "GET", &format!("/campaign/{}/spec", c["id"]), None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{v}");
 }
 
 #[tokio::test]
@@ -297,6 +427,7 @@ async fn ready_is_refused_with_what_is_missing_until_the_check_passes() {
         access: Access::Open,
         clock: Arc::new(|| T0),
         ready_check: Some(check),
+        send_configs: None,
     })
     .unwrap();
     let (s, v) = call(

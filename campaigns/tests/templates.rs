@@ -7,7 +7,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::routing::put;
 use axum::{Json, Router};
 use broadside_campaigns::store::Store;
-use broadside_campaigns::templates::{content_hash, SyncOutcome, TemplateSync};
+use broadside_campaigns::templates::{content_hash, SyncOutcome, Template, TemplateSync};
 use broadside_campaigns::Error;
 use serde_json::Value;
 
@@ -67,7 +67,17 @@ async fn content_is_synced_only_when_its_hash_changes() {
     };
     let v1 = "Hi {{first_name}} from {{ city }}";
     let out = sync
-        .sync(&store, "ws", "spring-a", v1, COLUMNS, 1)
+        .sync(
+            &store,
+            "ws",
+            &Template {
+                name: "spring-a",
+                content: v1,
+                sender_domain: None,
+            },
+            COLUMNS,
+            1,
+        )
         .await
         .unwrap();
     assert_eq!(
@@ -77,13 +87,33 @@ async fn content_is_synced_only_when_its_hash_changes() {
         }
     );
     let out = sync
-        .sync(&store, "ws", "spring-a", v1, COLUMNS, 2)
+        .sync(
+            &store,
+            "ws",
+            &Template {
+                name: "spring-a",
+                content: v1,
+                sender_domain: None,
+            },
+            COLUMNS,
+            2,
+        )
         .await
         .unwrap();
     assert_eq!(out, SyncOutcome::Unchanged);
     let v2 = "Hello {{first_name}}";
     let out = sync
-        .sync(&store, "ws", "spring-a", v2, COLUMNS, 3)
+        .sync(
+            &store,
+            "ws",
+            &Template {
+                name: "spring-a",
+                content: v2,
+                sender_domain: None,
+            },
+            COLUMNS,
+            3,
+        )
         .await
         .unwrap();
     assert_eq!(
@@ -93,9 +123,19 @@ async fn content_is_synced_only_when_its_hash_changes() {
         }
     );
     // the same name in another workspace is another template
-    sync.sync(&store, "other", "spring-a", v2, COLUMNS, 4)
-        .await
-        .unwrap();
+    sync.sync(
+        &store,
+        "other",
+        &Template {
+            name: "spring-a",
+            content: v2,
+            sender_domain: None,
+        },
+        COLUMNS,
+        4,
+    )
+    .await
+    .unwrap();
 
     let puts = c.puts.lock().unwrap().clone();
     assert_eq!(puts.len(), 3, "unchanged content is not sent again");
@@ -116,7 +156,17 @@ async fn a_refused_sync_is_retried_on_the_next_call() {
         token: None,
     };
     let e = sync
-        .sync(&store, "ws", "t1", "{{email}}", COLUMNS, 1)
+        .sync(
+            &store,
+            "ws",
+            &Template {
+                name: "t1",
+                content: "{{email}}",
+                sender_domain: None,
+            },
+            COLUMNS,
+            1,
+        )
         .await
         .unwrap_err();
     assert!(
@@ -125,7 +175,17 @@ async fn a_refused_sync_is_retried_on_the_next_call() {
     );
     assert!(e.to_string().contains("answered 500"), "{e}");
     let out = sync
-        .sync(&store, "ws", "t1", "{{email}}", COLUMNS, 2)
+        .sync(
+            &store,
+            "ws",
+            &Template {
+                name: "t1",
+                content: "{{email}}",
+                sender_domain: None,
+            },
+            COLUMNS,
+            2,
+        )
         .await
         .unwrap();
     assert!(matches!(out, SyncOutcome::Synced { .. }));
@@ -135,6 +195,53 @@ async fn a_refused_sync_is_retried_on_the_next_call() {
         None,
         "no token configured, none sent"
     );
+}
+
+#[tokio::test]
+async fn a_sender_domain_goes_with_the_content_and_a_new_one_syncs_again() {
+    let (c, endpoint) = creative(vec![]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("c.db")).unwrap();
+    let sync = TemplateSync {
+        endpoint,
+        token: None,
+    };
+    let v = "Hi {{first_name}}";
+    for (domain, now, synced) in [
+        (None, 1, true),
+        (Some("news.example.com"), 2, true),
+        (Some("news.example.com"), 3, false),
+        (Some("offers.example.com"), 4, true),
+    ] {
+        let out = sync
+            .sync(
+                &store,
+                "ws",
+                &Template {
+                    name: "t",
+                    content: v,
+                    sender_domain: domain,
+                },
+                COLUMNS,
+                now,
+            )
+            .await
+            .unwrap();
+        assert_eq!(out != SyncOutcome::Unchanged, synced, "{domain:?} at {now}");
+    }
+    let puts = c.puts.lock().unwrap().clone();
+    let domains: Vec<Option<&str>> = puts
+        .iter()
+        .map(|(_, _, body)| body.get("sender_domain").and_then(Value::as_str))
+        .collect();
+    assert_eq!(
+        domains,
+        [None, Some("news.example.com"), Some("offers.example.com")]
+    );
+    // the content hash the creative API gets is the content's, whatever the domain
+    assert!(puts
+        .iter()
+        .all(|(_, _, body)| body["content_hash"] == content_hash(v)));
 }
 
 #[tokio::test]
@@ -150,8 +257,11 @@ async fn templates_with_unknown_tags_are_not_synced() {
         .sync(
             &store,
             "ws",
-            "t1",
-            "Hi {{first_name}}\n{{voucher_code}}",
+            &Template {
+                name: "t1",
+                content: "Hi {{first_name}}\n{{voucher_code}}",
+                sender_domain: None,
+            },
             COLUMNS,
             1,
         )
@@ -162,7 +272,17 @@ async fn templates_with_unknown_tags_are_not_synced() {
         "template t1: line 2: unknown merge tag {{voucher_code}}"
     );
     let e = sync
-        .sync(&store, "ws", "../etc", "x", COLUMNS, 1)
+        .sync(
+            &store,
+            "ws",
+            &Template {
+                name: "../etc",
+                content: "x",
+                sender_domain: None,
+            },
+            COLUMNS,
+            1,
+        )
         .await
         .unwrap_err();
     assert!(e.to_string().starts_with("template: \"../etc\""), "{e}");
