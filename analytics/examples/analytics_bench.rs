@@ -1,5 +1,5 @@
-//! Analytics benchmark: one campaign's statistics and daily time series through the API router
-//! (auth, query, JSON), from raw events and from rollups.
+//! Analytics benchmark: one campaign's statistics and daily time series, and every campaign's
+//! statistics, through the API router (auth, query, JSON), from raw events and from rollups.
 //!
 //! ```sh
 //! cargo run --release -p broadside-analytics --example analytics_bench -- \
@@ -9,7 +9,9 @@
 //! Generates the events first if the store has none (deterministic, `synth`), then builds the
 //! rollups (timed), then times each query `--runs` times after one warm-up and prints the
 //! median and min. Results are checked equal between raw and rolled-up answers.
-//! `--api-only` stops after the API timings (no raw scans, no raw = rolled-up check).
+//! `--api-only` stops after the API timings (no raw scans, no raw = rolled-up check);
+//! `--without-firsts` removes the first-seen counts after the refresh, so the queries read every
+//! month uniques row as they do when those counts do not hold.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -70,11 +72,24 @@ fn main() -> anyhow::Result<()> {
         Some("bench"),
     ))?;
     println!(
-        "rollup refresh: {} built, {} current in {:.1} s",
+        "rollup refresh: {} built, {} current, {} months built, first-seen counts {} in {:.1} s",
         r.built,
         r.current,
+        r.months_built,
+        if r.firsts_built > 0 {
+            "built"
+        } else {
+            "current"
+        },
         t.elapsed().as_secs_f64()
     );
+    // `--without-firsts`: the queries as they run without the first-seen counts (every month
+    // uniques row read and folded), for comparing the two on the same store and binary.
+    if std::env::args().any(|a| a == "--without-firsts") {
+        let f = store.join("rollups/uniques_monthly/workspace_id=bench/_firsts.json");
+        std::fs::remove_file(&f)?;
+        println!("without the first-seen counts ({} removed)", f.display());
+    }
 
     let token = "bench-token-0123456789";
     let app = api_router(ApiConfig {
@@ -112,6 +127,10 @@ fn main() -> anyhow::Result<()> {
     };
     for (what, uri) in [
         ("statistics", format!("/campaign-statistics/{campaign}")),
+        (
+            "all-campaign statistics",
+            "/campaign-statistics/".to_string(),
+        ),
         (
             "daily time series",
             format!("/campaign-statistics/{campaign}/time-series?granularity=day"),

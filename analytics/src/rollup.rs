@@ -22,6 +22,15 @@
 //! of up to 62 day files, when every day of the month still has the recorded fingerprint (and
 //! no day was added); otherwise it reads the month's days as before.
 //!
+//! Over the compacted months the refresh also counts, per (campaign, variant, event type) and per
+//! (campaign, event type), the distinct recipients **first seen** in each month
+//! (`rollups/uniques_monthly/workspace_id=W/_firsts.json`, with the fingerprint of every month
+//! it read). Unique opens and clicks since the first month are then sums of those counts: a
+//! statistics query without a lower bound reads the month uniques only for campaigns that also
+//! have rows in days read by day or raw (see [`MonthFirsts`]). Each compacted month also keeps
+//! its hourly counts summed over the month (`month=M/_totals.json`), which statistics read
+//! instead of the month's hourly rows.
+//!
 //! Event files are immutable once committed (new data arrives as new files), so a rollup is
 //! *current* exactly when the partition's file listing still has its fingerprint. Queries use
 //! the rollup of current partitions and scan raw events for the others, in one plan, so answers
@@ -147,6 +156,249 @@ struct MonthSource {
     days: BTreeMap<String, String>,
     rows_hourly: usize,
     rows_uniques: usize,
+}
+
+/// The fingerprint of a month compaction: a hash of the day fingerprints it was built from.
+fn month_fingerprint(days: &BTreeMap<String, String>) -> String {
+    let text = serde_json::to_string(days).expect("fingerprints serialise");
+    format!("{:016x}", xxhash_rust::xxh3::xxh3_64(text.as_bytes()))
+}
+
+fn firsts_path(store: &Path, ws: &str) -> PathBuf {
+    store
+        .join(ROLLUP_UNIQUES_MONTHLY)
+        .join(format!("workspace_id={ws}"))
+        .join("_firsts.json")
+}
+
+/// One first-seen count: campaign, variant, event type, recipients.
+type VariantFirst = (String, Option<String>, String, u64);
+
+/// `_firsts.json`: per compacted month, the distinct recipients first seen that month.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct FirstsFile {
+    /// Every compacted month read, in order, with its [`month_fingerprint`].
+    basis: Vec<(String, String)>,
+    /// Per month: `[campaign, variant, event type, recipients]` first seen that month among
+    /// the campaign's rows of that variant and type.
+    variants: BTreeMap<String, Vec<VariantFirst>>,
+    /// Per month: `[campaign, event type, recipients]` first seen that month over all variants.
+    campaigns: BTreeMap<String, Vec<(String, String, u64)>>,
+}
+
+/// Distinct recipients of opens and clicks over a run of compacted months starting at the
+/// workspace's first one, from `_firsts.json`: sums of the recipients first seen in each month.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MonthFirsts {
+    /// (campaign, variant, event type) → distinct recipients.
+    pub variants: std::collections::HashMap<(String, Option<String>, String), u64>,
+    /// (campaign, event type) → distinct recipients over all variants.
+    pub campaigns: std::collections::HashMap<(String, String), u64>,
+}
+
+/// The first-seen sums over `months` (a plan's compacted months), when they hold: the months
+/// are, in order, the first ones `_firsts.json` was computed over, each with the fingerprint it
+/// had then, and no event partition lies before the last of them outside them (the caller's
+/// plan has no lower bound). `None` otherwise.
+pub fn month_firsts(store: &Path, ws: &str, months: &[String]) -> QueryResult<Option<MonthFirsts>> {
+    if months.is_empty() {
+        return Ok(None);
+    }
+    let Some(f) = read_sidecar::<FirstsFile>(&firsts_path(store, ws))? else {
+        return Ok(None);
+    };
+    if f.basis.len() < months.len() {
+        return Ok(None);
+    }
+    for (m, (bm, bfp)) in months.iter().zip(&f.basis) {
+        let current = month_days(store, ws, m)?.map(|d| month_fingerprint(&d));
+        if m != bm || current.as_deref() != Some(bfp.as_str()) {
+            return Ok(None);
+        }
+    }
+    // No day of an earlier month may exist outside the compactions (a month read by days).
+    let first = &months[0];
+    if event_dates(store, ws)?
+        .iter()
+        .any(|d| month_of(d) < first.as_str())
+    {
+        return Ok(None);
+    }
+    let mut out = MonthFirsts::default();
+    for m in months {
+        for (c, v, t, n) in f.variants.get(m).into_iter().flatten() {
+            *out.variants
+                .entry((c.clone(), v.clone(), t.clone()))
+                .or_default() += n;
+        }
+        for (c, t, n) in f.campaigns.get(m).into_iter().flatten() {
+            *out.campaigns.entry((c.clone(), t.clone())).or_default() += n;
+        }
+    }
+    Ok(Some(out))
+}
+
+/// Counts the recipients first seen in each compacted month (every month with a compaction,
+/// in order) and writes `_firsts.json`, unless it is current for them already. One pass over
+/// the month uniques, one campaign at a time (the files are sorted by campaign). Returns
+/// whether it was written.
+fn build_firsts(store: &Path, ws: &str, months: &[String]) -> QueryResult<bool> {
+    use std::collections::{HashMap, HashSet};
+    let mut basis = Vec::new();
+    for m in months {
+        let Some(days) = month_days(store, ws, m)? else {
+            break;
+        };
+        basis.push((m.clone(), month_fingerprint(&days)));
+    }
+    let path = firsts_path(store, ws);
+    if read_sidecar::<FirstsFile>(&path)?.is_some_and(|f| f.basis == basis) {
+        return Ok(false);
+    }
+    let mut cursors = basis
+        .iter()
+        .map(|(m, _)| {
+            DayCursor::open(
+                &month_partition(store, ROLLUP_UNIQUES_MONTHLY, ws, m).join("uniques.parquet"),
+            )
+        })
+        .collect::<QueryResult<Vec<_>>>()?;
+    let mut file = FirstsFile {
+        basis: basis.clone(),
+        ..Default::default()
+    };
+    loop {
+        let mut next: Option<String> = None;
+        for c in &cursors {
+            if let Some(id) = c.campaign()? {
+                if next.as_ref().is_none_or(|n| id < *n) {
+                    next = Some(id);
+                }
+            }
+        }
+        let Some(campaign) = next else { break };
+        let mut seen_v: HashSet<(Option<String>, String, u64)> = HashSet::new();
+        let mut seen_c: HashSet<(String, u64)> = HashSet::new();
+        for (cursor, (month, _)) in cursors.iter_mut().zip(&basis) {
+            let mut run = Vec::new();
+            cursor.take_run(&campaign, &mut run)?;
+            let mut new_v: HashMap<(Option<String>, String), u64> = HashMap::new();
+            let mut new_c: HashMap<String, u64> = HashMap::new();
+            for b in &run {
+                use arrow_array::cast::AsArray;
+                use arrow_array::types::UInt64Type;
+                use arrow_array::Array;
+                let v = crate::query::stats::strings(b, "variant")?;
+                let t = crate::query::stats::strings(b, "event_type")?;
+                let h = b
+                    .column_by_name("email_hash")
+                    .expect("uniques schema")
+                    .as_primitive::<UInt64Type>();
+                for i in 0..b.num_rows() {
+                    let variant = v.is_valid(i).then(|| v.value(i).to_string());
+                    let (ty, hash) = (t.value(i).to_string(), h.value(i));
+                    if seen_v.insert((variant.clone(), ty.clone(), hash)) {
+                        *new_v.entry((variant, ty.clone())).or_default() += 1;
+                    }
+                    if seen_c.insert((ty.clone(), hash)) {
+                        *new_c.entry(ty).or_default() += 1;
+                    }
+                }
+            }
+            let rows_v = file.variants.entry(month.clone()).or_default();
+            let mut sorted: Vec<_> = new_v.into_iter().collect();
+            sorted.sort();
+            rows_v.extend(
+                sorted
+                    .into_iter()
+                    .map(|((v, t), n)| (campaign.clone(), v, t, n)),
+            );
+            let rows_c = file.campaigns.entry(month.clone()).or_default();
+            let mut sorted: Vec<_> = new_c.into_iter().collect();
+            sorted.sort();
+            rows_c.extend(sorted.into_iter().map(|(t, n)| (campaign.clone(), t, n)));
+        }
+    }
+    write_atomic(&path, serde_json::to_string(&file)?.as_bytes())
+        .map_err(|e| QueryError::io(&path, std::io::Error::other(e.to_string())))?;
+    Ok(true)
+}
+
+fn totals_path(store: &Path, ws: &str, month: &str) -> PathBuf {
+    month_partition(store, ROLLUP_HOURLY_MONTHLY, ws, month).join("_totals.json")
+}
+
+/// One row of a month's totals: campaign, variant, event type, bounce type, events.
+pub type TotalRow = (String, Option<String>, String, Option<String>, u64);
+
+/// `_totals.json` of a month compaction: its hourly rows summed over the month.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct MonthTotals {
+    /// The [`month_fingerprint`] of the compaction they were summed from.
+    month: String,
+    rows: Vec<TotalRow>,
+}
+
+/// A month's event counts per (campaign, variant, event type, bounce type), when its totals
+/// were summed from its current compaction (`None` otherwise: read its hourly rows).
+pub fn month_totals(store: &Path, ws: &str, month: &str) -> QueryResult<Option<Vec<TotalRow>>> {
+    let Some(t) = read_sidecar::<MonthTotals>(&totals_path(store, ws, month))? else {
+        return Ok(None);
+    };
+    let current = month_days(store, ws, month)?.map(|d| month_fingerprint(&d));
+    Ok((current.as_deref() == Some(t.month.as_str())).then_some(t.rows))
+}
+
+/// Sums a month compaction's hourly rows into `_totals.json`, unless they are current.
+/// Returns whether it was written.
+fn build_totals(store: &Path, ws: &str, month: &str) -> QueryResult<bool> {
+    use arrow_array::cast::AsArray;
+    use arrow_array::types::Int64Type;
+    use arrow_array::Array;
+    let Some(days) = month_days(store, ws, month)? else {
+        return Ok(false);
+    };
+    let fp = month_fingerprint(&days);
+    let path = totals_path(store, ws, month);
+    if read_sidecar::<MonthTotals>(&path)?.is_some_and(|t| t.month == fp) {
+        return Ok(false);
+    }
+    let mut cursor = DayCursor::open(
+        &month_partition(store, ROLLUP_HOURLY_MONTHLY, ws, month).join("hourly.parquet"),
+    )?;
+    let mut sums: BTreeMap<(String, Option<String>, String, Option<String>), u64> = BTreeMap::new();
+    while let Some(campaign) = cursor.campaign()? {
+        let mut run = Vec::new();
+        cursor.take_run(&campaign, &mut run)?;
+        for b in &run {
+            let v = crate::query::stats::strings(b, "variant")?;
+            let t = crate::query::stats::strings(b, "event_type")?;
+            let bt = crate::query::stats::strings(b, "bounce_type")?;
+            let n = b
+                .column_by_name("n")
+                .expect("hourly schema")
+                .as_primitive::<Int64Type>();
+            for i in 0..b.num_rows() {
+                let key = (
+                    campaign.clone(),
+                    v.is_valid(i).then(|| v.value(i).to_string()),
+                    t.value(i).to_string(),
+                    bt.is_valid(i).then(|| bt.value(i).to_string()),
+                );
+                *sums.entry(key).or_default() += n.value(i) as u64;
+            }
+        }
+    }
+    let totals = MonthTotals {
+        month: fp,
+        rows: sums
+            .into_iter()
+            .map(|((c, v, t, bt), n)| (c, v, t, bt, n))
+            .collect(),
+    };
+    write_atomic(&path, serde_json::to_string(&totals)?.as_bytes())
+        .map_err(|e| QueryError::io(&path, std::io::Error::other(e.to_string())))?;
+    Ok(true)
 }
 
 /// `YYYY-MM` of a `YYYY-MM-DD` date.
@@ -361,6 +613,10 @@ pub struct RefreshReport {
     pub months_built: usize,
     /// Closed months whose compaction was already current.
     pub months_current: usize,
+    /// Workspaces whose first-seen counts over the compacted months were (re)computed.
+    pub firsts_built: usize,
+    /// Months whose event totals were (re)summed from their compaction.
+    pub totals_built: usize,
 }
 
 /// Brings the rollups of one workspace (or of every workspace) up to date.
@@ -393,6 +649,7 @@ pub async fn refresh(catalog: &Catalog, ws: Option<&str>) -> QueryResult<Refresh
         }
         // Closed months only: the current one still gets new days.
         let this_month = chrono::Utc::now().format("%Y-%m").to_string();
+        let mut compacted = Vec::new();
         for (month, days) in months.complete() {
             if month >= this_month {
                 continue;
@@ -403,7 +660,39 @@ pub async fn refresh(catalog: &Catalog, ws: Option<&str>) -> QueryResult<Refresh
                 build_month(catalog, &w, &month, days).await?;
                 report.months_built += 1;
             }
+            compacted.push(month);
         }
+        // The first-seen counts run over the leading months that are compacted and current.
+        let leading: Vec<String> = {
+            let all_months: Vec<String> = {
+                let mut v: Vec<String> = event_dates(store, &w)?
+                    .iter()
+                    .map(|d| month_of(d).to_string())
+                    .collect();
+                v.dedup();
+                v
+            };
+            all_months
+                .iter()
+                .zip(&compacted)
+                .take_while(|(a, b)| a == b)
+                .map(|(a, _)| a.clone())
+                .collect()
+        };
+        let (store_dir, ws_id) = (store.to_path_buf(), w.clone());
+        let (firsts, totals) =
+            tokio::task::spawn_blocking(move || -> QueryResult<(bool, usize)> {
+                let mut totals = 0;
+                for m in &compacted {
+                    totals += usize::from(build_totals(&store_dir, &ws_id, m)?);
+                }
+                let firsts = !leading.is_empty() && build_firsts(&store_dir, &ws_id, &leading)?;
+                Ok((firsts, totals))
+            })
+            .await
+            .map_err(|e| QueryError::io(Path::new(""), std::io::Error::other(e.to_string())))??;
+        report.firsts_built += usize::from(firsts);
+        report.totals_built += totals;
     }
     Ok(report)
 }

@@ -184,6 +184,10 @@ fn statistics_match_brute_force_raw_rolled_up_and_mixed() -> Result<()> {
             Some(utc("2026-03-02T05:30:00Z")),
             Some(utc("2026-03-09T17:00:00Z")),
         ),
+        // No lower bound: unique recipients of the compacted months from their first-seen
+        // counts, alone (to the end of March) or with April's days read by day.
+        (None, Some(utc("2026-04-01T00:00:00Z"))),
+        (None, Some(utc("2026-04-03T00:00:00Z"))),
     ];
     let check_all = |events: &[Event], raw_only: bool| -> Result<()> {
         for (from, to) in ranges {
@@ -206,9 +210,12 @@ fn statistics_match_brute_force_raw_rolled_up_and_mixed() -> Result<()> {
     // February (from the 20th), March and April (to the 5th) are closed months of both
     // workspaces: each compacted into one file per table.
     assert_eq!(report.months_built, 6);
+    assert_eq!(report.firsts_built, 2, "one first-seen count per workspace");
+    assert_eq!(report.totals_built, 6, "the totals of each compacted month");
     let again = rt.block_on(broadside_analytics::rollup::refresh(&catalog, None))?;
     assert_eq!((again.built, again.current), (0, 90));
     assert_eq!((again.months_built, again.months_current), (0, 6));
+    assert_eq!((again.firsts_built, again.totals_built), (0, 0));
     let plan = |from: Option<&str>, to: Option<&str>| {
         let day = |d: &str| NaiveDate::parse_from_str(d, "%Y-%m-%d").unwrap();
         broadside_analytics::rollup::DatePlan::new(&store, "acme", from.map(day), to.map(day), true)
@@ -216,6 +223,21 @@ fn statistics_match_brute_force_raw_rolled_up_and_mixed() -> Result<()> {
     let all = plan(None, None)?;
     assert_eq!(all.months, ["2026-02", "2026-03", "2026-04"]);
     assert!(all.rolled.is_empty() && all.raw.is_empty(), "{all:?}");
+    // the first-seen counts hold for the months from the first one on, and for no other run
+    let firsts = |months: &[&str]| {
+        let months: Vec<String> = months.iter().map(|m| m.to_string()).collect();
+        broadside_analytics::rollup::month_firsts(&store, "acme", &months)
+    };
+    assert!(firsts(&["2026-02", "2026-03", "2026-04"])?.is_some());
+    assert!(firsts(&["2026-02"])?.is_some());
+    assert!(firsts(&["2026-03", "2026-04"])?.is_none());
+    for m in ["2026-02", "2026-03", "2026-04"] {
+        assert!(broadside_analytics::rollup::month_totals(&store, "acme", m)?.is_some());
+    }
+    assert_eq!(
+        plan(None, Some("2026-04-03"))?.months,
+        ["2026-02", "2026-03"]
+    );
     // A range cutting a month reads that month's days.
     let part = plan(Some("2026-03-10"), Some("2026-04-06"))?;
     assert_eq!(part.months, ["2026-04"]);
@@ -242,12 +264,34 @@ fn statistics_match_brute_force_raw_rolled_up_and_mixed() -> Result<()> {
     assert_eq!(stale.months, ["2026-02", "2026-04"]);
     assert_eq!(stale.raw, ["2026-03-03"]);
     assert_eq!(stale.rolled.len(), 30);
+    // March changed since the first-seen counts were made: they hold for February alone
+    assert!(firsts(&["2026-02", "2026-04"])?.is_none());
+    assert!(firsts(&["2026-02"])?.is_some());
     check_all(&events, false)?;
 
     // The next refresh rolls the day up again and compacts March again.
     let report = rt.block_on(broadside_analytics::rollup::refresh(&catalog, None))?;
     assert_eq!((report.built, report.months_built), (1, 1));
+    assert_eq!(report.firsts_built, 1, "acme's again");
+    assert_eq!(report.totals_built, 1, "March's again");
     assert_eq!(plan(None, None)?.months, ["2026-02", "2026-03", "2026-04"]);
+    assert!(firsts(&["2026-02", "2026-03", "2026-04"])?.is_some());
+    check_all(&events, false)?;
+
+    // Late events in the last month: the first two months keep their counts, April's days are
+    // read raw, and its campaigns fold their February and March uniques with them.
+    let late = EventSpec {
+        start: NaiveDate::from_ymd_opt(2026, 4, 2).unwrap(),
+        days: 1,
+        events: 400,
+        seed: 9,
+        ..acme_spec()
+    };
+    late.write(&store, 1, 4096)?;
+    events.extend(late.all());
+    let mixed = plan(None, None)?;
+    assert_eq!(mixed.months, ["2026-02", "2026-03"]);
+    assert_eq!(mixed.raw, ["2026-04-02"]);
     check_all(&events, false)?;
     Ok(())
 }

@@ -232,21 +232,47 @@ pub async fn campaign_statistics(
         Some(c) => col("campaign_id").eq(lit(c.as_str())),
         None => lit(true),
     };
-    let hourly = plan
-        .rollup_rows(
-            &ctx,
-            RollupKind::Hourly,
-            f.clone(),
-            fold_columns(col("bounce_type"), no_hash(), col("n")),
-        )
-        .await?;
-    let uniques = plan
-        .rollup_rows(
-            &ctx,
-            RollupKind::Uniques,
-            f,
-            fold_columns(lit(ScalarValue::Utf8(None)), col("email_hash"), lit(0i64)),
-        )
+    // Without a lower bound, unique recipients of the compacted months come from their
+    // first-seen counts, except for campaigns that also have unique rows in days read by day
+    // or raw: for those, the month uniques are read and folded with the rest.
+    let firsts = match (q.from, q.raw_only) {
+        (None, false) => crate::rollup::month_firsts(catalog.store(), ws, &plan.months)?,
+        _ => None,
+    };
+    let unique_select = || fold_columns(lit(ScalarValue::Utf8(None)), col("email_hash"), lit(0i64));
+    // Whole months are counted from their totals where they have them (one row per campaign,
+    // variant, type and bounce type instead of one per hour).
+    let mut totals_rows = Vec::new();
+    let mut hourly_months = Vec::new();
+    for m in &plan.months {
+        match crate::rollup::month_totals(catalog.store(), ws, m)? {
+            Some(rows) => totals_rows.extend(
+                rows.into_iter()
+                    .filter(|r| q.campaign_id.as_ref().is_none_or(|c| *c == r.0)),
+            ),
+            None => hourly_months.push(m.clone()),
+        }
+    }
+    let hourly = DatePlan {
+        months: hourly_months,
+        ..plan.clone()
+    }
+    .rollup_rows(
+        &ctx,
+        RollupKind::Hourly,
+        f.clone(),
+        fold_columns(col("bounce_type"), no_hash(), col("n")),
+    )
+    .await?;
+    let uniques_plan = match firsts {
+        Some(_) => DatePlan {
+            months: Vec::new(),
+            ..plan.clone()
+        },
+        None => plan.clone(),
+    };
+    let uniques = uniques_plan
+        .rollup_rows(&ctx, RollupKind::Uniques, f.clone(), unique_select())
         .await?;
     for rolled in [hourly, uniques].into_iter().flatten() {
         rows = Some(match rows {
@@ -254,12 +280,39 @@ pub async fn campaign_statistics(
             None => rolled,
         });
     }
-    let rows = rows.expect("raw rows or rollup rows");
 
     let limits = catalog.limits();
     let mut fold = Fold::new(limits.memory_bytes);
-    for_each_batch(&limits, rows, |b| fold.add(b)).await?;
-    let (variants, totals) = fold.finish();
+    if !totals_rows.is_empty() {
+        fold.add(&totals_batch(&totals_rows)?)?;
+    }
+    // Every partition may be a month answered from its totals and first-seen counts alone.
+    if let Some(rows) = rows {
+        for_each_batch(&limits, rows, |b| fold.add(b)).await?;
+    }
+    let mut mixed = Vec::new();
+    if firsts.is_some() {
+        mixed = fold.campaigns_with_uniques();
+        if !mixed.is_empty() {
+            let months = DatePlan {
+                rolled: Vec::new(),
+                raw: Vec::new(),
+                months: plan.months.clone(),
+            };
+            let in_mixed =
+                col("campaign_id").in_list(mixed.iter().map(|c| lit(c.as_str())).collect(), false);
+            if let Some(rows) = months
+                .rollup_rows(&ctx, RollupKind::Uniques, f.and(in_mixed), unique_select())
+                .await?
+            {
+                for_each_batch(&limits, rows, |b| fold.add(b)).await?;
+            }
+        }
+    }
+    let (mut variants, mut totals) = fold.finish();
+    if let Some(firsts) = &firsts {
+        apply_firsts(firsts, &mixed, &mut variants, &mut totals);
+    }
 
     let mut out = Vec::with_capacity(totals.len());
     for (campaign_id, total) in totals {
@@ -293,6 +346,60 @@ pub async fn campaign_statistics(
         });
     }
     Ok(out)
+}
+
+/// Month totals as rows of the statistics plan (no distinct recipients).
+fn totals_batch(rows: &[crate::rollup::TotalRow]) -> QueryResult<RecordBatch> {
+    use arrow_array::{Int64Array, StringArray, UInt64Array};
+    use std::sync::Arc;
+    let schema = Arc::new(arrow_schema::Schema::new(vec![
+        arrow_schema::Field::new("campaign_id", DataType::Utf8, false),
+        arrow_schema::Field::new("variant", DataType::Utf8, true),
+        arrow_schema::Field::new("event_type", DataType::Utf8, false),
+        arrow_schema::Field::new("bounce_type", DataType::Utf8, true),
+        arrow_schema::Field::new("email_hash", DataType::UInt64, true),
+        arrow_schema::Field::new("n", DataType::Int64, false),
+    ]));
+    Ok(RecordBatch::try_new(
+        schema,
+        vec![
+            Arc::new(StringArray::from_iter_values(rows.iter().map(|r| &r.0))),
+            Arc::new(rows.iter().map(|r| r.1.as_deref()).collect::<StringArray>()),
+            Arc::new(StringArray::from_iter_values(rows.iter().map(|r| &r.2))),
+            Arc::new(rows.iter().map(|r| r.3.as_deref()).collect::<StringArray>()),
+            Arc::new(UInt64Array::new_null(rows.len())),
+            Arc::new(Int64Array::from_iter_values(
+                rows.iter().map(|r| r.4 as i64),
+            )),
+        ],
+    )?)
+}
+
+/// Unique opens and clicks of the campaigns the fold holds no distinct recipients for, from
+/// the months' first-seen counts (the fold's own counts stand for the others).
+fn apply_firsts(
+    firsts: &crate::rollup::MonthFirsts,
+    mixed: &[String],
+    variants: &mut BTreeMap<Key, Counts>,
+    totals: &mut BTreeMap<String, Counts>,
+) {
+    let folded: HashSet<&String> = mixed.iter().collect();
+    for ((c, t), n) in &firsts.campaigns {
+        if folded.contains(c) {
+            continue;
+        }
+        if let Some(total) = totals.get_mut(c) {
+            total.set_unique(t, *n);
+        }
+    }
+    for ((c, v, t), n) in &firsts.variants {
+        if folded.contains(c) {
+            continue;
+        }
+        if let Some(counts) = variants.get_mut(&(c.clone(), v.clone())) {
+            counts.set_unique(t, *n);
+        }
+    }
 }
 
 /// The columns every row of the statistics plan has, in order and with one type each.
@@ -429,6 +536,19 @@ impl Fold {
             }
         }
         Ok(())
+    }
+
+    /// The campaigns the fold holds distinct recipients of.
+    fn campaigns_with_uniques(&self) -> Vec<String> {
+        let ids: HashSet<u32> = self.campaign_sets.keys().map(|(c, _)| *c).collect();
+        let mut out: Vec<String> = self
+            .names
+            .iter()
+            .filter(|(_, id)| ids.contains(id))
+            .map(|(n, _)| n.clone())
+            .collect();
+        out.sort();
+        out
     }
 
     /// Counts per (campaign, variant) and per campaign, uniques included.
