@@ -268,15 +268,9 @@ fn build_firsts(store: &Path, ws: &str, months: &[String]) -> QueryResult<bool> 
         ..Default::default()
     };
     loop {
-        let mut next: Option<String> = None;
-        for c in &cursors {
-            if let Some(id) = c.campaign()? {
-                if next.as_ref().is_none_or(|n| id < *n) {
-                    next = Some(id);
-                }
-            }
-        }
-        let Some(campaign) = next else { break };
+        let Some(campaign) = next_campaign(&cursors)? else {
+            break;
+        };
         let mut seen_v: HashSet<(Option<String>, String, u64)> = HashSet::new();
         let mut seen_c: HashSet<(String, u64)> = HashSet::new();
         for (cursor, (month, _)) in cursors.iter_mut().zip(&basis) {
@@ -821,6 +815,20 @@ impl DayCursor {
     }
 }
 
+/// The smallest campaign at the cursors' next rows (`None` when all are used up): the next
+/// campaign of a merge of files sorted by campaign.
+fn next_campaign(cursors: &[DayCursor]) -> QueryResult<Option<String>> {
+    let mut next: Option<String> = None;
+    for c in cursors {
+        if let Some(id) = c.campaign()? {
+            if next.as_ref().is_none_or(|n| id < *n) {
+                next = Some(id);
+            }
+        }
+    }
+    Ok(next)
+}
+
 /// Merges day rollup files (each sorted by campaign) into one file sorted by campaign, the
 /// days' rows of a campaign in day order; with `dedup`, a campaign's rows are made distinct
 /// and ordered by `email_hash` (the uniques). Returns the rows written.
@@ -836,15 +844,9 @@ fn merge_by_campaign(
         .collect::<QueryResult<Vec<_>>>()?;
     let mut w = RollupWriter::create(path, schema.clone())?;
     loop {
-        let mut next: Option<String> = None;
-        for c in &cursors {
-            if let Some(id) = c.campaign()? {
-                if next.as_ref().is_none_or(|n| id < *n) {
-                    next = Some(id);
-                }
-            }
-        }
-        let Some(campaign) = next else { break };
+        let Some(campaign) = next_campaign(&cursors)? else {
+            break;
+        };
         let mut run = Vec::new();
         for c in &mut cursors {
             c.take_run(&campaign, &mut run)?;

@@ -256,19 +256,9 @@ fn scan_blocklist_csv(
     mut each: impl FnMut(&str, u64),
 ) -> Result<u64> {
     let mut csv = BounceCsv::open(path)?;
-    let email = csv.email;
     let mut rows = 0;
     while let Some((n, fields)) = csv.next_row()? {
-        let Some(e) = fields.get(email) else {
-            return Err(csv.error(
-                n,
-                format!(
-                    "row has {} fields, the email column is #{}",
-                    fields.len(),
-                    email + 1
-                ),
-            ));
-        };
+        let e = csv.email_field(n, &fields)?;
         let e = normalize_email(e);
         if !e.is_empty() {
             each(&e, n);
@@ -727,6 +717,20 @@ impl BounceCsv {
         self.cols.iter().position(|c| names.contains(&c.as_str()))
     }
 
+    /// The email field of row `line`, or an error naming the row when it is too short.
+    pub(crate) fn email_field<'f>(&self, line: u64, fields: &'f [String]) -> Result<&'f str> {
+        fields.get(self.email).map(String::as_str).ok_or_else(|| {
+            self.error(
+                line,
+                format!(
+                    "row has {} fields, the email column is #{}",
+                    fields.len(),
+                    self.email + 1
+                ),
+            )
+        })
+    }
+
     /// An error naming the file and line.
     pub(crate) fn error(&self, line: u64, message: String) -> Error {
         Error::Input {
@@ -756,19 +760,10 @@ impl BounceCsv {
 
 fn scan_bounce_csv(path: &Path, set: &mut Vec<String>) -> Result<u64> {
     let mut csv = BounceCsv::open(path)?;
-    let (email, kind) = (csv.email, csv.column(&["bounce_type", "type"]));
+    let kind = csv.column(&["bounce_type", "type"]);
     let mut rows = 0;
     while let Some((n, fields)) = csv.next_row()? {
-        let Some(e) = fields.get(email) else {
-            return Err(csv.error(
-                n,
-                format!(
-                    "row has {} fields, the email column is #{}",
-                    fields.len(),
-                    email + 1
-                ),
-            ));
-        };
+        let e = csv.email_field(n, &fields)?;
         if kind
             .and_then(|k| fields.get(k))
             .is_some_and(|t| t.trim().eq_ignore_ascii_case("soft"))
