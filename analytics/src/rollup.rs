@@ -271,13 +271,17 @@ fn build_firsts(store: &Path, ws: &str, months: &[String]) -> QueryResult<bool> 
         let Some(campaign) = next_campaign(&cursors)? else {
             break;
         };
-        let mut seen_v: HashSet<(Option<String>, String, u64)> = HashSet::new();
-        let mut seen_c: HashSet<(String, u64)> = HashSet::new();
+        // Variants and types are numbered per campaign, so a seen row is three integers.
+        let mut names: Vec<(Option<String>, String)> = Vec::new();
+        let mut ids: HashMap<(Option<String>, String), u32> = HashMap::new();
+        let mut types: Vec<String> = Vec::new();
+        let mut seen_v: HashSet<(u32, u64)> = HashSet::new();
+        let mut seen_c: HashSet<(u32, u64)> = HashSet::new();
         for (cursor, (month, _)) in cursors.iter_mut().zip(&basis) {
             let mut run = Vec::new();
             cursor.take_run(&campaign, &mut run)?;
-            let mut new_v: HashMap<(Option<String>, String), u64> = HashMap::new();
-            let mut new_c: HashMap<String, u64> = HashMap::new();
+            let mut new_v: BTreeMap<u32, u64> = BTreeMap::new();
+            let mut new_c: BTreeMap<u32, u64> = BTreeMap::new();
             for b in &run {
                 use arrow_array::cast::AsArray;
                 use arrow_array::types::UInt64Type;
@@ -288,29 +292,58 @@ fn build_firsts(store: &Path, ws: &str, months: &[String]) -> QueryResult<bool> 
                     .column_by_name("email_hash")
                     .expect("uniques schema")
                     .as_primitive::<UInt64Type>();
+                let mut last: Option<(Option<&str>, &str, u32, u32)> = None;
                 for i in 0..b.num_rows() {
-                    let variant = v.is_valid(i).then(|| v.value(i).to_string());
-                    let (ty, hash) = (t.value(i).to_string(), h.value(i));
-                    if seen_v.insert((variant.clone(), ty.clone(), hash)) {
-                        *new_v.entry((variant, ty.clone())).or_default() += 1;
+                    let (variant, ty) = (v.is_valid(i).then(|| v.value(i)), t.value(i));
+                    let (vid, tid) = match last {
+                        Some((lv, lt, vid, tid)) if lv == variant && lt == ty => (vid, tid),
+                        _ => {
+                            let key = (variant.map(String::from), ty.to_string());
+                            let vid = *ids.entry(key.clone()).or_insert_with(|| {
+                                names.push(key);
+                                names.len() as u32 - 1
+                            });
+                            let tid = match types.iter().position(|x| x == ty) {
+                                Some(p) => p as u32,
+                                None => {
+                                    types.push(ty.to_string());
+                                    types.len() as u32 - 1
+                                }
+                            };
+                            last = Some((variant, ty, vid, tid));
+                            (vid, tid)
+                        }
+                    };
+                    let hash = h.value(i);
+                    if seen_v.insert((vid, hash)) {
+                        *new_v.entry(vid).or_default() += 1;
                     }
-                    if seen_c.insert((ty.clone(), hash)) {
-                        *new_c.entry(ty).or_default() += 1;
+                    if seen_c.insert((tid, hash)) {
+                        *new_c.entry(tid).or_default() += 1;
                     }
                 }
             }
-            let rows_v = file.variants.entry(month.clone()).or_default();
-            let mut sorted: Vec<_> = new_v.into_iter().collect();
-            sorted.sort();
-            rows_v.extend(
-                sorted
-                    .into_iter()
-                    .map(|((v, t), n)| (campaign.clone(), v, t, n)),
-            );
-            let rows_c = file.campaigns.entry(month.clone()).or_default();
-            let mut sorted: Vec<_> = new_c.into_iter().collect();
-            sorted.sort();
-            rows_c.extend(sorted.into_iter().map(|(t, n)| (campaign.clone(), t, n)));
+            let mut rows_v: Vec<VariantFirst> = new_v
+                .into_iter()
+                .map(|(vid, n)| {
+                    let (v, t) = names[vid as usize].clone();
+                    (campaign.clone(), v, t, n)
+                })
+                .collect();
+            rows_v.sort();
+            file.variants
+                .entry(month.clone())
+                .or_default()
+                .extend(rows_v);
+            let mut rows_c: Vec<(String, String, u64)> = new_c
+                .into_iter()
+                .map(|(tid, n)| (campaign.clone(), types[tid as usize].clone(), n))
+                .collect();
+            rows_c.sort();
+            file.campaigns
+                .entry(month.clone())
+                .or_default()
+                .extend(rows_c);
         }
     }
     write_atomic(&path, serde_json::to_string(&file)?.as_bytes())
