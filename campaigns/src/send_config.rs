@@ -436,13 +436,16 @@ impl WorkspaceSources {
     }
 }
 
-/// Writes `text` to `path` through a temporary file, unless it holds that already (a resumed
-/// send must find the same input).
+/// Writes `text` to `path` through a temporary file of this process and call (the API's READY
+/// check and the scheduler may write the same spec at once), unless it holds that already (a
+/// resumed send must find the same input).
 fn write_if_changed(path: &Path, text: &str) -> Result<(), String> {
+    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     if std::fs::read_to_string(path).ok().as_deref() == Some(text) {
         return Ok(());
     }
-    let tmp = path.with_extension("tmp");
+    let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = path.with_extension(format!("{}.{n}.tmp", std::process::id()));
     std::fs::write(&tmp, text)
         .and_then(|()| std::fs::rename(&tmp, path))
         .map_err(|e| format!("writing {}: {e}", path.display()))
