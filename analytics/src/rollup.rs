@@ -196,14 +196,16 @@ pub struct MonthFirsts {
     pub campaigns: std::collections::HashMap<(String, String), u64>,
 }
 
-/// The first-seen sums over `months` (a plan's compacted months), when they hold: the months
-/// are, in order, the first ones `_firsts.json` was computed over, each with the fingerprint it
-/// had then, and no event partition lies before the last of them outside them (the caller's
-/// plan has no lower bound). `None` otherwise.
-pub fn month_firsts(store: &Path, ws: &str, months: &[String]) -> QueryResult<Option<MonthFirsts>> {
-    if months.is_empty() {
+/// The first-seen sums over the compacted months of `plan`, a plan **without a lower bound**,
+/// when they hold: the months are, in order, the first ones `_firsts.json` was computed over,
+/// each with the fingerprint it had then, and no partition the plan reads by day or raw lies
+/// before the first of them (without a lower bound, the plan holds every earlier partition).
+/// `None` otherwise.
+pub fn month_firsts(store: &Path, ws: &str, plan: &DatePlan) -> QueryResult<Option<MonthFirsts>> {
+    let months = &plan.months;
+    let Some(first) = months.first() else {
         return Ok(None);
-    }
+    };
     let Some(f) = read_sidecar::<FirstsFile>(&firsts_path(store, ws))? else {
         return Ok(None);
     };
@@ -211,15 +213,15 @@ pub fn month_firsts(store: &Path, ws: &str, months: &[String]) -> QueryResult<Op
         return Ok(None);
     }
     for (m, (bm, bfp)) in months.iter().zip(&f.basis) {
-        let current = month_days(store, ws, m)?.map(|d| month_fingerprint(&d));
-        if m != bm || current.as_deref() != Some(bfp.as_str()) {
+        if m != bm || plan.month_fingerprints.get(m) != Some(bfp) {
             return Ok(None);
         }
     }
-    // No day of an earlier month may exist outside the compactions (a month read by days).
-    let first = &months[0];
-    if event_dates(store, ws)?
+    // No day of an earlier month may be read outside the compactions.
+    if plan
+        .rolled
         .iter()
+        .chain(&plan.raw)
         .any(|d| month_of(d) < first.as_str())
     {
         return Ok(None);
@@ -366,14 +368,22 @@ struct MonthTotals {
     rows: Vec<TotalRow>,
 }
 
-/// A month's event counts per (campaign, variant, event type, bounce type), when its totals
-/// were summed from its current compaction (`None` otherwise: read its hourly rows).
-pub fn month_totals(store: &Path, ws: &str, month: &str) -> QueryResult<Option<Vec<TotalRow>>> {
+/// The event counts per (campaign, variant, event type, bounce type) of a month `plan` reads
+/// from its compaction, when its totals were summed from that compaction (`None` otherwise:
+/// read its hourly rows).
+pub fn month_totals(
+    store: &Path,
+    ws: &str,
+    plan: &DatePlan,
+    month: &str,
+) -> QueryResult<Option<Vec<TotalRow>>> {
+    let Some(fp) = plan.month_fingerprints.get(month) else {
+        return Ok(None);
+    };
     let Some(t) = read_sidecar::<MonthTotals>(&totals_path(store, ws, month))? else {
         return Ok(None);
     };
-    let current = month_days(store, ws, month)?.map(|d| month_fingerprint(&d));
-    Ok((current.as_deref() == Some(t.month.as_str())).then_some(t.rows))
+    Ok((t.month == *fp).then_some(t.rows))
 }
 
 /// Sums a month compaction's hourly rows into `_totals.json`, unless they are current.
@@ -519,6 +529,9 @@ pub struct DatePlan {
     pub months: Vec<String>,
     /// Partitions scanned raw.
     pub raw: Vec<String>,
+    /// The [`month_fingerprint`] of each month in `months`: the compaction the plan checked
+    /// against the current day rollups.
+    pub month_fingerprints: BTreeMap<String, String>,
 }
 
 impl DatePlan {
@@ -557,6 +570,8 @@ impl DatePlan {
         for (month, days) in months.complete() {
             if month_matches(store, ws, &month, &days)? {
                 plan.rolled.retain(|d| month_of(d) != month);
+                plan.month_fingerprints
+                    .insert(month.clone(), month_fingerprint(&days));
                 plan.months.push(month);
             }
         }
@@ -676,6 +691,7 @@ pub async fn refresh(catalog: &Catalog, ws: Option<&str>) -> QueryResult<Refresh
         }
         // Closed months only: the current one still gets new days.
         let this_month = chrono::Utc::now().format("%Y-%m").to_string();
+        let all_months: Vec<String> = months.0.keys().cloned().collect();
         let mut compacted = Vec::new();
         for (month, days) in months.complete() {
             if month >= this_month {
@@ -690,22 +706,12 @@ pub async fn refresh(catalog: &Catalog, ws: Option<&str>) -> QueryResult<Refresh
             compacted.push(month);
         }
         // The first-seen counts run over the leading months that are compacted and current.
-        let leading: Vec<String> = {
-            let all_months: Vec<String> = {
-                let mut v: Vec<String> = event_dates(store, &w)?
-                    .iter()
-                    .map(|d| month_of(d).to_string())
-                    .collect();
-                v.dedup();
-                v
-            };
-            all_months
-                .iter()
-                .zip(&compacted)
-                .take_while(|(a, b)| a == b)
-                .map(|(a, _)| a.clone())
-                .collect()
-        };
+        let leading: Vec<String> = all_months
+            .iter()
+            .zip(&compacted)
+            .take_while(|(a, b)| a == b)
+            .map(|(a, _)| a.clone())
+            .collect();
         let (store_dir, ws_id) = (store.to_path_buf(), w.clone());
         let (firsts, totals) =
             tokio::task::spawn_blocking(move || -> QueryResult<(bool, usize)> {

@@ -236,7 +236,7 @@ pub async fn campaign_statistics(
     // first-seen counts, except for campaigns that also have unique rows in days read by day
     // or raw: for those, the month uniques are read and folded with the rest.
     let firsts = match (q.from, q.raw_only) {
-        (None, false) => crate::rollup::month_firsts(catalog.store(), ws, &plan.months)?,
+        (None, false) => crate::rollup::month_firsts(catalog.store(), ws, &plan)?,
         _ => None,
     };
     let unique_select = || fold_columns(lit(ScalarValue::Utf8(None)), col("email_hash"), lit(0i64));
@@ -245,7 +245,7 @@ pub async fn campaign_statistics(
     let mut totals_rows = Vec::new();
     let mut hourly_months = Vec::new();
     for m in &plan.months {
-        match crate::rollup::month_totals(catalog.store(), ws, m)? {
+        match crate::rollup::month_totals(catalog.store(), ws, &plan, m)? {
             Some(rows) => totals_rows.extend(
                 rows.into_iter()
                     .filter(|r| q.campaign_id.as_ref().is_none_or(|c| *c == r.0)),
@@ -297,7 +297,7 @@ pub async fn campaign_statistics(
             let months = DatePlan {
                 rolled: Vec::new(),
                 raw: Vec::new(),
-                months: plan.months.clone(),
+                ..plan.clone()
             };
             let in_mixed =
                 col("campaign_id").in_list(mixed.iter().map(|c| lit(c.as_str())).collect(), false);
