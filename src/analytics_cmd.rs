@@ -199,6 +199,11 @@ pub fn rollup(store: PathBuf, workspace: Option<String>) -> Result<()> {
         r.months_current,
         started.elapsed().as_secs_f64()
     );
+    let i = r.recipients;
+    println!(
+        "recipient index: {} days and {} runs indexed, {} days and {} runs already current, {} changed while indexing (retry later); in {:.2} s of the above",
+        i.days_built, i.runs_built, i.days_current, i.runs_current, i.raced, i.secs
+    );
     Ok(())
 }
 

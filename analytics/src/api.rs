@@ -387,6 +387,7 @@ pub fn api_router(cfg: ApiConfig) -> Router {
         .route("/campaign-recipient-logs/", get(logs))
         .route("/campaign-recipient-logs", get(logs))
         .route("/campaign-recipient-logs/{id}", get(log))
+        .route("/recipients/{email}/history", get(history))
         .route("/sql", post(sql))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth))
         .with_state(state);
@@ -898,6 +899,25 @@ async fn log(
     Ok(Json(lists::get_log(&s.catalog, &ws, &id).await?))
 }
 
+/// `GET /recipients/{email}/history`: one recipient's events and ledger rows, newest first.
+async fn history(
+    State(s): State<Arc<ApiState>>,
+    Extension(Ws(ws)): Extension<Ws>,
+    UrlPath(email): UrlPath<String>,
+    axum::extract::RawQuery(q): axum::extract::RawQuery,
+) -> ApiResult<Json<Value>> {
+    let p = Params::parse(q.as_deref(), params::HISTORY_PARAMS)?;
+    if email.trim().is_empty() {
+        return Err(bad("recipient: expected an address or account number"));
+    }
+    let page =
+        crate::recipients::recipient_history(&s.catalog, &ws, &email, p.limit()?, p.get("cursor"))
+            .await?;
+    let mut v = serde_json::to_value(page).expect("page serialises");
+    v["recipient"] = json!(email.trim());
+    Ok(Json(v))
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct SqlBody {
@@ -998,7 +1018,7 @@ impl AsRef<[u8]> for ReservedText {
 }
 
 /// The route paths (for checking the OpenAPI document covers them).
-pub const ROUTES: [&str; 17] = [
+pub const ROUTES: [&str; 18] = [
     "/healthz",
     "/openapi.json",
     "/campaign-statistics/",
@@ -1015,6 +1035,7 @@ pub const ROUTES: [&str; 17] = [
     "/campaign-runs/{id}",
     "/campaign-recipient-logs/",
     "/campaign-recipient-logs/{id}",
+    "/recipients/{email}/history",
     "/sql",
 ];
 

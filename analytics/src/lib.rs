@@ -32,6 +32,7 @@ pub mod intake;
 pub mod kafka;
 pub mod params;
 pub mod query;
+pub mod recipients;
 pub mod rollup;
 pub mod stop;
 pub mod suppression;

@@ -89,8 +89,11 @@ pub const LOGS_PARAMS: &[&str] = &[
     "cursor",
 ];
 
+/// Parameters of `/recipients/{email}/history`.
+pub const HISTORY_PARAMS: &[&str] = &["limit", "cursor"];
+
 /// Every route's parameter list (the `api_params` fuzz target walks them).
-pub const ROUTE_PARAMS: [&[&str]; 8] = [
+pub const ROUTE_PARAMS: [&[&str]; 9] = [
     STATISTICS_PARAMS,
     SERIES_PARAMS,
     EVENTS_PARAMS,
@@ -99,6 +102,7 @@ pub const ROUTE_PARAMS: [&[&str]; 8] = [
     HISTORICAL_LIST_PARAMS,
     RUNS_PARAMS,
     LOGS_PARAMS,
+    HISTORY_PARAMS,
 ];
 
 /// A query parameter the API refuses: answered with `400` and this message.

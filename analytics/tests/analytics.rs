@@ -495,7 +495,7 @@ async fn call(
     (status, String::from_utf8_lossy(&bytes).into_owned())
 }
 
-const ENDPOINTS: [(&str, &str, &str); 15] = [
+const ENDPOINTS: [(&str, &str, &str); 16] = [
     ("GET", "/campaign-statistics/", ""),
     ("GET", "/campaign-statistics/c001", ""),
     (
@@ -518,6 +518,7 @@ const ENDPOINTS: [(&str, &str, &str); 15] = [
     ("GET", "/campaign-runs/run-000", ""),
     ("GET", "/campaign-recipient-logs/", ""),
     ("GET", "/campaign-recipient-logs/run-000:0", ""),
+    ("GET", "/recipients/user7@example.com/history", ""),
     (
         "POST",
         "/sql",
@@ -975,6 +976,362 @@ fn sql_answers_stop_at_their_limits() -> Result<()> {
         .await;
         assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{text}");
         assert!(text.contains("esources exhausted"), "{text}");
+    });
+    Ok(())
+}
+
+/// One ledger row of a synthetic run (the columns the history shows).
+#[derive(Debug, Clone)]
+struct LedgerRow {
+    workspace: &'static str,
+    campaign: &'static str,
+    run: &'static str,
+    row: u64,
+    key: Option<String>,
+    decision: &'static str,
+    reason: Option<&'static str>,
+}
+
+/// Writes a run's recipient log in two parts, as a send does, and its run record.
+fn write_run(store: &Path, rows: &[LedgerRow], started: &str) -> Result<()> {
+    use arrow_array::{ArrayRef, RecordBatch, StringArray, UInt32Array, UInt64Array};
+    let first = &rows[0];
+    let dir = store.join(format!(
+        "recipient_logs/workspace_id={}/campaign_id={}/run_id={}",
+        first.workspace, first.campaign, first.run
+    ));
+    std::fs::create_dir_all(&dir)?;
+    let schema = broadside_pipeline::store::ledger_schema();
+    for (part, chunk) in rows.chunks(rows.len().div_ceil(2)).enumerate() {
+        let text = |f: &dyn Fn(&LedgerRow) -> Option<String>| -> ArrayRef {
+            std::sync::Arc::new(chunk.iter().map(f).collect::<StringArray>())
+        };
+        let cols: Vec<ArrayRef> = vec![
+            std::sync::Arc::new(chunk.iter().map(|r| r.row).collect::<UInt64Array>()),
+            text(&|r| r.key.clone()),
+            text(&|r| (r.decision == "sent").then(|| "A".to_string())),
+            text(&|r| Some(r.decision.to_string())),
+            text(&|r| r.reason.map(str::to_string)),
+            text(&|_| None),
+            text(&|_| None),
+            text(&|r| (r.decision == "sent").then(|| format!("{}_A_00001.ifur", r.run))),
+            std::sync::Arc::new(
+                chunk
+                    .iter()
+                    .map(|r| (r.decision == "sent").then_some(r.row as u32 + 1))
+                    .collect::<UInt32Array>(),
+            ),
+            text(&|_| None),
+            text(&|_| None),
+        ];
+        let cols = cols
+            .iter()
+            .zip(schema.fields())
+            .map(|(c, f)| arrow_cast::cast(c, f.data_type()))
+            .collect::<Result<Vec<_>, _>>()?;
+        let batch = RecordBatch::try_new(schema.clone(), cols)?;
+        let file = std::fs::File::create(dir.join(format!("part-{part:05}.parquet")))?;
+        let mut w = parquet::arrow::ArrowWriter::try_new(file, schema.clone(), None)?;
+        w.write(&batch)?;
+        w.close()?;
+    }
+    let record = serde_json::json!({
+        "run_id": first.run, "campaign_id": first.campaign, "workspace_id": first.workspace,
+        "status": "done", "attempts": 1, "started_at": started, "finished_at": started,
+        "spec_hash": "0", "input": {"path": "in.csv", "bytes": 0, "modified_ns": 0},
+        "suppression_lists": [], "rows": rows.len(), "decisions": {}, "reasons": [],
+        "variants": [], "holdout": 0, "suppression_keys": 0, "suppression_build_secs": 0.0,
+        "files": [], "stages": [], "elapsed_secs": 1.0, "rows_per_sec": 1.0, "error": null
+    });
+    let runs = store.join(format!("campaign_runs/workspace_id={}", first.workspace));
+    std::fs::create_dir_all(&runs)?;
+    std::fs::write(
+        runs.join(format!("{}.json", first.run)),
+        format!("{record}\n"),
+    )?;
+    Ok(())
+}
+
+/// Ledger rows of a run: recipients `range` of the synthetic events' addresses (spelt as the
+/// send writes keys: lowercased), every third one twice, plus an account number, a
+/// non-ASCII address and a row without a key.
+fn ledger_rows(
+    workspace: &'static str,
+    campaign: &'static str,
+    run: &'static str,
+    range: std::ops::Range<u64>,
+) -> Vec<LedgerRow> {
+    let mut keys: Vec<Option<String>> = Vec::new();
+    for r in range {
+        keys.push(Some(format!("user{r}@example.com")));
+        if r % 3 == 0 {
+            keys.push(Some(format!("user{r}@example.com")));
+        }
+    }
+    keys.extend([
+        Some("AC-0042".into()),
+        Some("ünïcode@example.com".into()),
+        None,
+    ]);
+    let decisions = [
+        ("sent", None),
+        ("suppressed", Some("hard_bounce")),
+        ("skipped", Some("duplicate")),
+        ("holdout", Some("holdout")),
+    ];
+    keys.into_iter()
+        .enumerate()
+        .map(|(i, key)| LedgerRow {
+            workspace,
+            campaign,
+            run,
+            row: i as u64,
+            key,
+            decision: decisions[i % 4].0,
+            reason: decisions[i % 4].1,
+        })
+        .collect()
+}
+
+/// A recipient's history through the API, every page of `limit` items.
+async fn history_pages(app: &axum::Router, who: &str, limit: usize) -> Vec<Value> {
+    let mut out = Vec::new();
+    let mut cursor: Option<String> = None;
+    let who = who.replace(' ', "%20");
+    loop {
+        let uri = match &cursor {
+            Some(c) => format!("/recipients/{who}/history?limit={limit}&cursor={c}"),
+            None => format!("/recipients/{who}/history?limit={limit}"),
+        };
+        let (status, text) = call(app, "GET", &uri, Some(ACME_TOKEN), Some("acme"), "").await;
+        assert_eq!(status, StatusCode::OK, "{uri}: {text}");
+        let v: Value = serde_json::from_str(&text).unwrap();
+        let items = v["items"].as_array().unwrap();
+        assert!(items.len() <= limit);
+        out.extend(items.iter().cloned());
+        match v["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_string()),
+            None => break,
+        }
+    }
+    out
+}
+
+/// What the history of `who` must hold, computed by brute force: (at, id, kind, what) of
+/// every acme event whose trimmed, ASCII-lowercased address is `who`'s and every acme ledger
+/// row whose key is `who` normalised as a send does, newest first.
+fn brute_history(
+    events: &[Event],
+    ledger: &[(LedgerRow, DateTime<Utc>)],
+    who: &str,
+) -> Vec<(i64, String, String, String)> {
+    let identity = who.trim().to_ascii_lowercase();
+    let key = if who.contains('@') {
+        who.trim().to_lowercase()
+    } else {
+        who.trim().to_string()
+    };
+    let mut want: Vec<(i64, String, String, String)> = events
+        .iter()
+        .filter(|e| e.email.trim().to_ascii_lowercase() == identity)
+        .map(|e| {
+            (
+                e.ts.timestamp_micros(),
+                e.event_id.clone(),
+                "event".to_string(),
+                format!("{} {}", e.campaign_id, e.event_type.as_str()),
+            )
+        })
+        .collect();
+    want.extend(
+        ledger
+            .iter()
+            .filter(|(r, _)| r.workspace == "acme" && r.key.as_deref() == Some(key.as_str()))
+            .map(|(r, at)| {
+                (
+                    at.timestamp_micros(),
+                    format!("{}:{}", r.run, r.row),
+                    "decision".to_string(),
+                    format!("{} {}", r.campaign, r.decision),
+                )
+            }),
+    );
+    want.sort_by(|a, b| (b.0, &b.1).cmp(&(a.0, &a.1)));
+    want
+}
+
+fn seen_history(items: &[Value]) -> Vec<(i64, String, String, String)> {
+    items
+        .iter()
+        .map(|i| {
+            let at = DateTime::parse_from_rfc3339(i["at"].as_str().unwrap())
+                .unwrap()
+                .timestamp_micros();
+            let kind = i["kind"].as_str().unwrap().to_string();
+            let (id, what) = if kind == "event" {
+                (
+                    i["event_id"].as_str().unwrap().to_string(),
+                    format!(
+                        "{} {}",
+                        i["campaign_id"].as_str().unwrap(),
+                        i["event_type"].as_str().unwrap()
+                    ),
+                )
+            } else {
+                (
+                    i["id"].as_str().unwrap().to_string(),
+                    format!(
+                        "{} {}",
+                        i["campaign_id"].as_str().unwrap(),
+                        i["decision"].as_str().unwrap()
+                    ),
+                )
+            };
+            (at, id, kind, what)
+        })
+        .collect()
+}
+
+#[test]
+fn recipient_history_matches_brute_force_raw_indexed_and_mixed() -> Result<()> {
+    use broadside_analytics::recipients::IndexPlan;
+    let (dir, mut events) = store_with_events()?;
+    let store = dir.path().join("store");
+    let mut ledger: Vec<(LedgerRow, DateTime<Utc>)> = Vec::new();
+    let add_run = |ledger: &mut Vec<_>, rows: Vec<LedgerRow>, started: &str| -> Result<()> {
+        write_run(&store, &rows, started)?;
+        ledger.extend(rows.into_iter().map(|r| (r, utc(started))));
+        Ok(())
+    };
+    let rows = ledger_rows("acme", "c001", "run-a", 0..100);
+    add_run(&mut ledger, rows, "2026-02-21T08:00:00Z")?;
+    let rows = ledger_rows("acme", "c002", "run-b", 50..150);
+    add_run(&mut ledger, rows, "2026-03-10T08:00:00Z")?;
+    // The other tenant: the same campaign id and addresses.
+    let rows = ledger_rows("canary", "c001", "run-c", 0..50);
+    add_run(&mut ledger, rows, "2026-03-30T08:00:00Z")?;
+    let catalog = Catalog::new(&store);
+    let rt = runtime();
+    let app = api(&store);
+    let people = [
+        "user7@example.com",
+        "  USER7@Example.COM ",
+        "user60@example.com",
+        "user120@example.com",
+        "user299@example.com",
+        "ÜNÏCODE@example.com",
+        "AC-0042",
+        "ac-0042",
+        "nobody@example.com",
+    ];
+    let check = |events: &[Event], ledger: &[(LedgerRow, DateTime<Utc>)]| {
+        rt.block_on(async {
+            for who in people {
+                let want = brute_history(events, ledger, who);
+                let all = history_pages(&app, who, 1000).await;
+                assert_eq!(seen_history(&all), want, "{who:?}");
+                assert!(
+                    all.iter()
+                        .all(|i| !i.to_string().contains("ev-99-")
+                            && !i.to_string().contains("run-c")),
+                    "canary rows in acme's history of {who:?}"
+                );
+                // Small pages cover the same rows once each, in the same order.
+                let paged = history_pages(&app, who, 7).await;
+                assert_eq!(paged, all, "{who:?} paged by 7");
+            }
+        });
+        // Someone with both events and decisions (so the check has something to compare).
+        let seen = brute_history(events, ledger, "user60@example.com");
+        assert!(seen.iter().any(|s| s.2 == "event") && seen.iter().any(|s| s.2 == "decision"));
+    };
+
+    // Raw: no index yet.
+    let plan = IndexPlan::new(&store, "acme")?;
+    assert!(plan.days_indexed.is_empty() && plan.runs_indexed.is_empty());
+    assert_eq!((plan.days_raw.len(), plan.runs_raw.len()), (45, 2));
+    check(&events, &ledger);
+
+    // Indexed: every day and run, and read from the index.
+    let report = rt.block_on(broadside_analytics::rollup::refresh(&catalog, None))?;
+    let r = report.recipients;
+    assert_eq!((r.days_built, r.runs_built, r.raced), (90, 3, 0), "{r:?}");
+    let again = rt.block_on(broadside_analytics::rollup::refresh(&catalog, None))?;
+    assert_eq!(
+        (again.recipients.days_built, again.recipients.runs_built),
+        (0, 0)
+    );
+    assert_eq!(
+        (again.recipients.days_current, again.recipients.runs_current),
+        (90, 3)
+    );
+    let plan = IndexPlan::new(&store, "acme")?;
+    assert!(
+        plan.days_raw.is_empty() && plan.runs_raw.is_empty(),
+        "{plan:?}"
+    );
+    check(&events, &ledger);
+    // The index files are sorted by the hash, with the hash's page statistics.
+    let idx =
+        store.join("rollups/recipient_events/workspace_id=acme/date=2026-03-03/events.parquet");
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
+        std::fs::File::open(&idx)?,
+    )?
+    .build()?;
+    let mut last = 0u64;
+    let mut rows = 0;
+    for b in reader {
+        let b = b?;
+        let h = b
+            .column_by_name("email_hash")
+            .unwrap()
+            .as_any()
+            .downcast_ref::<arrow_array::UInt64Array>()
+            .unwrap()
+            .clone();
+        for v in h.values() {
+            assert!(*v >= last, "sorted by email_hash");
+            last = *v;
+        }
+        rows += b.num_rows();
+    }
+    let day = NaiveDate::from_ymd_opt(2026, 3, 3).unwrap();
+    assert_eq!(
+        rows,
+        events.iter().filter(|e| e.ts.date_naive() == day).count()
+    );
+
+    // Mixed: late events in one day and a new run since the refresh are read raw, the rest
+    // from the index.
+    let late = EventSpec {
+        start: day,
+        days: 1,
+        events: 500,
+        seed: 8,
+        ..acme_spec()
+    };
+    late.write(&store, 1, 4096)?;
+    events.extend(late.all());
+    let rows = ledger_rows("acme", "c003", "run-d", 5..80);
+    add_run(&mut ledger, rows, "2026-04-02T08:00:00Z")?;
+    let plan = IndexPlan::new(&store, "acme")?;
+    assert_eq!(plan.days_raw, ["2026-03-03"]);
+    assert_eq!(plan.runs_raw, [("c003".to_string(), "run-d".to_string())]);
+    check(&events, &ledger);
+
+    // A cursor that is not one is refused, naming it.
+    rt.block_on(async {
+        let (status, text) = call(
+            &app,
+            "GET",
+            "/recipients/user7@example.com/history?cursor=zz",
+            Some(ACME_TOKEN),
+            Some("acme"),
+            "",
+        )
+        .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert!(text.contains("cursor"), "{text}");
     });
     Ok(())
 }

@@ -163,7 +163,7 @@ pub const ROLLUP_UNIQUES_MONTHLY: &str = "rollups/uniques_monthly";
 pub const REMOVED_TABLE_FUNCTIONS: [&str; 2] = ["range", "generate_series"];
 
 /// Names of the tables every session has.
-pub const TABLES: [&str; 10] = [
+pub const TABLES: [&str; 12] = [
     "events",
     "bounce_events",
     "recipient_logs",
@@ -173,6 +173,8 @@ pub const TABLES: [&str; 10] = [
     "rollup_uniques",
     "rollup_hourly_monthly",
     "rollup_uniques_monthly",
+    "recipient_events",
+    "recipient_ledger",
     "ingest_gaps",
 ];
 
@@ -296,6 +298,24 @@ impl Catalog {
                 ws,
                 &["month"],
                 crate::rollup::uniques_schema(),
+            )?,
+        )?;
+        ctx.register_table(
+            "recipient_events",
+            self.listing(
+                crate::recipients::RECIPIENT_EVENTS,
+                ws,
+                &["date"],
+                crate::recipients::events_index_schema(),
+            )?,
+        )?;
+        ctx.register_table(
+            "recipient_ledger",
+            self.listing(
+                crate::recipients::RECIPIENT_LEDGER,
+                ws,
+                &["campaign_id", "run_id"],
+                crate::recipients::ledger_index_schema(),
             )?,
         )?;
         let runs: Arc<MemTable> = Arc::new(campaign_runs_table(&self.store, ws)?);

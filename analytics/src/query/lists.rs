@@ -312,7 +312,7 @@ pub async fn list_logs(
 /// Adds `current_mail_state` (and `mail_state_event`, `mail_state_at`) to the items with a
 /// `mail_state`: the ledger's state moved on by the printer's tracking events
 /// ([`crate::query::mail`]).
-async fn add_mail_states(
+pub(crate) async fn add_mail_states(
     catalog: &Catalog,
     ws: &str,
     items: &mut [serde_json::Value],

@@ -1,0 +1,585 @@
+//! One recipient's history — their events and their ledger rows in every campaign and run of a
+//! workspace — without scanning the store.
+//!
+//! The recipient index keeps, beside the rollups, a copy of each event partition and of each
+//! run's recipient log sorted by the recipient's hash:
+//!
+//! - `rollups/recipient_events/workspace_id=W/date=D/events.parquet`: the day's events with
+//!   `email_hash` in front, sorted by (`email_hash`, `ts`, `event_id`);
+//! - `rollups/recipient_ledger/workspace_id=W/campaign_id=C/run_id=R/ledger.parquet`: the run's
+//!   ledger rows that have a key, with `key_hash` (`email_hash` of the key) in front, sorted by
+//!   (`key_hash`, `row`);
+//! - `_source.json` beside each: the fingerprint (names and sizes) of the event files or log
+//!   parts it was built from.
+//!
+//! The files have data pages of [`INDEX_PAGE_ROWS`] rows and min/max statistics per page on
+//! the hash only (the Parquet page index), so a lookup reads one page of each column in each
+//! file, whatever the size of the day or run. A lookup reads the index of the partitions and
+//! runs whose fingerprint still matches and scans the others raw, in one plan: answers are
+//! always those of a full scan (the hash only finds candidates; rows are kept when their
+//! normalised address or key is the one asked for, so hash collisions never mix people up).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow_array::cast::AsArray;
+use arrow_array::types::{TimestampMicrosecondType, UInt64Type};
+use arrow_array::{Array, RecordBatch};
+use arrow_schema::{DataType, Field, Schema, SchemaRef};
+use datafusion::logical_expr::{col, lit, Expr};
+use datafusion::prelude::{DataFrame, SessionContext};
+use parquet::basic::Compression;
+use parquet::file::properties::{EnabledStatistics, WriterProperties};
+use parquet::schema::types::ColumnPath;
+use serde::{Deserialize, Serialize};
+
+use crate::query::catalog::{email_hash, email_hash_expr};
+use crate::query::lists::{decode_time_cursor, encode_time_cursor, rows_to_json, Page};
+use crate::query::runs::load_runs;
+use crate::query::{collect, for_each_batch, partition_values, Catalog, QueryError, QueryResult};
+use crate::rollup::{event_dates, files_fingerprint, partition, read_sidecar, RollupWriter};
+
+/// Folder (under the store) of the per-day event copies sorted by recipient.
+pub const RECIPIENT_EVENTS: &str = "rollups/recipient_events";
+/// Folder (under the store) of the per-run ledger copies sorted by recipient.
+pub const RECIPIENT_LEDGER: &str = "rollups/recipient_ledger";
+/// Rows per data page of the index files: a lookup decodes one such page per column and file.
+pub const INDEX_PAGE_ROWS: usize = 1024;
+/// Columns with about one value per recipient or event, written without a dictionary.
+const PLAIN_COLUMNS: [&str; 5] = ["event_id", "email", "url", "key", "detail"];
+/// Rows per row group of the index files.
+const INDEX_ROW_GROUP_ROWS: usize = 128 * 1024;
+
+/// Schema of `recipient_events` (the event file schema with `email_hash` in front).
+pub fn events_index_schema() -> SchemaRef {
+    with_hash("email_hash", &broadside_pipeline::event::file_schema())
+}
+
+/// Schema of `recipient_ledger` (the ledger schema with `key_hash` in front).
+pub fn ledger_index_schema() -> SchemaRef {
+    with_hash("key_hash", &broadside_pipeline::store::ledger_schema())
+}
+
+fn with_hash(name: &str, schema: &Schema) -> SchemaRef {
+    let mut fields = vec![Arc::new(Field::new(name, DataType::UInt64, false))];
+    fields.extend(schema.fields().iter().cloned());
+    Arc::new(Schema::new(fields))
+}
+
+/// The sidecar recording what an index file was built from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Source {
+    fingerprint: String,
+    files: usize,
+    rows: usize,
+}
+
+/// What an index refresh did.
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq)]
+pub struct IndexReport {
+    /// Event partitions whose index was (re)built.
+    pub days_built: usize,
+    /// Event partitions whose index was current.
+    pub days_current: usize,
+    /// Runs whose ledger index was (re)built.
+    pub runs_built: usize,
+    /// Runs whose ledger index was current.
+    pub runs_current: usize,
+    /// Partitions or runs that changed while being indexed (left for the next refresh).
+    pub raced: usize,
+    /// Seconds spent checking and building the index.
+    pub secs: f64,
+}
+
+impl IndexReport {
+    /// Adds another workspace's figures.
+    pub fn add(&mut self, o: IndexReport) {
+        self.days_built += o.days_built;
+        self.days_current += o.days_current;
+        self.runs_built += o.runs_built;
+        self.runs_current += o.runs_current;
+        self.raced += o.raced;
+        self.secs += o.secs;
+    }
+}
+
+/// A run's recipient log folder, named by campaign and run.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct RunDir {
+    campaign_id: String,
+    run_id: String,
+}
+
+impl RunDir {
+    fn log_dir(&self, store: &Path, ws: &str) -> PathBuf {
+        self.under(store, "recipient_logs", ws)
+    }
+
+    fn under(&self, store: &Path, table: &str, ws: &str) -> PathBuf {
+        store
+            .join(table)
+            .join(format!("workspace_id={ws}"))
+            .join(format!("campaign_id={}", self.campaign_id))
+            .join(format!("run_id={}", self.run_id))
+    }
+}
+
+/// Every run with a recipient log in the workspace.
+fn run_dirs(store: &Path, ws: &str) -> QueryResult<Vec<RunDir>> {
+    let root = store
+        .join("recipient_logs")
+        .join(format!("workspace_id={ws}"));
+    let mut out = Vec::new();
+    for c in partition_values(&root, "campaign_id", |_| true)? {
+        let dir = root.join(format!("campaign_id={c}"));
+        for r in partition_values(&dir, "run_id", |_| true)? {
+            out.push(RunDir {
+                campaign_id: c.clone(),
+                run_id: r,
+            });
+        }
+    }
+    Ok(out)
+}
+
+fn indexed_fingerprint(dir: &Path) -> QueryResult<Option<String>> {
+    Ok(read_sidecar::<Source>(&dir.join("_source.json"))?.map(|s| s.fingerprint))
+}
+
+/// Which event days and runs a lookup reads from the index, and which raw.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct IndexPlan {
+    /// Event partitions whose index is current.
+    pub days_indexed: Vec<String>,
+    /// Event partitions scanned raw.
+    pub days_raw: Vec<String>,
+    /// Runs (campaign, run) whose ledger index is current.
+    pub runs_indexed: Vec<(String, String)>,
+    /// Runs whose recipient log is scanned raw.
+    pub runs_raw: Vec<(String, String)>,
+}
+
+impl IndexPlan {
+    /// Compares every partition and run of the workspace with its index.
+    pub fn new(store: &Path, ws: &str) -> QueryResult<IndexPlan> {
+        let mut plan = IndexPlan::default();
+        for d in event_dates(store, ws)? {
+            let fp = files_fingerprint(&partition(store, "events", ws, &d))?.0;
+            let idx = indexed_fingerprint(&partition(store, RECIPIENT_EVENTS, ws, &d))?;
+            if idx.as_deref() == Some(fp.as_str()) {
+                plan.days_indexed.push(d);
+            } else {
+                plan.days_raw.push(d);
+            }
+        }
+        for r in run_dirs(store, ws)? {
+            let fp = files_fingerprint(&r.log_dir(store, ws))?.0;
+            let idx = indexed_fingerprint(&r.under(store, RECIPIENT_LEDGER, ws))?;
+            let pair = (r.campaign_id, r.run_id);
+            if idx.as_deref() == Some(fp.as_str()) {
+                plan.runs_indexed.push(pair);
+            } else {
+                plan.runs_raw.push(pair);
+            }
+        }
+        Ok(plan)
+    }
+}
+
+/// Brings the recipient index of one workspace up to date.
+pub async fn refresh_index(catalog: &Catalog, ws: &str) -> QueryResult<IndexReport> {
+    let started = std::time::Instant::now();
+    let store = catalog.store();
+    let mut report = IndexReport::default();
+    for d in event_dates(store, ws)? {
+        let source = partition(store, "events", ws, &d);
+        let target = partition(store, RECIPIENT_EVENTS, ws, &d);
+        let (fp, files) = files_fingerprint(&source)?;
+        if indexed_fingerprint(&target)?.as_deref() == Some(fp.as_str()) {
+            report.days_current += 1;
+            continue;
+        }
+        let ctx = catalog.session(&crate::query::Scope::workspace(ws)?)?;
+        let mut select = vec![email_hash_expr(col("email")).alias("email_hash")];
+        select.extend(event_columns().into_iter().map(col));
+        let df = ctx
+            .table("events")
+            .await?
+            .filter(col("date").eq(lit(d.as_str())))?
+            .select(select)?
+            .sort(vec![
+                col("email_hash").sort(true, true),
+                col("ts").sort(true, true),
+                col("event_id").sort(true, true),
+            ])?;
+        let built = write_index(
+            catalog,
+            df,
+            &target.join("events.parquet"),
+            events_index_schema(),
+            "email_hash",
+            &source,
+            (fp, files),
+        )
+        .await?;
+        *if built {
+            &mut report.days_built
+        } else {
+            &mut report.raced
+        } += 1;
+    }
+    for r in run_dirs(store, ws)? {
+        let source = r.log_dir(store, ws);
+        let target = r.under(store, RECIPIENT_LEDGER, ws);
+        let (fp, files) = files_fingerprint(&source)?;
+        if indexed_fingerprint(&target)?.as_deref() == Some(fp.as_str()) {
+            report.runs_current += 1;
+            continue;
+        }
+        let ctx = catalog.session(&crate::query::Scope::workspace(ws)?)?;
+        let mut select = vec![email_hash_expr(col("key")).alias("key_hash")];
+        select.extend(ledger_columns().into_iter().map(col));
+        let df = ctx
+            .table("recipient_logs")
+            .await?
+            .filter(
+                col("campaign_id")
+                    .eq(lit(r.campaign_id.as_str()))
+                    .and(col("run_id").eq(lit(r.run_id.as_str())))
+                    .and(col("key").is_not_null()),
+            )?
+            .select(select)?
+            .sort(vec![
+                col("key_hash").sort(true, true),
+                col("row").sort(true, true),
+            ])?;
+        let built = write_index(
+            catalog,
+            df,
+            &target.join("ledger.parquet"),
+            ledger_index_schema(),
+            "key_hash",
+            &source,
+            (fp, files),
+        )
+        .await?;
+        *if built {
+            &mut report.runs_built
+        } else {
+            &mut report.raced
+        } += 1;
+    }
+    report.secs = started.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+/// Writes one index file and its sidecar; false (nothing written) when `source` changed
+/// while it was read.
+async fn write_index(
+    catalog: &Catalog,
+    df: DataFrame,
+    path: &Path,
+    schema: SchemaRef,
+    hash_column: &str,
+    source: &Path,
+    (fp, files): (String, usize),
+) -> QueryResult<bool> {
+    let mut props = WriterProperties::builder()
+        .set_compression(Compression::LZ4_RAW)
+        .set_max_row_group_row_count(Some(INDEX_ROW_GROUP_ROWS))
+        .set_data_page_row_count_limit(INDEX_PAGE_ROWS)
+        .set_write_batch_size(INDEX_PAGE_ROWS)
+        // Only the hash has statistics, per page: the footer stays small and the page
+        // index finds a recipient's pages.
+        .set_statistics_enabled(EnabledStatistics::None)
+        .set_column_statistics_enabled(ColumnPath::from(hash_column), EnabledStatistics::Page);
+    // A lookup reads one page per column, but a dictionary-encoded column also its row
+    // group's whole dictionary page: for columns with a value per recipient that page is up to
+    // the 1 MiB dictionary limit, decompressed in every file for a few rows.
+    for column in PLAIN_COLUMNS {
+        props = props.set_column_dictionary_enabled(ColumnPath::from(column), false);
+    }
+    let props = props.build();
+    let mut w = RollupWriter::with_properties(path, schema, props)?;
+    let written = for_each_batch(&catalog.limits(), df, |b| {
+        let b = w.conform(b)?;
+        w.write(&b)
+    })
+    .await;
+    if let Err(e) = written {
+        w.abandon()?;
+        return Err(e);
+    }
+    if files_fingerprint(source)?.0 != fp {
+        w.abandon()?;
+        return Ok(false);
+    }
+    let rows = w.finish()?;
+    let sidecar = path.with_file_name("_source.json");
+    let src = Source {
+        fingerprint: fp,
+        files,
+        rows,
+    };
+    broadside_pipeline::store::write_atomic(&sidecar, serde_json::to_string(&src)?.as_bytes())
+        .map_err(|e| QueryError::io(&sidecar, std::io::Error::other(e.to_string())))?;
+    Ok(true)
+}
+
+fn event_columns() -> Vec<String> {
+    names(&broadside_pipeline::event::file_schema())
+}
+
+fn ledger_columns() -> Vec<String> {
+    names(&broadside_pipeline::store::ledger_schema())
+}
+
+fn names(schema: &Schema) -> Vec<String> {
+    schema.fields().iter().map(|f| f.name().clone()).collect()
+}
+
+/// An address as the event store identifies a recipient (`email_hash`): trimmed, ASCII
+/// letters lowercased.
+pub fn event_identity(email: &str) -> String {
+    email.trim().to_ascii_lowercase()
+}
+
+/// A recipient key as a send writes it to the ledger: an address trimmed and lowercased, an
+/// account number trimmed.
+pub fn ledger_key(key: &str) -> String {
+    if key.contains('@') {
+        key.trim().to_lowercase()
+    } else {
+        key.trim().to_string()
+    }
+}
+
+/// `column IN (…)` (an always-false filter for an empty list).
+fn one_of(column: &str, values: &[String]) -> Expr {
+    if values.is_empty() {
+        lit(false)
+    } else {
+        col(column).in_list(values.iter().map(|v| lit(v.as_str())).collect(), false)
+    }
+}
+
+/// Runs as a filter on the `campaign_id` and `run_id` partition columns.
+fn runs_filter(runs: &[(String, String)]) -> Expr {
+    let mut by_campaign: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    for (c, r) in runs {
+        by_campaign.entry(c).or_default().push(r.clone());
+    }
+    by_campaign
+        .into_iter()
+        .map(|(c, rs)| col("campaign_id").eq(lit(c)).and(one_of("run_id", &rs)))
+        .reduce(Expr::or)
+        .unwrap_or(lit(false))
+}
+
+/// One entry of a history with its sort key (newest first, then by id).
+struct Entry {
+    at: i64,
+    id: String,
+    item: serde_json::Value,
+}
+
+/// One recipient's events and ledger rows in the workspace, newest first: events by `ts`,
+/// ledger rows by their run's start; ties by id (`event_id`, or `run_id:row`). Keyset
+/// paginated like the other lists (`cursor` is a page's `next_cursor`).
+pub async fn recipient_history(
+    catalog: &Catalog,
+    ws: &str,
+    recipient: &str,
+    limit: usize,
+    cursor: Option<&str>,
+) -> QueryResult<Page> {
+    let after = match cursor {
+        None => None,
+        Some(c) => Some(decode_time_cursor(c).ok_or_else(|| {
+            QueryError::BadRequest(format!("cursor {c:?}: not a cursor of this list"))
+        })?),
+    };
+    let store = catalog.store();
+    let plan = IndexPlan::new(store, ws)?;
+    let ctx = catalog.session(&crate::query::Scope::workspace(ws)?)?;
+    let mut entries = history_events(catalog, &ctx, &plan, recipient).await?;
+    let mut decisions = history_decisions(catalog, &ctx, &plan, ws, recipient).await?;
+    // Mail rows: the state now, moved on by the printer's tracking events (as the log list).
+    let mut items: Vec<serde_json::Value> = decisions.iter_mut().map(|e| e.item.take()).collect();
+    crate::query::lists::add_mail_states(catalog, ws, &mut items).await?;
+    for (e, item) in decisions.iter_mut().zip(items) {
+        e.item = item;
+    }
+    entries.extend(decisions);
+    entries.sort_by(|a, b| (b.at, &b.id).cmp(&(a.at, &a.id)));
+    if let Some((at, id)) = &after {
+        entries.retain(|e| (e.at, &e.id) < (*at, id));
+    }
+    let more = entries.len() > limit;
+    entries.truncate(limit);
+    let next_cursor = more
+        .then(|| entries.last().map(|e| encode_time_cursor(e.at, &e.id)))
+        .flatten();
+    Ok(Page {
+        items: entries.into_iter().map(|e| e.item).collect(),
+        next_cursor,
+    })
+}
+
+async fn history_events(
+    catalog: &Catalog,
+    ctx: &SessionContext,
+    plan: &IndexPlan,
+    recipient: &str,
+) -> QueryResult<Vec<Entry>> {
+    let identity = event_identity(recipient);
+    let h = email_hash(&identity);
+    let mut cols: Vec<Expr> = event_columns().into_iter().map(col).collect();
+    cols.push(col("date"));
+    let mut df: Option<DataFrame> = None;
+    if !plan.days_indexed.is_empty() {
+        df = Some(
+            ctx.table("recipient_events")
+                .await?
+                .filter(one_of("date", &plan.days_indexed).and(col("email_hash").eq(lit(h))))?
+                .select(cols.clone())?,
+        );
+    }
+    if !plan.days_raw.is_empty() {
+        let raw = ctx
+            .table("events")
+            .await?
+            .filter(one_of("date", &plan.days_raw).and(email_hash_expr(col("email")).eq(lit(h))))?
+            .select(cols)?;
+        df = Some(match df {
+            Some(d) => d.union(raw)?,
+            None => raw,
+        });
+    }
+    let Some(df) = df else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    for b in collect(&catalog.limits(), df).await? {
+        let email = b
+            .column_by_name("email")
+            .expect("selected")
+            .as_string::<i32>();
+        let ts = b
+            .column_by_name("ts")
+            .expect("selected")
+            .as_primitive::<TimestampMicrosecondType>();
+        let ids = b
+            .column_by_name("event_id")
+            .expect("selected")
+            .as_string::<i32>();
+        let keep: Vec<usize> = (0..b.num_rows())
+            .filter(|&i| event_identity(email.value(i)) == identity)
+            .collect();
+        let items = rows_to_json(&[take_rows(&b, &keep)?])?;
+        for (i, mut item) in keep.into_iter().zip(items) {
+            if let Some(o) = item.as_object_mut() {
+                o.insert("kind".into(), "event".into());
+                o.insert("at".into(), o.get("ts").cloned().unwrap_or_default());
+            }
+            out.push(Entry {
+                at: ts.value(i),
+                id: ids.value(i).to_string(),
+                item,
+            });
+        }
+    }
+    Ok(out)
+}
+
+async fn history_decisions(
+    catalog: &Catalog,
+    ctx: &SessionContext,
+    plan: &IndexPlan,
+    ws: &str,
+    recipient: &str,
+) -> QueryResult<Vec<Entry>> {
+    let key = ledger_key(recipient);
+    let h = email_hash(&key);
+    let mut cols: Vec<Expr> = ledger_columns().into_iter().map(col).collect();
+    cols.push(col("campaign_id"));
+    cols.push(col("run_id"));
+    let mut df: Option<DataFrame> = None;
+    if !plan.runs_indexed.is_empty() {
+        df = Some(
+            ctx.table("recipient_ledger")
+                .await?
+                .filter(runs_filter(&plan.runs_indexed).and(col("key_hash").eq(lit(h))))?
+                .select(cols.clone())?,
+        );
+    }
+    if !plan.runs_raw.is_empty() {
+        let raw = ctx
+            .table("recipient_logs")
+            .await?
+            .filter(runs_filter(&plan.runs_raw).and(col("key").eq(lit(key.as_str()))))?
+            .select(cols)?;
+        df = Some(match df {
+            Some(d) => d.union(raw)?,
+            None => raw,
+        });
+    }
+    let Some(df) = df else {
+        return Ok(Vec::new());
+    };
+    let batches = collect(&catalog.limits(), df).await?;
+    if batches.iter().all(|b| b.num_rows() == 0) {
+        return Ok(Vec::new());
+    }
+    let started: BTreeMap<String, chrono::DateTime<chrono::Utc>> =
+        load_runs(catalog.store(), Some(ws))?
+            .into_iter()
+            .map(|r| (r.run_id, r.started_at))
+            .collect();
+    let mut out = Vec::new();
+    for b in batches {
+        let b = crate::query::lists::plain(&b)?;
+        let keys = b
+            .column_by_name("key")
+            .expect("selected")
+            .as_string::<i32>();
+        let rows = b
+            .column_by_name("row")
+            .expect("selected")
+            .as_primitive::<UInt64Type>();
+        let runs = b
+            .column_by_name("run_id")
+            .expect("selected")
+            .as_string::<i32>();
+        let keep: Vec<usize> = (0..b.num_rows())
+            .filter(|&i| keys.is_valid(i) && keys.value(i) == key)
+            .collect();
+        let items = rows_to_json(&[take_rows(&b, &keep)?])?;
+        for (i, mut item) in keep.into_iter().zip(items) {
+            let run = runs.value(i);
+            let at = started.get(run);
+            let id = format!("{run}:{}", rows.value(i));
+            if let Some(o) = item.as_object_mut() {
+                o.insert("kind".into(), "decision".into());
+                o.insert("id".into(), id.clone().into());
+                o.insert(
+                    "at".into(),
+                    at.map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true))
+                        .into(),
+                );
+            }
+            out.push(Entry {
+                at: at.map_or(i64::MIN, |t| t.timestamp_micros()),
+                id,
+                item,
+            });
+        }
+    }
+    Ok(out)
+}
+
+fn take_rows(b: &RecordBatch, rows: &[usize]) -> QueryResult<RecordBatch> {
+    let idx = arrow_array::UInt32Array::from_iter_values(rows.iter().map(|&i| i as u32));
+    Ok(datafusion::arrow::compute::take_record_batch(b, &idx)?)
+}
