@@ -89,12 +89,17 @@ enum Command {
     },
     /// Write deterministic synthetic recipients, suppression lists and a campaign spec.
     Generate(generate::GenerateOptions),
-    /// Explain why a recipient got its decision in a run.
+    /// Explain why a recipient got its decision in a run (`why RUN KEY`), or list every
+    /// decision and event of a recipient in a workspace, newest first (`why KEY`).
     Why {
-        /// The run id.
-        run_id: String,
-        /// The recipient key (email, or account number for mail campaigns).
-        key: String,
+        /// `RUN KEY`, or `KEY` alone. The key is an email, or an account number for mail
+        /// campaigns.
+        #[arg(value_name = "RUN KEY", num_args = 1..=2, required = true)]
+        args: Vec<String>,
+        /// Workspace of the recipient for `why KEY` (default: the spec's, else the store's
+        /// only workspace).
+        #[arg(long)]
+        workspace: Option<String>,
         /// Store root of the run (default: the store of --spec, else ./store).
         #[arg(long, value_parser = broadside_pipeline::store::store_arg)]
         store: Option<PathBuf>,
@@ -296,20 +301,27 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("next: broadside send {}", spec.display());
         }
         Command::Why {
-            run_id,
-            key,
+            args,
+            workspace,
             store,
             spec,
         } => {
-            let store = match (store, spec) {
+            let spec = spec
+                .map(|p| broadside_pipeline::spec::CampaignSpec::load(&p))
+                .transpose()?;
+            let store = match (store, &spec) {
                 (Some(s), _) => s,
-                (None, Some(spec)) => {
-                    let s = broadside_pipeline::spec::CampaignSpec::load(&spec)?;
-                    s.resolve(&s.output.store)
-                }
+                (None, Some(s)) => s.resolve(&s.output.store),
                 (None, None) => PathBuf::from("store"),
             };
-            why::why(&store, &run_id, &key)?;
+            match args.as_slice() {
+                [run_id, key] => why::why(&store, run_id, key)?,
+                [key] => {
+                    let ws = workspace.or(spec.map(|s| s.workspace_id));
+                    why::history(&store, ws.as_deref(), key)?
+                }
+                _ => unreachable!("clap takes one or two values"),
+            }
         }
         Command::Ingest(o) => events_cmd::ingest(&o)?,
         Command::Suppression {

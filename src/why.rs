@@ -1,4 +1,5 @@
-//! `broadside why RUN KEY`: explains one recipient's decision from the ledger.
+//! `broadside why RUN KEY`: explains one recipient's decision from the ledger; `broadside why
+//! KEY`: the recipient's decisions and events in every campaign and run, newest first.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -175,6 +176,132 @@ pub fn why(store: &Path, run_id: &str, key: &str) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Prints a recipient's history in a workspace (`ws`, or the store's only workspace): every
+/// decision with its explanation and every event, newest first.
+pub fn history(store: &Path, ws: Option<&str>, key: &str) -> Result<()> {
+    use broadside_analytics::query::Catalog;
+    use broadside_analytics::recipients::recipient_history;
+    let ws = match ws {
+        Some(w) => w.to_string(),
+        None => only_workspace(store)?,
+    };
+    let catalog = Catalog::new(store);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting a runtime for the history query")?;
+    let mut items = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let page = rt
+            .block_on(recipient_history(
+                &catalog,
+                &ws,
+                key,
+                broadside_analytics::params::MAX_PAGE,
+                cursor.as_deref(),
+            ))
+            .with_context(|| format!("reading the history of {key} in workspace {ws}"))?;
+        items.extend(page.items);
+        match page.next_cursor {
+            Some(c) => cursor = Some(c),
+            None => break,
+        }
+    }
+    if items.is_empty() {
+        bail!(
+            "{key} has no decision and no event in workspace {ws} of {}",
+            store.display()
+        );
+    }
+    let text = |v: &serde_json::Value, k: &str| v[k].as_str().unwrap_or("").to_string();
+    let decisions = items.iter().filter(|i| i["kind"] == "decision").count();
+    println!(
+        "{key} in workspace {ws}: {decisions} decisions, {} events, newest first",
+        items.len() - decisions
+    );
+    for i in &items {
+        let at = text(i, "at");
+        if i["kind"] == "decision" {
+            let (decision, reason) = (text(i, "decision"), text(i, "reason"));
+            print!(
+                "{at}  run {} (campaign {}): input row {} -> {}",
+                text(i, "run_id"),
+                text(i, "campaign_id"),
+                i["row"].as_u64().unwrap_or(0) + 1,
+                decision.to_uppercase()
+            );
+            if !reason.is_empty() {
+                print!(" ({reason})");
+            }
+            println!();
+            if decision == "sent" {
+                println!(
+                    "    variant {}: detail record {} of {}",
+                    text(i, "variant"),
+                    i["ifur_line"].as_u64().unwrap_or(0),
+                    text(i, "ifur_file")
+                );
+            } else {
+                println!(
+                    "    {}",
+                    Reason::parse(&reason).unwrap_or(Reason::None).explain()
+                );
+            }
+            for k in ["suppression_list", "detail", "mail_state", "printer_id"] {
+                if let Some(v) = i[k].as_str() {
+                    println!("    {}: {v}", k.replace('_', " "));
+                }
+            }
+        } else {
+            let mut line = format!(
+                "{at}  {} in campaign {}",
+                text(i, "event_type"),
+                text(i, "campaign_id")
+            );
+            for k in ["variant", "run_id", "bounce_type", "url"] {
+                if let Some(v) = i[k].as_str() {
+                    line.push_str(&format!(", {} {v}", k.replace('_', " ")));
+                }
+            }
+            println!("{line}");
+        }
+    }
+    println!("(run `broadside why RUN {key}` for the full explanation of one decision)");
+    Ok(())
+}
+
+/// The store's one workspace (with events or recipient logs); an error naming them when there
+/// are several.
+fn only_workspace(store: &Path) -> Result<String> {
+    let mut found = std::collections::BTreeSet::new();
+    for table in ["events", "recipient_logs"] {
+        if let Ok(dir) = std::fs::read_dir(store.join(table)) {
+            for e in dir.flatten() {
+                if let Some(w) = e
+                    .file_name()
+                    .to_str()
+                    .and_then(|n| n.strip_prefix("workspace_id="))
+                {
+                    found.insert(w.to_string());
+                }
+            }
+        }
+    }
+    match found.len() {
+        1 => Ok(found.into_iter().next().expect("one")),
+        0 => bail!(
+            "no workspace has events or recipient logs in {}",
+            store.display()
+        ),
+        _ => bail!(
+            "{} holds several workspaces ({}): give --workspace",
+            store.display(),
+            found.into_iter().collect::<Vec<_>>().join(", ")
+        ),
+    }
 }
 
 /// The recipient's mail state now: the ledger's, moved on by the printer's tracking events.

@@ -335,6 +335,60 @@ fn a_campaign_configured_through_the_api_is_sent_measured_and_feeds_the_next_sen
         "{text}"
     );
 
+    // the recipient's history across both campaigns: raw, then from the recipient index the
+    // rollup command builds, the same either way
+    let who = bounced[0].to_uppercase();
+    let history = || {
+        common::api_get_ok(
+            addr,
+            &format!("/recipients/{who}/history?limit=1000"),
+            &token,
+            WS,
+        )
+    };
+    let raw = history();
+    let items = raw["items"].as_array().unwrap();
+    let at: Vec<&str> = items.iter().map(|i| i["at"].as_str().unwrap()).collect();
+    assert!(at.windows(2).all(|w| w[0] >= w[1]), "newest first: {raw}");
+    let mut seen: Vec<(String, String, String)> = items
+        .iter()
+        .map(|i| {
+            let text = |k: &str| i[k].as_str().unwrap_or_default().to_string();
+            match i["kind"].as_str() {
+                Some("decision") => (text("campaign_id"), text("decision"), text("reason")),
+                _ => (text("campaign_id"), text("event_type"), text("bounce_type")),
+            }
+        })
+        .collect();
+    seen.sort();
+    let (first_id, second_id) = (first.to_string(), second.to_string());
+    let mut want = vec![
+        (second_id.clone(), "suppressed".into(), "hard_bounce".into()),
+        (first_id.clone(), "sent".into(), String::new()),
+        (first_id.clone(), "submitted".into(), String::new()),
+        (first_id.clone(), "bounced".into(), "hard".into()),
+    ];
+    want.sort();
+    assert_eq!(seen, want, "{raw}");
+    assert_eq!(items[0]["decision"], "suppressed", "the newest: {raw}");
+    let out = common::run(&["rollup", "--store", store.to_str().unwrap()], true);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("recipient index: ") && text.contains(" 2 runs indexed"),
+        "{text}"
+    );
+    let indexed = history();
+    assert_eq!(indexed["items"], raw["items"]);
+    let out = common::run(&["why", "--store", store.to_str().unwrap(), &who], true);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!("{who} in workspace {WS}: 2 decisions, 2 events"))
+            && text.contains(&format!("(campaign {second_id}): input row"))
+            && text.contains("-> SUPPRESSED (hard_bounce)")
+            && text.contains(&format!("bounced in campaign {first_id}")),
+        "{text}"
+    );
+
     // a third campaign to a segment of the list, sent by its `when` (its default sending)
     let csv = std::fs::read_to_string(data.join("recipients.csv")).unwrap();
     let mut rows = csv.lines().map(common::csv_fields);
