@@ -659,10 +659,12 @@ fn dashboard_pages_show_what_the_api_answers() {
         );
         let ledger_box = dom.test("ledger");
         assert_eq!(ledger_box.attr("data-state"), Some("ready"), "{key}");
-        let want: Vec<&LedgerRow> = ledger
+        // Newest first, then by id (`run:row`, as text) from the last: one run here.
+        let mut want: Vec<&LedgerRow> = ledger
             .iter()
             .filter(|l| l.key.as_deref() == Some(key))
             .collect();
+        want.sort_by_key(|l| std::cmp::Reverse(l.row.to_string()));
         let rows = ledger_box.tests("ledger-row");
         assert_eq!(rows.len(), want.len(), "{key}");
         for (row, l) in rows.iter().zip(&want) {
@@ -709,10 +711,12 @@ fn dashboard_pages_show_what_the_api_answers() {
                 &token,
                 WS,
             );
+            // The event list's order (oldest first), the other way round.
             let want: Vec<&str> = api["items"]
                 .as_array()
                 .unwrap()
                 .iter()
+                .rev()
                 .map(|e| e["event_id"].as_str().unwrap())
                 .collect();
             assert_eq!(shown, want, "{key}");

@@ -579,24 +579,42 @@
     const ledger = h('div', { 'data-test': 'ledger', 'data-key': norm });
     const events = h('div', { 'data-test': 'events' });
     app.append(h('h2', {}, 'Decisions'), ledger, h('h2', {}, 'Events'), events);
-    listPanel(ledger, my, '/campaign-recipient-logs/?key=' + enc(norm), [
-      ['Campaign'], ['Run'], ['Input row', 'num'], ['Decision'], ['Reason'], ['Variant'], ['Explanation'],
-    ], (r) => h('tr', { 'data-test': 'ledger-row', 'data-decision': r.decision, 'data-reason': r.reason || '', 'data-run': r.run_id, 'data-row': r.row },
+    // The recipient's history (decisions and events, newest first), every page of it: one
+    // recipient's entries are few, and the recipient index finds them without a scan.
+    const history = (async () => {
+      const items = [];
+      let cursor = null;
+      do {
+        const page = await api('/recipients/' + enc(key) + '/history?limit=1000' + (cursor ? '&cursor=' + enc(cursor) : ''));
+        items.push(...(page.items || []));
+        cursor = page.next_cursor;
+      } while (cursor && my === gen);
+      return items;
+    })();
+    const table = (box, head, rows, empty) => {
+      if (!rows.length) { box.append(h('p', { class: 'muted', 'data-test': 'empty' }, empty)); return; }
+      box.append(h('div', { class: 'table-wrap' }, h('table', {},
+        h('thead', {}, h('tr', {}, head.map(([label, cls]) => h('th', { class: cls }, label)))), h('tbody', {}, rows))));
+    };
+    panel(ledger, my, () => history, (items) => table(ledger, [
+      ['Campaign'], ['Run'], ['Run started'], ['Input row', 'num'], ['Decision'], ['Reason'], ['Variant'], ['Explanation'],
+    ], items.filter((i) => i.kind === 'decision').map((r) => h('tr', { 'data-test': 'ledger-row', 'data-decision': r.decision, 'data-reason': r.reason || '', 'data-run': r.run_id, 'data-row': r.row },
       h('td', {}, h('a', { href: '#/campaign/' + enc(r.campaign_id) }, r.campaign_id)), h('td', { class: 'mono' }, r.run_id),
+      h('td', {}, r.at ? fmtTime(r.at) : '—'),
       numCell('row', r.row === undefined || r.row === null ? null : r.row + 1, 'n'),
       h('td', {}, h('span', { class: 'badge ' + r.decision }, r.decision)), h('td', {}, r.reason || '—'), h('td', {}, r.variant || '—'),
-      h('td', { 'data-test': 'explanation' }, explain(r))), `No ledger row has the key "${norm}" in this workspace.`);
+      h('td', { 'data-test': 'explanation' }, explain(r)))), `No ledger row has the key "${norm}" in this workspace.`));
     if (!norm.includes('@')) {
       events.append(h('p', { class: 'muted' }, 'Events are looked up by email address; this key is not one.'));
       events.dataset.state = 'ready';
       return;
     }
-    listPanel(events, my, '/campaign-events/?email=' + enc(norm), [
+    panel(events, my, () => history, (items) => table(events, [
       ['Time'], ['Type'], ['Campaign'], ['Variant'], ['Run'], ['Bounce type'], ['URL'],
-    ], (e) => h('tr', { 'data-test': 'event-row', 'data-event-type': e.event_type, 'data-event-id': e.event_id },
+    ], items.filter((i) => i.kind === 'event').map((e) => h('tr', { 'data-test': 'event-row', 'data-event-type': e.event_type, 'data-event-id': e.event_id },
       h('td', {}, fmtTime(e.ts)), h('td', {}, e.event_type), h('td', {}, e.campaign_id || '—'), h('td', {}, e.variant || '—'),
-      h('td', { class: 'mono' }, e.run_id || '—'), h('td', {}, e.bounce_type || '—'), h('td', { class: 'mono' }, e.url || '—')),
-    'No events for this address in this workspace.');
+      h('td', { class: 'mono' }, e.run_id || '—'), h('td', {}, e.bounce_type || '—'), h('td', { class: 'mono' }, e.url || '—'))),
+    'No events for this address in this workspace.'));
   }
 
   // ---------- SQL console ----------
