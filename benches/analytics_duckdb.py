@@ -1,6 +1,8 @@
-"""DuckDB on the same raw Parquet as analytics_bench: one campaign's statistics and daily series.
+"""DuckDB on the same raw Parquet as analytics_bench: one campaign's statistics and daily series,
+and one recipient's events (newest first), a different recipient each run, as analytics_bench
+picks them (pass the bench's recipient count as the fourth argument).
 
-    python3 benches/analytics_duckdb.py /tmp/bench-store c042 5
+    python3 benches/analytics_duckdb.py /tmp/bench-store c042 5 [2000000]
 
 The reference the analytics issue compares against (pip install duckdb). Prints median ms.
 """
@@ -11,6 +13,7 @@ import time
 import duckdb
 
 store, campaign, runs = sys.argv[1], sys.argv[2], int(sys.argv[3])
+recipients = int(sys.argv[4]) if len(sys.argv) > 4 else None
 src = f"read_parquet('{store}/events/workspace_id=bench/*/*.parquet', hive_partitioning=true)"
 con = duckdb.connect()
 stats = f"""
@@ -28,3 +31,14 @@ for name, q in [("statistics", stats), ("daily time series", series)]:
         if i:
             times.append((time.perf_counter() - t) * 1000)
     print(f"duckdb {name}: median {statistics.median(times):.0f} ms, min {min(times):.0f} ms")
+
+if recipients:
+    history = f"SELECT * FROM {src} WHERE lower(trim(email)) = ? ORDER BY ts DESC, event_id DESC"
+    times = []
+    for i in range(runs + 1):
+        who = f"user{(1000 + 7919 * i) % recipients}@example.com"
+        t = time.perf_counter()
+        con.execute(history, [who]).fetchall()
+        if i:
+            times.append((time.perf_counter() - t) * 1000)
+    print(f"duckdb one recipient's events: median {statistics.median(times):.0f} ms, min {min(times):.0f} ms")

@@ -72,6 +72,13 @@ fn main() -> anyhow::Result<()> {
         Some("bench"),
     ))?;
     println!(
+        "recipient index: {} days and {} runs indexed, {} current, in {:.1} s",
+        r.recipients.days_built,
+        r.recipients.runs_built,
+        r.recipients.days_current + r.recipients.runs_current,
+        r.recipients.secs
+    );
+    println!(
         "rollup refresh: {} built, {} current, {} months built, first-seen counts {} in {:.1} s",
         r.built,
         r.current,
@@ -125,6 +132,32 @@ fn main() -> anyhow::Result<()> {
         let min = times.iter().cloned().fold(f64::MAX, f64::min);
         Ok((median(times), min, len))
     };
+    // One recipient's history (events and ledger rows), a different recipient each run.
+    let people = spec.recipients.max(1);
+    let mut times = Vec::new();
+    let mut found = 0;
+    for i in 0..=runs as u64 {
+        let who = format!("user{}@example.com", (1_000 + 7_919 * i) % people);
+        let req = Request::get(format!("/recipients/{who}/history"))
+            .header("authorization", format!("Bearer {token}"))
+            .header("workspace_id", "bench")
+            .body(Body::empty())?;
+        let t = Instant::now();
+        let resp = rt.block_on(app.clone().oneshot(req))?;
+        assert!(resp.status().is_success(), "{who}: {}", resp.status());
+        let body = rt.block_on(resp.into_body().collect())?.to_bytes();
+        if i > 0 {
+            times.push(t.elapsed().as_secs_f64() * 1000.0);
+            let v: serde_json::Value = serde_json::from_slice(&body)?;
+            found += v["items"].as_array().map_or(0, |a| a.len());
+        }
+    }
+    let min = times.iter().cloned().fold(f64::MAX, f64::min);
+    println!(
+        "API one recipient's history (index): median {:.1} ms, min {min:.1} ms ({:.1} entries each)",
+        median(times),
+        found as f64 / runs as f64
+    );
     for (what, uri) in [
         ("statistics", format!("/campaign-statistics/{campaign}")),
         (
