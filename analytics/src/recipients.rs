@@ -20,6 +20,7 @@
 //! normalised address or key is the one asked for, so hash collisions never mix people up).
 
 use std::collections::BTreeMap;
+use std::ops::Not;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -127,9 +128,12 @@ impl RunDir {
 
 /// Every run with a recipient log in the workspace.
 fn run_dirs(store: &Path, ws: &str) -> QueryResult<Vec<RunDir>> {
-    let root = store
-        .join("recipient_logs")
-        .join(format!("workspace_id={ws}"));
+    run_dirs_under(store, "recipient_logs", ws)
+}
+
+/// Every `campaign_id=C/run_id=R` folder of a table of the workspace.
+fn run_dirs_under(store: &Path, table: &str, ws: &str) -> QueryResult<Vec<RunDir>> {
+    let root = store.join(table).join(format!("workspace_id={ws}"));
     let mut out = Vec::new();
     for c in partition_values(&root, "campaign_id", |_| true)? {
         let dir = root.join(format!("campaign_id={c}"));
@@ -158,6 +162,10 @@ pub struct IndexPlan {
     pub runs_indexed: Vec<(String, String)>,
     /// Runs whose recipient log is scanned raw.
     pub runs_raw: Vec<(String, String)>,
+    /// Indexed days whose index is not read: stale, or of a partition that is gone.
+    pub days_unusable: Vec<String>,
+    /// Runs with a ledger index that is not read: stale, or of a log that is gone.
+    pub runs_unusable: Vec<(String, String)>,
 }
 
 impl IndexPlan {
@@ -183,6 +191,24 @@ impl IndexPlan {
                 plan.runs_raw.push(pair);
             }
         }
+        // The index files a lookup must leave out. A lookup reads the index tables whole but
+        // for these (usually none), rather than naming every current day and run: a filter
+        // naming hundreds of runs cost more to plan and apply per file than the lookup itself.
+        let days: std::collections::BTreeSet<&String> = plan.days_indexed.iter().collect();
+        let root = store
+            .join(RECIPIENT_EVENTS)
+            .join(format!("workspace_id={ws}"));
+        plan.days_unusable = partition_values(&root, "date", |_| true)?
+            .into_iter()
+            .filter(|d| !days.contains(d))
+            .collect();
+        let runs: std::collections::BTreeSet<&(String, String)> =
+            plan.runs_indexed.iter().collect();
+        plan.runs_unusable = run_dirs_under(store, RECIPIENT_LEDGER, ws)?
+            .into_iter()
+            .map(|r| (r.campaign_id, r.run_id))
+            .filter(|p| !runs.contains(p))
+            .collect();
         Ok(plan)
     }
 }
@@ -510,7 +536,11 @@ async fn history_decisions(
         df = Some(
             ctx.table("recipient_ledger")
                 .await?
-                .filter(runs_filter(&plan.runs_indexed).and(col("key_hash").eq(lit(h))))?
+                .filter(
+                    runs_filter(&plan.runs_unusable)
+                        .not()
+                        .and(col("key_hash").eq(lit(h))),
+                )?
                 .select(cols.clone())?,
         );
     }

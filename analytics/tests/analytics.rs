@@ -1030,10 +1030,17 @@ fn write_run(store: &Path, rows: &[LedgerRow], started: &str) -> Result<()> {
             .map(|(c, f)| arrow_cast::cast(c, f.data_type()))
             .collect::<Result<Vec<_>, _>>()?;
         let batch = RecordBatch::try_new(schema.clone(), cols)?;
-        let file = std::fs::File::create(dir.join(format!("part-{part:05}.parquet")))?;
-        let mut w = parquet::arrow::ArrowWriter::try_new(file, schema.clone(), None)?;
+        // Committed as the store commits: a temporary file renamed into place.
+        let path = dir.join(format!("part-{part:05}.parquet"));
+        let tmp = path.with_extension("tmp");
+        let mut w = parquet::arrow::ArrowWriter::try_new(
+            std::fs::File::create(&tmp)?,
+            schema.clone(),
+            None,
+        )?;
         w.write(&batch)?;
         w.close()?;
+        std::fs::rename(&tmp, &path)?;
     }
     let record = serde_json::json!({
         "run_id": first.run, "campaign_id": first.campaign, "workspace_id": first.workspace,
@@ -1314,9 +1321,20 @@ fn recipient_history_matches_brute_force_raw_indexed_and_mixed() -> Result<()> {
     events.extend(late.all());
     let rows = ledger_rows("acme", "c003", "run-d", 5..80);
     add_run(&mut ledger, rows, "2026-04-02T08:00:00Z")?;
+    // run-b resumed: its log parts rewritten with more rows.
+    ledger.retain(|(r, _)| r.run != "run-b");
+    let rows = ledger_rows("acme", "c002", "run-b", 50..160);
+    add_run(&mut ledger, rows, "2026-03-10T08:00:00Z")?;
     let plan = IndexPlan::new(&store, "acme")?;
+    let pair = |c: &str, r: &str| (c.to_string(), r.to_string());
     assert_eq!(plan.days_raw, ["2026-03-03"]);
-    assert_eq!(plan.runs_raw, [("c003".to_string(), "run-d".to_string())]);
+    assert_eq!(
+        plan.runs_raw,
+        [pair("c002", "run-b"), pair("c003", "run-d")]
+    );
+    // Stale index files are left out of the lookup (the new run has none yet).
+    assert_eq!(plan.days_unusable, ["2026-03-03"]);
+    assert_eq!(plan.runs_unusable, [pair("c002", "run-b")]);
     check(&events, &ledger);
 
     // A cursor that is not one is refused, naming it.
