@@ -1643,6 +1643,12 @@ const ROUTES: &[(&str, &str, &str, &str)] = &[
         "",
     ),
     (
+        "GET",
+        "/recipients/{email}/history",
+        "/recipients/d1@example.com/history",
+        "",
+    ),
+    (
         "POST",
         "/sql",
         "/sql",
@@ -1823,6 +1829,21 @@ fn tenant_isolation_matrix_over_tcp() {
         if leaked(&text.replace(id, ""), &f.markers) {
             leaks += 1;
         }
+    }
+    // A canary recipient's history, asked by the caller: empty.
+    let (status, text) = http(
+        &addr,
+        "GET",
+        "/recipients/c1@canary-only.example/history",
+        &[("Authorization", &demo), ("workspace_id", WS)],
+        "",
+    );
+    lookups += 1;
+    assert_eq!(status, 200, "{text}");
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["items"], serde_json::json!([]), "{text}");
+    if leaked(&text.replace("c1@canary-only.example", ""), &f.markers) {
+        leaks += 1;
     }
     let (status, text) = http(
         &addr,

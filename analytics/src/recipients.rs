@@ -221,83 +221,109 @@ pub async fn refresh_index(catalog: &Catalog, ws: &str) -> QueryResult<IndexRepo
     for d in event_dates(store, ws)? {
         let source = partition(store, "events", ws, &d);
         let target = partition(store, RECIPIENT_EVENTS, ws, &d);
-        let (fp, files) = files_fingerprint(&source)?;
-        if indexed_fingerprint(&target)?.as_deref() == Some(fp.as_str()) {
-            report.days_current += 1;
-            continue;
+        let filter = col("date").eq(lit(d.as_str()));
+        match index_folder(catalog, ws, &EVENTS, &source, &target, filter).await? {
+            Outcome::Current => report.days_current += 1,
+            Outcome::Built => report.days_built += 1,
+            Outcome::Raced => report.raced += 1,
         }
-        let ctx = catalog.session(&crate::query::Scope::workspace(ws)?)?;
-        let mut select = vec![email_hash_expr(col("email")).alias("email_hash")];
-        select.extend(event_columns().into_iter().map(col));
-        let df = ctx
-            .table("events")
-            .await?
-            .filter(col("date").eq(lit(d.as_str())))?
-            .select(select)?
-            .sort(vec![
-                col("email_hash").sort(true, true),
-                col("ts").sort(true, true),
-                col("event_id").sort(true, true),
-            ])?;
-        let built = write_index(
-            catalog,
-            df,
-            &target.join("events.parquet"),
-            events_index_schema(),
-            "email_hash",
-            &source,
-            (fp, files),
-        )
-        .await?;
-        *if built {
-            &mut report.days_built
-        } else {
-            &mut report.raced
-        } += 1;
     }
     for r in run_dirs(store, ws)? {
         let source = r.log_dir(store, ws);
         let target = r.under(store, RECIPIENT_LEDGER, ws);
-        let (fp, files) = files_fingerprint(&source)?;
-        if indexed_fingerprint(&target)?.as_deref() == Some(fp.as_str()) {
-            report.runs_current += 1;
-            continue;
+        let filter = col("campaign_id")
+            .eq(lit(r.campaign_id.as_str()))
+            .and(col("run_id").eq(lit(r.run_id.as_str())))
+            .and(col("key").is_not_null());
+        match index_folder(catalog, ws, &LEDGER, &source, &target, filter).await? {
+            Outcome::Current => report.runs_current += 1,
+            Outcome::Built => report.runs_built += 1,
+            Outcome::Raced => report.raced += 1,
         }
-        let ctx = catalog.session(&crate::query::Scope::workspace(ws)?)?;
-        let mut select = vec![email_hash_expr(col("key")).alias("key_hash")];
-        select.extend(ledger_columns().into_iter().map(col));
-        let df = ctx
-            .table("recipient_logs")
-            .await?
-            .filter(
-                col("campaign_id")
-                    .eq(lit(r.campaign_id.as_str()))
-                    .and(col("run_id").eq(lit(r.run_id.as_str())))
-                    .and(col("key").is_not_null()),
-            )?
-            .select(select)?
-            .sort(vec![
-                col("key_hash").sort(true, true),
-                col("row").sort(true, true),
-            ])?;
-        let built = write_index(
-            catalog,
-            df,
-            &target.join("ledger.parquet"),
-            ledger_index_schema(),
-            "key_hash",
-            &source,
-            (fp, files),
-        )
-        .await?;
-        *if built {
-            &mut report.runs_built
-        } else {
-            &mut report.raced
-        } += 1;
     }
     report.secs = started.elapsed().as_secs_f64();
     Ok(report)
+}
+
+/// One of the two indexes: which table it copies, hashed on which column, sorted how.
+struct IndexKind {
+    table: &'static str,
+    /// The column hashed, and the hash column's name.
+    hashed: (&'static str, &'static str),
+    /// Sort keys after the hash.
+    then_by: &'static [&'static str],
+    file: &'static str,
+    schema: fn() -> SchemaRef,
+    columns: fn() -> Vec<String>,
+}
+
+const EVENTS: IndexKind = IndexKind {
+    table: "events",
+    hashed: ("email", "email_hash"),
+    then_by: &["ts", "event_id"],
+    file: "events.parquet",
+    schema: events_index_schema,
+    columns: event_columns,
+};
+
+const LEDGER: IndexKind = IndexKind {
+    table: "recipient_logs",
+    hashed: ("key", "key_hash"),
+    then_by: &["row"],
+    file: "ledger.parquet",
+    schema: ledger_index_schema,
+    columns: ledger_columns,
+};
+
+/// What [`index_folder`] did.
+enum Outcome {
+    Current,
+    Built,
+    Raced,
+}
+
+/// Indexes the rows of `kind.table` selected by `filter` (the files of folder `source`) into
+/// folder `target`, unless its index is current.
+async fn index_folder(
+    catalog: &Catalog,
+    ws: &str,
+    kind: &IndexKind,
+    source: &Path,
+    target: &Path,
+    filter: Expr,
+) -> QueryResult<Outcome> {
+    let (fp, files) = files_fingerprint(source)?;
+    if indexed_fingerprint(target)?.as_deref() == Some(fp.as_str()) {
+        return Ok(Outcome::Current);
+    }
+    let ctx = catalog.session(&crate::query::Scope::workspace(ws)?)?;
+    let (hashed, hash) = kind.hashed;
+    let mut select = vec![email_hash_expr(col(hashed)).alias(hash)];
+    select.extend((kind.columns)().into_iter().map(col));
+    let mut order = vec![col(hash).sort(true, true)];
+    order.extend(kind.then_by.iter().map(|c| col(*c).sort(true, true)));
+    let df = ctx
+        .table(kind.table)
+        .await?
+        .filter(filter)?
+        .select(select)?
+        .sort(order)?;
+    let path = target.join(kind.file);
+    let built = write_index(
+        catalog,
+        df,
+        &path,
+        (kind.schema)(),
+        hash,
+        source,
+        (fp, files),
+    )
+    .await?;
+    Ok(if built {
+        Outcome::Built
+    } else {
+        Outcome::Raced
+    })
 }
 
 /// Writes one index file and its sidecar; false (nothing written) when `source` changed
