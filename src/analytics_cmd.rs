@@ -201,8 +201,15 @@ pub fn rollup(store: PathBuf, workspace: Option<String>) -> Result<()> {
     );
     let i = r.recipients;
     println!(
-        "recipient index: {} days and {} runs indexed, {} days and {} runs already current, {} changed while indexing (retry later); in {:.2} s of the above",
-        i.days_built, i.runs_built, i.days_current, i.runs_current, i.raced, i.secs
+        "recipient index: {} days and {} runs indexed, {} days and {} runs already current, {} closed months of runs merged, {} already current, {} changed while indexing (retry later); in {:.2} s of the above",
+        i.days_built,
+        i.runs_built,
+        i.days_current,
+        i.runs_current,
+        i.months_built,
+        i.months_current,
+        i.raced,
+        i.secs
     );
     Ok(())
 }

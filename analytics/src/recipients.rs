@@ -45,6 +45,8 @@ use crate::rollup::{event_dates, files_fingerprint, partition, read_sidecar, Rol
 pub const RECIPIENT_EVENTS: &str = "rollups/recipient_events";
 /// Folder (under the store) of the per-run ledger copies sorted by recipient.
 pub const RECIPIENT_LEDGER: &str = "rollups/recipient_ledger";
+/// Folder (under the store) of the closed months' run ledgers, merged into one file a month.
+pub const RECIPIENT_LEDGER_MONTHLY: &str = "rollups/recipient_ledger_monthly";
 /// Rows per data page of the index files: a lookup decodes one such page per column and file.
 pub const INDEX_PAGE_ROWS: usize = 1024;
 /// Columns with about one value per recipient or event, written without a dictionary.
@@ -60,6 +62,18 @@ pub fn events_index_schema() -> SchemaRef {
 /// Schema of `recipient_ledger` (the ledger schema with `key_hash` in front).
 pub fn ledger_index_schema() -> SchemaRef {
     with_hash("key_hash", &broadside_pipeline::store::ledger_schema())
+}
+
+/// Schema of `recipient_ledger_monthly`: `recipient_ledger`'s with the run's `campaign_id` and
+/// `run_id` as columns (a month file holds many runs).
+pub fn ledger_month_schema() -> SchemaRef {
+    let ledger = ledger_index_schema();
+    let mut fields = vec![Arc::new(ledger.field(0).clone())];
+    for name in ["campaign_id", "run_id"] {
+        fields.push(Arc::new(Field::new(name, DataType::Utf8, false)));
+    }
+    fields.extend(ledger.fields().iter().skip(1).cloned());
+    Arc::new(Schema::new(fields))
 }
 
 fn with_hash(name: &str, schema: &Schema) -> SchemaRef {
@@ -87,6 +101,10 @@ pub struct IndexReport {
     pub runs_built: usize,
     /// Runs whose ledger index was current.
     pub runs_current: usize,
+    /// Closed months whose runs' ledger indexes were merged (again).
+    pub months_built: usize,
+    /// Closed months whose merged ledger index was current.
+    pub months_current: usize,
     /// Partitions or runs that changed while being indexed (left for the next refresh).
     pub raced: usize,
     /// Seconds spent checking and building the index.
@@ -100,6 +118,8 @@ impl IndexReport {
         self.days_current += o.days_current;
         self.runs_built += o.runs_built;
         self.runs_current += o.runs_current;
+        self.months_built += o.months_built;
+        self.months_current += o.months_current;
         self.raced += o.raced;
         self.secs += o.secs;
     }
@@ -151,6 +171,67 @@ fn indexed_fingerprint(dir: &Path) -> QueryResult<Option<String>> {
     Ok(read_sidecar::<Source>(&dir.join("_source.json"))?.map(|s| s.fingerprint))
 }
 
+/// The sidecar of a month's merged ledger index: the log fingerprint of each run it holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct MonthSource {
+    runs: BTreeMap<String, String>,
+    rows: usize,
+}
+
+/// `campaign_id/run_id`, the key of a run in filters and month sidecars (partition values hold
+/// no `/`).
+fn run_key(campaign_id: &str, run_id: &str) -> String {
+    format!("{campaign_id}/{run_id}")
+}
+
+fn run_key_expr() -> Expr {
+    datafusion::functions::string::expr_fn::concat_ws(
+        lit("/"),
+        vec![col("campaign_id"), col("run_id")],
+    )
+}
+
+/// The runs with a log, by the UTC month their run record says they started in, each with its
+/// log's current fingerprint (runs without a record are in no month).
+fn runs_by_month(
+    store: &Path,
+    ws: &str,
+    runs: &[RunDir],
+) -> QueryResult<BTreeMap<String, BTreeMap<String, String>>> {
+    let started: BTreeMap<String, String> = load_runs(store, Some(ws))?
+        .into_iter()
+        .map(|r| {
+            let month = r.started_at.format("%Y-%m").to_string();
+            (run_key(&r.campaign_id, &r.run_id), month)
+        })
+        .collect();
+    let mut out: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
+    for r in runs {
+        let key = run_key(&r.campaign_id, &r.run_id);
+        if let Some(month) = started.get(&key) {
+            let fp = files_fingerprint(&r.log_dir(store, ws))?.0;
+            out.entry(month.clone()).or_default().insert(key, fp);
+        }
+    }
+    Ok(out)
+}
+
+fn month_dir(store: &Path, ws: &str, month: &str) -> PathBuf {
+    store
+        .join(RECIPIENT_LEDGER_MONTHLY)
+        .join(format!("workspace_id={ws}"))
+        .join(format!("month={month}"))
+}
+
+fn merged_runs(
+    store: &Path,
+    ws: &str,
+    month: &str,
+) -> QueryResult<Option<BTreeMap<String, String>>> {
+    let path = month_dir(store, ws, month).join("_source.json");
+    Ok(read_sidecar::<MonthSource>(&path)?.map(|m| m.runs))
+}
+
 /// Which event days and runs a lookup reads from the index, and which raw.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct IndexPlan {
@@ -162,6 +243,8 @@ pub struct IndexPlan {
     pub runs_indexed: Vec<(String, String)>,
     /// Runs whose recipient log is scanned raw.
     pub runs_raw: Vec<(String, String)>,
+    /// Closed months whose merged ledger index is read (its runs are in no other list).
+    pub ledger_months: Vec<String>,
     /// Indexed days whose index is not read: stale, or of a partition that is gone.
     pub days_unusable: Vec<String>,
     /// Runs with a ledger index that is not read: stale, or of a log that is gone.
@@ -181,7 +264,20 @@ impl IndexPlan {
                 plan.days_raw.push(d);
             }
         }
-        for r in run_dirs(store, ws)? {
+        let runs = run_dirs(store, ws)?;
+        // A month's merged index stands in for its runs while it holds exactly the runs that
+        // started that month, each with the log it was built from.
+        let mut merged = std::collections::BTreeSet::new();
+        for (month, now) in runs_by_month(store, ws, &runs)? {
+            if merged_runs(store, ws, &month)?.is_some_and(|m| m == now) {
+                merged.extend(now.into_keys());
+                plan.ledger_months.push(month);
+            }
+        }
+        for r in runs {
+            if merged.contains(&run_key(&r.campaign_id, &r.run_id)) {
+                continue;
+            }
             let fp = files_fingerprint(&r.log_dir(store, ws))?.0;
             let idx = indexed_fingerprint(&r.under(store, RECIPIENT_LEDGER, ws))?;
             let pair = (r.campaign_id, r.run_id);
@@ -239,6 +335,65 @@ pub async fn refresh_index(catalog: &Catalog, ws: &str) -> QueryResult<IndexRepo
             Outcome::Current => report.runs_current += 1,
             Outcome::Built => report.runs_built += 1,
             Outcome::Raced => report.raced += 1,
+        }
+    }
+    // Closed months: their runs' indexes merged into one file, so a lookup opens one file a
+    // month instead of one a run.
+    let this_month = chrono::Utc::now().format("%Y-%m").to_string();
+    let runs = run_dirs(store, ws)?;
+    for (month, now) in runs_by_month(store, ws, &runs)? {
+        if month >= this_month {
+            continue;
+        }
+        if merged_runs(store, ws, &month)?.as_ref() == Some(&now) {
+            report.months_current += 1;
+            continue;
+        }
+        // Every run of the month must have its own index, current, to be merged.
+        let ready = runs
+            .iter()
+            .filter(|r| now.contains_key(&run_key(&r.campaign_id, &r.run_id)))
+            .map(|r| {
+                let fp = &now[&run_key(&r.campaign_id, &r.run_id)];
+                Ok(
+                    indexed_fingerprint(&r.under(store, RECIPIENT_LEDGER, ws))?.as_ref()
+                        == Some(fp),
+                )
+            })
+            .collect::<QueryResult<Vec<bool>>>()?;
+        if !ready.iter().all(|x| *x) {
+            continue;
+        }
+        let ctx = catalog.session(&crate::query::Scope::workspace(ws)?)?;
+        let mut select = vec![col("key_hash"), col("campaign_id"), col("run_id")];
+        select.extend(ledger_columns().into_iter().map(col));
+        let keys: Vec<String> = now.keys().cloned().collect();
+        let df = ctx
+            .table("recipient_ledger")
+            .await?
+            .filter(one_of_expr(run_key_expr(), &keys))?
+            .select(select)?
+            .sort(
+                ["key_hash", "campaign_id", "run_id", "row"]
+                    .map(|c| col(c).sort(true, true))
+                    .to_vec(),
+            )?;
+        let path = month_dir(store, ws, &month).join("ledger.parquet");
+        let unchanged = || {
+            let runs = run_dirs(store, ws)?;
+            Ok(runs_by_month(store, ws, &runs)?.get(&month) == Some(&now))
+        };
+        let sidecar = |rows| {
+            serde_json::json!(MonthSource {
+                runs: now.clone(),
+                rows,
+            })
+        };
+        let schema = ledger_month_schema();
+        if write_index(catalog, df, &path, schema, "key_hash", unchanged, sidecar).await? {
+            report.months_built += 1;
+        } else {
+            report.raced += 1;
         }
     }
     report.secs = started.elapsed().as_secs_f64();
@@ -309,14 +464,22 @@ async fn index_folder(
         .select(select)?
         .sort(order)?;
     let path = target.join(kind.file);
+    let unchanged = || Ok(files_fingerprint(source)?.0 == fp);
+    let sidecar = |rows| {
+        serde_json::json!(Source {
+            fingerprint: fp.clone(),
+            files,
+            rows,
+        })
+    };
     let built = write_index(
         catalog,
         df,
         &path,
         (kind.schema)(),
         hash,
-        source,
-        (fp, files),
+        unchanged,
+        sidecar,
     )
     .await?;
     Ok(if built {
@@ -326,16 +489,16 @@ async fn index_folder(
     })
 }
 
-/// Writes one index file and its sidecar; false (nothing written) when `source` changed
-/// while it was read.
+/// Writes one index file and its sidecar (`sidecar` of the rows written); false (nothing
+/// written) when `unchanged` says its sources changed while they were read.
 async fn write_index(
     catalog: &Catalog,
     df: DataFrame,
     path: &Path,
     schema: SchemaRef,
     hash_column: &str,
-    source: &Path,
-    (fp, files): (String, usize),
+    unchanged: impl Fn() -> QueryResult<bool>,
+    sidecar: impl FnOnce(usize) -> serde_json::Value,
 ) -> QueryResult<bool> {
     let mut props = WriterProperties::builder()
         .set_compression(Compression::LZ4_RAW)
@@ -363,19 +526,15 @@ async fn write_index(
         w.abandon()?;
         return Err(e);
     }
-    if files_fingerprint(source)?.0 != fp {
+    if !unchanged()? {
         w.abandon()?;
         return Ok(false);
     }
     let rows = w.finish()?;
-    let sidecar = path.with_file_name("_source.json");
-    let src = Source {
-        fingerprint: fp,
-        files,
-        rows,
-    };
-    broadside_pipeline::store::write_atomic(&sidecar, serde_json::to_string(&src)?.as_bytes())
-        .map_err(|e| QueryError::io(&sidecar, std::io::Error::other(e.to_string())))?;
+    let sidecar_path = path.with_file_name("_source.json");
+    let text = serde_json::to_string(&sidecar(rows))?;
+    broadside_pipeline::store::write_atomic(&sidecar_path, text.as_bytes())
+        .map_err(|e| QueryError::io(&sidecar_path, std::io::Error::other(e.to_string())))?;
     Ok(true)
 }
 
@@ -409,24 +568,24 @@ pub fn ledger_key(key: &str) -> String {
 
 /// `column IN (…)` (an always-false filter for an empty list).
 fn one_of(column: &str, values: &[String]) -> Expr {
+    one_of_expr(col(column), values)
+}
+
+/// `e IN (…)` (an always-false filter for an empty list).
+fn one_of_expr(e: Expr, values: &[String]) -> Expr {
     if values.is_empty() {
         lit(false)
     } else {
-        col(column).in_list(values.iter().map(|v| lit(v.as_str())).collect(), false)
+        e.in_list(values.iter().map(|v| lit(v.as_str())).collect(), false)
     }
 }
 
-/// Runs as a filter on the `campaign_id` and `run_id` partition columns.
+/// Runs as one filter on the `campaign_id` and `run_id` columns: a set lookup per row or
+/// partition, however many runs (a disjunction of hundreds of runs cost more to plan and
+/// apply than the lookup itself).
 fn runs_filter(runs: &[(String, String)]) -> Expr {
-    let mut by_campaign: BTreeMap<&str, Vec<String>> = BTreeMap::new();
-    for (c, r) in runs {
-        by_campaign.entry(c).or_default().push(r.clone());
-    }
-    by_campaign
-        .into_iter()
-        .map(|(c, rs)| col("campaign_id").eq(lit(c)).and(one_of("run_id", &rs)))
-        .reduce(Expr::or)
-        .unwrap_or(lit(false))
+    let keys: Vec<String> = runs.iter().map(|(c, r)| run_key(c, r)).collect();
+    one_of_expr(run_key_expr(), &keys)
 }
 
 /// One entry of a history with its sort key (newest first, then by id).
@@ -569,6 +728,17 @@ async fn history_decisions(
                 )?
                 .select(cols.clone())?,
         );
+    }
+    if !plan.ledger_months.is_empty() {
+        let months = ctx
+            .table("recipient_ledger_monthly")
+            .await?
+            .filter(one_of("month", &plan.ledger_months).and(col("key_hash").eq(lit(h))))?
+            .select(cols.clone())?;
+        df = Some(match df {
+            Some(d) => d.union(months)?,
+            None => months,
+        });
     }
     if !plan.runs_raw.is_empty() {
         let raw = ctx

@@ -1263,6 +1263,8 @@ fn recipient_history_matches_brute_force_raw_indexed_and_mixed() -> Result<()> {
     let report = rt.block_on(broadside_analytics::rollup::refresh(&catalog, None))?;
     let r = report.recipients;
     assert_eq!((r.days_built, r.runs_built, r.raced), (90, 3, 0), "{r:?}");
+    // Closed months of runs merged: acme's February and March, canary's March.
+    assert_eq!(r.months_built, 3, "{r:?}");
     let again = rt.block_on(broadside_analytics::rollup::refresh(&catalog, None))?;
     assert_eq!(
         (again.recipients.days_built, again.recipients.runs_built),
@@ -1277,6 +1279,16 @@ fn recipient_history_matches_brute_force_raw_indexed_and_mixed() -> Result<()> {
         plan.days_raw.is_empty() && plan.runs_raw.is_empty(),
         "{plan:?}"
     );
+    assert_eq!(
+        (
+            again.recipients.months_built,
+            again.recipients.months_current
+        ),
+        (0, 3)
+    );
+    // Both runs come from their months' merged files, not their own.
+    assert_eq!(plan.ledger_months, ["2026-02", "2026-03"]);
+    assert!(plan.runs_indexed.is_empty(), "{plan:?}");
     check(&events, &ledger);
     // The index files are sorted by the hash, with the hash's page statistics.
     let idx =
@@ -1332,9 +1344,14 @@ fn recipient_history_matches_brute_force_raw_indexed_and_mixed() -> Result<()> {
         plan.runs_raw,
         [pair("c002", "run-b"), pair("c003", "run-d")]
     );
-    // Stale index files are left out of the lookup (the new run has none yet).
+    // Stale index files are left out of the lookup (the new run has none yet), and so is
+    // run-a's own, read from February's merged file; March's no longer holds run-b's log.
     assert_eq!(plan.days_unusable, ["2026-03-03"]);
-    assert_eq!(plan.runs_unusable, [pair("c002", "run-b")]);
+    assert_eq!(plan.ledger_months, ["2026-02"]);
+    assert_eq!(
+        plan.runs_unusable,
+        [pair("c001", "run-a"), pair("c002", "run-b")]
+    );
     check(&events, &ledger);
 
     // A cursor that is not one is refused, naming it.

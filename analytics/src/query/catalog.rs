@@ -163,7 +163,7 @@ pub const ROLLUP_UNIQUES_MONTHLY: &str = "rollups/uniques_monthly";
 pub const REMOVED_TABLE_FUNCTIONS: [&str; 2] = ["range", "generate_series"];
 
 /// Names of the tables every session has.
-pub const TABLES: [&str; 12] = [
+pub const TABLES: [&str; 13] = [
     "events",
     "bounce_events",
     "recipient_logs",
@@ -175,6 +175,7 @@ pub const TABLES: [&str; 12] = [
     "rollup_uniques_monthly",
     "recipient_events",
     "recipient_ledger",
+    "recipient_ledger_monthly",
     "ingest_gaps",
 ];
 
@@ -316,6 +317,15 @@ impl Catalog {
                 ws,
                 &["campaign_id", "run_id"],
                 crate::recipients::ledger_index_schema(),
+            )?,
+        )?;
+        ctx.register_table(
+            "recipient_ledger_monthly",
+            self.listing(
+                crate::recipients::RECIPIENT_LEDGER_MONTHLY,
+                ws,
+                &["month"],
+                crate::recipients::ledger_month_schema(),
             )?,
         )?;
         let runs: Arc<MemTable> = Arc::new(campaign_runs_table(&self.store, ws)?);
