@@ -653,7 +653,11 @@ async fn history_events(
         df = Some(
             ctx.table("recipient_events")
                 .await?
-                .filter(one_of("date", &plan.days_indexed).and(col("email_hash").eq(lit(h))))?
+                .filter(
+                    one_of("date", &plan.days_unusable)
+                        .not()
+                        .and(col("email_hash").eq(lit(h))),
+                )?
                 .select(cols.clone())?,
         );
     }
@@ -663,10 +667,7 @@ async fn history_events(
             .await?
             .filter(one_of("date", &plan.days_raw).and(email_hash_expr(col("email")).eq(lit(h))))?
             .select(cols)?;
-        df = Some(match df {
-            Some(d) => d.union(raw)?,
-            None => raw,
-        });
+        df = Some(union(df, raw)?);
     }
     let Some(df) = df else {
         return Ok(Vec::new());
@@ -735,10 +736,7 @@ async fn history_decisions(
             .await?
             .filter(one_of("month", &plan.ledger_months).and(col("key_hash").eq(lit(h))))?
             .select(cols.clone())?;
-        df = Some(match df {
-            Some(d) => d.union(months)?,
-            None => months,
-        });
+        df = Some(union(df, months)?);
     }
     if !plan.runs_raw.is_empty() {
         let raw = ctx
@@ -746,10 +744,7 @@ async fn history_decisions(
             .await?
             .filter(runs_filter(&plan.runs_raw).and(col("key").eq(lit(key.as_str()))))?
             .select(cols)?;
-        df = Some(match df {
-            Some(d) => d.union(raw)?,
-            None => raw,
-        });
+        df = Some(union(df, raw)?);
     }
     let Some(df) = df else {
         return Ok(Vec::new());
@@ -803,6 +798,14 @@ async fn history_decisions(
         }
     }
     Ok(out)
+}
+
+/// `more` after `df`, when there is one.
+fn union(df: Option<DataFrame>, more: DataFrame) -> QueryResult<DataFrame> {
+    Ok(match df {
+        Some(d) => d.union(more)?,
+        None => more,
+    })
 }
 
 fn take_rows(b: &RecordBatch, rows: &[usize]) -> QueryResult<RecordBatch> {
