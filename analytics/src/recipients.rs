@@ -28,6 +28,7 @@ use arrow_array::cast::AsArray;
 use arrow_array::types::{TimestampMicrosecondType, UInt64Type};
 use arrow_array::{Array, RecordBatch};
 use arrow_schema::{DataType, Field, Schema, SchemaRef};
+use chrono::{DateTime, Utc};
 use datafusion::logical_expr::{col, lit, Expr};
 use datafusion::prelude::{DataFrame, SessionContext};
 use parquet::basic::Compression;
@@ -38,6 +39,7 @@ use serde::{Deserialize, Serialize};
 use crate::query::catalog::{email_hash, email_hash_expr};
 use crate::query::lists::{decode_time_cursor, encode_time_cursor, rows_to_json, Page};
 use crate::query::runs::load_runs;
+use crate::query::stats::strings;
 use crate::query::{collect, for_each_batch, partition_values, Catalog, QueryError, QueryResult};
 use crate::rollup::{event_dates, files_fingerprint, partition, read_sidecar, RollupWriter};
 
@@ -191,29 +193,45 @@ fn run_key_expr() -> Expr {
     )
 }
 
-/// The runs with a log, by the UTC month their run record says they started in, each with its
-/// log's current fingerprint (runs without a record are in no month).
-fn runs_by_month(
-    store: &Path,
-    ws: &str,
-    runs: &[RunDir],
-) -> QueryResult<BTreeMap<String, BTreeMap<String, String>>> {
-    let started: BTreeMap<String, String> = load_runs(store, Some(ws))?
+/// Every run with a recipient log in the workspace, with its log's current fingerprint.
+fn run_logs(store: &Path, ws: &str) -> QueryResult<Vec<(RunDir, String)>> {
+    run_dirs(store, ws)?
         .into_iter()
         .map(|r| {
-            let month = r.started_at.format("%Y-%m").to_string();
-            (run_key(&r.campaign_id, &r.run_id), month)
-        })
-        .collect();
-    let mut out: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
-    for r in runs {
-        let key = run_key(&r.campaign_id, &r.run_id);
-        if let Some(month) = started.get(&key) {
             let fp = files_fingerprint(&r.log_dir(store, ws))?.0;
-            out.entry(month.clone()).or_default().insert(key, fp);
+            Ok((r, fp))
+        })
+        .collect()
+}
+
+/// When each run of the workspace with a run record started, by [`run_key`].
+fn run_starts(store: &Path, ws: &str) -> QueryResult<BTreeMap<String, DateTime<Utc>>> {
+    Ok(load_runs(store, Some(ws))?
+        .into_iter()
+        .map(|r| (run_key(&r.campaign_id, &r.run_id), r.started_at))
+        .collect())
+}
+
+/// The runs with a log, by the UTC month they started in, each with its log's fingerprint
+/// (runs without a record are in no month).
+fn runs_by_month(
+    runs: &[(RunDir, String)],
+    starts: &BTreeMap<String, DateTime<Utc>>,
+) -> BTreeMap<String, BTreeMap<String, String>> {
+    let mut out: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
+    for (r, fp) in runs {
+        let key = run_key(&r.campaign_id, &r.run_id);
+        if let Some(at) = starts.get(&key) {
+            let month = at.format("%Y-%m").to_string();
+            out.entry(month).or_default().insert(key, fp.clone());
         }
     }
-    Ok(out)
+    out
+}
+
+/// Whether a run's own ledger index was built from its log as it is now (`fp`).
+fn own_index_current(store: &Path, ws: &str, r: &RunDir, fp: &str) -> QueryResult<bool> {
+    Ok(indexed_fingerprint(&r.under(store, RECIPIENT_LEDGER, ws))?.as_deref() == Some(fp))
 }
 
 fn month_dir(store: &Path, ws: &str, month: &str) -> PathBuf {
@@ -249,6 +267,9 @@ pub struct IndexPlan {
     pub days_unusable: Vec<String>,
     /// Runs with a ledger index that is not read: stale, or of a log that is gone.
     pub runs_unusable: Vec<(String, String)>,
+    /// When each run with a run record started, by `campaign_id/run_id`: the time of its
+    /// ledger rows in a history.
+    pub run_starts: BTreeMap<String, DateTime<Utc>>,
 }
 
 impl IndexPlan {
@@ -264,24 +285,24 @@ impl IndexPlan {
                 plan.days_raw.push(d);
             }
         }
-        let runs = run_dirs(store, ws)?;
+        let runs = run_logs(store, ws)?;
+        plan.run_starts = run_starts(store, ws)?;
         // A month's merged index stands in for its runs while it holds exactly the runs that
         // started that month, each with the log it was built from.
         let mut merged = std::collections::BTreeSet::new();
-        for (month, now) in runs_by_month(store, ws, &runs)? {
+        for (month, now) in runs_by_month(&runs, &plan.run_starts) {
             if merged_runs(store, ws, &month)?.is_some_and(|m| m == now) {
                 merged.extend(now.into_keys());
                 plan.ledger_months.push(month);
             }
         }
-        for r in runs {
+        for (r, fp) in runs {
             if merged.contains(&run_key(&r.campaign_id, &r.run_id)) {
                 continue;
             }
-            let fp = files_fingerprint(&r.log_dir(store, ws))?.0;
-            let idx = indexed_fingerprint(&r.under(store, RECIPIENT_LEDGER, ws))?;
+            let current = own_index_current(store, ws, &r, &fp)?;
             let pair = (r.campaign_id, r.run_id);
-            if idx.as_deref() == Some(fp.as_str()) {
+            if current {
                 plan.runs_indexed.push(pair);
             } else {
                 plan.runs_raw.push(pair);
@@ -324,7 +345,8 @@ pub async fn refresh_index(catalog: &Catalog, ws: &str) -> QueryResult<IndexRepo
             Outcome::Raced => report.raced += 1,
         }
     }
-    for r in run_dirs(store, ws)? {
+    let runs = run_logs(store, ws)?;
+    for (r, _) in &runs {
         let source = r.log_dir(store, ws);
         let target = r.under(store, RECIPIENT_LEDGER, ws);
         let filter = col("campaign_id")
@@ -339,9 +361,8 @@ pub async fn refresh_index(catalog: &Catalog, ws: &str) -> QueryResult<IndexRepo
     }
     // Closed months: their runs' indexes merged into one file, so a lookup opens one file a
     // month instead of one a run.
-    let this_month = chrono::Utc::now().format("%Y-%m").to_string();
-    let runs = run_dirs(store, ws)?;
-    for (month, now) in runs_by_month(store, ws, &runs)? {
+    let this_month = Utc::now().format("%Y-%m").to_string();
+    for (month, now) in runs_by_month(&runs, &run_starts(store, ws)?) {
         if month >= this_month {
             continue;
         }
@@ -350,18 +371,13 @@ pub async fn refresh_index(catalog: &Catalog, ws: &str) -> QueryResult<IndexRepo
             continue;
         }
         // Every run of the month must have its own index, current, to be merged.
-        let ready = runs
-            .iter()
-            .filter(|r| now.contains_key(&run_key(&r.campaign_id, &r.run_id)))
-            .map(|r| {
-                let fp = &now[&run_key(&r.campaign_id, &r.run_id)];
-                Ok(
-                    indexed_fingerprint(&r.under(store, RECIPIENT_LEDGER, ws))?.as_ref()
-                        == Some(fp),
-                )
-            })
-            .collect::<QueryResult<Vec<bool>>>()?;
-        if !ready.iter().all(|x| *x) {
+        let mut ready = true;
+        for (r, fp) in &runs {
+            if now.contains_key(&run_key(&r.campaign_id, &r.run_id)) {
+                ready &= own_index_current(store, ws, r, fp)?;
+            }
+        }
+        if !ready {
             continue;
         }
         let ctx = catalog.session(&crate::query::Scope::workspace(ws)?)?;
@@ -380,8 +396,8 @@ pub async fn refresh_index(catalog: &Catalog, ws: &str) -> QueryResult<IndexRepo
             )?;
         let path = month_dir(store, ws, &month).join("ledger.parquet");
         let unchanged = || {
-            let runs = run_dirs(store, ws)?;
-            Ok(runs_by_month(store, ws, &runs)?.get(&month) == Some(&now))
+            let months = runs_by_month(&run_logs(store, ws)?, &run_starts(store, ws)?);
+            Ok(months.get(&month) == Some(&now))
         };
         let sidecar = |rows| {
             serde_json::json!(MonthSource {
@@ -615,7 +631,7 @@ pub async fn recipient_history(
     let plan = IndexPlan::new(store, ws)?;
     let ctx = catalog.session(&crate::query::Scope::workspace(ws)?)?;
     let mut entries = history_events(catalog, &ctx, &plan, recipient).await?;
-    let mut decisions = history_decisions(catalog, &ctx, &plan, ws, recipient).await?;
+    let mut decisions = history_decisions(catalog, &ctx, &plan, recipient).await?;
     // Mail rows: the state now, moved on by the printer's tracking events (as the log list).
     let mut items: Vec<serde_json::Value> = decisions.iter_mut().map(|e| e.item.take()).collect();
     crate::query::lists::add_mail_states(catalog, ws, &mut items).await?;
@@ -674,18 +690,12 @@ async fn history_events(
     };
     let mut out = Vec::new();
     for b in collect(&catalog.limits(), df).await? {
-        let email = b
-            .column_by_name("email")
-            .expect("selected")
-            .as_string::<i32>();
+        let email = strings(&b, "email")?;
         let ts = b
             .column_by_name("ts")
             .expect("selected")
             .as_primitive::<TimestampMicrosecondType>();
-        let ids = b
-            .column_by_name("event_id")
-            .expect("selected")
-            .as_string::<i32>();
+        let ids = strings(&b, "event_id")?;
         let keep: Vec<usize> = (0..b.num_rows())
             .filter(|&i| event_identity(email.value(i)) == identity)
             .collect();
@@ -709,7 +719,6 @@ async fn history_decisions(
     catalog: &Catalog,
     ctx: &SessionContext,
     plan: &IndexPlan,
-    ws: &str,
     recipient: &str,
 ) -> QueryResult<Vec<Entry>> {
     let key = ledger_key(recipient);
@@ -749,37 +758,22 @@ async fn history_decisions(
     let Some(df) = df else {
         return Ok(Vec::new());
     };
-    let batches = collect(&catalog.limits(), df).await?;
-    if batches.iter().all(|b| b.num_rows() == 0) {
-        return Ok(Vec::new());
-    }
-    let started: BTreeMap<String, chrono::DateTime<chrono::Utc>> =
-        load_runs(catalog.store(), Some(ws))?
-            .into_iter()
-            .map(|r| (r.run_id, r.started_at))
-            .collect();
     let mut out = Vec::new();
-    for b in batches {
-        let b = crate::query::lists::plain(&b)?;
-        let keys = b
-            .column_by_name("key")
-            .expect("selected")
-            .as_string::<i32>();
+    for b in collect(&catalog.limits(), df).await? {
+        let keys = strings(&b, "key")?;
+        let campaigns = strings(&b, "campaign_id")?;
+        let runs = strings(&b, "run_id")?;
         let rows = b
             .column_by_name("row")
             .expect("selected")
             .as_primitive::<UInt64Type>();
-        let runs = b
-            .column_by_name("run_id")
-            .expect("selected")
-            .as_string::<i32>();
         let keep: Vec<usize> = (0..b.num_rows())
             .filter(|&i| keys.is_valid(i) && keys.value(i) == key)
             .collect();
         let items = rows_to_json(&[take_rows(&b, &keep)?])?;
         for (i, mut item) in keep.into_iter().zip(items) {
             let run = runs.value(i);
-            let at = started.get(run);
+            let at = plan.run_starts.get(&run_key(campaigns.value(i), run));
             let id = format!("{run}:{}", rows.value(i));
             if let Some(o) = item.as_object_mut() {
                 o.insert("kind".into(), "decision".into());
