@@ -7,8 +7,10 @@
 //! blocks when the bytes around the value may be read and the destination has room, which is
 //! almost always the case inside a chunk of input.
 
-use arrow_array::StringArray;
-use arrow_buffer::{Buffer, NullBufferBuilder, OffsetBuffer, ScalarBuffer};
+use arrow_array::{Array, StringArray};
+use arrow_buffer::{
+    BooleanBuffer, Buffer, NullBuffer, NullBufferBuilder, OffsetBuffer, ScalarBuffer,
+};
 
 /// True when `s` is non-empty and has no leading or trailing whitespace (in `str::trim`'s
 /// sense, Unicode whitespace included). Decided from the first and last bytes when both are
@@ -161,6 +163,48 @@ impl StringColumnBuilder {
     }
 }
 
+/// `a` normalised (every value trimmed, blank values null). A column that already is comes
+/// back as it is; one whose only blank values are empty strings gets a new null buffer and
+/// keeps its offsets and bytes; any other is copied, each value trimmed.
+pub fn normalised(a: &StringArray) -> StringArray {
+    let offsets = a.value_offsets();
+    let mut empty = false;
+    for i in 0..a.len() {
+        if a.is_null(i) {
+            continue;
+        }
+        let (start, end) = (offsets[i] as usize, offsets[i + 1] as usize);
+        if start == end {
+            empty = true;
+        } else if !is_trimmed(a.value(i)) {
+            return normalised_copy(a);
+        }
+    }
+    if !empty {
+        return a.clone();
+    }
+    let valid =
+        BooleanBuffer::collect_bool(a.len(), |i| a.is_valid(i) && offsets[i + 1] > offsets[i]);
+    StringArray::new(
+        a.offsets().clone(),
+        a.values().clone(),
+        Some(NullBuffer::new(valid)),
+    )
+}
+
+/// `a` normalised into a new column, each value trimmed.
+fn normalised_copy(a: &StringArray) -> StringArray {
+    let mut b = StringColumnBuilder::with_capacity(a.len(), a.value_data().len());
+    for i in 0..a.len() {
+        if a.is_null(i) {
+            b.append_null();
+        } else {
+            b.append_trimmed(a.value(i), a.value_data());
+        }
+    }
+    b.finish()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -211,6 +255,29 @@ mod tests {
                 let want = v.as_deref().map(str::trim).filter(|t| !t.is_empty());
                 prop_assert_eq!(a.is_valid(i).then(|| a.value(i)), want);
             }
+        }
+
+        /// Normalising gives each value trimmed and blanks as nulls, whichever path it takes
+        /// (nothing to do, only empty strings, values to trim); the first two share the bytes.
+        #[test]
+        fn normalised_trims_each_value(values in proptest::collection::vec(
+            proptest::option::of(prop_oneof![
+                Just(String::new()),
+                "[a-zé]{1,20}",
+                "[ a-zé\t\u{a0}]{0,40}",
+            ]), 0..80)
+        ) {
+            let want: Vec<Option<&str>> = values
+                .iter()
+                .map(|v| v.as_deref().map(str::trim).filter(|t| !t.is_empty()))
+                .collect();
+            let a = StringArray::from(values.clone());
+            let n = normalised(&a);
+            prop_assert_eq!(n.len(), values.len());
+            let got: Vec<Option<&str>> = (0..n.len()).map(|i| n.is_valid(i).then(|| n.value(i))).collect();
+            prop_assert_eq!(&got, &want);
+            let in_place = values.iter().flatten().all(|v| v.is_empty() || v.trim() == v);
+            prop_assert_eq!(in_place, n.values().as_ptr() == a.values().as_ptr());
         }
 
         #[test]

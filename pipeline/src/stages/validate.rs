@@ -10,7 +10,7 @@ use super::Stage;
 use crate::error::{Error, Result};
 use crate::model::{Decision, Reason, RecipientBatch, RecipientLayout, StdField};
 use crate::spec::{CampaignSpec, Channel};
-use crate::strings::{is_trimmed, readable_blocks, StringColumnBuilder};
+use crate::strings::{normalised, readable_blocks};
 
 /// Trims all strings (empty → null), lowercases the key and applies the channel's validation rules.
 #[derive(Debug, Clone)]
@@ -65,24 +65,6 @@ impl Validator {
             }
         }
     }
-}
-
-/// Returns the array with every value trimmed and empty values turned into nulls.
-/// Already-clean arrays are returned without copying.
-pub fn trim_column(a: &StringArray) -> StringArray {
-    let needs_work = (0..a.len()).any(|i| a.is_valid(i) && !is_trimmed(a.value(i)));
-    if !needs_work {
-        return a.clone();
-    }
-    let mut b = StringColumnBuilder::with_capacity(a.len(), a.value_data().len());
-    for i in 0..a.len() {
-        if a.is_null(i) {
-            b.append_null();
-        } else {
-            b.append_trimmed(a.value(i), a.value_data());
-        }
-    }
-    b.finish()
 }
 
 fn lowercase_keys(a: &StringArray) -> StringArray {
@@ -341,7 +323,7 @@ impl Stage for Validator {
         let trimmed: Vec<StringArray> = (0..batch.columns.num_columns())
             .map(|i| match batch.trimmed {
                 true => batch.column(i).clone(),
-                false => trim_column(batch.column(i)),
+                false => normalised(batch.column(i)),
             })
             .collect();
         let key_col = self.get(&trimmed, self.key).ok_or_else(|| Error::Stage {
@@ -524,13 +506,13 @@ mod tests {
     #[test]
     fn trim_turns_blank_into_null_and_keeps_clean_arrays() {
         let a = StringArray::from(vec![Some(" x "), Some("   "), None, Some("y")]);
-        let t = trim_column(&a);
+        let t = normalised(&a);
         assert_eq!(t.value(0), "x");
         assert!(t.is_null(1));
         assert!(t.is_null(2));
         assert_eq!(t.value(3), "y");
         let clean = StringArray::from(vec!["a", "b"]);
-        let t = trim_column(&clean);
+        let t = normalised(&clean);
         assert_eq!(t.values().as_ptr(), clean.values().as_ptr());
     }
 }
