@@ -221,8 +221,9 @@ pub struct Answer {
     pub secs: f64,
 }
 
-/// One request over a fresh connection, through the shared HTTP client (`broadside-net`):
-/// status, body and the seconds from connecting to the last byte.
+/// One request through the shared HTTP client (`broadside-net`) on a runtime of its own, so
+/// over a new connection (the pooled connections of an earlier call's runtime are closed with
+/// it): status, body and the seconds from connecting to the last byte.
 pub fn http(
     addr: &str,
     method: &str,
