@@ -28,9 +28,10 @@ use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::credentials::same_secret;
+pub use crate::credentials::token_hash;
 use crate::error::{Error, Result};
 use crate::historical::{self, ImportReport, ImportRequest};
 use crate::params::{
@@ -39,9 +40,9 @@ use crate::params::{
 use crate::query::lists::{self, EventFilter, HistoricalFilter, LogFilter};
 use crate::query::runs::{list_runs, load_runs, RunFilter};
 use crate::query::sql::{run_sql, JsonRows, Truncation};
-use crate::query::stats::{campaign_statistics, StatsQuery};
-use crate::query::timeseries::{time_series, SeriesQuery};
 use crate::query::{Catalog, Limits, QueryError, Scope};
+use crate::stats::{campaign_statistics, StatsQuery};
+use crate::timeseries::{time_series, SeriesQuery};
 
 /// The OpenAPI document (checked in as docs/openapi.json).
 pub const OPENAPI: &str = include_str!("../../docs/openapi.json");
@@ -67,14 +68,6 @@ pub struct TokenEntry {
 pub struct TokenSet {
     /// The entries.
     pub tokens: Vec<TokenEntry>,
-}
-
-/// Hex SHA-256 of a token, as stored in the token file.
-pub fn token_hash(token: &str) -> String {
-    Sha256::digest(token.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
 }
 
 impl TokenSet {
@@ -114,9 +107,9 @@ impl TokenSet {
 
     fn find(&self, token: &str) -> Option<&TokenEntry> {
         let h = token_hash(token);
-        self.tokens.iter().find(|t| {
-            crate::webhook::same_secret(t.sha256.to_ascii_lowercase().as_bytes(), h.as_bytes())
-        })
+        self.tokens
+            .iter()
+            .find(|t| same_secret(t.sha256.to_ascii_lowercase().as_bytes(), h.as_bytes()))
     }
 }
 

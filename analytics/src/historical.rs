@@ -18,7 +18,6 @@ use std::sync::Arc;
 
 use arrow_array::builder::{StringBuilder, TimestampMicrosecondBuilder};
 use arrow_array::{ArrayRef, RecordBatch};
-use arrow_schema::{DataType, SchemaRef};
 use broadside_pipeline::store::{commit_file, create_dir_all, temp_name};
 use chrono::{DateTime, NaiveDate, NaiveDateTime, Utc};
 use parquet::arrow::ArrowWriter;
@@ -27,19 +26,8 @@ use parquet::file::properties::WriterProperties;
 use serde::Serialize;
 
 use crate::error::{Error, Result};
-use crate::query::catalog::{schema_of, ts_type};
+pub use crate::query::catalog::historical_schema;
 use crate::suppression::{normalize_email, BounceCsv};
-
-/// Schema of the `historical_bounces` table.
-pub fn historical_schema() -> SchemaRef {
-    schema_of(&[
-        ("email", DataType::Utf8, false),
-        ("bounce_type", DataType::Utf8, false),
-        ("account_number", DataType::Utf8, true),
-        ("bounced_at", ts_type(), true),
-        ("source", DataType::Utf8, false),
-    ])
-}
 
 /// What to import.
 #[derive(Debug, Clone)]

@@ -8,11 +8,14 @@
 //! - [`intake`]: the webhook bodies (provider callback forms, JSON batches) parsed to rows;
 //! - [`webhook`]: the HTTP intake for provider callbacks and JSON batches;
 //! - [`suppression`]: suppression lists built from bounces, complaints and unsubscribes;
-//! - [`query`]: the DataFusion catalog, statistics, time series, lists and analyst SQL;
+//! - [`query`]: the DataFusion catalog, lists, runs and analyst SQL;
+//! - [`stats`]: campaign statistics (counts, uniques, rates) per campaign and variant;
+//! - [`timeseries`]: event counts per hour/day/week/month bucket in a time zone, gaps filled;
 //! - [`rollup`]: hourly pre-aggregates kept beside the events;
 //! - [`historical`]: historical bounce imports;
 //! - [`params`]: the analytics API's query parameters;
 //! - [`api`]: the analytics HTTP API;
+//! - [`credentials`]: token and webhook credential hashes, compared in constant time;
 //! - [`synth`]: deterministic synthetic events for tests and benchmarks.
 //!
 //! The event schema lives in `broadside_pipeline::event`.
@@ -23,7 +26,9 @@ pub mod attribution;
 pub mod buffer;
 mod columns;
 pub mod commit;
+pub mod credentials;
 pub mod decode;
+mod derived;
 pub mod error;
 pub mod file;
 pub mod gaps;
@@ -34,9 +39,11 @@ pub mod params;
 pub mod query;
 pub mod recipients;
 pub mod rollup;
+pub mod stats;
 pub mod stop;
 pub mod suppression;
 pub mod synth;
+pub mod timeseries;
 pub mod webhook;
 
 pub use broadside_pipeline::event;

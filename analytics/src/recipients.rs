@@ -22,12 +22,11 @@
 use std::collections::BTreeMap;
 use std::ops::Not;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use arrow_array::cast::AsArray;
 use arrow_array::types::{TimestampMicrosecondType, UInt64Type};
 use arrow_array::{Array, RecordBatch};
-use arrow_schema::{DataType, Field, Schema, SchemaRef};
+use arrow_schema::{Schema, SchemaRef};
 use chrono::{DateTime, Utc};
 use datafusion::logical_expr::{col, lit, Expr};
 use datafusion::prelude::{DataFrame, SessionContext};
@@ -36,53 +35,23 @@ use parquet::file::properties::{EnabledStatistics, WriterProperties};
 use parquet::schema::types::ColumnPath;
 use serde::{Deserialize, Serialize};
 
+use crate::derived::{event_dates, files_fingerprint, partition, read_sidecar, RollupWriter};
 use crate::query::catalog::{email_hash, email_hash_expr};
+pub use crate::query::catalog::{
+    events_index_schema, ledger_index_schema, ledger_month_schema, RECIPIENT_EVENTS,
+    RECIPIENT_LEDGER, RECIPIENT_LEDGER_MONTHLY,
+};
 use crate::query::lists::{decode_time_cursor, encode_time_cursor, rows_to_json, Page};
 use crate::query::runs::load_runs;
-use crate::query::stats::strings;
+use crate::query::strings;
 use crate::query::{collect, for_each_batch, partition_values, Catalog, QueryError, QueryResult};
-use crate::rollup::{event_dates, files_fingerprint, partition, read_sidecar, RollupWriter};
 
-/// Folder (under the store) of the per-day event copies sorted by recipient.
-pub const RECIPIENT_EVENTS: &str = "rollups/recipient_events";
-/// Folder (under the store) of the per-run ledger copies sorted by recipient.
-pub const RECIPIENT_LEDGER: &str = "rollups/recipient_ledger";
-/// Folder (under the store) of the closed months' run ledgers, merged into one file a month.
-pub const RECIPIENT_LEDGER_MONTHLY: &str = "rollups/recipient_ledger_monthly";
 /// Rows per data page of the index files: a lookup decodes one such page per column and file.
 pub const INDEX_PAGE_ROWS: usize = 1024;
 /// Columns with about one value per recipient or event, written without a dictionary.
 const PLAIN_COLUMNS: [&str; 5] = ["event_id", "email", "url", "key", "detail"];
 /// Rows per row group of the index files.
 const INDEX_ROW_GROUP_ROWS: usize = 128 * 1024;
-
-/// Schema of `recipient_events` (the event file schema with `email_hash` in front).
-pub fn events_index_schema() -> SchemaRef {
-    with_hash("email_hash", &broadside_pipeline::event::file_schema())
-}
-
-/// Schema of `recipient_ledger` (the ledger schema with `key_hash` in front).
-pub fn ledger_index_schema() -> SchemaRef {
-    with_hash("key_hash", &broadside_pipeline::store::ledger_schema())
-}
-
-/// Schema of `recipient_ledger_monthly`: `recipient_ledger`'s with the run's `campaign_id` and
-/// `run_id` as columns (a month file holds many runs).
-pub fn ledger_month_schema() -> SchemaRef {
-    let ledger = ledger_index_schema();
-    let mut fields = vec![Arc::new(ledger.field(0).clone())];
-    for name in ["campaign_id", "run_id"] {
-        fields.push(Arc::new(Field::new(name, DataType::Utf8, false)));
-    }
-    fields.extend(ledger.fields().iter().skip(1).cloned());
-    Arc::new(Schema::new(fields))
-}
-
-fn with_hash(name: &str, schema: &Schema) -> SchemaRef {
-    let mut fields = vec![Arc::new(Field::new(name, DataType::UInt64, false))];
-    fields.extend(schema.fields().iter().cloned());
-    Arc::new(Schema::new(fields))
-}
 
 /// The sidecar recording what an index file was built from.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

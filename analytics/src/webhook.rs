@@ -47,12 +47,11 @@ use rdkafka::ClientContext;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sha2::Sha256;
-use subtle::ConstantTimeEq;
 use tokio::sync::oneshot;
 use xxhash_rust::xxh3::Xxh3;
 
-use crate::api::token_hash;
 use crate::attribution::Attribution;
+use crate::credentials::{same_secret, token_hash};
 use crate::decode::EventRow;
 use crate::error::{Error, Result};
 use crate::intake::{
@@ -446,11 +445,6 @@ pub fn webhook_router(cfg: WebhookConfig, sink: WebhookSink) -> Result<Router> {
         router = router.route("/webhooks/lob", post(lob_tracking));
     }
     Ok(router.with_state(state))
-}
-
-/// Constant-time comparison (`subtle`), so response timing does not reveal the secret.
-pub(crate) fn same_secret(a: &[u8], b: &[u8]) -> bool {
-    a.ct_eq(b).into()
 }
 
 /// The credential a request presents, with its body read (at most `max_body` bytes), or the

@@ -52,6 +52,41 @@ pub(crate) fn utf8_strings<'a>(column: &'a ArrayRef, kind: &str) -> Result<&'a S
     Ok(column.as_string::<i32>())
 }
 
+/// Writes to `out` the LZ4 block `block` with the bytes `prefix` in front of what it
+/// decompresses to. The prefix joins the literals of the block's first sequence (only that
+/// sequence's header is rewritten); the matches after it copy from distances back in the
+/// output, which do not change, and the end-of-block rules count from the end, which does not
+/// move either.
+pub(crate) fn prepend_literals(block: &[u8], prefix: &[u8], out: &mut Vec<u8>) -> Result<()> {
+    let truncated = || ParquetError::General("LZ4 block: truncated first sequence".into());
+    let token = *block.first().ok_or_else(truncated)?;
+    let mut at = 1;
+    let mut literals = usize::from(token >> 4);
+    if literals == 15 {
+        loop {
+            let b = *block.get(at).ok_or_else(truncated)?;
+            at += 1;
+            literals += usize::from(b);
+            if b != 255 {
+                break;
+            }
+        }
+    }
+    let total = literals + prefix.len();
+    out.push(((total.min(15) as u8) << 4) | (token & 0x0F));
+    if total >= 15 {
+        let mut rest = total - 15;
+        while rest >= 255 {
+            out.push(255);
+            rest -= 255;
+        }
+        out.push(rest as u8);
+    }
+    out.extend_from_slice(prefix);
+    out.extend_from_slice(&block[at..]);
+    Ok(())
+}
+
 /// `raw` compressed as one LZ4 block, through `scratch`, an output buffer kept by the caller
 /// from call to call (a fresh buffer of this size is a fresh mapping, faulted in page by
 /// page); returns a copy of the compressed bytes only.
@@ -170,7 +205,7 @@ impl Pages {
         levels.clear();
         def_levels(levels, &self.descr, &BooleanBuffer::new_set(0), rows, 0)?;
         let mut page = Vec::with_capacity(block.len() + levels.len() + 8);
-        crate::text::prepend_literals(block, levels, &mut page)?;
+        prepend_literals(block, levels, &mut page)?;
         self.done.push((page, rows, raw_len + levels.len()));
         self.rows += rows;
         Ok(())
@@ -462,6 +497,7 @@ pub(crate) fn delta_binary_packed(out: &mut Vec<u8>, values: &[u32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     /// A straightforward decoder of the hybrid encoding, to check the encoder against.
     fn decode(mut buf: &[u8], width: u8, n: usize) -> Vec<u32> {
@@ -612,5 +648,47 @@ mod tests {
         delta_binary_packed(&mut buf, &[7, 9, 11, 13, 15]);
         // Header 128, 4, 5, zigzag(7); min delta zigzag(2); four widths of 0; no bodies.
         assert_eq!(buf, vec![0x80, 0x01, 4, 5, 14, 4, 0, 0, 0, 0]);
+    }
+
+    /// Bytes with repeats, so that the compressor finds matches (also at the very start).
+    fn repetitive() -> impl Strategy<Value = Vec<u8>> {
+        proptest::collection::vec(
+            prop_oneof![
+                3 => "[a-c]{1,6}".prop_map(String::into_bytes),
+                1 => proptest::collection::vec(any::<u8>(), 0..40),
+            ],
+            0..200,
+        )
+        .prop_map(|parts| parts.concat())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+        /// A block with literals spliced in front decompresses to the prefix followed by the
+        /// original input, whatever the lengths (first sequences of 0, under 15, 15 and over
+        /// 255 literals; prefixes crossing the same thresholds).
+        #[test]
+        fn prepended_literals_decompress_in_front(
+            data in repetitive(),
+            prefix in proptest::collection::vec(any::<u8>(), 0..600),
+        ) {
+            let block = lz4_flex::block::compress(&data);
+            let mut out = Vec::new();
+            prepend_literals(&block, &prefix, &mut out).unwrap();
+            let back = lz4_flex::block::decompress(&out, prefix.len() + data.len()).unwrap();
+            prop_assert_eq!(&back[..prefix.len()], &prefix[..]);
+            prop_assert_eq!(&back[prefix.len()..], &data[..]);
+            if prefix.is_empty() {
+                prop_assert_eq!(out, block);
+            }
+        }
+    }
+
+    #[test]
+    fn a_truncated_first_sequence_is_an_error() {
+        let mut out = Vec::new();
+        assert!(prepend_literals(&[], b"x", &mut out).is_err());
+        // 15 literals announced, then the length bytes end.
+        assert!(prepend_literals(&[0xF0, 255], b"x", &mut out).is_err());
     }
 }

@@ -14,7 +14,7 @@ use arrow_array::{Array, ArrayRef};
 use bytes::Bytes;
 use parquet::basic::Encoding;
 use parquet::column::writer::ColumnCloseResult;
-use parquet::errors::{ParquetError, Result};
+use parquet::errors::Result;
 use parquet::schema::types::ColumnDescPtr;
 
 use broadside_pipeline::model::{Decision, PackedKeys, RecipientBatch};
@@ -120,41 +120,6 @@ fn encode_body(data: &mut Vec<u8>, lengths: &[u32], bytes: &[u8]) {
     data.extend_from_slice(bytes);
 }
 
-/// Writes to `out` the LZ4 block `block` with the bytes `prefix` in front of what it
-/// decompresses to. The prefix joins the literals of the block's first sequence (only that
-/// sequence's header is rewritten); the matches after it copy from distances back in the
-/// output, which do not change, and the end-of-block rules count from the end, which does not
-/// move either.
-pub(crate) fn prepend_literals(block: &[u8], prefix: &[u8], out: &mut Vec<u8>) -> Result<()> {
-    let truncated = || ParquetError::General("LZ4 block: truncated first sequence".into());
-    let token = *block.first().ok_or_else(truncated)?;
-    let mut at = 1;
-    let mut literals = usize::from(token >> 4);
-    if literals == 15 {
-        loop {
-            let b = *block.get(at).ok_or_else(truncated)?;
-            at += 1;
-            literals += usize::from(b);
-            if b != 255 {
-                break;
-            }
-        }
-    }
-    let total = literals + prefix.len();
-    out.push(((total.min(15) as u8) << 4) | (token & 0x0F));
-    if total >= 15 {
-        let mut rest = total - 15;
-        while rest >= 255 {
-            out.push(255);
-            rest -= 255;
-        }
-        out.push(rest as u8);
-    }
-    out.extend_from_slice(prefix);
-    out.extend_from_slice(&block[at..]);
-    Ok(())
-}
-
 /// The batch's packed keys if they are exactly its sent rows' keys: every row the ordered
 /// stages left sendable was sent, and every sent row has a key. Otherwise (billing cap or
 /// printer decisions, no packer) the sinks encode the keys themselves.
@@ -231,53 +196,5 @@ impl Stage for KeyPacker {
             raw_len: self.raw.len(),
         });
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use proptest::prelude::*;
-
-    /// Bytes with repeats, so that the compressor finds matches (also at the very start).
-    fn repetitive() -> impl Strategy<Value = Vec<u8>> {
-        proptest::collection::vec(
-            prop_oneof![
-                3 => "[a-c]{1,6}".prop_map(String::into_bytes),
-                1 => proptest::collection::vec(any::<u8>(), 0..40),
-            ],
-            0..200,
-        )
-        .prop_map(|parts| parts.concat())
-    }
-
-    proptest! {
-        #![proptest_config(ProptestConfig::with_cases(256))]
-        /// A block with literals spliced in front decompresses to the prefix followed by the
-        /// original input, whatever the lengths (first sequences of 0, under 15, 15 and over
-        /// 255 literals; prefixes crossing the same thresholds).
-        #[test]
-        fn prepended_literals_decompress_in_front(
-            data in repetitive(),
-            prefix in proptest::collection::vec(any::<u8>(), 0..600),
-        ) {
-            let block = lz4_flex::block::compress(&data);
-            let mut out = Vec::new();
-            prepend_literals(&block, &prefix, &mut out).unwrap();
-            let back = lz4_flex::block::decompress(&out, prefix.len() + data.len()).unwrap();
-            prop_assert_eq!(&back[..prefix.len()], &prefix[..]);
-            prop_assert_eq!(&back[prefix.len()..], &data[..]);
-            if prefix.is_empty() {
-                prop_assert_eq!(out, block);
-            }
-        }
-    }
-
-    #[test]
-    fn a_truncated_first_sequence_is_an_error() {
-        let mut out = Vec::new();
-        assert!(prepend_literals(&[], b"x", &mut out).is_err());
-        // 15 literals announced, then the length bytes end.
-        assert!(prepend_literals(&[0xF0, 255], b"x", &mut out).is_err());
     }
 }

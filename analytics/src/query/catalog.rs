@@ -158,6 +158,74 @@ pub const ROLLUP_HOURLY_MONTHLY: &str = "rollups/hourly_monthly";
 /// Folder (under the store) of closed months of distinct recipients, one file per month.
 pub const ROLLUP_UNIQUES_MONTHLY: &str = "rollups/uniques_monthly";
 
+/// Schema of `rollup_hourly`.
+pub fn hourly_schema() -> SchemaRef {
+    schema_of(&[
+        ("campaign_id", DataType::Utf8, false),
+        ("variant", DataType::Utf8, true),
+        ("event_type", DataType::Utf8, false),
+        ("bounce_type", DataType::Utf8, true),
+        ("hour", ts_type(), false),
+        ("n", DataType::Int64, false),
+    ])
+}
+
+/// Schema of `rollup_uniques`.
+pub fn uniques_schema() -> SchemaRef {
+    schema_of(&[
+        ("campaign_id", DataType::Utf8, false),
+        ("variant", DataType::Utf8, true),
+        ("event_type", DataType::Utf8, false),
+        ("email_hash", DataType::UInt64, false),
+    ])
+}
+
+/// Folder (under the store) of the per-day event copies sorted by recipient.
+pub const RECIPIENT_EVENTS: &str = "rollups/recipient_events";
+/// Folder (under the store) of the per-run ledger copies sorted by recipient.
+pub const RECIPIENT_LEDGER: &str = "rollups/recipient_ledger";
+/// Folder (under the store) of the closed months' run ledgers, merged into one file a month.
+pub const RECIPIENT_LEDGER_MONTHLY: &str = "rollups/recipient_ledger_monthly";
+
+/// Schema of `recipient_events` (the event file schema with `email_hash` in front).
+pub fn events_index_schema() -> SchemaRef {
+    with_hash("email_hash", &broadside_pipeline::event::file_schema())
+}
+
+/// Schema of `recipient_ledger` (the ledger schema with `key_hash` in front).
+pub fn ledger_index_schema() -> SchemaRef {
+    with_hash("key_hash", &broadside_pipeline::store::ledger_schema())
+}
+
+/// Schema of `recipient_ledger_monthly`: `recipient_ledger`'s with the run's `campaign_id` and
+/// `run_id` as columns (a month file holds many runs).
+pub fn ledger_month_schema() -> SchemaRef {
+    let ledger = ledger_index_schema();
+    let mut fields = vec![Arc::new(ledger.field(0).clone())];
+    for name in ["campaign_id", "run_id"] {
+        fields.push(Arc::new(Field::new(name, DataType::Utf8, false)));
+    }
+    fields.extend(ledger.fields().iter().skip(1).cloned());
+    Arc::new(Schema::new(fields))
+}
+
+fn with_hash(name: &str, schema: &Schema) -> SchemaRef {
+    let mut fields = vec![Arc::new(Field::new(name, DataType::UInt64, false))];
+    fields.extend(schema.fields().iter().cloned());
+    Arc::new(Schema::new(fields))
+}
+
+/// Schema of the `historical_bounces` table.
+pub fn historical_schema() -> SchemaRef {
+    schema_of(&[
+        ("email", DataType::Utf8, false),
+        ("bounce_type", DataType::Utf8, false),
+        ("account_number", DataType::Utf8, true),
+        ("bounced_at", ts_type(), true),
+        ("source", DataType::Utf8, false),
+    ])
+}
+
 /// Table functions DataFusion registers by default that fabricate any number of rows from
 /// nothing (`SELECT * FROM range(1e12)`); analyst sessions do not have them.
 pub const REMOVED_TABLE_FUNCTIONS: [&str; 2] = ["range", "generate_series"];
@@ -263,69 +331,44 @@ impl Catalog {
         )?;
         ctx.register_table(
             "historical_bounces",
-            self.listing(
-                "historical_bounces",
-                ws,
-                &[],
-                crate::historical::historical_schema(),
-            )?,
+            self.listing("historical_bounces", ws, &[], historical_schema())?,
         )?;
         ctx.register_table(
             "rollup_hourly",
-            self.listing(ROLLUP_HOURLY, ws, &["date"], crate::rollup::hourly_schema())?,
+            self.listing(ROLLUP_HOURLY, ws, &["date"], hourly_schema())?,
         )?;
         ctx.register_table(
             "rollup_uniques",
-            self.listing(
-                ROLLUP_UNIQUES,
-                ws,
-                &["date"],
-                crate::rollup::uniques_schema(),
-            )?,
+            self.listing(ROLLUP_UNIQUES, ws, &["date"], uniques_schema())?,
         )?;
         ctx.register_table(
             "rollup_hourly_monthly",
-            self.listing(
-                ROLLUP_HOURLY_MONTHLY,
-                ws,
-                &["month"],
-                crate::rollup::hourly_schema(),
-            )?,
+            self.listing(ROLLUP_HOURLY_MONTHLY, ws, &["month"], hourly_schema())?,
         )?;
         ctx.register_table(
             "rollup_uniques_monthly",
-            self.listing(
-                ROLLUP_UNIQUES_MONTHLY,
-                ws,
-                &["month"],
-                crate::rollup::uniques_schema(),
-            )?,
+            self.listing(ROLLUP_UNIQUES_MONTHLY, ws, &["month"], uniques_schema())?,
         )?;
         ctx.register_table(
             "recipient_events",
-            self.listing(
-                crate::recipients::RECIPIENT_EVENTS,
-                ws,
-                &["date"],
-                crate::recipients::events_index_schema(),
-            )?,
+            self.listing(RECIPIENT_EVENTS, ws, &["date"], events_index_schema())?,
         )?;
         ctx.register_table(
             "recipient_ledger",
             self.listing(
-                crate::recipients::RECIPIENT_LEDGER,
+                RECIPIENT_LEDGER,
                 ws,
                 &["campaign_id", "run_id"],
-                crate::recipients::ledger_index_schema(),
+                ledger_index_schema(),
             )?,
         )?;
         ctx.register_table(
             "recipient_ledger_monthly",
             self.listing(
-                crate::recipients::RECIPIENT_LEDGER_MONTHLY,
+                RECIPIENT_LEDGER_MONTHLY,
                 ws,
                 &["month"],
-                crate::recipients::ledger_month_schema(),
+                ledger_month_schema(),
             )?,
         )?;
         let runs: Arc<MemTable> = Arc::new(campaign_runs_table(&self.store, ws)?);

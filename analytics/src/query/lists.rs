@@ -13,7 +13,7 @@ use datafusion::logical_expr::{col, lit, Expr};
 use datafusion::prelude::SessionContext;
 use serde::Serialize;
 
-use crate::query::stats::{and_time_range, strings, ts_lit};
+use crate::query::{and_time_range, strings, ts_lit};
 use crate::query::{collect, Catalog, QueryError, QueryResult, Scope};
 
 pub use crate::params::{DEFAULT_PAGE, MAX_PAGE};

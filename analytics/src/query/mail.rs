@@ -20,7 +20,7 @@ use serde::Serialize;
 use broadside_printers::state::RecipientState;
 use broadside_printers::tracking::Milestone;
 
-use crate::query::stats::strings;
+use crate::query::strings;
 use crate::query::{for_each_batch, Catalog, QueryResult, Scope};
 use crate::webhook::LOB_EVENT_PREFIX;
 

@@ -1,8 +1,6 @@
 //! Analytics over the store with DataFusion: the catalog, the API's queries and analyst SQL.
 //!
 //! - [`catalog`]: tables over the store, scoped to a workspace;
-//! - [`stats`]: campaign statistics (counts, uniques, rates) per campaign and variant;
-//! - [`timeseries`]: event counts per hour/day/week/month bucket in a time zone, gaps filled;
 //! - [`lists`]: filtered, paginated rows (events, bounces, recipient logs, historical bounces);
 //! - [`mail`]: a mailed recipient's state now, from the ledger and the printer's tracking;
 //! - [`runs`]: campaign run records;
@@ -13,10 +11,15 @@ pub mod lists;
 pub mod mail;
 pub mod runs;
 pub mod sql;
-pub mod stats;
-pub mod timeseries;
 
 use std::path::{Path, PathBuf};
+
+use arrow_array::cast::AsArray;
+use arrow_array::RecordBatch;
+use arrow_schema::DataType;
+use chrono::{DateTime, Utc};
+use datafusion::logical_expr::{col, lit, Expr};
+use datafusion::scalar::ScalarValue;
 
 pub use catalog::{Catalog, Limits, Scope};
 
@@ -155,4 +158,37 @@ pub async fn for_each_batch(
         Ok(r) => r,
         Err(_) => Err(QueryError::Timeout(limits.timeout)),
     }
+}
+
+/// Adds `from <= ts < to` to a filter.
+pub(crate) fn and_time_range(
+    mut f: Expr,
+    from: Option<DateTime<Utc>>,
+    to: Option<DateTime<Utc>>,
+) -> Expr {
+    if let Some(t) = from {
+        f = f.and(col("ts").gt_eq(ts_lit(t)));
+    }
+    if let Some(t) = to {
+        f = f.and(col("ts").lt(ts_lit(t)));
+    }
+    f
+}
+
+/// A timestamp literal of the event `ts` type.
+pub(crate) fn ts_lit(t: DateTime<Utc>) -> Expr {
+    lit(ScalarValue::TimestampMicrosecond(
+        Some(t.timestamp_micros()),
+        Some("UTC".into()),
+    ))
+}
+
+/// A column as strings (casting dictionaries).
+pub(crate) fn strings(b: &RecordBatch, name: &str) -> QueryResult<arrow_array::StringArray> {
+    let c = b
+        .column_by_name(name)
+        .unwrap_or_else(|| panic!("query result lacks column {name}"));
+    Ok(arrow_cast::cast(c, &DataType::Utf8)?
+        .as_string::<i32>()
+        .clone())
 }

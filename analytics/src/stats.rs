@@ -30,7 +30,7 @@ use datafusion::scalar::ScalarValue;
 use serde::Serialize;
 
 use crate::query::catalog::{email_hash_expr, Catalog, Scope};
-use crate::query::{for_each_batch, QueryError, QueryResult};
+use crate::query::{and_time_range, for_each_batch, strings, QueryError, QueryResult};
 use crate::rollup::{dates_filter, DatePlan, RollupKind, UNIQUE_TYPES};
 
 /// Which events a statistics query covers.
@@ -609,29 +609,6 @@ pub(crate) async fn raw_events(
     Ok(ctx.table("events").await?.filter(f)?)
 }
 
-/// Adds `from <= ts < to` to a filter.
-pub(crate) fn and_time_range(
-    mut f: Expr,
-    from: Option<DateTime<Utc>>,
-    to: Option<DateTime<Utc>>,
-) -> Expr {
-    if let Some(t) = from {
-        f = f.and(col("ts").gt_eq(ts_lit(t)));
-    }
-    if let Some(t) = to {
-        f = f.and(col("ts").lt(ts_lit(t)));
-    }
-    f
-}
-
-/// A timestamp literal of the event `ts` type.
-pub(crate) fn ts_lit(t: DateTime<Utc>) -> Expr {
-    lit(ScalarValue::TimestampMicrosecond(
-        Some(t.timestamp_micros()),
-        Some("UTC".into()),
-    ))
-}
-
 fn is_midnight(t: DateTime<Utc>) -> bool {
     t.num_seconds_from_midnight() == 0 && t.timestamp_subsec_nanos() == 0
 }
@@ -644,14 +621,4 @@ fn day_ceil(t: DateTime<Utc>) -> NaiveDate {
     } else {
         d.succ_opt().unwrap_or(d)
     }
-}
-
-/// A column as strings (casting dictionaries).
-pub(crate) fn strings(b: &RecordBatch, name: &str) -> QueryResult<arrow_array::StringArray> {
-    let c = b
-        .column_by_name(name)
-        .unwrap_or_else(|| panic!("query result lacks column {name}"));
-    Ok(arrow_cast::cast(c, &DataType::Utf8)?
-        .as_string::<i32>()
-        .clone())
 }

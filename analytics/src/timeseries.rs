@@ -24,7 +24,7 @@ use datafusion::scalar::ScalarValue;
 use serde::Serialize;
 
 use crate::query::catalog::{ts_type, Catalog, Scope};
-use crate::query::stats::{and_time_range, strings, ts_lit};
+use crate::query::{and_time_range, strings, ts_lit};
 use crate::query::{collect, QueryError, QueryResult};
 use crate::rollup::{dates_filter, DatePlan, RollupKind};
 use broadside_pipeline::event::EventType;
