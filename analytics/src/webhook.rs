@@ -757,7 +757,7 @@ const LOB_TOLERANCE: Duration = Duration::from_secs(300);
 /// Other milestones, and pieces without our metadata, are acknowledged and not recorded, so
 /// the printer does not retry them.
 async fn lob_tracking(State(state): State<Arc<WebhookState>>, req: Request) -> Response {
-    use broadside_printers::tracking::{verify_signature, TrackingUpdate};
+    use broadside_tracking::tracking::{verify_signature, TrackingUpdate};
     let (Some(secret), Some(workspace)) = (&state.lob_secret, &state.lob_workspace) else {
         return reject(StatusCode::NOT_FOUND, json!({"error": "not configured"}));
     };
@@ -820,7 +820,7 @@ pub const LOB_EVENT_PREFIX: &str = "lob-";
 
 /// The event a tracking update is recorded as, or why it is not recorded.
 fn lob_event_row(
-    u: &broadside_printers::tracking::TrackingUpdate,
+    u: &broadside_tracking::tracking::TrackingUpdate,
 ) -> std::result::Result<EventRow<'static>, String> {
     use broadside_pipeline::event::{BounceType, EventType};
     let (event_type, bounce_type) = match u.event_type() {
@@ -1019,7 +1019,7 @@ fn write_rows(store: &Path, attribution: &Attribution, rows: &[EventRow<'static>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use broadside_printers::tracking::TrackingUpdate;
+    use broadside_tracking::tracking::TrackingUpdate;
 
     fn update(workspace: &str, date: &str) -> TrackingUpdate {
         TrackingUpdate::parse(

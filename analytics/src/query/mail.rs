@@ -2,7 +2,7 @@
 //! moved on by the printer's tracking events the webhook intake recorded for the piece
 //! (`delivered` → Received, `bounced` from a returned piece → Returned; Scheduled becomes Sent
 //! first), in event-time order, along the recipient state graph
-//! ([`broadside_printers::tracking::Milestone::transitions`]; docs/recipient-states.md).
+//! ([`broadside_tracking::tracking::Milestone::transitions`]; docs/recipient-states.md).
 //!
 //! Tracking events are events of the run (`run_id`) whose id starts with `lob-` and whose
 //! `email` is the piece's recipient key; the fold is made when asked, so it always reflects
@@ -17,8 +17,8 @@ use datafusion::functions::expr_fn::starts_with;
 use datafusion::logical_expr::{col, lit, Expr};
 use serde::Serialize;
 
-use broadside_printers::state::RecipientState;
-use broadside_printers::tracking::Milestone;
+use broadside_tracking::state::RecipientState;
+use broadside_tracking::tracking::Milestone;
 
 use crate::query::strings;
 use crate::query::{for_each_batch, Catalog, QueryResult, Scope};
