@@ -401,7 +401,20 @@ pub struct RecipientBatch {
     /// Mail channel with a printer: the printer's id for each mailed row; empty otherwise.
     pub printer_ids: Vec<Option<Box<str>>>,
     /// Rows decided `duplicate`, ascending, with the earlier row each repeats.
-    pub duplicates: Vec<crate::stages::dedupe::DuplicateRow>,
+    pub duplicates: Vec<DuplicateRow>,
+}
+
+/// A batch row found to repeat an earlier row: `(row in batch, input position of the earliest
+/// occurrence, the positions the worker compared with)`; the ordered path turns it into the
+/// ledger's detail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DuplicateRow {
+    /// Row within the batch.
+    pub row: u32,
+    /// Input position (batch sequence and row) of the earlier occurrence it repeats.
+    pub first: u64,
+    /// The smallest positions the table held for each fingerprint when the worker looked.
+    pub(crate) seen: [Option<u64>; 2],
 }
 
 impl RecipientBatch {

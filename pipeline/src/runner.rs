@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::model::{Decision, Reason, RecipientBatch, HOLDOUT_VARIANT};
+pub use crate::stages::OrderedStage;
 use crate::stages::Stage;
 
 /// Produces recipient batches in input order.
@@ -65,16 +66,6 @@ pub trait Sink: Send {
     /// Commits everything after the last batch.
     fn finish(&mut self) -> Result<()>;
     /// Called instead of `finish` when the run failed: drop uncommitted work.
-    fn abort(&mut self) {}
-}
-
-/// A stage that must see batches in order and may need a final flush (cap, IFUR writer).
-pub trait OrderedStage: Stage {
-    /// Called once after the last batch, on success only.
-    fn finish(&mut self) -> Result<()> {
-        Ok(())
-    }
-    /// Called instead of `finish` when the run failed.
     fn abort(&mut self) {}
 }
 

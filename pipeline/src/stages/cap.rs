@@ -42,7 +42,7 @@ impl Stage for BillingCap {
     }
 }
 
-impl crate::runner::OrderedStage for BillingCap {}
+impl super::OrderedStage for BillingCap {}
 
 #[cfg(test)]
 mod tests {

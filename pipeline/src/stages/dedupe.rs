@@ -30,10 +30,11 @@ use std::sync::{Arc, Mutex};
 use arrow_array::{Array, StringArray};
 use xxhash_rust::xxh3::xxh3_128_with_seed;
 
+use super::OrderedStage;
 use super::Stage;
 use crate::error::{Error, Result};
+pub use crate::model::DuplicateRow;
 use crate::model::{Decision, Reason, RecipientBatch, RecipientLayout, StdField, NO_VARIANT};
-use crate::runner::OrderedStage;
 use crate::spec::Dedupe;
 
 const SHARD_BITS: u32 = 6;
@@ -490,19 +491,6 @@ fn household_key(
             .bytes(),
     );
     !addr.trim().is_empty() && buf.len() > 1
-}
-
-/// A batch row found to repeat an earlier row: `(row in batch, input position of the earliest
-/// occurrence, the positions the worker compared with)`; the ordered path turns it into the
-/// ledger's detail.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DuplicateRow {
-    /// Row within the batch.
-    pub row: u32,
-    /// Input position (batch sequence and row) of the earlier occurrence it repeats.
-    pub first: u64,
-    /// The smallest positions the table held for each fingerprint when the worker looked.
-    seen: [Option<u64>; 2],
 }
 
 /// Worker stage: decides rows repeating an earlier valid row as `skipped` / `duplicate`.

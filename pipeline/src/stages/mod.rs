@@ -17,6 +17,16 @@ pub trait Stage: Send {
     fn process(&mut self, batch: &mut RecipientBatch) -> Result<()>;
 }
 
+/// A stage that must see batches in order and may need a final flush (cap, IFUR writer).
+pub trait OrderedStage: Stage {
+    /// Called once after the last batch, on success only.
+    fn finish(&mut self) -> Result<()> {
+        Ok(())
+    }
+    /// Called instead of `finish` when the run failed.
+    fn abort(&mut self) {}
+}
+
 pub use cap::BillingCap;
 pub use dedupe::{Deduplicator, DuplicateResolver, SeenRecipients};
 pub use split::VariantSplitter;
