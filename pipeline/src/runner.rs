@@ -379,9 +379,9 @@ where
 pub fn run(p: Pipeline) -> Result<RunStats> {
     let started = Instant::now();
     let Pipeline {
-        mut source,
+        source,
         parallel,
-        mut ordered,
+        ordered,
         sinks,
         workers,
         in_flight,
@@ -399,225 +399,44 @@ pub fn run(p: Pipeline) -> Result<RunStats> {
     }
     let (work_tx, work_rx) = bounded::<Work>(workers * 2);
     let (done_tx, done_rx) = bounded::<RecipientBatch>(workers * 2);
-    let mut sink_txs: Vec<Sender<Arc<RecipientBatch>>> = Vec::new();
-    let mut sink_rxs: Vec<Receiver<Arc<RecipientBatch>>> = Vec::new();
-    for _ in &sinks {
-        let (tx, rx) = bounded(4);
-        sink_txs.push(tx);
-        sink_rxs.push(rx);
-    }
+    let (sink_txs, sink_rxs): (Vec<_>, Vec<_>) = sinks.iter().map(|_| bounded(4)).unzip();
 
-    let stats = std::thread::scope(|scope| {
-        // Source.
-        let src_failure = failure.clone();
+    let mut stats = std::thread::scope(|scope| {
+        let f = failure.clone();
         let source_handle = named(scope, "bs-source".into(), move || {
-            let mut t = Timer::default();
-            let mut seq = 0u64;
-            loop {
-                if src_failure.is_set() {
-                    break;
-                }
-                let w = Instant::now();
-                if permit_rx.recv().is_err() {
-                    break;
-                }
-                t.block(w.elapsed());
-                let s = Instant::now();
-                let next = source.next_item();
-                match next {
-                    Ok(Some(item)) => {
-                        let rows = match &item {
-                            SourceItem::Ready(b) => b.len(),
-                            SourceItem::Raw(_) => 0,
-                        };
-                        t.add("read", rows, s.elapsed());
-                        let w = Instant::now();
-                        if work_tx.send(Work { seq, item }).is_err() {
-                            break;
-                        }
-                        t.block(w.elapsed());
-                        seq += 1;
-                    }
-                    Ok(None) => break,
-                    Err(e) => {
-                        src_failure.set(e);
-                        break;
-                    }
-                }
-            }
-            t.into_stats("read")
+            read_source(source, permit_rx, work_tx, &f)
         });
-
-        // Workers.
-        let mut worker_handles = Vec::new();
-        for w in 0..workers {
-            let rx = work_rx.clone();
-            let tx = done_tx.clone();
-            let f = failure.clone();
-            let mut stages = parallel();
-            worker_handles.push(named(scope, format!("bs-worker-{w}"), move || {
-                let mut t = Timer::default();
-                for work in rx.iter() {
-                    if f.is_set() {
-                        break;
-                    }
-                    let mut b = match work.item {
-                        SourceItem::Ready(b) => *b,
-                        SourceItem::Raw(decode) => {
-                            let s = Instant::now();
-                            match decode() {
-                                Ok(b) => {
-                                    t.add("decode", b.len(), s.elapsed());
-                                    b
-                                }
-                                Err(e) => {
-                                    f.set(e);
-                                    return t.into_stats("");
-                                }
-                            }
-                        }
-                    };
-                    b.seq = work.seq;
-                    for st in stages.iter_mut() {
-                        let s = Instant::now();
-                        let _span = stage_span(st.name(), b.len());
-                        if let Err(e) = st.process(&mut b) {
-                            f.set(e);
-                            return t.into_stats("");
-                        }
-                        t.add(st.name(), b.len(), s.elapsed());
-                    }
-                    let w = Instant::now();
-                    if tx.send(b).is_err() {
-                        break;
-                    }
-                    t.block(w.elapsed());
-                }
-                t.into_stats("")
-            }));
-        }
+        let worker_handles: Vec<_> = (0..workers)
+            .map(|w| {
+                let (rx, tx, f) = (work_rx.clone(), done_tx.clone(), failure.clone());
+                let stages = parallel();
+                named(scope, format!("bs-worker-{w}"), move || {
+                    work(stages, rx, tx, &f)
+                })
+            })
+            .collect();
         drop(work_rx);
         drop(done_tx);
+        let sink_handles: Vec<_> = sinks
+            .into_iter()
+            .zip(sink_rxs)
+            .map(|(sink, rx)| {
+                let f = failure.clone();
+                named(scope, format!("bs-{}", sink.name()), move || {
+                    write_sink(sink, rx, &f)
+                })
+            })
+            .collect();
 
-        // Sinks.
-        let mut sink_handles = Vec::new();
-        for (mut sink, rx) in sinks.into_iter().zip(sink_rxs) {
-            let f = failure.clone();
-            let thread_name = format!("bs-{}", sink.name());
-            sink_handles.push(named(scope, thread_name, move || {
-                let mut t = Timer::default();
-                let name = sink.name();
-                for b in rx.iter() {
-                    let s = Instant::now();
-                    let _span = stage_span(name, b.len());
-                    if let Err(e) = sink.write(&b) {
-                        f.set(e);
-                        sink.abort();
-                        return t.into_stats(name);
-                    }
-                    t.add(name, b.len(), s.elapsed());
-                }
-                if f.is_set() {
-                    sink.abort();
-                } else {
-                    let s = Instant::now();
-                    match sink.finish() {
-                        Ok(()) => t.add(name, 0, s.elapsed()),
-                        Err(e) => f.set(e),
-                    }
-                }
-                t.into_stats(name)
-            }));
-        }
-
-        // Sequencer (this thread).
-        let mut t = Timer::default();
-        let mut pending: BTreeMap<u64, RecipientBatch> = BTreeMap::new();
-        let mut next = 0u64;
-        let mut rs = RunStats {
-            sent_per_variant: vec![0; variants],
-            ..RunStats::default()
+        let sequencer = Sequencer {
+            ordered,
+            sink_txs,
+            permit_tx,
+            progress,
+            failure: &failure,
         };
-        let mut decided = Decided::default();
-        'outer: loop {
-            let b = crossbeam_channel::select! {
-                recv(done_rx) -> b => match b {
-                    Ok(b) => b,
-                    Err(_) => break 'outer,
-                },
-                recv(cancel_rx) -> _ => break 'outer,
-            };
-            pending.insert(b.seq, b);
-            while let Some(mut b) = pending.remove(&next) {
-                next += 1;
-                if failure.is_set() {
-                    break 'outer;
-                }
-                b.first_row = rs.rows;
-                for st in ordered.iter_mut() {
-                    let s = Instant::now();
-                    let _span = stage_span(st.name(), b.len());
-                    if let Err(e) = st.process(&mut b) {
-                        failure.set(e);
-                        break 'outer;
-                    }
-                    t.add(st.name(), b.len(), s.elapsed());
-                }
-                rs.rows += b.len() as u64;
-                let mut tally = [0u64; TALLY];
-                for i in 0..b.len() {
-                    tally[b.decisions[i] as usize * Reason::ALL.len() + b.reasons[i] as usize] += 1;
-                    match b.decisions[i] {
-                        Decision::Sent => {
-                            if let Some(c) = rs.sent_per_variant.get_mut(b.variants[i] as usize) {
-                                *c += 1;
-                            }
-                        }
-                        Decision::Holdout => rs.holdout += 1,
-                        _ => {}
-                    }
-                }
-                decided.add(&tally);
-                progress.fetch_add(b.len() as u64, Ordering::Relaxed);
-                let shared = Arc::new(b);
-                for tx in &sink_txs {
-                    let w = Instant::now();
-                    if tx.send(shared.clone()).is_err() {
-                        break 'outer;
-                    }
-                    t.block(w.elapsed());
-                }
-                // The batch is out of the reorder window: let the source read another.
-                let _ = permit_tx.send(());
-            }
-        }
-        rs.counts = decided.counts();
-        drop(done_rx);
-        drop(permit_tx);
-        if !failure.is_set() && !pending.is_empty() {
-            failure.set(Error::Stage {
-                stage: "sequencer".into(),
-                message: format!("{} batches never became contiguous", pending.len()),
-            });
-        }
-        if !failure.is_set() {
-            for st in ordered.iter_mut() {
-                let s = Instant::now();
-                if let Err(e) = st.finish() {
-                    failure.set(e);
-                    break;
-                }
-                t.add(st.name(), 0, s.elapsed());
-            }
-        }
-        if failure.is_set() {
-            for st in ordered.iter_mut() {
-                st.abort();
-            }
-        }
-        drop(sink_txs);
+        let (mut rs, sequenced) = sequencer.run(done_rx, cancel_rx, variants);
 
-        let mut all = Vec::new();
         let join =
             |h: std::thread::ScopedJoinHandle<'_, Vec<StageStats>>, what: &str| match h.join() {
                 Ok(s) => s,
@@ -629,14 +448,10 @@ pub fn run(p: Pipeline) -> Result<RunStats> {
                     Vec::new()
                 }
             };
-        all.push(join(source_handle, "read"));
-        for h in worker_handles {
-            all.push(join(h, "worker"));
-        }
-        all.push(t.into_stats(""));
-        for h in sink_handles {
-            all.push(join(h, "sink"));
-        }
+        let mut all = vec![join(source_handle, "read")];
+        all.extend(worker_handles.into_iter().map(|h| join(h, "worker")));
+        all.push(sequenced);
+        all.extend(sink_handles.into_iter().map(|h| join(h, "sink")));
         rs.stages = merge_stats(all);
         rs
     });
@@ -649,9 +464,257 @@ pub fn run(p: Pipeline) -> Result<RunStats> {
     {
         return Err(e);
     }
-    let mut stats = stats;
     stats.elapsed_secs = started.elapsed().as_secs_f64();
     Ok(stats)
+}
+
+/// The source thread: takes a permit for each item it reads (the permits bound the batches
+/// between the source and the sequencer) and hands the item to the workers, numbered.
+fn read_source(
+    mut source: Box<dyn Source>,
+    permits: Receiver<()>,
+    work: Sender<Work>,
+    failure: &Failure,
+) -> Vec<StageStats> {
+    let mut t = Timer::default();
+    let mut seq = 0u64;
+    loop {
+        if failure.is_set() {
+            break;
+        }
+        let w = Instant::now();
+        if permits.recv().is_err() {
+            break;
+        }
+        t.block(w.elapsed());
+        let s = Instant::now();
+        match source.next_item() {
+            Ok(Some(item)) => {
+                let rows = match &item {
+                    SourceItem::Ready(b) => b.len(),
+                    SourceItem::Raw(_) => 0,
+                };
+                t.add("read", rows, s.elapsed());
+                let w = Instant::now();
+                if work.send(Work { seq, item }).is_err() {
+                    break;
+                }
+                t.block(w.elapsed());
+                seq += 1;
+            }
+            Ok(None) => break,
+            Err(e) => {
+                failure.set(e);
+                break;
+            }
+        }
+    }
+    t.into_stats("read")
+}
+
+/// A worker thread: decodes raw items and runs the parallel stages on each batch.
+fn work(
+    mut stages: Vec<Box<dyn Stage>>,
+    items: Receiver<Work>,
+    done: Sender<RecipientBatch>,
+    failure: &Failure,
+) -> Vec<StageStats> {
+    let mut t = Timer::default();
+    for work in items.iter() {
+        if failure.is_set() {
+            break;
+        }
+        let mut b = match work.item {
+            SourceItem::Ready(b) => *b,
+            SourceItem::Raw(decode) => {
+                let s = Instant::now();
+                match decode() {
+                    Ok(b) => {
+                        t.add("decode", b.len(), s.elapsed());
+                        b
+                    }
+                    Err(e) => {
+                        failure.set(e);
+                        return t.into_stats("");
+                    }
+                }
+            }
+        };
+        b.seq = work.seq;
+        for st in stages.iter_mut() {
+            let s = Instant::now();
+            let _span = stage_span(st.name(), b.len());
+            if let Err(e) = st.process(&mut b) {
+                failure.set(e);
+                return t.into_stats("");
+            }
+            t.add(st.name(), b.len(), s.elapsed());
+        }
+        let w = Instant::now();
+        if done.send(b).is_err() {
+            break;
+        }
+        t.block(w.elapsed());
+    }
+    t.into_stats("")
+}
+
+/// A sink thread: writes each decided batch, then commits (or aborts after any failure).
+fn write_sink(
+    mut sink: Box<dyn Sink>,
+    batches: Receiver<Arc<RecipientBatch>>,
+    failure: &Failure,
+) -> Vec<StageStats> {
+    let mut t = Timer::default();
+    let name = sink.name();
+    for b in batches.iter() {
+        let s = Instant::now();
+        let _span = stage_span(name, b.len());
+        if let Err(e) = sink.write(&b) {
+            failure.set(e);
+            sink.abort();
+            return t.into_stats(name);
+        }
+        t.add(name, b.len(), s.elapsed());
+    }
+    if failure.is_set() {
+        sink.abort();
+    } else {
+        let s = Instant::now();
+        match sink.finish() {
+            Ok(()) => t.add(name, 0, s.elapsed()),
+            Err(e) => failure.set(e),
+        }
+    }
+    t.into_stats(name)
+}
+
+/// The ordered path, on the calling thread: puts the workers' batches back in input order,
+/// runs the ordered stages on each, counts decisions and passes each batch to every sink.
+struct Sequencer<'a> {
+    ordered: Vec<Box<dyn OrderedStage>>,
+    sink_txs: Vec<Sender<Arc<RecipientBatch>>>,
+    permit_tx: Sender<()>,
+    progress: Arc<AtomicU64>,
+    failure: &'a Failure,
+}
+
+impl Sequencer<'_> {
+    /// Runs until the workers are done or the run failed; returns the run's counts and the
+    /// sequencer's own stage times. Finishes the ordered stages on success, aborts them
+    /// otherwise, and closes the sinks' channels either way.
+    fn run(
+        mut self,
+        done: Receiver<RecipientBatch>,
+        cancel: Receiver<()>,
+        variants: usize,
+    ) -> (RunStats, Vec<StageStats>) {
+        let mut t = Timer::default();
+        let mut pending: BTreeMap<u64, RecipientBatch> = BTreeMap::new();
+        let mut next = 0u64;
+        let mut rs = RunStats {
+            sent_per_variant: vec![0; variants],
+            ..RunStats::default()
+        };
+        let mut decided = Decided::default();
+        'outer: loop {
+            let b = crossbeam_channel::select! {
+                recv(done) -> b => match b {
+                    Ok(b) => b,
+                    Err(_) => break 'outer,
+                },
+                recv(cancel) -> _ => break 'outer,
+            };
+            pending.insert(b.seq, b);
+            while let Some(mut b) = pending.remove(&next) {
+                next += 1;
+                if self.failure.is_set() {
+                    break 'outer;
+                }
+                b.first_row = rs.rows;
+                if !self.order(&mut b, &mut t) {
+                    break 'outer;
+                }
+                rs.rows += b.len() as u64;
+                decided.add(&count(&b, &mut rs));
+                self.progress.fetch_add(b.len() as u64, Ordering::Relaxed);
+                let shared = Arc::new(b);
+                for tx in &self.sink_txs {
+                    let w = Instant::now();
+                    if tx.send(shared.clone()).is_err() {
+                        break 'outer;
+                    }
+                    t.block(w.elapsed());
+                }
+                // The batch is out of the reorder window: let the source read another.
+                let _ = self.permit_tx.send(());
+            }
+        }
+        rs.counts = decided.counts();
+        drop(done);
+        if !self.failure.is_set() && !pending.is_empty() {
+            self.failure.set(Error::Stage {
+                stage: "sequencer".into(),
+                message: format!("{} batches never became contiguous", pending.len()),
+            });
+        }
+        self.close(&mut t);
+        (rs, t.into_stats(""))
+    }
+
+    /// Runs the ordered stages on one batch; false when one failed (the failure is recorded).
+    fn order(&mut self, b: &mut RecipientBatch, t: &mut Timer) -> bool {
+        for st in self.ordered.iter_mut() {
+            let s = Instant::now();
+            let _span = stage_span(st.name(), b.len());
+            if let Err(e) = st.process(b) {
+                self.failure.set(e);
+                return false;
+            }
+            t.add(st.name(), b.len(), s.elapsed());
+        }
+        true
+    }
+
+    /// Finishes the ordered stages (or aborts them after a failure) and lets the sinks end.
+    fn close(mut self, t: &mut Timer) {
+        drop(self.permit_tx);
+        if !self.failure.is_set() {
+            for st in self.ordered.iter_mut() {
+                let s = Instant::now();
+                if let Err(e) = st.finish() {
+                    self.failure.set(e);
+                    break;
+                }
+                t.add(st.name(), 0, s.elapsed());
+            }
+        }
+        if self.failure.is_set() {
+            for st in self.ordered.iter_mut() {
+                st.abort();
+            }
+        }
+        drop(self.sink_txs);
+    }
+}
+
+/// The batch's rows per (decision, reason) cell; adds its sent rows per variant and its
+/// holdout rows to `rs`.
+fn count(b: &RecipientBatch, rs: &mut RunStats) -> [u64; TALLY] {
+    let mut tally = [0u64; TALLY];
+    for i in 0..b.len() {
+        tally[b.decisions[i] as usize * Reason::ALL.len() + b.reasons[i] as usize] += 1;
+        match b.decisions[i] {
+            Decision::Sent => {
+                if let Some(c) = rs.sent_per_variant.get_mut(b.variants[i] as usize) {
+                    *c += 1;
+                }
+            }
+            Decision::Holdout => rs.holdout += 1,
+            _ => {}
+        }
+    }
+    tally
 }
 
 #[cfg(test)]
