@@ -2,13 +2,13 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use broadside_pipeline::model::StdField;
+use broadside_pipeline::model::{RecipientLayout, StdField};
 use broadside_pipeline::run::{
-    base_run_id, campaign_runs, FileFingerprint, RunLock, RunRecord, RunStatus,
+    base_run_id, campaign_runs, DeliveredFile, FileFingerprint, RunLock, RunRecord, RunStatus,
 };
 use broadside_pipeline::runner::{self, Assigner, OrderedStage, Pipeline, RunStats, Sink};
 use broadside_pipeline::spec::Dedupe;
@@ -21,7 +21,7 @@ use broadside_pipeline::store::StoreLayout;
 use broadside_sinks::events::SubmittedEventSink;
 use broadside_sinks::ifur::IfurEncoder;
 use broadside_sinks::ledger::RecipientLogSink;
-use broadside_sinks::megasys::{IfurWriter, IfurWriterConfig};
+use broadside_sinks::megasys::{IfurWriter, IfurWriterConfig, ManifestWriter};
 use broadside_sinks::text::KeyPacker;
 use broadside_sources::suppression::{load_index_with, load_sent_keys, ListToLoad, LoadedList};
 use broadside_sources::{open_source, SizeHint};
@@ -136,60 +136,12 @@ fn load_suppression(
 
 /// Runs (or resumes) a send and returns its run record (a dry run saves nothing).
 pub fn send(opts: &SendOptions) -> Result<RunRecord> {
-    let mut spec = CampaignSpec::load(&opts.spec)?;
-    if let Some(shard) = opts.shard {
-        match &mut spec.source {
-            SourceSpec::Erp(e) => e.shard = Some(shard),
-            _ => bail!("--shard splits an ERP source by its key; this spec's source is not erp"),
-        }
-    }
-    // The audience: a parameterised WHERE on the ERP query (part of its fingerprint), or a
-    // filter on a file source's batches.
-    let audience = match &opts.audience {
-        Some(conds) => {
-            let allow = match &opts.audience_fields {
-                Some(f) => f.clone(),
-                None => broadside_campaigns::audience::FieldMap::member_defaults(),
-            };
-            Some(Arc::new(SendAudience::compile(
-                conds,
-                &allow,
-                &spec.columns.layout(),
-            )?))
-        }
-        None => None,
-    };
-    if let Some(a) = &audience {
-        let erp = match &spec.source {
-            SourceSpec::Erp(e) => Some(a.erp(&spec, e)),
-            _ => None,
-        };
-        if let SourceSpec::Erp(e) = &mut spec.source {
-            e.audience = erp;
-        }
-    }
+    let (mut spec, audience) = load_spec(opts)?;
     let spec_text =
         std::fs::read(&opts.spec).with_context(|| format!("reading {}", opts.spec.display()))?;
     let spec_hash = format!("{:016x}", xxh3_64(&spec_text));
     let store = StoreLayout::new(spec.resolve(&spec.output.store));
-    let run_id = match &opts.run_id {
-        Some(r) => {
-            if r.is_empty()
-                || !r
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-            {
-                bail!("--run-id {r:?} must be letters, digits, '-' or '_'");
-            }
-            r.clone()
-        }
-        None => new_run_id(),
-    };
-    // Each shard is its own run (own record, ledger and IFUR files), named after its share.
-    let run_id = match opts.shard {
-        Some(s) => format!("{run_id}-s{}of{}", s.index, s.count),
-        None => run_id,
-    };
+    let run_id = run_id_of(opts)?;
     // Every log line of the send (its stage threads' included) carries these.
     let _span = tracing::info_span!(
         "send",
@@ -208,44 +160,16 @@ pub fn send(opts: &SendOptions) -> Result<RunRecord> {
 
     // Templates are configuration: checked before anything else.
     check_templates(&spec)?;
-    // One process per run: a second one refuses at once, naming the holder. A new run also
-    // holds its campaign's lock until its record exists, so two sends started together
-    // cannot both find no earlier run.
-    let _run_lock = match opts.dry_run {
-        true => None,
-        false => Some(RunLock::acquire(
-            &store.run_lock(&spec.workspace_id, &run_id),
-            &format!("run {run_id}"),
-        )?),
-    };
-    // The run's record, read once under its lock: a resume when there is one.
-    let previous = match !opts.dry_run && record_path.exists() {
-        true => Some(RunRecord::load(&record_path)?),
-        false => None,
-    };
-    let campaign_lock = match (opts.dry_run, &previous) {
-        (false, None) => Some(RunLock::acquire(
-            &store.campaign_lock(&spec.workspace_id, &spec.campaign_id),
-            &format!("a new run of campaign {}", spec.campaign_id),
-        )?),
-        _ => None,
-    };
+    let Claim {
+        _run_lock,
+        previous,
+        campaign_lock,
+    } = claim(opts, &spec, &store, &run_id, &record_path)?;
     let excluded = match &previous {
         Some(r) => r.excluded_runs.clone(),
         None => earlier_runs(opts, &spec, &store, &run_id)?,
     };
-    let sent_before = excluded
-        .iter()
-        .map(|r| {
-            let dir = store.recipient_log_dir(&spec.workspace_id, &spec.campaign_id, r);
-            Ok(LoadedList {
-                name: r.clone(),
-                reason: broadside_pipeline::model::Reason::AlreadySent,
-                fingerprints: load_sent_keys(&dir)
-                    .with_context(|| format!("reading the keys run {r} sent"))?,
-            })
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let sent_before = sent_keys_of(&spec, &store, &excluded)?;
 
     // What the workspace's own events say, as a snapshot kept with the run: a resume decides
     // with the lists the run started with.
@@ -272,80 +196,23 @@ pub fn send(opts: &SendOptions) -> Result<RunRecord> {
         }
         _ => source,
     };
-    let audience_print = audience.as_ref().map(|a| a.fingerprint().to_string());
+    let identity = RunIdentity {
+        spec_hash,
+        input,
+        lists: list_prints,
+        audience: audience.as_ref().map(|a| a.fingerprint().to_string()),
+    };
 
-    let mut record = if let Some(mut r) = previous {
-        if r.status == RunStatus::Done {
+    let mut record = match previous {
+        Some(r) if r.status == RunStatus::Done => {
             println!(
                 "run {run_id} is already done ({} recipients); nothing to do",
                 r.rows
             );
             return Ok(r);
         }
-        let mut problems = Vec::new();
-        if r.campaign_id != spec.campaign_id {
-            problems.push(format!(
-                "it belongs to campaign {}, not {}",
-                r.campaign_id, spec.campaign_id
-            ));
-        }
-        if r.spec_hash != spec_hash {
-            problems.push("the campaign spec changed since the run started".to_string());
-        }
-        if r.input != input {
-            problems.push(format!(
-                "the input {} changed since the run started",
-                input.path
-            ));
-        }
-        if r.suppression_lists != list_prints {
-            problems.push("a suppression list changed since the run started".to_string());
-        }
-        if r.audience != audience_print {
-            problems.push("the sending's audience changed since the run started".to_string());
-        }
-        if !problems.is_empty() {
-            bail!(broadside_pipeline::Error::Resume {
-                run_id,
-                message: problems.join("; ")
-            });
-        }
-        tracing::info!(run_id = %run_id, attempt = r.attempts + 1, "resuming run");
-        r.attempts += 1;
-        r.status = RunStatus::Running;
-        r.error = None;
-        r
-    } else {
-        RunRecord {
-            run_id: run_id.clone(),
-            campaign_id: spec.campaign_id.clone(),
-            workspace_id: spec.workspace_id.clone(),
-            status: RunStatus::Running,
-            attempts: 1,
-            started_at: Utc::now(),
-            finished_at: None,
-            spec_hash,
-            input,
-            suppression_lists: list_prints,
-            suppression_snapshots: snapshot_ids(&spec),
-            audience: audience_print,
-            rows: 0,
-            decisions: Default::default(),
-            reasons: Vec::new(),
-            variants: Vec::new(),
-            holdout: 0,
-            suppression_keys: 0,
-            suppression_build_secs: 0.0,
-            files: Vec::new(),
-            delivered_missing: Vec::new(),
-            stages: Vec::new(),
-            elapsed_secs: 0.0,
-            rows_per_sec: 0.0,
-            error: None,
-            dedupe: Some(spec.dedupe.as_str().to_string()),
-            excluded_runs: excluded.clone(),
-            store_suppression,
-        }
+        Some(r) => resumed(r, &spec, identity)?,
+        None => new_record(&spec, &run_id, identity, excluded, store_suppression),
     };
     record.suppression_keys = index.len() as u64;
     record.suppression_build_secs = index_secs;
@@ -356,201 +223,551 @@ pub fn send(opts: &SendOptions) -> Result<RunRecord> {
     }
 
     let list_names: Vec<String> = index.lists().iter().map(|l| l.name.clone()).collect();
-    let index = Arc::new(index);
-    // One message per person per run: the table every worker and the ordered path share.
-    let seen = (spec.dedupe != Dedupe::Off)
-        .then(|| {
-            // The working file of fingerprints lives beside the run records (a dry run writes
-            // nothing in the store).
-            let work_dir = match opts.dry_run {
-                true => std::env::temp_dir(),
-                false => store.runs_dir(&spec.workspace_id),
-            };
-            SeenRecipients::new(spec.dedupe, &run_id, layout.clone(), &work_dir)
-        })
-        .transpose()?;
-    let par_seen = seen.clone();
+    let seen = seen_table(opts, &spec, &store, &run_id, &layout)?;
     let variants: Vec<(String, String)> = spec
         .variants
         .iter()
         .map(|v| (v.name.clone(), v.template.clone()))
         .collect();
-    let variant_names: Vec<String> = variants.iter().map(|v| v.0.clone()).collect();
-
-    let par_spec = spec.clone();
-    let par_layout = layout.clone();
-    let par_mail = mail.clone();
-    let dry = opts.dry_run;
-    let parallel = Box::new(move || {
-        let mut stages: Vec<Box<dyn Stage>> =
-            vec![Box::new(Validator::new(&par_spec, par_layout.clone()))];
-        // Enriched addresses are suppressed and split like any other row.
-        if let Some(e) = par_mail.as_ref().and_then(|p| {
-            let rules = Validator::new(&par_spec, par_layout.clone());
-            crate::mail::EnrichStage::new(p, rules, par_layout.clone())
-        }) {
-            stages.push(Box::new(e));
-        }
-        if let Some(seen) = &par_seen {
-            stages.push(Box::new(Deduplicator::new(seen.clone())));
-        }
-        stages.push(Box::new(Suppressor::new(index.clone())));
-        stages.push(Box::new(VariantSplitter::new(&par_spec)));
-        if let Some(plan) = &par_mail {
-            // Approval and proofing run in a dry run too: they explain who would be mailed.
-            stages.push(Box::new(crate::mail::ProofStage::new(
-                plan.clone(),
-                par_layout.clone(),
-            )));
-        } else if !dry {
-            stages.push(Box::new(IfurEncoder::new(par_layout.clone())));
-            stages.push(Box::new(KeyPacker::new()));
-        }
-        stages
-    });
-    let cap = match &mail {
-        Some(plan) => plan.cap(spec.caps.billing_cap),
-        None => spec.caps.billing_cap,
+    let parallel = parallel_stages(
+        &spec,
+        &layout,
+        mail.clone(),
+        seen.clone(),
+        Arc::new(index),
+        opts.dry_run,
+    );
+    let run = RunOutputs {
+        opts,
+        spec: &spec,
+        store: &store,
+        run_id: &run_id,
+        layout: &layout,
+        variants: &variants,
     };
-    let mut ordered: Vec<Box<dyn OrderedStage>> = Vec::new();
-    if let Some(seen) = &seen {
-        ordered.push(Box::new(DuplicateResolver::new(seen.clone())));
-    }
-    ordered.push(Box::new(BillingCap::new(cap)));
-    ordered.push(Box::new(Assigner));
-    let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
-    let mut delivered = None;
-    let mut manifest = None;
-    let mut printer = None;
-    if let (false, Some(plan)) = (opts.dry_run, &mail) {
-        let (stage, finish) = crate::mail::PrinterStage::new(
-            plan.clone(),
-            layout.clone(),
-            &run_id,
-            &store.staging_dir(&run_id),
-        )
-        .map_err(|e| record_failure(&mut record, &record_path, e))?;
-        ordered.push(Box::new(stage));
-        printer = Some(finish);
-    }
-    if !opts.dry_run {
-        // The run is recorded as running by now: a folder that cannot be created must mark it
-        // failed, not leave it looking like a send in progress.
-        if mail.is_none() {
-            let hot = match &spec.megasys {
-                Some(m) => spec.resolve(&m.hot_folder),
-                None => store.root().join("outbox").join(format!("run_id={run_id}")),
-            };
-            let writer = IfurWriter::new(IfurWriterConfig {
-                campaign_id: spec.campaign_id.clone(),
-                run_id: run_id.clone(),
-                workspace_id: spec.workspace_id.clone(),
-                variants: variants.clone(),
-                fields: layout.names().to_vec(),
-                roll_rows: spec.output.ifur_roll_rows,
-                staging: store.staging_dir(&run_id),
-                hot_folder: hot,
-                deliveries: store.delivery_journal(&spec.workspace_id, &run_id),
-            })
-            .map_err(|e| record_failure(&mut record, &record_path, e.into()))?;
-            record.delivered_missing = writer.delivered_missing();
-            delivered = Some(writer.delivered());
-            manifest = Some(writer.manifest());
-            ordered.push(Box::new(writer));
-        }
-        let lists = list_names.clone();
-        sinks.push(Box::new(
-            RecipientLogSink::new(
-                &store.recipient_log_dir(&spec.workspace_id, &spec.campaign_id, &run_id),
-                spec.output.ledger_part_rows,
-                variant_names.clone(),
-                lists,
-            )
-            .map_err(|e| record_failure(&mut record, &record_path, e.into()))?,
-        ));
-        sinks.push(Box::new(
-            SubmittedEventSink::new(
-                store.root(),
-                &spec.workspace_id,
-                &spec.campaign_id,
-                &run_id,
-                variant_names.clone(),
-                record.started_at,
-                spec.output.ledger_part_rows,
-            )
-            .map_err(|e| record_failure(&mut record, &record_path, e.into()))?,
-        ));
-    }
+    let outputs = match run.open(mail.as_ref(), seen, list_names, &mut record) {
+        Ok(o) => o,
+        Err(e) => return Err(record_failure(&mut record, &record_path, e)),
+    };
 
-    let counter = Arc::new(AtomicU64::new(0));
+    let Outputs {
+        ordered,
+        sinks,
+        delivered,
+        manifest,
+        printer,
+    } = outputs;
+    let stages = Stages {
+        parallel,
+        ordered,
+        sinks,
+        variants: spec.variants.len(),
+    };
+    let result = run_pipeline(opts, source, stages, hint);
+    let stats = match result {
+        Ok(stats) => stats,
+        Err(e) if opts.dry_run => return Err(e.into()),
+        Err(e) => return Err(record_failure(&mut record, &record_path, e.into())),
+    };
+
+    let handles = Committers {
+        delivered,
+        manifest,
+        printer,
+    };
+    complete(
+        opts,
+        &store,
+        record,
+        &record_path,
+        &stats,
+        &variants,
+        handles,
+    )
+}
+
+/// The locks a run holds and its record, if it has one.
+struct Claim {
+    _run_lock: Option<RunLock>,
+    /// The run's record when it exists: the send is a resume.
+    previous: Option<RunRecord>,
+    /// A new run's hold on its campaign until its record is written.
+    campaign_lock: Option<RunLock>,
+}
+
+/// One process per run: a second one refuses at once, naming the holder. A new run also holds
+/// its campaign's lock until its record exists, so two sends started together cannot both find
+/// no earlier run. The run's record is read once, under its lock. A dry run holds nothing.
+fn claim(
+    opts: &SendOptions,
+    spec: &CampaignSpec,
+    store: &StoreLayout,
+    run_id: &str,
+    record_path: &Path,
+) -> Result<Claim> {
+    if opts.dry_run {
+        return Ok(Claim {
+            _run_lock: None,
+            previous: None,
+            campaign_lock: None,
+        });
+    }
+    let run_lock = RunLock::acquire(
+        &store.run_lock(&spec.workspace_id, run_id),
+        &format!("run {run_id}"),
+    )?;
+    let previous = match record_path.exists() {
+        true => Some(RunRecord::load(record_path)?),
+        false => None,
+    };
+    let campaign_lock = match &previous {
+        None => Some(RunLock::acquire(
+            &store.campaign_lock(&spec.workspace_id, &spec.campaign_id),
+            &format!("a new run of campaign {}", spec.campaign_id),
+        )?),
+        Some(_) => None,
+    };
+    Ok(Claim {
+        _run_lock: Some(run_lock),
+        previous,
+        campaign_lock,
+    })
+}
+
+/// What commits a run's outputs once the pipeline is through.
+struct Committers {
+    delivered: Option<Arc<Mutex<Vec<DeliveredFile>>>>,
+    manifest: Option<ManifestWriter>,
+    printer: Option<crate::mail::PrinterFinish>,
+}
+
+/// Ends a run whose pipeline succeeded: the ready signal comes after every output (IFUR
+/// files, ledger, events) is committed, so a run that fails to commit its last ledger part
+/// has no manifest; then the record is saved done, the staging folder removed and the
+/// summary printed.
+fn complete(
+    opts: &SendOptions,
+    store: &StoreLayout,
+    mut record: RunRecord,
+    record_path: &Path,
+    stats: &RunStats,
+    variants: &[(String, String)],
+    c: Committers,
+) -> Result<RunRecord> {
+    let committed = c
+        .manifest
+        .as_ref()
+        .map_or(Ok(()), |m| m.write().map_err(anyhow::Error::from))
+        .and_then(|()| c.printer.as_ref().map_or(Ok(()), |p| p.finish()));
+    if let Err(e) = committed {
+        return Err(record_failure(&mut record, record_path, e));
+    }
+    record.apply_stats(stats, variants);
+    if let Some(d) = c.delivered {
+        record.files = d.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    }
+    record.status = RunStatus::Done;
+    record.finished_at = Some(Utc::now());
+    if !opts.dry_run {
+        metrics::counter!("broadside_send_runs_total", "outcome" => "done").increment(1);
+        record.save(record_path)?;
+        let staging = store.staging_dir(&record.run_id);
+        if c.printer.is_some() {
+            // The run is done: nothing will be submitted again.
+            let _ = std::fs::remove_file(crate::mail::journal_path(&staging));
+        }
+        let _ = std::fs::remove_dir(staging);
+    }
+    print_summary(&record, stats, opts.dry_run);
+    if let Some(p) = &c.printer {
+        print_printer_summary(p);
+    }
+    Ok(record)
+}
+
+/// One message per person per run: the table every worker and the ordered path share, or
+/// none with `dedupe = false`. Its working file of fingerprints lives beside the run records
+/// (a dry run writes nothing in the store).
+fn seen_table(
+    opts: &SendOptions,
+    spec: &CampaignSpec,
+    store: &StoreLayout,
+    run_id: &str,
+    layout: &Arc<RecipientLayout>,
+) -> Result<Option<Arc<SeenRecipients>>> {
+    if spec.dedupe == Dedupe::Off {
+        return Ok(None);
+    }
+    let work_dir = match opts.dry_run {
+        true => std::env::temp_dir(),
+        false => store.runs_dir(&spec.workspace_id),
+    };
+    Ok(Some(SeenRecipients::new(
+        spec.dedupe,
+        run_id,
+        layout.clone(),
+        &work_dir,
+    )?))
+}
+
+/// The stages and sinks a run's batches pass through.
+struct Stages {
+    parallel: runner::StageFactory,
+    ordered: Vec<Box<dyn OrderedStage>>,
+    sinks: Vec<Box<dyn Sink>>,
+    variants: usize,
+}
+
+/// Runs the pipeline on `--workers` threads (default: every core) with four batches per
+/// worker in flight, reporting progress as the sequencer finishes rows.
+fn run_pipeline(
+    opts: &SendOptions,
+    source: Box<dyn broadside_pipeline::runner::Source>,
+    stages: Stages,
+    hint: SizeHint,
+) -> broadside_pipeline::Result<RunStats> {
     let workers = opts.workers.unwrap_or_else(|| {
         std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(2)
     });
+    let counter = Arc::new(AtomicU64::new(0));
     let pipeline = Pipeline {
         source,
-        parallel,
-        ordered,
-        sinks,
+        parallel: stages.parallel,
+        ordered: stages.ordered,
+        sinks: stages.sinks,
         workers,
         in_flight: workers * 4 + 4,
         progress: counter.clone(),
-        variants: spec.variants.len(),
+        variants: stages.variants,
     };
-    let result = {
-        let _running = crate::progress::Running::start();
-        with_progress(opts.progress, counter, hint, || runner::run(pipeline))
-    };
+    let _running = crate::progress::Running::start();
+    with_progress(opts.progress, counter, hint, || runner::run(pipeline))
+}
 
-    match result {
-        Ok(stats) => {
-            // The ready signal comes after every output (IFUR files, ledger, events) is
-            // committed, so a run that fails to commit its last ledger part has no manifest.
-            if let Some(m) = &manifest {
-                m.write()
-                    .map_err(|e| record_failure(&mut record, &record_path, e.into()))?;
-            }
-            if let Some(p) = &printer {
-                p.finish()
-                    .map_err(|e| record_failure(&mut record, &record_path, e))?;
-            }
-            record.apply_stats(&stats, &variants);
-            if let Some(d) = delivered {
-                record.files = d.lock().unwrap_or_else(|p| p.into_inner()).clone();
-            }
-            record.status = RunStatus::Done;
-            record.finished_at = Some(Utc::now());
-            if !opts.dry_run {
-                metrics::counter!("broadside_send_runs_total", "outcome" => "done").increment(1);
-            }
-            if !opts.dry_run {
-                record.save(&record_path)?;
-                let staging = store.staging_dir(&run_id);
-                if printer.is_some() {
-                    // The run is done: nothing will be submitted again.
-                    let _ = std::fs::remove_file(crate::mail::journal_path(&staging));
-                }
-                let _ = std::fs::remove_dir(staging);
-            }
-            print_summary(&record, &stats, opts.dry_run);
-            if let Some(p) = &printer {
-                let s = p.summary.lock().unwrap_or_else(|e| e.into_inner()).clone();
-                println!(
-                    "  printer: {} pieces submitted: {} pieces created, {} returned as made by an earlier attempt of this run; {} already printed by an earlier attempt (journal), {} failed",
-                    s.submitted, s.created, s.returned, s.journaled, s.failed
-                );
-                if let Some(l) = s.lob {
-                    println!(
-                        "  printer requests: {} ({} retries, {} rate limited, {} server errors, {} transport errors)",
-                        l.requests, l.retries, l.rate_limited, l.server_errors, l.transport_errors
-                    );
-                }
-            }
-            Ok(record)
+/// The campaign spec to send, with `--shard` and the sending's audience applied to its source:
+/// the audience becomes a parameterised `WHERE` on the ERP query (part of its fingerprint), or
+/// a filter on a file source's batches.
+fn load_spec(opts: &SendOptions) -> Result<(CampaignSpec, Option<Arc<SendAudience>>)> {
+    let mut spec = CampaignSpec::load(&opts.spec)?;
+    if let Some(shard) = opts.shard {
+        match &mut spec.source {
+            SourceSpec::Erp(e) => e.shard = Some(shard),
+            _ => bail!("--shard splits an ERP source by its key; this spec's source is not erp"),
         }
-        Err(e) if opts.dry_run => Err(e.into()),
-        Err(e) => Err(record_failure(&mut record, &record_path, e.into())),
+    }
+    let audience = match &opts.audience {
+        Some(conds) => {
+            let allow = match &opts.audience_fields {
+                Some(f) => f.clone(),
+                None => broadside_campaigns::audience::FieldMap::member_defaults(),
+            };
+            Some(Arc::new(SendAudience::compile(
+                conds,
+                &allow,
+                &spec.columns.layout(),
+            )?))
+        }
+        None => None,
+    };
+    if let Some(a) = &audience {
+        let erp = match &spec.source {
+            SourceSpec::Erp(e) => Some(a.erp(&spec, e)),
+            _ => None,
+        };
+        if let SourceSpec::Erp(e) = &mut spec.source {
+            e.audience = erp;
+        }
+    }
+    Ok((spec, audience))
+}
+
+/// The run's id: `--run-id` (letters, digits, `-`, `_`) or a new one. Each shard is its own
+/// run (own record, ledger and IFUR files), named after its share.
+fn run_id_of(opts: &SendOptions) -> Result<String> {
+    let run_id = match &opts.run_id {
+        Some(r) => {
+            if r.is_empty()
+                || !r
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            {
+                bail!("--run-id {r:?} must be letters, digits, '-' or '_'");
+            }
+            r.clone()
+        }
+        None => new_run_id(),
+    };
+    Ok(match opts.shard {
+        Some(s) => format!("{run_id}-s{}of{}", s.index, s.count),
+        None => run_id,
+    })
+}
+
+/// The keys each excluded earlier run sent, as suppression lists (reason `already_sent`).
+fn sent_keys_of(
+    spec: &CampaignSpec,
+    store: &StoreLayout,
+    excluded: &[String],
+) -> Result<Vec<LoadedList>> {
+    excluded
+        .iter()
+        .map(|r| {
+            let dir = store.recipient_log_dir(&spec.workspace_id, &spec.campaign_id, r);
+            Ok(LoadedList {
+                name: r.clone(),
+                reason: broadside_pipeline::model::Reason::AlreadySent,
+                fingerprints: load_sent_keys(&dir)
+                    .with_context(|| format!("reading the keys run {r} sent"))?,
+            })
+        })
+        .collect()
+}
+
+/// What a run decides from, which a resume must find unchanged.
+struct RunIdentity {
+    spec_hash: String,
+    input: FileFingerprint,
+    lists: Vec<FileFingerprint>,
+    audience: Option<String>,
+}
+
+/// The record of a run being resumed, once it is checked to decide from what it started with.
+fn resumed(mut r: RunRecord, spec: &CampaignSpec, id: RunIdentity) -> Result<RunRecord> {
+    let mut problems = Vec::new();
+    if r.campaign_id != spec.campaign_id {
+        problems.push(format!(
+            "it belongs to campaign {}, not {}",
+            r.campaign_id, spec.campaign_id
+        ));
+    }
+    if r.spec_hash != id.spec_hash {
+        problems.push("the campaign spec changed since the run started".to_string());
+    }
+    if r.input != id.input {
+        problems.push(format!(
+            "the input {} changed since the run started",
+            id.input.path
+        ));
+    }
+    if r.suppression_lists != id.lists {
+        problems.push("a suppression list changed since the run started".to_string());
+    }
+    if r.audience != id.audience {
+        problems.push("the sending's audience changed since the run started".to_string());
+    }
+    if !problems.is_empty() {
+        bail!(broadside_pipeline::Error::Resume {
+            run_id: r.run_id,
+            message: problems.join("; ")
+        });
+    }
+    tracing::info!(run_id = %r.run_id, attempt = r.attempts + 1, "resuming run");
+    r.attempts += 1;
+    r.status = RunStatus::Running;
+    r.error = None;
+    Ok(r)
+}
+
+/// The record of a new run.
+fn new_record(
+    spec: &CampaignSpec,
+    run_id: &str,
+    id: RunIdentity,
+    excluded_runs: Vec<String>,
+    store_suppression: Option<broadside_pipeline::run::StoreSuppression>,
+) -> RunRecord {
+    RunRecord {
+        run_id: run_id.to_string(),
+        campaign_id: spec.campaign_id.clone(),
+        workspace_id: spec.workspace_id.clone(),
+        status: RunStatus::Running,
+        attempts: 1,
+        started_at: Utc::now(),
+        finished_at: None,
+        spec_hash: id.spec_hash,
+        input: id.input,
+        suppression_lists: id.lists,
+        suppression_snapshots: snapshot_ids(spec),
+        audience: id.audience,
+        rows: 0,
+        decisions: Default::default(),
+        reasons: Vec::new(),
+        variants: Vec::new(),
+        holdout: 0,
+        suppression_keys: 0,
+        suppression_build_secs: 0.0,
+        files: Vec::new(),
+        delivered_missing: Vec::new(),
+        stages: Vec::new(),
+        elapsed_secs: 0.0,
+        rows_per_sec: 0.0,
+        error: None,
+        dedupe: Some(spec.dedupe.as_str().to_string()),
+        excluded_runs,
+        store_suppression,
+    }
+}
+
+/// The stages every worker runs, in order: validate, enrichment (mail), deduplication,
+/// suppression, the variant split, then proofing (mail) or IFUR encoding and key packing.
+fn parallel_stages(
+    spec: &CampaignSpec,
+    layout: &Arc<RecipientLayout>,
+    mail: Option<Arc<crate::mail::MailPlan>>,
+    seen: Option<Arc<SeenRecipients>>,
+    index: Arc<SuppressionIndex>,
+    dry: bool,
+) -> runner::StageFactory {
+    let (spec, layout) = (spec.clone(), layout.clone());
+    Box::new(move || {
+        let mut stages: Vec<Box<dyn Stage>> = vec![Box::new(Validator::new(&spec, layout.clone()))];
+        // Enriched addresses are suppressed and split like any other row.
+        if let Some(e) = mail.as_ref().and_then(|p| {
+            let rules = Validator::new(&spec, layout.clone());
+            crate::mail::EnrichStage::new(p, rules, layout.clone())
+        }) {
+            stages.push(Box::new(e));
+        }
+        if let Some(seen) = &seen {
+            stages.push(Box::new(Deduplicator::new(seen.clone())));
+        }
+        stages.push(Box::new(Suppressor::new(index.clone())));
+        stages.push(Box::new(VariantSplitter::new(&spec)));
+        if let Some(plan) = &mail {
+            // Approval and proofing run in a dry run too: they explain who would be mailed.
+            stages.push(Box::new(crate::mail::ProofStage::new(
+                plan.clone(),
+                layout.clone(),
+            )));
+        } else if !dry {
+            stages.push(Box::new(IfurEncoder::new(layout.clone())));
+            stages.push(Box::new(KeyPacker::new()));
+        }
+        stages
+    })
+}
+
+/// The ordered stages and sinks of a run, and the handles that commit its outputs after it.
+struct Outputs {
+    ordered: Vec<Box<dyn OrderedStage>>,
+    sinks: Vec<Box<dyn Sink>>,
+    /// The IFUR files delivered so far (email).
+    delivered: Option<Arc<Mutex<Vec<DeliveredFile>>>>,
+    /// Writes the MegaSys manifest, the ready signal, once everything is committed (email).
+    manifest: Option<ManifestWriter>,
+    /// Finishes the printer submissions (mail).
+    printer: Option<crate::mail::PrinterFinish>,
+}
+
+/// What the outputs of a run are opened from.
+struct RunOutputs<'a> {
+    opts: &'a SendOptions,
+    spec: &'a CampaignSpec,
+    store: &'a StoreLayout,
+    run_id: &'a str,
+    layout: &'a Arc<RecipientLayout>,
+    variants: &'a [(String, String)],
+}
+
+impl RunOutputs<'_> {
+    /// Opens the ordered path (duplicate resolution, the billing cap, assignment, then the
+    /// printer or the IFUR writer) and the sinks (recipient log, submitted events). A dry run
+    /// opens no output. Called once the run is recorded as running: an output that cannot be
+    /// opened must mark it failed, not leave it looking like a send in progress.
+    fn open(
+        &self,
+        mail: Option<&Arc<crate::mail::MailPlan>>,
+        seen: Option<Arc<SeenRecipients>>,
+        lists: Vec<String>,
+        record: &mut RunRecord,
+    ) -> Result<Outputs> {
+        let (spec, store, run_id) = (self.spec, self.store, self.run_id);
+        let cap = match mail {
+            Some(plan) => plan.cap(spec.caps.billing_cap),
+            None => spec.caps.billing_cap,
+        };
+        let mut out = Outputs {
+            ordered: Vec::new(),
+            sinks: Vec::new(),
+            delivered: None,
+            manifest: None,
+            printer: None,
+        };
+        if let Some(seen) = seen {
+            out.ordered.push(Box::new(DuplicateResolver::new(seen)));
+        }
+        out.ordered.push(Box::new(BillingCap::new(cap)));
+        out.ordered.push(Box::new(Assigner));
+        if self.opts.dry_run {
+            return Ok(out);
+        }
+        match mail {
+            Some(plan) => {
+                let (stage, finish) = crate::mail::PrinterStage::new(
+                    plan.clone(),
+                    self.layout.clone(),
+                    run_id,
+                    &store.staging_dir(run_id),
+                )?;
+                out.ordered.push(Box::new(stage));
+                out.printer = Some(finish);
+            }
+            None => {
+                let hot = match &spec.megasys {
+                    Some(m) => spec.resolve(&m.hot_folder),
+                    None => store.root().join("outbox").join(format!("run_id={run_id}")),
+                };
+                let writer = IfurWriter::new(IfurWriterConfig {
+                    campaign_id: spec.campaign_id.clone(),
+                    run_id: run_id.to_string(),
+                    workspace_id: spec.workspace_id.clone(),
+                    variants: self.variants.to_vec(),
+                    fields: self.layout.names().to_vec(),
+                    roll_rows: spec.output.ifur_roll_rows,
+                    staging: store.staging_dir(run_id),
+                    hot_folder: hot,
+                    deliveries: store.delivery_journal(&spec.workspace_id, run_id),
+                })?;
+                record.delivered_missing = writer.delivered_missing();
+                out.delivered = Some(writer.delivered());
+                out.manifest = Some(writer.manifest());
+                out.ordered.push(Box::new(writer));
+            }
+        }
+        let names: Vec<String> = self.variants.iter().map(|v| v.0.clone()).collect();
+        out.sinks.push(Box::new(RecipientLogSink::new(
+            &store.recipient_log_dir(&spec.workspace_id, &spec.campaign_id, run_id),
+            spec.output.ledger_part_rows,
+            names.clone(),
+            lists,
+        )?));
+        out.sinks.push(Box::new(SubmittedEventSink::new(
+            store.root(),
+            &spec.workspace_id,
+            &spec.campaign_id,
+            run_id,
+            names,
+            record.started_at,
+            spec.output.ledger_part_rows,
+        )?));
+        Ok(out)
+    }
+}
+
+/// What the printer did, after the run's summary.
+fn print_printer_summary(p: &crate::mail::PrinterFinish) {
+    let s = p.summary.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    println!(
+        "  printer: {} pieces submitted: {} pieces created, {} returned as made by an earlier attempt of this run; {} already printed by an earlier attempt (journal), {} failed",
+        s.submitted, s.created, s.returned, s.journaled, s.failed
+    );
+    if let Some(l) = s.lob {
+        println!(
+            "  printer requests: {} ({} retries, {} rate limited, {} server errors, {} transport errors)",
+            l.requests, l.retries, l.rate_limited, l.server_errors, l.transport_errors
+        );
     }
 }
 
