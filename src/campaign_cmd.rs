@@ -124,7 +124,7 @@ pub fn serve_parts(
             Access::Open
         }
     };
-    let fields = crate::audience::allowed_fields(o.audience_fields.as_deref())?;
+    let fields = broadside_campaigns::send_audience::allowed_fields(o.audience_fields.as_deref())?;
     let router = campaign_router(CampaignApiConfig {
         store: db.clone(),
         schedule: ScheduleConfig::default(),
@@ -961,7 +961,8 @@ pub fn run(o: CampaignOptions) -> Result<()> {
             let (schedule, timing) = sending_schedule(obj, &ScheduleConfig::default(), now)?;
             let recipients = Recipients::from_json(obj)?;
             let campaign = store.campaign(ws, id)?;
-            let fields = crate::audience::allowed_fields(o.audience_fields.as_deref())?;
+            let fields =
+                broadside_campaigns::send_audience::allowed_fields(o.audience_fields.as_deref())?;
             check_audience(&recipients, &fields, &campaign)?;
             let check = specs
                 .as_deref()
@@ -1034,7 +1035,8 @@ pub fn run(o: CampaignOptions) -> Result<()> {
                 .context("starting the callback runtime")?;
             let (queue, worker) = CallbackQueue::new(CallbackConfig::default(), callback_clock())?;
             rt.spawn(worker.run());
-            let fields = crate::audience::allowed_fields(o.audience_fields.as_deref())?;
+            let fields =
+                broadside_campaigns::send_audience::allowed_fields(o.audience_fields.as_deref())?;
             let sched = scheduler(
                 &o.db,
                 &specs,

@@ -1,7 +1,6 @@
 //! The `broadside` command line: sends, synthetic data, explanations and benchmarks.
 
 mod analytics_cmd;
-mod audience;
 mod bench;
 mod campaign_cmd;
 mod erp_cmd;
@@ -276,7 +275,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .map(|p| campaign_cmd::audience_file(&p))
                 .transpose()?;
             let audience_fields = match &audience_fields {
-                Some(p) => Some(audience::allowed_fields(Some(p))?),
+                Some(p) => Some(broadside_campaigns::send_audience::allowed_fields(Some(p))?),
                 None => None,
             };
             send::send(&send::SendOptions {

@@ -28,8 +28,8 @@ use broadside_sources::{open_source, SizeHint};
 use chrono::Utc;
 use xxhash_rust::xxh3::xxh3_64;
 
-use crate::audience::{AudienceSource, SendAudience};
 use crate::progress::Progress;
+use broadside_campaigns::send_audience::{AudienceSource, SendAudience};
 
 /// Options of one send.
 #[derive(Debug, Clone, Default)]

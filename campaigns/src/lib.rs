@@ -15,6 +15,8 @@
 //! - [`callbacks`]: time-aggregated lifecycle-event callbacks to a campaign's `event_callback`.
 //! - [`relay`]: follows the event store and feeds delivered / opened / clicked / bounced
 //!   events of sendings into the callbacks, with durable progress.
+//! - [`send_audience`]: a sending's audience applied to a send: a filter on a file source's
+//!   batches ([`send_audience::AudienceSource`]) or a parameterised WHERE on the ERP query.
 //! - [`send_config`]: a campaign's send configuration given through the API, assembled with
 //!   the operator's named sources into a campaign spec.
 //! - [`templates`]: merge-tag checks against the source columns and creative sync by content
@@ -32,6 +34,7 @@ mod http;
 pub mod relay;
 pub mod schedule;
 pub mod scheduler;
+pub mod send_audience;
 pub mod send_config;
 pub mod state;
 pub mod store;

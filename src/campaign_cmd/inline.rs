@@ -39,7 +39,7 @@ use broadside_pipeline::runner::Source;
 use broadside_pipeline::spec::{CampaignSpec, Channel, ColumnMapping, CsvSourceSpec, SourceSpec};
 use serde_json::{Map, Value};
 
-use crate::audience::{AudienceSource, SendAudience};
+use broadside_campaigns::send_audience::{AudienceSource, SendAudience};
 
 /// A member's row of the source: (layout name, value) per column.
 type MemberRow = Vec<(String, Option<String>)>;

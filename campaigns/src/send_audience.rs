@@ -10,11 +10,9 @@
 
 use std::sync::Arc;
 
-use anyhow::{Context, Result};
+use crate::audience::{Condition, Conditions, FieldDef, FieldKind, FieldMap, Scalar, SqlDialect};
+use crate::error::{Error, Result};
 use arrow_array::{Array, BooleanArray, StringArray};
-use broadside_campaigns::audience::{
-    Condition, Conditions, FieldDef, FieldKind, FieldMap, Scalar, SqlDialect,
-};
 use broadside_pipeline::model::{Decision, RecipientBatch, RecipientLayout, RowDetail};
 use broadside_pipeline::runner::{Source, SourceItem};
 use broadside_pipeline::spec::{
@@ -56,21 +54,22 @@ pub fn field_map(allow: &FieldMap, layout: &RecipientLayout) -> FieldMap {
 /// "integer"}]`), which add to or replace the defaults.
 pub fn allowed_fields(file: Option<&std::path::Path>) -> Result<FieldMap> {
     let mut defs: Vec<FieldDef> = FieldMap::member_defaults().defs().cloned().collect();
+    let what = match file {
+        Some(p) => format!("--audience-fields {}", p.display()),
+        None => "the default audience fields".to_string(),
+    };
     if let Some(p) = file {
-        let text = std::fs::read(p)
-            .with_context(|| format!("reading --audience-fields {}", p.display()))?;
-        let extra: Vec<FieldDef> = serde_json::from_slice(&text).with_context(|| {
-            format!(
-                "--audience-fields {}: expected [{{\"group\", \"field\", \"column\", \"kind\"}}, …]",
-                p.display()
+        let text =
+            std::fs::read(p).map_err(|e| Error::invalid(&what, format!("reading it: {e}")))?;
+        let extra: Vec<FieldDef> = serde_json::from_slice(&text).map_err(|e| {
+            Error::invalid(
+                &what,
+                format!("expected [{{\"group\", \"field\", \"column\", \"kind\"}}, …]: {e}"),
             )
         })?;
         defs.extend(extra);
     }
-    FieldMap::new(defs).with_context(|| match file {
-        Some(p) => format!("--audience-fields {}", p.display()),
-        None => "the default audience fields".to_string(),
-    })
+    FieldMap::new(defs).map_err(|e| Error::invalid(&what, e.to_string()))
 }
 
 /// A sending's conditions compiled for one campaign spec.
@@ -100,7 +99,8 @@ impl SendAudience {
                 Some((d.column.clone(), idx, d.kind))
             })
             .collect();
-        let json = serde_json::to_string(conditions).context("serialising the conditions")?;
+        let json = serde_json::to_string(conditions)
+            .map_err(|e| Error::invalid("audience.conditions", e.to_string()))?;
         Ok(SendAudience {
             conditions: compiled,
             columns,
@@ -516,7 +516,7 @@ mod tests {
     fn erp_conditions_use_source_columns_and_numbered_parameters() {
         // two parameters of its own (@P1, @P2)
         let mut spec = CampaignSpec::load(
-            &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/erp.toml"),
+            &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/erp.toml"),
         )
         .unwrap();
         spec.columns.country = Some("Country Code".into());
