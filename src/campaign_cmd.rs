@@ -725,6 +725,44 @@ pub struct CampaignOptions {
     pub command: CampaignCommand,
 }
 
+/// `broadside campaign schedule`: what the sending is and when it runs.
+#[derive(Debug, clap::Args)]
+pub struct ScheduleArgs {
+    /// Campaign id.
+    pub id: i64,
+    /// Send now.
+    #[arg(long, conflicts_with_all = ["at", "in_"])]
+    pub now: bool,
+    /// Send at: unix seconds or ISO 8601.
+    #[arg(long)]
+    pub at: Option<String>,
+    /// Send in: "30 minutes", "2 days", "1 month".
+    #[arg(long = "in", id = "in_")]
+    pub in_: Option<String>,
+    /// Start preparing ahead of the send time.
+    #[arg(long)]
+    pub prescheduled: bool,
+    /// Also approve it (READY): the scheduler only runs READY campaigns.
+    #[arg(long)]
+    pub ready: bool,
+    /// The sending's audience as JSON, as the API takes it:
+    /// `{"type": "reference", "id": 5}` or `{"type": "inline", "conditions": [...]}`.
+    #[arg(long, value_name = "JSON")]
+    pub audience: Option<String>,
+    /// Inline recipients as JSON, as the API takes them:
+    /// `[{"email": "ann@example.com", "properties": {"first_name": "Ann"}}, {"member_id": 7}]`.
+    #[arg(long, value_name = "JSON")]
+    pub recipients: Option<String>,
+    /// Send to everyone again, including those an earlier sending of the campaign reached
+    /// (`"exclude_sent": false`); by default they are skipped as `already_sent`.
+    #[arg(long)]
+    pub include_sent: bool,
+    /// Folder of campaign specs: READY is refused, naming what is missing, until the
+    /// campaign's spec resolves (as `serve --campaign-specs` checks it).
+    #[arg(long, env = "BROADSIDE_CAMPAIGN_SPECS", value_name = "DIR")]
+    pub specs: Option<PathBuf>,
+}
+
 /// `broadside campaign` subcommands.
 #[derive(clap::Subcommand, Debug)]
 pub enum CampaignCommand {
@@ -752,41 +790,7 @@ pub enum CampaignCommand {
         event_callback: Option<String>,
     },
     /// Add a sending to a campaign and move the campaign to SCHEDULED (READY with --ready).
-    Schedule {
-        /// Campaign id.
-        id: i64,
-        /// Send now.
-        #[arg(long, conflicts_with_all = ["at", "in_"])]
-        now: bool,
-        /// Send at: unix seconds or ISO 8601.
-        #[arg(long)]
-        at: Option<String>,
-        /// Send in: "30 minutes", "2 days", "1 month".
-        #[arg(long = "in", id = "in_")]
-        in_: Option<String>,
-        /// Start preparing ahead of the send time.
-        #[arg(long)]
-        prescheduled: bool,
-        /// Also approve it (READY): the scheduler only runs READY campaigns.
-        #[arg(long)]
-        ready: bool,
-        /// The sending's audience as JSON, as the API takes it:
-        /// `{"type": "reference", "id": 5}` or `{"type": "inline", "conditions": [...]}`.
-        #[arg(long, value_name = "JSON")]
-        audience: Option<String>,
-        /// Inline recipients as JSON, as the API takes them:
-        /// `[{"email": "ann@example.com", "properties": {"first_name": "Ann"}}, {"member_id": 7}]`.
-        #[arg(long, value_name = "JSON")]
-        recipients: Option<String>,
-        /// Send to everyone again, including those an earlier sending of the campaign reached
-        /// (`"exclude_sent": false`); by default they are skipped as `already_sent`.
-        #[arg(long)]
-        include_sent: bool,
-        /// Folder of campaign specs: READY is refused, naming what is missing, until the
-        /// campaign's spec resolves (as `serve --campaign-specs` checks it).
-        #[arg(long, env = "BROADSIDE_CAMPAIGN_SPECS", value_name = "DIR")]
-        specs: Option<PathBuf>,
-    },
+    Schedule(ScheduleArgs),
     /// Move a campaign to another state (DRAFT, SCHEDULED, READY, CANCELLED), as `PUT` does.
     State {
         /// Campaign id.
@@ -844,6 +848,113 @@ pub enum CampaignCommand {
 
 fn print(v: &Value) {
     println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+/// `broadside campaign schedule`: adds the sending (checked as the API checks it) and moves
+/// the campaign to SCHEDULED, or READY with `--ready`.
+fn schedule_sending(
+    store: &Store,
+    ws: &str,
+    audience_fields: Option<&Path>,
+    now: i64,
+    args: ScheduleArgs,
+) -> Result<()> {
+    let ScheduleArgs {
+        id,
+        now: immediate,
+        at,
+        in_,
+        prescheduled,
+        ready,
+        audience,
+        recipients,
+        include_sent,
+        specs,
+    } = args;
+    let schedule = match (immediate, at, in_) {
+        (true, _, _) => json!({"type": "immediate", "prescheduled": prescheduled}),
+        (_, Some(at), _) => {
+            json!({"type": "absolute", "at": parse_instant_text(&at, "--at")?, "prescheduled": prescheduled})
+        }
+        (_, _, Some(rel)) => {
+            json!({"type": "relative", "in": rel, "prescheduled": prescheduled})
+        }
+        _ => bail!("give --now, --at TIME or --in \"N units\""),
+    };
+    let mut payload = json!({"schedule": schedule});
+    if let Some(a) = audience {
+        payload["audience"] = serde_json::from_str(&a)
+            .map_err(|e| anyhow::anyhow!("audience: --audience is not JSON: {e}"))?;
+    }
+    if let Some(r) = recipients {
+        payload["recipients"] = serde_json::from_str(&r)
+            .map_err(|e| anyhow::anyhow!("recipients: --recipients is not JSON: {e}"))?;
+    }
+    if include_sent {
+        payload["exclude_sent"] = json!(false);
+    }
+    let obj = payload.as_object().expect("an object");
+    let (schedule, timing) = sending_schedule(obj, &ScheduleConfig::default(), now)?;
+    let recipients = Recipients::from_json(obj)?;
+    let campaign = store.campaign(ws, id)?;
+    let fields = broadside_campaigns::send_audience::allowed_fields(audience_fields)?;
+    check_audience(&recipients, &fields, &campaign)?;
+    let check = specs
+        .as_deref()
+        .map(|specs| ready_check(specs, None, creative_api_configured()));
+    if ready {
+        // Before the sending is added: a refusal leaves the campaign as it was.
+        let mut would_be = campaign.clone();
+        would_be.state = CampaignState::Scheduled;
+        check_ready(check.as_ref(), &would_be, Some(CampaignState::Ready))?;
+    }
+    let sending = store.create_sending(ws, id, &schedule, timing, &recipients, now)?;
+    let mut c = schedule_draft(store, &campaign, now)?;
+    if ready && c.state == CampaignState::Scheduled {
+        let f = CampaignFields {
+            state: Some(CampaignState::Ready),
+            ..Default::default()
+        };
+        c = store.update_campaign(ws, id, &f, now)?;
+    }
+    print(&json!({"campaign": campaign_json(&c), "sending": sending_json(&sending)}));
+    Ok(())
+}
+
+/// `broadside campaign run`: one scheduler pass over the campaign store, then the callbacks it
+/// queued are delivered before returning.
+fn scheduler_pass(
+    db: &Path,
+    specs: &Path,
+    creative_api: Option<&str>,
+    audience_fields: Option<&Path>,
+    now: i64,
+) -> Result<()> {
+    // The callback worker needs a reactor; the pass itself runs on this thread.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .context("starting the callback runtime")?;
+    let (queue, worker) = CallbackQueue::new(CallbackConfig::default(), callback_clock())?;
+    rt.spawn(worker.run());
+    let fields = broadside_campaigns::send_audience::allowed_fields(audience_fields)?;
+    let sched = scheduler(
+        db,
+        specs,
+        fields,
+        Some(queue.clone()),
+        creative(creative_api),
+    )?;
+    let r = sched.tick(now);
+    // Deliver what the pass queued before exiting (windows or not).
+    rt.block_on(queue.flush());
+    let r = r?;
+    eprintln!(
+        "scheduler pass: {} steps, {} held by another process, {} failed as overdue",
+        r.advanced, r.busy, r.overdue
+    );
+    Ok(())
 }
 
 /// Runs `broadside campaign …`.
@@ -923,66 +1034,8 @@ pub fn run(o: CampaignOptions) -> Result<()> {
                 now,
             )?));
         }
-        CampaignCommand::Schedule {
-            id,
-            now: immediate,
-            at,
-            in_,
-            prescheduled,
-            ready,
-            audience,
-            recipients,
-            include_sent,
-            specs,
-        } => {
-            let schedule = match (immediate, at, in_) {
-                (true, _, _) => json!({"type": "immediate", "prescheduled": prescheduled}),
-                (_, Some(at), _) => {
-                    json!({"type": "absolute", "at": parse_instant_text(&at, "--at")?, "prescheduled": prescheduled})
-                }
-                (_, _, Some(rel)) => {
-                    json!({"type": "relative", "in": rel, "prescheduled": prescheduled})
-                }
-                _ => bail!("give --now, --at TIME or --in \"N units\""),
-            };
-            let mut payload = json!({"schedule": schedule});
-            if let Some(a) = audience {
-                payload["audience"] = serde_json::from_str(&a)
-                    .map_err(|e| anyhow::anyhow!("audience: --audience is not JSON: {e}"))?;
-            }
-            if let Some(r) = recipients {
-                payload["recipients"] = serde_json::from_str(&r)
-                    .map_err(|e| anyhow::anyhow!("recipients: --recipients is not JSON: {e}"))?;
-            }
-            if include_sent {
-                payload["exclude_sent"] = json!(false);
-            }
-            let obj = payload.as_object().expect("an object");
-            let (schedule, timing) = sending_schedule(obj, &ScheduleConfig::default(), now)?;
-            let recipients = Recipients::from_json(obj)?;
-            let campaign = store.campaign(ws, id)?;
-            let fields =
-                broadside_campaigns::send_audience::allowed_fields(o.audience_fields.as_deref())?;
-            check_audience(&recipients, &fields, &campaign)?;
-            let check = specs
-                .as_deref()
-                .map(|specs| ready_check(specs, None, creative_api_configured()));
-            if ready {
-                // Before the sending is added: a refusal leaves the campaign as it was.
-                let mut would_be = campaign.clone();
-                would_be.state = CampaignState::Scheduled;
-                check_ready(check.as_ref(), &would_be, Some(CampaignState::Ready))?;
-            }
-            let sending = store.create_sending(ws, id, &schedule, timing, &recipients, now)?;
-            let mut c = schedule_draft(&store, &campaign, now)?;
-            if ready && c.state == CampaignState::Scheduled {
-                let f = CampaignFields {
-                    state: Some(CampaignState::Ready),
-                    ..Default::default()
-                };
-                c = store.update_campaign(ws, id, &f, now)?;
-            }
-            print(&json!({"campaign": campaign_json(&c), "sending": sending_json(&sending)}));
+        CampaignCommand::Schedule(args) => {
+            schedule_sending(&store, ws, o.audience_fields.as_deref(), now, args)?
         }
         CampaignCommand::State { id, state, specs } => {
             let f = CampaignFields {
@@ -1027,31 +1080,13 @@ pub fn run(o: CampaignOptions) -> Result<()> {
             creative_api,
         } => {
             drop(store);
-            // The callback worker needs a reactor; the pass itself runs on this thread.
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(1)
-                .enable_all()
-                .build()
-                .context("starting the callback runtime")?;
-            let (queue, worker) = CallbackQueue::new(CallbackConfig::default(), callback_clock())?;
-            rt.spawn(worker.run());
-            let fields =
-                broadside_campaigns::send_audience::allowed_fields(o.audience_fields.as_deref())?;
-            let sched = scheduler(
+            scheduler_pass(
                 &o.db,
                 &specs,
-                fields,
-                Some(queue.clone()),
-                creative(creative_api.as_deref()),
-            )?;
-            let r = sched.tick(now);
-            // Deliver what the pass queued before exiting (windows or not).
-            rt.block_on(queue.flush());
-            let r = r?;
-            eprintln!(
-                "scheduler pass: {} steps, {} held by another process, {} failed as overdue",
-                r.advanced, r.busy, r.overdue
-            );
+                creative_api.as_deref(),
+                o.audience_fields.as_deref(),
+                now,
+            )?
         }
     }
     Ok(())
