@@ -218,79 +218,9 @@ impl MailPlan {
             .try_into()
             .map_err(|e| anyhow::anyhow!("[printer]: {e}"))?;
         let mut problems = Vec::new();
-        let lob = match ps.kind {
-            PrinterKind::Lob => match &ps.lob {
-                None => {
-                    problems.push("[printer.lob] is needed for kind = \"lob\"".to_string());
-                    None
-                }
-                Some(cfg) => {
-                    if let Err(p) = cfg.validate() {
-                        problems.extend(p.into_iter().map(|p| format!("[printer.lob] {p}")));
-                    }
-                    secret(&cfg.api_key_env, "[printer.lob] the API key", &mut problems)
-                        .map(|k| (cfg.clone(), k))
-                }
-            },
-            PrinterKind::Batch => None,
-        };
-        let batch = match ps.kind {
-            PrinterKind::Batch => match &ps.batch {
-                None => {
-                    problems.push("[printer.batch] is needed for kind = \"batch\"".to_string());
-                    None
-                }
-                Some(b) => {
-                    let mut b = b.clone();
-                    b.folder = spec.resolve(&b.folder);
-                    if !b.folder.is_dir() {
-                        problems.push(format!(
-                            "[printer.batch] folder {} is not a folder",
-                            b.folder.display()
-                        ));
-                    }
-                    Some(b)
-                }
-            },
-            PrinterKind::Lob => None,
-        };
-        let approval = match &ps.approval {
-            None if ps.kind == PrinterKind::Lob => ApprovalRules::lob_us(),
-            None => ApprovalRules::default(),
-            Some(ApprovalSpec::Preset(p)) if p == "lob_us" => ApprovalRules::lob_us(),
-            Some(ApprovalSpec::Preset(p)) if p == "none" => ApprovalRules::default(),
-            Some(ApprovalSpec::Preset(p)) => {
-                problems.push(format!(
-                    "[printer] approval = {p:?}: presets are \"lob_us\" and \"none\", or give a table"
-                ));
-                ApprovalRules::default()
-            }
-            Some(ApprovalSpec::Rules(r)) => r.clone(),
-        };
-        if let Err(p) = approval.validate() {
-            problems.extend(p.into_iter().map(|p| format!("[printer.approval] {p}")));
-        }
-        let enrichment = match &ps.enrichment {
-            None => None,
-            Some(cfg) => {
-                let token = secret(
-                    &cfg.token_env,
-                    "[printer.enrichment] the token",
-                    &mut problems,
-                );
-                // Building a client checks every setting.
-                if let Some(Err(e)) = token.as_ref().map(|t| {
-                    EnrichmentClient::new(
-                        cfg.clone(),
-                        t,
-                        Arc::new(broadside_printers::lob::TokioPause),
-                    )
-                }) {
-                    problems.push(format!("[printer.enrichment] {e}"));
-                }
-                token.map(|t| (cfg.clone(), t))
-            }
-        };
+        let (lob, batch) = printer_settings(&ps, spec, &mut problems);
+        let approval = approval_rules(&ps, &mut problems);
+        let enrichment = enrichment_settings(&ps, &mut problems);
         if ps.kind == PrinterKind::Lob && ps.piece == PieceKind::Letter && ps.from.is_none() {
             problems.push("[printer] from: a return address is needed for letters".into());
         }
@@ -310,42 +240,7 @@ impl MailPlan {
             bail!("[printer] is not usable:\n  - {}", problems.join("\n  - "));
         }
 
-        // Creatives: every merge tag must be a column.
-        let known: Vec<String> = layout.names().to_vec();
-        let mut creatives = Vec::new();
-        for v in &spec.variants {
-            let c = ps.creatives.get(&v.template).unwrap_or(&ps.creative);
-            let empty = c.front.is_none() && c.back.is_none() && c.file.is_none();
-            if empty && ps.kind == PrinterKind::Batch {
-                creatives.push(None);
-                continue;
-            }
-            let t = match ps.piece {
-                PieceKind::Postcard => {
-                    let (Some(front), Some(back)) = (&c.front, &c.back) else {
-                        bail!(
-                            "[printer] variant {}: a postcard needs creative front and back",
-                            v.name
-                        );
-                    };
-                    CreativeTemplates::Postcard {
-                        front: read_template(spec, front, &known)?,
-                        back: read_template(spec, back, &known)?,
-                        size: c.size.clone(),
-                    }
-                }
-                PieceKind::Letter => {
-                    let Some(file) = &c.file else {
-                        bail!("[printer] variant {}: a letter needs creative file", v.name);
-                    };
-                    CreativeTemplates::Letter {
-                        file: read_template(spec, file, &known)?,
-                        color: c.color,
-                    }
-                }
-            };
-            creatives.push(Some(t));
-        }
+        let creatives = creatives(spec, &ps, layout)?;
 
         // Billing fails closed: no account, or one that cannot pay, stops the campaign here.
         if let Err(e) = billing::preflight(ps.billing.as_ref()) {
@@ -402,6 +297,146 @@ fn attempt_id() -> String {
         .as_bytes(),
     );
     format!("{}-{:08x}", now.format("%Y%m%dT%H%M%S"), salt & 0xffff_ffff)
+}
+
+/// The Lob client's settings and API key, or the batch printer's settings (its folder
+/// resolved against the spec), as the printer kind asks; problems are added to `problems`.
+fn printer_settings(
+    ps: &PrinterSpec,
+    spec: &CampaignSpec,
+    problems: &mut Vec<String>,
+) -> (Option<(LobConfig, String)>, Option<BatchConfig>) {
+    let lob = match ps.kind {
+        PrinterKind::Lob => match &ps.lob {
+            None => {
+                problems.push("[printer.lob] is needed for kind = \"lob\"".to_string());
+                None
+            }
+            Some(cfg) => {
+                if let Err(p) = cfg.validate() {
+                    problems.extend(p.into_iter().map(|p| format!("[printer.lob] {p}")));
+                }
+                secret(&cfg.api_key_env, "[printer.lob] the API key", problems)
+                    .map(|k| (cfg.clone(), k))
+            }
+        },
+        PrinterKind::Batch => None,
+    };
+    let batch = match ps.kind {
+        PrinterKind::Batch => match &ps.batch {
+            None => {
+                problems.push("[printer.batch] is needed for kind = \"batch\"".to_string());
+                None
+            }
+            Some(b) => {
+                let mut b = b.clone();
+                b.folder = spec.resolve(&b.folder);
+                if !b.folder.is_dir() {
+                    problems.push(format!(
+                        "[printer.batch] folder {} is not a folder",
+                        b.folder.display()
+                    ));
+                }
+                Some(b)
+            }
+        },
+        PrinterKind::Lob => None,
+    };
+    (lob, batch)
+}
+
+/// The approval rules: the preset or table the spec gives, else Lob's US rules for Lob and
+/// none for batch files; problems are added to `problems`.
+fn approval_rules(ps: &PrinterSpec, problems: &mut Vec<String>) -> ApprovalRules {
+    let approval = match &ps.approval {
+        None if ps.kind == PrinterKind::Lob => ApprovalRules::lob_us(),
+        None => ApprovalRules::default(),
+        Some(ApprovalSpec::Preset(p)) if p == "lob_us" => ApprovalRules::lob_us(),
+        Some(ApprovalSpec::Preset(p)) if p == "none" => ApprovalRules::default(),
+        Some(ApprovalSpec::Preset(p)) => {
+            problems.push(format!(
+                "[printer] approval = {p:?}: presets are \"lob_us\" and \"none\", or give a table"
+            ));
+            ApprovalRules::default()
+        }
+        Some(ApprovalSpec::Rules(r)) => r.clone(),
+    };
+    if let Err(p) = approval.validate() {
+        problems.extend(p.into_iter().map(|p| format!("[printer.approval] {p}")));
+    }
+    approval
+}
+
+/// The address enrichment provider's settings and token, checked by building a client;
+/// problems are added to `problems`.
+fn enrichment_settings(
+    ps: &PrinterSpec,
+    problems: &mut Vec<String>,
+) -> Option<(EnrichmentConfig, String)> {
+    let enrichment = match &ps.enrichment {
+        None => None,
+        Some(cfg) => {
+            let token = secret(&cfg.token_env, "[printer.enrichment] the token", problems);
+            // Building a client checks every setting.
+            if let Some(Err(e)) = token.as_ref().map(|t| {
+                EnrichmentClient::new(
+                    cfg.clone(),
+                    t,
+                    Arc::new(broadside_printers::lob::TokioPause),
+                )
+            }) {
+                problems.push(format!("[printer.enrichment] {e}"));
+            }
+            token.map(|t| (cfg.clone(), t))
+        }
+    };
+    enrichment
+}
+
+/// Each variant's creative templates (none for a batch printer without one): every merge
+/// tag must be a column.
+fn creatives(
+    spec: &CampaignSpec,
+    ps: &PrinterSpec,
+    layout: &RecipientLayout,
+) -> Result<Vec<Option<CreativeTemplates>>> {
+    // Creatives: every merge tag must be a column.
+    let known: Vec<String> = layout.names().to_vec();
+    let mut creatives = Vec::new();
+    for v in &spec.variants {
+        let c = ps.creatives.get(&v.template).unwrap_or(&ps.creative);
+        let empty = c.front.is_none() && c.back.is_none() && c.file.is_none();
+        if empty && ps.kind == PrinterKind::Batch {
+            creatives.push(None);
+            continue;
+        }
+        let t = match ps.piece {
+            PieceKind::Postcard => {
+                let (Some(front), Some(back)) = (&c.front, &c.back) else {
+                    bail!(
+                        "[printer] variant {}: a postcard needs creative front and back",
+                        v.name
+                    );
+                };
+                CreativeTemplates::Postcard {
+                    front: read_template(spec, front, &known)?,
+                    back: read_template(spec, back, &known)?,
+                    size: c.size.clone(),
+                }
+            }
+            PieceKind::Letter => {
+                let Some(file) = &c.file else {
+                    bail!("[printer] variant {}: a letter needs creative file", v.name);
+                };
+                CreativeTemplates::Letter {
+                    file: read_template(spec, file, &known)?,
+                    color: c.color,
+                }
+            }
+        };
+        creatives.push(Some(t));
+    }
+    Ok(creatives)
 }
 
 /// The secret in environment variable `var`, or `None` with a problem saying `what` is read
