@@ -206,27 +206,8 @@ pub async fn campaign_statistics(
     // and clicks, one row per distinct recipient; rollup rows come as they are stored. The
     // sums and distinct sets are folded here, so neither the raw events nor the rollups are
     // scanned twice.
-    let raw = raw_events(&ctx, q, &plan).await?;
-    let unique_type =
-        col("event_type").in_list(UNIQUE_TYPES.iter().map(|t| lit(*t)).collect(), false);
+    let raw_rows = raw_rows(raw_events(&ctx, q, &plan).await?)?;
     let no_hash = || cast(lit(ScalarValue::UInt64(None)), DataType::UInt64);
-    let hash = when(unique_type, email_hash_expr(col("email"))).otherwise(no_hash())?;
-    let raw_rows = raw
-        .aggregate(
-            vec![
-                col("campaign_id"),
-                col("variant"),
-                col("event_type"),
-                col("bounce_type"),
-                hash.alias("email_hash"),
-            ],
-            vec![count(lit(1)).alias("n")],
-        )?
-        .select(fold_columns(
-            col("bounce_type"),
-            col("email_hash"),
-            col("n"),
-        ))?;
     let mut rows = (!plan.raw.is_empty() || !plan.any_rolled()).then_some(raw_rows);
     let f = match &q.campaign_id {
         Some(c) => col("campaign_id").eq(lit(c.as_str())),
@@ -314,6 +295,15 @@ pub async fn campaign_statistics(
         apply_firsts(firsts, &mixed, &mut variants, &mut totals);
     }
 
+    Ok(answers(variants, totals))
+}
+
+/// Each campaign's statistics from the folded counts, with each variant's click-rate lift
+/// against the first variant (the control).
+fn answers(
+    variants: BTreeMap<Key, Counts>,
+    totals: BTreeMap<String, Counts>,
+) -> Vec<CampaignStats> {
     let mut out = Vec::with_capacity(totals.len());
     for (campaign_id, total) in totals {
         let mut vs: Vec<VariantStats> = variants
@@ -345,7 +335,32 @@ pub async fn campaign_statistics(
             variants: vs,
         });
     }
-    Ok(out)
+    out
+}
+
+/// The raw events of the plan as statistics rows: one per count key, and for opens and
+/// clicks one per distinct recipient (`email_hash`).
+fn raw_rows(raw: DataFrame) -> QueryResult<DataFrame> {
+    let unique_type =
+        col("event_type").in_list(UNIQUE_TYPES.iter().map(|t| lit(*t)).collect(), false);
+    let no_hash = || cast(lit(ScalarValue::UInt64(None)), DataType::UInt64);
+    let hash = when(unique_type, email_hash_expr(col("email"))).otherwise(no_hash())?;
+    Ok(raw
+        .aggregate(
+            vec![
+                col("campaign_id"),
+                col("variant"),
+                col("event_type"),
+                col("bounce_type"),
+                hash.alias("email_hash"),
+            ],
+            vec![count(lit(1)).alias("n")],
+        )?
+        .select(fold_columns(
+            col("bounce_type"),
+            col("email_hash"),
+            col("n"),
+        ))?)
 }
 
 /// Month totals as rows of the statistics plan (no distinct recipients).
