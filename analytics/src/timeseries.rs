@@ -162,8 +162,13 @@ pub async fn time_series(catalog: &Catalog, ws: &str, q: &SeriesQuery) -> QueryR
         vec![cast(sum(col("n")), DataType::Int64).alias("n")],
     )?;
     let batches = collect(&catalog.limits(), df).await?;
+    bucketed(q, types, slot_counts(&batches)?)
+}
+
+/// The query's rows as (slot start in microseconds, event type, count).
+fn slot_counts(batches: &[arrow_array::RecordBatch]) -> QueryResult<Vec<(i64, String, u64)>> {
     let mut slots: Vec<(i64, String, u64)> = Vec::new();
-    for b in &batches {
+    for b in batches {
         let s = b
             .column_by_name("slot")
             .expect("slot")
@@ -177,7 +182,16 @@ pub async fn time_series(catalog: &Catalog, ws: &str, q: &SeriesQuery) -> QueryR
             slots.push((s.value(i), t.value(i).to_string(), n.value(i) as u64));
         }
     }
+    Ok(slots)
+}
 
+/// The series' buckets from the slot counts: every bucket of the range (the query's, or the
+/// span of the slots found), each slot's count added to the bucket holding it.
+fn bucketed(
+    q: &SeriesQuery,
+    types: Vec<EventType>,
+    slots: Vec<(i64, String, u64)>,
+) -> QueryResult<Series> {
     let (from, to) = match (q.from, q.to) {
         (Some(f), Some(t)) => (f, t),
         _ => {
