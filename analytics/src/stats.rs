@@ -207,7 +207,6 @@ pub async fn campaign_statistics(
     // sums and distinct sets are folded here, so neither the raw events nor the rollups are
     // scanned twice.
     let raw_rows = raw_rows(raw_events(&ctx, q, &plan).await?)?;
-    let no_hash = || cast(lit(ScalarValue::UInt64(None)), DataType::UInt64);
     let mut rows = (!plan.raw.is_empty() || !plan.any_rolled()).then_some(raw_rows);
     let f = match &q.campaign_id {
         Some(c) => col("campaign_id").eq(lit(c.as_str())),
@@ -338,12 +337,16 @@ fn answers(
     out
 }
 
+/// A null `email_hash`, for rows that count events rather than recipients.
+fn no_hash() -> Expr {
+    cast(lit(ScalarValue::UInt64(None)), DataType::UInt64)
+}
+
 /// The raw events of the plan as statistics rows: one per count key, and for opens and
 /// clicks one per distinct recipient (`email_hash`).
 fn raw_rows(raw: DataFrame) -> QueryResult<DataFrame> {
     let unique_type =
         col("event_type").in_list(UNIQUE_TYPES.iter().map(|t| lit(*t)).collect(), false);
-    let no_hash = || cast(lit(ScalarValue::UInt64(None)), DataType::UInt64);
     let hash = when(unique_type, email_hash_expr(col("email"))).otherwise(no_hash())?;
     Ok(raw
         .aggregate(

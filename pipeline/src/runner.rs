@@ -52,6 +52,17 @@ pub enum SourceItem {
     Raw(DecodeFn),
 }
 
+impl SourceItem {
+    /// The batch, decoded here if it is raw (for callers that read a source directly rather
+    /// than through the runner's workers).
+    pub fn into_batch(self) -> Result<RecipientBatch> {
+        match self {
+            SourceItem::Ready(b) => Ok(*b),
+            SourceItem::Raw(decode) => decode(),
+        }
+    }
+}
+
 struct Work {
     seq: u64,
     item: SourceItem,

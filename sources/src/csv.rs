@@ -874,11 +874,7 @@ impl Source for CsvSource {
     }
 
     fn next_batch(&mut self) -> Result<Option<RecipientBatch>> {
-        match self.next_item()? {
-            Some(SourceItem::Raw(decode)) => decode().map(Some),
-            Some(SourceItem::Ready(b)) => Ok(Some(*b)),
-            None => Ok(None),
-        }
+        self.next_item()?.map(SourceItem::into_batch).transpose()
     }
 }
 

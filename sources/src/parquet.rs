@@ -151,14 +151,13 @@ impl Source for ParquetSource {
 
     fn next_batch(&mut self) -> Result<Option<RecipientBatch>> {
         let first_row = self.rows_read;
-        match self.next_item()? {
-            Some(SourceItem::Raw(decode)) => decode().map(|mut b| {
-                b.first_row = first_row;
-                Some(b)
-            }),
-            Some(SourceItem::Ready(b)) => Ok(Some(*b)),
-            None => Ok(None),
-        }
+        let item = self.next_item()?;
+        item.map(|i| {
+            let mut b = i.into_batch()?;
+            b.first_row = first_row;
+            Ok(b)
+        })
+        .transpose()
     }
 }
 

@@ -411,11 +411,7 @@ impl Source for SyntheticSource {
     }
 
     fn next_batch(&mut self) -> Result<Option<RecipientBatch>> {
-        match self.next_item()? {
-            Some(SourceItem::Raw(make)) => make().map(Some),
-            Some(SourceItem::Ready(b)) => Ok(Some(*b)),
-            None => Ok(None),
-        }
+        self.next_item()?.map(SourceItem::into_batch).transpose()
     }
 
     /// Rows are generated on the worker threads: each item is a row range.

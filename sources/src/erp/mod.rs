@@ -703,11 +703,7 @@ impl Source for ErpSource {
     }
 
     fn next_batch(&mut self) -> Result<Option<RecipientBatch>> {
-        match self.next_item()? {
-            Some(SourceItem::Ready(b)) => Ok(Some(*b)),
-            Some(SourceItem::Raw(decode)) => decode().map(Some),
-            None => Ok(None),
-        }
+        self.next_item()?.map(SourceItem::into_batch).transpose()
     }
 
     fn next_item(&mut self) -> Result<Option<SourceItem>> {
